@@ -1,0 +1,1 @@
+"""pytest plugin: backend fixtures (placeholder until the launcher lands)."""
