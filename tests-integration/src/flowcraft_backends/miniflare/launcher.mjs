@@ -1,0 +1,64 @@
+// Starts Miniflare (workerd, offline) with the test worker in this folder.
+//
+//   node launcher.mjs --port PORT [--host 127.0.0.1] [--modules DIR] [--persist DIR]
+//
+// --modules is a node_modules folder holding the pinned miniflare package (default: the
+// one next to this file). With --persist, Durable Object and KV data survive a restart.
+// Prints one line "READY <url>" on stdout once the worker answers. On SIGTERM or SIGINT,
+// Miniflare's own exit hook stops its workerd child.
+
+import { createRequire } from "node:module";
+import { dirname, join, resolve } from "node:path";
+import { fileURLToPath } from "node:url";
+import { parseArgs } from "node:util";
+
+const here = dirname(fileURLToPath(import.meta.url));
+const { values } = parseArgs({
+  options: {
+    port: { type: "string" },
+    host: { type: "string", default: "127.0.0.1" },
+    modules: { type: "string", default: join(here, "node_modules") },
+    persist: { type: "string" },
+  },
+});
+if (!values.port) {
+  console.error("usage: node launcher.mjs --port PORT [--host H] [--modules DIR] [--persist DIR]");
+  process.exit(2);
+}
+
+const require = createRequire(join(resolve(values.modules), "package.json"));
+const { Miniflare, Log, LogLevel } = require("miniflare");
+
+const persist = values.persist ? resolve(values.persist) : undefined;
+const mf = new Miniflare({
+  host: values.host,
+  port: Number.parseInt(values.port, 10),
+  cf: false,
+  log: new Log(LogLevel.WARN),
+  telemetry: { enabled: false },
+  modules: true,
+  modulesRoot: here,
+  scriptPath: join(here, "worker.mjs"),
+  compatibilityDate: "2026-04-01",
+  durableObjects: { COUNTER: "Counter" },
+  kvNamespaces: ["KV"],
+  queueProducers: { QUEUE: "flowcraft-test" },
+  queueConsumers: {
+    "flowcraft-test": { maxBatchSize: 10, maxBatchTimeout: 1, maxRetries: 2 },
+  },
+  ...(persist
+    ? { durableObjectsPersist: join(persist, "do"), kvPersist: join(persist, "kv") }
+    : {}),
+});
+
+try {
+  const url = await mf.ready;
+  const answer = await mf.dispatchFetch(new URL("/health", url));
+  if (!answer.ok) throw new Error(`health check answered ${answer.status}: ${await answer.text()}`);
+  await answer.arrayBuffer();
+  console.log(`READY ${url.href.replace(/\/$/, "")}`);
+} catch (error) {
+  console.error("miniflare failed to start:", error);
+  await mf.dispose().catch(() => {});
+  process.exit(1);
+}
