@@ -7,8 +7,8 @@ starts empty. Docker: the pinned ``google-cloud-cli:<version>-emulators`` image.
 Clients find the emulator through ``PUBSUB_EMULATOR_HOST`` (``host:port``), which
 ``RunningService.extra`` carries; ``url`` is the same ``host:port``.
 
-The helpers :func:`sdk_root`, :func:`install_emulator` and :func:`insecure_channel`
-are shared with the Firestore service.
+:class:`GoogleEmulatorService` and the helpers here are shared with the Firestore
+service.
 """
 
 from __future__ import annotations
@@ -19,18 +19,19 @@ import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 from flowcraft_backends._install import InstallError, apt_install
 from flowcraft_backends._process import LocalProcess
 from flowcraft_backends._service import Service
 
 if TYPE_CHECKING:
-    import grpc
+    import grpc  # type: ignore[import-untyped]  # no stubs in the dev group
     from testcontainers.core.container import DockerContainer
 
 __all__ = [
     "EMULATORS_IMAGE",
+    "GoogleEmulatorService",
     "PubSubService",
     "emulator_path",
     "insecure_channel",
@@ -43,7 +44,6 @@ _log = logging.getLogger(__name__)
 #: Google's image with every emulator, pinned to the google-cloud-cli verified here.
 EMULATORS_IMAGE = "gcr.io/google.com/cloudsdktool/google-cloud-cli:528.0.0-emulators"
 
-_PUBSUB_SCRIPT = Path("platform/pubsub-emulator/bin/cloud-pubsub-emulator")
 #: A project name for probes; the emulator accepts any project.
 _PROBE_PROJECT = "projects/flowcraft-probe"
 
@@ -108,29 +108,60 @@ def insecure_channel(url: str) -> Iterator[grpc.Channel]:
         channel.close()
 
 
-class PubSubService(Service):
-    """The Pub/Sub emulator on ``127.0.0.1:PORT``."""
+class GoogleEmulatorService(Service):
+    """What Google's emulators share: found in the SDK, host:port URLs, Docker command.
 
-    name = "pubsub"
+    Abstract (``probe`` is left to each emulator), so the registry skips it.
+    """
+
     docker_image = EMULATORS_IMAGE
-    docker_port = 8085
-    ready_timeout = 60.0
-    install_hint = "apt google-cloud-cli-pubsub-emulator (Google's repository) + Java"
+    #: The emulator's launcher, relative to the SDK root.
+    script: ClassVar[Path]
+    #: The Debian package (google-cloud-cli component) that brings it.
+    component: ClassVar[str]
+    #: The variable Google's client libraries read (``host:port``).
+    emulator_host_var: ClassVar[str]
+    #: ``gcloud`` arguments that start the emulator inside the image, without the address.
+    gcloud_start: ClassVar[str]
+
+    def emulator_args(self, port: int) -> list[str]:
+        """Arguments after the launcher's path that bind it to ``127.0.0.1:port``."""
+        return ["--host=127.0.0.1", f"--port={port}"]
 
     def is_installed(self) -> bool:
-        return shutil.which("java") is not None and emulator_path(_PUBSUB_SCRIPT) is not None
+        return shutil.which("java") is not None and emulator_path(self.script) is not None
 
     def install(self) -> None:
-        install_emulator("google-cloud-cli-pubsub-emulator")
+        install_emulator(self.component)
 
     def start_local(self, port: int, workdir: Path) -> LocalProcess:
-        script = emulator_path(_PUBSUB_SCRIPT)
+        script = emulator_path(self.script)
         if script is None:
-            raise InstallError("the Pub/Sub emulator is not installed")
-        return self.spawn([str(script), "--host=127.0.0.1", f"--port={port}"], port, workdir)
+            raise InstallError(f"{self.component} is not installed")
+        return self.spawn([str(script), *self.emulator_args(port)], port, workdir)
 
     def local_url(self, port: int) -> str:
         return f"127.0.0.1:{port}"
+
+    def extra_for(self, url: str) -> dict[str, str]:
+        return {self.emulator_host_var: url}
+
+    def docker_container(self) -> DockerContainer:
+        command = f"gcloud {self.gcloud_start} --host-port=0.0.0.0:{self.docker_port}"
+        return super().docker_container().with_command(command)
+
+
+class PubSubService(GoogleEmulatorService):
+    """The Pub/Sub emulator on ``127.0.0.1:PORT``."""
+
+    name = "pubsub"
+    docker_port = 8085
+    ready_timeout = 60.0
+    install_hint = "apt google-cloud-cli-pubsub-emulator (Google's repository) + Java"
+    script = Path("platform/pubsub-emulator/bin/cloud-pubsub-emulator")
+    component = "google-cloud-cli-pubsub-emulator"
+    emulator_host_var = "PUBSUB_EMULATOR_HOST"
+    gcloud_start = "beta emulators pubsub start"
 
     def probe(self, url: str) -> None:
         from google.pubsub_v1.services.publisher import PublisherClient
@@ -140,15 +171,3 @@ class PubSubService(Service):
             client = PublisherClient(transport=PublisherGrpcTransport(channel=channel))
             # One call, no retries (wait_ready retries); any answer, even empty, means ready.
             client.list_topics(project=_PROBE_PROJECT, retry=None, timeout=2.0)
-
-    def extra_for(self, url: str) -> dict[str, str]:
-        return {"PUBSUB_EMULATOR_HOST": url}
-
-    def docker_container(self) -> DockerContainer:
-        return (
-            super()
-            .docker_container()
-            .with_command(
-                f"gcloud beta emulators pubsub start --host-port=0.0.0.0:{self.docker_port}"
-            )
-        )
