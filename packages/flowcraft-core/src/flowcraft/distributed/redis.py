@@ -61,8 +61,10 @@ class RedisCoordinationStore:
         url: a ``redis://`` or ``rediss://`` URL, used when no client is given; the
             store owns that client and :meth:`aclose` closes it.
         key_prefix: prepended to every key, so several apps or tests share a server.
-        **client_kwargs: passed to ``Redis.from_url`` with ``url`` (TLS options such as
-            ``ssl_ca_certs``, ``ssl_cert_reqs``, timeouts, pool size).
+        **client_kwargs: with ``url``, passed to the connection pool
+            (``BlockingConnectionPool.from_url``): TLS options such as ``ssl_ca_certs``
+            and ``ssl_cert_reqs``, ``password``, timeouts, ``max_connections`` (default
+            50) and ``timeout`` (seconds to wait for a free connection, default 20).
 
     Raises:
         ImportError: redis-py is not installed.
@@ -87,7 +89,10 @@ class RedisCoordinationStore:
             raise ValueError("client options apply only with url=; configure the given client")
         if client is None:
             assert url is not None
-            client = redis_asyncio.Redis.from_url(url, **client_kwargs)
+            # A blocking pool makes a burst of concurrent operations wait for a
+            # connection instead of failing with "Too many connections".
+            pool = redis_asyncio.BlockingConnectionPool.from_url(url, **client_kwargs)
+            client = redis_asyncio.Redis.from_pool(pool)
             self._owns_client = True
         else:
             self._owns_client = False
