@@ -1,0 +1,295 @@
+"""Graph analysis and the traversal rules, shared by the in-memory runtime and
+the distributed adapter so a workflow behaves the same in both.
+
+Rules (one place, read this before changing either engine):
+
+* Every edge is ``forward``, ``back`` (closes a cycle: its target is the loop's
+  head) or ``exit`` (leaves a cycle). A cycle is a loop; each loop has exactly one
+  head; nest loops through sub-flows.
+* A node's *activation* ``g`` counts its runs: 1 outside loops, the iteration
+  number inside one. Every node resolves once per activation: it runs, or it is
+  *skipped* when no predecessor chose it (dead-path elimination), so untaken
+  branches never block a join or the end of the run.
+* A resolved node signals each forward successor "chosen" or "not chosen"
+  (generation ``k`` inside its own loop, 1 otherwise). A successor with one
+  required predecessor follows its signal. A join (several required
+  predecessors) waits for all signals of its generation: ``all`` runs if any was
+  chosen, ``any`` runs on the first chosen signal, and both are skipped if none.
+* The loop *latch* joins the loop's tails (nodes with a back or exit edge) each
+  iteration. If any chose a back edge, the head is activated for the next
+  iteration; otherwise every exit edge signals as its source decided in that
+  final iteration.
+* The run ends when every reachable sink (a node with no forward or exit edge)
+  has resolved.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal
+from weakref import WeakKeyDictionary
+
+from flowcraft.blueprint import EdgeDefinition, NodeDefinition, WorkflowBlueprint
+from flowcraft.errors import BlueprintError
+
+EdgeKind = Literal["forward", "back", "exit"]
+
+
+@dataclass(frozen=True, slots=True)
+class Edge:
+    index: int
+    source: str
+    target: str
+    kind: EdgeKind
+    intra: bool  # forward edge inside one loop
+    definition: EdgeDefinition
+
+    @property
+    def action(self) -> str | None:
+        return self.definition.action
+
+    @property
+    def condition(self) -> str | None:
+        return self.definition.condition
+
+    @property
+    def transform(self) -> str | None:
+        return self.definition.transform
+
+
+@dataclass(frozen=True, slots=True)
+class Loop:
+    index: int
+    head: str
+    nodes: frozenset[str]
+    tails: tuple[str, ...]
+
+
+class GraphAnalysis:
+    """Everything the traversal needs, computed once per blueprint (and cached)."""
+
+    def __init__(self, blueprint: WorkflowBlueprint) -> None:
+        self.blueprint = blueprint
+        self.nodes: dict[str, NodeDefinition] = {n.id: n for n in blueprint.nodes}
+        raw_out: dict[str, list[tuple[int, EdgeDefinition]]] = {nid: [] for nid in self.nodes}
+        incoming: dict[str, int] = dict.fromkeys(self.nodes, 0)
+        for i, e in enumerate(blueprint.edges):
+            if e.source not in self.nodes or e.target not in self.nodes:
+                raise BlueprintError(
+                    f"blueprint {blueprint.id!r}: edge #{i} ({e.source!r} -> {e.target!r}) "
+                    "names an unknown node"
+                )
+            raw_out[e.source].append((i, e))
+            incoming[e.target] += 1
+        fallbacks = {n.config.fallback for n in blueprint.nodes if n.config and n.config.fallback}
+        self.fallback_only = frozenset(f for f in fallbacks if incoming[f] == 0 and not raw_out[f])
+        self.start_nodes: tuple[str, ...] = tuple(
+            nid for nid in self.nodes if incoming[nid] == 0 and nid not in self.fallback_only
+        )
+        if not self.start_nodes:
+            raise BlueprintError(
+                f"blueprint {blueprint.id!r} has no start node (every node has a predecessor)"
+            )
+        scc = _strongly_connected(self.nodes, raw_out)
+        self.scc = scc
+        sizes: dict[int, int] = {}
+        for comp in scc.values():
+            sizes[comp] = sizes.get(comp, 0) + 1
+        self_loops = {s for s, outs in raw_out.items() for _, e in outs if e.target == s}
+        self.cyclic = frozenset(n for n, c in scc.items() if sizes[c] > 1 or n in self_loops)
+        back = _back_edges(self.start_nodes, raw_out, self.cyclic, scc)
+        self.reachable = _reachable(self.start_nodes, raw_out)
+
+        out: dict[str, tuple[Edge, ...]] = {}
+        for nid, outs in raw_out.items():
+            built: list[Edge] = []
+            for i, e in outs:
+                same = nid in self.cyclic and scc[nid] == scc[e.target]
+                kind: EdgeKind
+                if (nid, i) in back:
+                    kind = "back"
+                elif nid in self.cyclic and not same:
+                    kind = "exit"
+                else:
+                    kind = "forward"
+                built.append(Edge(i, nid, e.target, kind, kind == "forward" and same, e))
+            out[nid] = tuple(built)
+        self.out = out
+
+        loops: dict[int, Loop] = {}
+        heads: dict[int, set[str]] = {}
+        for node_edges in out.values():
+            for edge in node_edges:
+                if edge.kind == "back":
+                    heads.setdefault(scc[edge.source], set()).add(edge.target)
+        for comp, targets in heads.items():
+            members = frozenset(n for n in self.cyclic if scc[n] == comp)
+            if len(targets) > 1:
+                raise BlueprintError(
+                    f"blueprint {blueprint.id!r}: nodes {sorted(members)!r} form loops with "
+                    f"several heads {sorted(targets)!r}; nest loops through a sub-flow"
+                )
+            tails = tuple(
+                n for n in self.nodes if n in members and any(e.kind != "forward" for e in out[n])
+            )
+            if not any(e.kind == "exit" for n in members for e in out[n]):
+                raise BlueprintError(
+                    f"blueprint {blueprint.id!r}: the cycle through {sorted(members)!r} has no "
+                    "exit (no edge leaves it), so it would never end"
+                )
+            loops[comp] = Loop(len(loops), next(iter(targets)), members, tails)
+        for nid in self.cyclic:
+            if scc[nid] not in loops and nid in self.reachable:
+                raise BlueprintError(
+                    f"blueprint {blueprint.id!r}: node {nid!r} is on a cycle that cannot be entered"
+                )
+        self.loops = loops
+        self.loop_of: dict[str, Loop] = {n: loops[scc[n]] for n in self.cyclic if scc[n] in loops}
+
+        preds_first: dict[str, list[str]] = {nid: [] for nid in self.nodes}
+        preds_loop: dict[str, list[str]] = {nid: [] for nid in self.nodes}
+        for node_edges in out.values():
+            for edge in node_edges:
+                if edge.kind == "back" or edge.source not in self.reachable:
+                    continue
+                if edge.source not in preds_first[edge.target]:
+                    preds_first[edge.target].append(edge.source)
+                if edge.intra and edge.source not in preds_loop[edge.target]:
+                    preds_loop[edge.target].append(edge.source)
+        self.preds_first = {k: tuple(v) for k, v in preds_first.items()}
+        self.preds_loop = {k: tuple(v) for k, v in preds_loop.items()}
+        self.sinks: tuple[str, ...] = tuple(
+            n
+            for n in self.nodes
+            if n in self.reachable and not any(e.kind != "back" for e in out[n])
+        )
+        self.tail_of_loop: dict[str, Loop] = {
+            t: loop for loop in loops.values() for t in loop.tails
+        }
+
+    def required(self, node_id: str, generation: int) -> tuple[str, ...]:
+        """The predecessors whose signals activation ``generation`` of the node waits for."""
+        return self.preds_first[node_id] if generation == 1 else self.preds_loop[node_id]
+
+    def is_join(self, node_id: str, generation: int) -> bool:
+        return len(self.required(node_id, generation)) > 1
+
+    def node(self, node_id: str) -> NodeDefinition:
+        try:
+            return self.nodes[node_id]
+        except KeyError:
+            raise BlueprintError(
+                f"blueprint {self.blueprint.id!r} has no node {node_id!r}"
+            ) from None
+
+
+_cache: WeakKeyDictionary[WorkflowBlueprint, GraphAnalysis] = WeakKeyDictionary()
+
+
+def analyse(blueprint: WorkflowBlueprint) -> GraphAnalysis:
+    """The analysis of a blueprint, computed once per blueprint object."""
+    found = _cache.get(blueprint)
+    if found is None:
+        found = GraphAnalysis(blueprint)
+        _cache[blueprint] = found
+    return found
+
+
+def _strongly_connected(
+    nodes: Mapping[str, object], out: Mapping[str, list[tuple[int, EdgeDefinition]]]
+) -> dict[str, int]:
+    """Tarjan's algorithm, iterative (graphs of 100,000 nodes must not hit recursion limits)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    on_stack: set[str] = set()
+    stack: list[str] = []
+    comp: dict[str, int] = {}
+    counter = 0
+    components = 0
+    for root in nodes:
+        if root in index:
+            continue
+        work: list[tuple[str, int]] = [(root, 0)]
+        while work:
+            v, i = work.pop()
+            if i == 0:
+                index[v] = low[v] = counter
+                counter += 1
+                stack.append(v)
+                on_stack.add(v)
+            edges = out[v]
+            recurse = False
+            while i < len(edges):
+                w = edges[i][1].target
+                i += 1
+                if w not in index:
+                    work.append((v, i))
+                    work.append((w, 0))
+                    recurse = True
+                    break
+                if w in on_stack:
+                    low[v] = min(low[v], index[w])
+            if recurse:
+                continue
+            if low[v] == index[v]:
+                while True:
+                    w = stack.pop()
+                    on_stack.discard(w)
+                    comp[w] = components
+                    if w == v:
+                        break
+                components += 1
+            if work:
+                parent = work[-1][0]
+                low[parent] = min(low[parent], low[v])
+    return comp
+
+
+def _back_edges(
+    starts: tuple[str, ...],
+    out: Mapping[str, list[tuple[int, EdgeDefinition]]],
+    cyclic: frozenset[str],
+    scc: Mapping[str, int],
+) -> set[tuple[str, int]]:
+    """Edges to a node still on the DFS path (from the start nodes, in blueprint order)."""
+    back: set[tuple[str, int]] = set()
+    state: dict[str, int] = {}  # 1 on path, 2 done
+    for root in starts:
+        if root in state:
+            continue
+        work: list[tuple[str, int]] = [(root, 0)]
+        state[root] = 1
+        while work:
+            v, i = work.pop()
+            edges = out[v]
+            while i < len(edges):
+                idx, e = edges[i]
+                i += 1
+                w = e.target
+                seen = state.get(w)
+                if seen == 1:
+                    if v in cyclic and scc[v] == scc[w]:
+                        back.add((v, idx))
+                elif seen is None:
+                    state[w] = 1
+                    work.append((v, i))
+                    work.append((w, 0))
+                    break
+            else:
+                state[v] = 2
+    return back
+
+
+def _reachable(
+    starts: tuple[str, ...], out: Mapping[str, list[tuple[int, EdgeDefinition]]]
+) -> frozenset[str]:
+    seen = set(starts)
+    todo = list(starts)
+    while todo:
+        v = todo.pop()
+        for _, e in out[v]:
+            if e.target not in seen:
+                seen.add(e.target)
+                todo.append(e.target)
+    return frozenset(seen)

@@ -1,0 +1,59 @@
+"""Events: one for every step, through a bus you supply."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+__all__ = ["CollectingEventBus", "EventBus", "FlowEvent"]
+
+logger = logging.getLogger("flowcraft.events")
+
+
+@dataclass(frozen=True, slots=True)
+class FlowEvent:
+    """``type`` is one of: workflow:start, workflow:finish, workflow:stall,
+    workflow:resume, node:start, node:finish, node:retry, node:error,
+    node:fallback, node:skipped, edge:evaluate, job:enqueued, job:processed,
+    job:failed, job:duplicate, job:requeued."""
+
+    type: str
+    run_id: str
+    node_id: str | None = None
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+@runtime_checkable
+class EventBus(Protocol):
+    def emit(self, event: FlowEvent) -> Awaitable[None] | None: ...
+
+
+class CollectingEventBus:
+    """Keeps every event (for tests) and optionally forwards to a callback."""
+
+    def __init__(self, callback: Callable[[FlowEvent], Any] | None = None) -> None:
+        self.events: list[FlowEvent] = []
+        self._callback = callback
+
+    def emit(self, event: FlowEvent) -> None:
+        self.events.append(event)
+        if self._callback is not None:
+            self._callback(event)
+
+    def types(self, node_id: str | None = None) -> list[str]:
+        return [e.type for e in self.events if node_id is None or e.node_id == node_id]
+
+
+async def emit(bus: EventBus | None, event: FlowEvent) -> None:
+    """Emit without letting a broken subscriber break the run."""
+    if bus is None:
+        return
+    try:
+        result = bus.emit(event)
+        if inspect.isawaitable(result):
+            await result
+    except Exception:
+        logger.exception("event bus failed on %s", event.type)

@@ -1,0 +1,564 @@
+"""``FlowRuntime``: runs a blueprint in memory, and the single-step API adapters use."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any
+
+from flowcraft._analysis import GraphAnalysis, analyse
+from flowcraft._builtins import builtins
+from flowcraft._executor import Awaiting, NodeExecutor
+from flowcraft._traversal import Activation, Traversal, route, transform_input
+from flowcraft.blueprint import EdgeDefinition, NodeDefinition, WorkflowBlueprint
+from flowcraft.context import Context, InMemoryContext, PatchOperation, TrackingContext
+from flowcraft.errors import (
+    ExpressionError,
+    FlowcraftError,
+    NodeExecutionError,
+    UnknownBlueprintError,
+    UnknownNodeError,
+)
+from flowcraft.events import FlowEvent, emit
+from flowcraft.expressions import SafeEvaluator
+from flowcraft.node import NodeContext, NodeImplementation, NodeResult
+from flowcraft.serializer import JsonSerializer
+
+if TYPE_CHECKING:
+    from flowcraft.context import AsyncContext
+    from flowcraft.events import EventBus
+    from flowcraft.expressions import Evaluator
+    from flowcraft.flow import Flow
+    from flowcraft.middleware import Middleware
+    from flowcraft.serializer import Serializer
+
+__all__ = [
+    "FlowRuntime",
+    "NodeError",
+    "NodeExecution",
+    "RunStatus",
+    "RuntimeOptions",
+    "WorkflowResult",
+]
+
+OUTPUTS_PREFIX = "_outputs."
+
+
+class RunStatus(StrEnum):
+    COMPLETED = "completed"
+    FAILED = "failed"
+    AWAITING = "awaiting"
+    CANCELLED = "cancelled"
+    STALLED = "stalled"
+
+
+@dataclass(slots=True)
+class RuntimeOptions:
+    """How a runtime (or a distributed adapter's runtime) is set up."""
+
+    registry: Mapping[str, NodeImplementation] = field(default_factory=dict)
+    blueprints: Mapping[str, WorkflowBlueprint] = field(default_factory=dict)
+    dependencies: Mapping[str, Any] = field(default_factory=dict)
+    logger: logging.Logger | None = None
+    event_bus: EventBus | None = None
+    evaluator: Evaluator | None = None
+    middleware: Sequence[Middleware] = ()
+    serializer: Serializer | None = None
+    strict: bool = False
+    """Check that every output and context value is JSON-serializable when committed."""
+
+
+@dataclass(frozen=True, slots=True)
+class NodeError:
+    node_id: str | None
+    message: str
+    type: str
+
+
+@dataclass(slots=True)
+class WorkflowResult:
+    """The outcome of ``run``/``resume``. ``state`` is what ``resume`` needs for a paused run."""
+
+    run_id: str
+    status: RunStatus
+    context: dict[str, Any]
+    errors: list[NodeError] = field(default_factory=list)
+    awaiting: list[str] = field(default_factory=list)
+    state: dict[str, Any] | None = None
+
+    def output(self, node_id: str) -> Any:
+        """The committed output of a node."""
+        return self.context.get(OUTPUTS_PREFIX + node_id)
+
+
+@dataclass(slots=True)
+class NodeExecution:
+    """One node activation's result and the deltas to commit with it."""
+
+    result: NodeResult
+    deltas: list[PatchOperation]
+    awaiting: bool = False
+
+
+class _Run:
+    __slots__ = (
+        "analysis",
+        "async_context",
+        "blueprint",
+        "cancel",
+        "context",
+        "done",
+        "errors",
+        "failed",
+        "outstanding",
+        "run_id",
+        "tasks",
+        "traversal",
+        "waiting",
+    )
+
+    def __init__(
+        self,
+        blueprint: WorkflowBlueprint,
+        analysis: GraphAnalysis,
+        context: Context,
+        run_id: str,
+        traversal: Traversal,
+        cancel: asyncio.Event,
+    ) -> None:
+        self.blueprint = blueprint
+        self.analysis = analysis
+        self.context = context
+        self.async_context = InMemoryContext(context)
+        self.run_id = run_id
+        self.traversal = traversal
+        self.cancel = cancel
+        self.errors: list[NodeError] = []
+        self.waiting: dict[str, Activation] = {}
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.outstanding = 0
+        self.done = asyncio.Event()
+        self.failed = False
+
+
+class FlowRuntime:
+    """Runs workflows in this process.
+
+    ``run`` takes a ``Flow``, a ``WorkflowBlueprint``, its JSON dict, or the id of a
+    blueprint in ``options.blueprints``.
+    """
+
+    def __init__(self, options: RuntimeOptions | None = None, **kwargs: Any) -> None:
+        if options is None:
+            options = RuntimeOptions(**kwargs)
+        elif kwargs:
+            raise TypeError("pass either RuntimeOptions or keyword options, not both")
+        self.options = options
+        self.logger = options.logger or logging.getLogger("flowcraft.runtime")
+        self.evaluator: Evaluator = options.evaluator or SafeEvaluator(strict_names=False)
+        self.serializer: Serializer = options.serializer or JsonSerializer()
+        self.event_bus = options.event_bus
+        self.blueprints: dict[str, WorkflowBlueprint] = dict(options.blueprints)
+        self.registry: dict[str, NodeImplementation] = {**builtins(self), **options.registry}
+        self.executor = NodeExecutor(
+            self.registry, middleware=tuple(options.middleware), event_bus=options.event_bus
+        )
+
+    # ---------------------------------------------------------------- lookups
+
+    def blueprint(
+        self, target: Flow | WorkflowBlueprint | Mapping[str, Any] | str
+    ) -> WorkflowBlueprint:
+        """Resolve what ``run`` accepts to a checked blueprint (registering a Flow's callables)."""
+        from flowcraft.flow import Flow
+
+        if isinstance(target, Flow):
+            self.registry.update(target.registry())
+            bp = target.to_blueprint()
+            self.blueprints.setdefault(bp.id, bp)
+            return bp
+        if isinstance(target, WorkflowBlueprint):
+            return target
+        if isinstance(target, str):
+            try:
+                return self.blueprints[target]
+            except KeyError:
+                raise UnknownBlueprintError(f"no blueprint with id {target!r}") from None
+        return WorkflowBlueprint.parse(dict(target))
+
+    def analysis(self, blueprint: WorkflowBlueprint) -> GraphAnalysis:
+        return analyse(blueprint)
+
+    def check_registry(self, blueprint: WorkflowBlueprint) -> None:
+        """Fail before running if a node's ``uses`` has no implementation."""
+        missing = [n for n in blueprint.nodes if n.uses not in self.registry]
+        if missing:
+            names = ", ".join(f"{n.id!r} uses {n.uses!r}" for n in missing)
+            raise UnknownNodeError(f"blueprint {blueprint.id!r}: unknown implementation: {names}")
+
+    # ---------------------------------------------------------------- runs
+
+    async def run(
+        self,
+        target: Flow | WorkflowBlueprint | Mapping[str, Any] | str,
+        initial_context: Mapping[str, Any] | None = None,
+        *,
+        run_id: str | None = None,
+        cancel: asyncio.Event | None = None,
+    ) -> WorkflowResult:
+        blueprint = self.blueprint(target)
+        analysis = self.analysis(blueprint)
+        self.check_registry(blueprint)
+        run = _Run(
+            blueprint,
+            analysis,
+            Context(initial_context),
+            run_id or uuid.uuid4().hex,
+            Traversal(analysis),
+            cancel or asyncio.Event(),
+        )
+        if self.event_bus is not None:
+            await emit(
+                self.event_bus,
+                FlowEvent("workflow:start", run.run_id, None, {"blueprintId": blueprint.id}),
+            )
+        self.logger.debug("run %s of %s started", run.run_id, blueprint.id)
+        return await self._drive(run, [Activation(n, 1) for n in analysis.start_nodes])
+
+    async def resume(
+        self,
+        target: Flow | WorkflowBlueprint | Mapping[str, Any] | str,
+        paused: WorkflowResult | Mapping[str, Any],
+        node_id: str | None = None,
+        *,
+        output: Any = None,
+        action: str | None = None,
+        cancel: asyncio.Event | None = None,
+    ) -> WorkflowResult:
+        """Continue a run paused at a wait node, giving that node its result."""
+        state = paused.state if isinstance(paused, WorkflowResult) else paused
+        if not state or "waiting" not in state:
+            raise FlowcraftError("nothing to resume: the run is not awaiting")
+        blueprint = self.blueprint(target)
+        analysis = self.analysis(blueprint)
+        self.check_registry(blueprint)
+        waiting = {n: Activation(n, g, False, dict(i)) for n, g, i in state["waiting"]}
+        if node_id is None:
+            if len(waiting) != 1:
+                raise FlowcraftError(f"several nodes are waiting ({sorted(waiting)}): name one")
+            node_id = next(iter(waiting))
+        if node_id not in waiting:
+            raise FlowcraftError(f"node {node_id!r} is not waiting (waiting: {sorted(waiting)})")
+        run = _Run(
+            blueprint,
+            analysis,
+            Context(state["context"]),
+            state["runId"],
+            Traversal.from_state(analysis, state["traversal"]),
+            cancel or asyncio.Event(),
+        )
+        act = waiting.pop(node_id)
+        run.waiting = waiting
+        await emit(self.event_bus, FlowEvent("workflow:resume", run.run_id, node_id))
+        result = NodeResult(output=output, action=action)
+        ready = self._commit(run, act, result, [])
+        return await self._drive(run, ready)
+
+    async def _drive(self, run: _Run, ready: list[Activation]) -> WorkflowResult:
+        for act in ready:
+            self._spawn(run, act)
+        if run.outstanding:
+            cancel_wait = asyncio.ensure_future(run.cancel.wait())
+            done_wait = asyncio.ensure_future(run.done.wait())
+            try:
+                await asyncio.wait({cancel_wait, done_wait}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                cancel_wait.cancel()
+                done_wait.cancel()
+            if not run.done.is_set():
+                for task in list(run.tasks):
+                    task.cancel()
+                if run.tasks:
+                    await asyncio.gather(*run.tasks, return_exceptions=True)
+        return await self._finish(run)
+
+    async def _finish(self, run: _Run) -> WorkflowResult:
+        if run.failed:
+            status = RunStatus.FAILED
+        elif run.cancel.is_set():
+            status = RunStatus.CANCELLED
+        elif run.waiting:
+            status = RunStatus.AWAITING
+        elif run.traversal.finished:
+            status = RunStatus.COMPLETED
+        else:
+            status = RunStatus.STALLED
+        state = None
+        if status is RunStatus.AWAITING:
+            state = {
+                "runId": run.run_id,
+                "blueprintId": run.blueprint.id,
+                "context": run.context.to_dict(),
+                "traversal": run.traversal.to_state(),
+                "waiting": [[a.node_id, a.generation, a.inputs] for a in run.waiting.values()],
+            }
+        result = WorkflowResult(
+            run.run_id, status, run.context.to_dict(), run.errors, sorted(run.waiting), state
+        )
+        self.logger.debug("run %s ended %s", run.run_id, status)
+        await emit(
+            self.event_bus,
+            FlowEvent(
+                "workflow:finish",
+                run.run_id,
+                None,
+                {"status": str(status), "errors": [e.message for e in run.errors]},
+            ),
+        )
+        return result
+
+    def _spawn(self, run: _Run, act: Activation) -> None:
+        run.outstanding += 1
+        task = asyncio.ensure_future(self._worker(run, act))
+        run.tasks.add(task)
+        task.add_done_callback(run.tasks.discard)
+
+    async def _worker(self, run: _Run, first: Activation) -> None:
+        """Runs activations one after another; a chain never creates a second task."""
+        act: Activation | None = first
+        try:
+            while act is not None and not run.failed and not run.cancel.is_set():
+                ready = await self._step(run, act)
+                if not ready:
+                    break
+                act = ready[0]
+                for other in ready[1:]:
+                    self._spawn(run, other)
+        except FlowcraftError as exc:
+            self._fail(run, act.node_id if act else None, exc)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug in user middleware or an event bus: fail the run
+            self.logger.exception("run %s: unexpected error", run.run_id)
+            self._fail(run, act.node_id if act else None, exc)
+        finally:
+            run.outstanding -= 1
+            if run.outstanding == 0:
+                run.done.set()
+
+    def _fail(self, run: _Run, node_id: str | None, exc: BaseException) -> None:
+        run.failed = True
+        run.errors.append(NodeError(getattr(exc, "node_id", node_id), str(exc), type(exc).__name__))
+        run.done.set()
+
+    async def _step(self, run: _Run, act: Activation) -> list[Activation]:
+        node_id = act.node_id
+        bus = self.event_bus
+        if act.skip:
+            if bus is not None:
+                await emit(bus, FlowEvent("node:skipped", run.run_id, node_id))
+            return run.traversal.resolve(node_id, act.generation, None, {})
+        node = run.analysis.nodes[node_id]
+        tracking = TrackingContext(run.async_context)
+        ctx = NodeContext(
+            tracking,
+            self.resolve_input(node, act.inputs, run.context.data),
+            node.params or {},
+            self.options.dependencies,
+            run.run_id,
+            node_id,
+            1,
+            act.generation,
+            run.cancel,
+            node,
+        )
+        if bus is not None:
+            await emit(bus, FlowEvent("node:start", run.run_id, node_id, {"input": ctx.input}))
+        try:
+            result = await self.executor.execute(node, ctx, fallback=self._fallback_of(run, node))
+            if result.dynamic_nodes:
+                await self.run_dynamic_nodes(result, ctx)
+        except NodeExecutionError as exc:
+            self.logger.info("run %s: node %s failed: %s", run.run_id, node_id, exc)
+            if bus is not None:
+                await emit(bus, FlowEvent("node:error", run.run_id, node_id, {"error": str(exc)}))
+            raise
+        if isinstance(result, Awaiting):
+            run.waiting[node_id] = act
+            if bus is not None:
+                await emit(bus, FlowEvent("node:awaiting", run.run_id, node_id))
+            return []
+        ready = self._commit(run, act, result, tracking.ops if tracking.dirty else [])
+        if bus is not None:
+            await emit(
+                bus,
+                FlowEvent(
+                    "node:finish",
+                    run.run_id,
+                    node_id,
+                    {
+                        "output": result.output,
+                        "action": result.action,
+                        "next": [a.node_id for a in ready],
+                    },
+                ),
+            )
+        return ready
+
+    def _commit(
+        self, run: _Run, act: Activation, result: NodeResult, deltas: list[PatchOperation]
+    ) -> list[Activation]:
+        node_id = act.node_id
+        data = run.context.data
+        if self.options.strict:
+            self.serializer.dumps(result.output)
+            for op in deltas:
+                if op.op == "set":
+                    self.serializer.dumps(op.value)
+        if deltas:
+            run.context.apply(deltas)
+        data[OUTPUTS_PREFIX + node_id] = result.output
+        try:
+            chosen = route(run.analysis, node_id, result, data, self.evaluator)
+            inputs_for = {
+                e.index: transform_input(e, result.output, data, self.evaluator) for e in chosen
+            }
+        except ExpressionError as exc:
+            raise NodeExecutionError(str(exc), node_id=node_id, cause=exc) from exc
+        return run.traversal.resolve(node_id, act.generation, chosen, inputs_for)
+
+    @staticmethod
+    def _fallback_of(run: _Run, node: NodeDefinition) -> NodeDefinition | None:
+        fallback = node.config.fallback if node.config else None
+        return run.analysis.nodes[fallback] if fallback else None
+
+    # ---------------------------------------------------------------- single-step API
+
+    def resolve_input(
+        self, node: NodeDefinition, inputs: Mapping[str, Any], scope: Mapping[str, Any]
+    ) -> Any:
+        """A node's input: its ``inputs`` mapping if declared, else what its predecessors
+        handed over (one value from one predecessor, a dict by predecessor id from several)."""
+        spec = node.inputs
+        if spec is not None:
+            if isinstance(spec, str):
+                return self._lookup(node, spec, scope)
+            return {k: self._lookup(node, v, scope) for k, v in spec.items()}
+        if not inputs:
+            return None
+        if len(inputs) == 1:
+            return next(iter(inputs.values()))
+        return dict(inputs)
+
+    def _lookup(self, node: NodeDefinition, expression: str, scope: Mapping[str, Any]) -> Any:
+        if expression in scope:
+            return scope[expression]
+        try:
+            return self.evaluator.evaluate(expression, scope)
+        except ExpressionError as exc:
+            raise NodeExecutionError(
+                f"node {node.id!r}: input {expression!r} failed: {exc}", node_id=node.id, cause=exc
+            ) from exc
+
+    async def run_dynamic_nodes(self, result: NodeResult, ctx: NodeContext) -> None:
+        """Run the nodes a result added, concurrently, recording their outputs with the parent's."""
+        nodes = result.dynamic_nodes or []
+        for n in nodes:
+            if n.uses not in self.registry:
+                raise NodeExecutionError(
+                    f"dynamic node {n.id!r} of {ctx.node_id!r} uses unknown {n.uses!r}",
+                    node_id=ctx.node_id,
+                )
+
+        async def one(n: NodeDefinition) -> None:
+            sub = NodeContext(
+                ctx.context,
+                result.output,
+                n.params or {},
+                ctx.dependencies,
+                ctx.run_id,
+                n.id,
+                1,
+                ctx.activation,
+                ctx.cancelled,
+                n,
+            )
+            out = await self.executor.execute(n, sub)
+            await ctx.context.set(OUTPUTS_PREFIX + n.id, out.output)
+
+        await asyncio.gather(*(one(n) for n in nodes))
+
+    async def execute_node(
+        self,
+        blueprint: WorkflowBlueprint,
+        node_id: str,
+        context: AsyncContext,
+        *,
+        run_id: str,
+        input: Any = None,
+        activation: int = 1,
+        attempt: int = 1,
+        max_attempts: int | None = None,
+        cancel: asyncio.Event | None = None,
+    ) -> NodeExecution:
+        """Run one activation without committing anything: the caller commits
+        ``result.output`` and ``deltas`` together in one ``patch``."""
+        analysis = self.analysis(blueprint)
+        node = analysis.node(node_id)
+        tracking = TrackingContext(context)
+        ctx = NodeContext(
+            tracking,
+            input,
+            node.params or {},
+            self.options.dependencies,
+            run_id,
+            node_id,
+            attempt,
+            activation,
+            cancel or asyncio.Event(),
+            node,
+        )
+        fallback = node.config.fallback if node.config else None
+        result = await self.executor.execute(
+            node,
+            ctx,
+            max_attempts=max_attempts,
+            fallback=analysis.nodes[fallback] if fallback else None,
+        )
+        if isinstance(result, Awaiting):
+            return NodeExecution(result, [], awaiting=True)
+        if result.dynamic_nodes:
+            await self.run_dynamic_nodes(result, ctx)
+        return NodeExecution(result, tracking.ops)
+
+    def determine_next_nodes(
+        self,
+        blueprint: WorkflowBlueprint,
+        node_id: str,
+        result: NodeResult,
+        scope: Mapping[str, Any],
+    ) -> list[tuple[NodeDefinition, EdgeDefinition]]:
+        """The successors a result selects (actions, then conditions), with the edge to each."""
+        analysis = self.analysis(blueprint)
+        return [
+            (analysis.nodes[e.target], e.definition)
+            for e in route(analysis, node_id, result, scope, self.evaluator)
+        ]
+
+    def apply_edge_transform(
+        self, edge: EdgeDefinition, output: Any, scope: Mapping[str, Any]
+    ) -> Any:
+        """The value an edge hands its target: ``output``, or the edge's transform of it."""
+        if edge.transform is None:
+            return output
+        try:
+            return self.evaluator.evaluate(edge.transform, {**scope, "input": output})
+        except ExpressionError as exc:
+            raise ExpressionError(
+                f"transform of edge {edge.source!r} -> {edge.target!r} failed: {exc}",
+                expression=edge.transform,
+            ) from exc
