@@ -51,6 +51,7 @@ from typing import Any, Final, Protocol, runtime_checkable
 from simpleeval import (
     DEFAULT_OPERATORS,
     EvalWithCompoundTypes,
+    FeatureNotAvailable,
     InvalidExpression,
     IterableTooLong,
     NumberTooHigh,
@@ -103,14 +104,18 @@ def _walk(current: Any, parts: tuple[str, ...], start: int) -> Any:
     index = start
     count = len(parts)
     while index < count:
-        if current is None:
-            return None
-        part = parts[index]
-        if isinstance(current, Mapping):
-            current, index = _lookup(current, parts, index)
-            if current is _MISSING:
-                return None
+        # ``type(...) is dict`` first: the Mapping ABC check costs ~10x more.
+        if type(current) is dict or isinstance(current, Mapping):
+            value = current.get(parts[index], _MISSING)
+            if value is _MISSING:
+                value, index = _lookup(current, parts, index)
+                if value is _MISSING:
+                    return None
+            else:
+                index += 1
+            current = value
             continue
+        part = parts[index]
         if isinstance(current, _SEQUENCES):
             if part == "length":
                 current = len(current)
@@ -120,14 +125,14 @@ def _walk(current: Any, parts: tuple[str, ...], start: int) -> Any:
             else:
                 return None
         else:
-            return None
+            return None  # None, a number, a bool or a non-data object: JS ``undefined``
         index += 1
     return current
 
 
 def _item(container: Any, key: Any) -> Any:
     """``container[key]`` on data only: a missing key or index is ``None``, never an error."""
-    if isinstance(container, Mapping):
+    if type(container) is dict or isinstance(container, Mapping):
         try:
             return container.get(key)
         except TypeError as exc:
@@ -406,25 +411,6 @@ def _rewrite_paths(tree: ast.Expression) -> None:
                 stack.append(value)
 
 
-@functools.lru_cache(maxsize=1024)
-def _compile(source: str, max_length: int, max_depth: int, max_nodes: int) -> _Compiled:
-    """Check, translate, parse and rewrite ``source``; cached, so each text is parsed once."""
-    if len(source) > max_length:
-        raise _Refused(f"longer than {max_length} characters ({len(source)})")
-    python = _translate(source, max_depth).strip()
-    if not python:
-        raise _Refused("empty expression")
-    try:
-        tree = ast.parse(python, mode="eval")
-    except SyntaxError as exc:
-        raise _Refused(f"invalid syntax ({exc.msg})") from exc
-    except (RecursionError, MemoryError, ValueError) as exc:
-        raise _Refused(f"cannot be parsed ({type(exc).__name__})") from exc
-    _check(tree, max_depth, max_nodes)
-    _rewrite_paths(tree)
-    return _Compiled(tree.body)
-
-
 def _shown(expression: str) -> str:
     """The expression as quoted in error messages (long ones cut)."""
     if len(expression) > _MESSAGE_EXPRESSION_CHARS:
@@ -475,11 +461,22 @@ class _Interpreter(EvalWithCompoundTypes):  # type: ignore[misc]  # simpleeval i
         self.busy = False
         self.spent = 0
 
-    # simpleeval walks every intermediate value looking for modules and dangerous
-    # functions, which costs O(size of the data) per node. Nothing here can reach such
-    # objects: there is no getattr, and calls are limited to the helpers above.
-    def _check_disallowed_items(self, item: Any) -> None:
-        return
+    def _eval(self, node: Any) -> Any:
+        """Dispatch without simpleeval's per-node scan of every intermediate value.
+
+        That scan hunts for modules and dangerous functions reached through ``getattr``
+        and costs O(size of the data) per node; here nothing can reach them (no getattr,
+        calls limited to the helpers above), and the node whitelist is checked at compile.
+        """
+        try:
+            handler = self.nodes[type(node)]
+        except KeyError:
+            raise FeatureNotAvailable(f"{type(node).__name__} is not available") from None
+        return handler(node)
+
+    @staticmethod
+    def _eval_constant(node: ast.Constant) -> Any:
+        return node.value  # types and size checked at compile time
 
     def _eval_name(self, node: ast.Name) -> Any:
         value = self.names.get(node.id, _MISSING)
@@ -650,6 +647,8 @@ class SafeEvaluator:
         self.max_int_bits = max_int_bits
         self.strict_names = strict_names
         self._local = threading.local()
+        # Per instance (the limits are part of the result); a str key is lru_cache's fast path.
+        self._cached = functools.lru_cache(maxsize=1024)(self._compile)
 
     def validate(self, expression: str) -> None:
         """Raise :class:`ExpressionError` unless ``expression`` parses and passes the checks."""
@@ -662,8 +661,9 @@ class SafeEvaluator:
         interpreter.busy = True
         interpreter.names = scope
         interpreter.spent = 0
+        interpreter.expr = expression
         try:
-            return interpreter.eval(expression, previously_parsed=compiled.body)
+            return interpreter._eval(compiled.body)
         except ExpressionError:
             raise
         except Exception as exc:
@@ -681,11 +681,28 @@ class SafeEvaluator:
                 f"an expression must be a string, not {type(expression).__name__}"
             )
         try:
-            return _compile(expression, self.max_length, self.max_depth, self.max_nodes)
+            return self._cached(expression)
         except _Refused as exc:
             raise ExpressionError(
                 f"expression {_shown(expression)} refused: {exc}", expression=expression
             ) from exc
+
+    def _compile(self, source: str) -> _Compiled:
+        """Check, translate, parse and rewrite ``source`` (called once per distinct text)."""
+        if len(source) > self.max_length:
+            raise _Refused(f"longer than {self.max_length} characters ({len(source)})")
+        python = _translate(source, self.max_depth).strip()
+        if not python:
+            raise _Refused("empty expression")
+        try:
+            tree = ast.parse(python, mode="eval")
+        except SyntaxError as exc:
+            raise _Refused(f"invalid syntax ({exc.msg})") from exc
+        except (RecursionError, MemoryError, ValueError) as exc:
+            raise _Refused(f"cannot be parsed ({type(exc).__name__})") from exc
+        _check(tree, self.max_depth, self.max_nodes)
+        _rewrite_paths(tree)
+        return _Compiled(tree.body)
 
     def _interpreter(self) -> _Interpreter:
         """This thread's interpreter, or a fresh one if it is mid-evaluation (re-entry)."""
