@@ -4,8 +4,8 @@
 //
 // --modules is a node_modules folder holding the pinned miniflare package (default: the
 // one next to this file). With --persist, Durable Object and KV data survive a restart.
-// Prints one line "READY <url>" on stdout once the worker answers. On SIGTERM or SIGINT,
-// Miniflare's own exit hook stops its workerd child.
+// Prints one line "READY <url>" on stdout once the worker answers. On SIGTERM or SIGINT
+// it disposes Miniflare and waits for workerd to exit before exiting itself.
 
 import { createRequire } from "node:module";
 import { dirname, join, resolve } from "node:path";
@@ -50,6 +50,22 @@ const mf = new Miniflare({
     ? { durableObjectsPersist: join(persist, "do"), kvPersist: join(persist, "kv") }
     : {}),
 });
+
+// Miniflare's exit hook kills workerd on SIGTERM/SIGINT and exits at once, leaving the
+// dead workerd for init to reap, which can take seconds. Replace it with a handler that
+// waits until workerd is gone (its "exit" hook stays as a last resort).
+let stopping = false;
+async function stop(signal) {
+  if (stopping) return;
+  stopping = true;
+  console.log(`stopping on ${signal}`);
+  await mf.dispose().catch((error) => console.error("dispose failed:", error));
+  process.exit(0);
+}
+for (const signal of ["SIGTERM", "SIGINT"]) {
+  process.removeAllListeners(signal);
+  process.on(signal, () => void stop(signal));
+}
 
 try {
   const url = await mf.ready;

@@ -1,9 +1,10 @@
 """Google Cloud Firestore (native mode): Google's own emulator, from google-cloud-cli.
 
-Local process: ``cloud_firestore_emulator start --host=127.0.0.1 --port=PORT``, a bash
-wrapper around a Java server (ready in about 3-10 s). Both run in one process group,
-which stop() signals as a whole, so the Java child never outlives the wrapper. Data
-lives in memory only: a restart starts empty. Docker: the pinned
+Local process: what ``cloud_firestore_emulator start --host=127.0.0.1 --port=PORT`` runs
+(a bash wrapper around a Java server; ready in about 3-10 s). Java is started directly
+when the wrapper is the known one, else the wrapper is; either way everything runs in
+one process group, which stop() signals as a whole, so Java never outlives a stop.
+Data lives in memory only: a restart starts empty. Docker: the pinned
 ``google-cloud-cli:<version>-emulators`` image.
 
 Clients find the emulator through ``FIRESTORE_EMULATOR_HOST`` (``host:port``), which
@@ -14,6 +15,7 @@ Clients find the emulator through ``FIRESTORE_EMULATOR_HOST`` (``host:port``), w
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 
 import httpx
@@ -24,6 +26,7 @@ __all__ = ["FirestoreService", "clear_documents"]
 
 _log = logging.getLogger(__name__)
 
+_MAIN_CLASS = "com.google.cloud.datastore.emulator.firestore.CloudFirestore"
 _PROBE_PARENT = "projects/flowcraft-probe/databases/(default)/documents"
 #: The emulator treats this bearer token as an administrator (needed for metadata calls).
 _ADMIN_METADATA = (("authorization", "Bearer owner"),)
@@ -47,8 +50,18 @@ class FirestoreService(GoogleEmulatorService):
     emulator_host_var = "FIRESTORE_EMULATOR_HOST"
     gcloud_start = "emulators firestore start"
 
-    def emulator_args(self, port: int) -> list[str]:
-        return ["start", *super().emulator_args(port)]
+    def command(self, script: Path, port: int) -> list[str]:
+        args = ["start", "--host=127.0.0.1", f"--port={port}"]
+        # The launcher is a bash script that runs Java as its child, not with exec. Stopping
+        # the process group then leaves the dead Java process to init, which here reaps it
+        # only after 1-2 s. Run Java the same way directly when the script is the one we
+        # know (it names the jar and main class), so Java leads the group and is reaped at
+        # once; otherwise run the script.
+        jar = script.parent / "cloud-firestore-emulator.jar"
+        java = shutil.which("java")
+        if java and jar.is_file() and _MAIN_CLASS in script.read_text(errors="replace"):
+            return [java, "-Duser.language=en", "-cp", str(jar), _MAIN_CLASS, *args]
+        return [str(script), *args]
 
     def probe(self, url: str) -> None:
         from google.cloud.firestore_v1.services.firestore import FirestoreClient

@@ -124,9 +124,9 @@ class GoogleEmulatorService(Service):
     #: ``gcloud`` arguments that start the emulator inside the image, without the address.
     gcloud_start: ClassVar[str]
 
-    def emulator_args(self, port: int) -> list[str]:
-        """Arguments after the launcher's path that bind it to ``127.0.0.1:port``."""
-        return ["--host=127.0.0.1", f"--port={port}"]
+    def command(self, script: Path, port: int) -> list[str]:
+        """The command line that serves on ``127.0.0.1:port``, given the launcher's path."""
+        return [str(script), "--host=127.0.0.1", f"--port={port}"]
 
     def is_installed(self) -> bool:
         return shutil.which("java") is not None and emulator_path(self.script) is not None
@@ -138,7 +138,7 @@ class GoogleEmulatorService(Service):
         script = emulator_path(self.script)
         if script is None:
             raise InstallError(f"{self.component} is not installed")
-        return self.spawn([str(script), *self.emulator_args(port)], port, workdir)
+        return self.spawn(self.command(script, port), port, workdir)
 
     def local_url(self, port: int) -> str:
         return f"127.0.0.1:{port}"
