@@ -28,7 +28,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
-from weakref import WeakKeyDictionary
 
 from flowcraft.blueprint import EdgeDefinition, NodeDefinition, WorkflowBlueprint
 from flowcraft.errors import BlueprintError
@@ -184,15 +183,13 @@ class GraphAnalysis:
             ) from None
 
 
-_cache: WeakKeyDictionary[WorkflowBlueprint, GraphAnalysis] = WeakKeyDictionary()
-
-
 def analyse(blueprint: WorkflowBlueprint) -> GraphAnalysis:
-    """The analysis of a blueprint, computed once per blueprint object."""
-    found = _cache.get(blueprint)
+    """The analysis of a blueprint, computed once per blueprint object (kept on it)."""
+    found = blueprint._analysis
     if found is None:
         found = GraphAnalysis(blueprint)
-        _cache[blueprint] = found
+        blueprint._analysis = found
+    assert isinstance(found, GraphAnalysis)
     return found
 
 

@@ -26,6 +26,7 @@ class Activation:
     generation: int
     skip: bool = False
     inputs: dict[str, Any] = field(default_factory=dict)
+    gathered: bool = False  # an ``all`` join: the input is a dict by predecessor
 
 
 def route(
@@ -196,7 +197,9 @@ class Traversal:
             elif complete and not join.fired:
                 ready.append(Activation(target, generation, skip=True))
         elif complete:
-            ready.append(Activation(target, generation, skip=not join.inputs, inputs=join.inputs))
+            ready.append(
+                Activation(target, generation, not join.inputs, join.inputs, gathered=True)
+            )
         if complete:
             del self.joins[key]
 

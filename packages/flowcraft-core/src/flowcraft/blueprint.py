@@ -13,7 +13,7 @@ import json
 from collections import Counter
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 from pydantic.alias_generators import to_camel
 
 from flowcraft.errors import BlueprintError
@@ -40,8 +40,8 @@ class _Model(BaseModel):
     )
 
     def to_json_dict(self) -> dict[str, Any]:
-        """The camelCase JSON form, without unset optional fields."""
-        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+        """The camelCase JSON form, with only the fields that were given."""
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True, exclude_unset=True)
 
 
 class NodeConfig(_Model):
@@ -96,6 +96,7 @@ class WorkflowBlueprint(_Model):
     nodes: tuple[NodeDefinition, ...]
     edges: tuple[EdgeDefinition, ...] = ()
     metadata: dict[str, Any] | None = None
+    _analysis: Any = PrivateAttr(default=None)  # the runtime's cached graph analysis
 
     @field_validator("nodes", mode="after")
     @classmethod

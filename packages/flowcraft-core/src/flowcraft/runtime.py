@@ -366,7 +366,7 @@ class FlowRuntime:
         tracking = TrackingContext(run.async_context)
         ctx = NodeContext(
             tracking,
-            self.resolve_input(node, act.inputs, run.context.data),
+            self.resolve_input(node, act.inputs, run.context.data, gathered=act.gathered),
             node.params or {},
             self.options.dependencies,
             run.run_id,
@@ -439,20 +439,25 @@ class FlowRuntime:
     # ---------------------------------------------------------------- single-step API
 
     def resolve_input(
-        self, node: NodeDefinition, inputs: Mapping[str, Any], scope: Mapping[str, Any]
+        self,
+        node: NodeDefinition,
+        inputs: Mapping[str, Any],
+        scope: Mapping[str, Any],
+        *,
+        gathered: bool = False,
     ) -> Any:
-        """A node's input: its ``inputs`` mapping if declared, else what its predecessors
-        handed over (one value from one predecessor, a dict by predecessor id from several)."""
+        """A node's input: its ``inputs`` mapping if declared; else for an ``all`` join a
+        dict of what each choosing predecessor handed over; else that one value."""
         spec = node.inputs
         if spec is not None:
             if isinstance(spec, str):
                 return self._lookup(node, spec, scope)
             return {k: self._lookup(node, v, scope) for k, v in spec.items()}
+        if gathered:
+            return dict(inputs)
         if not inputs:
             return None
-        if len(inputs) == 1:
-            return next(iter(inputs.values()))
-        return dict(inputs)
+        return next(iter(inputs.values()))
 
     def _lookup(self, node: NodeDefinition, expression: str, scope: Mapping[str, Any]) -> Any:
         if expression in scope:
