@@ -1,0 +1,677 @@
+"""The ``flowcraft`` command: run, resume, draw and check workflows from a terminal.
+
+``flowcraft run FILE`` takes a Python file that defines a ``Flow`` at module level, or
+a blueprint JSON file (whose implementations come from ``--registry``), runs it in
+memory with ``FlowRuntime``, reports each node on stderr as it happens and prints the
+final context on stdout.
+
+Exit codes: 0 completed, 1 failed (or cancelled/stalled), 2 bad input or usage,
+3 awaiting (a wait node paused the run; ``flowcraft resume`` continues it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import importlib.util
+import itertools
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Coroutine, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any, NoReturn
+
+import click
+
+from flowcraft._analysis import GraphAnalysis, analyse
+from flowcraft._builtins import BATCH, SLEEP, SUBFLOW, WAIT
+from flowcraft.blueprint import WorkflowBlueprint, blueprint_json_schema
+from flowcraft.errors import FlowcraftError
+from flowcraft.events import FlowEvent
+from flowcraft.flow import Flow
+from flowcraft.node import NodeImplementation
+from flowcraft.runtime import FlowRuntime, RunStatus, RuntimeOptions, WorkflowResult
+
+__all__ = ["main"]
+
+logger = logging.getLogger("flowcraft.cli")
+
+EXIT_COMPLETED = 0
+EXIT_FAILED = 1
+EXIT_BAD_INPUT = 2
+EXIT_AWAITING = 3
+
+BUILTIN_USES = frozenset({WAIT, SLEEP, SUBFLOW, BATCH})
+DEFAULT_CONTEXT_NAME = "DEFAULT_CONTEXT"
+
+_module_counter = itertools.count()
+
+
+class BadInput(click.ClickException):
+    """A one-line error for bad input; exits with code 2, never a traceback."""
+
+    exit_code = EXIT_BAD_INPUT
+
+
+def _bad(message: str) -> NoReturn:
+    raise BadInput(message)
+
+
+# --------------------------------------------------------------------------- logging
+
+
+class _ClickHandler(logging.Handler):
+    """Writes records to whatever stderr is current (click's test runner swaps it)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            click.echo(self.format(record), err=True)
+        except Exception:  # pragma: no cover - logging must never raise
+            self.handleError(record)
+
+
+def _configure_logging(verbosity: int) -> None:
+    root = logging.getLogger("flowcraft")
+    if not any(isinstance(h, _ClickHandler) for h in root.handlers):
+        handler = _ClickHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        root.addHandler(handler)
+    root.setLevel(
+        logging.WARNING if verbosity <= 0 else logging.INFO if verbosity == 1 else logging.DEBUG
+    )
+
+
+# --------------------------------------------------------------------------- loading
+
+
+@dataclass(slots=True)
+class Target:
+    """What a command works on: the blueprint, its implementations and related flows."""
+
+    path: Path
+    blueprint: WorkflowBlueprint
+    registry: dict[str, NodeImplementation] = field(default_factory=dict)
+    blueprints: dict[str, WorkflowBlueprint] = field(default_factory=dict)
+    default_context: dict[str, Any] | None = None
+    from_python: bool = False
+
+
+def _import_file(path: Path) -> ModuleType:
+    """Import a Python file as a fresh module; its folder is importable (sibling modules)."""
+    folder = str(path.parent.resolve())
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    name = f"_flowcraft_cli_{path.stem}_{next(_module_counter)}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        _bad(f"cannot import {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except (Exception, SystemExit) as exc:
+        sys.modules.pop(name, None)
+        _bad(f"could not load {path}: {type(exc).__name__}: {exc}")
+    return module
+
+
+def _flows_of(module: ModuleType) -> dict[str, Flow]:
+    """Module-level ``Flow`` objects by attribute name (one name per object)."""
+    found: dict[str, Flow] = {}
+    seen: set[int] = set()
+    for name, value in vars(module).items():
+        if isinstance(value, Flow) and id(value) not in seen:
+            seen.add(id(value))
+            found[name] = value
+    return found
+
+
+def _pick_flow(path: Path, flows: Mapping[str, Flow], wanted: str | None) -> Flow:
+    choices = ", ".join(f"{name} (id {flow.id!r})" for name, flow in flows.items())
+    if wanted is not None:
+        for name, flow in flows.items():
+            if wanted in (name, flow.id):
+                return flow
+        _bad(f"{path} has no flow named {wanted!r}; choices: {choices or 'none'}")
+    if not flows:
+        _bad(f"{path} defines no Flow at module level")
+    if len(flows) > 1:
+        _bad(f"{path} defines several flows; pick one with --flow NAME: {choices}")
+    return next(iter(flows.values()))
+
+
+def _load_registry(spec: str) -> dict[str, NodeImplementation]:
+    """``package.module:ATTR`` or ``path/file.py:ATTR``: a dict of uses -> callable, or a Flow."""
+    module_part, sep, attr = spec.rpartition(":")
+    if not sep or not module_part or not attr:
+        _bad(f"--registry must look like module:ATTR or file.py:ATTR, not {spec!r}")
+    if module_part.endswith(".py") or os.sep in module_part or "/" in module_part:
+        path = Path(module_part)
+        if not path.is_file():
+            _bad(f"--registry: no such file {module_part!r}")
+        module = _import_file(path)
+    else:
+        cwd = str(Path.cwd())
+        if cwd not in sys.path:
+            sys.path.insert(0, cwd)
+        try:
+            module = importlib.import_module(module_part)
+        except Exception as exc:
+            _bad(f"--registry: cannot import {module_part!r}: {type(exc).__name__}: {exc}")
+    try:
+        value = getattr(module, attr)
+    except AttributeError:
+        _bad(f"--registry: module {module_part!r} has no attribute {attr!r}")
+    if isinstance(value, Flow):
+        return value.registry()
+    if not isinstance(value, Mapping) or not all(
+        isinstance(k, str) and callable(v) for k, v in value.items()
+    ):
+        _bad(f"--registry: {spec} must be a dict mapping uses keys to callables")
+    return dict(value)
+
+
+def _load(path_text: str, flow_name: str | None, registry_spec: str | None) -> Target:
+    path = Path(path_text)
+    if not path.is_file():
+        _bad(f"no such file: {path_text}")
+    extra = _load_registry(registry_spec) if registry_spec else {}
+    if path.suffix == ".py":
+        module = _import_file(path)
+        flows = _flows_of(module)
+        chosen = _pick_flow(path, flows, flow_name)
+        registry: dict[str, NodeImplementation] = {}
+        blueprints: dict[str, WorkflowBlueprint] = {}
+        try:
+            # every flow of the module is known, so sub-flows resolve; the chosen one wins
+            for flow in [*(f for f in flows.values() if f is not chosen), chosen]:
+                bp = flow.to_blueprint()
+                blueprints[bp.id] = bp
+                registry.update(flow.registry())
+        except FlowcraftError as exc:
+            _bad(str(exc))
+        default = getattr(module, DEFAULT_CONTEXT_NAME, None)
+        if default is not None and not isinstance(default, Mapping):
+            _bad(f"{path}: {DEFAULT_CONTEXT_NAME} must be a dict")
+        return Target(
+            path,
+            blueprints[chosen.id],
+            {**registry, **extra},
+            blueprints,
+            dict(default) if default is not None else None,
+            from_python=True,
+        )
+    if flow_name is not None:
+        _bad("--flow applies to Python files only")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        _bad(f"cannot read {path}: {exc}")
+    try:
+        blueprint = WorkflowBlueprint.parse(text)
+    except FlowcraftError as exc:
+        _bad(f"{path}: {exc}")
+    return Target(path, blueprint, extra, {blueprint.id: blueprint})
+
+
+def _analyse(target: Target) -> GraphAnalysis:
+    try:
+        return analyse(target.blueprint)
+    except FlowcraftError as exc:
+        _bad(f"{target.path}: {exc}")
+
+
+def _check_registry(target: Target, registry: Mapping[str, NodeImplementation]) -> None:
+    missing = sorted(
+        {
+            n.uses
+            for n in target.blueprint.nodes
+            if n.uses not in registry and n.uses not in BUILTIN_USES
+        }
+    )
+    if missing:
+        hint = "" if target.from_python else " (pass --registry module:ATTR)"
+        _bad(f"{target.path}: unknown implementation(s) {', '.join(map(repr, missing))}{hint}")
+
+
+def _json_object(text: str, what: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        _bad(f"{what} is not valid JSON: {exc}")
+    if not isinstance(value, dict):
+        _bad(f"{what} must be a JSON object, not {type(value).__name__}")
+    return value
+
+
+def _initial_context(
+    target: Target, context: str | None, context_file: str | None
+) -> dict[str, Any] | None:
+    if context is not None and context_file is not None:
+        _bad("give --context or --context-file, not both")
+    if context is not None:
+        return _json_object(context, "--context")
+    if context_file is not None:
+        try:
+            text = Path(context_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            _bad(f"cannot read --context-file: {exc}")
+        return _json_object(text, f"--context-file {context_file}")
+    return target.default_context
+
+
+# --------------------------------------------------------------------------- progress
+
+
+class ProgressPrinter:
+    """An event bus that writes one line per node step to stderr, with elapsed time."""
+
+    def __init__(self, *, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.started = time.perf_counter()
+        self._node_start: dict[tuple[str, str], float] = {}
+        self._root: str | None = None
+        self._blueprint_of: dict[str, str] = {}
+
+    def emit(self, event: FlowEvent) -> None:
+        now = time.perf_counter()
+        if event.type == "workflow:start":
+            self._blueprint_of[event.run_id] = str(event.data.get("blueprintId", "?"))
+        if self._root is None and event.type in ("workflow:start", "workflow:resume"):
+            self._root = event.run_id
+        if not self.enabled or event.node_id is None:
+            return
+        name = event.node_id
+        if event.run_id != self._root:
+            name = f"{self._blueprint_of.get(event.run_id, event.run_id[:8])}/{name}"
+        key = (event.run_id, event.node_id)
+        data = event.data
+        detail = ""
+        kind = event.type.removeprefix("node:")
+        if event.type == "node:start":
+            self._node_start[key] = now
+        elif event.type == "node:finish":
+            began = self._node_start.pop(key, None)
+            took = f"{(now - began) * 1000:.1f} ms" if began is not None else ""
+            nxt = data.get("next") or []
+            action = data.get("action")
+            parts = [took]
+            if action is not None:
+                parts.append(f"action {action!r}")
+            if nxt:
+                parts.append("-> " + ", ".join(map(str, nxt)))
+            detail = "  ".join(p for p in parts if p)
+        elif event.type == "node:retry":
+            detail = f"attempt {data.get('attempt')} failed: {data.get('error')}"
+        elif event.type == "node:error":
+            self._node_start.pop(key, None)
+            detail = str(data.get("error", ""))
+        elif event.type == "node:fallback":
+            fallback = data.get("fallback")
+            detail = f"running fallback {fallback!r}" if fallback else "running fallback"
+        elif event.type == "node:awaiting":
+            self._node_start.pop(key, None)
+            detail = "paused, waiting to be resumed"
+        elif event.type == "workflow:resume":
+            kind = "resume"
+        elif event.type not in ("node:skipped",):
+            return
+        elapsed = (now - self.started) * 1000
+        line = f"{elapsed:9.1f} ms  {kind:<8} {name}"
+        click.echo(f"{line}  {detail}" if detail else line, err=True)
+
+
+# --------------------------------------------------------------------------- running
+
+
+def _runtime(target: Target, bus: ProgressPrinter) -> FlowRuntime:
+    return FlowRuntime(
+        RuntimeOptions(registry=target.registry, blueprints=target.blueprints, event_bus=bus)
+    )
+
+
+def _to_json(value: Any, *, indent: int | None = 2) -> str:
+    return json.dumps(value, indent=indent, ensure_ascii=False, default=repr)
+
+
+def _result_dict(result: WorkflowResult) -> dict[str, Any]:
+    return {
+        "runId": result.run_id,
+        "status": str(result.status),
+        "context": result.context,
+        "errors": [
+            {"nodeId": e.node_id, "message": e.message, "type": e.type} for e in result.errors
+        ],
+        "awaiting": list(result.awaiting),
+    }
+
+
+def _actions_of(analysis: GraphAnalysis, node_id: str) -> list[str]:
+    return sorted({e.action for e in analysis.out.get(node_id, ()) if e.action is not None})
+
+
+def _report(
+    target: Target,
+    result: WorkflowResult,
+    *,
+    as_json: bool,
+    quiet: bool,
+    save_state: str | None,
+    elapsed_ms: float,
+) -> NoReturn:
+    if result.status is RunStatus.AWAITING and save_state is not None:
+        try:
+            text = json.dumps(result.state, indent=2, ensure_ascii=False)
+        except (TypeError, ValueError) as exc:
+            _bad(f"cannot save the run state as JSON: {exc}")
+        try:
+            Path(save_state).write_text(text + "\n", encoding="utf-8")
+        except OSError as exc:
+            _bad(f"cannot write --save-state file: {exc}")
+    if as_json:
+        click.echo(_to_json(_result_dict(result), indent=None))
+    else:
+        click.echo(f"status: {result.status} (run {result.run_id}, {elapsed_ms:.1f} ms)", err=True)
+        for err in result.errors:
+            where = f"node {err.node_id!r}" if err.node_id else "run"
+            click.echo(f"  error in {where}: {err.message}", err=True)
+        click.echo(_to_json(result.context))
+    if result.status is RunStatus.AWAITING and not quiet:
+        analysis = analyse(target.blueprint)
+        state_file = save_state or "state.json"
+        for node_id in result.awaiting:
+            actions = _actions_of(analysis, node_id)
+            click.echo(f"awaiting node {node_id!r}", err=True)
+            if actions:
+                click.echo(f"  actions it can take: {', '.join(actions)}", err=True)
+        if save_state is None:
+            click.echo(
+                "to resume, run again with --save-state state.json, then run the command below",
+                err=True,
+            )
+        else:
+            click.echo(f"run state saved to {save_state}", err=True)
+        first = result.awaiting[0] if result.awaiting else "NODE"
+        actions = _actions_of(analysis, first)
+        action_hint = f" --action {actions[0]}" if actions else ""
+        click.echo(
+            f"resume with: flowcraft resume {target.path} --state {state_file} "
+            f"--node {first}{action_hint} [--output JSON]",
+            err=True,
+        )
+    code = {
+        RunStatus.COMPLETED: EXIT_COMPLETED,
+        RunStatus.AWAITING: EXIT_AWAITING,
+    }.get(result.status, EXIT_FAILED)
+    raise SystemExit(code)
+
+
+def _execute(work: Coroutine[Any, Any, WorkflowResult]) -> WorkflowResult:
+    try:
+        result = asyncio.run(work)
+    except FlowcraftError as exc:
+        _bad(str(exc))
+    return result
+
+
+# --------------------------------------------------------------------------- commands
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="flowcraft-core", prog_name="flowcraft")
+@click.option("-v", "--verbose", count=True, help="Log more (-v info, -vv debug) to stderr.")
+def main(verbose: int) -> None:
+    """Run, resume, draw and check flowcraft workflows."""
+    _configure_logging(verbose)
+
+
+_FILE = click.argument("file", metavar="FILE.py|BLUEPRINT.json")
+_FLOW = click.option(
+    "--flow", "flow_name", metavar="NAME", help="Which Flow of the file (attribute name or id)."
+)
+_REGISTRY = click.option(
+    "--registry",
+    metavar="MODULE:ATTR",
+    help="Implementations for a blueprint JSON: a dict of uses -> callable "
+    "(package.module:ATTR or path/file.py:ATTR).",
+)
+_QUIET = click.option("-q", "--quiet", is_flag=True, help="No per-node progress on stderr.")
+_JSON = click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Print one JSON object {runId,status,context,errors,awaiting} on stdout.",
+)
+_SAVE = click.option(
+    "--save-state",
+    metavar="FILE",
+    help="When the run ends awaiting, write what `flowcraft resume` needs to FILE.",
+)
+
+
+@main.command()
+@_FILE
+@click.option("--context", metavar="JSON", help="Initial context, a JSON object.")
+@click.option("--context-file", metavar="FILE", help="Initial context from a JSON file.")
+@_FLOW
+@_REGISTRY
+@_QUIET
+@_JSON
+@_SAVE
+def run(
+    file: str,
+    context: str | None,
+    context_file: str | None,
+    flow_name: str | None,
+    registry: str | None,
+    quiet: bool,
+    as_json: bool,
+    save_state: str | None,
+) -> None:
+    """Run a workflow in memory and print its final context.
+
+    FILE is a Python file defining a Flow (and optionally DEFAULT_CONTEXT, used when
+    no context is given) or a blueprint JSON file.
+
+    Exit status: 0 completed, 1 failed, 2 bad input, 3 awaiting.
+    """
+    target = _load(file, flow_name, registry)
+    _analyse(target)
+    initial = _initial_context(target, context, context_file)
+    bus = ProgressPrinter(enabled=not quiet)
+    runtime = _runtime(target, bus)
+    _check_registry(target, runtime.registry)
+    started = time.perf_counter()
+    result = _execute(runtime.run(target.blueprint, initial))
+    elapsed = (time.perf_counter() - started) * 1000
+    _report(target, result, as_json=as_json, quiet=quiet, save_state=save_state, elapsed_ms=elapsed)
+
+
+@main.command()
+@_FILE
+@click.option(
+    "--state", "state_file", required=True, metavar="FILE", help="Saved by `run --save-state`."
+)
+@click.option("--node", "node_id", metavar="ID", help="The waiting node to resume.")
+@click.option("--output", metavar="JSON", help="The waiting node's output, as JSON.")
+@click.option("--action", metavar="ACTION", help="The waiting node's action (picks edges).")
+@_FLOW
+@_REGISTRY
+@_QUIET
+@_JSON
+@_SAVE
+def resume(
+    file: str,
+    state_file: str,
+    node_id: str | None,
+    output: str | None,
+    action: str | None,
+    flow_name: str | None,
+    registry: str | None,
+    quiet: bool,
+    as_json: bool,
+    save_state: str | None,
+) -> None:
+    """Resume a run that ended awaiting, giving the waiting node its result."""
+    target = _load(file, flow_name, registry)
+    analysis = _analyse(target)
+    try:
+        text = Path(state_file).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        _bad(f"cannot read --state: {exc}")
+    state = _json_object(text, f"--state {state_file}")
+    if not isinstance(state.get("waiting"), list) or "context" not in state:
+        _bad(f"--state {state_file} is not a saved awaiting run")
+    if state.get("blueprintId") not in (None, target.blueprint.id):
+        _bad(
+            f"--state {state_file} belongs to blueprint {state.get('blueprintId')!r}, "
+            f"not {target.blueprint.id!r}"
+        )
+    value: Any = None
+    if output is not None:
+        try:
+            value = json.loads(output)
+        except json.JSONDecodeError as exc:
+            _bad(f"--output is not valid JSON ({exc}); quote strings, e.g. '\"yes\"'")
+    if action is not None and node_id is not None:
+        actions = _actions_of(analysis, node_id)
+        if actions and action not in actions:
+            logger.warning(
+                "node %r has no edge for action %r (edges: %s); its default edges apply",
+                node_id,
+                action,
+                ", ".join(actions),
+            )
+    bus = ProgressPrinter(enabled=not quiet)
+    runtime = _runtime(target, bus)
+    _check_registry(target, runtime.registry)
+    started = time.perf_counter()
+    result = _execute(runtime.resume(target.blueprint, state, node_id, output=value, action=action))
+    elapsed = (time.perf_counter() - started) * 1000
+    _report(target, result, as_json=as_json, quiet=quiet, save_state=save_state, elapsed_ms=elapsed)
+
+
+# --------------------------------------------------------------------------- graph
+
+
+_MERMAID_ESCAPES = str.maketrans(
+    {
+        "#": "#35;",
+        '"': "#quot;",
+        "<": "#lt;",
+        ">": "#gt;",
+        "&": "#amp;",
+        "|": "#124;",
+        "`": "#96;",
+        "\n": " ",
+        "\r": " ",
+    }
+)
+
+
+def _mermaid_text(text: str) -> str:
+    return text.translate(_MERMAID_ESCAPES)
+
+
+def mermaid(blueprint: WorkflowBlueprint) -> str:
+    """A Mermaid flowchart of the blueprint. Node ids are replaced by safe ``n<i>``
+    names; labels carry the real ids. Back edges (loops) are dotted."""
+    try:
+        analysis: GraphAnalysis | None = analyse(blueprint)
+    except FlowcraftError as exc:
+        logger.warning("cannot classify loops: %s", exc)
+        analysis = None
+    safe = {node.id: f"n{i}" for i, node in enumerate(blueprint.nodes)}
+    lines = ["flowchart TD"]
+    for node in blueprint.nodes:
+        label = _mermaid_text(node.id)
+        if node.uses != node.id:
+            label += f"<br/><small>{_mermaid_text(node.uses)}</small>"
+        if node.uses == WAIT:
+            shape = f'{{{{"{label}"}}}}'
+        elif node.uses == SUBFLOW:
+            shape = f'[["{label}"]]'
+        elif analysis is not None and node.id in analysis.start_nodes:
+            shape = f'(["{label}"])'
+        else:
+            shape = f'["{label}"]'
+        lines.append(f"    {safe[node.id]}{shape}")
+    kinds: dict[int, str] = {}
+    if analysis is not None:
+        kinds = {e.index: e.kind for edges in analysis.out.values() for e in edges}
+    for i, edge in enumerate(blueprint.edges):
+        parts = []
+        if edge.action is not None:
+            parts.append(edge.action)
+        if edge.condition is not None:
+            parts.append(f"if {edge.condition}")
+        arrow = "-.->" if kinds.get(i) == "back" else "-->"
+        label = f'|"{_mermaid_text(" / ".join(parts))}"|' if parts else ""
+        lines.append(f"    {safe[edge.source]} {arrow}{label} {safe[edge.target]}")
+    for node in blueprint.nodes:
+        fallback = node.config.fallback if node.config else None
+        if fallback is not None:
+            lines.append(f'    {safe[node.id]} -.-|"fallback"| {safe[fallback]}')
+    return "\n".join(lines)
+
+
+@main.command()
+@_FILE
+@_FLOW
+def graph(file: str, flow_name: str | None) -> None:
+    """Print the workflow as a Mermaid flowchart (paste it into a Markdown file)."""
+    target = _load(file, flow_name, None)
+    click.echo(mermaid(target.blueprint))
+
+
+# --------------------------------------------------------------------------- validate
+
+
+@main.command()
+@_FILE
+@_FLOW
+@_REGISTRY
+def validate(file: str, flow_name: str | None, registry: str | None) -> None:
+    """Check a workflow: structure, loops, start nodes and (if known) implementations."""
+    target = _load(file, flow_name, registry)
+    analysis = _analyse(target)
+    bp = target.blueprint
+    if target.from_python or registry is not None:
+        _check_registry(target, target.registry)
+    click.echo(f"ok: blueprint {bp.id!r}: {len(bp.nodes)} nodes, {len(bp.edges)} edges")
+    click.echo(f"start nodes: {', '.join(analysis.start_nodes)}")
+    click.echo(f"end nodes: {', '.join(analysis.sinks) or 'none'}")
+    if analysis.loops:
+        for loop in analysis.loops.values():
+            members = ", ".join(n for n in (x.id for x in bp.nodes) if n in loop.nodes)
+            click.echo(f"loop: head {loop.head!r} over {members}")
+    else:
+        click.echo("loops: none")
+    unreachable = [n.id for n in bp.nodes if n.id not in analysis.reachable]
+    unreachable = [n for n in unreachable if n not in analysis.fallback_only]
+    if unreachable:
+        click.echo(f"warning: unreachable nodes: {', '.join(unreachable)}", err=True)
+    needed = sorted({n.uses for n in bp.nodes if n.uses not in BUILTIN_USES})
+    if not target.from_python and registry is None and needed:
+        click.echo(
+            f"needs a registry (--registry) for: {', '.join(needed)}",
+            err=True,
+        )
+
+
+# --------------------------------------------------------------------------- schema
+
+
+@main.command()
+def schema() -> None:
+    """Print the blueprint JSON Schema."""
+    click.echo(json.dumps(blueprint_json_schema(), indent=2))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
