@@ -223,13 +223,16 @@ def _translate(source: str, max_depth: int) -> str:
     parser must never see pathologically nested input.
     """
     tokens: list[tuple[str, str]] = []
+    gaps: list[str] = []  # what separated each token from the previous one: "" or " "
     closing: dict[int, int] = {}
     open_stack: list[int] = []
     prefix_run = 0
+    gap = ""
     for match in _TOKEN.finditer(source):
         kind = match.lastgroup or "op"
         text = match.group()
         if kind in ("ws", "comment"):
+            gap = " "  # newlines and comments become a space: eval mode is one line
             continue
         if text in _OPENERS:
             open_stack.append(len(tokens))
@@ -241,11 +244,14 @@ def _translate(source: str, max_depth: int) -> str:
         if prefix_run > max_depth:
             raise _Refused(f"more than {max_depth} unary operators in a row")
         tokens.append((kind, text))
+        gaps.append(gap)
+        gap = ""
 
     closers = [0] * (len(tokens) + 1)
     pieces: list[str] = []
     previous = ""
     for index, (kind, text) in enumerate(tokens):
+        pieces.append(gaps[index])
         if kind == "op" and text == "!":
             pieces.append("(not ")
             closers[_operand_end(tokens, index + 1, closing)] += 1
@@ -255,7 +261,7 @@ def _translate(source: str, max_depth: int) -> str:
             pieces.append(_JS_NAMES.get(text, text))
         else:
             pieces.append(text)
-        pieces.append(" " + ")" * closers[index + 1] if closers[index + 1] else " ")
+        pieces.append(")" * closers[index + 1])
         previous = text
     return "".join(pieces)
 
@@ -433,7 +439,14 @@ class _Interpreter(EvalWithCompoundTypes):  # type: ignore[misc]  # simpleeval i
             kind: DEFAULT_OPERATORS[kind] for kind in _ALLOWED_NODES if kind in DEFAULT_OPERATORS
         }
         operators.update(
-            {ast.Add: self._add, ast.Mult: self._mult, ast.Pow: self._pow, ast.Mod: self._mod}
+            {
+                ast.Add: self._add,
+                ast.Mult: self._mult,
+                ast.Pow: self._pow,
+                ast.Mod: self._mod,
+                ast.In: _contains,
+                ast.NotIn: _not_contains,
+            }
         )
         super().__init__(operators=operators, functions={}, names={})
         self.functions = {
@@ -443,8 +456,8 @@ class _Interpreter(EvalWithCompoundTypes):  # type: ignore[misc]  # simpleeval i
             "float": float,
             "bool": bool,
             "abs": abs,
-            "min": min,
-            "max": max,
+            "min": _min,
+            "max": _max,
             "round": _round,
             "lower": self._lower,
             "upper": self._upper,
@@ -589,6 +602,38 @@ class _Interpreter(EvalWithCompoundTypes):  # type: ignore[misc]  # simpleeval i
         if not isinstance(value, str):
             raise TypeError(f"upper() needs a string, not {type(value).__name__}")
         return value.upper()
+
+
+def _data_container(value: Any, what: str) -> Any:
+    """Refuse to iterate anything but data, so a scope object's ``__iter__`` is never run."""
+    if isinstance(value, _SEQUENCES) or type(value) is dict or isinstance(value, Mapping):
+        return value
+    raise TypeError(f"{what} needs a string, list or dict, not {type(value).__name__}")
+
+
+def _contains(item: Any, container: Any) -> bool:
+    return item in _data_container(container, "'in'")
+
+
+def _not_contains(item: Any, container: Any) -> bool:
+    return item not in _data_container(container, "'not in'")
+
+
+def _arguments(values: tuple[Any, ...], what: str) -> Any:
+    """``min``/``max`` arguments: one data container, or two or more values."""
+    if len(values) == 1:
+        return _data_container(values[0], what)
+    if not values:
+        raise TypeError(f"{what} needs at least one argument")
+    return values
+
+
+def _min(*values: Any) -> Any:
+    return min(_arguments(values, "min()"))
+
+
+def _max(*values: Any) -> Any:
+    return max(_arguments(values, "max()"))
 
 
 def _round(number: Any, ndigits: int | None = None) -> Any:
