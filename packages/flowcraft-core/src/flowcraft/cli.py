@@ -298,14 +298,8 @@ class ProgressPrinter:
         elif event.type == "node:finish":
             began = self._node_start.pop(key, None)
             took = f"{(now - began) * 1000:.1f} ms" if began is not None else ""
-            nxt = data.get("next") or []
             action = data.get("action")
-            parts = [took]
-            if action is not None:
-                parts.append(f"action {action!r}")
-            if nxt:
-                parts.append("-> " + ", ".join(map(str, nxt)))
-            detail = "  ".join(p for p in parts if p)
+            detail = took if action is None else f"{took}  action {action!r}"
         elif event.type == "node:retry":
             detail = f"attempt {data.get('attempt')} failed: {data.get('error')}"
         elif event.type == "node:error":
