@@ -127,7 +127,11 @@ class MiniflareService(Service):
             f"--modules={_modules_dir()}",
             f"--persist={workdir / 'data'}",
         ]
-        return self.spawn(argv, port, workdir)
+        # Miniflare keeps a scratch directory in TMPDIR and removes it only in the
+        # background on exit; inside the run directory it goes when the service stops.
+        scratch = workdir / "tmp"
+        scratch.mkdir(parents=True, exist_ok=True)
+        return self.spawn(argv, port, workdir, env={"TMPDIR": str(scratch)})
 
     def local_url(self, port: int) -> str:
         return f"http://127.0.0.1:{port}"
