@@ -508,6 +508,7 @@ class FlowRuntime:
         activation: int = 1,
         attempt: int = 1,
         max_attempts: int | None = None,
+        use_fallback: bool = True,
         cancel: asyncio.Event | None = None,
     ) -> NodeExecution:
         """Run one activation without committing anything: the caller commits
@@ -527,7 +528,7 @@ class FlowRuntime:
             cancel or asyncio.Event(),
             node,
         )
-        fallback = node.config.fallback if node.config else None
+        fallback = node.config.fallback if node.config and use_fallback else None
         result = await self.executor.execute(
             node,
             ctx,

@@ -1,0 +1,911 @@
+"""``BaseDistributedAdapter``: all orchestration for running a workflow on a fleet.
+
+Adapters implement four primitives (context, consume, enqueue, publish); this
+class owns everything else: commits, joins, loops, retries, failures, the final
+status, events and the operator API. The protocol, and why a crash between any
+two steps is safe, is written down in ``DISTRIBUTED.md`` beside the package.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from flowcraft._analysis import Edge, GraphAnalysis, Loop, analyse
+from flowcraft._traversal import route
+from flowcraft.blueprint import NodeDefinition, WorkflowBlueprint
+from flowcraft.context import AsyncContext, PatchOperation
+from flowcraft.distributed import keys as K
+from flowcraft.distributed._scope import scope_keys
+from flowcraft.distributed.coordination import CoordinationStore
+from flowcraft.distributed.payload import JobPayload
+from flowcraft.errors import (
+    BlueprintError,
+    ExpressionError,
+    FlowcraftError,
+    NodeExecutionError,
+    PayloadDecodeError,
+    UnknownBlueprintError,
+    UnknownNodeError,
+    VersionMismatchError,
+)
+from flowcraft.events import EventBus, FlowEvent, emit
+from flowcraft.node import NodeResult
+from flowcraft.runtime import FlowRuntime, RuntimeOptions
+
+__all__ = [
+    "BaseDistributedAdapter",
+    "FinalResult",
+    "JobHandler",
+    "RetryJob",
+    "RunStatusInfo",
+    "job_disposition",
+]
+
+logger = logging.getLogger("flowcraft.distributed")
+
+JobHandler = Callable[[JobPayload], Awaitable[None]]
+Disposition = Literal["ack", "retry", "dead-letter"]
+FINAL_STATUSES = frozenset({"completed", "failed", "cancelled"})
+
+
+class RetryJob(FlowcraftError):
+    """Deliver this job again later (the activation is busy elsewhere, or a
+    queue-mode attempt failed). ``delay_seconds`` is a hint for the queue."""
+
+    def __init__(self, message: str, *, delay_seconds: float = 1.0) -> None:
+        super().__init__(message)
+        self.delay_seconds = delay_seconds
+
+
+def job_disposition(exc: BaseException | None) -> Disposition:
+    """What a queue should do with a job whose handler ended with ``exc``.
+
+    ``retry`` also covers a version this worker lacks (hand it back for a
+    compatible worker) and infrastructure errors (store unreachable).
+    """
+    if exc is None:
+        return "ack"
+    if isinstance(exc, RetryJob | VersionMismatchError):
+        return "retry"
+    if isinstance(
+        exc, PayloadDecodeError | UnknownBlueprintError | UnknownNodeError | BlueprintError
+    ):
+        return "dead-letter"
+    return "retry"
+
+
+@dataclass(slots=True)
+class FinalResult:
+    """What ``publish_final_result`` publishes and ``wait_for_result`` returns."""
+
+    run_id: str
+    status: str
+    context: dict[str, Any]
+    errors: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_json_dict(self) -> dict[str, Any]:
+        return {
+            "runId": self.run_id,
+            "status": self.status,
+            "context": self.context,
+            "errors": self.errors,
+        }
+
+
+@dataclass(slots=True)
+class RunStatusInfo:
+    run_id: str
+    status: str  # running | awaiting | completed | failed | cancelled | unknown
+    errors: list[dict[str, Any]] = field(default_factory=list)
+    waiting: list[str] = field(default_factory=list)
+
+
+class BaseDistributedAdapter(ABC):
+    """Subclass and implement ``create_context``, ``process_jobs``, ``enqueue_job``
+    and ``publish_final_result``; override the hooks to use queue-native retries."""
+
+    def __init__(
+        self,
+        *,
+        runtime_options: RuntimeOptions,
+        coordination_store: CoordinationStore,
+        event_bus: EventBus | None = None,
+        key_prefix: str = "flowcraft:",
+        state_ttl_seconds: float = 7 * 24 * 3600,
+        lease_seconds: float = 15.0,
+        dedupe_window_seconds: float = 300.0,
+        worker_id: str | None = None,
+    ) -> None:
+        self.runtime = FlowRuntime(runtime_options)
+        self.coordination_store = coordination_store
+        self.event_bus = event_bus if event_bus is not None else runtime_options.event_bus
+        self.key_prefix = key_prefix
+        self.state_ttl_seconds = state_ttl_seconds
+        self.lease_seconds = lease_seconds
+        self.dedupe_window_seconds = dedupe_window_seconds
+        self.worker_id = worker_id or uuid.uuid4().hex[:12]
+        self.logger = runtime_options.logger or logger
+        self._stopping = asyncio.Event()
+
+    # ------------------------------------------------------------ the seed's contract
+
+    @abstractmethod
+    def create_context(self, run_id: str) -> AsyncContext:
+        """The run's state in the adapter's store (one row/item/hash per run)."""
+
+    @abstractmethod
+    async def process_jobs(self, handler: JobHandler) -> None:
+        """Consume jobs until ``stop()``; ack after ``handler`` returns, else act on
+        ``job_disposition(exc)``."""
+
+    @abstractmethod
+    async def enqueue_job(self, job: JobPayload) -> None:
+        """Put a job on the queue (applying ``get_queue_retry_options`` if used)."""
+
+    @abstractmethod
+    async def publish_final_result(self, run_id: str, result: FinalResult) -> None:
+        """Publish the final result; must be idempotent (it can be called again after a crash)."""
+
+    def should_retry_in_process(self, node_def: NodeDefinition) -> bool:
+        """False: run one attempt per delivery and let the queue schedule retries."""
+        return True
+
+    def get_queue_retry_options(self, node_def: NodeDefinition) -> dict[str, Any] | None:
+        """Queue-specific retry options for a node's jobs (e.g. attempts and backoff)."""
+        return None
+
+    # ------------------------------------------------------------ helpers for adapters
+
+    def blueprint_for(self, blueprint_id: str) -> WorkflowBlueprint:
+        return self.runtime.blueprint(blueprint_id)
+
+    def node_for(self, job: JobPayload) -> NodeDefinition | None:
+        """The node a job names, if this worker knows its blueprint."""
+        bp = self.runtime.blueprints.get(job.blueprint_id)
+        if bp is None:
+            return None
+        return analyse(bp).nodes.get(job.node_id)
+
+    async def worker(self) -> None:
+        """Process jobs until ``stop()`` (what a worker process runs)."""
+        self._stopping.clear()
+        await self.process_jobs(self.handle_job)
+
+    async def stop(self) -> None:
+        """Ask ``process_jobs`` to finish: no new jobs; jobs in hand complete."""
+        self._stopping.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
+    # ------------------------------------------------------------ operator API
+
+    async def start_run(
+        self,
+        blueprint_id: str,
+        initial_context: Mapping[str, Any] | None = None,
+        run_id: str | None = None,
+    ) -> str:
+        """Create the run's state and enqueue its start nodes. Idempotent per ``run_id``."""
+        blueprint = self.blueprint_for(blueprint_id)
+        analysis = analyse(blueprint)
+        run_id = run_id or uuid.uuid4().hex
+        for key in initial_context or {}:
+            if K.is_reserved(key):
+                raise ValueError(f"context key {key!r} is reserved for flowcraft")
+        ctx = self.create_context(run_id)
+        existing = await ctx.get(K.META)
+        if existing is None:
+            ops = [PatchOperation("set", k, v) for k, v in (initial_context or {}).items()]
+            ops.append(
+                PatchOperation(
+                    "set", K.META, {"blueprintId": blueprint.id, "version": blueprint.version}
+                )
+            )
+            ops.append(PatchOperation("set", K.STATUS, {"status": "running", "errors": []}))
+            for node_id in analysis.start_nodes:
+                ops.append(PatchOperation("set", K.activation(node_id, 1), {"skip": False}))
+            await ctx.patch(ops)
+        elif existing.get("blueprintId") != blueprint.id:
+            raise ValueError(f"run {run_id!r} already exists for blueprint {existing!r}")
+        await emit(
+            self.event_bus, FlowEvent("workflow:start", run_id, None, {"blueprintId": blueprint.id})
+        )
+        for node_id in analysis.start_nodes:
+            await self._enqueue(run_id, blueprint, node_id)
+        return run_id
+
+    async def get_status(self, run_id: str) -> RunStatusInfo:
+        ctx = self.create_context(run_id)
+        record = await ctx.get(K.STATUS)
+        if record is None:
+            return RunStatusInfo(run_id, "unknown")
+        final = await self.coordination_store.get(K.final(self.key_prefix, run_id))
+        status = final or record.get("status", "running")
+        waiting: list[str] = []
+        meta = await ctx.get(K.META)
+        if status == "awaiting" and meta:
+            bp = self.runtime.blueprints.get(meta["blueprintId"])
+            if bp is not None:
+                found = await ctx.get_many([K.waiting(n.id) for n in bp.nodes])
+                waiting = sorted(k[len(K.waiting("")) :] for k in found)
+        return RunStatusInfo(run_id, status, list(record.get("errors", [])), waiting)
+
+    async def get_final_result(self, run_id: str) -> FinalResult | None:
+        """The final result if the run has ended (adapters may read their published copy)."""
+        info = await self.get_status(run_id)
+        if info.status not in FINAL_STATUSES:
+            return None
+        ctx = self.create_context(run_id)
+        return FinalResult(run_id, info.status, _user_view(await ctx.to_dict()), info.errors)
+
+    async def wait_for_result(
+        self,
+        run_id: str,
+        timeout: float | None = None,  # noqa: ASYNC109 (the operator API of PRODUCT.md)
+        *,
+        poll_interval: float = 0.05,
+    ) -> FinalResult:
+        """Wait for the run's final result (raises ``TimeoutError``)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = poll_interval
+        while True:
+            result = await self.get_final_result(run_id)
+            if result is not None:
+                return result
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"run {run_id!r} did not finish within {timeout} s")
+            await asyncio.sleep(delay)
+            delay = min(delay * 1.5, 1.0)
+
+    async def resume_with_action(
+        self,
+        run_id: str,
+        action: str | None = None,
+        output: Any = None,
+        *,
+        node_id: str | None = None,
+    ) -> None:
+        """Resume a run paused at a wait node with that node's result."""
+        ctx = self.create_context(run_id)
+        meta = await ctx.get(K.META)
+        if meta is None:
+            raise FlowcraftError(f"run {run_id!r} does not exist")
+        blueprint = self.blueprint_for(meta["blueprintId"])
+        analysis = analyse(blueprint)
+        candidates = [node_id] if node_id else list(analysis.nodes)
+        found = await ctx.get_many([K.waiting(n) for n in candidates])
+        paused = {k[len(K.waiting("")) :]: int(v) for k, v in found.items()}
+        if not paused:
+            raise FlowcraftError(f"run {run_id!r} has no node waiting to resume")
+        if len(paused) > 1:
+            raise FlowcraftError(f"run {run_id!r}: several nodes wait ({sorted(paused)}); name one")
+        ((waiting_id, generation),) = paused.items()
+        result = NodeResult(output=output, action=action)
+        await emit(self.event_bus, FlowEvent("workflow:resume", run_id, waiting_id))
+        await self._commit(
+            _Job(run_id, blueprint, analysis, waiting_id, ctx),
+            generation,
+            result,
+            [
+                PatchOperation("delete", K.waiting(waiting_id)),
+                PatchOperation("set", K.STATUS, {"status": "running", "errors": []}),
+            ],
+        )
+
+    async def reconcile(self, run_id: str) -> int:
+        """Re-drive a run after crashes: re-enqueue pending activations and redo
+        every resolved node's follow-up (all idempotent). Returns jobs enqueued."""
+        ctx = self.create_context(run_id)
+        meta = await ctx.get(K.META)
+        if meta is None:
+            return 0
+        status = await self.coordination_store.get(K.final(self.key_prefix, run_id))
+        if status in FINAL_STATUSES:
+            record = await ctx.get(K.STATUS)
+            if record is None or record.get("status") not in FINAL_STATUSES:
+                analysis = analyse(self.blueprint_for(meta["blueprintId"]))
+                await self._finalize(run_id, status, ctx, analysis)  # make sure it was published
+            return 0
+        blueprint = self.blueprint_for(meta["blueprintId"])
+        analysis = analyse(blueprint)
+        job = _Job(run_id, blueprint, analysis, "", ctx)
+        counts = await ctx.get_many([K.resolved(n) for n in analysis.nodes])
+        waits = await ctx.get_many([K.waiting(n) for n in analysis.nodes])
+        pending_keys = [
+            K.activation(n, int(counts.get(K.resolved(n), 0)) + 1) for n in analysis.nodes
+        ]
+        pending = await ctx.get_many(pending_keys)
+        enqueued = 0
+        for n in analysis.nodes:
+            resolved = int(counts.get(K.resolved(n), 0))
+            if K.activation(n, resolved + 1) in pending and K.waiting(n) not in waits:
+                await self._enqueue(run_id, blueprint, n)
+                enqueued += 1
+            if resolved:
+                job.node_id = n
+                await self._follow_up(job, resolved, redrive=True)
+        return enqueued
+
+    # ------------------------------------------------------------ the job handler
+
+    async def handle_job(self, job: JobPayload) -> None:
+        """Process one job. Returns normally when the job is done with (ack); raises
+        ``RetryJob``/``VersionMismatchError`` to hand it back and bad-input errors to
+        dead-letter it (see ``job_disposition``)."""
+        try:
+            await self._handle(job)
+        except (RetryJob, VersionMismatchError) as exc:
+            await emit(
+                self.event_bus,
+                FlowEvent("job:requeued", job.run_id, job.node_id, {"reason": str(exc)}),
+            )
+            raise
+        except Exception as exc:
+            await emit(
+                self.event_bus,
+                FlowEvent("job:failed", job.run_id, job.node_id, {"error": repr(exc)}),
+            )
+            raise
+        await emit(self.event_bus, FlowEvent("job:processed", job.run_id, job.node_id))
+
+    async def _handle(self, payload: JobPayload) -> None:
+        blueprint = self.runtime.blueprints.get(payload.blueprint_id)
+        if blueprint is None:
+            raise UnknownBlueprintError(
+                f"job for run {payload.run_id!r}: this worker has no blueprint "
+                f"{payload.blueprint_id!r}"
+            )
+        analysis = analyse(blueprint)
+        node_id = payload.node_id
+        if node_id not in analysis.nodes:
+            raise UnknownNodeError(
+                f"job for run {payload.run_id!r}: blueprint {blueprint.id!r} "
+                f"has no node {node_id!r}"
+            )
+        ctx = self.create_context(payload.run_id)
+        state = await ctx.get_many([K.META, K.STATUS, K.resolved(node_id)])
+        meta = state.get(K.META)
+        if meta is None:
+            raise UnknownBlueprintError(
+                f"job for unknown run {payload.run_id!r} (never started, or expired)"
+            )
+        if meta.get("blueprintId") != blueprint.id or meta.get("version") != blueprint.version:
+            raise VersionMismatchError(
+                f"run {payload.run_id!r} needs blueprint {meta.get('blueprintId')!r} version "
+                f"{meta.get('version')!r}; this worker has version {blueprint.version!r}"
+            )
+        status = (state.get(K.STATUS) or {}).get("status")
+        if status in FINAL_STATUSES:
+            self.logger.debug("run %s is %s; dropping job for %s", payload.run_id, status, node_id)
+            return
+        job = _Job(payload.run_id, blueprint, analysis, node_id, ctx)
+        resolved = int(state.get(K.resolved(node_id), 0))
+        generation = resolved + 1
+        record_key = K.activation(node_id, generation)
+        guess = self._input_guess(analysis, node_id, generation)
+        found = await ctx.get_many([record_key, K.waiting(node_id), *guess])
+        record = found.get(record_key)
+        if record is None or K.waiting(node_id) in found:
+            # Already done (a duplicate or a redelivery) or paused. Unless the
+            # follow-up is known complete, redo it (idempotent), then ack.
+            await emit(
+                self.event_bus,
+                FlowEvent("job:duplicate", job.run_id, node_id, {"resolved": resolved}),
+            )
+            if resolved and record is None:
+                done = K.followed_up(self.key_prefix, job.run_id, node_id, resolved)
+                if await self.coordination_store.get(done) is None:
+                    await self._follow_up(job, resolved, redrive=True)
+            return
+        lease_key = K.lease(self.key_prefix, job.run_id, node_id, generation)
+        if not await self.coordination_store.set_if_not_exist(
+            lease_key, self.worker_id, self.lease_seconds
+        ):
+            raise RetryJob(
+                f"{node_id!r} activation {generation} of run {job.run_id!r} is running elsewhere",
+                delay_seconds=min(self.lease_seconds / 3, 5.0),
+            )
+        # The lease is left to expire: deleting it would cost a round trip per job,
+        # and a later duplicate is stopped by the resolved count, not the lease.
+        heartbeat = asyncio.ensure_future(self._heartbeat(lease_key))
+        try:
+            if record.get("skip"):
+                await self._commit(job, generation, None, [])
+            else:
+                await self._execute(job, payload, generation, record, found)
+        finally:
+            heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await heartbeat
+
+    async def _heartbeat(self, lease_key: str) -> None:
+        """Keep the lease alive while a long node runs."""
+        while True:
+            await asyncio.sleep(self.lease_seconds / 3)
+            await self.coordination_store.extend_ttl(lease_key, self.lease_seconds)
+
+    def _input_guess(self, analysis: GraphAnalysis, node_id: str, generation: int) -> list[str]:
+        """Output keys the node's input probably comes from, read with the activation record."""
+        required = analysis.required(node_id, generation)
+        if generation > 1 and not required:
+            loop = analysis.loop_of.get(node_id)
+            if loop is not None and loop.head == node_id:
+                return [
+                    K.output(e.source)
+                    for t in loop.tails
+                    for e in analysis.out[t]
+                    if e.kind == "back"
+                ]
+        return [K.output(p) for p in required] if len(required) == 1 else []
+
+    async def _execute(
+        self,
+        job: _Job,
+        payload: JobPayload,
+        generation: int,
+        record: Mapping[str, Any],
+        found: Mapping[str, Any],
+    ) -> None:
+        node = job.analysis.nodes[job.node_id]
+        in_process = self.should_retry_in_process(node)
+        attempt = payload.attempt or 1
+        last = (
+            True
+            if in_process
+            else (
+                payload.is_last_attempt
+                if payload.is_last_attempt is not None
+                else attempt >= node.max_attempts
+            )
+        )
+        node_input = await self._input(job, node, record, found)
+        try:
+            execution = await self.runtime.execute_node(
+                job.blueprint,
+                job.node_id,
+                job.ctx,
+                run_id=job.run_id,
+                input=node_input,
+                activation=generation,
+                attempt=attempt,
+                max_attempts=None if in_process else 1,
+                use_fallback=last,
+            )
+        except NodeExecutionError as exc:
+            if not last:
+                raise RetryJob(
+                    f"node {job.node_id!r} attempt {attempt} failed: {exc}; the queue will retry"
+                ) from exc
+            await self._fail(job, generation, exc)
+            return
+        if execution.awaiting:
+            await job.ctx.patch(
+                [
+                    PatchOperation("set", K.waiting(job.node_id), generation),
+                    PatchOperation("set", K.STATUS, {"status": "awaiting", "errors": []}),
+                ]
+            )
+            await emit(self.event_bus, FlowEvent("node:awaiting", job.run_id, job.node_id))
+            return
+        try:
+            await self._commit(job, generation, execution.result, execution.deltas)
+        except ExpressionError as exc:
+            await self._fail(
+                job, generation, NodeExecutionError(str(exc), node_id=job.node_id, cause=exc)
+            )
+
+    async def _input(
+        self, job: _Job, node: NodeDefinition, record: Mapping[str, Any], found: Mapping[str, Any]
+    ) -> Any:
+        spec = node.inputs
+        if spec is not None:
+            exprs = [spec] if isinstance(spec, str) else list(spec.values())
+            wanted = {k for e in exprs for k in (scope_keys(e) | {e})}
+            scope = await job.ctx.get_many(sorted(wanted))
+            return self.runtime.resolve_input(node, {}, scope)
+        handed: dict[str, Any] = {}
+        refs: dict[str, str] = {}
+        for pred, item in (record.get("inputs") or {}).items():
+            if "value" in item:
+                handed[pred] = item["value"]
+            else:
+                refs[pred] = item["ref"]
+        missing = [r for r in refs.values() if r not in found]
+        extra = await job.ctx.get_many(missing) if missing else {}
+        for pred, ref in refs.items():
+            handed[pred] = found[ref] if ref in found else extra.get(ref)
+        return self.runtime.resolve_input(node, handed, {}, gathered=bool(record.get("gathered")))
+
+    # ------------------------------------------------------------ commit and follow-up
+
+    async def _commit(
+        self,
+        job: _Job,
+        generation: int,
+        result: NodeResult | None,
+        deltas: list[PatchOperation],
+    ) -> None:
+        """Commit one resolution atomically: output, deltas, the resolved count, the
+        decision, and the activation records of single-predecessor successors."""
+        analysis = job.analysis
+        node_id = job.node_id
+        ops = list(deltas)
+        for op in ops:
+            if K.is_reserved(op.key):
+                raise NodeExecutionError(
+                    f"node {node_id!r} wrote reserved key {op.key!r}", node_id=node_id
+                )
+        chosen: list[Edge] = []
+        if result is not None:
+            scope = await self._scope(job, result, deltas)
+            chosen = route(analysis, node_id, result, scope, self.runtime.evaluator)
+            handed = {e.index: self._handover(e, result.output, scope) for e in chosen}
+            ops.append(PatchOperation("set", K.output(node_id), result.output))
+        else:
+            handed = {}
+        decision = {
+            "skip": result is None,
+            "chosen": [e.index for e in chosen],
+            "handed": {str(i): v for i, v in handed.items()},
+        }
+        ops.append(PatchOperation("set", K.decision(node_id, generation), decision))
+        ops.append(PatchOperation("set", K.resolved(node_id), generation))
+        for target, gen, taken in self._signals(analysis, node_id, generation, chosen):
+            if not analysis.is_join(target, gen) and not (
+                gen > 1 and not analysis.required(target, gen)
+            ):
+                ops.append(
+                    PatchOperation(
+                        "set", K.activation(target, gen), _record(node_id, taken, handed)
+                    )
+                )
+        await job.ctx.patch(ops)
+        if self.event_bus is not None:
+            event = "node:skipped" if result is None else "node:finish"
+            await emit(
+                self.event_bus, FlowEvent(event, job.run_id, node_id, {"activation": generation})
+            )
+        await self._follow_up(job, generation, redrive=False, decision=decision)
+
+    def _handover(self, edge: Edge, output: Any, scope: Mapping[str, Any]) -> Any:
+        if edge.transform is None:
+            return _REF
+        return self.runtime.apply_edge_transform(edge.definition, output, scope)
+
+    async def _scope(
+        self, job: _Job, result: NodeResult, deltas: list[PatchOperation]
+    ) -> dict[str, Any]:
+        """The context keys this node's edge expressions read (not the whole state)."""
+        wanted: set[str] = set()
+        for e in job.analysis.out[job.node_id]:
+            for expr in (e.condition, e.transform):
+                if expr:
+                    wanted |= scope_keys(expr)
+        if not wanted:
+            return {}
+        scope = await job.ctx.get_many(sorted(wanted))
+        for op in deltas:
+            if op.key in wanted:
+                if op.op == "set":
+                    scope[op.key] = op.value
+                else:
+                    scope.pop(op.key, None)
+        scope[K.output(job.node_id)] = result.output
+        return scope
+
+    @staticmethod
+    def _signals(
+        analysis: GraphAnalysis, node_id: str, generation: int, chosen: list[Edge]
+    ) -> Iterable[tuple[str, int, Edge | None]]:
+        """(successor, its generation, the chosen edge or None) per forward successor."""
+        by_target: dict[str, Edge] = {}
+        for e in chosen:
+            by_target.setdefault(e.target, e)
+        seen: set[str] = set()
+        for e in analysis.out[node_id]:
+            if e.kind != "forward" or e.target in seen:
+                continue
+            seen.add(e.target)
+            yield e.target, (generation if e.intra else 1), by_target.get(e.target)
+
+    async def _follow_up(
+        self,
+        job: _Job,
+        generation: int,
+        *,
+        redrive: bool,
+        decision: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Everything after a resolution commit; safe to repeat any number of times."""
+        analysis = job.analysis
+        node_id = job.node_id
+        if decision is None:
+            decision = await job.ctx.get(K.decision(node_id, generation))
+            if decision is None:
+                return
+        chosen = [e for e in analysis.out[node_id] if e.index in set(decision["chosen"])]
+        handed = {int(k): v for k, v in (decision.get("handed") or {}).items()}
+        for target, gen, taken in self._signals(analysis, node_id, generation, chosen):
+            await self._signal(job, target, gen, node_id, taken, handed, redrive=redrive)
+        loop = analysis.tail_of_loop.get(node_id)
+        if loop is not None:
+            await self._latch(job, loop, generation)
+        if node_id in analysis.sinks:
+            await self._end(job)
+        await self.coordination_store.set_if_not_exist(
+            K.followed_up(self.key_prefix, job.run_id, node_id, generation),
+            "1",
+            self.dedupe_window_seconds,
+        )
+
+    async def _signal(
+        self,
+        job: _Job,
+        target: str,
+        gen: int,
+        source: str,
+        taken: Edge | None,
+        handed: Mapping[int, Any],
+        *,
+        redrive: bool,
+    ) -> None:
+        analysis = job.analysis
+        if not analysis.is_join(target, gen):
+            # The activation record was committed with the source's resolution.
+            if redrive:
+                state = await job.ctx.get_many([K.resolved(target), K.activation(target, gen)])
+                if int(state.get(K.resolved(target), 0)) >= gen:
+                    return
+                if K.activation(target, gen) not in state:
+                    await job.ctx.patch(
+                        [
+                            PatchOperation(
+                                "set", K.activation(target, gen), _record(source, taken, handed)
+                            )
+                        ]
+                    )
+            await self._enqueue(job.run_id, job.blueprint, target)
+            return
+        required = analysis.required(target, gen)
+        strategy = analysis.nodes[target].join_strategy
+        prefix = self.key_prefix
+        if strategy == "any" and taken is not None:
+            fired_key = K.any_fired(prefix, job.run_id, target, gen)
+            won = await self.coordination_store.set_if_not_exist(
+                fired_key, source, self.state_ttl_seconds
+            )
+            if won or await self.coordination_store.get(fired_key) == source:
+                await self._activate(job, target, gen, _record(source, taken, handed))
+        count = await self.coordination_store.increment(
+            K.join_counter(prefix, job.run_id, target, gen), self.state_ttl_seconds
+        )
+        if count < len(required):
+            return
+        # Enough signals: check every required predecessor really resolved (a
+        # redelivered signal may have counted twice) and decide.
+        decisions = await self._decisions_for(job, target, gen, required)
+        if decisions is None:
+            return
+        inputs: dict[str, Any] = {}
+        for pred, (dec, edge_idx) in decisions.items():
+            if edge_idx is not None:
+                item = (dec.get("handed") or {}).get(str(edge_idx), _REF)
+                inputs[pred] = {"ref": K.output(pred)} if item == _REF else {"value": item}
+        if strategy == "any":
+            if not inputs:
+                await self._activate(job, target, gen, {"skip": True})
+        else:
+            await self._activate(
+                job, target, gen, {"skip": not inputs, "inputs": inputs, "gathered": True}
+            )
+
+    async def _decisions_for(
+        self, job: _Job, target: str, gen: int, required: tuple[str, ...]
+    ) -> dict[str, tuple[dict[str, Any], int | None]] | None:
+        """Each required predecessor's decision and the edge it chose to ``target``, or
+        None if one has not resolved yet."""
+        analysis = job.analysis
+        keys: dict[str, str] = {}
+        exit_loops: dict[str, Loop] = {}
+        for pred in required:
+            edge = next(e for e in analysis.out[pred] if e.target == target and e.kind != "back")
+            if edge.kind == "exit":
+                exit_loops[pred] = analysis.loop_of[pred]
+            else:
+                keys[pred] = K.decision(pred, gen if edge.intra else 1)
+        if exit_loops:
+            exits = await job.ctx.get_many([K.loop_exit(lp.index) for lp in exit_loops.values()])
+            for pred, lp in exit_loops.items():
+                iteration = exits.get(K.loop_exit(lp.index))
+                if iteration is None:
+                    return None
+                keys[pred] = K.decision(pred, int(iteration))
+        found = await job.ctx.get_many(list(keys.values()))
+        result: dict[str, tuple[dict[str, Any], int | None]] = {}
+        for pred, key in keys.items():
+            dec = found.get(key)
+            if dec is None:
+                return None
+            chosen = set(dec["chosen"])
+            idx = next(
+                (e.index for e in analysis.out[pred] if e.target == target and e.index in chosen),
+                None,
+            )
+            result[pred] = (dec, idx)
+        return result
+
+    async def _activate(self, job: _Job, target: str, gen: int, record: dict[str, Any]) -> None:
+        """Write an activation record (same value every time: idempotent) and enqueue."""
+        state = await job.ctx.get_many([K.resolved(target), K.activation(target, gen)])
+        if int(state.get(K.resolved(target), 0)) >= gen:
+            return
+        if K.activation(target, gen) not in state:
+            await job.ctx.patch([PatchOperation("set", K.activation(target, gen), record)])
+        await self._enqueue(job.run_id, job.blueprint, target)
+
+    async def _latch(self, job: _Job, loop: Loop, iteration: int) -> None:
+        count = await self.coordination_store.increment(
+            K.latch_counter(self.key_prefix, job.run_id, loop.index, iteration),
+            self.state_ttl_seconds,
+        )
+        if count < len(loop.tails):
+            return
+        found = await job.ctx.get_many([K.decision(t, iteration) for t in loop.tails])
+        if len(found) < len(loop.tails):
+            return
+        analysis = job.analysis
+        back: dict[str, Any] = {}
+        for t in loop.tails:
+            dec = found[K.decision(t, iteration)]
+            for e in analysis.out[t]:
+                if e.kind == "back" and e.index in set(dec["chosen"]):
+                    item = (dec.get("handed") or {}).get(str(e.index), _REF)
+                    back[t] = {"ref": K.output(t)} if item == _REF else {"value": item}
+        if back:
+            await self._activate(job, loop.head, iteration + 1, {"skip": False, "inputs": back})
+            return
+        state = await job.ctx.get(K.loop_exit(loop.index))
+        if state is None:
+            await job.ctx.patch([PatchOperation("set", K.loop_exit(loop.index), iteration)])
+        for t in loop.tails:
+            dec = found[K.decision(t, iteration)]
+            chosen = set(dec["chosen"])
+            handed = {int(k): v for k, v in (dec.get("handed") or {}).items()}
+            seen: set[str] = set()
+            for e in analysis.out[t]:
+                if e.kind != "exit" or e.target in seen:
+                    continue
+                seen.add(e.target)
+                taken = next(
+                    (x for x in analysis.out[t] if x.target == e.target and x.index in chosen), None
+                )
+                await self._signal(job, e.target, 1, t, taken, handed, redrive=True)
+
+    async def _end(self, job: _Job) -> None:
+        analysis = job.analysis
+        count = await self.coordination_store.increment(
+            K.end_counter(self.key_prefix, job.run_id), self.state_ttl_seconds
+        )
+        if count < len(analysis.sinks):
+            return
+        found = await job.ctx.get_many([K.resolved(s) for s in analysis.sinks])
+        if len(found) < len(analysis.sinks):
+            return
+        await self._finalize(job.run_id, "completed", job.ctx, analysis)
+
+    async def _fail(self, job: _Job, generation: int, exc: NodeExecutionError) -> None:
+        """A node failed for good: record it, poison/cancel its successors, fail the run once."""
+        self.logger.info("run %s: node %s failed: %s", job.run_id, job.node_id, exc)
+        await emit(
+            self.event_bus, FlowEvent("node:error", job.run_id, job.node_id, {"error": str(exc)})
+        )
+        err = {
+            "nodeId": job.node_id,
+            "message": str(exc),
+            "type": type(exc.__cause__ or exc).__name__,
+        }
+        ops = [PatchOperation("set", K.error(job.node_id), err)]
+        for target, _gen, _taken in self._signals(job.analysis, job.node_id, generation, []):
+            pill = "cancelled" if job.analysis.nodes[target].join_strategy == "any" else "poisoned"
+            ops.append(
+                PatchOperation(
+                    "set",
+                    K.error(target),
+                    {"nodeId": target, "message": f"{pill} by {job.node_id!r}", "type": pill},
+                )
+            )
+        await job.ctx.patch(ops)
+        await self._finalize(job.run_id, "failed", job.ctx, job.analysis, [err])
+
+    async def _finalize(
+        self,
+        run_id: str,
+        status: str,
+        ctx: AsyncContext,
+        analysis: GraphAnalysis,
+        errors: list[dict[str, Any]] | None = None,
+    ) -> None:
+        """Exactly one final status per run: the first ``set_if_not_exist`` wins; the
+        winner (or its redelivery) records and publishes it, then tidies up."""
+        final_key = K.final(self.key_prefix, run_id)
+        won = await self.coordination_store.set_if_not_exist(
+            final_key, status, self.state_ttl_seconds
+        )
+        if not won and await self.coordination_store.get(final_key) != status:
+            return
+        if errors is None:
+            record = await ctx.get(K.STATUS)
+            errors = list((record or {}).get("errors", [])) if status == "failed" else []
+        await ctx.patch([PatchOperation("set", K.STATUS, {"status": status, "errors": errors})])
+        result = FinalResult(run_id, status, _user_view(await ctx.to_dict()), errors)
+        await self.publish_final_result(run_id, result)
+        await self._tidy(run_id, ctx, analysis)
+        await emit(
+            self.event_bus,
+            FlowEvent("workflow:finish", run_id, None, {"status": status, "errors": errors}),
+        )
+
+    async def _tidy(self, run_id: str, ctx: AsyncContext, analysis: GraphAnalysis) -> None:
+        """Delete the run's counters (leases and follow-up marks expire by themselves)."""
+        prefix = self.key_prefix
+        joins = [
+            n
+            for n in analysis.nodes
+            if len(analysis.preds_first[n]) > 1 or len(analysis.preds_loop[n]) > 1
+        ]
+        tails = [lp.tails[0] for lp in analysis.loops.values()]
+        counts = await ctx.get_many([K.resolved(n) for n in {*joins, *tails}])
+        doomed = [K.end_counter(prefix, run_id)]
+        for n in joins:
+            for g in range(1, int(counts.get(K.resolved(n), 0)) + 2):
+                doomed.append(K.join_counter(prefix, run_id, n, g))
+                doomed.append(K.any_fired(prefix, run_id, n, g))
+        for lp in analysis.loops.values():
+            for i in range(1, int(counts.get(K.resolved(lp.tails[0]), 0)) + 2):
+                doomed.append(K.latch_counter(prefix, run_id, lp.index, i))
+        for key in doomed:
+            await self.coordination_store.delete(key)
+
+    async def _enqueue(self, run_id: str, blueprint: WorkflowBlueprint, node_id: str) -> None:
+        job = JobPayload(run_id=run_id, blueprint_id=blueprint.id, node_id=node_id)
+        await self.enqueue_job(job)
+        if self.event_bus is not None:
+            await emit(self.event_bus, FlowEvent("job:enqueued", run_id, node_id))
+
+
+_REF = "__ref__"
+
+
+def _record(source: str, taken: Edge | None, handed: Mapping[int, Any]) -> dict[str, Any]:
+    """The activation record a single predecessor writes for its successor."""
+    if taken is None:
+        return {"skip": True}
+    item = handed.get(taken.index, _REF)
+    return {
+        "skip": False,
+        "inputs": {source: {"ref": K.output(source)} if item == _REF else {"value": item}},
+    }
+
+
+def _user_view(state: Mapping[str, Any]) -> dict[str, Any]:
+    """The run's context without the protocol's reserved keys."""
+    return {k: v for k, v in state.items() if not K.is_reserved(k)}
+
+
+@dataclass(slots=True)
+class _Job:
+    run_id: str
+    blueprint: WorkflowBlueprint
+    analysis: GraphAnalysis
+    node_id: str
+    ctx: AsyncContext

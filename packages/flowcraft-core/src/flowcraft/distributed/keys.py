@@ -1,0 +1,91 @@
+"""Every key the distributed protocol uses, in one place.
+
+Two stores, two kinds of key (the design note, DISTRIBUTED.md, says who writes each):
+
+* Context keys live in the run's context and change only through ``patch``, so
+  they commit atomically with a node's output. They start with ``_flowcraft.``
+  (reserved) or ``_outputs.`` (node outputs, as in the original).
+* Coordination keys live in the coordination store (counters, leases, the final
+  status). Their parts are joined with ``:``; a run id or node id containing
+  ``:`` cannot collide with another because each key kind has a fixed number of
+  parts and ids are escaped.
+"""
+
+from __future__ import annotations
+
+RESERVED_PREFIX = "_flowcraft."
+OUTPUTS_PREFIX = "_outputs."
+
+META = "_flowcraft.meta"  # {"blueprintId", "version"}: written by start_run
+STATUS = "_flowcraft.status"  # {"status", "errors"}: running/awaiting/completed/failed
+
+
+def output(node_id: str) -> str:
+    return OUTPUTS_PREFIX + node_id
+
+
+def resolved(node_id: str) -> str:
+    """How many activations of the node have resolved (run or skipped)."""
+    return f"_flowcraft.n.{node_id}"
+
+
+def activation(node_id: str, generation: int) -> str:
+    """The record that activates generation ``g``: ``{"skip", "inputs", "gathered"}``."""
+    return f"_flowcraft.a.{generation}.{node_id}"
+
+
+def decision(node_id: str, generation: int) -> str:
+    """What activation ``g`` chose: ``{"skip": bool, "chosen": [edge index, ...]}``."""
+    return f"_flowcraft.d.{generation}.{node_id}"
+
+
+def waiting(node_id: str) -> str:
+    """Set while a wait node is paused: the paused generation."""
+    return f"_flowcraft.w.{node_id}"
+
+
+def loop_exit(loop_index: int) -> str:
+    """The iteration in which a loop stopped (its exit edges signal from it)."""
+    return f"_flowcraft.x.{loop_index}"
+
+
+def error(node_id: str) -> str:
+    return f"_flowcraft.e.{node_id}"
+
+
+def is_reserved(key: str) -> bool:
+    return key.startswith(RESERVED_PREFIX)
+
+
+def _esc(part: str) -> str:
+    return part.replace("%", "%25").replace(":", "%3A")
+
+
+def lease(prefix: str, run_id: str, node_id: str, generation: int) -> str:
+    return f"{prefix}lease:{_esc(run_id)}:{_esc(node_id)}:{generation}"
+
+
+def followed_up(prefix: str, run_id: str, node_id: str, generation: int) -> str:
+    """Set once everything after a resolution is done; a duplicate that finds it acks at once."""
+    return f"{prefix}done:{_esc(run_id)}:{_esc(node_id)}:{generation}"
+
+
+def join_counter(prefix: str, run_id: str, node_id: str, generation: int) -> str:
+    return f"{prefix}join:{_esc(run_id)}:{_esc(node_id)}:{generation}"
+
+
+def any_fired(prefix: str, run_id: str, node_id: str, generation: int) -> str:
+    return f"{prefix}fired:{_esc(run_id)}:{_esc(node_id)}:{generation}"
+
+
+def latch_counter(prefix: str, run_id: str, loop_index: int, iteration: int) -> str:
+    return f"{prefix}latch:{_esc(run_id)}:{loop_index}:{iteration}"
+
+
+def end_counter(prefix: str, run_id: str) -> str:
+    return f"{prefix}end:{_esc(run_id)}"
+
+
+def final(prefix: str, run_id: str) -> str:
+    """The run's one final status: the first ``set_if_not_exist`` wins."""
+    return f"{prefix}final:{_esc(run_id)}"
