@@ -31,6 +31,9 @@ Semantics chosen:
   a key may be absent can also put it in the scope as ``None``.
 * Operators keep Python semantics: ``None < 3`` or ``'a' + 1`` fail with
   :class:`~flowcraft.errors.ExpressionError` rather than coercing like JavaScript.
+* Only data is looked into: a value that is not a dict/Mapping, list, tuple or string
+  is never asked for attributes, called, indexed or iterated (``in``, ``min``, ``max``
+  and spreads refuse it); names containing ``__`` are refused before evaluation.
 * Every refusal or failure is an :class:`~flowcraft.errors.ExpressionError` naming the
   expression; nothing else escapes :meth:`SafeEvaluator.evaluate`.
 * Results may share structure with the scope; copy before mutating.
@@ -67,7 +70,8 @@ _CONTAINERS: Final = (list, tuple, dict, Mapping)
 _MESSAGE_EXPRESSION_CHARS: Final = 120
 _MAX_ROUND_DIGITS: Final = 100
 
-FUNCTION_NAMES: Final = frozenset(
+# The only callables; plain calls by name, no keywords (see _check_call).
+_FUNCTION_NAMES: Final = frozenset(
     {"len", "str", "int", "float", "bool", "abs", "min", "max", "round", "lower", "upper"}
 )
 
@@ -373,8 +377,8 @@ def _check_call(node: ast.Call) -> None:
     """Only plain calls to the whitelisted helpers; no methods, no keywords."""
     if not isinstance(node.func, ast.Name):
         raise _Refused("calling methods or computed functions is not allowed")
-    if node.func.id not in FUNCTION_NAMES:
-        allowed = ", ".join(sorted(FUNCTION_NAMES))
+    if node.func.id not in _FUNCTION_NAMES:
+        allowed = ", ".join(sorted(_FUNCTION_NAMES))
         raise _Refused(f"function {node.func.id!r} is not allowed (allowed: {allowed})")
     if node.keywords:
         raise _Refused("keyword arguments are not allowed")
@@ -462,6 +466,7 @@ class _Interpreter(EvalWithCompoundTypes):  # type: ignore[misc]  # simpleeval i
             "lower": self._lower,
             "upper": self._upper,
         }
+        assert self.functions.keys() == _FUNCTION_NAMES  # the compile-time whitelist
         # Dispatch only what the compile-time check admits; attribute chains arrive as _Path.
         inherited: dict[type[ast.AST], Callable[[Any], Any]] = self.nodes
         self.nodes: dict[Any, Callable[[Any], Any]] = {
