@@ -1,0 +1,305 @@
+"""In-memory runtime benchmark: what the engine itself costs per node.
+
+    uv run python benchmarks/bench_runtime.py            # table
+    uv run python benchmarks/bench_runtime.py --json     # one JSON object
+    uv run python benchmarks/bench_runtime.py --shapes chain-1k,fan-out-1k --reps 3
+
+Nodes are trivial async functions (``return ctx.input`` or a constant), so the
+figures are the runtime's overhead: scheduling, input resolution, commit, routing,
+joins. Each blueprint (and its runtime) is built once, outside the timed region;
+each shape gets one warm-up run, then the median of several timed repetitions.
+Peak memory is measured in a separate pass under ``tracemalloc`` so tracing does
+not distort the timings.
+
+Shapes (the first four are the original TypeScript flowcraft's benchmark shapes):
+
+  chain-1k        a chain of 1,000 nodes
+  fan-out-1k      one start node, 1,000 parallel nodes, an ``all`` join
+  runs-seq-1k     1,000 runs of a 10-node chain, one after another
+  runs-gather-1k  the same 1,000 runs at once (asyncio.gather)
+  chain-100, chain-4k, chain-10k, chain-100k   per-node cost against graph size
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import platform
+import statistics
+import sys
+import time
+import tracemalloc
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from flowcraft import Flow, FlowRuntime, NodeContext, RunStatus, WorkflowBlueprint, WorkflowResult
+
+# The original's figures (us/node) on this machine; None: no figure; "refused": it
+# stops runs longer than 10,000 steps.
+ORIGINAL_US_PER_NODE: dict[str, float | str | None] = {
+    "chain-1k": 91.0,
+    "fan-out-1k": 150.0,
+    "runs-seq-1k": 14.0,
+    "runs-gather-1k": 32.0,
+    "chain-100": None,
+    "chain-4k": 304.0,
+    "chain-10k": None,
+    "chain-100k": "refused",
+}
+
+FLAT_SHAPES = ("chain-100", "chain-4k", "chain-10k", "chain-100k")
+FLAT_LIMIT = 1.3
+
+
+async def passthrough(ctx: NodeContext) -> Any:
+    return ctx.input
+
+
+async def constant(ctx: NodeContext) -> Any:
+    return 1
+
+
+REGISTRY = {"pass": passthrough, "const": constant}
+
+
+def chain(n: int) -> WorkflowBlueprint:
+    flow = Flow(f"chain-{n}").node("n0", "const")
+    for i in range(1, n):
+        flow.node(f"n{i}", "pass").edge(f"n{i - 1}", f"n{i}")
+    return flow.to_blueprint()
+
+
+def fan_out(width: int) -> WorkflowBlueprint:
+    flow = Flow(f"fan-out-{width}").node("start", "const").node("join", "const")
+    for i in range(width):
+        flow.node(f"w{i}", "pass").edge("start", f"w{i}").edge(f"w{i}", "join")
+    return flow.to_blueprint()
+
+
+@dataclass(slots=True)
+class Shape:
+    name: str
+    description: str
+    nodes: int  # node activations per timed repetition
+    reps: int
+    make: Callable[[], Callable[[], Awaitable[None]]]
+
+
+def _check(result: WorkflowResult) -> None:
+    if result.status is not RunStatus.COMPLETED:
+        raise RuntimeError(f"benchmark run ended {result.status}: {result.errors}")
+
+
+def single_run(
+    blueprint: Callable[[], WorkflowBlueprint],
+) -> Callable[[], Callable[[], Awaitable[None]]]:
+    def make() -> Callable[[], Awaitable[None]]:
+        bp = blueprint()
+        runtime = FlowRuntime(registry=REGISTRY)
+
+        async def once() -> None:
+            _check(await runtime.run(bp))
+
+        return once
+
+    return make
+
+
+def many_runs(
+    count: int, length: int, *, concurrent: bool
+) -> Callable[[], Callable[[], Awaitable[None]]]:
+    def make() -> Callable[[], Awaitable[None]]:
+        bp = chain(length)
+        runtime = FlowRuntime(registry=REGISTRY)
+
+        async def sequential() -> None:
+            for _ in range(count):
+                _check(await runtime.run(bp))
+
+        async def gathered() -> None:
+            for result in await asyncio.gather(*(runtime.run(bp) for _ in range(count))):
+                _check(result)
+
+        return gathered if concurrent else sequential
+
+    return make
+
+
+def shapes(reps: int) -> list[Shape]:
+    return [
+        Shape("chain-1k", "chain of 1,000 nodes", 1000, reps, single_run(lambda: chain(1000))),
+        Shape(
+            "fan-out-1k",
+            "1 -> 1,000 parallel -> all-join",
+            1002,
+            reps,
+            single_run(lambda: fan_out(1000)),
+        ),
+        Shape(
+            "runs-seq-1k",
+            "1,000 runs of a 10-node chain, in sequence",
+            10_000,
+            reps,
+            many_runs(1000, 10, concurrent=False),
+        ),
+        Shape(
+            "runs-gather-1k",
+            "1,000 runs of a 10-node chain, at once",
+            10_000,
+            reps,
+            many_runs(1000, 10, concurrent=True),
+        ),
+        Shape("chain-100", "chain of 100 nodes", 100, reps * 4, single_run(lambda: chain(100))),
+        Shape("chain-4k", "chain of 4,000 nodes", 4000, reps, single_run(lambda: chain(4000))),
+        Shape(
+            "chain-10k", "chain of 10,000 nodes", 10_000, reps, single_run(lambda: chain(10_000))
+        ),
+        Shape(
+            "chain-100k",
+            "chain of 100,000 nodes",
+            100_000,
+            max(2, reps // 2),
+            single_run(lambda: chain(100_000)),
+        ),
+    ]
+
+
+@dataclass(slots=True)
+class Figures:
+    shape: str
+    description: str
+    nodes: int
+    reps: int
+    median_ms: float
+    min_ms: float
+    us_per_node: float
+    nodes_per_s: float
+    peak_mb: float | None
+    original_us_per_node: float | str | None
+    ratio_to_original: float | None
+
+
+async def measure(shape: Shape, *, memory: bool) -> Figures:
+    work = shape.make()  # build the blueprint and runtime: not timed
+    await work()  # warm-up (also computes and caches the graph analysis)
+    times: list[float] = []
+    for _ in range(shape.reps):
+        gc.collect()
+        start = time.perf_counter()
+        await work()
+        times.append(time.perf_counter() - start)
+    median = statistics.median(times)
+    peak_mb = None
+    if memory:
+        gc.collect()
+        tracemalloc.start()
+        try:
+            tracemalloc.reset_peak()
+            base, _ = tracemalloc.get_traced_memory()
+            await work()
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        peak_mb = (peak - base) / 1e6
+    us = median / shape.nodes * 1e6
+    original = ORIGINAL_US_PER_NODE.get(shape.name)
+    return Figures(
+        shape.name,
+        shape.description,
+        shape.nodes,
+        shape.reps,
+        round(median * 1000, 3),
+        round(min(times) * 1000, 3),
+        round(us, 2),
+        round(shape.nodes / median),
+        round(peak_mb, 2) if peak_mb is not None else None,
+        original,
+        round(us / original, 3) if isinstance(original, float) else None,
+    )
+
+
+def flatness(results: list[Figures]) -> float | None:
+    per_node = [r.us_per_node for r in results if r.shape in FLAT_SHAPES]
+    if len(per_node) < 2:
+        return None
+    return round(max(per_node) / min(per_node), 3)
+
+
+def table(results: list[Figures], flat: float | None) -> str:
+    head = (
+        f"{'shape':<15} {'nodes':>7} {'reps':>4} {'median ms':>10} {'us/node':>8} "
+        f"{'nodes/s':>9} {'peak MB':>8} {'original':>9} {'ratio':>6}  verdict"
+    )
+    lines = [head, "-" * len(head)]
+    for r in results:
+        orig = r.original_us_per_node
+        orig_text = "-" if orig is None else orig if isinstance(orig, str) else f"{orig:g}"
+        ratio = "-" if r.ratio_to_original is None else f"{r.ratio_to_original:.2f}"
+        if isinstance(orig, float):
+            verdict = "at/under" if r.us_per_node <= orig else "OVER"
+        elif orig == "refused":
+            verdict = "runs (original refuses)"
+        else:
+            verdict = ""
+        peak = "-" if r.peak_mb is None else f"{r.peak_mb:.1f}"
+        lines.append(
+            f"{r.shape:<15} {r.nodes:>7} {r.reps:>4} {r.median_ms:>10.1f} {r.us_per_node:>8.2f} "
+            f"{r.nodes_per_s:>9,} {peak:>8} {orig_text:>9} {ratio:>6}  {verdict}"
+        )
+    if flat is not None:
+        verdict = "flat" if flat <= FLAT_LIMIT else "NOT flat"
+        lines.append(
+            f"\nper-node cost across chain sizes (max/min us/node): {flat:.2f}x "
+            f"(target <= {FLAT_LIMIT}x: {verdict})"
+        )
+    return "\n".join(lines)
+
+
+async def run_all(selected: list[Shape], *, memory: bool, verbose: bool) -> list[Figures]:
+    results = []
+    for shape in selected:
+        if verbose:
+            print(f"running {shape.name} ...", file=sys.stderr, flush=True)
+        results.append(await measure(shape, memory=memory))
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--reps", type=int, default=5, help="timed repetitions per shape")
+    parser.add_argument("--shapes", help="comma-separated shape names (default: all)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the tracemalloc pass")
+    args = parser.parse_args(argv)
+    all_shapes = shapes(args.reps)
+    if args.shapes:
+        wanted = args.shapes.split(",")
+        unknown = set(wanted) - {s.name for s in all_shapes}
+        if unknown:
+            parser.error(f"unknown shapes: {', '.join(sorted(unknown))}")
+        all_shapes = [s for s in all_shapes if s.name in wanted]
+    results = asyncio.run(run_all(all_shapes, memory=not args.no_memory, verbose=not args.json))
+    flat = flatness(results)
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "python": platform.python_version(),
+                    "machine": platform.machine(),
+                    "results": [asdict(r) for r in results],
+                    "flatness": flat,
+                },
+                indent=2,
+            )
+        )
+    else:
+        print(f"Python {platform.python_version()} on {platform.machine()}")
+        print(table(results, flat))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
