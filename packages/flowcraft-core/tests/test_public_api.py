@@ -1,0 +1,32 @@
+"""The public surface is deliberate: adding or removing a name is a visible change."""
+
+import flowcraft
+import flowcraft.distributed
+import flowcraft.testing
+
+EXPECTED = {
+    "AsyncContext", "BaseAsyncContext", "BaseNode", "BlueprintError", "CancelledRunError",
+    "CollectingEventBus", "Context", "EdgeDefinition", "Evaluator", "EventBus",
+    "ExpressionError", "Flow", "FlowEvent", "FlowRuntime", "FlowcraftError",
+    "InMemoryContext", "JoinStrategy", "JsonSerializer", "Middleware", "NodeConfig",
+    "NodeContext", "NodeDefinition", "NodeError", "NodeExecution", "NodeExecutionError",
+    "NodeResult", "NodeTimeoutError", "PatchOperation", "PayloadDecodeError", "RunStatus",
+    "RuntimeOptions", "SafeEvaluator", "SerializationError", "Serializer", "StateLimitError",
+    "TrackingContext", "UnknownBlueprintError", "UnknownNodeError", "VersionMismatchError",
+    "WorkflowBlueprint", "WorkflowResult", "__version__", "blueprint_json_schema",
+}  # fmt: skip
+
+
+def test_core_exports_exactly_the_public_names() -> None:
+    assert set(flowcraft.__all__) == EXPECTED
+    for name in flowcraft.__all__:
+        assert hasattr(flowcraft, name), name
+
+
+def test_distributed_exports_the_contract() -> None:
+    for name in ("CoordinationStore", "ICoordinationStore", "InMemoryCoordinationStore"):
+        assert name in flowcraft.distributed.__all__
+
+
+def test_testing_kit_exports_the_store_suite() -> None:
+    assert "CoordinationStoreTests" in flowcraft.testing.__all__
