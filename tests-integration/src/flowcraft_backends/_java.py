@@ -16,7 +16,9 @@ import logging
 import os
 import re
 import shutil
+import socket
 import subprocess
+from abc import abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
 from typing import ClassVar
@@ -32,6 +34,7 @@ __all__ = [
     "find_java",
     "java_major_version",
     "quote_argfile_token",
+    "split_host_port",
     "write_argfile",
 ]
 
@@ -123,11 +126,26 @@ def write_argfile(path: Path, options: Sequence[str], classpath: Sequence[Path])
     return path
 
 
+def split_host_port(url: str, default_port: int) -> tuple[str, int]:
+    """The first ``host:port`` of ``url`` (a comma-separated list is allowed) as a pair.
+
+    ``[v6]:port`` loses its brackets; a bare host gets ``default_port``.
+    """
+    first = url.split(",", 1)[0].strip()
+    host, sep, port = first.rpartition(":")
+    if not sep or not port.isdigit() or (":" in host and not host.startswith("[")):
+        return first.strip("[]"), default_port
+    return host.strip("[]"), int(port)
+
+
 class JvmService(Service):
     """A service whose local process is a JVM run from Maven Central's jars.
 
     Subclasses set ``artifacts`` (the direct dependencies) and ``java_minimum``;
     installing means a Java runtime plus the cached classpath of ``artifacts``.
+    Their ``url`` is ``host:port``; :meth:`probe` tries a plain TCP connection
+    before :meth:`client_probe`, so that the client library does not log a
+    connection error (with a traceback) on every poll while the JVM starts.
     """
 
     artifacts: ClassVar[tuple[Artifact, ...]]
@@ -150,3 +168,12 @@ class JvmService(Service):
         """The ``java`` launcher, its major version and the classpath to run."""
         java = ensure_java(self.java_minimum)
         return java, java_major_version(java), resolve_classpath(self.name, self.artifacts)
+
+    @abstractmethod
+    def client_probe(self, url: str) -> None:
+        """One real client operation against ``url``; raise if it does not work."""
+
+    def probe(self, url: str) -> None:
+        with socket.create_connection(split_host_port(url, self.docker_port), timeout=2.0):
+            pass
+        self.client_probe(url)

@@ -6,6 +6,7 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
+from cassandra import ProtocolVersion
 from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile, Session
 from cassandra.policies import DCAwareRoundRobinPolicy
 
@@ -20,7 +21,12 @@ def _connect(service: RunningService) -> Cluster:
         request_timeout=30.0,
     )
     host, _, port = service.url.rpartition(":")
-    return Cluster([host], port=int(port), execution_profiles={EXEC_PROFILE_DEFAULT: profile})
+    return Cluster(
+        [host],
+        port=int(port),
+        protocol_version=ProtocolVersion.V5,
+        execution_profiles={EXEC_PROFILE_DEFAULT: profile},
+    )
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from flowcraft_backends._java import JvmService, write_argfile
+from flowcraft_backends._java import JvmService, split_host_port, write_argfile
 from flowcraft_backends._maven import Artifact
 from flowcraft_backends._process import LocalProcess
 
@@ -37,7 +37,6 @@ __all__ = [
     "CassandraService",
     "cassandra_yaml",
     "jvm_options",
-    "split_url",
 ]
 
 _log = logging.getLogger(__name__)
@@ -108,14 +107,6 @@ _LOGBACK = """\
   <root level="INFO"><appender-ref ref="STDOUT"/></root>
 </configuration>
 """
-
-
-def split_url(url: str) -> tuple[str, int]:
-    """``host:port`` (or ``[v6]:port``) as a pair; the port defaults to 9042."""
-    host, sep, port = url.rpartition(":")
-    if not sep or not port.isdigit() or (host.count(":") and not host.startswith("[")):
-        return url.strip("[]"), 9042
-    return host.strip("[]"), int(port)
 
 
 def cassandra_yaml(workdir: Path, native_port: int, storage_port: int) -> str:
@@ -214,11 +205,11 @@ class CassandraService(JvmService):
     def local_url(self, port: int) -> str:
         return f"127.0.0.1:{port}"
 
-    def probe(self, url: str) -> None:
+    def client_probe(self, url: str) -> None:
         from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile
         from cassandra.policies import WhiteListRoundRobinPolicy
 
-        host, port = split_url(url)
+        host, port = split_host_port(url, self.docker_port)
         profile = ExecutionProfile(
             load_balancing_policy=WhiteListRoundRobinPolicy([host]), request_timeout=5.0
         )
@@ -238,7 +229,7 @@ class CassandraService(JvmService):
             cluster.shutdown()
 
     def extra_for(self, url: str) -> dict[str, str]:
-        host, port = split_url(url)
+        host, port = split_host_port(url, self.docker_port)
         return {"host": host, "port": str(port), "local_datacenter": LOCAL_DATACENTER}
 
     def docker_container(self) -> DockerContainer:

@@ -183,7 +183,7 @@ class KafkaService(JvmService):
     def local_url(self, port: int) -> str:
         return f"127.0.0.1:{port}"
 
-    def probe(self, url: str) -> None:
+    def client_probe(self, url: str) -> None:
         from confluent_kafka.admin import AdminClient
 
         config: dict[str, Any] = {
