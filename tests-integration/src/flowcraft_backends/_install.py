@@ -78,9 +78,13 @@ def install_lock(name: str) -> Iterator[None]:
 
 
 def run_checked(
-    argv: Sequence[str], *, timeout: float = 900, env: dict[str, str] | None = None
+    argv: Sequence[str],
+    *,
+    timeout: float = 900,
+    env: dict[str, str] | None = None,
+    user: str | None = None,
 ) -> str:
-    """Run an install command; raise :class:`InstallError` with its output if it fails."""
+    """Run a setup command; raise :class:`InstallError` with its output if it fails."""
     _log.info("running: %s", " ".join(argv))
     full_env = {**os.environ, **(env or {})}
     try:
@@ -91,6 +95,7 @@ def run_checked(
             text=True,
             timeout=timeout,
             env=full_env,
+            user=user,
             check=False,
         )
     except (OSError, subprocess.TimeoutExpired) as exc:

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
 
-from flowcraft_backends._install import InstallError, install_lock, work_dir
+from flowcraft_backends._install import InstallError, install_lock, tools_dir, work_dir
 from flowcraft_backends._process import LocalProcess, free_port
 
 if TYPE_CHECKING:
@@ -46,6 +46,7 @@ __all__ = [
     "RestartUnsupported",
     "RunningService",
     "Service",
+    "ToolService",
     "docker_available",
     "run_async",
 ]
@@ -94,6 +95,25 @@ def _docker_socket_answers() -> bool:
             sock.settimeout(2)
             return sock.connect_ex((parsed.hostname, parsed.port or 2375)) == 0
     return True  # ssh:// and others: let the Docker client decide
+
+
+def _port_open(url: str) -> bool:
+    """Cheap TCP check before a client probe (keeps client libraries' retry noise down).
+
+    True when the URL has no host and port to check.
+    """
+    parsed = urllib.parse.urlparse(url)
+    try:
+        host, port = parsed.hostname, parsed.port
+    except ValueError:
+        return True
+    if not host or not port:
+        return True
+    try:
+        with socket.create_connection((host, port), timeout=2):
+            return True
+    except OSError:
+        return False
 
 
 @functools.cache
@@ -347,6 +367,8 @@ class Service(ABC):
             if process is not None and not process.running():
                 raise BackendUnavailable(f"{self.name} did not start: {process.describe_exit()}")
             try:
+                if not _port_open(url):
+                    raise ConnectionRefusedError(f"nothing listens at {url}")
                 self.probe(url)
             except Exception as exc:  # every failure means "not ready yet"
                 last = exc
@@ -415,6 +437,7 @@ class Service(ABC):
                 process = self.launch(port, run_dir)
             except BackendUnavailable as exc:  # e.g. the port was taken meanwhile
                 _log.warning("%s failed to start on port %d: %s", self.name, port, exc)
+                shutil.rmtree(run_dir, ignore_errors=True)
                 error = exc
                 continue
             url = self.local_url(port)
@@ -455,3 +478,19 @@ class Service(ABC):
             "installed": self.is_installed(),
             "install": self.install_hint,
         }
+
+
+class ToolService(Service):
+    """A service whose server is installed under ``tools/<name>/`` (npm prefix, venv).
+
+    Set ``tool_executable`` to the server's path relative to that directory.
+    """
+
+    tool_executable: ClassVar[str]
+
+    def executable(self) -> Path:
+        """Absolute path of the installed server executable."""
+        return tools_dir(self.name) / self.tool_executable
+
+    def is_installed(self) -> bool:
+        return self.executable().is_file()

@@ -6,6 +6,7 @@ import uuid
 
 import pytest
 import redis
+
 from flowcraft_backends import RestartUnsupported, RunningService
 
 

@@ -1,0 +1,61 @@
+"""moto: ``moto_server`` from PyPI ``moto[server]`` (SQS, DynamoDB), in its own venv.
+
+The venv lives under ``tools/moto/venv`` so the test environment's
+dependencies stay untouched. Any credentials and region work; ``extra``
+carries the ones clients should use. Reset all state with
+``POST {url}/moto-api/reset``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import ClassVar
+
+from flowcraft_backends._install import venv_install
+from flowcraft_backends._process import LocalProcess
+from flowcraft_backends._service import ToolService
+
+__all__ = ["MotoService"]
+
+MOTO_REQUIREMENT = "moto[server]==5.2.5"
+REGION = "us-east-1"
+ACCESS_KEY = "testing"  # any value works with moto
+
+
+class MotoService(ToolService):
+    name = "moto"
+    docker_image = "motoserver/moto:5.1.4"
+    docker_port = 5000
+    ready_timeout: ClassVar[float] = 30.0
+    install_hint = f"venv {MOTO_REQUIREMENT}"
+    tool_executable = "venv/bin/moto_server"
+
+    def install(self) -> None:
+        venv_install("moto", MOTO_REQUIREMENT)
+
+    def start_local(self, port: int, workdir: Path) -> LocalProcess:
+        argv = [str(self.executable()), "-H", "127.0.0.1", "-p", str(port)]
+        return self.spawn(argv, port, workdir)
+
+    def local_url(self, port: int) -> str:
+        return f"http://127.0.0.1:{port}"
+
+    def extra_for(self, url: str) -> dict[str, str]:
+        return {
+            "region": REGION,
+            "aws_access_key_id": ACCESS_KEY,
+            "aws_secret_access_key": ACCESS_KEY,
+            "reset_url": f"{url.rstrip('/')}/moto-api/reset",
+        }
+
+    def probe(self, url: str) -> None:
+        import boto3
+
+        client = boto3.client(
+            "dynamodb",
+            endpoint_url=url,
+            region_name=REGION,
+            aws_access_key_id=ACCESS_KEY,
+            aws_secret_access_key=ACCESS_KEY,
+        )
+        client.list_tables(Limit=1)
