@@ -144,7 +144,8 @@ class MiniflareService(Service):
 
     def docker_container(self) -> DockerContainer:
         script = (
-            f"cp -r {_CONTAINER_SOURCE} /app && cd /app && rm -rf node_modules && "
+            f"mkdir -p /app && cp -r {_CONTAINER_SOURCE}/. /app && cd /app && "
+            "rm -rf node_modules && "
             "npm ci --ignore-scripts --no-audit --no-fund && "
             f"exec node launcher.mjs --host=0.0.0.0 --port={self.docker_port}"
         )
