@@ -166,6 +166,21 @@ class GraphAnalysis:
         self.tail_of_loop: dict[str, Loop] = {
             t: loop for loop in loops.values() for t in loop.tails
         }
+        # Precomputed for the hot path: edges without an action (the default
+        # route), whether any edge has an action, whether any has a condition.
+        self.default_edges: dict[str, tuple[Edge, ...]] = {
+            n: tuple(e for e in es if e.action is None) for n, es in out.items()
+        }
+        self.has_actions = frozenset(n for n, es in out.items() if any(e.action for e in es))
+        self.has_conditions = frozenset(n for n, es in out.items() if any(e.condition for e in es))
+        # A node with a single forward edge to a single-predecessor node and no
+        # loop or sink role: resolving it is one activation, no bookkeeping.
+        self.simple_next: dict[str, Edge] = {}
+        for n, es in out.items():
+            if len(es) == 1 and es[0].kind == "forward" and n not in self.tail_of_loop:
+                e = es[0]
+                if len(self.preds_first[e.target]) == 1 and len(self.preds_loop[e.target]) <= 1:
+                    self.simple_next[n] = e
 
     def required(self, node_id: str, generation: int) -> tuple[str, ...]:
         """The predecessors whose signals activation ``generation`` of the node waits for."""

@@ -81,6 +81,18 @@ class NodeExecutor:
         impl = self.implementation(node)
         attempts = max_attempts if max_attempts is not None else node.max_attempts
         if not self.middleware:
+            if attempts <= 1 and node.config is None and not isinstance(impl, type):
+                # The common case, without the layers: one attempt of a function.
+                try:
+                    out = impl(ctx)  # type: ignore[arg-type]
+                    if inspect.isawaitable(out):
+                        out = await out
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    _discard(ctx)
+                    return await self._fallback(node, None, ctx, exc, fallback)
+                return out if isinstance(out, NodeResult) else NodeResult(output=out)
             return await self._run(node, impl, ctx, attempts, fallback)
 
         async def innermost() -> NodeResult:

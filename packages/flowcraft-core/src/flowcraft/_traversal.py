@@ -45,12 +45,15 @@ def route(
     if not edges:
         return []
     action = result.action
-    if action is not None and any(e.action == action for e in edges):
+    candidates: list[Edge] | tuple[Edge, ...]
+    if action is not None and node_id in analysis.has_actions:
         candidates = [e for e in edges if e.action == action]
+        if not candidates:
+            candidates = analysis.default_edges[node_id]
     else:
-        candidates = [e for e in edges if e.action is None]
-    if not any(e.condition for e in candidates):
-        return candidates
+        candidates = analysis.default_edges[node_id]
+    if node_id not in analysis.has_conditions:
+        return list(candidates)
     chosen = []
     cond_scope: dict[str, Any] | None = None
     for e in candidates:
@@ -144,6 +147,13 @@ class Traversal:
     ) -> list[Activation]:
         """``chosen`` is None for a skip; ``inputs_for`` maps a chosen edge index to its input."""
         a = self.analysis
+        simple = a.simple_next.get(node_id)
+        if simple is not None:
+            # One forward edge to a single-predecessor node: follow its signal.
+            gen = generation if simple.intra else 1
+            if chosen:
+                return [Activation(simple.target, gen, inputs={node_id: inputs_for[simple.index]})]
+            return [Activation(simple.target, gen, skip=True)]
         ready: list[Activation] = []
         chosen_by_target: dict[str, Edge] = {}
         if chosen:

@@ -227,7 +227,8 @@ class FlowRuntime:
                 FlowEvent("workflow:start", run.run_id, None, {"blueprintId": blueprint.id}),
             )
         self.logger.debug("run %s of %s started", run.run_id, blueprint.id)
-        return await self._drive(run, [Activation(n, 1) for n in analysis.start_nodes])
+        starts = [Activation(n, 1) for n in analysis.start_nodes]
+        return await self._drive(run, starts, watch_cancel=cancel is not None)
 
     async def resume(
         self,
@@ -266,12 +267,25 @@ class FlowRuntime:
         await emit(self.event_bus, FlowEvent("workflow:resume", run.run_id, node_id))
         result = NodeResult(output=output, action=action)
         ready = self._commit(run, act, result, [])
-        return await self._drive(run, ready)
+        return await self._drive(run, ready, watch_cancel=cancel is not None)
 
-    async def _drive(self, run: _Run, ready: list[Activation]) -> WorkflowResult:
-        for act in ready:
-            self._spawn(run, act)
-        if run.outstanding:
+    async def _drive(
+        self, run: _Run, ready: list[Activation], *, watch_cancel: bool = True
+    ) -> WorkflowResult:
+        if not ready:
+            return await self._finish(run)
+        if not watch_cancel:
+            # Nobody can cancel: run the first activation in this task (a chain
+            # never leaves it), the others in their own tasks.
+            for act in ready[1:]:
+                self._spawn(run, act)
+            run.outstanding += 1
+            await self._worker(run, ready[0])
+            if run.outstanding and not run.failed:
+                await run.done.wait()
+        else:
+            for act in ready:
+                self._spawn(run, act)
             cancel_wait = asyncio.ensure_future(run.cancel.wait())
             done_wait = asyncio.ensure_future(run.done.wait())
             try:
@@ -279,11 +293,10 @@ class FlowRuntime:
             finally:
                 cancel_wait.cancel()
                 done_wait.cancel()
-            if not run.done.is_set():
-                for task in list(run.tasks):
-                    task.cancel()
-                if run.tasks:
-                    await asyncio.gather(*run.tasks, return_exceptions=True)
+        if run.tasks and (run.failed or run.cancel.is_set()):
+            for task in list(run.tasks):
+                task.cancel()
+            await asyncio.gather(*run.tasks, return_exceptions=True)
         return await self._finish(run)
 
     async def _finish(self, run: _Run) -> WorkflowResult:
