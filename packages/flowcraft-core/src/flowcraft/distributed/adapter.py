@@ -229,7 +229,7 @@ class BaseDistributedAdapter(ABC):
         record = await ctx.get(K.STATUS)
         if record is None:
             return RunStatusInfo(run_id, "unknown")
-        final = await self.coordination_store.get(K.final(self.key_prefix, run_id))
+        final = _claimed_status(await self.coordination_store.get(K.final(self.key_prefix, run_id)))
         status = final or record.get("status", "running")
         waiting: list[str] = []
         meta = await ctx.get(K.META)
@@ -296,7 +296,8 @@ class BaseDistributedAdapter(ABC):
             _Job(run_id, blueprint, analysis, waiting_id, ctx),
             generation,
             result,
-            [
+            [],
+            protocol_ops=[
                 PatchOperation("delete", K.waiting(waiting_id)),
                 PatchOperation("set", K.STATUS, {"status": "running", "errors": []}),
             ],
@@ -309,12 +310,15 @@ class BaseDistributedAdapter(ABC):
         meta = await ctx.get(K.META)
         if meta is None:
             return 0
-        status = await self.coordination_store.get(K.final(self.key_prefix, run_id))
-        if status in FINAL_STATUSES:
+        claim = await self.coordination_store.get(K.final(self.key_prefix, run_id))
+        status = _claimed_status(claim)
+        if claim is not None and status in FINAL_STATUSES:
             record = await ctx.get(K.STATUS)
             if record is None or record.get("status") not in FINAL_STATUSES:
                 analysis = analyse(self.blueprint_for(meta["blueprintId"]))
-                await self._finalize(run_id, status, ctx, analysis)  # make sure it was published
+                owner = claim.partition(":")[2]
+                # make sure it was published
+                await self._finalize(run_id, status, ctx, analysis, owner=owner)
             return 0
         blueprint = self.blueprint_for(meta["blueprintId"])
         analysis = analyse(blueprint)
@@ -483,6 +487,11 @@ class BaseDistributedAdapter(ABC):
             )
         except NodeExecutionError as exc:
             if not last:
+                # This attempt is over: free the activation for the next delivery (else
+                # it waits out the lease, and each lease-busy delivery burns an attempt).
+                await self.coordination_store.delete(
+                    K.lease(self.key_prefix, job.run_id, job.node_id, generation)
+                )
                 raise RetryJob(
                     f"node {job.node_id!r} attempt {attempt} failed: {exc}; the queue will retry"
                 ) from exc
@@ -534,9 +543,12 @@ class BaseDistributedAdapter(ABC):
         generation: int,
         result: NodeResult | None,
         deltas: list[PatchOperation],
+        *,
+        protocol_ops: Iterable[PatchOperation] = (),
     ) -> None:
         """Commit one resolution atomically: output, deltas, the resolved count, the
-        decision, and the activation records of single-predecessor successors."""
+        decision, and the activation records of single-predecessor successors.
+        ``protocol_ops`` (reserved keys the caller changes) join the same patch."""
         analysis = job.analysis
         node_id = job.node_id
         ops = list(deltas)
@@ -545,6 +557,7 @@ class BaseDistributedAdapter(ABC):
                 raise NodeExecutionError(
                     f"node {node_id!r} wrote reserved key {op.key!r}", node_id=node_id
                 )
+        ops.extend(protocol_ops)
         chosen: list[Edge] = []
         if result is not None:
             scope = await self._scope(job, result, deltas)
@@ -825,7 +838,7 @@ class BaseDistributedAdapter(ABC):
                 )
             )
         await job.ctx.patch(ops)
-        await self._finalize(job.run_id, "failed", job.ctx, job.analysis, [err])
+        await self._finalize(job.run_id, "failed", job.ctx, job.analysis, [err], owner=job.node_id)
 
     async def _finalize(
         self,
@@ -834,15 +847,26 @@ class BaseDistributedAdapter(ABC):
         ctx: AsyncContext,
         analysis: GraphAnalysis,
         errors: list[dict[str, Any]] | None = None,
+        *,
+        owner: str = "",
     ) -> None:
         """Exactly one final status per run: the first ``set_if_not_exist`` wins; the
-        winner (or its redelivery) records and publishes it, then tidies up."""
+        winner (or its redelivery) records and publishes it, then tidies up.
+
+        The claim is ``status`` or ``status:owner``: a failure claims it for the
+        failing node, so a second node failing at the same time (same status, other
+        errors) loses and publishes nothing; a completion has no owner (every
+        finalizer of a completed run publishes the same result)."""
         final_key = K.final(self.key_prefix, run_id)
+        claim = f"{status}:{owner}" if owner else status
         won = await self.coordination_store.set_if_not_exist(
-            final_key, status, self.state_ttl_seconds
+            final_key, claim, self.state_ttl_seconds
         )
-        if not won and await self.coordination_store.get(final_key) != status:
+        if not won and await self.coordination_store.get(final_key) != claim:
             return
+        if errors is None and status == "failed" and owner:
+            recorded = await ctx.get(K.error(owner))
+            errors = [recorded] if recorded is not None else None
         if errors is None:
             record = await ctx.get(K.STATUS)
             errors = list((record or {}).get("errors", [])) if status == "failed" else []
@@ -895,6 +919,11 @@ def _record(source: str, taken: Edge | None, handed: Mapping[int, Any]) -> dict[
         "skip": False,
         "inputs": {source: {"ref": K.output(source)} if item == _REF else {"value": item}},
     }
+
+
+def _claimed_status(claim: str | None) -> str | None:
+    """The status in a final-status claim (``status`` or ``status:owner``)."""
+    return None if claim is None else claim.partition(":")[0]
 
 
 def _user_view(state: Mapping[str, Any]) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""Conformance kit: abstract pytest classes each store and adapter must pass.
+"""Conformance kit: abstract pytest classes each store and adapter must pass, and the
+deterministic crash simulation of the distributed protocol.
 
 Needs the ``[testing]`` extra (pytest, pytest-asyncio).
 """
@@ -8,8 +9,25 @@ from __future__ import annotations
 import pytest
 
 # Plain asserts in the kit give pytest's detailed failure messages.
-pytest.register_assert_rewrite("flowcraft.testing.store")
+pytest.register_assert_rewrite(
+    "flowcraft.testing.store", "flowcraft.testing.adapter", "flowcraft.testing.simulation"
+)
 
+from flowcraft.testing.adapter import (  # noqa: E402
+    AdapterConformanceTests,
+    AdapterFactory,
+    ContextMeter,
+    Fleet,
+    SideEffects,
+)
 from flowcraft.testing.store import CoordinationStoreTests, ManualClock  # noqa: E402
 
-__all__ = ["CoordinationStoreTests", "ManualClock"]
+__all__ = [
+    "AdapterConformanceTests",
+    "AdapterFactory",
+    "ContextMeter",
+    "CoordinationStoreTests",
+    "Fleet",
+    "ManualClock",
+    "SideEffects",
+]
