@@ -178,9 +178,10 @@ class GraphAnalysis:
         self.simple_next: dict[str, Edge] = {}
         for n, es in out.items():
             if len(es) == 1 and es[0].kind == "forward" and n not in self.tail_of_loop:
-                e = es[0]
-                if len(self.preds_first[e.target]) == 1 and len(self.preds_loop[e.target]) <= 1:
-                    self.simple_next[n] = e
+                only = es[0]
+                target = only.target
+                if len(self.preds_first[target]) == 1 and len(self.preds_loop[target]) <= 1:
+                    self.simple_next[n] = only
 
     def required(self, node_id: str, generation: int) -> tuple[str, ...]:
         """The predecessors whose signals activation ``generation`` of the node waits for."""

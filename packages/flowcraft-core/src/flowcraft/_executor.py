@@ -84,7 +84,7 @@ class NodeExecutor:
             if attempts <= 1 and node.config is None and not isinstance(impl, type):
                 # The common case, without the layers: one attempt of a function.
                 try:
-                    out = impl(ctx)  # type: ignore[arg-type]
+                    out = impl(ctx)
                     if inspect.isawaitable(out):
                         out = await out
                 except asyncio.CancelledError:
