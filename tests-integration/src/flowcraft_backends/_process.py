@@ -14,6 +14,7 @@ import errno
 import logging
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -28,6 +29,7 @@ __all__ = [
     "free_port",
     "install_sigterm_handler",
     "port_is_free",
+    "reap_orphans",
     "stop_all",
     "tail",
 ]
@@ -36,6 +38,11 @@ _log = logging.getLogger(__name__)
 
 #: Ports chosen for local servers: below the kernel's ephemeral range (32768-60999).
 PORT_RANGE = (20000, 32000)
+
+#: Environment variable marking every process of a local server with its run directory.
+TAG_VAR = "FLOWCRAFT_BACKENDS_RUN_DIR"
+#: File in the run directory holding the pid of the process that started the server.
+OWNER_FILE = "owner.pid"
 
 _live: set[LocalProcess] = set()
 _live_lock = threading.Lock()
@@ -108,6 +115,11 @@ class LocalProcess:
         full_env = dict(os.environ)
         if env:
             full_env.update(env)
+        if cwd is not None:
+            # Tag the process tree with its run directory and record who owns it, so a
+            # later run can find and stop what a killed session left behind.
+            full_env[TAG_VAR] = str(cwd)
+            (cwd / OWNER_FILE).write_text(str(os.getpid()))
         _log.info("starting %s: %s (log: %s)", name, " ".join(self.argv), log_path)
         with log_path.open("ab") as log_file:
             log_file.write(f"\n=== {time.strftime('%H:%M:%S')} {' '.join(self.argv)}\n".encode())
@@ -173,6 +185,68 @@ class LocalProcess:
         code = self.popen.poll()
         state = "still running" if code is None else f"exited with code {code}"
         return f"{self.name} {state}; last lines of {self.log_path}:\n{tail(self.log_path)}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def processes_of(run_dir: Path) -> list[int]:
+    """Pids that belong to the server of ``run_dir`` (Linux /proc).
+
+    A process belongs to it if its environment carries the run-directory tag or
+    its working directory is inside the run directory (some servers, such as
+    Redis, overwrite their environment block to set their process title).
+    """
+    tag = str(run_dir)
+    needle = f"{TAG_VAR}={tag}".encode()
+    found: list[int] = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cwd = os.readlink(entry / "cwd")
+            environ = (entry / "environ").read_bytes()
+        except OSError:
+            continue
+        if cwd == tag or cwd.startswith(tag + os.sep) or needle in environ.split(b"\0"):
+            found.append(int(entry.name))
+    return found
+
+
+def reap_orphans(run_root: Path) -> int:
+    """Stop servers whose owning process died without stopping them (e.g. SIGKILL).
+
+    Looks at each ``run_root/*/owner.pid``; if that pid is gone, kills every
+    process tagged with the run directory and removes the directory.
+
+    Returns:
+        How many processes were killed.
+    """
+    killed = 0
+    if not run_root.is_dir():
+        return 0
+    for run_dir in run_root.iterdir():
+        owner_file = run_dir / OWNER_FILE
+        try:
+            owner = int(owner_file.read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if _pid_alive(owner):
+            continue
+        for pid in processes_of(run_dir):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+                killed += 1
+        _log.warning("removed %s, left behind by dead process %d", run_dir, owner)
+        shutil.rmtree(run_dir, ignore_errors=True)
+    return killed
 
 
 def stop_all() -> None:

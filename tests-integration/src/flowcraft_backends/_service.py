@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
 
 from flowcraft_backends._install import InstallError, install_lock, tools_dir, work_dir
-from flowcraft_backends._process import LocalProcess, free_port
+from flowcraft_backends._process import LocalProcess, free_port, reap_orphans
 
 if TYPE_CHECKING:
     from testcontainers.core.container import DockerContainer
@@ -134,6 +134,14 @@ def docker_available() -> bool:
     except Exception as exc:  # any failure means "no usable engine"
         _log.debug("no Docker engine: %s", exc)
         return False
+
+
+@functools.cache
+def _reap_once() -> None:
+    """Once per process: stop servers that killed test sessions left running."""
+    killed = reap_orphans(work_dir() / "run")
+    if killed:
+        _log.warning("stopped %d process(es) left behind by earlier runs", killed)
 
 
 class _Controller(ABC):
@@ -396,7 +404,8 @@ class Service(ABC):
 
     def from_env(self, url: str) -> RunningService:
         """A RunningService for an address given in the environment (checked with a probe)."""
-        self.wait_ready(url, timeout=min(self.ready_timeout, 30.0))
+        configured = os.environ.get("FLOWCRAFT_BACKENDS_ENV_TIMEOUT")
+        self.wait_ready(url, timeout=float(configured) if configured else self.ready_timeout)
         return RunningService(self.name, url, self.extra_for(url), "env", self.env_var)
 
     def start_docker(self) -> RunningService:
@@ -423,6 +432,7 @@ class Service(ABC):
 
     def start_local_service(self, attempts: int = 2) -> RunningService:
         """Install if needed, then start a local server on a free port."""
+        _reap_once()
         try:
             self.ensure_installed()
         except InstallError as exc:
