@@ -1,0 +1,1 @@
+"""flowcraft on BullMQ and Redis."""
