@@ -192,8 +192,11 @@ async def measure(shape: Shape, *, memory: bool) -> Figures:
     await work()  # warm-up (also computes and caches the graph analysis)
     times: list[float] = []
     cpu_times: list[float] = []
+    # One collection before the timed loop, not one per repetition: a full
+    # collection right before a short run leaves the caches cold and more than
+    # doubles the figure for small graphs (a harness artefact, not engine cost).
+    gc.collect()
     for _ in range(shape.reps):
-        gc.collect()
         cpu_start = time.process_time()
         start = time.perf_counter()
         await work()

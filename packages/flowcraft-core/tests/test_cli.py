@@ -608,3 +608,49 @@ def test_help_lists_commands() -> None:
     result = invoke("--help")
     for command in ("run", "resume", "graph", "validate", "schema"):
         assert command in result.stdout
+
+
+def test_resume_with_an_action_no_edge_takes_is_refused(tmp_path: Path) -> None:
+    path = write(tmp_path, "waiting.py", WAITING)
+    state = tmp_path / "s.json"
+    invoke("run", path, "-q", "--save-state", str(state))
+    line = one_line_error(invoke("resume", path, "--state", str(state), "--action", "okay"))
+    assert "no edge for action 'okay' (actions: no, ok)" in line
+    # the state is untouched: the right action still resumes it
+    assert invoke("resume", path, "--state", str(state), "--action", "ok", "-q").exit_code == 0
+
+
+def test_invalid_flow_in_python_file_names_the_edge(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "bad_flow.py",
+        """
+        from flowcraft import Flow
+
+        async def a(ctx):
+            return 1
+
+        flow = Flow("bad").node("a", a).edge("a", "nowhere")
+        """,
+    )
+    line = one_line_error(invoke("run", path))
+    assert "'nowhere'" in line
+
+
+def test_batch_worker_must_be_in_the_registry(tmp_path: Path) -> None:
+    path = blueprint_file(
+        tmp_path,
+        {
+            "id": "batchy",
+            "nodes": [{"id": "b", "uses": "flowcraft:batch", "params": {"worker": "missing"}}],
+        },
+    )
+    assert "'missing'" in one_line_error(invoke("run", path))
+    checked = invoke("validate", path)
+    assert "needs a registry (--registry) for: missing" in checked.stderr
+
+
+def test_version() -> None:
+    result = invoke("--version")
+    assert result.exit_code == 0
+    assert result.stdout.startswith("flowcraft, version ")

@@ -226,14 +226,18 @@ def _analyse(target: Target) -> GraphAnalysis:
         _bad(f"{target.path}: {exc}")
 
 
+def _implementations_needed(blueprint: WorkflowBlueprint) -> set[str]:
+    """The ``uses`` keys a registry must supply: non-built-in nodes and batch workers."""
+    needed = {n.uses for n in blueprint.nodes if n.uses not in BUILTIN_USES}
+    for node in blueprint.nodes:
+        worker = (node.params or {}).get("worker") if node.uses == BATCH else None
+        if isinstance(worker, str):
+            needed.add(worker)
+    return needed
+
+
 def _check_registry(target: Target, registry: Mapping[str, NodeImplementation]) -> None:
-    missing = sorted(
-        {
-            n.uses
-            for n in target.blueprint.nodes
-            if n.uses not in registry and n.uses not in BUILTIN_USES
-        }
-    )
+    missing = sorted(k for k in _implementations_needed(target.blueprint) if k not in registry)
     if missing:
         hint = "" if target.from_python else " (pass --registry module:ATTR)"
         _bad(f"{target.path}: unknown implementation(s) {', '.join(map(repr, missing))}{hint}")
@@ -532,12 +536,17 @@ def resume(
             value = json.loads(output)
         except json.JSONDecodeError as exc:
             _bad(f"--output is not valid JSON ({exc}); quote strings, e.g. '\"yes\"'")
-    if action is not None and node_id is not None:
-        actions = _actions_of(analysis, node_id)
+    waiting = [w[0] for w in state["waiting"] if isinstance(w, list) and w]
+    node = node_id if node_id is not None else waiting[0] if len(waiting) == 1 else None
+    if action is not None and node is not None:
+        actions = _actions_of(analysis, node)
+        defaults = any(e.action is None for e in analysis.out.get(node, ()))
+        if actions and action not in actions and not defaults:
+            _bad(f"node {node!r} has no edge for action {action!r} (actions: {', '.join(actions)})")
         if actions and action not in actions:
             logger.warning(
                 "node %r has no edge for action %r (edges: %s); its default edges apply",
-                node_id,
+                node,
                 action,
                 ", ".join(actions),
             )
@@ -650,7 +659,7 @@ def validate(file: str, flow_name: str | None, registry: str | None) -> None:
     unreachable = [n for n in unreachable if n not in analysis.fallback_only]
     if unreachable:
         click.echo(f"warning: unreachable nodes: {', '.join(unreachable)}", err=True)
-    needed = sorted({n.uses for n in bp.nodes if n.uses not in BUILTIN_USES})
+    needed = sorted(_implementations_needed(bp))
     if not target.from_python and registry is None and needed:
         click.echo(
             f"needs a registry (--registry) for: {', '.join(needed)}",
