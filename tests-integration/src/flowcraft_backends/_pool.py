@@ -19,17 +19,28 @@ class ServicePool:
     def __init__(self) -> None:
         self._running: dict[str, RunningService] = {}
         self._lock = threading.Lock()
+        self._starting: dict[str, threading.Lock] = {}
 
     def get(self, name: str) -> RunningService:
-        """The running backend ``name``, resolving it on first use.
+        """The running backend ``name``, resolving it on first use (thread-safe).
+
+        Different names may be resolved concurrently; the same name only once.
 
         Raises:
             BackendUnavailable: if it cannot be resolved.
         """
         with self._lock:
-            if name not in self._running:
-                self._running[name] = services.get(name).resolve()
-            return self._running[name]
+            if name in self._running:
+                return self._running[name]
+            starting = self._starting.setdefault(name, threading.Lock())
+        with starting:
+            with self._lock:
+                if name in self._running:
+                    return self._running[name]
+            service = services.get(name).resolve()
+            with self._lock:
+                self._running[name] = service
+            return service
 
     def running(self) -> dict[str, RunningService]:
         """What has been started so far."""

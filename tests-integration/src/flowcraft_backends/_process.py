@@ -66,10 +66,11 @@ def free_port(host: str = "127.0.0.1") -> int:
     low, high = PORT_RANGE
     for _ in range(500):
         port = random.randint(low, high)
-        if port in _taken:
-            continue
-        if port_is_free(port, host):
+        with _live_lock:
+            if port in _taken:
+                continue
             _taken.add(port)
+        if port_is_free(port, host):
             return port
     raise RuntimeError(f"no free port found in {low}-{high} on {host}")
 

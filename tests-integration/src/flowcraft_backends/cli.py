@@ -19,12 +19,13 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 from flowcraft_backends import services
 from flowcraft_backends._install import InstallError
 from flowcraft_backends._pool import ServicePool
 from flowcraft_backends._process import install_sigterm_handler
-from flowcraft_backends._service import BackendUnavailable
+from flowcraft_backends._service import BackendUnavailable, RunningService
 
 __all__ = ["main"]
 
@@ -44,19 +45,25 @@ def _check_names(names: Sequence[str]) -> list[str]:
 def _cmd_up(names: Sequence[str]) -> int:
     install_sigterm_handler()
     pool = ServicePool()
+    started = time.monotonic()
+
+    def start(name: str) -> RunningService:
+        _err(f"# starting {name} ...")
+        service = pool.get(name)
+        _err(f"# {name}: {service.how} at {service.url} ({time.monotonic() - started:.1f} s)")
+        return service
+
     try:
-        for name in _check_names(names):
-            started = time.monotonic()
-            _err(f"# starting {name} ...")
-            service = pool.get(name)
-            _err(f"# {name}: {service.how} at {service.url} ({time.monotonic() - started:.1f} s)")
-            for key, value in service.exports().items():
-                print(f"export {key}={shlex.quote(value)}", flush=True)
-            for key, value in service.extra.items():
-                _err(f"#   {key}: {value}")
-            if service.log_path:
-                _err(f"#   log: {service.log_path}")
-        _err("# all up; Ctrl-C to stop")
+        # Installs and starts run side by side; the export lines come out in order.
+        with ThreadPoolExecutor(max_workers=4) as executor:
+            for service in executor.map(start, _check_names(names)):
+                for key, value in service.exports().items():
+                    print(f"export {key}={shlex.quote(value)}", flush=True)
+                for key, value in service.extra.items():
+                    _err(f"#   {service.name} {key}: {value}")
+                if service.log_path:
+                    _err(f"#   {service.name} log: {service.log_path}")
+        _err(f"# all up in {time.monotonic() - started:.1f} s; Ctrl-C to stop")
         stop = threading.Event()
         signal.signal(signal.SIGINT, lambda *_: stop.set())
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -91,17 +98,20 @@ def _cmd_list() -> int:
 
 
 def _cmd_install(names: Sequence[str]) -> int:
-    failed = 0
-    for name in _check_names(names):
-        started = time.monotonic()
+    started = time.monotonic()
+
+    def install(name: str) -> bool:
         try:
             services.get(name).ensure_installed()
         except (BackendUnavailable, InstallError) as exc:
             _err(f"{name}: install failed: {exc}")
-            failed += 1
-            continue
-        print(f"{name}: installed ({time.monotonic() - started:.1f} s)")
-    return 1 if failed else 0
+            return False
+        print(f"{name}: installed ({time.monotonic() - started:.1f} s)", flush=True)
+        return True
+
+    with ThreadPoolExecutor(max_workers=4) as executor:
+        results = list(executor.map(install, _check_names(names)))
+    return 0 if all(results) else 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:
