@@ -1,0 +1,324 @@
+"""PostgreSQL run store: one row per run, the state in one ``jsonb`` column.
+
+Every statement has constant text (only the validated, quoted table names of
+:class:`~flowcraft_rabbitmq._settings.SqlNames` are formatted in, once, at
+construction). Run ids, context keys and values are always bind parameters, and
+values cross as JSON text cast to ``jsonb`` in SQL, so a pool with custom type
+codecs cannot change how they are encoded.
+
+The table::
+
+    run_id        text PRIMARY KEY
+    state         jsonb        the run's context: {key: value, ...}
+    result        jsonb        the published final result (wait_for_result reads it)
+    created_at    timestamptz
+    updated_at    timestamptz  every patch bumps it: the reconciler's progress marker
+    finished_at   timestamptz  when the final result was published
+    reconciled_at timestamptz  when a reconciler last claimed the run
+
+plus a partial index on ``updated_at`` over unfinished runs (``result IS NULL``),
+which is the index of active runs the reconciler scans, and a ``<table>_schema``
+table recording the applied schema version for future migrations.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import asyncpg  # type: ignore[import-untyped]
+
+from flowcraft.context import PatchOperation
+from flowcraft.distributed import keys as K
+from flowcraft.errors import SerializationError, StateLimitError
+from flowcraft.serializer import JsonSerializer
+from flowcraft_rabbitmq._settings import SqlNames
+
+__all__ = ["SCHEMA_VERSION", "PostgresRunStore"]
+
+logger = logging.getLogger("flowcraft_rabbitmq.store")
+
+_json = JsonSerializer()
+
+
+# Statement templates. The only substitutions are ``{runs}``, ``{versions}`` and
+# ``{index}``: identifiers from SqlNames, validated and quoted (see _settings).
+# Run ids, keys and values are always $n parameters.
+
+# Schema versions: the statements of version n are _MIGRATIONS[n - 1]. Append, never edit.
+_MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        """CREATE TABLE IF NOT EXISTS {runs} (
+            run_id text PRIMARY KEY,
+            state jsonb NOT NULL DEFAULT '{{}}'::jsonb,
+            result jsonb,
+            created_at timestamptz NOT NULL DEFAULT now(),
+            updated_at timestamptz NOT NULL DEFAULT now(),
+            finished_at timestamptz,
+            reconciled_at timestamptz
+        )""",
+        "CREATE INDEX IF NOT EXISTS {index} ON {runs} (updated_at) WHERE result IS NULL",
+    ),
+)
+
+SCHEMA_VERSION = len(_MIGRATIONS)
+
+_GET = "SELECT (state -> $2)::text FROM {runs} WHERE run_id = $1"
+_HAS = "SELECT state ? $2 FROM {runs} WHERE run_id = $1"
+_GET_MANY = (
+    "SELECT (SELECT jsonb_object_agg(k, r.state -> k) "
+    "FROM unnest($2::text[]) AS k WHERE r.state ? k)::text "
+    "FROM {runs} AS r WHERE r.run_id = $1"
+)
+_TO_DICT = "SELECT state::text FROM {runs} WHERE run_id = $1"
+# The patch: delete the keys of the text[] $2 ("jsonb - text[]" removes top-level
+# keys), then merge the object $3 of every key set ("||" replaces top-level keys).
+# The first patch of a run (start_run's) inserts the row.
+_PATCH = (
+    "INSERT INTO {runs} AS r (run_id, state) VALUES ($1, $3::text::jsonb) "
+    "ON CONFLICT (run_id) DO UPDATE "
+    "SET state = (r.state - $2::text[]) || $3::text::jsonb, updated_at = now()"
+)
+_PUBLISH = (
+    "INSERT INTO {runs} AS r (run_id, result, finished_at) "
+    "VALUES ($1, $2::text::jsonb, now()) "
+    "ON CONFLICT (run_id) DO UPDATE SET result = excluded.result, finished_at = now() "
+    "WHERE r.result IS NULL"
+)
+_RESULT = "SELECT result::text, (state -> $2)::text FROM {runs} WHERE run_id = $1"
+_CLAIM_STALLED = (
+    "UPDATE {runs} AS r SET reconciled_at = now() WHERE r.run_id IN ("
+    "SELECT run_id FROM {runs} "
+    "WHERE result IS NULL AND updated_at < now() - make_interval(secs => $1) "
+    "AND (reconciled_at IS NULL OR reconciled_at < now() - make_interval(secs => $1)) "
+    "AND coalesce(state -> $2 ->> 'status', '') <> 'awaiting' "
+    "ORDER BY updated_at LIMIT $3 FOR UPDATE SKIP LOCKED) "
+    "RETURNING r.run_id"
+)
+_PURGE = (
+    "DELETE FROM {runs} WHERE result IS NOT NULL "
+    "AND finished_at < now() - make_interval(secs => $1)"
+)
+_VERSIONS_TABLE = (
+    "CREATE TABLE IF NOT EXISTS {versions} ("
+    "version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+)
+_CURRENT_VERSION = "SELECT coalesce(max(version), 0) FROM {versions}"
+_RECORD_VERSION = "INSERT INTO {versions} (version) VALUES ($1)"
+
+
+class _Sql:
+    """The statements for one table, formatted once."""
+
+    def __init__(self, names: SqlNames) -> None:
+        def bind(template: str) -> str:
+            return template.format(
+                runs=names.runs, versions=names.versions, index=names.active_index
+            )
+
+        self.get = bind(_GET)
+        self.has = bind(_HAS)
+        self.get_many = bind(_GET_MANY)
+        self.to_dict = bind(_TO_DICT)
+        self.patch = bind(_PATCH)
+        self.publish = bind(_PUBLISH)
+        self.result = bind(_RESULT)
+        self.claim_stalled = bind(_CLAIM_STALLED)
+        self.purge = bind(_PURGE)
+        self.versions_table = bind(_VERSIONS_TABLE)
+        self.current_version = bind(_CURRENT_VERSION)
+        self.record_version = bind(_RECORD_VERSION)
+        self.migrations = [[bind(stmt) for stmt in version] for version in _MIGRATIONS]
+
+
+@contextmanager
+def _translated(run_id: str) -> Iterator[None]:
+    """PostgreSQL's refusals of a value, as flowcraft's errors."""
+    try:
+        yield
+    except asyncpg.exceptions.UntranslatableCharacterError as exc:
+        raise SerializationError(
+            f"run {run_id!r}: PostgreSQL jsonb cannot store this text "
+            f"(a NUL character, \\u0000, in a key or value?): {exc}"
+        ) from exc
+    except asyncpg.exceptions.ProgramLimitExceededError as exc:
+        raise StateLimitError(f"run {run_id!r}: the state is too large for a row: {exc}") from exc
+
+
+def collapse(ops: Sequence[PatchOperation]) -> tuple[list[str], dict[str, Any]]:
+    """A patch's net effect per key: (keys deleted, {key: value} set), disjoint.
+
+    Operations apply in order, so the last one on a key decides; what remains is
+    order-free (delete the deleted keys, then merge the set ones).
+    """
+    sets: dict[str, Any] = {}
+    deletes: dict[str, None] = {}
+    for op in ops:
+        if op.op == "set":
+            sets[op.key] = op.value
+            deletes.pop(op.key, None)
+        else:
+            sets.pop(op.key, None)
+            deletes[op.key] = None
+    return list(deletes), sets
+
+
+class PostgresRunStore:
+    """Run states, final results and the active-run index in one PostgreSQL table.
+
+    Args:
+        pool: an ``asyncpg`` pool to use (it stays open after :meth:`aclose`).
+        dsn: a ``postgresql://`` URL, used when no pool is given; the store creates
+            and owns its pool.
+        table: the runs table (the schema-version table is ``<table>_schema``).
+        schema: the PostgreSQL schema of both tables (default: the search path).
+        create_schema: create or migrate the tables on first use.
+        **pool_kwargs: with ``dsn``, passed to ``asyncpg.create_pool`` (``ssl`` for
+            TLS, ``min_size``, ``max_size``, ``statement_cache_size``, ...).
+    """
+
+    def __init__(
+        self,
+        *,
+        pool: Any = None,
+        dsn: str | None = None,
+        table: str = "flowcraft_runs",
+        schema: str | None = None,
+        create_schema: bool = True,
+        **pool_kwargs: Any,
+    ) -> None:
+        if (pool is None) == (dsn is None):
+            raise ValueError("pass exactly one of pool= or dsn= for PostgreSQL")
+        self.names = SqlNames.create(table, schema)
+        self.sql = _Sql(self.names)
+        self._pool: Any = pool
+        self._owns_pool = pool is None
+        self._dsn = dsn
+        self._pool_kwargs = pool_kwargs
+        self._create_schema = create_schema
+        self._ready = False
+        self._lock = asyncio.Lock()
+        self.round_trips: Counter[str] = Counter()
+        """Statements sent, by kind (each is one round trip)."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(table={self.names.runs})"  # never the DSN
+
+    async def pool(self) -> Any:
+        """The pool, created and the schema migrated on first use."""
+        if self._ready:
+            return self._pool
+        async with self._lock:
+            if not self._ready:
+                if self._pool is None:
+                    kwargs = {"min_size": 1, "max_size": 10, **self._pool_kwargs}
+                    self._pool = await asyncpg.create_pool(self._dsn, **kwargs)
+                if self._create_schema:
+                    await self.migrate()
+                self._ready = True
+        return self._pool
+
+    async def migrate(self) -> int:
+        """Create or upgrade the tables to :data:`SCHEMA_VERSION`; returns the version.
+
+        An advisory lock serialises workers starting together. A database already
+        at a newer version (a newer flowcraft-rabbitmq) is an error, not a downgrade.
+        """
+        assert self._pool is not None
+        async with self._pool.acquire() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", self.names.lock_name)
+            await conn.execute(self.sql.versions_table)
+            current = int(await conn.fetchval(self.sql.current_version))
+            if current > SCHEMA_VERSION:
+                raise RuntimeError(
+                    f"table {self.names.runs} has schema version {current}; this "
+                    f"flowcraft-rabbitmq knows up to {SCHEMA_VERSION}: upgrade it"
+                )
+            for version in range(current + 1, SCHEMA_VERSION + 1):
+                for statement in self.sql.migrations[version - 1]:
+                    await conn.execute(statement)
+                await conn.execute(self.sql.record_version, version)
+                logger.info("table %s migrated to schema version %d", self.names.runs, version)
+        return SCHEMA_VERSION
+
+    async def _fetchval(self, kind: str, query: str, *args: Any) -> Any:
+        pool = await self.pool()
+        self.round_trips[kind] += 1
+        return await pool.fetchval(query, *args)
+
+    async def get(self, run_id: str, key: str) -> Any:
+        text = await self._fetchval("get", self.sql.get, run_id, key)
+        return None if text is None else _json.loads(text)
+
+    async def has(self, run_id: str, key: str) -> bool:
+        return bool(await self._fetchval("has", self.sql.has, run_id, key))
+
+    async def get_many(self, run_id: str, keys: Sequence[str]) -> dict[str, Any]:
+        if not keys:
+            return {}
+        text = await self._fetchval("get_many", self.sql.get_many, run_id, list(keys))
+        found: dict[str, Any] = {} if text is None else _json.loads(text)
+        return found
+
+    async def to_dict(self, run_id: str) -> dict[str, Any]:
+        text = await self._fetchval("to_dict", self.sql.to_dict, run_id)
+        state: dict[str, Any] = {} if text is None else _json.loads(text)
+        return state
+
+    async def patch(self, run_id: str, ops: Sequence[PatchOperation]) -> None:
+        if not ops:
+            return
+        deletes, sets = collapse(ops)
+        payload = _json.dumps(sets)
+        pool = await self.pool()
+        self.round_trips["patch"] += 1
+        with _translated(run_id):
+            await pool.execute(self.sql.patch, run_id, deletes, payload)
+
+    async def publish(self, run_id: str, result: dict[str, Any]) -> None:
+        """Store the final result once (a later publication of the run changes nothing)."""
+        pool = await self.pool()
+        self.round_trips["publish"] += 1
+        with _translated(run_id):
+            await pool.execute(self.sql.publish, run_id, _json.dumps(result))
+
+    async def result(self, run_id: str) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+        """(the published result, the run's status record); each None if absent."""
+        pool = await self.pool()
+        self.round_trips["result"] += 1
+        row = await pool.fetchrow(self.sql.result, run_id, K.STATUS)
+        if row is None:
+            return None, None
+        published, status = row[0], row[1]
+        return (
+            None if published is None else _json.loads(published),
+            None if status is None else _json.loads(status),
+        )
+
+    async def claim_stalled(self, older_than_seconds: float, limit: int) -> list[str]:
+        """Unfinished, not-awaiting runs without progress for ``older_than_seconds`` that no
+        reconciler claimed in that time; claims them (concurrent reconcilers skip them)."""
+        pool = await self.pool()
+        self.round_trips["claim_stalled"] += 1
+        rows = await pool.fetch(
+            self.sql.claim_stalled, float(older_than_seconds), K.STATUS, int(limit)
+        )
+        return [str(r[0]) for r in rows]
+
+    async def purge_finished(self, older_than_seconds: float) -> int:
+        """Delete runs whose result was published more than ``older_than_seconds`` ago."""
+        pool = await self.pool()
+        self.round_trips["purge"] += 1
+        status: str = await pool.execute(self.sql.purge, float(older_than_seconds))
+        return int(status.rsplit(" ", 1)[-1])
+
+    async def aclose(self) -> None:
+        """Close the pool this store created; a given pool stays open."""
+        if self._owns_pool and self._pool is not None:
+            await self._pool.close()
+            self._pool = None
+            self._ready = False

@@ -1,0 +1,62 @@
+"""``PostgresContext``: one run's state, a ``jsonb`` row in PostgreSQL.
+
+Every method is one statement, so one round trip:
+
+==============  ===================================================================
+``get``         ``state -> $key``
+``get_many``    ``jsonb_object_agg`` over ``unnest($keys)`` of the keys present
+``has``         ``state ? $key``
+``patch``       ``(state - $deleted_keys) || $set_object``, an upsert of the row
+``to_dict``     the whole ``state``
+==============  ===================================================================
+
+``patch`` is atomic (one statement on one row) and its text is constant: the
+keys to delete travel as a ``text[]`` parameter and the keys to set as the keys
+of a JSON object parameter, so no context key ever appears in SQL text. The
+operations are first collapsed to their net effect per key (the last operation
+on a key wins), which makes the delete-then-merge order exact.
+
+Context keys are top-level keys of the state object. ``jsonb - text[]`` and
+``||`` are the top-level forms of ``#-`` and ``jsonb_set``: for a path of one
+key, ``state #- ARRAY[k]`` is ``state - k`` and ``jsonb_set(state, ARRAY[k], v)``
+is ``state || jsonb_build_object(k, v)``; the array forms apply any number of
+operations in one constant statement.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from flowcraft.context import BaseAsyncContext, PatchOperation
+from flowcraft_rabbitmq._store import PostgresRunStore
+
+__all__ = ["PostgresContext"]
+
+
+class PostgresContext(BaseAsyncContext):
+    """The state of run ``run_id`` in a :class:`PostgresRunStore`."""
+
+    __slots__ = ("run_id", "store")
+
+    def __init__(self, store: PostgresRunStore, run_id: str) -> None:
+        self.store = store
+        self.run_id = run_id
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(run_id={self.run_id!r}, store={self.store!r})"
+
+    async def get(self, key: str) -> Any:
+        return await self.store.get(self.run_id, key)
+
+    async def get_many(self, keys: Sequence[str]) -> dict[str, Any]:
+        return await self.store.get_many(self.run_id, keys)
+
+    async def has(self, key: str) -> bool:
+        return await self.store.has(self.run_id, key)
+
+    async def patch(self, ops: Sequence[PatchOperation]) -> None:
+        await self.store.patch(self.run_id, ops)
+
+    async def to_dict(self) -> dict[str, Any]:
+        return await self.store.to_dict(self.run_id)
