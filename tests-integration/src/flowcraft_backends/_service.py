@@ -229,6 +229,7 @@ class _LocalController(_Controller):
             self.process.stop()
             self.process = None
         if os.environ.get("FLOWCRAFT_BACKENDS_KEEP", "") != "1":
+            self.service.cleanup_local(self.run_dir)
             shutil.rmtree(self.run_dir, ignore_errors=True)
 
 
@@ -299,6 +300,9 @@ class Service(ABC):
     def extra_for(self, url: str) -> dict[str, str]:
         """Extra facts for a backend at ``url`` (keys, connection strings)."""
         return {}
+
+    def cleanup_local(self, workdir: Path) -> None:  # noqa: B027 - optional hook
+        """Remove what a stopped local server kept outside ``workdir`` (default: nothing)."""
 
     def docker_container(self) -> DockerContainer:
         """The testcontainers container to start (override to add env or a command)."""
@@ -394,7 +398,10 @@ class Service(ABC):
     def launch(self, port: int, workdir: Path, timeout: float | None = None) -> LocalProcess:
         """Start the local server on ``port`` and wait until it answers."""
         workdir.mkdir(parents=True, exist_ok=True)
-        process = self.start_local(port, workdir)
+        try:
+            process = self.start_local(port, workdir)
+        except (InstallError, OSError) as exc:
+            raise BackendUnavailable(f"{self.name} could not be started: {exc}") from exc
         try:
             self.wait_ready(self.local_url(port), timeout, process)
         except BaseException:

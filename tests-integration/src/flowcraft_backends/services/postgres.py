@@ -14,6 +14,7 @@ import os
 import pwd
 import shutil
 import signal
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
 __all__ = ["PostgresService"]
 
 _LIB = Path("/usr/lib/postgresql")
+_DATA_RECORD = "data-dir"
 
 
 def _bin_dir() -> Path | None:
@@ -72,9 +74,7 @@ class PostgresService(Service):
         if bin_dir is None:
             raise InstallError("PostgreSQL binaries not found under /usr/lib/postgresql")
         user = _server_user()
-        data = workdir / "data"
-        if user is not None:
-            shutil.chown(workdir, user, user)
+        data = self._data_dir(workdir, user)
         if not (data / "PG_VERSION").exists():
             run_checked(
                 [
@@ -93,13 +93,45 @@ class PostgresService(Service):
             "-D", str(data),
             "-p", str(port),
             "-h", "127.0.0.1",
-            "-k", str(workdir),
+            "-k", str(data.parent),
             "-c", "fsync=off",
             "-c", "synchronous_commit=off",
             "-c", "full_page_writes=off",
             "-c", "max_connections=200",
         ]  # fmt: skip
         return self.spawn(argv, port, workdir, user=user)
+
+    @staticmethod
+    def _data_dir(workdir: Path, user: str | None) -> Path:
+        """Where the cluster lives: ``workdir/data``, unless ``user`` cannot reach workdir.
+
+        As root the server runs as ``postgres``, which cannot enter a work
+        directory under, say, ``/root``; then the cluster goes to a directory
+        under the system temp dir. The choice is recorded so restarts reuse it.
+        """
+        record = workdir / _DATA_RECORD
+        if record.exists():
+            return Path(record.read_text())
+        data = workdir / "data"
+        if user is not None:
+            shutil.chown(workdir, user, user)
+            try:
+                run_checked(["test", "-w", str(workdir)], user=user)
+            except InstallError:
+                outside = Path(tempfile.gettempdir()) / "flowcraft-backends-postgres" / workdir.name
+                shutil.rmtree(outside, ignore_errors=True)
+                outside.mkdir(parents=True)
+                shutil.chown(outside, user, user)
+                data = outside / "data"
+        record.write_text(str(data))
+        return data
+
+    def cleanup_local(self, workdir: Path) -> None:
+        record = workdir / _DATA_RECORD
+        if record.exists():
+            parent = Path(record.read_text()).parent
+            if not parent.is_relative_to(workdir):
+                shutil.rmtree(parent, ignore_errors=True)
 
     def local_url(self, port: int) -> str:
         return f"postgresql://postgres@127.0.0.1:{port}/postgres"
