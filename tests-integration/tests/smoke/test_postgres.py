@@ -6,8 +6,9 @@ import json
 import uuid
 
 import asyncpg
+import pytest
 
-from flowcraft_backends import RunningService
+from flowcraft_backends import RestartUnsupported, RunningService
 
 
 async def test_jsonb_set_with_parameterised_path(postgres_service: RunningService) -> None:
@@ -36,4 +37,24 @@ async def test_jsonb_set_with_parameterised_path(postgres_service: RunningServic
         assert status == "done"
     finally:
         await conn.execute(f"DROP TABLE IF EXISTS {table}")
+        await conn.close()
+
+
+async def test_restart_keeps_port_and_data(postgres_service: RunningService) -> None:
+    if postgres_service.how != "local":
+        with pytest.raises(RestartUnsupported):
+            postgres_service.restart()
+        return
+    table = f"smoke_{uuid.uuid4().hex[:12]}"
+    conn = await asyncpg.connect(postgres_service.url)
+    await conn.execute(f"CREATE TABLE {table} AS SELECT 42 AS answer")
+    await conn.close()
+
+    postgres_service.restart()
+
+    conn = await asyncpg.connect(postgres_service.url)
+    try:
+        assert await conn.fetchval(f"SELECT answer FROM {table}") == 42
+    finally:
+        await conn.execute(f"DROP TABLE {table}")
         await conn.close()
