@@ -24,7 +24,7 @@ ACCESS_KEY = "testing"  # any value works with moto
 
 class MotoService(ToolService):
     name = "moto"
-    docker_image = "motoserver/moto:5.1.4"
+    docker_image = "motoserver/moto:5.2.5"
     docker_port = 5000
     ready_timeout: ClassVar[float] = 30.0
     install_hint = f"venv {MOTO_REQUIREMENT}"
