@@ -245,8 +245,10 @@ class BaseDistributedAdapter(ABC):
         info = await self.get_status(run_id)
         if info.status not in FINAL_STATUSES:
             return None
-        ctx = self.create_context(run_id)
-        return FinalResult(run_id, info.status, _user_view(await ctx.to_dict()), info.errors)
+        stored = await self.create_context(run_id).get(_RESULT)
+        if stored is None:
+            return None  # claimed but not published yet (or its finalizer died: reconcile)
+        return FinalResult(run_id, stored["status"], stored["context"], stored["errors"])
 
     async def wait_for_result(
         self,
@@ -562,7 +564,7 @@ class BaseDistributedAdapter(ABC):
         if result is not None:
             scope = await self._scope(job, result, deltas)
             chosen = route(analysis, node_id, result, scope, self.runtime.evaluator)
-            handed = {e.index: self._handover(e, result.output, scope) for e in chosen}
+            handed = {e.index: self._handover(analysis, e, result.output, scope) for e in chosen}
             ops.append(PatchOperation("set", K.output(node_id), result.output))
         else:
             handed = {}
@@ -590,9 +592,17 @@ class BaseDistributedAdapter(ABC):
             )
         await self._follow_up(job, generation, redrive=False, decision=decision)
 
-    def _handover(self, edge: Edge, output: Any, scope: Mapping[str, Any]) -> Any:
+    def _handover(
+        self, analysis: GraphAnalysis, edge: Edge, output: Any, scope: Mapping[str, Any]
+    ) -> Any:
+        """What the edge hands its target: a reference to the source's output key, the
+        output itself, or the edge's transform of it.
+
+        By value inside a loop that has an ``any`` join: the branch that join did not
+        wait for can lag an iteration behind, and by the time it runs the output key
+        holds the next iteration's output."""
         if edge.transform is None:
-            return _REF
+            return output if edge.intra and _has_any_join(analysis, edge.source) else _REF
         return self.runtime.apply_edge_transform(edge.definition, output, scope)
 
     async def _scope(
@@ -864,15 +874,26 @@ class BaseDistributedAdapter(ABC):
         )
         if not won and await self.coordination_store.get(final_key) != claim:
             return
-        if errors is None and status == "failed" and owner:
-            recorded = await ctx.get(K.error(owner))
-            errors = [recorded] if recorded is not None else None
-        if errors is None:
-            record = await ctx.get(K.STATUS)
-            errors = list((record or {}).get("errors", [])) if status == "failed" else []
-        await ctx.patch([PatchOperation("set", K.STATUS, {"status": status, "errors": errors})])
-        result = FinalResult(run_id, status, _user_view(await ctx.to_dict()), errors)
+        # The result is computed once and kept: nodes nobody waits for (the branches an
+        # ``any`` join or a failure left running) may still commit, so a finalizer
+        # redone after a crash must publish the same result, not a fresh view.
+        stored = await ctx.get(_RESULT)
+        if stored is None:
+            if errors is None and status == "failed" and owner:
+                recorded = await ctx.get(K.error(owner))
+                errors = [recorded] if recorded is not None else None
+            if errors is None:
+                record = await ctx.get(K.STATUS)
+                errors = list((record or {}).get("errors", [])) if status == "failed" else []
+            state = _user_view(await ctx.to_dict())
+            stored = {"status": status, "errors": errors, "context": state}
+            await ctx.patch([PatchOperation("set", _RESULT, stored)])
+        errors = stored["errors"]
+        result = FinalResult(run_id, status, stored["context"], errors)
         await self.publish_final_result(run_id, result)
+        # Recorded only once published: a job (or reconcile) that finds the run final in
+        # its context drops it, so a crash before this line must leave it running.
+        await ctx.patch([PatchOperation("set", K.STATUS, {"status": status, "errors": errors})])
         await self._tidy(run_id, ctx, analysis)
         await emit(
             self.event_bus,
@@ -908,6 +929,7 @@ class BaseDistributedAdapter(ABC):
 
 
 _REF = "__ref__"
+_RESULT = K.RESERVED_PREFIX + "result"  # the published FinalResult, kept for republishing
 
 
 def _record(source: str, taken: Edge | None, handed: Mapping[int, Any]) -> dict[str, Any]:
@@ -919,6 +941,15 @@ def _record(source: str, taken: Edge | None, handed: Mapping[int, Any]) -> dict[
         "skip": False,
         "inputs": {source: {"ref": K.output(source)} if item == _REF else {"value": item}},
     }
+
+
+def _has_any_join(analysis: GraphAnalysis, node_id: str) -> bool:
+    """Whether the loop around ``node_id`` has an ``any`` join (see ``_handover``)."""
+    loop = analysis.loop_of.get(node_id)
+    return loop is not None and any(
+        analysis.nodes[n].join_strategy == "any" and len(analysis.preds_loop[n]) > 1
+        for n in loop.nodes
+    )
 
 
 def _claimed_status(claim: str | None) -> str | None:

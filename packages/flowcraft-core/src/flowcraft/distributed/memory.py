@@ -220,10 +220,6 @@ class InMemoryAdapter(BaseDistributedAdapter):
                     update={"attempt": attempt, "is_last_attempt": attempt >= attempts}
                 )
             await handler(job)
-        except asyncio.CancelledError:
-            # The worker died mid-job: the queue redelivers it (still in flight).
-            self.broker.queue.put_nowait(delivery)
-            raise
         except Exception as exc:
             if job_disposition(exc) == "dead-letter":
                 logger.warning("dead-lettering job %r: %s", delivery.job, exc)
@@ -234,6 +230,11 @@ class InMemoryAdapter(BaseDistributedAdapter):
                 loop = asyncio.get_running_loop()
                 loop.call_later(delay, self.broker.queue.put_nowait, delivery)
                 return
+        except BaseException:
+            # The worker died mid-job (cancelled, or a simulated crash that no handler
+            # may catch): the queue redelivers the job, which is still in flight.
+            self.broker.queue.put_nowait(delivery)
+            raise
         self.broker.done()
 
     async def run_until_idle(self, timeout: float = 30.0) -> None:  # noqa: ASYNC109
