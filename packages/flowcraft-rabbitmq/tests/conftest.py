@@ -61,7 +61,9 @@ class Namespace:
 
 @pytest.fixture(scope="session")
 def backends(
-    rabbitmq_service: RunningService, postgres_service: RunningService, redis_service: RunningService
+    rabbitmq_service: RunningService,
+    postgres_service: RunningService,
+    redis_service: RunningService,
 ) -> Backends:
     return Backends(rabbitmq_service.url, postgres_service.url, redis_service.url)
 

@@ -34,7 +34,7 @@ from aio_pika.abc import (
 )
 from aio_pika.exceptions import CONNECTION_EXCEPTIONS, PublishError
 
-from flowcraft_rabbitmq._settings import HEADER_ERROR, Topology
+from flowcraft_rabbitmq._settings import DELAY_BUCKETS_MS, HEADER_ERROR, Topology
 
 __all__ = ["Broker", "DeadLetter"]
 
@@ -271,16 +271,21 @@ class Broker:
 
     async def depths(self) -> dict[str, int]:
         """Messages ready in the work queue, the dead-letter queue and each delay queue."""
-        channel = await self._publisher()
+        publisher = await self._publisher()
+        for bucket in DELAY_BUCKETS_MS:
+            await self._ensure_delay_queue(publisher, bucket)
+        # Passive declarations on a fresh channel: a robust channel answers a passive
+        # declaration of a queue it declared from its cache.
+        connection = await self.connection()
+        channel = await connection.channel(publisher_confirms=False)
         depths: dict[str, int] = {}
-        names = [self.topology.queue, self.topology.dead_queue]
-        for name in names:
-            queue = await channel.declare_queue(name, passive=True)
-            depths[name] = int(queue.declaration_result.message_count or 0)
-        for bucket in (int(n.rsplit(".", 1)[-1]) for n in self.topology.delay_queues()):
-            name = await self._ensure_delay_queue(channel, bucket)
-            queue = await channel.declare_queue(name, passive=True)
-            depths[name] = int(queue.declaration_result.message_count or 0)
+        try:
+            names = self.topology
+            for name in [names.queue, names.dead_queue, *names.delay_queues()]:
+                queue = await channel.declare_queue(name, passive=True, robust=False)
+                depths[name] = int(queue.declaration_result.message_count or 0)
+        finally:
+            await channel.close()
         return depths
 
     async def delete_topology(self) -> None:

@@ -149,6 +149,14 @@ def _translated(run_id: str) -> Iterator[None]:
         raise StateLimitError(f"run {run_id!r}: the state is too large for a row: {exc}") from exc
 
 
+async def _no_reset(connection: Any) -> None:
+    """Release connections without asyncpg's reset query (a round trip per release).
+
+    The store's statements leave no session state behind (no LISTEN, cursors,
+    session advisory locks or SET), so its own pool has nothing to reset.
+    """
+
+
 def collapse(ops: Sequence[PatchOperation]) -> tuple[list[str], dict[str, Any]]:
     """A patch's net effect per key: (keys deleted, {key: value} set), disjoint.
 
@@ -178,7 +186,9 @@ class PostgresRunStore:
         schema: the PostgreSQL schema of both tables (default: the search path).
         create_schema: create or migrate the tables on first use.
         **pool_kwargs: with ``dsn``, passed to ``asyncpg.create_pool`` (``ssl`` for
-            TLS, ``min_size``, ``max_size``, ``statement_cache_size``, ...).
+            TLS, ``min_size``, ``max_size``, ``statement_cache_size``, ...). The
+            store's own pool skips asyncpg's reset query on release (nothing to
+            reset); a given pool is used as configured.
     """
 
     def __init__(
@@ -215,7 +225,12 @@ class PostgresRunStore:
         async with self._lock:
             if not self._ready:
                 if self._pool is None:
-                    kwargs = {"min_size": 1, "max_size": 10, **self._pool_kwargs}
+                    kwargs = {
+                        "min_size": 1,
+                        "max_size": 10,
+                        "reset": _no_reset,
+                        **self._pool_kwargs,
+                    }
                     self._pool = await asyncpg.create_pool(self._dsn, **kwargs)
                 if self._create_schema:
                     await self.migrate()
