@@ -12,9 +12,9 @@ from typing import Any
 import asyncpg
 import pytest
 import redis.asyncio as redis_asyncio
+
 from flowcraft import RuntimeOptions
 from flowcraft_backends import RunningService
-
 from flowcraft_rabbitmq import RabbitMQAdapter
 from flowcraft_rabbitmq._broker import Broker
 from flowcraft_rabbitmq._settings import SqlNames, Topology

@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+
 from flowcraft import RuntimeOptions
 from flowcraft.distributed.adapter import BaseDistributedAdapter
 from flowcraft.testing import AdapterConformanceTests, AdapterFactory
-
 from flowcraft_rabbitmq import RabbitMQAdapter
 
 from .conftest import Namespace

@@ -9,8 +9,8 @@ from typing import Any
 
 import asyncpg
 import pytest
-from flowcraft import PatchOperation, SerializationError
 
+from flowcraft import PatchOperation, SerializationError
 from flowcraft_rabbitmq import SCHEMA_VERSION, PostgresContext, PostgresRunStore
 
 from .conftest import Backends
@@ -105,7 +105,8 @@ async def test_patch_is_one_statement_with_constant_text(
         texts.add(logged.queries[0])
     assert len(texts) == 1, "the patch statement changes with its operations"
     (text,) = texts
-    assert "||" in text and "- $2::text[]" in text
+    assert "||" in text
+    assert "- $2::text[]" in text
 
 
 async def test_patch_applies_operations_in_order(store: PostgresRunStore) -> None:
@@ -121,7 +122,8 @@ async def test_patch_applies_operations_in_order(store: PostgresRunStore) -> Non
         ]
     )
     assert await ctx.to_dict() == {"a": 2, "c": None}
-    assert await ctx.has("c") and await ctx.get("c") is None
+    assert await ctx.has("c")
+    assert await ctx.get("c") is None
     assert not await ctx.has("b")
     assert await ctx.get_many(["a", "b", "c", "zzz"]) == {"a": 2, "c": None}
     assert await ctx.get_many([]) == {}

@@ -9,9 +9,9 @@ from typing import Any
 
 import aio_pika
 import pytest
+
 from flowcraft import Flow, NodeContext, RuntimeOptions
 from flowcraft.distributed.payload import JobPayload
-
 from flowcraft_rabbitmq import RabbitMQAdapter
 from flowcraft_rabbitmq._settings import HEADER_ATTEMPT, HEADER_ERROR, HEADER_MAX_ATTEMPTS
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from flowcraft import PatchOperation, RuntimeOptions
 
+from flowcraft import PatchOperation, RuntimeOptions
 from flowcraft_rabbitmq import RabbitMQAdapter
 from flowcraft_rabbitmq._settings import (
     DELAY_BUCKETS_MS,
