@@ -4,6 +4,10 @@ The venv lives under ``tools/moto/venv`` so the test environment's
 dependencies stay untouched. Any credentials and region work; ``extra``
 carries the ones clients should use. Reset all state with
 ``POST {url}/moto-api/reset``.
+
+The local server runs through ``_moto_atomic.py``, which applies DynamoDB
+requests one at a time: moto itself has no locking, so concurrent updates of one
+item can be lost, unlike real DynamoDB (see that module).
 """
 
 from __future__ import annotations
@@ -34,7 +38,9 @@ class MotoService(ToolService):
         venv_install("moto", MOTO_REQUIREMENT)
 
     def start_local(self, port: int, workdir: Path) -> LocalProcess:
-        argv = [str(self.executable()), "-H", "127.0.0.1", "-p", str(port)]
+        python = self.executable().parent / "python"
+        wrapper = Path(__file__).with_name("_moto_atomic.py")
+        argv = [str(python), str(wrapper), "-H", "127.0.0.1", "-p", str(port)]
         return self.spawn(argv, port, workdir)
 
     def local_url(self, port: int) -> str:
