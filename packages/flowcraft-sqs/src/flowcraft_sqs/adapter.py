@@ -54,8 +54,6 @@ from flowcraft_sqs._client import (
     AwsClients,
     AwsSettings,
     error_code,
-    is_conditional_failure,
-    item_key,
 )
 from flowcraft_sqs._setup import ACTIVE_RUNS_INDEX
 from flowcraft_sqs.context import DEFAULT_MAX_STATE_BYTES, DynamoDbContext, RunTable
@@ -254,45 +252,18 @@ class SqsAdapter(BaseDistributedAdapter):
         await self.clients.sqs_call("send_message", **params)
 
     async def publish_final_result(self, run_id: str, result: FinalResult) -> None:
-        """Write the result item once (a conditional put: a second publish is a no-op)."""
-        table = self.runs
-        expires = int((time.time() + self.state_ttl_seconds) * 1000)
-        try:
-            await self.clients.dynamodb_call(
-                "put_item",
-                TableName=table.table_name,
-                Item={
-                    "pk": {"S": item_key(table.namespace, "result", run_id)},
-                    "r": {"S": table.serializer.dumps(result.to_json_dict())},
-                    "x": {"N": str(expires)},
-                    "ttl": {"N": str(expires // 1000 + 1)},
-                },
-                ConditionExpression="attribute_not_exists(pk)",
-            )
-        except Exception as exc:
-            if is_conditional_failure(exc):
-                return
-            if error_code(exc) == "ValidationException" and "size" in str(exc).lower():
-                # The state itself fits, the result item does not: readers fall back to
-                # the state (get_final_result), so the run is still observable.
-                self.logger.error("run %s: final result too large to publish: %s", run_id, exc)
-                return
-            raise
+        """Mark the run's result item published (writing the result if it is not there
+        yet; a result already kept stays as it is). Idempotent: one ``UpdateItem``."""
+        stored = {"status": result.status, "errors": result.errors, "context": result.context}
+        await self.runs.write_result(run_id, stored, published=True)
 
     async def get_final_result(self, run_id: str) -> FinalResult | None:
-        """The published result item (one read); before it exists, the base class's view."""
-        table = self.runs
-        response = await self.clients.dynamodb_call(
-            "get_item",
-            TableName=table.table_name,
-            Key={"pk": {"S": item_key(table.namespace, "result", run_id)}},
-            ConsistentRead=True,
-        )
-        item = response.get("Item")
-        if item is not None:
-            data = table.serializer.loads(item["r"]["S"])
-            return FinalResult(run_id, data["status"], data["context"], data.get("errors", []))
-        return await super().get_final_result(run_id)
+        """The published result: one ``GetItem`` of the run's result item."""
+        found = await self.runs.read_result(run_id)
+        if found is None or not found[1]:
+            return None
+        data = found[0]
+        return FinalResult(run_id, data["status"], data["context"], data.get("errors", []))
 
     # ------------------------------------------------------------ queue-native retries
 

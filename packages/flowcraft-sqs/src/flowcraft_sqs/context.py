@@ -12,6 +12,11 @@ Item layout (partition key ``pk = namespace/run/<run id>``):
 ``rid``    the run id, only when it is too long to be part of ``pk``
 =========  =====================================================================
 
+The run's final result (``_flowcraft.result``, which the base class stores once at
+finalization) is as large as the state itself, so it lives in its own item
+(``namespace/result/<run id>``, attribute ``r``, first write wins) instead of
+doubling the run's item; ``publish_final_result`` marks that item published.
+
 Keys never appear inside expression text: every attribute name goes through
 ``ExpressionAttributeNames`` (``#n0``, ``#n1``, ...) and every value through
 ``ExpressionAttributeValues``.
@@ -44,13 +49,15 @@ from flowcraft_sqs._client import (
     validate_namespace,
 )
 
-__all__ = ["DEFAULT_MAX_STATE_BYTES", "DynamoDbContext", "RunTable"]
+__all__ = ["DEFAULT_MAX_STATE_BYTES", "RESULT_KEY", "DynamoDbContext", "RunTable"]
 
 DEFAULT_MAX_STATE_BYTES = 390_000
 """Context bytes a run may hold: under DynamoDB's 400 KB item limit (409,600 bytes;
 moto's is 405,000), leaving room for the bookkeeping attributes and the key."""
 
 ATTR_PREFIX = "c:"
+RESULT_KEY = K.RESERVED_PREFIX + "result"
+"""The context key under which the base class keeps a run's final result (see above)."""
 _FINAL = frozenset({"completed", "failed", "cancelled"})
 # DynamoDB's limit on one expression string (UpdateExpression, ProjectionExpression).
 _MAX_EXPRESSION = 4096
@@ -89,6 +96,51 @@ class RunTable:
 
     def run_key(self, run_id: str) -> str:
         return item_key(self.namespace, "run", run_id)
+
+    def result_key(self, run_id: str) -> dict[str, Any]:
+        return {"pk": {"S": item_key(self.namespace, "result", run_id)}}
+
+    def expiry(self) -> dict[str, Any]:
+        """``:x`` and ``:t`` expression values: ``state_ttl_seconds`` from now."""
+        expires = _now_ms() + int(self.state_ttl_seconds * 1000)
+        return {":x": {"N": str(expires)}, ":t": {"N": str(expires // 1000 + 1)}}
+
+    async def write_result(self, run_id: str, result: Any, *, published: bool) -> None:
+        """Keep the first final result of a run in its result item (later writes keep it);
+        ``published`` also marks it published."""
+        names = {"#r": "r", "#x": "x", "#t": "ttl"}
+        values = {":r": {"S": self.serializer.dumps(result)}, **self.expiry()}
+        expression = "SET #r = if_not_exists(#r, :r), #x = :x, #t = :t"
+        if published:
+            names["#p"] = "p"
+            values[":p"] = {"BOOL": True}
+            expression += ", #p = :p"
+        try:
+            await self.clients.dynamodb_call(
+                "update_item",
+                TableName=self.table_name,
+                Key=self.result_key(run_id),
+                UpdateExpression=expression,
+                ExpressionAttributeNames=names,
+                ExpressionAttributeValues=values,
+            )
+        except Exception as exc:
+            if error_code(exc) == "ValidationException" and "size" in str(exc).lower():
+                raise StateLimitError(
+                    f"run {run_id!r}: the final result does not fit in one DynamoDB item "
+                    f"(400 KB): {exc}"
+                ) from exc
+            raise
+
+    async def read_result(self, run_id: str) -> tuple[Any, bool] | None:
+        """The stored final result and whether it was published, or None."""
+        response = await self.clients.dynamodb_call(
+            "get_item", TableName=self.table_name, Key=self.result_key(run_id), ConsistentRead=True
+        )
+        item = response.get("Item")
+        if not item or "r" not in item or int(item.get("x", {"N": "0"})["N"]) <= _now_ms():
+            return None
+        return self.serializer.loads(item["r"]["S"]), bool(item.get("p", {}).get("BOOL"))
 
     def run_id_of(self, item: Mapping[str, Any]) -> str:
         """The run id of an item (or index entry) of this table's runs."""
@@ -137,6 +189,11 @@ class DynamoDbContext(BaseAsyncContext):
         the projection would pass DynamoDB's 4 KB expression limit)."""
         wanted = list(dict.fromkeys(keys))
         found: dict[str, Any] = {}
+        if RESULT_KEY in wanted:
+            wanted.remove(RESULT_KEY)
+            stored = await self.table.read_result(self.run_id)
+            if stored is not None:
+                found[RESULT_KEY] = stored[0]
         if not wanted:
             return found
         for chunk in _projection_chunks(wanted):
@@ -189,6 +246,15 @@ class DynamoDbContext(BaseAsyncContext):
                 patch is too large for one DynamoDB expression.
             SerializationError: a value is not JSON.
         """
+        ops = list(ops)
+        if any(op.key == RESULT_KEY for op in ops):
+            # The final result goes to its own item (the base class writes it alone).
+            result = [op for op in ops if op.key == RESULT_KEY][-1]
+            ops = [op for op in ops if op.key != RESULT_KEY]
+            if result.op == "set":
+                await self.table.write_result(self.run_id, result.value, published=False)
+            else:
+                await self._call("delete_item", Key=self.table.result_key(self.run_id))
         plan = _Plan.build(self, ops)
         if not plan.sets and not plan.removes:
             return
@@ -344,15 +410,8 @@ class _Plan:
         for j, name in enumerate(self.removes, start=offset):
             names[f"#n{j}"] = name
             remove_parts.append(f"#n{j}")
-        expires = now + int(table.state_ttl_seconds * 1000)
         names.update({"#x": "x", "#t": "ttl", "#u": "u", "#sz": "sz"})
-        values.update(
-            {
-                ":x": {"N": str(expires)},
-                ":t": {"N": str(expires // 1000 + 1)},
-                ":u": {"N": str(now)},
-            }
-        )
+        values.update({**table.expiry(), ":u": {"N": str(now)}})
         set_parts += ["#x=:x", "#t=:t", "#u=:u"]
         if self.status is not None:
             names["#st"] = "st"
