@@ -654,3 +654,24 @@ def test_version() -> None:
     result = invoke("--version")
     assert result.exit_code == 0
     assert result.stdout.startswith("flowcraft, version ")
+
+
+def test_the_command_leaves_logging_and_sys_path_as_it_found_them(tmp_path: Path) -> None:
+    import logging
+    import sys
+
+    log = logging.getLogger("flowcraft")
+    handlers, level, path = list(log.handlers), log.level, list(sys.path)
+    reg = write(tmp_path, "reg_cleanup.py", REGISTRY_MODULE)
+    result = invoke("-v", "run", shout_blueprint(tmp_path), "--registry", f"{reg}:REGISTRY", "-q")
+    assert result.exit_code == 0, result.output
+    assert log.handlers == handlers
+    assert log.level == level
+    assert sys.path == path
+
+
+def test_verbose_logs_node_failures_on_stderr(tmp_path: Path) -> None:
+    result = invoke("-v", "run", write(tmp_path, "failing.py", FAILING), "-q")
+    assert result.exit_code == 1
+    assert "INFO flowcraft.runtime:" in result.stderr
+    assert "disk on fire" in result.stderr

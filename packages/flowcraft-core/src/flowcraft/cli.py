@@ -20,7 +20,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -75,15 +75,33 @@ class _ClickHandler(logging.Handler):
             self.handleError(record)
 
 
-def _configure_logging(verbosity: int) -> None:
-    root = logging.getLogger("flowcraft")
-    if not any(isinstance(h, _ClickHandler) for h in root.handlers):
-        handler = _ClickHandler()
-        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-        root.addHandler(handler)
-    root.setLevel(
+def _configure_logging(verbosity: int) -> Callable[[], None]:
+    """Send flowcraft's log records to stderr; returns what undoes it (the command may
+    run inside another program, such as a test session)."""
+    log = logging.getLogger("flowcraft")
+    previous = log.level
+    handler = _ClickHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(
         logging.WARNING if verbosity <= 0 else logging.INFO if verbosity == 1 else logging.DEBUG
     )
+
+    def undo() -> None:
+        log.removeHandler(handler)
+        log.setLevel(previous)
+
+    return undo
+
+
+def _importable(folder: str) -> None:
+    """Put ``folder`` first on ``sys.path`` for the rest of this command."""
+    if folder in sys.path:
+        return
+    sys.path.insert(0, folder)
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None:
+        ctx.call_on_close(lambda: sys.path.remove(folder) if folder in sys.path else None)
 
 
 # --------------------------------------------------------------------------- loading
@@ -103,9 +121,7 @@ class Target:
 
 def _import_file(path: Path) -> ModuleType:
     """Import a Python file as a fresh module; its folder is importable (sibling modules)."""
-    folder = str(path.parent.resolve())
-    if folder not in sys.path:
-        sys.path.insert(0, folder)
+    _importable(str(path.parent.resolve()))
     name = f"_flowcraft_cli_{path.stem}_{next(_module_counter)}"
     spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:
@@ -156,9 +172,7 @@ def _load_registry(spec: str) -> dict[str, NodeImplementation]:
             _bad(f"--registry: no such file {module_part!r}")
         module = _import_file(path)
     else:
-        cwd = str(Path.cwd())
-        if cwd not in sys.path:
-            sys.path.insert(0, cwd)
+        _importable(str(Path.cwd()))
         try:
             module = importlib.import_module(module_part)
         except Exception as exc:
@@ -425,7 +439,7 @@ def _execute(work: Coroutine[Any, Any, WorkflowResult]) -> WorkflowResult:
 @click.option("-v", "--verbose", count=True, help="Log more (-v info, -vv debug) to stderr.")
 def main(verbose: int) -> None:
     """Run, resume, draw and check flowcraft workflows."""
-    _configure_logging(verbose)
+    click.get_current_context().call_on_close(_configure_logging(verbose))
 
 
 _FILE = click.argument("file", metavar="FILE.py|BLUEPRINT.json")
