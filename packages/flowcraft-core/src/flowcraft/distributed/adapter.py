@@ -876,8 +876,19 @@ class BaseDistributedAdapter(ABC):
             return
         # The result is computed once and kept: nodes nobody waits for (the branches an
         # ``any`` join or a failure left running) may still commit, so a finalizer
-        # redone after a crash must publish the same result, not a fresh view.
+        # redone after a crash must publish the same result, not a fresh view. One
+        # finalizer at a time computes it (duplicates of a job can finalize together).
         stored = await ctx.get(_RESULT)
+        if stored is None:
+            lock = K.lease(self.key_prefix, run_id, "", 0)
+            if not await self.coordination_store.set_if_not_exist(
+                lock, self.worker_id, self.lease_seconds
+            ):
+                raise RetryJob(
+                    f"run {run_id!r} is being finalized elsewhere",
+                    delay_seconds=min(self.lease_seconds / 3, 5.0),
+                )
+            stored = await ctx.get(_RESULT)
         if stored is None:
             if errors is None and status == "failed" and owner:
                 recorded = await ctx.get(K.error(owner))

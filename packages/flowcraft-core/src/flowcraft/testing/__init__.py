@@ -22,6 +22,17 @@ from flowcraft.testing.adapter import (  # noqa: E402
 )
 from flowcraft.testing.store import CoordinationStoreTests, ManualClock  # noqa: E402
 
+_SIMULATION = frozenset({"SimulatedCrash", "SimulationReport", "VirtualTimeLoop", "run_seed"})
+
+
+def __getattr__(name: str) -> object:
+    # Lazy, so ``python -m flowcraft.testing.simulation`` does not import it twice.
+    if name in _SIMULATION:
+        from flowcraft.testing import simulation
+
+        return getattr(simulation, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 __all__ = [
     "AdapterConformanceTests",
     "AdapterFactory",
@@ -30,4 +41,8 @@ __all__ = [
     "Fleet",
     "ManualClock",
     "SideEffects",
+    "SimulatedCrash",
+    "SimulationReport",
+    "VirtualTimeLoop",
+    "run_seed",
 ]

@@ -433,6 +433,7 @@ class Simulation:
         self.retry_mode = "queue" if rng.random() < 0.25 else "in-process"
         self.yield_rate = rng.choice([0.0, 0.3, 0.7])
         self.delay_rate = rng.choice([0.0, 0.05])
+        self.reorder_rate = rng.choice([0.0, 0.3])  # queues need not keep jobs in order
         names = shapes or [rng.choice(list(SHAPES)) for _ in range(rng.choice([1, 1, 2]))]
         self.runs: list[_Run] = []
         for i, name in enumerate(names):
@@ -465,6 +466,7 @@ class Simulation:
             f"seed {self.seed}: shapes={[r.shape.name for r in self.runs]} "
             f"workers={self.worker_count}x{self.concurrency} dup={self.duplicate_rate} "
             f"retry={self.retry_mode} yield={self.yield_rate} delay={self.delay_rate} "
+            f"reorder={self.reorder_rate} "
             f"flaky={self.flaky_rate} faults={self.faults}"
         )
 
@@ -628,8 +630,13 @@ class Simulation:
                 self._new_worker()
             self.graveyard = [w for w in self.graveyard if w.slots]
             free = [w for w in self.workers if len(w.slots) < w.concurrency]
-            if free and not self.broker.queue.empty():
-                self._spawn(self.rng.choice(free), self.broker.queue.get_nowait())
+            queue = self.broker.queue
+            if free and not queue.empty():
+                delivery = queue.get_nowait()
+                if queue.qsize() and self.rng.random() < self.reorder_rate:
+                    queue.put_nowait(delivery)  # overtaken by the next job
+                    continue
+                self._spawn(self.rng.choice(free), delivery)
                 if self.rng.random() < 0.5:
                     await asyncio.sleep(0)
                 continue
