@@ -448,3 +448,18 @@ async def test_large_chain_has_no_step_cap() -> None:
     flow.chain(*(f"n{i}" for i in range(n)))
     result = await FlowRuntime().run(flow)
     assert result.output(f"n{n - 1}") == n
+
+
+async def test_flows_sharing_node_ids_keep_their_own_callables() -> None:
+    child = Flow("child").node("work", lambda c: "child")
+    parent = (
+        Flow("parent")
+        .node("work", lambda c: "parent")
+        .subflow("call", "child")
+        .chain("work", "call")
+    )
+    runtime = FlowRuntime()
+    runtime.blueprint(child)
+    result = await runtime.run(parent)
+    assert result.output("work") == "parent"
+    assert result.output("call")["_outputs.work"] == "child"

@@ -607,7 +607,7 @@ def mermaid(blueprint: WorkflowBlueprint) -> str:
     lines = ["flowchart TD"]
     for node in blueprint.nodes:
         label = _mermaid_text(node.id)
-        if node.uses != node.id:
+        if node.uses not in (node.id, f"{blueprint.id}.{node.id}"):  # not a Flow callable
             label += f"<br/><small>{_mermaid_text(node.uses)}</small>"
         if node.uses == WAIT:
             shape = f'{{{{"{label}"}}}}'

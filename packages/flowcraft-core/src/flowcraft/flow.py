@@ -17,7 +17,7 @@ __all__ = ["Flow"]
 class Flow:
     """A workflow builder.
 
-    ``node(id, fn)`` registers a callable under ``uses=id``; ``node(id, "key")``
+    ``node(id, fn)`` registers a callable under ``uses="<flow id>.<id>"``; ``node(id, "key")``
     refers to an implementation registered elsewhere (a worker's registry). Every
     method returns the flow, so calls chain.
     """
@@ -50,7 +50,9 @@ class Flow:
         if isinstance(implementation, str):
             uses = implementation
         elif callable(implementation):
-            uses = node_id
+            # Keyed by flow and node, so flows sharing a runtime (or a worker) never
+            # swap each other's callables.
+            uses = f"{self.id}.{node_id}"
             self._registry[uses] = implementation
         else:
             raise BlueprintError(
@@ -151,7 +153,7 @@ class Flow:
         if isinstance(worker, str):
             key = worker
         else:
-            key = f"{node_id}.worker"
+            key = f"{self.id}.{node_id}.worker"
             self._registry[key] = worker
         batch_params: dict[str, Any] = {"worker": key, "concurrency": concurrency}
         if params:
