@@ -878,7 +878,8 @@ class BaseDistributedAdapter(ABC):
         # ``any`` join or a failure left running) may still commit, so a finalizer
         # redone after a crash must publish the same result, not a fresh view. One
         # finalizer at a time computes it (duplicates of a job can finalize together).
-        stored = await ctx.get(_RESULT)
+        found = await ctx.get_many([_RESULT, K.STATUS, K.error(owner)])
+        stored = found.get(_RESULT)
         if stored is None:
             lock = K.lease(self.key_prefix, run_id, "", 0)
             if not await self.coordination_store.set_if_not_exist(
@@ -890,14 +891,12 @@ class BaseDistributedAdapter(ABC):
                 )
             stored = await ctx.get(_RESULT)
         if stored is None:
-            if errors is None and status == "failed" and owner:
-                recorded = await ctx.get(K.error(owner))
-                errors = [recorded] if recorded is not None else None
-            if errors is None:
-                record = await ctx.get(K.STATUS)
-                errors = list((record or {}).get("errors", [])) if status == "failed" else []
+            if errors is None and status == "failed":
+                recorded = found.get(K.error(owner)) if owner else None
+                record = found.get(K.STATUS) or {}
+                errors = [recorded] if recorded is not None else list(record.get("errors", []))
             state = _user_view(await ctx.to_dict())
-            stored = {"status": status, "errors": errors, "context": state}
+            stored = {"status": status, "errors": errors or [], "context": state}
             await ctx.patch([PatchOperation("set", _RESULT, stored)])
         errors = stored["errors"]
         result = FinalResult(run_id, status, stored["context"], errors)

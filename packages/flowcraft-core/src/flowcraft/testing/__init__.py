@@ -19,6 +19,7 @@ from flowcraft.testing.adapter import (  # noqa: E402
     ContextMeter,
     Fleet,
     SideEffects,
+    meter_contexts,
 )
 from flowcraft.testing.store import CoordinationStoreTests, ManualClock  # noqa: E402
 
@@ -33,6 +34,7 @@ def __getattr__(name: str) -> object:
         return getattr(simulation, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
+
 __all__ = [
     "AdapterConformanceTests",
     "AdapterFactory",
@@ -44,5 +46,6 @@ __all__ = [
     "SimulatedCrash",
     "SimulationReport",
     "VirtualTimeLoop",
+    "meter_contexts",
     "run_seed",
 ]

@@ -66,6 +66,7 @@ __all__ = [
     "ContextMeter",
     "Fleet",
     "SideEffects",
+    "meter_contexts",
 ]
 
 AdapterFactory = Callable[..., BaseDistributedAdapter | Awaitable[BaseDistributedAdapter]]
@@ -317,12 +318,17 @@ class Fleet:
         adapter.publish_final_result = publish_final_result  # type: ignore[method-assign]
 
     def _meter_contexts(self, adapter: BaseDistributedAdapter) -> None:
-        create = adapter.create_context
+        meter_contexts(adapter, self.meter)
 
-        def create_context(run_id: str) -> AsyncContext:
-            return _MeteredContext(create(run_id), self.meter)
 
-        adapter.create_context = create_context  # type: ignore[method-assign]
+def meter_contexts(adapter: BaseDistributedAdapter, meter: ContextMeter) -> None:
+    """Count every operation (and its bytes) on the run contexts ``adapter`` creates."""
+    create = adapter.create_context
+
+    def create_context(run_id: str) -> AsyncContext:
+        return _MeteredContext(create(run_id), meter)
+
+    adapter.create_context = create_context  # type: ignore[method-assign]
 
 
 def _flows(*flows: Flow) -> RuntimeOptions:
