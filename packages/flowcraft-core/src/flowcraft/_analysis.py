@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from flowcraft.blueprint import EdgeDefinition, NodeDefinition, WorkflowBlueprint
 from flowcraft.errors import BlueprintError
@@ -43,18 +43,21 @@ class Edge:
     kind: EdgeKind
     intra: bool  # forward edge inside one loop
     definition: EdgeDefinition
+    action: str | None
+    condition: str | None
+    transform: str | None
 
-    @property
-    def action(self) -> str | None:
-        return self.definition.action
 
-    @property
-    def condition(self) -> str | None:
-        return self.definition.condition
+@dataclass(frozen=True, slots=True)
+class NodePlan:
+    """What the hot path needs about one node, found with one lookup."""
 
-    @property
-    def transform(self) -> str | None:
-        return self.definition.transform
+    node: NodeDefinition
+    output_key: str
+    params: Mapping[str, Any]
+    fallback: NodeDefinition | None
+    plain: bool  # no edge has an action, condition or transform
+    simple_next: Edge | None  # see GraphAnalysis.simple_next
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,7 +115,10 @@ class GraphAnalysis:
                     kind = "exit"
                 else:
                     kind = "forward"
-                built.append(Edge(i, nid, e.target, kind, kind == "forward" and same, e))
+                intra = kind == "forward" and same
+                built.append(
+                    Edge(i, nid, e.target, kind, intra, e, e.action, e.condition, e.transform)
+                )
             out[nid] = tuple(built)
         self.out = out
 
@@ -182,6 +188,17 @@ class GraphAnalysis:
                 target = only.target
                 if len(self.preds_first[target]) == 1 and len(self.preds_loop[target]) <= 1:
                     self.simple_next[n] = only
+        self.plans: dict[str, NodePlan] = {}
+        for n, node in self.nodes.items():
+            fb = node.config.fallback if node.config else None
+            self.plans[n] = NodePlan(
+                node,
+                "_outputs." + n,
+                node.params or {},
+                self.nodes[fb] if fb else None,
+                not any(e.action or e.condition or e.transform for e in out[n]),
+                self.simple_next.get(n),
+            )
 
     def required(self, node_id: str, generation: int) -> tuple[str, ...]:
         """The predecessors whose signals activation ``generation`` of the node waits for."""
@@ -201,7 +218,8 @@ class GraphAnalysis:
 
 def analyse(blueprint: WorkflowBlueprint) -> GraphAnalysis:
     """The analysis of a blueprint, computed once per blueprint object (kept on it)."""
-    found = blueprint._analysis
+    private = blueprint.__pydantic_private__  # a plain dict: no pydantic __getattr__
+    found = private.get("_analysis") if private else None
     if found is None:
         found = GraphAnalysis(blueprint)
         blueprint._analysis = found

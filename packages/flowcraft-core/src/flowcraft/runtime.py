@@ -375,12 +375,19 @@ class FlowRuntime:
             if bus is not None:
                 await emit(bus, FlowEvent("node:skipped", run.run_id, node_id))
             return run.traversal.resolve(node_id, act.generation, None, {})
-        node = run.analysis.nodes[node_id]
+        plan = run.analysis.plans[node_id]
+        node = plan.node
         tracking = TrackingContext(run.async_context)
+        if node.inputs is None and not act.gathered and len(act.inputs) == 1:
+            node_input = next(iter(act.inputs.values()))
+        else:
+            node_input = self.resolve_input(
+                node, act.inputs, run.context.data, gathered=act.gathered
+            )
         ctx = NodeContext(
             tracking,
-            self.resolve_input(node, act.inputs, run.context.data, gathered=act.gathered),
-            node.params or {},
+            node_input,
+            plan.params,
             self.options.dependencies,
             run.run_id,
             node_id,
@@ -392,7 +399,7 @@ class FlowRuntime:
         if bus is not None:
             await emit(bus, FlowEvent("node:start", run.run_id, node_id, {"input": ctx.input}))
         try:
-            result = await self.executor.execute(node, ctx, fallback=self._fallback_of(run, node))
+            result = await self.executor.execute(node, ctx, fallback=plan.fallback)
             if result.dynamic_nodes:
                 await self.run_dynamic_nodes(result, ctx)
         except NodeExecutionError as exc:
@@ -405,6 +412,14 @@ class FlowRuntime:
             if bus is not None:
                 await emit(bus, FlowEvent("node:awaiting", run.run_id, node_id))
             return []
+        if plan.simple_next is not None and plan.plain and not tracking.dirty and bus is None:
+            # A plain link in a chain: commit the output and follow the one edge.
+            if self.options.strict:
+                self.serializer.dumps(result.output)
+            run.context.data[plan.output_key] = result.output
+            nxt = plan.simple_next
+            gen = act.generation if nxt.intra else 1
+            return [Activation(nxt.target, gen, inputs={node_id: result.output})]
         ready = self._commit(run, act, result, tracking.ops if tracking.dirty else [])
         if bus is not None:
             await emit(
@@ -443,11 +458,6 @@ class FlowRuntime:
         except ExpressionError as exc:
             raise NodeExecutionError(str(exc), node_id=node_id, cause=exc) from exc
         return run.traversal.resolve(node_id, act.generation, chosen, inputs_for)
-
-    @staticmethod
-    def _fallback_of(run: _Run, node: NodeDefinition) -> NodeDefinition | None:
-        fallback = node.config.fallback if node.config else None
-        return run.analysis.nodes[fallback] if fallback else None
 
     # ---------------------------------------------------------------- single-step API
 
