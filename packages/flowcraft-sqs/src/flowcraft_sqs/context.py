@@ -208,7 +208,7 @@ class DynamoDbContext(BaseAsyncContext):
             )
             item = response.get("Item")
             if not item or self._expired(item):
-                return {}
+                break
             found.update(self._decode(item))
         return found
 
