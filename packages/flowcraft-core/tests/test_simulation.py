@@ -58,6 +58,8 @@ def test_the_simulation_injects_what_it_claims() -> None:
     assert set(shapes) == set(SHAPES)
     assert sum(r.crashes for r in reports) > 100
     assert sum(r.outages for r in reports) > 30
+    assert sum(r.lost_jobs for r in reports) > 20
+    assert sum(r.reconciled_runs for r in reports) > 10, "no lost job ever needed reconcile"
     traces = ["\n".join(r.trace) for r in reports]
     assert sum("running elsewhere" in t for t in traces) > 30, "no redelivery met a live lease"
     assert sum("dup=1.0" in t for t in traces) > 20

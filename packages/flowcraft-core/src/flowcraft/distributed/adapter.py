@@ -435,10 +435,14 @@ class BaseDistributedAdapter(ABC):
                 await heartbeat
 
     async def _heartbeat(self, lease_key: str) -> None:
-        """Keep the lease alive while a long node runs."""
+        """Keep the lease alive while a long node runs. A failed extension is tried
+        again at the next beat: giving up would let the lease lapse under a live job."""
         while True:
             await asyncio.sleep(self.lease_seconds / 3)
-            await self.coordination_store.extend_ttl(lease_key, self.lease_seconds)
+            try:
+                await self.coordination_store.extend_ttl(lease_key, self.lease_seconds)
+            except Exception as exc:
+                self.logger.warning("heartbeat of %s failed: %r", lease_key, exc)
 
     def _input_guess(self, analysis: GraphAnalysis, node_id: str, generation: int) -> list[str]:
         """Output keys the node's input probably comes from, read with the activation record."""

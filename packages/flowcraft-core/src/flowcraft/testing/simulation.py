@@ -107,6 +107,18 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
 # ---------------------------------------------------------------------------- faults
 
 
+@dataclass
+class _LossyBroker(InMemoryBroker):
+    """A broker that may lose an enqueued job (``lose`` says which)."""
+
+    lose: Callable[[JobPayload], bool] | None = None
+
+    def put(self, job: JobPayload) -> None:
+        if self.lose is not None and self.lose(job):
+            return
+        super().put(job)
+
+
 class SimulatedCrash(BaseException):
     """The worker process dies here. Not an ``Exception``: no adapter code may catch it."""
 
@@ -396,6 +408,7 @@ class SimulationReport:
     crashes: int = 0
     outages: int = 0
     deliveries: int = 0
+    lost_jobs: int = 0
     reconciled_runs: int = 0
     virtual_seconds: float = 0.0
 
@@ -409,8 +422,8 @@ class SimulationReport:
         lines += [f"FAILURE: {f}" for f in self.failures]
         lines.append(
             f"seed {self.seed}: {verdict} ({', '.join(self.shapes)}; {self.deliveries} deliveries,"
-            f" {self.crashes} crashes, {self.outages} outages, {self.reconciled_runs} runs"
-            f" needed reconcile, {self.virtual_seconds:.2f} virtual s)"
+            f" {self.crashes} crashes, {self.outages} outages, {self.lost_jobs} lost jobs,"
+            f" {self.reconciled_runs} runs needed reconcile, {self.virtual_seconds:.2f} virtual s)"
         )
         return "\n".join(lines)
 
@@ -448,6 +461,9 @@ class Simulation:
         self.faults: list[tuple[int, FaultKind]] = [
             (at, "crash" if rng.random() < 0.75 else "outage") for at in faults
         ]
+        self.lose_enqueue = rng.randint(1, activations) if rng.random() < 0.15 else 0
+        self.enqueues = 0
+        self.lost_runs: set[str] = set()
         self.trace: list[str] = []
         self.failures: list[str] = []
         self.executions: dict[str, list[_Execution]] = {}
@@ -467,7 +483,7 @@ class Simulation:
             f"workers={self.worker_count}x{self.concurrency} dup={self.duplicate_rate} "
             f"retry={self.retry_mode} yield={self.yield_rate} delay={self.delay_rate} "
             f"reorder={self.reorder_rate} "
-            f"flaky={self.flaky_rate} faults={self.faults}"
+            f"flaky={self.flaky_rate} faults={self.faults} lose-enqueue={self.lose_enqueue}"
         )
 
     def log(self, line: str) -> None:
@@ -503,6 +519,14 @@ class Simulation:
         return node
 
     # ------------------------------------------------------------------ fault hooks
+
+    def _lose(self, job: JobPayload) -> bool:
+        self.enqueues += 1
+        if self.enqueues != self.lose_enqueue:
+            return False
+        self.lost_runs.add(job.run_id)
+        self.log(f"LOST the enqueue of {job.run_id}/{job.node_id}")
+        return True
 
     async def _before_context(self, operation: str, run_id: str) -> None:
         await self._hook("before", operation, run_id)
@@ -666,6 +690,10 @@ class Simulation:
             run.reconciles += 1
             enqueued = await self.client.reconcile(run.run_id)
             self.log(f"RECONCILE {run.run_id} ({status}): {enqueued} jobs")
+            if run.run_id not in self.lost_runs:
+                self.failures.append(
+                    f"run {run.run_id} ({status}) needed reconcile although no job was lost"
+                )
             progressed = True
         return progressed
 
@@ -674,7 +702,8 @@ class Simulation:
         store = InMemoryCoordinationStore(
             clock=loop.time, before_op=self._before_store, after_op=self._after_store
         )
-        self.broker = InMemoryBroker(
+        self.broker = _LossyBroker(
+            lose=self._lose,
             store=store,
             duplicate_rate=self.duplicate_rate,
             seed=self.rng.randrange(2**32),
@@ -851,6 +880,7 @@ def run_seed(seed: int, shapes: list[str] | None = None) -> SimulationReport:
         crashes=sim.crashes,
         outages=sim.outages,
         deliveries=sim.deliveries,
+        lost_jobs=len(sim.lost_runs),
         reconciled_runs=sum(1 for r in sim.runs if r.reconciles),
         virtual_seconds=virtual,
     )
@@ -879,6 +909,7 @@ def cli(argv: list[str]) -> tuple[int, str]:
     lines.append(
         f"{len(reports)} seeds in {elapsed:.1f} s: {len(bad)} failed; "
         f"{sum(r.crashes for r in reports)} crashes, {sum(r.outages for r in reports)} outages, "
+        f"{sum(r.lost_jobs for r in reports)} lost jobs, "
         f"{sum(r.reconciled_runs for r in reports)} runs needed reconcile"
     )
     return (1 if bad else 0), "\n".join(lines)
