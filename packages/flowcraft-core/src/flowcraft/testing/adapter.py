@@ -518,7 +518,7 @@ class AdapterConformanceTests:
             assert _outputs(result)["j"] == expected
 
     async def test_fan_out_into_any_join(self, adapter_factory: AdapterFactory) -> None:
-        """An ``any`` join runs once, on one branch; the other branches still finish."""
+        """An ``any`` join runs once, on one branch."""
         fx = SideEffects()
         flow = (
             Flow("anyjoin")
@@ -537,7 +537,10 @@ class AdapterConformanceTests:
             assert fx.calls[f"{result.run_id}:j:1"] == 1
             assert fx.input_of(result.run_id, "j") in {f"branch {i}" for i in range(4)}
             assert fx.ran(result.run_id, "after") == 1
-            assert all(fx.ran(result.run_id, f"b{i}") == 1 for i in range(4))
+            # the run ends when its sinks resolve: branches the join did not wait for
+            # may be dropped, but none runs twice
+            assert all(fx.ran(result.run_id, f"b{i}") <= 1 for i in range(4))
+            assert set(fx.calls.values()) == {1}
 
     async def test_loop_runs_once_per_iteration(self, adapter_factory: AdapterFactory) -> None:
         """A node on a cycle runs once per iteration, then the exit edge is followed."""

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextvars
+import functools
 import random
 import selectors
 import sys
@@ -37,6 +38,7 @@ from flowcraft.distributed import keys as K
 from flowcraft.distributed.coordination import InMemoryCoordinationStore
 from flowcraft.distributed.memory import InMemoryAdapter, InMemoryBroker
 from flowcraft.distributed.payload import JobPayload
+from flowcraft.errors import FlowcraftError
 from flowcraft.flow import Flow
 from flowcraft.node import NodeContext, NodeResult
 from flowcraft.runtime import RuntimeOptions
@@ -462,6 +464,9 @@ class Simulation:
             (at, "crash" if rng.random() < 0.75 else "outage") for at in faults
         ]
         self.lose_enqueue = rng.randint(1, activations) if rng.random() < 0.15 else 0
+        # the operator's process dies at its Nth store operation in start_run or resume
+        self.client_crash = rng.randint(1, 12) if rng.random() < 0.15 else 0
+        self.client_ops = 0
         self.enqueues = 0
         self.lost_runs: set[str] = set()
         self.trace: list[str] = []
@@ -483,7 +488,8 @@ class Simulation:
             f"workers={self.worker_count}x{self.concurrency} dup={self.duplicate_rate} "
             f"retry={self.retry_mode} yield={self.yield_rate} delay={self.delay_rate} "
             f"reorder={self.reorder_rate} "
-            f"flaky={self.flaky_rate} faults={self.faults} lose-enqueue={self.lose_enqueue}"
+            f"flaky={self.flaky_rate} faults={self.faults} lose-enqueue={self.lose_enqueue} "
+            f"client-crash={self.client_crash}"
         )
 
     def log(self, line: str) -> None:
@@ -540,7 +546,14 @@ class Simulation:
     async def _hook(self, when: str, operation: str, key: str) -> None:
         self.ops += 1
         slot = _SLOT.get(None)
-        if slot is not None:
+        if slot is not None and slot.worker is self.operator:
+            self.client_ops += 1
+            if self.client_ops == self.client_crash:
+                self.crashes += 1
+                self.lost_runs.add(slot.label)  # a reconcile is expected
+                self.log(f"CRASH the operator at op {self.ops} ({when} {operation} {key})")
+                raise SimulatedCrash(f"operator at op {self.ops}")
+        elif slot is not None:
             if slot.worker.dead:
                 raise SimulatedCrash(f"{slot.worker.name} is dead")
             if self.faults and self.ops >= self.faults[0][0]:
@@ -681,7 +694,12 @@ class Simulation:
             if status == "awaiting" and expect.resume and not run.resumed:
                 run.resumed = True
                 self.log(f"resume {run.run_id} with {expect.resume!r}")
-                await self.client.resume_with_action(run.run_id, expect.resume)
+                action = expect.resume
+                try:
+                    resume = functools.partial(self.client.resume_with_action, run.run_id, action)
+                    await self._as_operator(run.run_id, resume)
+                except FlowcraftError as exc:  # the crashed call did resume it: reconcile
+                    self.log(f"resume again: {exc}")
                 progressed = True
                 continue
             if run.reconciles >= 3:
@@ -696,6 +714,17 @@ class Simulation:
                 )
             progressed = True
         return progressed
+
+    async def _as_operator(self, run_id: str, call: Callable[[], Awaitable[Any]]) -> None:
+        """Make an operator call that may crash (then the operator calls it again, once)."""
+        slot = _Slot(self.operator, run_id, None, started=True)
+        context = contextvars.copy_context()
+        context.run(_SLOT.set, slot)
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.create_task(_awaited(call), context=context)
+        except SimulatedCrash:
+            await call()
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -718,11 +747,13 @@ class Simulation:
             blueprints[bp.id] = bp
         self.options = RuntimeOptions(registry=registry, blueprints=blueprints)
         self.client = self._adapter("client")
+        self.operator = _Worker("operator", self.client, 1)
         self.log(self.describe())
         for _ in range(self.worker_count):
             self._new_worker()
         for r in self.runs:
-            await self.client.start_run(r.shape.flow.id, {}, run_id=r.run_id)
+            start = functools.partial(self.client.start_run, r.shape.flow.id, {}, run_id=r.run_id)
+            await self._as_operator(r.run_id, start)
         await self._dispatch()
         for r in self.runs:
             await self._check(r)
@@ -854,6 +885,10 @@ class Simulation:
                 elif seen[0] not in [out(ref) for ref in refs]:
                     problems.append(f"any-join {join}#{gen} input {seen[0]} is no branch's output")
         return problems
+
+
+async def _awaited(call: Callable[[], Awaitable[Any]]) -> None:
+    await call()
 
 
 def _aborted(execution: _Execution) -> bool:
