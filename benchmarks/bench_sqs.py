@@ -1,0 +1,285 @@
+"""SQS + DynamoDB adapter benchmark: worker processes against moto (or real AWS endpoints).
+
+    uv run python benchmarks/bench_sqs.py                 # table
+    uv run python benchmarks/bench_sqs.py --json          # one JSON object
+    uv run python benchmarks/bench_sqs.py --runs 20 --workers 2 --shapes diamond --fifo
+
+Workloads (the BullMQ adapter's): ``chain`` (10 nodes in a row) and ``diamond``
+(start, 16 parallel nodes, an ``all`` join, end), ``--runs`` runs of each started at
+once, with 1 and 2 worker processes (``concurrency`` 8 each). Nodes are trivial, so
+the figures are the adapter's and the backend's cost.
+
+Columns: ``jobs/s`` node jobs handled per second and ``runs/s`` runs finished per
+second, over the span from the first start to the last published result; ``p50``/
+``p95``/``max`` run latency (start to published result, ms); ``sqs``, ``ddb``: AWS API
+calls per node job made by the workers (botocore's count of requests, retries not
+counted twice), with ``recv`` (ReceiveMessage, which depends on idle polling) shown
+apart from ``sqs``; ``client``: calls the client made per run (start + waiting).
+
+moto serialises DynamoDB requests (see flowcraft_backends/services/_moto_atomic.py) and
+runs on the same two cores, so absolute figures are moto's; the calls per job are the
+adapter's and carry over to AWS.
+
+Backend: ``FLOWCRAFT_TEST_MOTO_URL`` if set, else a moto server started here by
+``flowcraft_backends`` (and stopped at the end).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from flowcraft import Flow, NodeContext, RuntimeOptions
+from flowcraft.distributed.payload import JobPayload
+from flowcraft_sqs import AwsClients, AwsSettings, SqsAdapter, create_queues, create_table
+
+CHAIN = 10
+BRANCHES = 16
+CONCURRENCY = 8
+JOBS_PER_RUN = {"chain": CHAIN, "diamond": BRANCHES + 3}
+STATE_TTL = 24 * 3600.0
+
+
+def flows() -> RuntimeOptions:
+    async def step(ctx: NodeContext) -> Any:
+        return ctx.input if ctx.input is not None else 1
+
+    chain = Flow("chain")
+    names = [f"n{i}" for i in range(CHAIN)]
+    for name in names:
+        chain.node(name, "step")
+    chain.chain(*names)
+    diamond = Flow("diamond").node("start", "step").node("join", "step").node("end", "step")
+    for i in range(BRANCHES):
+        diamond.node(f"b{i}", "step").edge("start", f"b{i}").edge(f"b{i}", "join")
+    diamond.edge("join", "end")
+    blueprints = {f.id: f.to_blueprint() for f in (chain, diamond)}
+    return RuntimeOptions(registry={"step": step}, blueprints=blueprints)
+
+
+def make_adapter(config: dict[str, Any], clients: AwsClients) -> SqsAdapter:
+    return SqsAdapter(
+        runtime_options=flows(),
+        queue_url=config["queue_url"],
+        table_name=config["table"],
+        clients=clients,
+        namespace=config["namespace"],
+        concurrency=CONCURRENCY,
+        wait_time_seconds=1,
+        state_ttl_seconds=STATE_TTL,
+    )
+
+
+def settings(url: str) -> AwsSettings:
+    return AwsSettings(
+        endpoint_url=url,
+        region_name="us-east-1",
+        aws_access_key_id="bench",
+        aws_secret_access_key="bench",
+    )
+
+
+async def worker_main(config: dict[str, Any]) -> None:
+    """One worker process: handle jobs until SIGTERM, then write its counts."""
+    clients = AwsClients(settings(config["url"]))
+    adapter = make_adapter(config, clients)
+    jobs = 0
+    handle = adapter.handle_job
+
+    async def counted(job: JobPayload) -> None:
+        nonlocal jobs
+        jobs += 1
+        await handle(job)
+
+    adapter.handle_job = counted  # type: ignore[method-assign]
+    await asyncio.to_thread(Path(config["ready"]).touch)
+    asyncio.get_running_loop().add_signal_handler(
+        signal.SIGTERM, lambda: asyncio.ensure_future(adapter.stop())
+    )
+    try:
+        await adapter.worker()
+    finally:
+        stats = json.dumps({"jobs": jobs, "calls": clients.api_calls})
+        await asyncio.to_thread(Path(config["stats"]).write_text, stats)
+        await adapter.aclose()
+        clients.close()
+
+
+async def measure(url: str, shape: str, runs: int, workers: int, fifo: bool) -> dict[str, Any]:
+    tag = uuid.uuid4().hex[:10]
+    tmp = Path(tempfile.mkdtemp(prefix="bench-sqs-"))
+    clients = AwsClients(settings(url))
+    table = f"bench-{tag}"
+    await create_table(clients, table)
+    queues = await create_queues(clients, f"bench-{tag}", fifo=fifo)
+    base = {"url": url, "queue_url": queues.queue_url, "table": table, "namespace": tag}
+    procs = spawn_workers(base, tmp, workers)
+    client = make_adapter(base, clients)
+    try:
+        await poll(lambda: all((tmp / f"ready{i}").exists() for i in range(workers)))
+        clients.reset_api_calls()
+        run_ids = [uuid.uuid4().hex for _ in range(runs)]
+        started: dict[str, float] = {}
+
+        async def start(run_id: str) -> None:
+            started[run_id] = time.time()
+            await client.start_run(shape, run_id=run_id)
+
+        await asyncio.gather(*(start(r) for r in run_ids))
+        finished: dict[str, float] = {}
+        while len(finished) < runs:
+            await asyncio.sleep(0.1)
+            for run_id in [r for r in run_ids if r not in finished]:
+                found = await read_published(client, run_id)
+                if found is not None:
+                    finished[run_id] = found
+        client_calls = clients.total_api_calls()
+        bad = [r for r in run_ids if (await client.get_final_result(r)).status != "completed"]  # type: ignore[union-attr]
+        if bad:
+            raise RuntimeError(f"{len(bad)} runs did not complete")
+    finally:
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            proc.wait(60)
+        await clients.dynamodb_call("delete_table", TableName=table)
+        for queue in (queues.queue_url, queues.dead_letter_queue_url):
+            await clients.sqs_call("delete_queue", QueueUrl=queue)
+        clients.close()
+    stats = [json.loads((tmp / f"stats{i}").read_text()) for i in range(workers)]
+    jobs = sum(s["jobs"] for s in stats)
+    calls: Counter[str] = Counter()
+    for s in stats:
+        calls.update(s["calls"])
+    span = max(finished.values()) - min(started.values())
+    latencies = sorted((finished[r] - started[r]) * 1000 for r in run_ids)
+    receives = calls.pop("sqs.ReceiveMessage", 0)
+    sqs = sum(v for k, v in calls.items() if k.startswith("sqs."))
+    ddb = sum(v for k, v in calls.items() if k.startswith("dynamodb."))
+    return {
+        "shape": shape,
+        "queue": "fifo" if fifo else "standard",
+        "workers": workers,
+        "runs": runs,
+        "node_jobs": jobs,
+        "expected_jobs": runs * JOBS_PER_RUN[shape],
+        "seconds": round(span, 3),
+        "jobs_per_s": round(jobs / span, 1),
+        "runs_per_s": round(runs / span, 2),
+        "latency_ms": {
+            "p50": round(statistics.median(latencies), 1),
+            "p95": round(latencies[int(0.95 * (len(latencies) - 1))], 1),
+            "max": round(latencies[-1], 1),
+        },
+        "api_calls_per_job": {
+            "sqs": round(sqs / jobs, 2),
+            "receive": round(receives / jobs, 2),
+            "dynamodb": round(ddb / jobs, 2),
+            "total": round((sqs + ddb + receives) / jobs, 2),
+        },
+        "worker_calls_by_operation": dict(sorted(calls.items())),
+        "client_calls_per_run": round(client_calls / runs, 2),
+    }
+
+
+def spawn_workers(base: dict[str, Any], tmp: Path, workers: int) -> list[subprocess.Popen[bytes]]:
+    procs = []
+    for i in range(workers):
+        config = {**base, "ready": str(tmp / f"ready{i}"), "stats": str(tmp / f"stats{i}")}
+        env = {**os.environ, "BENCH_WORKER": json.dumps(config)}
+        procs.append(subprocess.Popen([sys.executable, __file__, "--worker"], env=env))
+    return procs
+
+
+async def poll(check: Any, interval: float = 0.05) -> None:
+    while True:
+        if check():
+            return
+        await asyncio.sleep(interval)
+
+
+async def read_published(client: SqsAdapter, run_id: str) -> float | None:
+    """When the run's result was published (its item's expiry minus the TTL), or None."""
+    response = await client.clients.dynamodb_call(
+        "get_item",
+        TableName=client.runs.table_name,
+        Key=client.runs.result_key(run_id),
+        ConsistentRead=True,
+    )
+    item = response.get("Item")
+    if not item or "p" not in item:
+        return None
+    return int(item["x"]["N"]) / 1000 - STATE_TTL
+
+
+def backend() -> tuple[str, Any]:
+    url = os.environ.get("FLOWCRAFT_TEST_MOTO_URL")
+    if url is not None:
+        return url, None
+    from flowcraft_backends._pool import ServicePool
+
+    pool = ServicePool()
+    return pool.get("moto").url, pool
+
+
+async def main(args: argparse.Namespace) -> list[dict[str, Any]]:
+    url, pool = backend()
+    try:
+        results = []
+        for shape in args.shapes.split(","):
+            for workers in (int(w) for w in args.workers.split(",")):
+                results.append(await measure(url, shape, args.runs, workers, args.fifo))
+                if not args.json:
+                    print(row(results[-1]), flush=True)
+        return results
+    finally:
+        if pool is not None:
+            pool.stop_all()
+
+
+HEADER = (
+    f"{'shape':<8} {'queue':<8} {'workers':>7} {'runs':>5} {'jobs':>6} {'jobs/s':>7} "
+    f"{'runs/s':>7} {'p50 ms':>8} {'p95 ms':>8} {'max ms':>8} {'sqs':>5} {'recv':>5} "
+    f"{'ddb':>5} {'total':>6} {'client':>7}"
+)
+
+
+def row(r: dict[str, Any]) -> str:
+    lat, calls = r["latency_ms"], r["api_calls_per_job"]
+    return (
+        f"{r['shape']:<8} {r['queue']:<8} {r['workers']:>7} {r['runs']:>5} {r['node_jobs']:>6} "
+        f"{r['jobs_per_s']:>7} {r['runs_per_s']:>7} {lat['p50']:>8} {lat['p95']:>8} "
+        f"{lat['max']:>8} {calls['sqs']:>5} {calls['receive']:>5} {calls['dynamodb']:>5} "
+        f"{calls['total']:>6} {r['client_calls_per_run']:>7}"
+    )
+
+
+if __name__ == "__main__":
+    if "--worker" in sys.argv:
+        asyncio.run(worker_main(json.loads(os.environ["BENCH_WORKER"])))
+        sys.exit(0)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=50)
+    parser.add_argument("--workers", default="1,2")
+    parser.add_argument("--shapes", default="chain,diamond")
+    parser.add_argument("--fifo", action="store_true", help="a FIFO queue (group per run)")
+    parser.add_argument("--json", action="store_true")
+    arguments = parser.parse_args()
+    if not arguments.json:
+        print(f"{os.cpu_count()} cores; concurrency {CONCURRENCY} per worker", flush=True)
+        print(HEADER, flush=True)
+    found = asyncio.run(main(arguments))
+    if arguments.json:
+        print(json.dumps({"cpus": os.cpu_count(), "results": found}, indent=2))

@@ -1,0 +1,216 @@
+"""Crash tests on real servers: worker processes SIGKILLed again and again, and a RabbitMQ
+restart in the middle of runs. Every run must complete exactly once, no join may fire
+early, and nothing may be left behind (queues, dead letters, coordination counters)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+import redis.asyncio as redis_asyncio
+
+from flowcraft_backends import RunningService
+from flowcraft_backends._service import RestartUnsupported
+from flowcraft_rabbitmq import RabbitMQAdapter
+
+from .fleet import BRANCHES, Settings, blueprints, create_effects_table, run_worker
+
+pytestmark = pytest.mark.slow
+
+RUNS = 200
+FLEET = Path(__file__).with_name("fleet.py")
+EXPECTED_END = sum(range(1, BRANCHES + 1))
+COUNTERS = ("join:", "end:", "latch:", "fired:")
+
+
+@pytest.fixture
+async def fleet(
+    rabbitmq_service: RunningService,
+    postgres_service: RunningService,
+    redis_service: RunningService,
+) -> AsyncIterator[Settings]:
+    tag = uuid.uuid4().hex[:10]
+    settings = Settings(
+        amqp_url=rabbitmq_service.url,
+        postgres_dsn=postgres_service.url,
+        redis_url=redis_service.url,
+        queue_name=f"fc-crash-{tag}",
+        table=f"fc_crash_{tag}",
+        key_prefix=f"fc-crash:{tag}:",
+        effects_table=f"fc_effects_{tag}",
+    )
+    await create_effects_table(settings.postgres_dsn, settings.effects_table)
+    yield settings
+    client = RabbitMQAdapter(runtime_options=blueprints(), **settings.adapter_options())
+    try:
+        await client.broker.delete_topology()
+    finally:
+        await client.aclose()
+    conn = await asyncpg.connect(settings.postgres_dsn)
+    try:
+        names = client.store.names
+        await conn.execute(
+            f'DROP TABLE IF EXISTS {names.runs}, {names.versions}, "{settings.effects_table}"'
+        )
+    finally:
+        await conn.close()
+    redis = redis_asyncio.Redis.from_url(settings.redis_url)
+    try:
+        keys = [k async for k in redis.scan_iter(match=settings.key_prefix + "*", count=1000)]
+        if keys:
+            await redis.delete(*keys)
+    finally:
+        await redis.aclose()
+
+
+def spawn(settings: Settings) -> subprocess.Popen[bytes]:
+    env = {**os.environ, **settings.to_env()}
+    return subprocess.Popen([sys.executable, str(FLEET)], env=env)
+
+
+async def wait_all(client: RabbitMQAdapter, runs: list[str], seconds: float) -> None:
+    """Wait until every run has a published result (one query per poll, not one per run)."""
+    pool = await client.store.pool()
+    query = f"SELECT count(*) FROM {client.store.names.runs} WHERE result IS NOT NULL"
+    async with asyncio.timeout(seconds):
+        while True:
+            if await pool.fetchval(query) >= len(runs):
+                return
+            await asyncio.sleep(0.2)
+
+
+async def check_exactly_once(settings: Settings, client: RabbitMQAdapter, runs: list[str]) -> None:
+    """Every run completed with the right output, each activation committed once, every
+    join saw all its branches, every publication of a run was the same result."""
+    results = [await client.wait_for_result(r, 5) for r in runs]
+    assert Counter(r.status for r in results) == {"completed": len(runs)}
+    assert {r.context["_outputs.end"] for r in results} == {EXPECTED_END}
+    conn = await asyncpg.connect(settings.postgres_dsn)
+    try:
+        names = client.store.names
+        rows = await conn.fetch(
+            "SELECT run_id, state::text AS state, result IS NOT NULL AS published "
+            f"FROM {names.runs}"
+        )
+        effects = await conn.fetch(
+            f'SELECT run_id, node_id, key, n FROM "{settings.effects_table}"'
+        )
+    finally:
+        await conn.close()
+    assert len(rows) == len(runs)
+    nodes = ["start", "join", "end", *(f"b{i}" for i in range(BRANCHES))]
+    for row in rows:
+        assert row["published"], row["run_id"]
+        state = json.loads(row["state"])
+        resolved = {n: state.get(f"_flowcraft.n.{n}") for n in nodes}
+        assert set(resolved.values()) == {1}, (row["run_id"], resolved)
+        assert state["_flowcraft.status"]["status"] == "completed"
+    early = [e for e in effects if e["node_id"] == "join" and e["n"] != BRANCHES]
+    assert early == [], f"joins fired before all {BRANCHES} branches: {early[:5]}"
+    publications: dict[str, set[str]] = {}
+    for e in effects:
+        if e["node_id"] == "__publish__":
+            publications.setdefault(e["run_id"], set()).add(e["key"])
+    assert set(publications) == set(runs)  # every run published ...
+    assert all(len(p) == 1 for p in publications.values()), "... and always the same result"
+
+
+async def check_nothing_left(settings: Settings, client: RabbitMQAdapter) -> None:
+    async def drained() -> dict[str, int]:
+        return {k: v for k, v in (await client.broker.depths()).items() if v}
+
+    async with asyncio.timeout(30):
+        while left := await drained():
+            if set(left) == {client.broker.topology.dead_queue}:
+                break
+            await asyncio.sleep(0.2)
+    assert left == {}, f"messages left behind: {left}"
+    assert await client.dead_letters() == []
+    redis = redis_asyncio.Redis.from_url(settings.redis_url, decode_responses=True)
+    try:
+        keys = [k async for k in redis.scan_iter(match=settings.key_prefix + "*", count=1000)]
+    finally:
+        await redis.aclose()
+    counters = [k for k in keys if k[len(settings.key_prefix) :].startswith(COUNTERS)]
+    if counters:
+        # Known core gap (see the package README): a worker killed inside the
+        # finalizer's clean-up, or a redelivered follow-up racing it, leaves a
+        # counter of a finished run. It must still expire (state_ttl_seconds).
+        redis = redis_asyncio.Redis.from_url(settings.redis_url, decode_responses=True)
+        try:
+            ttls = [await redis.ttl(k) for k in counters]
+        finally:
+            await redis.aclose()
+        assert all(0 < t <= client.state_ttl_seconds for t in ttls), (counters, ttls)
+        assert len(counters) <= 5, f"coordination counters left behind: {counters}"
+
+
+async def test_two_workers_one_sigkilled_repeatedly(fleet: Settings) -> None:
+    workers = [spawn(fleet), spawn(fleet)]
+    client = RabbitMQAdapter(runtime_options=blueprints(), **fleet.adapter_options())
+    kills = 0
+    rng = random.Random(6)
+    try:
+        runs = [await client.start_run("diamond") for _ in range(RUNS)]
+        pending = asyncio.ensure_future(wait_all(client, runs, 240))
+        while not pending.done() and kills < 8:
+            await asyncio.wait({pending}, timeout=rng.uniform(1.0, 2.5))
+            if pending.done():
+                break
+            victim = workers[0]
+            victim.send_signal(signal.SIGKILL)
+            await asyncio.to_thread(victim.wait)
+            kills += 1
+            workers[0] = spawn(fleet)
+        await pending
+        assert kills >= 3, f"the runs finished after {kills} kills; the test needs more work"
+        await check_exactly_once(fleet, client, runs)
+        await check_nothing_left(fleet, client)
+    finally:
+        for worker in workers:
+            worker.send_signal(signal.SIGTERM)
+        for worker in workers:
+            try:
+                await asyncio.wait_for(asyncio.to_thread(worker.wait), 20)
+            except TimeoutError:
+                worker.kill()
+        await client.aclose()
+
+
+async def test_broker_restart_mid_run_loses_nothing(
+    fleet: Settings, rabbitmq_service: RunningService
+) -> None:
+    if rabbitmq_service.how != "local":
+        pytest.skip(
+            f"restart() needs a RabbitMQ the launcher owns (this one: {rabbitmq_service.how})"
+        )
+    client = RabbitMQAdapter(runtime_options=blueprints(), **fleet.adapter_options())
+    worker_tasks = [asyncio.ensure_future(run_worker(fleet)) for _ in range(2)]
+    try:
+        runs = [await client.start_run("diamond") for _ in range(RUNS // 2)]
+        first = await client.wait_for_result(runs[0], 60, poll_interval=0.05)
+        assert first.status == "completed"
+        try:
+            await asyncio.to_thread(rabbitmq_service.restart)
+        except RestartUnsupported as exc:
+            pytest.skip(str(exc))
+        more = [await client.start_run("diamond") for _ in range(10)]
+        await wait_all(client, runs + more, 180)
+        await check_exactly_once(fleet, client, runs + more)
+        await check_nothing_left(fleet, client)
+    finally:
+        for task in worker_tasks:
+            task.cancel()
+        await asyncio.gather(*worker_tasks, return_exceptions=True)
+        await client.aclose()
