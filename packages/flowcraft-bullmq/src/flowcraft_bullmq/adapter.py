@@ -1,0 +1,443 @@
+"""``BullMQAdapter``: flowcraft's distributed protocol on BullMQ and Redis.
+
+One BullMQ queue carries a job per node activation; a run's state is one Redis
+hash (:class:`~flowcraft_bullmq.context.RedisContext`); joins, leases and the
+final status go through the core's ``RedisCoordinationStore`` on the same
+client. All orchestration is the base class's; this module only consumes,
+enqueues, publishes and operates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import time
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from bullmq import Queue, Worker
+from bullmq.custom_errors import DelayedError, UnrecoverableError
+
+from flowcraft.blueprint import NodeDefinition
+from flowcraft.distributed import keys as K
+from flowcraft.distributed.adapter import (
+    FINAL_STATUSES,
+    BaseDistributedAdapter,
+    FinalResult,
+    JobHandler,
+    RetryJob,
+    job_disposition,
+)
+from flowcraft.distributed.coordination import CoordinationStore
+from flowcraft.distributed.payload import JobPayload
+from flowcraft.distributed.redis import RedisCoordinationStore
+from flowcraft.errors import NodeExecutionError, PayloadDecodeError
+from flowcraft.events import EventBus
+from flowcraft.runtime import RuntimeOptions
+from flowcraft.serializer import JsonSerializer
+from flowcraft_bullmq._fastpath import (
+    CURRENT_JOB,
+    READ_LUA,
+    FastPathStore,
+    JobContext,
+    JobScope,
+    MarkBuffer,
+    ReadPlan,
+    lease_stem,
+    make_read_plan,
+)
+from flowcraft_bullmq._settings import BullMQSettings, RedisKeys, bullmq_client, make_client
+from flowcraft_bullmq.context import PATCH_LUA, RedisContext, decode
+
+if TYPE_CHECKING:
+    from bullmq import Job
+    from redis.asyncio import Redis
+
+__all__ = ["BullMQAdapter", "DeadLetter"]
+
+logger = logging.getLogger("flowcraft_bullmq")
+
+_JSON = JsonSerializer()
+_MARK_FLUSH_DELAY = 0.05
+
+
+class DeadLetter:
+    """A job BullMQ moved to its failed set (the dead-letter queue)."""
+
+    __slots__ = ("data", "error", "job_id")
+
+    def __init__(self, job_id: str, data: Any, error: str) -> None:
+        self.job_id = job_id
+        self.data = data
+        self.error = error
+
+    def __repr__(self) -> str:
+        return f"DeadLetter(job_id={self.job_id!r}, error={self.error!r})"
+
+
+class BullMQAdapter(BaseDistributedAdapter):
+    """Run flowcraft workflows on BullMQ (PyPI ``bullmq``) and Redis.
+
+    Args:
+        runtime_options: the registry and blueprints (workers need both; a client
+            that only starts runs and waits needs the blueprints).
+        connection: a ``redis://`` / ``rediss://`` URL, or a ``redis.asyncio.Redis``
+            client (the adapter then leaves it open on :meth:`aclose`).
+        coordination_store: defaults to a ``RedisCoordinationStore`` on the same
+            client (required for the fast path).
+        redis_options: with a URL, passed to every client this adapter makes
+            (TLS such as ``ssl_ca_certs``/``ssl_certfile``, ``password``, timeouts).
+        settings: a :class:`BullMQSettings`; keyword ``options`` override its fields
+            (``queue_name``, ``concurrency``, ``retry_mode``, ``remove_on_complete``,
+            ``state_ttl_seconds``, ``lock_duration_seconds``, ...).
+    """
+
+    def __init__(
+        self,
+        *,
+        runtime_options: RuntimeOptions,
+        connection: str | Redis,
+        coordination_store: CoordinationStore | None = None,
+        event_bus: EventBus | None = None,
+        worker_id: str | None = None,
+        redis_options: Mapping[str, Any] | None = None,
+        settings: BullMQSettings | None = None,
+        **options: Any,
+    ) -> None:
+        base = settings.model_dump() if settings is not None else {}
+        self.settings = BullMQSettings.model_validate({**base, **options})
+        s = self.settings
+        self._redis_options = dict(redis_options or {})
+        if isinstance(connection, str):
+            self._url: str | None = connection
+            self.client: Redis = make_client(
+                connection, self._redis_options, max_connections=s.max_connections
+            )
+            self._owns_client = True
+        else:
+            if self._redis_options:
+                raise ValueError("redis_options apply only with a URL; configure the client")
+            self._url = None
+            self.client = connection
+            self._owns_client = False
+        self.keys = RedisKeys(s.key_prefix)
+        inner = coordination_store or RedisCoordinationStore(self.client, key_prefix="")
+        self._marks = MarkBuffer()
+        self._fast = (
+            s.fast_path
+            and isinstance(inner, RedisCoordinationStore)
+            and inner.client is self.client
+        )
+        store: CoordinationStore = inner
+        if self._fast:
+            assert isinstance(inner, RedisCoordinationStore)
+            done_stem = K.followed_up(s.key_prefix, "\0", "\0", 0).partition("\0")[0]
+            store = FastPathStore(inner, self._marks, done_stem)
+        self._inner_store = inner
+        super().__init__(
+            runtime_options=runtime_options,
+            coordination_store=store,
+            event_bus=event_bus,
+            key_prefix=s.key_prefix,
+            state_ttl_seconds=s.state_ttl_seconds,
+            lease_seconds=s.lease_seconds,
+            dedupe_window_seconds=s.dedupe_window_seconds,
+            worker_id=worker_id,
+        )
+        self._patch_script = self.client.register_script(PATCH_LUA)
+        self._read_script = self.client.register_script(READ_LUA)
+        self._plans: dict[tuple[str, str], ReadPlan | None] = {}
+        self._queue: Queue | None = None
+        self._stop_event = asyncio.Event()
+
+    # ------------------------------------------------------------ the four primitives
+
+    def create_context(self, run_id: str) -> RedisContext:
+        """The run's hash; inside a job of this run, the fast-path context."""
+        options: dict[str, Any] = {
+            "ttl_seconds": self.state_ttl_seconds,
+            "index_key": self.keys.active,
+            "index_member": run_id,
+            "patch_script": self._patch_script,
+        }
+        scope = CURRENT_JOB.get()
+        if self._fast and scope is not None and scope.payload.run_id == run_id:
+            return JobContext(
+                self.client,
+                self.keys.state(run_id),
+                scope=scope,
+                read_script=self._read_script,
+                marks=self._marks,
+                worker_id=self.worker_id,
+                lease_seconds=self.lease_seconds,
+                **options,
+            )
+        return RedisContext(self.client, self.keys.state(run_id), **options)
+
+    async def enqueue_job(self, job: JobPayload) -> None:
+        opts: dict[str, Any] = {}
+        if self.settings.retry_mode == "queue":
+            node = self.node_for(job)
+            if node is not None:
+                opts.update(self.get_queue_retry_options(node) or {})
+        await self._add(job.node_id, job.to_wire(), opts)
+
+    async def publish_final_result(self, run_id: str, result: FinalResult) -> None:
+        """``SET NX`` of the result as JSON (the first publication wins; repeats are no-ops)."""
+        record = {**result.to_json_dict(), "publishedAt": time.time()}
+        await self.client.set(
+            self.keys.result(run_id),
+            _JSON.dumps(record),
+            nx=True,
+            px=max(1, int(self.state_ttl_seconds * 1000)),
+        )
+
+    async def process_jobs(self, handler: JobHandler) -> None:
+        """Consume the queue until :meth:`stop`; jobs in hand finish first."""
+        s = self.settings
+        self._stop_event.clear()
+        connection = bullmq_client(self._url, self._redis_options, self.client)
+        worker = Worker(
+            s.queue_name,
+            functools.partial(self._process, handler),
+            {**s.worker_options(), "connection": connection, "name": self.worker_id},
+        )
+        worker.on("error", _log_worker_error)
+        # Without the server version BullMQ rounds its blocking waits up to whole
+        # seconds, which delays every backoff and handed-back job (BACKENDS.md).
+        await worker.blockingRedisConnection.getRedisVersion()
+        self._marks.active = self._fast
+        background = [asyncio.ensure_future(self._flush_marks_forever())]
+        if s.reconcile_interval_seconds is not None:
+            background.append(asyncio.ensure_future(self._reconcile_forever()))
+        runner = asyncio.ensure_future(worker.run())
+        stopped = asyncio.ensure_future(self._stop_event.wait())
+        try:
+            await asyncio.wait({runner, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+            await worker.close()
+            with contextlib.suppress(asyncio.CancelledError):
+                await runner
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
+            self._marks.active = False
+            await self._marks.flush(self.client)
+        if runner.done() and not runner.cancelled() and runner.exception() is not None:
+            raise runner.exception()
+
+    # ------------------------------------------------------------ retry hooks
+
+    def should_retry_in_process(self, node_def: NodeDefinition) -> bool:
+        return self.settings.retry_mode == "in-process"
+
+    def get_queue_retry_options(self, node_def: NodeDefinition) -> dict[str, Any] | None:
+        """BullMQ ``attempts`` and ``backoff`` from the node's ``max_retries``,
+        ``retry_delay`` (ms) and ``retry_backoff`` (exponential or fixed)."""
+        attempts = node_def.max_attempts
+        if attempts <= 1:
+            return None
+        config = node_def.config
+        delay = int(config.retry_delay) if config else 0
+        kind = config.retry_backoff if config else "exponential"
+        return {"attempts": attempts, "backoff": {"type": kind, "delay": delay}}
+
+    # ------------------------------------------------------------ operator API
+
+    async def stop(self) -> None:
+        """Stop taking jobs; :meth:`process_jobs` returns once the jobs in hand finish."""
+        await super().stop()
+        self._stop_event.set()
+
+    async def get_final_result(self, run_id: str) -> FinalResult | None:
+        """The published result (one round trip). If the run ended but its result was
+        never published (its publisher died), it is built from the state and published."""
+        async with self.client.pipeline(transaction=False) as pipe:
+            pipe.get(self.keys.result(run_id))
+            pipe.hget(self.keys.state(run_id), K.STATUS)
+            raw, status = await pipe.execute()
+        if raw is not None:
+            data = decode(raw)
+            return FinalResult(run_id, data["status"], data["context"], data["errors"])
+        record = decode(status)
+        if not isinstance(record, dict) or record.get("status") not in FINAL_STATUSES:
+            return None
+        result = await super().get_final_result(run_id)
+        if result is not None:
+            await self.publish_final_result(run_id, result)
+        return result
+
+    async def reconcile_stalled(
+        self,
+        older_than_seconds: float | None = None,
+        *,
+        limit: int = 100,
+    ) -> list[str]:
+        """Re-drive running runs without progress for ``older_than_seconds`` (default
+        ``reconcile_after_seconds``): ``reconcile`` each (idempotent). Runs that ended
+        or wait for ``resume_with_action`` leave the index. Returns the re-driven ids."""
+        older = older_than_seconds or self.settings.reconcile_after_seconds
+        cutoff = time.time() - older
+        members = await self.client.zrangebyscore(
+            self.keys.active, "-inf", cutoff, start=0, num=limit
+        )
+        redriven: list[str] = []
+        for member in members:
+            run_id = member.decode("utf-8") if isinstance(member, bytes) else str(member)
+            info = await self.get_status(run_id)
+            if info.status != "running":
+                await self.client.zrem(self.keys.active, run_id)
+                continue
+            await self.client.zadd(self.keys.active, {run_id: time.time()}, xx=True)
+            enqueued = await self.reconcile(run_id)
+            logger.info("reconciled stalled run %s (%d jobs enqueued)", run_id, enqueued)
+            redriven.append(run_id)
+        return redriven
+
+    async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
+        """The most recent jobs in BullMQ's failed set, with their errors."""
+        jobs = await self._get_queue().getJobs(["failed"], 0, limit - 1)
+        return [DeadLetter(str(j.id), j.data, str(j.failedReason or "")) for j in jobs]
+
+    async def enqueue_raw(self, data: Any) -> None:
+        """Put ``data`` on the queue unchecked as a job's data (for tests and tools)."""
+        await self._add("raw", data, {})
+
+    async def aclose(self) -> None:
+        """Close the queue and the clients this adapter made (a given client stays open)."""
+        if self._queue is not None:
+            await self._queue.close()
+            self._queue = None
+        if self._owns_client:
+            await self.client.aclose()
+
+    async def __aenter__(self) -> BullMQAdapter:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    # ------------------------------------------------------------ internals
+
+    def _get_queue(self) -> Queue:
+        if self._queue is None:
+            connection = bullmq_client(self._url, self._redis_options, self.client)
+            self._queue = Queue(
+                self.settings.queue_name,
+                {"connection": connection, "prefix": self.settings.bull_prefix},
+            )
+        return self._queue
+
+    async def _add(self, name: str, data: Any, opts: Mapping[str, Any]) -> None:
+        s = self.settings
+        job_opts = {
+            "removeOnComplete": s.worker_options()["removeOnComplete"],
+            "removeOnFail": s.worker_options()["removeOnFail"],
+            **opts,
+        }
+        await self._get_queue().add(name, data, job_opts)
+
+    def _plan(self, payload: JobPayload) -> ReadPlan | None:
+        """The fused read of this node's jobs (None: this worker lacks the blueprint)."""
+        cache_key = (payload.blueprint_id, payload.node_id)
+        if cache_key in self._plans:
+            return self._plans[cache_key]
+        plan: ReadPlan | None = None
+        blueprint = self.runtime.blueprints.get(payload.blueprint_id)
+        guess = getattr(self, "_input_guess", None)
+        if blueprint is not None and guess is not None:
+            from flowcraft._analysis import analyse
+
+            analysis = analyse(blueprint)
+            if payload.node_id in analysis.nodes:
+                meta = _JSON.dumps({"blueprintId": blueprint.id, "version": blueprint.version})
+                plan = make_read_plan(
+                    payload.node_id,
+                    meta,
+                    guess(analysis, payload.node_id, 1),
+                    guess(analysis, payload.node_id, 2),
+                )
+        if len(self._plans) > 10_000:
+            self._plans.clear()
+        self._plans[cache_key] = plan
+        return plan
+
+    def _job_scope(self, payload: JobPayload) -> JobScope:
+        if not self._fast:
+            return JobScope(payload, None)
+        stem = lease_stem(self.key_prefix, payload.run_id, payload.node_id)
+        return JobScope(
+            payload,
+            self._plan(payload),
+            lease_stem=stem,
+            redis_lease_stem=self._inner_store_prefix() + stem,
+        )
+
+    def _inner_store_prefix(self) -> str:
+        inner = self._inner_store
+        return inner.key_prefix if isinstance(inner, RedisCoordinationStore) else ""
+
+    async def _process(self, handler: JobHandler, job: Job, token: str) -> None:
+        """BullMQ's processor: decode, hand to the base, act on the outcome."""
+        try:
+            payload = JobPayload.decode(job.data)
+        except PayloadDecodeError as exc:
+            logger.warning("dead-lettering BullMQ job %s: %s", job.id, exc)
+            raise UnrecoverableError(str(exc)) from exc
+        if self.settings.retry_mode == "queue":
+            node = self.node_for(payload)
+            attempts = int(job.opts.get("attempts") or (node.max_attempts if node else 1))
+            attempt = int(job.attemptsMade) + 1
+            payload = payload.model_copy(
+                update={"attempt": attempt, "is_last_attempt": attempt >= max(attempts, 1)}
+            )
+        CURRENT_JOB.set(self._job_scope(payload))
+        try:
+            await handler(payload)
+        except Exception as exc:
+            disposition = job_disposition(exc)
+            if disposition == "dead-letter":
+                logger.warning("dead-lettering job %s (%s): %s", job.id, payload.node_id, exc)
+                raise UnrecoverableError(f"{type(exc).__name__}: {exc}") from exc
+            if isinstance(exc, RetryJob) and isinstance(exc.__cause__, NodeExecutionError):
+                # A failed attempt in queue mode: BullMQ counts it and backs off.
+                raise
+            delay = (
+                exc.delay_seconds
+                if isinstance(exc, RetryJob)
+                else self.settings.retry_delay_seconds
+            )
+            logger.debug(
+                "job %s (%s) handed back for %.2f s: %s", job.id, payload.node_id, delay, exc
+            )
+            await job.moveToDelayed(int((time.time() + delay) * 1000), token)
+            raise DelayedError() from exc
+        finally:
+            CURRENT_JOB.set(None)
+
+    async def _flush_marks_forever(self) -> None:
+        while True:
+            await self._marks.wait()
+            await asyncio.sleep(_MARK_FLUSH_DELAY)
+            await self._marks.flush(self.client)
+
+    async def _reconcile_forever(self) -> None:
+        interval = self.settings.reconcile_interval_seconds
+        assert interval is not None
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                won = await self.client.set(
+                    self.keys.reconciler, self.worker_id, nx=True, px=int(interval * 1000)
+                )
+                if won:
+                    await self.reconcile_stalled()
+            except Exception:
+                logger.warning("reconciler pass failed", exc_info=True)
+
+
+def _log_worker_error(error: BaseException, *args: Any) -> None:
+    logger.error("BullMQ worker error: %r", error)

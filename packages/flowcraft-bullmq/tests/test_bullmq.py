@@ -1,0 +1,362 @@
+"""BullMQAdapter end to end against a real Redis: the workflow shapes users run, duplicate
+delivery, queue retries, dead letters, waits, the reconciler and graceful stop."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections import Counter
+from typing import Any
+
+import pytest
+import redis.asyncio as redis_asyncio
+from flowcraft import Flow, NodeContext, NodeResult
+from flowcraft.distributed.payload import JobPayload
+
+from flowcraft_bullmq import BullMQAdapter
+
+from .conftest import Fleet, options_for
+
+pytestmark = pytest.mark.timeout(120)
+
+
+class Calls:
+    """How often each node activation ran (by ``idempotency_key``)."""
+
+    def __init__(self) -> None:
+        self.count: Counter[str] = Counter()
+
+    def step(self, fn: Any = None) -> Any:
+        async def node(ctx: NodeContext) -> Any:
+            self.count[ctx.idempotency_key] += 1
+            out = fn(ctx) if fn is not None else ctx.input
+            return await out if asyncio.iscoroutine(out) else out
+
+        return node
+
+    def ran(self, run_id: str, node_id: str) -> int:
+        prefix = f"{run_id}:{node_id}:"
+        return sum(1 for k in self.count if k.startswith(prefix))
+
+
+def outputs(result: Any) -> dict[str, Any]:
+    return {k[9:]: v for k, v in result.context.items() if k.startswith("_outputs.")}
+
+
+def diamond(calls: Calls, width: int = 16) -> Flow:
+    flow = Flow("diamond").node("start", calls.step(lambda c: 1))
+    flow.node("join", calls.step(lambda c: sum(c.input.values())))
+    flow.node("end", calls.step(lambda c: c.input * 2))
+    for i in range(width):
+        flow.node(f"b{i}", calls.step(lambda c, i=i: c.input + i))
+        flow.edge("start", f"b{i}").edge(f"b{i}", "join")
+    return flow.edge("join", "end")
+
+
+async def test_linear(fleet: Fleet) -> None:
+    calls = Calls()
+    flow = (
+        Flow("linear")
+        .node("a", calls.step(lambda c: 1))
+        .node("b", calls.step(lambda c: c.input + 1))
+        .node("c", calls.step(lambda c: c.input * 10))
+        .chain("a", "b", "c")
+    )
+    await fleet.start(options_for(flow))
+    result = await fleet.run("linear", {"user": "ann"})
+    assert result.status == "completed", result.errors
+    assert outputs(result) == {"a": 1, "b": 2, "c": 20}
+    assert result.context["user"] == "ann"
+    assert set(calls.count.values()) == {1}
+    status = await fleet.client.get_status(result.run_id)
+    assert status.status == "completed"
+
+
+async def test_diamond_all_join(fleet: Fleet) -> None:
+    calls = Calls()
+    await fleet.start(options_for(diamond(calls)), workers=2)
+    runs = [await fleet.client.start_run("diamond") for _ in range(5)]
+    for run_id in runs:
+        result = await fleet.client.wait_for_result(run_id, 30)
+        assert result.status == "completed", result.errors
+        expected_join = sum(1 + i for i in range(16))
+        assert outputs(result)["join"] == expected_join
+        assert outputs(result)["end"] == expected_join * 2
+        assert calls.ran(run_id, "join") == 1
+    assert set(calls.count.values()) == {1}, "an activation ran twice"
+
+
+async def test_branch_not_taken_does_not_block(fleet: Fleet) -> None:
+    calls = Calls()
+    flow = (
+        Flow("cond")
+        .node("a", calls.step(lambda c: 1))
+        .node("x", calls.step())
+        .node("y", calls.step(lambda c: c.input + 1))
+        .node("j", calls.step())
+        .edge("a", "x", condition="result.output > 5")
+        .edge("a", "y", condition="result.output <= 5")
+        .edge("x", "j")
+        .edge("y", "j")
+    )
+    await fleet.start(options_for(flow))
+    result = await fleet.run("cond")
+    assert result.status == "completed", result.errors
+    assert calls.ran(result.run_id, "x") == 0
+    assert outputs(result)["y"] == 2
+    assert "j" in outputs(result)
+
+
+async def test_loop_runs_once_per_iteration(fleet: Fleet) -> None:
+    calls = Calls()
+
+    async def body(ctx: NodeContext) -> int:
+        n = (await ctx.get("n") or 0) + 1
+        await ctx.set("n", n)
+        return int(n)
+
+    flow = (
+        Flow("loop")
+        .node("init", calls.step(lambda c: 0))
+        .node("body", calls.step(body))
+        .node("check", calls.step())
+        .node("after", calls.step(lambda c: f"done after {c.input}"))
+        .chain("init", "body", "check")
+        .loop("body", "check", while_="n < 4")
+        .edge("check", "after")
+    )
+    await fleet.start(options_for(flow))
+    result = await fleet.run("loop")
+    assert result.status == "completed", result.errors
+    assert result.context["n"] == 4
+    assert calls.ran(result.run_id, "body") == 4
+    assert set(calls.count.values()) == {1}
+    assert outputs(result)["after"] == "done after 4"
+
+
+async def test_failure_fails_run_once(fleet: Fleet) -> None:
+    calls = Calls()
+
+    def boom(ctx: NodeContext) -> None:
+        raise RuntimeError(f"{ctx.node_id} exploded")
+
+    flow = (
+        Flow("fails")
+        .node("s", calls.step(lambda c: 1))
+        .node("bad", calls.step(boom), max_retries=2)
+        .node("after", calls.step())
+        .chain("s", "bad", "after")
+    )
+    await fleet.start(options_for(flow))
+    result = await fleet.run("fails")
+    assert result.status == "failed"
+    assert [e["nodeId"] for e in result.errors] == ["bad"]
+    assert "bad exploded" in result.errors[0]["message"]
+    assert calls.ran(result.run_id, "after") == 0
+    assert (await fleet.client.get_status(result.run_id)).status == "failed"
+
+
+async def test_wait_then_resume_with_action(fleet: Fleet) -> None:
+    calls = Calls()
+    flow = (
+        Flow("approval")
+        .node("draft", calls.step(lambda c: "draft text"))
+        .wait("review")
+        .node("publish", calls.step(lambda c: f"published: {c.input}"))
+        .node("discard", calls.step(lambda c: "discarded"))
+        .chain("draft", "review")
+        .edge("review", "publish", action="approve")
+        .edge("review", "discard", action="reject")
+    )
+    await fleet.start(options_for(flow))
+    run_id = await fleet.client.start_run("approval")
+
+    async def paused() -> bool:
+        return (await fleet.client.get_status(run_id)).status == "awaiting"
+
+    await fleet.until(paused, "the run to pause")
+    assert (await fleet.client.get_status(run_id)).waiting == ["review"]
+    # A waiting run is not "stalled": it leaves the reconciler's index.
+    assert await fleet.client.client.zscore(fleet.client.keys.active, run_id) is None
+    await fleet.client.resume_with_action(run_id, "approve", output="final text")
+    result = await fleet.client.wait_for_result(run_id, 30)
+    assert result.status == "completed", result.errors
+    assert outputs(result)["publish"] == "published: final text"
+    assert calls.ran(run_id, "discard") == 0
+
+
+async def test_duplicate_delivery_has_the_effect_of_one(fleet: Fleet) -> None:
+    """Every job enqueued twice: each activation commits once, the join fires once."""
+    calls = Calls()
+    await fleet.start(options_for(diamond(calls, width=6)), workers=2)
+    for adapter in fleet.adapters:
+        original = adapter.enqueue_job
+
+        async def twice(job: JobPayload, original: Any = original) -> None:
+            await original(job)
+            await original(job)
+
+        adapter.enqueue_job = twice  # type: ignore[method-assign]
+    runs = [await fleet.client.start_run("diamond") for _ in range(3)]
+    for run_id in runs:
+        result = await fleet.client.wait_for_result(run_id, 30)
+        assert result.status == "completed", result.errors
+        assert outputs(result)["join"] == sum(1 + i for i in range(6))
+    committed = Counter(k.rsplit(":", 2)[0] for k in calls.count)
+    assert all(v == 9 for v in committed.values()), committed
+    published = [
+        json.loads(await fleet.client.client.get(fleet.client.keys.result(r))) for r in runs
+    ]
+    assert all(p["status"] == "completed" for p in published)
+
+
+async def test_queue_retry_mode_counts_attempts(fleet: Fleet) -> None:
+    attempts: list[tuple[int, bool]] = []
+
+    async def flaky(ctx: NodeContext) -> str:
+        attempts.append(ctx.attempt)  # type: ignore[arg-type]
+        await ctx.set(f"attempt{ctx.attempt}", True)
+        if ctx.attempt < 3:
+            raise RuntimeError("transient")
+        return f"ok on {ctx.attempt}"
+
+    flow = (
+        Flow("qretry")
+        .node("f", flaky, max_retries=3, retry_delay=50)
+        .node("g", lambda c: c.input)
+        .chain("f", "g")
+    )
+    await fleet.start(options_for(flow), retry_mode="queue")
+    result = await fleet.run("qretry")
+    assert result.status == "completed", result.errors
+    assert attempts == [1, 2, 3]
+    assert outputs(result)["g"] == "ok on 3"
+    assert "attempt1" not in result.context, "a failed attempt's writes leaked"
+
+
+async def test_queue_retry_exhausted_fails_run(fleet: Fleet) -> None:
+    def always(ctx: NodeContext) -> None:
+        raise RuntimeError(f"attempt {ctx.attempt}")
+
+    flow = Flow("qfail").node("f", always, max_retries=2).node("g", lambda c: c.input)
+    flow.chain("f", "g")
+    await fleet.start(options_for(flow), retry_mode="queue")
+    result = await fleet.run("qfail")
+    assert result.status == "failed"
+    assert [e["nodeId"] for e in result.errors] == ["f"]
+    assert "attempt 2" in result.errors[0]["message"]
+
+
+async def test_bad_payloads_are_dead_lettered(fleet: Fleet) -> None:
+    flow = Flow("ok").node("a", lambda c: 1)
+    await fleet.start(options_for(flow), workers=1)
+    client = fleet.client
+    await client.enqueue_raw("\udcff not json")
+    await client.enqueue_raw({"runId": "r", "blueprintId": "nope", "nodeId": "a"})
+    await client.enqueue_raw({"runId": "r", "blueprintId": "ok", "nodeId": "missing"})
+    await client.enqueue_raw([1, 2, 3])
+
+    async def four() -> bool:
+        return len(await client.dead_letters()) >= 4
+
+    await fleet.until(four, "four dead letters")
+    errors = " | ".join(d.error for d in await client.dead_letters())
+    assert "not JSON" in errors
+    assert "no blueprint 'nope'" in errors
+    assert "has no node 'missing'" in errors
+    assert "must be a JSON object" in errors
+    # The worker survived: a real run still completes.
+    result = await fleet.run("ok")
+    assert result.status == "completed", result.errors
+
+
+async def test_reconciler_redrives_a_run_whose_job_was_lost(fleet: Fleet) -> None:
+    calls = Calls()
+    flow = (
+        Flow("lossy")
+        .node("a", calls.step(lambda c: 1))
+        .node("b", calls.step(lambda c: c.input + 1))
+        .chain("a", "b")
+    )
+    await fleet.start(options_for(flow), workers=1)
+    lost: list[JobPayload] = []
+    for adapter in fleet.adapters:
+        original = adapter.enqueue_job
+
+        async def lose_b(job: JobPayload, original: Any = original) -> None:
+            if job.node_id == "b" and not lost:
+                lost.append(job)
+                return
+            await original(job)
+
+        adapter.enqueue_job = lose_b  # type: ignore[method-assign]
+    run_id = await fleet.client.start_run("lossy")
+
+    async def a_done() -> bool:
+        return calls.ran(run_id, "a") == 1 and bool(lost)
+
+    await fleet.until(a_done, "node a to run and b's job to be lost")
+    assert await fleet.client.reconcile_stalled(older_than_seconds=60) == []
+    await asyncio.sleep(0.05)
+    redriven = await fleet.client.reconcile_stalled(older_than_seconds=0.01)
+    assert redriven == [run_id]
+    result = await fleet.client.wait_for_result(run_id, 30)
+    assert result.status == "completed", result.errors
+    assert outputs(result)["b"] == 2
+    assert await fleet.client.client.zscore(fleet.client.keys.active, run_id) is None
+
+
+async def test_graceful_stop_finishes_jobs_in_hand(fleet: Fleet) -> None:
+    started = asyncio.Event()
+    release = asyncio.Event()
+
+    async def slow(ctx: NodeContext) -> str:
+        started.set()
+        await release.wait()
+        return "finished"
+
+    flow = Flow("slow").node("s", slow).node("t", lambda c: c.input).chain("s", "t")
+    await fleet.start(options_for(flow), workers=1)
+    run_id = await fleet.client.start_run("slow")
+    await asyncio.wait_for(started.wait(), 30)
+    ((worker, task),) = fleet.tasks
+    await worker.stop()
+    await asyncio.sleep(0.2)
+    assert not task.done(), "stop() must wait for the job in hand"
+    release.set()
+    await asyncio.wait_for(task, 30)
+    fleet.tasks.clear()
+    # Node "s" committed before the worker left; "t" waits in the queue for a worker.
+    ctx = fleet.client.create_context(run_id)
+    assert await ctx.get("_outputs.s") == "finished"
+    await fleet.start(options_for(flow), workers=1)
+    result = await fleet.client.wait_for_result(run_id, 30)
+    assert outputs(result)["t"] == "finished"
+
+
+async def test_given_client_is_left_open(redis_url: str, prefix: str) -> None:
+    client = redis_asyncio.Redis.from_url(redis_url, decode_responses=True)
+    calls = Calls()
+    flow = Flow("given").node("a", calls.step(lambda c: "x")).node("b", calls.step())
+    flow.chain("a", "b")
+    options = options_for(flow)
+    worker = BullMQAdapter(runtime_options=options, connection=client, key_prefix=prefix)
+    task = asyncio.ensure_future(worker.worker())
+    try:
+        run_id = await worker.start_run("given")
+        result = await worker.wait_for_result(run_id, 30)
+        assert outputs(result) == {"a": "x", "b": "x"}
+    finally:
+        await worker.stop()
+        await task
+        await worker.aclose()
+    assert await client.ping()
+    await client.aclose()
+
+
+async def test_fast_path_off_behaves_the_same(fleet: Fleet) -> None:
+    calls = Calls()
+    await fleet.start(options_for(diamond(calls, width=4)), fast_path=False)
+    result = await fleet.run("diamond")
+    assert result.status == "completed", result.errors
+    assert outputs(result)["join"] == sum(1 + i for i in range(4))
