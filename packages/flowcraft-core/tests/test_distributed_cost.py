@@ -15,7 +15,7 @@ node with one successor           2 get_many, 1 patch           2 set_if_not_exi
 branch into a join (not last)     2 get_many, 1 patch           2 set_if_not_exist, 1 increment
 branch that completes the join    4 get_many, 2 patch           2 set_if_not_exist, 1 increment
 the join itself                   3 get_many, 1 patch           2 set_if_not_exist
-last sink (finalizes the run)     5 get_many, 3 patch, 1 get,   4 set_if_not_exist, 1 increment,
+last sink (finalizes the run)     4 get_many, 2 patch,          3 set_if_not_exist, 1 increment,
                                   1 to_dict                     deletes (counters)
 ================================  ============================  ================================
 """
@@ -40,8 +40,8 @@ INTO_JOIN = ({"get_many": 2, "patch": 1}, {"set_if_not_exist": 2, "increment": 1
 COMPLETES_JOIN = ({"get_many": 4, "patch": 2}, {"set_if_not_exist": 2, "increment": 1})
 JOIN = ({"get_many": 3, "patch": 1}, {"set_if_not_exist": 2})
 FINALIZES = (
-    {"get_many": 5, "patch": 3, "get": 1, "to_dict": 1},
-    {"set_if_not_exist": 4, "increment": 1},
+    {"get_many": 4, "patch": 2, "to_dict": 1},
+    {"set_if_not_exist": 3, "increment": 1},
 )
 READ_LIMIT = 4 * 1024  # bytes a non-final job may read, whatever the state holds
 

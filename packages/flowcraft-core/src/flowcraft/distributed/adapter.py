@@ -152,7 +152,11 @@ class BaseDistributedAdapter(ABC):
 
     @abstractmethod
     async def publish_final_result(self, run_id: str, result: FinalResult) -> None:
-        """Publish the final result; must be idempotent (it can be called again after a crash)."""
+        """Publish the final result, idempotently: keep the FIRST result published for a
+        run. A finalizer redone after a crash, or racing a duplicate of its job, calls
+        this again with the same status and errors, but its context may also hold the
+        writes of nodes nobody waited for (branches an ``any`` join or a failure left
+        running), so a repeat must not replace what was published."""
 
     def should_retry_in_process(self, node_def: NodeDefinition) -> bool:
         """False: run one attempt per delivery and let the queue schedule retries."""
@@ -245,10 +249,8 @@ class BaseDistributedAdapter(ABC):
         info = await self.get_status(run_id)
         if info.status not in FINAL_STATUSES:
             return None
-        stored = await self.create_context(run_id).get(_RESULT)
-        if stored is None:
-            return None  # claimed but not published yet (or its finalizer died: reconcile)
-        return FinalResult(run_id, stored["status"], stored["context"], stored["errors"])
+        ctx = self.create_context(run_id)
+        return FinalResult(run_id, info.status, _user_view(await ctx.to_dict()), info.errors)
 
     async def wait_for_result(
         self,
@@ -878,32 +880,13 @@ class BaseDistributedAdapter(ABC):
         )
         if not won and await self.coordination_store.get(final_key) != claim:
             return
-        # The result is computed once and kept: nodes nobody waits for (the branches an
-        # ``any`` join or a failure left running) may still commit, so a finalizer
-        # redone after a crash must publish the same result, not a fresh view. One
-        # finalizer at a time computes it (duplicates of a job can finalize together).
-        found = await ctx.get_many([_RESULT, K.STATUS, K.error(owner)])
-        stored = found.get(_RESULT)
-        if stored is None:
-            lock = K.lease(self.key_prefix, run_id, "", 0)
-            if not await self.coordination_store.set_if_not_exist(
-                lock, self.worker_id, self.lease_seconds
-            ):
-                raise RetryJob(
-                    f"run {run_id!r} is being finalized elsewhere",
-                    delay_seconds=min(self.lease_seconds / 3, 5.0),
-                )
-            stored = await ctx.get(_RESULT)
-        if stored is None:
-            if errors is None and status == "failed":
-                recorded = found.get(K.error(owner)) if owner else None
-                record = found.get(K.STATUS) or {}
-                errors = [recorded] if recorded is not None else list(record.get("errors", []))
-            state = _user_view(await ctx.to_dict())
-            stored = {"status": status, "errors": errors or [], "context": state}
-            await ctx.patch([PatchOperation("set", _RESULT, stored)])
-        errors = stored["errors"]
-        result = FinalResult(run_id, status, stored["context"], errors)
+        if errors is None and status == "failed":
+            found = await ctx.get_many([K.STATUS, K.error(owner)] if owner else [K.STATUS])
+            recorded = found.get(K.error(owner)) if owner else None
+            record = found.get(K.STATUS) or {}
+            errors = [recorded] if recorded is not None else list(record.get("errors", []))
+        errors = errors or []
+        result = FinalResult(run_id, status, _user_view(await ctx.to_dict()), errors)
         await self.publish_final_result(run_id, result)
         # Recorded only once published: a job (or reconcile) that finds the run final in
         # its context drops it, so a crash before this line must leave it running.
@@ -943,7 +926,6 @@ class BaseDistributedAdapter(ABC):
 
 
 _REF = "__ref__"
-_RESULT = K.RESERVED_PREFIX + "result"  # the published FinalResult, kept for republishing
 
 
 def _record(source: str, taken: Edge | None, handed: Mapping[int, Any]) -> dict[str, Any]:

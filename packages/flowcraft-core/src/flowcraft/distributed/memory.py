@@ -106,6 +106,9 @@ class InMemoryBroker:
     queue: asyncio.Queue[_Delivery] = field(default_factory=asyncio.Queue)
     contexts: dict[str, Context] = field(default_factory=dict)
     results: dict[str, list[FinalResult]] = field(default_factory=dict)
+    """Every ``publish_final_result`` call, per run (repeats after crashes included)."""
+    published: dict[str, FinalResult] = field(default_factory=dict)
+    """The published result per run: the first one (what ``wait_for_result`` returns)."""
     dead_letters: list[tuple[Any, str]] = field(default_factory=list)
     context_ops: Counter[str] = field(default_factory=Counter)
     patch_sizes: list[int] = field(default_factory=list)
@@ -179,6 +182,11 @@ class InMemoryAdapter(BaseDistributedAdapter):
 
     async def publish_final_result(self, run_id: str, result: FinalResult) -> None:
         self.broker.results.setdefault(run_id, []).append(result)
+        self.broker.published.setdefault(run_id, result)
+
+    async def get_final_result(self, run_id: str) -> FinalResult | None:
+        """The published result (the first publication), once there is one."""
+        return self.broker.published.get(run_id)
 
     def should_retry_in_process(self, node_def: Any) -> bool:
         return self.retry_mode == "in-process"
