@@ -3,19 +3,26 @@
 One seed fixes everything: the graph shapes (chains, diamonds into ``all`` and
 ``any`` joins, branches skipped by conditions or actions feeding joins, loops, a
 join inside a loop, a loop inside a diamond, waits resumed with an action,
-failing branches), the number of workers and their concurrency, the duplicate
-rate, the retry mode, and the faults: at chosen store operations a worker dies
-(:class:`SimulatedCrash`, its in-flight jobs are redelivered and a new worker
-takes its place) or the store is briefly unreachable (:class:`SimulatedOutage`).
-Hooks also yield and sleep at random, so concurrent jobs interleave differently
-per seed.
+failing branches; one or two runs at once), the number of workers and their
+concurrency, the duplicate rate, whether the queue reorders jobs, the retry mode,
+flaky nodes, and the faults: at chosen store operations a worker dies
+(:class:`SimulatedCrash`: its in-flight jobs are redelivered and a new worker
+takes its place) or the store is briefly unreachable (:class:`SimulatedOutage`);
+the queue may lose one enqueued job, and the operator may die inside
+``start_run`` or ``resume_with_action`` (and call again). Hooks also yield and
+sleep at random, so concurrent jobs interleave differently per seed.
 
 Everything runs on a :class:`VirtualTimeLoop`: time advances only when every task
 waits, so leases, redelivery delays and heartbeats follow the simulation's clock,
-and a seed replays exactly. After each run the invariants of PRODUCT.md are
-checked (one final result, each activation's output and deltas committed once and
-together, joins fired once with all their branches, no lost delta, untaken
-branches never ran, nothing stuck). A failing seed replays with::
+and a seed replays exactly. When the fleet falls quiet, a paused run is resumed
+and a stuck one reconciled (a reconcile that no lost job or operator crash
+explains is a failure: redelivery alone must suffice). After each run the
+invariants of PRODUCT.md are checked: one final status, repeated publications
+that agree; each activation's output and deltas committed once and together by
+an execution (another execution only where a crash or an outage cut a job short);
+the expected activations per node, with the right inputs; joins fired once per
+activation with every branch; no lost delta; untaken branches never ran. A
+failing seed replays with its trace::
 
     python -m flowcraft.testing.simulation --seed N
 """
