@@ -28,16 +28,13 @@ import json
 import os
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 import uuid
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import asyncpg  # type: ignore[import-untyped]
 from flowcraft import Flow, NodeContext, RuntimeOptions
 from flowcraft.distributed import RedisCoordinationStore
 from flowcraft.distributed.payload import JobPayload
@@ -107,8 +104,8 @@ def adapter_options(config: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-async def worker_main(config: dict[str, Any]) -> None:
-    """One worker process: handle jobs until SIGTERM, then write its counts."""
+async def worker_main(config: dict[str, Any]) -> dict[str, int]:
+    """One worker process: handle jobs until SIGTERM; returns its counts."""
     store = CountingStore(RedisCoordinationStore(url=config["redis_url"], key_prefix=""))
     adapter = RabbitMQAdapter(
         runtime_options=flows(), coordination_store=store, **adapter_options(config)
@@ -123,24 +120,22 @@ async def worker_main(config: dict[str, Any]) -> None:
 
     adapter.handle_job = counted  # type: ignore[method-assign]
     await adapter.connect()
-    Path(config["ready"]).touch()
+    await asyncio.to_thread(Path(config["ready"]).touch)
     asyncio.get_running_loop().add_signal_handler(
         signal.SIGTERM, lambda: asyncio.ensure_future(adapter.stop())
     )
     try:
         await adapter.worker()
     finally:
-        counts = {
-            "jobs": jobs,
-            "rabbitmq": adapter.broker.round_trips["publish"]
-            + adapter.broker.round_trips["declare"],
-            "acks": adapter.broker.round_trips["ack"],
-            "postgres": sum(adapter.store.round_trips.values()),
-            "redis": sum(store.ops.values()),
-        }
-        Path(config["stats"]).write_text(json.dumps(counts))
         await adapter.aclose()
         await store.inner.aclose()
+    return {
+        "jobs": jobs,
+        "rabbitmq": adapter.broker.round_trips["publish"] + adapter.broker.round_trips["declare"],
+        "acks": adapter.broker.round_trips["ack"],
+        "postgres": sum(adapter.store.round_trips.values()),
+        "redis": sum(store.ops.values()),
+    }
 
 
 async def measure(urls: dict[str, str], shape: str, runs: int, workers: int) -> dict[str, Any]:
@@ -156,26 +151,29 @@ async def measure(urls: dict[str, str], shape: str, runs: int, workers: int) -> 
     for i in range(workers):
         config = {**base, "ready": str(tmp / f"ready{i}"), "stats": str(tmp / f"stats{i}")}
         env = {**os.environ, "BENCH_WORKER": json.dumps(config)}
-        procs.append(subprocess.Popen([sys.executable, __file__, "--worker"], env=env))
+        procs.append(
+            await asyncio.create_subprocess_exec(sys.executable, __file__, "--worker", env=env)
+        )
     client = RabbitMQAdapter(
         runtime_options=flows(), redis_url=urls["redis_url"], **adapter_options(base)
     )
     try:
-        while not all((tmp / f"ready{i}").exists() for i in range(workers)):
-            await asyncio.sleep(0.05)
+        await until(lambda: all((tmp / f"ready{i}").exists() for i in range(workers)))
         await client.connect()
         run_ids = [uuid.uuid4().hex for _ in range(runs)]
         await asyncio.gather(*(client.start_run(shape, run_id=r) for r in run_ids))
         pool = await client.store.pool()
         runs_table = client.store.names.runs
-        while (
-            await pool.fetchval(f"SELECT count(*) FROM {runs_table} WHERE result IS NOT NULL")
-            < runs
-        ):
-            await asyncio.sleep(0.05)
+        finished = f"SELECT count(*) FROM {runs_table} WHERE result IS NOT NULL"
+
+        async def all_finished() -> bool:
+            return int(await pool.fetchval(finished)) >= runs
+
+        await until(all_finished)
         rows = await pool.fetch(
             "SELECT extract(epoch FROM created_at)::float8 AS s, "
-            f"extract(epoch FROM finished_at)::float8 AS e, result->>'status' AS st FROM {runs_table}"
+            "extract(epoch FROM finished_at)::float8 AS e, result->>'status' AS st "
+            f"FROM {runs_table}"
         )
         bad = [r["st"] for r in rows if r["st"] != "completed"]
         if bad:
@@ -184,14 +182,16 @@ async def measure(urls: dict[str, str], shape: str, runs: int, workers: int) -> 
         for proc in procs:
             proc.send_signal(signal.SIGTERM)
         for proc in procs:
-            proc.wait(60)
+            await asyncio.wait_for(proc.wait(), 60)
         await client.broker.delete_topology()
         pool = await client.store.pool()
         await pool.execute(
             f"DROP TABLE IF EXISTS {client.store.names.runs}, {client.store.names.versions}"
         )
         await client.aclose()
-    stats = [json.loads((tmp / f"stats{i}").read_text()) for i in range(workers)]
+    stats = [
+        json.loads(await asyncio.to_thread((tmp / f"stats{i}").read_text)) for i in range(workers)
+    ]
     total = {k: sum(s[k] for s in stats) for k in stats[0]}
     span = max(r["e"] for r in rows) - min(r["s"] for r in rows)
     latencies = sorted((r["e"] - r["s"]) * 1000 for r in rows)
@@ -217,6 +217,17 @@ async def measure(urls: dict[str, str], shape: str, runs: int, workers: int) -> 
             "redis": round(total["redis"] / jobs, 2),
         },
     }
+
+
+async def until(check: Any) -> None:
+    """Poll ``check`` (sync or async) until it is true."""
+    while True:
+        found = check()
+        if asyncio.iscoroutine(found):
+            found = await found
+        if found:
+            return
+        await asyncio.sleep(0.05)
 
 
 def backends() -> tuple[dict[str, str], Any]:
@@ -267,7 +278,9 @@ def row(r: dict[str, Any]) -> str:
 
 if __name__ == "__main__":
     if "--worker" in sys.argv:
-        asyncio.run(worker_main(json.loads(os.environ["BENCH_WORKER"])))
+        worker_config = json.loads(os.environ["BENCH_WORKER"])
+        counts = asyncio.run(worker_main(worker_config))
+        Path(worker_config["stats"]).write_text(json.dumps(counts))
         sys.exit(0)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=200)

@@ -268,9 +268,9 @@ async def test_reconcile_stalled_finds_a_run_that_lost_its_job(namespace: Namesp
         await until(lambda: _is_true(bool(lost)), "the job of b to be lost")
         await until(lambda: worker.create_context(run).has("_outputs.a"), "a to commit")
         assert await worker.reconcile_stalled(older_than_seconds=3600) == []
-        await asyncio.sleep(0.05)
-        assert await worker.reconcile_stalled(older_than_seconds=0.01) == [run]
-        assert await worker.reconcile_stalled(older_than_seconds=0.01) == [], "claimed twice"
+        await asyncio.sleep(2.1)  # no progress for longer than the period (2 s)
+        assert await worker.reconcile_stalled(older_than_seconds=2) == [run]
+        assert await worker.reconcile_stalled(older_than_seconds=2) == [], "claimed twice"
         result = await worker.wait_for_result(run, TIMEOUT)
         assert result.status == "completed"
     finally:
@@ -346,5 +346,32 @@ async def test_a_deleted_work_queue_is_declared_again(namespace: Namespace) -> N
     try:
         assert (await worker.wait_for_result(run, TIMEOUT)).status == "completed"
     finally:
+        await worker.stop()
+        await task
+
+
+async def test_wait_for_result_is_woken_by_the_publication(namespace: Namespace) -> None:
+    """The waiter polls every 30 s here; PostgreSQL's NOTIFY wakes it long before."""
+    release = asyncio.Event()
+
+    async def held(ctx: NodeContext) -> str:
+        await release.wait()
+        return "done"
+
+    flow = Flow("notify").node("a", held)
+    client = namespace.adapter(options(flow))
+    worker = namespace.adapter(options(flow))
+    task = run_worker(worker)
+    try:
+        run = await client.start_run("notify")
+        waiter = asyncio.ensure_future(client.wait_for_result(run, 60, poll_interval=30))
+        await until(lambda: _is_true(client.store.notifications.listening), "the LISTEN")
+        await asyncio.sleep(0.1)  # the waiter's first look is done; it sleeps now
+        release.set()
+        result = await asyncio.wait_for(waiter, 15)
+        assert result.status == "completed"
+        assert result.context["_outputs.a"] == "done"
+    finally:
+        release.set()
         await worker.stop()
         await task

@@ -9,6 +9,7 @@ always travel as bind parameters.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 from dataclasses import dataclass
@@ -149,6 +150,12 @@ class SqlNames:
     @property
     def active_index(self) -> str:
         return f'"{self.table}_active"'
+
+    @property
+    def channel(self) -> str:
+        """The LISTEN/NOTIFY channel announcing published results (at most 63 bytes)."""
+        digest = hashlib.sha256(f"{self.schema or ''}.{self.table}".encode()).hexdigest()
+        return f"flowcraft_results_{digest[:24]}"
 
     @property
     def lock_name(self) -> str:

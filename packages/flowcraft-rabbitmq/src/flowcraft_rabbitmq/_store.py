@@ -83,11 +83,15 @@ _PATCH = (
     "ON CONFLICT (run_id) DO UPDATE "
     "SET state = (r.state - $2::text[]) || $3::text::jsonb, updated_at = now()"
 )
+# Write the result once and, in the same statement, NOTIFY the waiters (the
+# notification is delivered when the statement's transaction commits).
 _PUBLISH = (
+    "WITH published AS ("
     "INSERT INTO {runs} AS r (run_id, result, finished_at) "
     "VALUES ($1, $2::text::jsonb, now()) "
     "ON CONFLICT (run_id) DO UPDATE SET result = excluded.result, finished_at = now() "
-    "WHERE r.result IS NULL"
+    "WHERE r.result IS NULL RETURNING r.run_id) "
+    "SELECT pg_notify($3, run_id) FROM published"
 )
 _RESULT = "SELECT result::text, (state -> $2)::text FROM {runs} WHERE run_id = $1"
 _CLAIM_STALLED = (
@@ -212,6 +216,7 @@ class PostgresRunStore:
         self._create_schema = create_schema
         self._ready = False
         self._lock = asyncio.Lock()
+        self.notifications = _Notifications(self)
         self.round_trips: Counter[str] = Counter()
         """Statements sent, by kind (each is one round trip)."""
 
@@ -299,7 +304,7 @@ class PostgresRunStore:
         pool = await self.pool()
         self.round_trips["publish"] += 1
         with _translated(run_id):
-            await pool.execute(self.sql.publish, run_id, _json.dumps(result))
+            await pool.execute(self.sql.publish, run_id, _json.dumps(result), self.names.channel)
 
     async def result(self, run_id: str) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
         """(the published result, the run's status record); each None if absent."""
@@ -333,7 +338,79 @@ class PostgresRunStore:
 
     async def aclose(self) -> None:
         """Close the pool this store created; a given pool stays open."""
+        await self.notifications.close()
         if self._owns_pool and self._pool is not None:
             await self._pool.close()
             self._pool = None
             self._ready = False
+
+
+class _Notifications:
+    """One pooled connection LISTENing for published results, shared by every waiter.
+
+    ``watch(run_id)`` returns an event set when the run's result is published. If
+    the connection cannot be had, or is lost, waiters still poll (slower), so a
+    notification is a shortcut, never a requirement.
+    """
+
+    def __init__(self, store: PostgresRunStore) -> None:
+        self._store = store
+        self._conn: Any = None
+        self._waiters: dict[str, set[asyncio.Event]] = {}
+        self._lock = asyncio.Lock()
+
+    @property
+    def listening(self) -> bool:
+        return self._conn is not None and not self._conn.is_closed()
+
+    async def watch(self, run_id: str) -> asyncio.Event:
+        event = asyncio.Event()
+        self._waiters.setdefault(run_id, set()).add(event)
+        if not self.listening:
+            try:
+                await self._listen()
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                logger.info("cannot LISTEN for results (%r); waiters poll", exc)
+        return event
+
+    def unwatch(self, run_id: str, event: asyncio.Event) -> None:
+        events = self._waiters.get(run_id)
+        if events is not None:
+            events.discard(event)
+            if not events:
+                del self._waiters[run_id]
+
+    async def _listen(self) -> None:
+        async with self._lock:
+            if self.listening:
+                return
+            if self._conn is not None:  # lost: give it back (the pool discards it)
+                await self._release()
+            pool = await self._store.pool()
+            conn = await pool.acquire()
+            try:
+                await conn.add_listener(self._store.names.channel, self._notified)
+            except BaseException:
+                await pool.release(conn)
+                raise
+            self._conn = conn
+
+    def _notified(self, conn: Any, pid: int, channel: str, run_id: str) -> None:
+        for event in self._waiters.get(run_id, ()):
+            event.set()
+
+    async def _release(self) -> None:
+        conn, self._conn = self._conn, None
+        pool = self._store._pool
+        if conn is None or pool is None:
+            return
+        try:
+            if not conn.is_closed():
+                await conn.remove_listener(self._store.names.channel, self._notified)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            logger.debug("UNLISTEN failed; the connection goes back anyway")
+        await pool.release(conn)
+
+    async def close(self) -> None:
+        async with self._lock:
+            await self._release()

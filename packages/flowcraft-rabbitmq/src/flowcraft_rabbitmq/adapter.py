@@ -415,6 +415,33 @@ class RabbitMQAdapter(BaseDistributedAdapter):
             return await super().get_final_result(run_id)
         return None
 
+    async def wait_for_result(
+        self,
+        run_id: str,
+        timeout: float | None = None,  # noqa: ASYNC109 (the base's signature)
+        *,
+        poll_interval: float = 0.05,
+    ) -> FinalResult:
+        """Wait for the run's final result: woken by PostgreSQL's NOTIFY from the
+        publication (one shared LISTEN connection), polling as a fallback."""
+        event = await self.store.notifications.watch(run_id)
+        try:
+            async with asyncio.timeout(timeout):
+                delay = poll_interval
+                while True:
+                    result = await self.get_final_result(run_id)
+                    if result is not None:
+                        return result
+                    cap = 5.0 if self.store.notifications.listening else 1.0
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(event.wait(), delay)
+                    event.clear()
+                    delay = min(delay * 1.5, cap)
+        except TimeoutError:
+            raise TimeoutError(f"run {run_id!r} did not finish within {timeout} s") from None
+        finally:
+            self.store.notifications.unwatch(run_id, event)
+
     async def reconcile(self, run_id: str) -> int:
         """The base's reconcile, then publish the result of a run whose status is final
         but whose result was never published (its finalizer died in between)."""
