@@ -401,8 +401,8 @@ class RabbitMQAdapter(BaseDistributedAdapter):
     # ------------------------------------------------------------------ results
 
     async def get_final_result(self, run_id: str) -> FinalResult | None:
-        """The published result, in one query (the base's reading of the state is the
-        fallback for a run whose status is final but whose result is not published)."""
+        """The published result, in one query. (A run whose context says final but whose
+        row has no result falls back to the base's reading of the state.)"""
         published, status = await self.store.result(run_id)
         if published is not None:
             return FinalResult(
@@ -441,18 +441,6 @@ class RabbitMQAdapter(BaseDistributedAdapter):
             raise TimeoutError(f"run {run_id!r} did not finish within {timeout} s") from None
         finally:
             self.store.notifications.unwatch(run_id, event)
-
-    async def reconcile(self, run_id: str) -> int:
-        """The base's reconcile, then publish the result of a run whose status is final
-        but whose result was never published (its finalizer died in between)."""
-        enqueued = await super().reconcile(run_id)
-        published, status = await self.store.result(run_id)
-        if published is None and status is not None and status.get("status") in _FINAL:
-            result = await super().get_final_result(run_id)
-            if result is not None:
-                logger.info("run %s: publishing the final result its finalizer left", run_id)
-                await self.publish_final_result(run_id, result)
-        return enqueued
 
     # ------------------------------------------------------------------ operating
 
