@@ -123,8 +123,9 @@ class RabbitMQAdapter(BaseDistributedAdapter):
         retry_delay_seconds: base delay before redelivering a job that hit an
             infrastructure error or a version this worker lacks (doubles per
             redelivery, at most 30 s).
-        max_redeliveries: after this many redeliveries of one message it is
-            dead-lettered as exhausted (None: never).
+        max_redeliveries: after this many redeliveries for errors (a version no
+            worker here has, an unreachable store) a message is dead-lettered as
+            exhausted (None: never). Waiting for a busy activation does not count.
         reconcile_interval_seconds: if set, ``worker()`` also runs the reconciler
             every this many seconds.
         stall_seconds: a run without progress for this long counts as stalled.
@@ -336,16 +337,23 @@ class RabbitMQAdapter(BaseDistributedAdapter):
         job: JobPayload,
         exc: Exception,
     ) -> None:
-        """Send the job round again through a delay queue, then ack this delivery."""
-        retries = _int_header(headers, HEADER_RETRIES, 0) + 1
-        if self.max_redeliveries is not None and retries > self.max_redeliveries:
+        """Send the job round again through a delay queue, then ack this delivery.
+
+        ``max_redeliveries`` counts the redeliveries for errors (a version this worker
+        lacks, an unreachable store); a busy activation (its lease is held by a live
+        worker) and failed queue-mode attempts (bounded by the node's attempts) do not
+        use it up.
+        """
+        failed_attempt = isinstance(exc, RetryJob) and isinstance(exc.__cause__, NodeExecutionError)
+        counted = not isinstance(exc, RetryJob)
+        retries = _int_header(headers, HEADER_RETRIES, 0) + (1 if counted else 0)
+        if counted and self.max_redeliveries is not None and retries > self.max_redeliveries:
             reason = f"exhausted after {retries - 1} redeliveries; last error {_describe(exc)}"
             logger.warning("dead-lettering job %s/%s: %s", job.run_id, job.node_id, reason)
             await self._dead_letter(message, headers, reason)
             return
         new_headers = _own_headers(headers)
         new_headers[HEADER_RETRIES] = retries
-        failed_attempt = isinstance(exc, RetryJob) and isinstance(exc.__cause__, NodeExecutionError)
         if failed_attempt and self.retry_mode == "queue":
             attempt = job.attempt or 1
             new_headers[HEADER_ATTEMPT] = attempt + 1
@@ -358,7 +366,7 @@ class RabbitMQAdapter(BaseDistributedAdapter):
             delay_ms = exc.delay_seconds * 1000
         else:
             logger.info("job %s/%s will be redelivered: %r", job.run_id, job.node_id, exc)
-            delay_ms = min(self.retry_delay_seconds * 2 ** (retries - 1), 30.0) * 1000
+            delay_ms = min(self.retry_delay_seconds * 2 ** max(retries - 1, 0), 30.0) * 1000
         try:
             await self.broker.publish(
                 message.body, headers=new_headers, delay_ms=delay_bucket_ms(delay_ms)
