@@ -195,11 +195,13 @@ class Broker:
                 await self._publish_once(body, headers, delay_ms, dead)
                 return
             except PublishError:
-                # Unroutable: a queue was deleted behind our back; declare again.
-                self._declared.clear()
-                self._channel = None
+                # Unroutable: a queue was deleted behind our back; declare them again.
                 if time.monotonic() >= deadline:
                     raise
+                self._declared.clear()
+                if self._channel is not None:
+                    with contextlib.suppress(*CONNECTION_EXCEPTIONS):
+                        await self._declare_work_queue(self._channel)
             except CONNECTION_EXCEPTIONS as exc:
                 if time.monotonic() >= deadline:
                     raise
