@@ -219,7 +219,7 @@ async def read_published(client: SqsAdapter, run_id: str) -> float | None:
         ConsistentRead=True,
     )
     item = response.get("Item")
-    if not item or "p" not in item:
+    if not item or "r" not in item:
         return None
     return int(item["x"]["N"]) / 1000 - STATE_TTL
 

@@ -11,10 +11,8 @@ import pytest
 
 from flowcraft import StateLimitError
 from flowcraft.context import PatchOperation
-from flowcraft.distributed import adapter as core_adapter
 from flowcraft.testing.adapter import HOSTILE_KEYS
 from flowcraft_sqs import AwsClients, DynamoDbContext, RunTable
-from flowcraft_sqs.context import RESULT_KEY
 
 
 @pytest.fixture
@@ -156,7 +154,7 @@ async def test_dynamodb_size_error_becomes_state_limit_error(
     assert set(await ctx.to_dict()) == {"a"}
     # The result item has no ledger: DynamoDB refuses, the error says what happened.
     with pytest.raises(StateLimitError, match="final result does not fit"):
-        await ctx.patch([PatchOperation.set(RESULT_KEY, {"context": {"a": "z" * 410_000}})])
+        await runs.write_result("r", {"context": {"a": "z" * 410_000}})
 
 
 async def test_patch_with_too_many_operations_is_refused(ctx: DynamoDbContext) -> None:
@@ -182,14 +180,12 @@ async def test_expired_run_reads_as_absent_and_restarts_clean(
 async def test_final_result_lives_in_its_own_item_first_write_wins(
     ctx: DynamoDbContext, runs: RunTable
 ) -> None:
-    assert RESULT_KEY == core_adapter._RESULT
     first = {"status": "completed", "errors": [], "context": {"a": 1}}
-    await ctx.patch([PatchOperation.set(RESULT_KEY, first)])
-    await ctx.patch([PatchOperation.set(RESULT_KEY, {"status": "failed"})])
-    assert await ctx.get(RESULT_KEY) == first
-    assert await ctx.get_many([RESULT_KEY, "a"]) == {RESULT_KEY: first}
-    assert "c:" + RESULT_KEY not in _raw_item(ctx)
-    assert await runs.read_result(ctx.run_id) == (first, False)
+    await runs.write_result(ctx.run_id, first)
+    await runs.write_result(ctx.run_id, {"status": "completed", "context": {"a": 2}})
+    assert await runs.read_result(ctx.run_id) == first
+    assert _raw_item(ctx) == {}, "the run's own item is untouched"
+    assert await runs.read_result("other-run") is None
 
 
 async def test_long_run_ids_are_hashed_into_the_key(clients: AwsClients, table: str) -> None:

@@ -62,7 +62,7 @@ def spawn(settings: Settings) -> subprocess.Popen[bytes]:
 
 async def published(client: SqsAdapter, runs: list[str]) -> int:
     found = await asyncio.gather(*(client.runs.read_result(r) for r in runs))
-    return sum(1 for f in found if f is not None and f[1])
+    return sum(1 for f in found if f is not None)
 
 
 async def wait_all(client: SqsAdapter, runs: list[str], seconds: float) -> None:

@@ -252,17 +252,16 @@ class SqsAdapter(BaseDistributedAdapter):
         await self.clients.sqs_call("send_message", **params)
 
     async def publish_final_result(self, run_id: str, result: FinalResult) -> None:
-        """Mark the run's result item published (writing the result if it is not there
-        yet; a result already kept stays as it is). Idempotent: one ``UpdateItem``."""
+        """Write the run's result item, keeping the FIRST result published (a repeat,
+        after a crash or from a racing duplicate, changes nothing): one ``UpdateItem``."""
         stored = {"status": result.status, "errors": result.errors, "context": result.context}
-        await self.runs.write_result(run_id, stored, published=True)
+        await self.runs.write_result(run_id, stored)
 
     async def get_final_result(self, run_id: str) -> FinalResult | None:
         """The published result: one ``GetItem`` of the run's result item."""
-        found = await self.runs.read_result(run_id)
-        if found is None or not found[1]:
+        data = await self.runs.read_result(run_id)
+        if data is None:
             return None
-        data = found[0]
         return FinalResult(run_id, data["status"], data["context"], data.get("errors", []))
 
     # ------------------------------------------------------------ queue-native retries

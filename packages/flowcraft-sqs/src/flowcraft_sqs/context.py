@@ -12,10 +12,9 @@ Item layout (partition key ``pk = namespace/run/<run id>``):
 ``rid``    the run id, only when it is too long to be part of ``pk``
 =========  =====================================================================
 
-The run's final result (``_flowcraft.result``, which the base class stores once at
-finalization) is as large as the state itself, so it lives in its own item
-(``namespace/result/<run id>``, attribute ``r``, first write wins) instead of
-doubling the run's item; ``publish_final_result`` marks that item published.
+The run's published final result is as large as the state itself, so it lives in
+its own item (``namespace/result/<run id>``, attribute ``r``, first write wins)
+instead of doubling the run's item.
 
 Keys never appear inside expression text: every attribute name goes through
 ``ExpressionAttributeNames`` (``#n0``, ``#n1``, ...) and every value through
@@ -49,15 +48,13 @@ from flowcraft_sqs._client import (
     validate_namespace,
 )
 
-__all__ = ["DEFAULT_MAX_STATE_BYTES", "RESULT_KEY", "DynamoDbContext", "RunTable"]
+__all__ = ["DEFAULT_MAX_STATE_BYTES", "DynamoDbContext", "RunTable"]
 
 DEFAULT_MAX_STATE_BYTES = 390_000
 """Context bytes a run may hold: under DynamoDB's 400 KB item limit (409,600 bytes;
 moto's is 405,000), leaving room for the bookkeeping attributes and the key."""
 
 ATTR_PREFIX = "c:"
-RESULT_KEY = K.RESERVED_PREFIX + "result"
-"""The context key under which the base class keeps a run's final result (see above)."""
 _FINAL = frozenset({"completed", "failed", "cancelled"})
 # DynamoDB's limit on one expression string (UpdateExpression, ProjectionExpression).
 _MAX_EXPRESSION = 4096
@@ -105,24 +102,20 @@ class RunTable:
         expires = _now_ms() + int(self.state_ttl_seconds * 1000)
         return {":x": {"N": str(expires)}, ":t": {"N": str(expires // 1000 + 1)}}
 
-    async def write_result(self, run_id: str, result: Any, *, published: bool) -> None:
-        """Keep the first final result of a run in its result item (later writes keep it);
-        ``published`` also marks it published."""
-        names = {"#r": "r", "#x": "x", "#t": "ttl"}
-        values = {":r": {"S": self.serializer.dumps(result)}, **self.expiry()}
-        expression = "SET #r = if_not_exists(#r, :r), #x = :x, #t = :t"
-        if published:
-            names["#p"] = "p"
-            values[":p"] = {"BOOL": True}
-            expression += ", #p = :p"
+    async def write_result(self, run_id: str, result: Any) -> None:
+        """Keep the FIRST final result of a run in its result item: one ``UpdateItem``
+        (``if_not_exists``), so a repeated publication changes nothing."""
         try:
             await self.clients.dynamodb_call(
                 "update_item",
                 TableName=self.table_name,
                 Key=self.result_key(run_id),
-                UpdateExpression=expression,
-                ExpressionAttributeNames=names,
-                ExpressionAttributeValues=values,
+                UpdateExpression="SET #r = if_not_exists(#r, :r), #x = :x, #t = :t",
+                ExpressionAttributeNames={"#r": "r", "#x": "x", "#t": "ttl"},
+                ExpressionAttributeValues={
+                    ":r": {"S": self.serializer.dumps(result)},
+                    **self.expiry(),
+                },
             )
         except Exception as exc:
             if error_code(exc) == "ValidationException" and "size" in str(exc).lower():
@@ -132,15 +125,15 @@ class RunTable:
                 ) from exc
             raise
 
-    async def read_result(self, run_id: str) -> tuple[Any, bool] | None:
-        """The stored final result and whether it was published, or None."""
+    async def read_result(self, run_id: str) -> Any:
+        """The published final result (as JSON data), or None."""
         response = await self.clients.dynamodb_call(
             "get_item", TableName=self.table_name, Key=self.result_key(run_id), ConsistentRead=True
         )
         item = response.get("Item")
         if not item or "r" not in item or int(item.get("x", {"N": "0"})["N"]) <= _now_ms():
             return None
-        return self.serializer.loads(item["r"]["S"]), bool(item.get("p", {}).get("BOOL"))
+        return self.serializer.loads(item["r"]["S"])
 
     def run_id_of(self, item: Mapping[str, Any]) -> str:
         """The run id of an item (or index entry) of this table's runs."""
@@ -189,11 +182,6 @@ class DynamoDbContext(BaseAsyncContext):
         the projection would pass DynamoDB's 4 KB expression limit)."""
         wanted = list(dict.fromkeys(keys))
         found: dict[str, Any] = {}
-        if RESULT_KEY in wanted:
-            wanted.remove(RESULT_KEY)
-            stored = await self.table.read_result(self.run_id)
-            if stored is not None:
-                found[RESULT_KEY] = stored[0]
         if not wanted:
             return found
         for chunk in _projection_chunks(wanted):
@@ -246,15 +234,6 @@ class DynamoDbContext(BaseAsyncContext):
                 patch is too large for one DynamoDB expression.
             SerializationError: a value is not JSON.
         """
-        ops = list(ops)
-        if any(op.key == RESULT_KEY for op in ops):
-            # The final result goes to its own item (the base class writes it alone).
-            result = [op for op in ops if op.key == RESULT_KEY][-1]
-            ops = [op for op in ops if op.key != RESULT_KEY]
-            if result.op == "set":
-                await self.table.write_result(self.run_id, result.value, published=False)
-            else:
-                await self._call("delete_item", Key=self.table.result_key(self.run_id))
         plan = _Plan.build(self, ops)
         if not plan.sets and not plan.removes:
             return
