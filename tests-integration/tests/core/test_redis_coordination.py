@@ -10,10 +10,11 @@ from typing import Any, ClassVar
 
 import pytest
 import redis.asyncio as redis_asyncio
+from redis.asyncio.connection import SSLConnection
+
 from flowcraft.distributed import CoordinationStore, RedisCoordinationStore
 from flowcraft.testing import CoordinationStoreTests
 from flowcraft_backends import RunningService
-from redis.asyncio.connection import SSLConnection
 
 # Redis expires keys to the millisecond; these keep the TTL tests to a few seconds.
 _TTL = 0.6

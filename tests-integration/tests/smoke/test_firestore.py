@@ -5,9 +5,10 @@ from __future__ import annotations
 import uuid
 
 import pytest
+from google.cloud import firestore
+
 from flowcraft_backends import RestartUnsupported, RunningService
 from flowcraft_backends.services.firestore import clear_documents
-from google.cloud import firestore
 
 PROJECT = "flowcraft-smoke"
 

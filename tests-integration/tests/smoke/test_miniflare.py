@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 
 import httpx
 import pytest
+
 from flowcraft_backends import RestartUnsupported, RunningService
 
 

@@ -7,13 +7,14 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
-from flowcraft_backends import RestartUnsupported, RunningService
 from google.api_core.exceptions import NotFound
 from google.cloud.pubsub_v1 import (  # type: ignore[import-untyped]  # no py.typed
     PublisherClient,
     SubscriberClient,
 )
 from google.pubsub_v1.types import ReceivedMessage
+
+from flowcraft_backends import RestartUnsupported, RunningService
 
 PROJECT = "flowcraft-smoke"
 
