@@ -58,6 +58,7 @@ def test_the_simulation_injects_what_it_claims() -> None:
     assert set(shapes) == set(SHAPES)
     assert sum(r.crashes for r in reports) > 100
     assert sum(r.outages for r in reports) > 30
+    assert sum(r.stalls for r in reports) > 100
     assert sum(r.lost_jobs for r in reports) > 20
     assert sum(r.reconciled_runs for r in reports) > 10, "no lost job ever needed reconcile"
     traces = ["\n".join(r.trace) for r in reports]
@@ -107,8 +108,8 @@ def test_cli_runs_as_a_module() -> None:
 # ---------------------------------------------------------------- the simulation finds bugs
 
 
-def _failing(seeds: range, shapes: list[str] | None = None) -> list[int]:
-    return [s for s in seeds if not run_seed(s, shapes).ok]
+def _first_failing(seeds: range, shapes: list[str] | None = None) -> int | None:
+    return next((s for s in seeds if not run_seed(s, shapes).ok), None)
 
 
 def test_it_catches_a_commit_that_is_not_atomic(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -121,8 +122,7 @@ def test_it_catches_a_commit_that_is_not_atomic(monkeypatch: pytest.MonkeyPatch)
         await original(self, ops[:half])
 
     monkeypatch.setattr(InMemoryRunContext, "patch", split)
-    failing = _failing(range(200))
-    assert len(failing) > 5, failing
+    assert _first_failing(range(200)) is not None
 
 
 def test_it_catches_inputs_read_by_reference_in_lagging_loops(
@@ -130,9 +130,9 @@ def test_it_catches_inputs_read_by_reference_in_lagging_loops(
 ) -> None:
     """Undo the fix that hands outputs by value inside loops with an ``any`` join."""
     monkeypatch.setattr(adapter_module, "_has_any_join", lambda analysis, node_id: False)
-    failing = _failing(range(300), ["loop-join"])
-    assert failing, "no seed noticed a lagging branch reading the next iteration's output"
-    report = run_seed(failing[0], ["loop-join"])
+    seed = _first_failing(range(300), ["loop-join"])
+    assert seed is not None, "no seed noticed a lagging branch reading the next iteration's output"
+    report = run_seed(seed, ["loop-join"])
     assert any("got input" in f for f in report.failures), report.failures
 
 
@@ -147,7 +147,24 @@ def test_it_catches_a_join_that_trusts_its_counter(monkeypatch: pytest.MonkeyPat
         return found
 
     monkeypatch.setattr(adapter_module.BaseDistributedAdapter, "_decisions_for", trusting)
-    assert _failing(range(300), ["diamond-all"])
+    assert _first_failing(range(300), ["diamond-all"]) is not None
+
+
+def test_it_catches_a_commit_after_the_lease_was_lost(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker stalled past its lease must not commit over the delivery that took over."""
+
+    async def unchecked(self: Any, job: Any) -> None:
+        return None
+
+    monkeypatch.setattr(adapter_module.BaseDistributedAdapter, "_check_lease", unchecked)
+    assert _first_failing(range(600)) is not None
+
+
+def test_a_stall_inside_the_commit_round_trip_is_a_known_limit() -> None:
+    """Between the last lease check and the patch only a conditional patch could fence
+    a stalled worker; the context protocol has none. If this starts passing, drop the
+    ``stall_in_commit`` exclusion."""
+    assert any(not run_seed(s, stall_in_commit=True).ok for s in range(300))
 
 
 # ---------------------------------------------------------------- the pieces

@@ -381,6 +381,7 @@ class BaseDistributedAdapter(ABC):
                 f"has no node {node_id!r}"
             )
         ctx = self.create_context(payload.run_id)
+        read_at = _now()
         state = await ctx.get_many([K.META, K.STATUS, K.resolved(node_id)])
         meta = state.get(K.META)
         if meta is None:
@@ -415,9 +416,15 @@ class BaseDistributedAdapter(ABC):
                 if await self.coordination_store.get(done) is None:
                     await self._follow_up(job, resolved, redrive=True)
             return
-        lease_key = K.lease(self.key_prefix, job.run_id, node_id, generation)
+        # The lease's value names this job, not only this worker: two deliveries of one
+        # activation may land on the same worker.
+        lease = _Lease(
+            K.lease(self.key_prefix, job.run_id, node_id, generation),
+            f"{self.worker_id}/{uuid.uuid4().hex[:12]}",
+            _now(),
+        )
         if not await self.coordination_store.set_if_not_exist(
-            lease_key, self.worker_id, self.lease_seconds
+            lease.key, lease.holder, self.lease_seconds
         ):
             raise RetryJob(
                 f"{node_id!r} activation {generation} of run {job.run_id!r} is running elsewhere",
@@ -425,7 +432,14 @@ class BaseDistributedAdapter(ABC):
             )
         # The lease is left to expire: deleting it would cost a round trip per job,
         # and a later duplicate is stopped by the resolved count, not the lease.
-        heartbeat = asyncio.ensure_future(self._heartbeat(lease_key))
+        job.lease = lease
+        if _now() - read_at >= self.lease_seconds / 2:
+            # Stalled between reading the state and taking the lease: another delivery
+            # may have run this activation and its lease expired since. Read again.
+            again = await ctx.get(K.resolved(node_id))
+            if int(again or 0) != resolved:
+                raise RetryJob(f"{node_id!r} of run {job.run_id!r} moved on while stalled")
+        heartbeat = asyncio.ensure_future(self._heartbeat(lease))
         try:
             if record.get("skip"):
                 await self._commit(job, generation, None, [])
@@ -436,15 +450,46 @@ class BaseDistributedAdapter(ABC):
             with contextlib.suppress(asyncio.CancelledError):
                 await heartbeat
 
-    async def _heartbeat(self, lease_key: str) -> None:
+    async def _heartbeat(self, lease: _Lease) -> None:
         """Keep the lease alive while a long node runs. A failed extension is tried
         again at the next beat: giving up would let the lease lapse under a live job."""
         while True:
             await asyncio.sleep(self.lease_seconds / 3)
+            sent = _now()
             try:
-                await self.coordination_store.extend_ttl(lease_key, self.lease_seconds)
+                if await self.coordination_store.extend_ttl(lease.key, self.lease_seconds):
+                    lease.held_at = sent
+                else:
+                    lease.lost = True
             except Exception as exc:
-                self.logger.warning("heartbeat of %s failed: %r", lease_key, exc)
+                self.logger.warning("heartbeat of %s failed: %r", lease.key, exc)
+
+    async def _check_lease(self, job: _Job) -> None:
+        """Before a job's commit: still hold the activation's lease, else hand the job back.
+
+        A worker that stalled (a pause, a blocked loop, a dead heartbeat) past its lease
+        may find another delivery running the same activation; committing then would
+        apply a stale resolution over a newer one. Free while the heartbeat keeps the
+        lease fresh; two store operations after a stall. (A stall between this check
+        and the patch is not covered: that needs a conditional patch.)"""
+        lease = job.lease
+        if lease is None or (not lease.lost and _now() - lease.held_at < self.lease_seconds / 2):
+            return
+        sent = _now()
+        store = self.coordination_store
+        if (
+            not lease.lost
+            and await store.extend_ttl(lease.key, self.lease_seconds)
+            and await store.get(lease.key) == lease.holder
+        ):
+            lease.held_at = sent
+            return
+        lease.lost = True
+        raise RetryJob(
+            f"lost the lease of {job.node_id!r} in run {job.run_id!r} (stalled past "
+            f"{self.lease_seconds} s); another delivery may be running it",
+            delay_seconds=min(self.lease_seconds / 3, 5.0),
+        )
 
     def _input_guess(self, analysis: GraphAnalysis, node_id: str, generation: int) -> list[str]:
         """Output keys the node's input probably comes from, read with the activation record."""
@@ -506,6 +551,7 @@ class BaseDistributedAdapter(ABC):
             await self._fail(job, generation, exc)
             return
         if execution.awaiting:
+            await self._check_lease(job)
             await job.ctx.patch(
                 [
                     PatchOperation("set", K.waiting(job.node_id), generation),
@@ -590,6 +636,7 @@ class BaseDistributedAdapter(ABC):
                         "set", K.activation(target, gen), _record(node_id, taken, handed)
                     )
                 )
+        await self._check_lease(job)
         await job.ctx.patch(ops)
         if self.event_bus is not None:
             event = "node:skipped" if result is None else "node:finish"
@@ -853,6 +900,7 @@ class BaseDistributedAdapter(ABC):
                     {"nodeId": target, "message": f"{pill} by {job.node_id!r}", "type": pill},
                 )
             )
+        await self._check_lease(job)
         await job.ctx.patch(ops)
         await self._finalize(job.run_id, "failed", job.ctx, job.analysis, [err], owner=job.node_id)
 
@@ -959,9 +1007,26 @@ def _user_view(state: Mapping[str, Any]) -> dict[str, Any]:
 
 
 @dataclass(slots=True)
+class _Lease:
+    """The activation's lease as this worker knows it: ``held_at`` is the event loop
+    time at which it was last confirmed (a request sent then succeeded)."""
+
+    key: str
+    holder: str
+    held_at: float
+    lost: bool = False
+
+
+def _now() -> float:
+    """Monotonic time on the running loop's clock (a simulation's virtual clock)."""
+    return asyncio.get_running_loop().time()
+
+
+@dataclass(slots=True)
 class _Job:
     run_id: str
     blueprint: WorkflowBlueprint
     analysis: GraphAnalysis
     node_id: str
     ctx: AsyncContext
+    lease: _Lease | None = None

@@ -155,6 +155,7 @@ class _Worker:
     concurrency: int
     slots: dict[asyncio.Task[None], _Slot] = field(default_factory=dict)
     dead: bool = False
+    frozen_until: float = 0.0  # a stalled process: no progress, no heartbeat
 
 
 @dataclass(eq=False)
@@ -417,6 +418,7 @@ class SimulationReport:
     trace: list[str]
     crashes: int = 0
     outages: int = 0
+    stalls: int = 0
     deliveries: int = 0
     lost_jobs: int = 0
     reconciled_runs: int = 0
@@ -432,7 +434,8 @@ class SimulationReport:
         lines += [f"FAILURE: {f}" for f in self.failures]
         lines.append(
             f"seed {self.seed}: {verdict} ({', '.join(self.shapes)}; {self.deliveries} deliveries,"
-            f" {self.crashes} crashes, {self.outages} outages, {self.lost_jobs} lost jobs,"
+            f" {self.crashes} crashes, {self.outages} outages, {self.stalls} stalls,"
+            f" {self.lost_jobs} lost jobs,"
             f" {self.reconciled_runs} runs needed reconcile, {self.virtual_seconds:.2f} virtual s)"
         )
         return "\n".join(lines)
@@ -445,7 +448,9 @@ class Simulation:
     time_limit = 3_600.0
     tick = 0.05
 
-    def __init__(self, seed: int, shapes: list[str] | None = None) -> None:
+    def __init__(
+        self, seed: int, shapes: list[str] | None = None, *, stall_in_commit: bool = False
+    ) -> None:
         self.seed = seed
         self.rng = random.Random(seed)
         rng = self.rng
@@ -475,6 +480,10 @@ class Simulation:
         # the operator's process dies at its Nth store operation in start_run or resume
         self.client_crash = rng.randint(1, 12) if rng.random() < 0.15 else 0
         self.client_ops = 0
+        # a worker process stalls (pause, blocked loop) for longer than its leases
+        self.stall_rate = rng.choice([0.0, 0.0, 0.01, 0.03])
+        self.stall_in_commit = stall_in_commit
+        self.stalls = 0
         self.enqueues = 0
         self.lost_runs: set[str] = set()
         self.trace: list[str] = []
@@ -497,7 +506,7 @@ class Simulation:
             f"retry={self.retry_mode} yield={self.yield_rate} delay={self.delay_rate} "
             f"reorder={self.reorder_rate} "
             f"flaky={self.flaky_rate} faults={self.faults} lose-enqueue={self.lose_enqueue} "
-            f"client-crash={self.client_crash}"
+            f"client-crash={self.client_crash} stall={self.stall_rate}"
         )
 
     def log(self, line: str) -> None:
@@ -576,11 +585,32 @@ class Simulation:
                     self.outages += 1
                     self.log(f"OUTAGE at {where}")
                     raise SimulatedOutage(where)
+            await self._maybe_stall(slot.worker, operation)
         roll = self.rng.random()
         if roll < self.yield_rate:
             await asyncio.sleep(0)
         elif roll < self.yield_rate + self.delay_rate:
             await asyncio.sleep(self.rng.choice((0.001, 0.01, 0.2)))
+
+    async def _maybe_stall(self, worker: _Worker, operation: str) -> None:
+        """Freeze the worker (every task of it, heartbeats too) past its leases.
+
+        Context patches go through unless ``stall_in_commit`` (as if sent just before
+        the stall): a stall between a job's last lease check and its commit can only
+        be fenced by a conditional patch, which the context protocol does not have
+        (a known limit; ``--stall-in-commit`` shows it)."""
+        if operation == "context.patch" and not self.stall_in_commit:
+            return
+        now = asyncio.get_running_loop().time()
+        if worker.frozen_until > now:
+            await asyncio.sleep(worker.frozen_until - now)
+            return
+        if not self.stall_rate or self.rng.random() >= self.stall_rate:
+            return
+        self.stalls += 1
+        worker.frozen_until = now + 1.5 * self.lease_seconds
+        self.log(f"STALL {worker.name} for {1.5 * self.lease_seconds} s before {operation}")
+        await asyncio.sleep(1.5 * self.lease_seconds)
 
     def _kill(self, worker: _Worker) -> None:
         worker.dead = True
@@ -674,7 +704,9 @@ class Simulation:
                 self.restarts.pop(0)
                 self._new_worker()
             self.graveyard = [w for w in self.graveyard if w.slots]
-            free = [w for w in self.workers if len(w.slots) < w.concurrency]
+            free = [
+                w for w in self.workers if len(w.slots) < w.concurrency and w.frozen_until <= now
+            ]
             queue = self.broker.queue
             if free and not queue.empty():
                 delivery = queue.get_nowait()
@@ -939,9 +971,11 @@ def _aborted(execution: _Execution) -> bool:
 # ---------------------------------------------------------------------------- entry points
 
 
-def run_seed(seed: int, shapes: list[str] | None = None) -> SimulationReport:
+def run_seed(
+    seed: int, shapes: list[str] | None = None, *, stall_in_commit: bool = False
+) -> SimulationReport:
     """Run one seed on a fresh virtual-time loop and check its invariants."""
-    sim = Simulation(seed, shapes)
+    sim = Simulation(seed, shapes, stall_in_commit=stall_in_commit)
     with asyncio.Runner(loop_factory=VirtualTimeLoop) as runner:
         try:
             runner.run(sim.run())
@@ -955,6 +989,7 @@ def run_seed(seed: int, shapes: list[str] | None = None) -> SimulationReport:
         trace=sim.trace,
         crashes=sim.crashes,
         outages=sim.outages,
+        stalls=sim.stalls,
         deliveries=sim.deliveries,
         lost_jobs=len(sim.lost_runs),
         reconciled_runs=sum(1 for r in sim.runs if r.reconciles),
@@ -972,19 +1007,29 @@ def cli(argv: list[str]) -> tuple[int, str]:
     parser.add_argument("--seed", type=int, help="replay one seed and print its trace")
     parser.add_argument("--seeds", help="run seeds A:B and summarise (default 0:200)")
     parser.add_argument("--shape", action="append", choices=sorted(SHAPES), help="force shapes")
+    parser.add_argument(
+        "--stall-in-commit",
+        action="store_true",
+        help="let workers stall right before a commit too (shows the known limit)",
+    )
     args = parser.parse_args(argv)
+    stall_in_commit = bool(args.stall_in_commit)
     if args.seed is not None:
-        report = run_seed(args.seed, args.shape)
+        report = run_seed(args.seed, args.shape, stall_in_commit=stall_in_commit)
         return (0 if report.ok else 1), report.render()
     start, _, stop = (args.seeds or "0:200").partition(":")
     began = time.perf_counter()
-    reports = [run_seed(s, args.shape) for s in range(int(start), int(stop))]
+    reports = [
+        run_seed(s, args.shape, stall_in_commit=stall_in_commit)
+        for s in range(int(start), int(stop))
+    ]
     elapsed = time.perf_counter() - began
     bad = [r for r in reports if not r.ok]
     lines = [f"seed {r.seed}: {r.failures[0]}" for r in bad]
     lines.append(
         f"{len(reports)} seeds in {elapsed:.1f} s: {len(bad)} failed; "
         f"{sum(r.crashes for r in reports)} crashes, {sum(r.outages for r in reports)} outages, "
+        f"{sum(r.stalls for r in reports)} stalls, "
         f"{sum(r.lost_jobs for r in reports)} lost jobs, "
         f"{sum(r.reconciled_runs for r in reports)} runs needed reconcile"
     )
