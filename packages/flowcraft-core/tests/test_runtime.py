@@ -463,3 +463,16 @@ async def test_flows_sharing_node_ids_keep_their_own_callables() -> None:
     result = await runtime.run(parent)
     assert result.output("work") == "parent"
     assert result.output("call")["_outputs.work"] == "child"
+
+
+async def test_interrupts_are_not_retried() -> None:
+    calls: list[int] = []
+
+    async def interrupted(ctx: NodeContext) -> None:
+        calls.append(ctx.attempt)
+        raise KeyboardInterrupt
+
+    flow = Flow("interrupt").node("a", interrupted, max_retries=3)
+    with pytest.raises(KeyboardInterrupt):
+        await FlowRuntime().run(flow)
+    assert calls == [1]

@@ -42,7 +42,8 @@ class Awaiting(NodeResult):
 
 
 def _retryable(exc: BaseException) -> bool:
-    return not isinstance(exc, asyncio.CancelledError | UnknownNodeError)
+    """Only ordinary errors are retried: never cancellation, exit or interrupt."""
+    return isinstance(exc, Exception) and not isinstance(exc, UnknownNodeError)
 
 
 class NodeExecutor:
