@@ -1,9 +1,9 @@
 """The RabbitMQ fleet the crash tests run: the diamond workflow and a worker process.
 
 ``python fleet.py`` runs one worker; its settings come from the environment
-variable ``FLOWCRAFT_FLEET`` (JSON, see :func:`settings`). Every execution of a
-node is also written to an effects table, so the test sees executions whose
-commit a crash lost.
+variable ``FLOWCRAFT_FLEET`` (JSON, see :func:`settings`). Every execution of the
+join and every publication of a result is also written to an effects table, so
+the test sees executions whose commit a crash lost.
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ def blueprints() -> RuntimeOptions:
 
 
 class Effects:
-    """Every node execution and every publication, as rows (run_id, node_id, key, n)."""
+    """Join executions and publications, as rows (run_id, node_id, key, n)."""
 
     def __init__(self, pool: Any, table: str) -> None:
         self.pool = pool
@@ -91,12 +91,10 @@ class Effects:
 
 def registry(effects: Effects) -> dict[str, Any]:
     async def start(ctx: NodeContext) -> int:
-        await effects.record(ctx.run_id, ctx.node_id, ctx.idempotency_key, 0)
         return 0
 
     async def branch(ctx: NodeContext) -> int:
         await asyncio.sleep(0.001 * (ctx.params["i"] % 4))
-        await effects.record(ctx.run_id, ctx.node_id, ctx.idempotency_key, 1)
         return int(ctx.params["i"]) + 1
 
     async def join(ctx: NodeContext) -> int:
@@ -105,7 +103,6 @@ def registry(effects: Effects) -> dict[str, Any]:
         return sum(ctx.input.values())
 
     async def end(ctx: NodeContext) -> int:
-        await effects.record(ctx.run_id, ctx.node_id, ctx.idempotency_key, 0)
         return int(ctx.input)
 
     return {"start": start, "branch": branch, "join": join, "end": end}
