@@ -14,7 +14,7 @@ import subprocess
 import sys
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import asyncpg
@@ -22,7 +22,6 @@ import pytest
 import redis.asyncio as redis_asyncio
 
 from flowcraft_backends import RunningService
-from flowcraft_backends._service import RestartUnsupported
 from flowcraft_rabbitmq import RabbitMQAdapter
 
 from .fleet import BRANCHES, Settings, blueprints, create_effects_table, run_worker
@@ -189,29 +188,32 @@ async def test_two_workers_one_sigkilled_repeatedly(fleet: Settings) -> None:
         await client.aclose()
 
 
-def restart_broker(service: RunningService) -> None:
-    """Restart RabbitMQ: the launcher's own, or the command in FLOWCRAFT_TEST_RABBITMQ_RESTART
-    for one given by URL (``docker compose restart rabbitmq`` keeps its host port)."""
+def broker_restarter(service: RunningService) -> Callable[[], None]:
+    """How to restart RabbitMQ: the launcher's own (local), or the command in
+    FLOWCRAFT_TEST_RABBITMQ_RESTART for one given by URL (``docker compose restart
+    rabbitmq`` keeps its host port); skips the test when there is neither."""
     command = os.environ.get("FLOWCRAFT_TEST_RABBITMQ_RESTART")
     if service.how == "env" and command:
-        subprocess.run(shlex.split(command), check=True, timeout=300)
-        return
-    try:
-        service.restart()
-    except RestartUnsupported as exc:
-        pytest.skip(f"{exc} (or set FLOWCRAFT_TEST_RABBITMQ_RESTART)")
+        return lambda: subprocess.run(shlex.split(command), check=True, timeout=300)
+    if service.how != "local":
+        pytest.skip(
+            f"cannot restart a {service.how} RabbitMQ: use the local one "
+            "(FLOWCRAFT_BACKENDS_DOCKER=0) or set FLOWCRAFT_TEST_RABBITMQ_RESTART"
+        )
+    return service.restart
 
 
 async def test_broker_restart_mid_run_loses_nothing(
     fleet: Settings, rabbitmq_service: RunningService
 ) -> None:
+    restart = broker_restarter(rabbitmq_service)
     client = RabbitMQAdapter(runtime_options=blueprints(), **fleet.adapter_options())
     worker_tasks = [asyncio.ensure_future(run_worker(fleet)) for _ in range(2)]
     try:
         runs = [await client.start_run("diamond") for _ in range(RUNS // 2)]
         first = await client.wait_for_result(runs[0], 60, poll_interval=0.05)
         assert first.status == "completed"
-        await asyncio.to_thread(restart_broker, rabbitmq_service)
+        await asyncio.to_thread(restart)
         more = [await client.start_run("diamond") for _ in range(10)]
         await wait_all(client, runs + more, 180)
         await check_exactly_once(fleet, client, runs + more)
