@@ -223,7 +223,9 @@ async def _equal(value: Any, expected: Any) -> bool:
 # ------------------------------------------------------------------------- dead letters
 
 
-async def test_state_too_large_is_dead_lettered_with_the_reason(fleet: Fleet) -> None:
+async def test_state_too_large_fails_the_run_with_the_reason(fleet: Fleet) -> None:
+    """A commit past the item budget commits nothing and fails the run, naming the limit."""
+
     async def big(ctx: NodeContext) -> str:
         await ctx.set("blob", "x" * 30_000)
         return "too big"
@@ -232,15 +234,11 @@ async def test_state_too_large_is_dead_lettered_with_the_reason(fleet: Fleet) ->
     fleet.start(options, workers=1, max_state_bytes=20_000)
     client = fleet.adapter(options, max_state_bytes=20_000)
     run = await client.start_run("big")
-
-    async def reported() -> bool:
-        return any("StateLimitError" in d.error for d in await client.peek_dead_letters())
-
-    await _until(reported, "the job to be dead-lettered")
-    (letter,) = await client.peek_dead_letters()
-    assert "20,000 bytes" in letter.error
-    assert JobPayload.decode(letter.body).run_id == run
-    assert (await client.get_status(run)).status == "running"
+    result = await client.wait_for_result(run, 60)
+    assert result.status == "failed"
+    assert "20,000 bytes" in result.errors[0]["message"]
+    assert "blob" not in result.context
+    assert await client.peek_dead_letters() == []
 
 
 async def test_redrive_moves_a_message_received_too_often(clients: AwsClients, table: str) -> None:

@@ -32,6 +32,8 @@ from flowcraft.errors import (
     FlowcraftError,
     NodeExecutionError,
     PayloadDecodeError,
+    SerializationError,
+    StateLimitError,
     UnknownBlueprintError,
     UnknownNodeError,
     VersionMismatchError,
@@ -76,7 +78,12 @@ def job_disposition(exc: BaseException | None) -> Disposition:
     if isinstance(exc, RetryJob | VersionMismatchError):
         return "retry"
     if isinstance(
-        exc, PayloadDecodeError | UnknownBlueprintError | UnknownNodeError | BlueprintError
+        exc,
+        PayloadDecodeError
+        | UnknownBlueprintError
+        | UnknownNodeError
+        | BlueprintError
+        | StateLimitError,
     ):
         return "dead-letter"
     return "retry"
@@ -562,7 +569,9 @@ class BaseDistributedAdapter(ABC):
             return
         try:
             await self._commit(job, generation, execution.result, execution.deltas)
-        except ExpressionError as exc:
+        except (ExpressionError, StateLimitError, SerializationError) as exc:
+            # Deterministic: redelivering would fail the same way. Nothing was
+            # committed (the patch is atomic), so fail the run with the reason.
             await self._fail(
                 job, generation, NodeExecutionError(str(exc), node_id=job.node_id, cause=exc)
             )
