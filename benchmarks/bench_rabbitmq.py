@@ -11,8 +11,10 @@ trivial, so the figures are the adapter's and the servers' cost.
 
 Columns: ``jobs/s`` node jobs handled per second and ``runs/s`` runs finished per
 second, both over the span from the first run's start to the last run's end (PostgreSQL
-timestamps); ``p50``/``p95``/``max`` run latency (start to final result, ms);
-``rabbit``, ``pg``, ``redis``: round trips per node job, counted in the workers
+timestamps); ``p50``/``p95``/``max`` run latency of those runs (start to final
+result, ms: mostly queueing, as all start at once); ``solo ms`` the median latency
+of 20 more runs started one at a time (start_run to wait_for_result returning);
+``rabbit``, ``pg``, ``redis``: round trips per node job handled, counted in the workers
 (RabbitMQ: confirmed publishes and declarations; acks are one-way frames and are
 shown apart as ``acks``; PostgreSQL: statements; Redis: coordination operations).
 
@@ -30,6 +32,7 @@ import signal
 import statistics
 import sys
 import tempfile
+import time
 import uuid
 from collections import Counter
 from pathlib import Path
@@ -43,6 +46,7 @@ from flowcraft_rabbitmq import RabbitMQAdapter
 CHAIN = 10
 BRANCHES = 16
 CONCURRENCY = 8
+SOLO_RUNS = 20
 
 
 def flows() -> RuntimeOptions:
@@ -178,6 +182,14 @@ async def measure(urls: dict[str, str], shape: str, runs: int, workers: int) -> 
         bad = [r["st"] for r in rows if r["st"] != "completed"]
         if bad:
             raise RuntimeError(f"{len(bad)} runs did not complete: {bad[:3]}")
+        # One run at a time: the latency of a run's path, without queueing behind others.
+        solo = []
+        for _ in range(SOLO_RUNS):
+            began = time.perf_counter()
+            result = await client.wait_for_result(await client.start_run(shape), 60)
+            if result.status != "completed":
+                raise RuntimeError(f"a solo run ended {result.status}: {result.errors}")
+            solo.append((time.perf_counter() - began) * 1000)
     finally:
         for proc in procs:
             proc.send_signal(signal.SIGTERM)
@@ -195,16 +207,21 @@ async def measure(urls: dict[str, str], shape: str, runs: int, workers: int) -> 
     total = {k: sum(s[k] for s in stats) for k in stats[0]}
     span = max(r["e"] for r in rows) - min(r["s"] for r in rows)
     latencies = sorted((r["e"] - r["s"]) * 1000 for r in rows)
-    jobs = total["jobs"]
+    jobs = total["jobs"]  # every job handled, the solo runs' too
     return {
         "shape": shape,
         "workers": workers,
         "runs": runs,
-        "node_jobs": jobs,
-        "expected_jobs": runs * JOBS_PER_RUN[shape],
+        "node_jobs": runs * JOBS_PER_RUN[shape],
+        "handled_jobs": jobs,
+        "handled_jobs_expected": (runs + SOLO_RUNS) * JOBS_PER_RUN[shape],
         "seconds": round(span, 3),
-        "jobs_per_s": round(jobs / span, 1),
+        "jobs_per_s": round(runs * JOBS_PER_RUN[shape] / span, 1),
         "runs_per_s": round(runs / span, 1),
+        "solo_latency_ms": {
+            "p50": round(statistics.median(solo), 1),
+            "max": round(max(solo), 1),
+        },
         "latency_ms": {
             "p50": round(statistics.median(latencies), 1),
             "p95": round(latencies[int(0.95 * (len(latencies) - 1))], 1),
@@ -263,7 +280,8 @@ async def main(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 HEADER = (
     f"{'shape':<8} {'workers':>7} {'runs':>5} {'jobs':>6} {'jobs/s':>8} {'runs/s':>7} "
-    f"{'p50 ms':>8} {'p95 ms':>8} {'max ms':>8} {'rabbit':>7} {'acks':>5} {'pg':>5} {'redis':>6}"
+    f"{'p50 ms':>8} {'p95 ms':>8} {'max ms':>8} {'solo ms':>8} "
+    f"{'rabbit':>7} {'acks':>5} {'pg':>5} {'redis':>6}"
 )
 
 
@@ -272,7 +290,8 @@ def row(r: dict[str, Any]) -> str:
     return (
         f"{r['shape']:<8} {r['workers']:>7} {r['runs']:>5} {r['node_jobs']:>6} "
         f"{r['jobs_per_s']:>8} {r['runs_per_s']:>7} {lat['p50']:>8} {lat['p95']:>8} "
-        f"{lat['max']:>8} {rt['rabbitmq']:>7} {rt['acks']:>5} {rt['postgres']:>5} {rt['redis']:>6}"
+        f"{lat['max']:>8} {r['solo_latency_ms']['p50']:>8} "
+        f"{rt['rabbitmq']:>7} {rt['acks']:>5} {rt['postgres']:>5} {rt['redis']:>6}"
     )
 
 
