@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 import redis.asyncio as redis_asyncio
+
 from flowcraft import Flow, RuntimeOptions
 from flowcraft.distributed.adapter import FinalResult
-
 from flowcraft_backends import RunningService
 from flowcraft_bullmq import BullMQAdapter
 
@@ -69,10 +69,10 @@ class Fleet:
         run_id = await self.client.start_run(blueprint_id, initial)
         return await self.client.wait_for_result(run_id, 30)
 
-    async def until(self, check: Callable[[], Any], what: str, timeout: float = 30) -> None:
+    async def until(self, check: Callable[[], Any], what: str, seconds: float = 30) -> None:
         try:
-            async with asyncio.timeout(timeout):
-                while not await check():
+            async with asyncio.timeout(seconds):
+                while not await check():  # noqa: ASYNC110 (polling the backend)
                     await asyncio.sleep(0.02)
         except TimeoutError:
             pytest.fail(f"timed out waiting for {what}")

@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 import redis.asyncio as redis_asyncio
-from flowcraft import Flow, NodeContext, NodeResult
-from flowcraft.distributed.payload import JobPayload
 
+from flowcraft import Flow, NodeContext
+from flowcraft.distributed.payload import JobPayload
 from flowcraft_bullmq import BullMQAdapter
 
 from .conftest import Fleet, options_for

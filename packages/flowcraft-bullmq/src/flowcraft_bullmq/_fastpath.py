@@ -125,6 +125,9 @@ class MarkBuffer:
         await self._event.wait()
         self._event.clear()
 
+    def wake(self) -> None:
+        self._event.set()
+
     async def flush(self, client: Redis) -> None:
         """Write every buffered mark now (one pipelined round trip)."""
         while marks := self.take(500):

@@ -205,26 +205,31 @@ class BullMQAdapter(BaseDistributedAdapter):
             {**s.worker_options(), "connection": connection, "name": self.worker_id},
         )
         worker.on("error", _log_worker_error)
+        worker.on("stalled", _log_stalled)
         # Without the server version BullMQ rounds its blocking waits up to whole
         # seconds, which delays every backoff and handed-back job (BACKENDS.md).
         await worker.blockingRedisConnection.getRedisVersion()
         self._marks.active = self._fast
-        background = [asyncio.ensure_future(self._flush_marks_forever())]
+        background = [asyncio.ensure_future(self._flush_marks_until_stopped())]
         if s.reconcile_interval_seconds is not None:
-            background.append(asyncio.ensure_future(self._reconcile_forever()))
+            background.append(asyncio.ensure_future(self._reconcile_until_stopped()))
         runner = asyncio.ensure_future(worker.run())
         stopped = asyncio.ensure_future(self._stop_event.wait())
         try:
             await asyncio.wait({runner, stopped}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             stopped.cancel()
-            await worker.close()
+            await _close_worker(worker)  # waits for the jobs in hand
             with contextlib.suppress(asyncio.CancelledError):
                 await runner
-            for task in background:
-                task.cancel()
-            await asyncio.gather(*background, return_exceptions=True)
+            # BullMQ's timers may have reconnected after close(): close again, for good.
+            await connection.aclose()
+            # Background tasks end on the flag (not by cancellation, which a client
+            # call in flight could swallow).
+            self._stop_event.set()
             self._marks.active = False
+            self._marks.wake()
+            await asyncio.gather(*background, return_exceptions=True)
             await self._marks.flush(self.client)
         if runner.done() and not runner.cancelled() and runner.exception() is not None:
             raise runner.exception()
@@ -418,17 +423,21 @@ class BullMQAdapter(BaseDistributedAdapter):
         finally:
             CURRENT_JOB.set(None)
 
-    async def _flush_marks_forever(self) -> None:
-        while True:
+    async def _flush_marks_until_stopped(self) -> None:
+        while self._marks.active:
             await self._marks.wait()
-            await asyncio.sleep(_MARK_FLUSH_DELAY)
+            if self._marks.active:
+                await asyncio.sleep(_MARK_FLUSH_DELAY)
             await self._marks.flush(self.client)
 
-    async def _reconcile_forever(self) -> None:
+    async def _reconcile_until_stopped(self) -> None:
         interval = self.settings.reconcile_interval_seconds
         assert interval is not None
-        while True:
-            await asyncio.sleep(interval)
+        while not self._stop_event.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop_event.wait(), interval)
+            if self._stop_event.is_set():
+                return
             try:
                 won = await self.client.set(
                     self.keys.reconciler, self.worker_id, nx=True, px=int(interval * 1000)
@@ -439,5 +448,28 @@ class BullMQAdapter(BaseDistributedAdapter):
                 logger.warning("reconciler pass failed", exc_info=True)
 
 
+async def _close_worker(worker: Worker) -> None:
+    """``worker.close()``, which waits for the jobs in hand. It also cancels the idle
+    fetch (a ``BZPOPMIN``); should that cancellation get lost in the client, close()
+    would wait forever, so idle fetches are cancelled again while it waits."""
+    closing = asyncio.ensure_future(worker.close())
+    idle_rounds = 0
+    while True:
+        done, _ = await asyncio.wait({closing}, timeout=1.0)
+        if done:
+            closing.result()
+            return
+        idle_rounds = idle_rounds + 1 if not worker.jobs else 0
+        if idle_rounds >= 3:
+            logger.warning("BullMQ worker close is stuck on an idle fetch; cancelling it again")
+            for task in list(worker.processing):
+                task.cancel()
+
+
+def _log_stalled(job_id: str, *args: Any) -> None:
+    logger.info("BullMQ job %s stalled (its worker died or blocked); it is redelivered", job_id)
+
+
 def _log_worker_error(error: BaseException, *args: Any) -> None:
-    logger.error("BullMQ worker error: %r", error)
+    # "could not renew lock" follows a job that finished while its lock was renewed.
+    logger.warning("BullMQ worker: %s", error)
