@@ -945,10 +945,11 @@ class BaseDistributedAdapter(ABC):
         errors = errors or []
         result = FinalResult(run_id, status, _user_view(await ctx.to_dict()), errors)
         await self.publish_final_result(run_id, result)
-        # Recorded only once published: a job (or reconcile) that finds the run final in
-        # its context drops it, so a crash before this line must leave it running.
-        await ctx.patch([PatchOperation("set", K.STATUS, {"status": status, "errors": errors})])
         await self._tidy(run_id, ctx, analysis)
+        # Recorded last: a job (or reconcile) that finds the run final in its context
+        # drops it, so a crash before this line (while publishing or tidying) must
+        # leave the run looking unfinished for its redelivery to finish the job.
+        await ctx.patch([PatchOperation("set", K.STATUS, {"status": status, "errors": errors})])
         await emit(
             self.event_bus,
             FlowEvent("workflow:finish", run_id, None, {"status": status, "errors": errors}),
