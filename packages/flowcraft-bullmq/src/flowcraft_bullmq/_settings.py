@@ -12,6 +12,8 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import BusyLoadingError, ConnectionError, TimeoutError
 
+from flowcraft_bullmq._pipelining import AutoPipelineRedis
+
 __all__ = ["BullMQSettings", "KeepJobs", "RedisKeys"]
 
 KeepJobs = bool | int | dict[str, int]
@@ -126,29 +128,33 @@ class RedisKeys:
         return f"{self.prefix}result:{run_id}"
 
 
-def make_client(url: str, redis_options: Mapping[str, Any], *, max_connections: int) -> Any:
-    """The adapter's own client (bytes responses) on a blocking pool."""
+def make_client(
+    url: str, redis_options: Mapping[str, Any], *, max_connections: int, decode: bool = False
+) -> redis_asyncio.Redis:
+    """An auto-pipelining client on a blocking pool (a burst waits for a free connection
+    instead of failing with "Too many connections")."""
     options = {"max_connections": max_connections, "timeout": 20, **redis_options}
+    if decode:
+        options["decode_responses"] = True
     options.setdefault("retry", _retry())
     options.setdefault("retry_on_error", _RETRY_ON)
     pool = redis_asyncio.BlockingConnectionPool.from_url(url, **options)
-    return redis_asyncio.Redis.from_pool(pool)
+    return AutoPipelineRedis.from_pool(pool)
 
 
 def bullmq_client(
-    url: str | None, redis_options: Mapping[str, Any], given: Any = None
+    url: str | None, redis_options: Mapping[str, Any], given: Any, *, max_connections: int
 ) -> redis_asyncio.Redis:
     """A decoding client for BullMQ (its scripts answer text), with the same server, TLS
     and credentials as the adapter's client."""
     if url is not None:
-        options = {**redis_options, "decode_responses": True}
-        options.setdefault("retry", _retry())
-        options.setdefault("retry_on_error", _RETRY_ON)
-        return redis_asyncio.Redis.from_url(url, **options)
+        return make_client(url, redis_options, max_connections=max_connections, decode=True)
     pool = given.connection_pool
     kwargs = {**pool.connection_kwargs, "decode_responses": True}
-    new_pool = redis_asyncio.ConnectionPool(connection_class=pool.connection_class, **kwargs)
-    return redis_asyncio.Redis.from_pool(new_pool)
+    new_pool = redis_asyncio.BlockingConnectionPool(
+        connection_class=pool.connection_class, max_connections=max_connections, **kwargs
+    )
+    return AutoPipelineRedis.from_pool(new_pool)
 
 
 _RETRY_ON = [BusyLoadingError, ConnectionError, TimeoutError]

@@ -48,6 +48,7 @@ from flowcraft_bullmq._fastpath import (
     lease_stem,
     make_read_plan,
 )
+from flowcraft_bullmq._pipelining import AutoPipelineRedis
 from flowcraft_bullmq._settings import BullMQSettings, RedisKeys, bullmq_client, make_client
 from flowcraft_bullmq.context import PATCH_LUA, RedisContext, decode
 
@@ -115,13 +116,17 @@ class BullMQAdapter(BaseDistributedAdapter):
             self.client: Redis = make_client(
                 connection, self._redis_options, max_connections=s.max_connections
             )
-            self._owns_client = True
         else:
             if self._redis_options:
                 raise ValueError("redis_options apply only with a URL; configure the client")
             self._url = None
-            self.client = connection
-            self._owns_client = False
+            # Pipelines this adapter's commands over the given client's pool (which
+            # stays the caller's: it is not closed by aclose()).
+            self.client = (
+                connection
+                if isinstance(connection, AutoPipelineRedis)
+                else AutoPipelineRedis(connection_pool=connection.connection_pool)
+            )
         self.keys = RedisKeys(s.key_prefix)
         inner = coordination_store or RedisCoordinationStore(self.client, key_prefix="")
         self._marks = MarkBuffer()
@@ -198,7 +203,9 @@ class BullMQAdapter(BaseDistributedAdapter):
         """Consume the queue until :meth:`stop`; jobs in hand finish first."""
         s = self.settings
         self._stop_event.clear()
-        connection = bullmq_client(self._url, self._redis_options, self.client)
+        connection = bullmq_client(
+            self._url, self._redis_options, self.client, max_connections=s.max_connections
+        )
         worker = Worker(
             s.queue_name,
             functools.partial(self._process, handler),
@@ -316,8 +323,7 @@ class BullMQAdapter(BaseDistributedAdapter):
         if self._queue is not None:
             await self._queue.close()
             self._queue = None
-        if self._owns_client:
-            await self.client.aclose()
+        await self.client.aclose()  # closes the pool only if this adapter made it
 
     async def __aenter__(self) -> BullMQAdapter:
         return self
@@ -329,7 +335,10 @@ class BullMQAdapter(BaseDistributedAdapter):
 
     def _get_queue(self) -> Queue:
         if self._queue is None:
-            connection = bullmq_client(self._url, self._redis_options, self.client)
+            s = self.settings
+            connection = bullmq_client(
+                self._url, self._redis_options, self.client, max_connections=s.max_connections
+            )
             self._queue = Queue(
                 self.settings.queue_name,
                 {"connection": connection, "prefix": self.settings.bull_prefix},

@@ -1,0 +1,389 @@
+"""BullMQ adapter benchmark: node jobs per second and Redis commands per node job.
+
+    uv run python benchmarks/bench_bullmq.py             # table, then JSON
+    uv run python benchmarks/bench_bullmq.py --json      # one JSON object only
+    uv run python benchmarks/bench_bullmq.py --url redis://127.0.0.1:6379/0 --runs 200
+
+Redis: ``--url``, else ``FLOWCRAFT_TEST_REDIS_URL``, else a local server started by
+``flowcraft_backends`` (and stopped at the end). Workers are separate processes
+(this file with ``--worker``), each one ``BullMQAdapter`` running ``worker()``.
+
+Throughput pass, per shape (``chain``: 10 nodes; ``diamond``: start, 16 parallel
+nodes, an ``all`` join, end = 19 nodes) and per worker count (1, 2): ``--runs``
+runs are started at once (one ``start_run`` each, concurrently) and the pass ends
+when every run's result is published. ``node_jobs_per_s`` = runs x nodes / (last
+publication - first start); run latency = a run's publication time (stamped by the
+worker that published it) - the time its ``start_run`` was called.
+``server_cmds_per_node_job``: every command Redis executed in the pass (INFO
+commandstats: what clients sent plus what scripts ran), divided by node jobs.
+
+Cost pass (1 worker, MONITOR on, so not timed): Redis's MONITOR marks commands run
+inside scripts (``[0 lua]``); every other command came from a client. Commands from
+the driver (start_run, result polling) are left out by connection name, so the
+figures are the workers' own, per node job: ``client_cmds`` (EVALSHA counts 1) and
+``in_script_cmds``. ``marginal_client_cmds_per_chain_job`` = (chain-20 - chain-10
+commands) / (runs x 10): what one more non-join node job costs, with start and
+finalization left out. BullMQ's own periodic commands (lock renewal every second
+per active job, the stalled check every 2 s, the idle ``BZPOPMIN``) are included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import redis.asyncio as redis_asyncio
+from flowcraft import Flow, RuntimeOptions
+
+from flowcraft_bullmq import BullMQAdapter
+
+TARGET_NODE_JOBS_PER_S = 1400
+TARGET_CLIENT_CMDS_PER_JOB = 5
+ORIGINAL = {"node_jobs_per_s": 700, "client_cmds_per_node_job": 9.4}
+DRIVER_NAME = "fc-bench-driver"
+
+
+# ---------------------------------------------------------------- the flows
+
+
+def _first(ctx: Any) -> int:
+    return 1
+
+
+def _next(ctx: Any) -> Any:
+    return ctx.input + 1
+
+
+def _sum(ctx: Any) -> Any:
+    return sum(ctx.input.values())
+
+
+def chain(n: int) -> Flow:
+    flow = Flow(f"chain{n}").node("n0", _first)
+    for i in range(1, n):
+        flow.node(f"n{i}", _next).edge(f"n{i - 1}", f"n{i}")
+    return flow
+
+
+def diamond(width: int = 16) -> Flow:
+    flow = Flow("diamond").node("start", _first).node("join", _sum).node("end", _next)
+    for i in range(width):
+        flow.node(f"b{i}", _next).edge("start", f"b{i}").edge(f"b{i}", "join")
+    return flow.edge("join", "end")
+
+
+FLOWS = {"chain": chain(10), "chain20": chain(20), "diamond": diamond()}
+NODES = {"chain": 10, "chain20": 20, "diamond": 19}
+
+
+def runtime_options() -> RuntimeOptions:
+    registry: dict[str, Any] = {}
+    blueprints = {}
+    for flow in FLOWS.values():
+        registry.update(flow.registry())
+        blueprint = flow.to_blueprint()
+        blueprints[blueprint.id] = blueprint
+    return RuntimeOptions(registry=registry, blueprints=blueprints)
+
+
+def adapter(url: str, prefix: str, name: str, **settings: Any) -> BullMQAdapter:
+    return BullMQAdapter(
+        runtime_options=runtime_options(),
+        connection=url,
+        key_prefix=prefix,
+        redis_options={"client_name": name},
+        reconcile_interval_seconds=None,
+        **settings,
+    )
+
+
+# ---------------------------------------------------------------- worker process
+
+
+async def worker_main(url: str, prefix: str, concurrency: int, fast_path: bool) -> None:
+    worker = adapter(url, prefix, "fc-bench-worker", concurrency=concurrency, fast_path=fast_path)
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, lambda: asyncio.ensure_future(worker.stop()))
+    task = asyncio.ensure_future(worker.worker())
+    print("ready", flush=True)
+    await task
+    await worker.aclose()
+
+
+# ---------------------------------------------------------------- driver
+
+
+class Workers:
+    def __init__(self, url: str, prefix: str, count: int, concurrency: int, fast: bool) -> None:
+        argv = [sys.executable, __file__, "--worker", "--url", url, "--prefix", prefix]
+        argv += ["--concurrency", str(concurrency)]
+        if not fast:
+            argv.append("--no-fast-path")
+        self.procs = [
+            subprocess.Popen(argv, stdout=subprocess.PIPE, text=True) for _ in range(count)
+        ]
+        for proc in self.procs:
+            assert proc.stdout is not None
+            if proc.stdout.readline().strip() != "ready":
+                raise RuntimeError("a worker process did not start")
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            proc.send_signal(signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+async def start_runs(client: BullMQAdapter, shape: str, runs: int) -> dict[str, float]:
+    started: dict[str, float] = {}
+
+    async def one() -> None:
+        t = time.time()
+        run_id = await client.start_run(FLOWS[shape].id)
+        started[run_id] = t
+
+    await asyncio.gather(*(one() for _ in range(runs)))
+    return started
+
+
+async def wait_published(
+    redis: Any, client: BullMQAdapter, started: dict[str, float], timeout: float
+) -> dict[str, float]:
+    """Publication time of every run (bulk MGET of the result keys)."""
+    published: dict[str, float] = {}
+    pending = list(started)
+    deadline = time.monotonic() + timeout
+    while pending:
+        values = await redis.mget([client.keys.result(r) for r in pending])
+        still = []
+        for run_id, raw in zip(pending, values, strict=True):
+            if raw is None:
+                still.append(run_id)
+                continue
+            record = json.loads(raw)
+            if record["status"] != "completed":
+                raise RuntimeError(f"run {run_id} ended {record['status']}: {record['errors']}")
+            published[run_id] = record["publishedAt"]
+        pending = still
+        if pending:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{len(pending)} runs did not finish in {timeout} s")
+            await asyncio.sleep(0.02)
+    return published
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a local process (0 if it is not local)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def commandstats(info: dict[str, Any]) -> Counter[str]:
+    calls: Counter[str] = Counter()
+    for key, value in info.items():
+        if key.startswith("cmdstat_"):
+            calls[key[8:]] = int(value["calls"])
+    return calls
+
+
+async def drop(redis: Any, prefix: str) -> None:
+    keys = [k async for k in redis.scan_iter(match=f"{prefix}*", count=2000)]
+    for i in range(0, len(keys), 1000):
+        await redis.delete(*keys[i : i + 1000])
+
+
+async def throughput(
+    url: str, shape: str, workers: int, runs: int, concurrency: int, fast: bool
+) -> dict[str, Any]:
+    prefix = f"bench-{uuid.uuid4().hex[:8]}:"
+    redis = redis_asyncio.Redis.from_url(url, client_name=DRIVER_NAME)
+    client = adapter(url, prefix, DRIVER_NAME)
+    procs = Workers(url, prefix, workers, concurrency, fast)
+    redis_pid = int((await redis.info("server"))["process_id"])
+    try:
+        await asyncio.sleep(0.5)
+        await redis.config_resetstat()
+        cpu_before = [cpu_seconds(p.pid) for p in procs.procs] + [cpu_seconds(redis_pid)]
+        started = await start_runs(client, shape, runs)
+        published = await wait_published(redis, client, started, timeout=300)
+        cpu_after = [cpu_seconds(p.pid) for p in procs.procs] + [cpu_seconds(redis_pid)]
+        stats = commandstats(await redis.info("commandstats"))
+    finally:
+        procs.stop()
+        await client.aclose()
+        await drop(redis, prefix)
+        await redis.aclose()
+    first = min(started.values())
+    last = max(published.values())
+    latencies = sorted(published[r] - started[r] for r in started)
+    jobs = runs * NODES[shape]
+    elapsed = last - first
+    ignored = {"info", "config|resetstat", "mget", "client|setname", "client|setinfo"}
+    server_cmds = sum(v for k, v in stats.items() if k not in ignored)
+    return {
+        "shape": shape,
+        "nodes": NODES[shape],
+        "workers": workers,
+        "runs": runs,
+        "fast_path": fast,
+        "elapsed_s": round(elapsed, 3),
+        "node_jobs_per_s": round(jobs / elapsed, 1),
+        "runs_per_s": round(runs / elapsed, 1),
+        "p50_latency_ms": round(1000 * statistics.median(latencies), 1),
+        "p95_latency_ms": round(1000 * latencies[int(0.95 * (len(latencies) - 1))], 1),
+        "server_cmds_per_node_job": round(server_cmds / jobs, 2),
+        "worker_cpu_s": [round(a - b, 2) for a, b in zip(cpu_after[:-1], cpu_before, strict=False)],
+        "redis_cpu_s": round(cpu_after[-1] - cpu_before[-1], 2),
+    }
+
+
+_MONITOR_LINE = re.compile(r'^[\d.]+ \[\d+ ([^\]]+)\] "([^"]+)"')
+
+
+async def monitored(url: str, shape: str, runs: int, fast: bool) -> dict[str, Any]:
+    """One worker, MONITOR on: the workers' client-issued and in-script commands."""
+    prefix = f"bench-{uuid.uuid4().hex[:8]}:"
+    redis = redis_asyncio.Redis.from_url(url, client_name=DRIVER_NAME, decode_responses=True)
+    client = adapter(url, prefix, DRIVER_NAME)
+    procs = Workers(url, prefix, 1, 32, fast)
+    host, port = redis.connection_pool.connection_kwargs["host"], redis.connection_pool.connection_kwargs["port"]
+    cli = subprocess.Popen(
+        ["redis-cli", "-h", str(host), "-p", str(port), "monitor"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    lines: list[str] = []
+    try:
+        await asyncio.sleep(0.5)
+        assert cli.stdout is not None
+        cli.stdout.readline()  # "OK"
+        reader = asyncio.get_running_loop().run_in_executor(None, _read_all, cli.stdout, lines)
+        started = await start_runs(client, shape, runs)
+        await wait_published(redis, client, started, timeout=300)
+        clients = await redis.client_list()
+    finally:
+        cli.terminate()
+        with contextlib.suppress(Exception):
+            await reader
+        cli.wait(10)
+        procs.stop()
+        await client.aclose()
+        await drop(redis, prefix)
+        await redis.aclose()
+    driver_addrs = {c["addr"] for c in clients if c.get("name") == DRIVER_NAME}
+    outside: Counter[str] = Counter()
+    inside: Counter[str] = Counter()
+    for line in lines:
+        match = _MONITOR_LINE.match(line)
+        if not match:
+            continue
+        source, command = match.group(1), match.group(2).lower()
+        if source == "lua":
+            inside[command] += 1
+        elif source not in driver_addrs:
+            outside[command] += 1
+    jobs = runs * NODES[shape]
+    return {
+        "shape": shape,
+        "runs": runs,
+        "fast_path": fast,
+        "client_cmds_per_node_job": round(sum(outside.values()) / jobs, 2),
+        "in_script_cmds_per_node_job": round(sum(inside.values()) / jobs, 2),
+        "client_cmds": dict(outside.most_common()),
+        "client_cmds_total": sum(outside.values()),
+        "in_script_total": sum(inside.values()),
+    }
+
+
+def _read_all(stream: Any, out: list[str]) -> None:
+    for line in stream:
+        out.append(line)
+
+
+async def main(args: argparse.Namespace) -> dict[str, Any]:
+    url = args.url or os.environ.get("FLOWCRAFT_TEST_REDIS_URL")
+    pool = None
+    if url is None:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests-integration" / "src"))
+        from flowcraft_backends._pool import ServicePool
+
+        pool = ServicePool()
+        url = pool.get("redis").url
+    fast = not args.no_fast_path
+    report: dict[str, Any] = {
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        "targets": {
+            "node_jobs_per_s_1_worker": TARGET_NODE_JOBS_PER_S,
+            "client_cmds_per_non_join_node_job": TARGET_CLIENT_CMDS_PER_JOB,
+            "original": ORIGINAL,
+        },
+        "throughput": [],
+        "cost": [],
+    }
+    try:
+        for shape in ("chain", "diamond"):
+            for workers in (1, 2):
+                row = await throughput(url, shape, workers, args.runs, args.concurrency, fast)
+                report["throughput"].append(row)
+                if not args.json:
+                    print(json.dumps(row), file=sys.stderr)
+        if not args.no_monitor:
+            costs = {}
+            for shape in ("chain", "chain20", "diamond"):
+                costs[shape] = await monitored(url, shape, args.cost_runs, fast)
+                report["cost"].append(costs[shape])
+                if not args.json:
+                    print(json.dumps(costs[shape]), file=sys.stderr)
+            extra = costs["chain20"]["client_cmds_total"] - costs["chain"]["client_cmds_total"]
+            report["marginal_client_cmds_per_chain_job"] = round(extra / (args.cost_runs * 10), 2)
+            extra_in = costs["chain20"]["in_script_total"] - costs["chain"]["in_script_total"]
+            report["marginal_in_script_cmds_per_chain_job"] = round(
+                extra_in / (args.cost_runs * 10), 2
+            )
+    finally:
+        if pool is not None:
+            pool.stop_all()
+    return report
+
+
+def cli() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--json", action="store_true", help="print only one JSON object")
+    parser.add_argument("--url", help="Redis URL (default: env, else a local server)")
+    parser.add_argument("--runs", type=int, default=200, help="runs started at once per pass")
+    parser.add_argument("--cost-runs", type=int, default=20, help="runs in the MONITOR pass")
+    parser.add_argument("--concurrency", type=int, default=32, help="jobs per worker at once")
+    parser.add_argument("--no-fast-path", action="store_true", help="the base protocol's calls")
+    parser.add_argument("--no-monitor", action="store_true", help="skip the cost pass")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--prefix", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        asyncio.run(worker_main(args.url, args.prefix, args.concurrency, not args.no_fast_path))
+        return
+    report = asyncio.run(main(args))
+    print(json.dumps(report, indent=None if args.json else 2))
+
+
+if __name__ == "__main__":
+    cli()
