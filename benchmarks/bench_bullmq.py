@@ -10,10 +10,12 @@ Redis: ``--url``, else ``FLOWCRAFT_TEST_REDIS_URL``, else a local server started
 
 Throughput pass, per shape (``chain``: 10 nodes; ``diamond``: start, 16 parallel
 nodes, an ``all`` join, end = 19 nodes) and per worker count (1, 2): ``--runs``
-runs are started at once (one ``start_run`` each, concurrently) and the pass ends
-when every run's result is published. ``node_jobs_per_s`` = runs x nodes / (last
-publication - first start); run latency = a run's publication time (stamped by the
-worker that published it) - the time its ``start_run`` was called.
+runs are created with ``start_run`` while the BullMQ queue is paused, then the
+queue is resumed: all runs start at once, at t0, and the driver's own CPU does not
+compete with the workers. The pass ends when every run's result is published.
+``node_jobs_per_s`` = runs x nodes / (last publication - t0); run latency = a run's
+publication time (stamped by the worker that published it) - t0.
+``worker_cpu_s``/``redis_cpu_s``: CPU seconds each process used in the pass.
 ``server_cmds_per_node_job``: every command Redis executed in the pass (INFO
 commandstats: what clients sent plus what scripts ran), divided by node jobs.
 
@@ -47,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 import redis.asyncio as redis_asyncio
+from bullmq import Queue
 from flowcraft import Flow, RuntimeOptions
 
 from flowcraft_bullmq import BullMQAdapter
@@ -220,16 +223,25 @@ async def throughput(
     client = adapter(url, prefix, DRIVER_NAME)
     procs = Workers(url, prefix, workers, concurrency, fast)
     redis_pid = int((await redis.info("server"))["process_id"])
+    queue = Queue(client.settings.queue_name, {"connection": url, "prefix": f"{prefix}bull"})
     try:
+        # The runs are created while the queue is paused, so the driver's own work
+        # (start_run) does not compete with the workers for the CPU; resuming the
+        # queue releases them all at once.
+        await queue.pause()
+        started = await start_runs(client, shape, runs)
         await asyncio.sleep(0.5)
         await redis.config_resetstat()
         cpu_before = [cpu_seconds(p.pid) for p in procs.procs] + [cpu_seconds(redis_pid)]
-        started = await start_runs(client, shape, runs)
+        t0 = time.time()
+        await queue.resume()
+        started = dict.fromkeys(started, t0)
         published = await wait_published(redis, client, started, timeout=300)
         cpu_after = [cpu_seconds(p.pid) for p in procs.procs] + [cpu_seconds(redis_pid)]
         stats = commandstats(await redis.info("commandstats"))
     finally:
         procs.stop()
+        await queue.close()
         await client.aclose()
         await drop(redis, prefix)
         await redis.aclose()

@@ -71,6 +71,8 @@ class BullMQSettings(BaseModel):
     fast_path: bool = True
     """Fuse the job's reads and lease into one script and write "done" marks behind
     (see ``README.md``, "Cost per job"); False uses the base protocol's calls as is."""
+    fetch_next: bool = True
+    """Complete a job and fetch the next in one BullMQ call (as Node BullMQ does)."""
     max_connections: int = Field(default=64, ge=2)
     """Size of the adapter's Redis connection pool (when it makes its own client)."""
 

@@ -36,7 +36,6 @@ from flowcraft.distributed.redis import RedisCoordinationStore
 from flowcraft.errors import NodeExecutionError, PayloadDecodeError
 from flowcraft.events import EventBus
 from flowcraft.runtime import RuntimeOptions
-from flowcraft.serializer import JsonSerializer
 from flowcraft_bullmq._fastpath import (
     CURRENT_JOB,
     READ_LUA,
@@ -50,7 +49,8 @@ from flowcraft_bullmq._fastpath import (
 )
 from flowcraft_bullmq._pipelining import AutoPipelineRedis
 from flowcraft_bullmq._settings import BullMQSettings, RedisKeys, bullmq_client, make_client
-from flowcraft_bullmq.context import PATCH_LUA, RedisContext, decode
+from flowcraft_bullmq._worker import FetchingWorker
+from flowcraft_bullmq.context import PATCH_LUA, RedisContext, decode, encode
 
 if TYPE_CHECKING:
     from bullmq import Job
@@ -60,7 +60,6 @@ __all__ = ["BullMQAdapter", "DeadLetter"]
 
 logger = logging.getLogger("flowcraft_bullmq")
 
-_JSON = JsonSerializer()
 _MARK_FLUSH_DELAY = 0.05
 
 
@@ -194,7 +193,7 @@ class BullMQAdapter(BaseDistributedAdapter):
         record = {**result.to_json_dict(), "publishedAt": time.time()}
         await self.client.set(
             self.keys.result(run_id),
-            _JSON.dumps(record),
+            encode(record),
             nx=True,
             px=max(1, int(self.state_ttl_seconds * 1000)),
         )
@@ -206,7 +205,8 @@ class BullMQAdapter(BaseDistributedAdapter):
         connection = bullmq_client(
             self._url, self._redis_options, self.client, max_connections=s.max_connections
         )
-        worker = Worker(
+        worker_class = FetchingWorker if s.fetch_next else Worker
+        worker = worker_class(
             s.queue_name,
             functools.partial(self._process, handler),
             {**s.worker_options(), "connection": connection, "name": self.worker_id},
@@ -367,7 +367,7 @@ class BullMQAdapter(BaseDistributedAdapter):
 
             analysis = analyse(blueprint)
             if payload.node_id in analysis.nodes:
-                meta = _JSON.dumps({"blueprintId": blueprint.id, "version": blueprint.version})
+                meta = encode({"blueprintId": blueprint.id, "version": blueprint.version})
                 plan = make_read_plan(
                     payload.node_id,
                     meta,

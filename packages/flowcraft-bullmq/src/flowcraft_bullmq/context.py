@@ -18,6 +18,7 @@ however hostile, round-trips exactly.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Sequence
@@ -25,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from flowcraft.context import BaseAsyncContext, PatchOperation
 from flowcraft.distributed import keys as K
-from flowcraft.serializer import JsonSerializer
+from flowcraft.errors import SerializationError
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -33,7 +34,10 @@ if TYPE_CHECKING:
 
 __all__ = ["RedisContext"]
 
-_JSON = JsonSerializer()
+# flowcraft's JsonSerializer format (compact, UTF-8, no NaN), with the encoder built
+# once instead of per value.
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+_DECODER = json.JSONDecoder()
 _FINAL = frozenset({"completed", "failed", "cancelled"})
 _CHUNK = 1000  # arguments per HSET/HDEL inside the script (Lua's unpack limit is ~8000)
 
@@ -85,8 +89,22 @@ def ttl_ms(seconds: float | None) -> int:
     return max(1, math.ceil(seconds * 1000))
 
 
+def encode(value: Any) -> str:
+    """A value as JSON text, exactly as ``flowcraft.JsonSerializer.dumps`` writes it."""
+    try:
+        return _ENCODER.encode(value)
+    except (TypeError, ValueError) as exc:
+        raise SerializationError(f"value is not JSON-serializable: {exc}") from exc
+
+
 def decode(raw: bytes | str | None) -> Any:
-    return None if raw is None else _JSON.loads(raw)
+    """JSON text from Redis (bytes or str) as a value; None for a missing field."""
+    if raw is None:
+        return None
+    try:
+        return _DECODER.decode(raw.decode("utf-8") if isinstance(raw, bytes) else raw)
+    except ValueError as exc:
+        raise SerializationError(f"invalid JSON: {exc}") from exc
 
 
 Mark = tuple[str, str, int]
@@ -155,7 +173,7 @@ class RedisContext(BaseAsyncContext):
         deletes: list[str] = []
         for op in final.values():
             if op.op == "set":
-                sets += (op.key, _JSON.dumps(op.value))
+                sets += (op.key, encode(op.value))
             else:
                 deletes.append(op.key)
         index_op = "0"
