@@ -50,14 +50,15 @@ from typing import Any
 
 import redis.asyncio as redis_asyncio
 from bullmq import Queue
-from flowcraft import Flow, RuntimeOptions
 
+from flowcraft import Flow, RuntimeOptions
 from flowcraft_bullmq import BullMQAdapter
 
 TARGET_NODE_JOBS_PER_S = 1400
 TARGET_CLIENT_CMDS_PER_JOB = 5
 ORIGINAL = {"node_jobs_per_s": 700, "client_cmds_per_node_job": 9.4}
 DRIVER_NAME = "fc-bench-driver"
+REPO = Path(__file__).resolve().parents[1]
 
 
 # ---------------------------------------------------------------- the flows
@@ -167,12 +168,12 @@ async def start_runs(client: BullMQAdapter, shape: str, runs: int) -> dict[str, 
 
 
 async def wait_published(
-    redis: Any, client: BullMQAdapter, started: dict[str, float], timeout: float
+    redis: Any, client: BullMQAdapter, started: dict[str, float], seconds: float
 ) -> dict[str, float]:
     """Publication time of every run (bulk MGET of the result keys)."""
     published: dict[str, float] = {}
     pending = list(started)
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + seconds
     while pending:
         values = await redis.mget([client.keys.result(r) for r in pending])
         still = []
@@ -187,7 +188,7 @@ async def wait_published(
         pending = still
         if pending:
             if time.monotonic() > deadline:
-                raise TimeoutError(f"{len(pending)} runs did not finish in {timeout} s")
+                raise TimeoutError(f"{len(pending)} runs did not finish in {seconds} s")
             await asyncio.sleep(0.02)
     return published
 
@@ -236,7 +237,7 @@ async def throughput(
         t0 = time.time()
         await queue.resume()
         started = dict.fromkeys(started, t0)
-        published = await wait_published(redis, client, started, timeout=300)
+        published = await wait_published(redis, client, started, seconds=300)
         cpu_after = [cpu_seconds(p.pid) for p in procs.procs] + [cpu_seconds(redis_pid)]
         stats = commandstats(await redis.info("commandstats"))
     finally:
@@ -278,9 +279,9 @@ async def monitored(url: str, shape: str, runs: int, fast: bool) -> dict[str, An
     redis = redis_asyncio.Redis.from_url(url, client_name=DRIVER_NAME, decode_responses=True)
     client = adapter(url, prefix, DRIVER_NAME)
     procs = Workers(url, prefix, 1, 32, fast)
-    host, port = redis.connection_pool.connection_kwargs["host"], redis.connection_pool.connection_kwargs["port"]
-    cli = subprocess.Popen(
-        ["redis-cli", "-h", str(host), "-p", str(port), "monitor"],
+    where = redis.connection_pool.connection_kwargs
+    cli = subprocess.Popen(  # noqa: ASYNC220 (started once, read in a thread)
+        ["redis-cli", "-h", str(where["host"]), "-p", str(where["port"]), "monitor"],
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -291,7 +292,7 @@ async def monitored(url: str, shape: str, runs: int, fast: bool) -> dict[str, An
         cli.stdout.readline()  # "OK"
         reader = asyncio.get_running_loop().run_in_executor(None, _read_all, cli.stdout, lines)
         started = await start_runs(client, shape, runs)
-        await wait_published(redis, client, started, timeout=300)
+        await wait_published(redis, client, started, seconds=300)
         clients = await redis.client_list()
     finally:
         cli.terminate()
@@ -336,7 +337,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     url = args.url or os.environ.get("FLOWCRAFT_TEST_REDIS_URL")
     pool = None
     if url is None:
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests-integration" / "src"))
+        sys.path.insert(0, str(REPO / "tests-integration" / "src"))
         from flowcraft_backends._pool import ServicePool
 
         pool = ServicePool()
