@@ -384,7 +384,7 @@ def cli() -> None:
     parser.add_argument("--json", action="store_true", help="print only one JSON object")
     parser.add_argument("--url", help="Redis URL (default: env, else a local server)")
     parser.add_argument("--runs", type=int, default=200, help="runs started at once per pass")
-    parser.add_argument("--cost-runs", type=int, default=20, help="runs in the MONITOR pass")
+    parser.add_argument("--cost-runs", type=int, default=200, help="runs in the MONITOR pass")
     parser.add_argument("--concurrency", type=int, default=32, help="jobs per worker at once")
     parser.add_argument("--no-fast-path", action="store_true", help="the base protocol's calls")
     parser.add_argument("--no-monitor", action="store_true", help="skip the cost pass")
