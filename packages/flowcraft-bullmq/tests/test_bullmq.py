@@ -1,5 +1,6 @@
-"""BullMQAdapter end to end against a real Redis: the workflow shapes users run, duplicate
-delivery, queue retries, dead letters, waits, the reconciler and graceful stop."""
+"""BullMQAdapter end to end against a real Redis, beyond the conformance kit
+(test_conformance.py): BullMQ's dead-letter set, the progress index and the
+reconciler, graceful stop, a given client, the fast path on and off."""
 
 from __future__ import annotations
 
@@ -53,25 +54,6 @@ def diamond(calls: Calls, width: int = 16) -> Flow:
     return flow.edge("join", "end")
 
 
-async def test_linear(fleet: Fleet) -> None:
-    calls = Calls()
-    flow = (
-        Flow("linear")
-        .node("a", calls.step(lambda c: 1))
-        .node("b", calls.step(lambda c: c.input + 1))
-        .node("c", calls.step(lambda c: c.input * 10))
-        .chain("a", "b", "c")
-    )
-    await fleet.start(options_for(flow))
-    result = await fleet.run("linear", {"user": "ann"})
-    assert result.status == "completed", result.errors
-    assert outputs(result) == {"a": 1, "b": 2, "c": 20}
-    assert result.context["user"] == "ann"
-    assert set(calls.count.values()) == {1}
-    status = await fleet.client.get_status(result.run_id)
-    assert status.status == "completed"
-
-
 async def test_diamond_all_join(fleet: Fleet) -> None:
     calls = Calls()
     await fleet.start(options_for(diamond(calls)), workers=2)
@@ -84,76 +66,6 @@ async def test_diamond_all_join(fleet: Fleet) -> None:
         assert outputs(result)["end"] == expected_join * 2
         assert calls.ran(run_id, "join") == 1
     assert set(calls.count.values()) == {1}, "an activation ran twice"
-
-
-async def test_branch_not_taken_does_not_block(fleet: Fleet) -> None:
-    calls = Calls()
-    flow = (
-        Flow("cond")
-        .node("a", calls.step(lambda c: 1))
-        .node("x", calls.step())
-        .node("y", calls.step(lambda c: c.input + 1))
-        .node("j", calls.step())
-        .edge("a", "x", condition="result.output > 5")
-        .edge("a", "y", condition="result.output <= 5")
-        .edge("x", "j")
-        .edge("y", "j")
-    )
-    await fleet.start(options_for(flow))
-    result = await fleet.run("cond")
-    assert result.status == "completed", result.errors
-    assert calls.ran(result.run_id, "x") == 0
-    assert outputs(result)["y"] == 2
-    assert "j" in outputs(result)
-
-
-async def test_loop_runs_once_per_iteration(fleet: Fleet) -> None:
-    calls = Calls()
-
-    async def body(ctx: NodeContext) -> int:
-        n = (await ctx.get("n") or 0) + 1
-        await ctx.set("n", n)
-        return int(n)
-
-    flow = (
-        Flow("loop")
-        .node("init", calls.step(lambda c: 0))
-        .node("body", calls.step(body))
-        .node("check", calls.step())
-        .node("after", calls.step(lambda c: f"done after {c.input}"))
-        .chain("init", "body", "check")
-        .loop("body", "check", while_="n < 4")
-        .edge("check", "after")
-    )
-    await fleet.start(options_for(flow))
-    result = await fleet.run("loop")
-    assert result.status == "completed", result.errors
-    assert result.context["n"] == 4
-    assert calls.ran(result.run_id, "body") == 4
-    assert set(calls.count.values()) == {1}
-    assert outputs(result)["after"] == "done after 4"
-
-
-async def test_failure_fails_run_once(fleet: Fleet) -> None:
-    calls = Calls()
-
-    def boom(ctx: NodeContext) -> None:
-        raise RuntimeError(f"{ctx.node_id} exploded")
-
-    flow = (
-        Flow("fails")
-        .node("s", calls.step(lambda c: 1))
-        .node("bad", calls.step(boom), max_retries=2)
-        .node("after", calls.step())
-        .chain("s", "bad", "after")
-    )
-    await fleet.start(options_for(flow))
-    result = await fleet.run("fails")
-    assert result.status == "failed"
-    assert [e["nodeId"] for e in result.errors] == ["bad"]
-    assert "bad exploded" in result.errors[0]["message"]
-    assert calls.ran(result.run_id, "after") == 0
-    assert (await fleet.client.get_status(result.run_id)).status == "failed"
 
 
 async def test_wait_then_resume_with_action(fleet: Fleet) -> None:
@@ -232,19 +144,6 @@ async def test_queue_retry_mode_counts_attempts(fleet: Fleet) -> None:
     assert attempts == [1, 2, 3]
     assert outputs(result)["g"] == "ok on 3"
     assert "attempt1" not in result.context, "a failed attempt's writes leaked"
-
-
-async def test_queue_retry_exhausted_fails_run(fleet: Fleet) -> None:
-    def always(ctx: NodeContext) -> None:
-        raise RuntimeError(f"attempt {ctx.attempt}")
-
-    flow = Flow("qfail").node("f", always, max_retries=2).node("g", lambda c: c.input)
-    flow.chain("f", "g")
-    await fleet.start(options_for(flow), retry_mode="queue")
-    result = await fleet.run("qfail")
-    assert result.status == "failed"
-    assert [e["nodeId"] for e in result.errors] == ["f"]
-    assert "attempt 2" in result.errors[0]["message"]
 
 
 async def test_bad_payloads_are_dead_lettered(fleet: Fleet) -> None:
