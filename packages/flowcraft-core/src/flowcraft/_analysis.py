@@ -48,9 +48,14 @@ class Edge:
     transform: str | None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class NodePlan:
-    """What the hot path needs about one node, found with one lookup."""
+    """What the hot path needs about one node, found with one lookup.
+
+    ``single_call``: no config (one attempt, no timeout, no fallback) and no
+    inputs mapping, so a plain function can be called directly. ``impl`` caches
+    the implementation resolved from ``impl_registry`` (a runtime's registry).
+    """
 
     node: NodeDefinition
     output_key: str
@@ -58,6 +63,9 @@ class NodePlan:
     fallback: NodeDefinition | None
     plain: bool  # no edge has an action, condition or transform
     simple_next: Edge | None  # see GraphAnalysis.simple_next
+    single_call: bool
+    impl: Any = None
+    impl_registry: Any = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,6 +206,7 @@ class GraphAnalysis:
                 self.nodes[fb] if fb else None,
                 not any(e.action or e.condition or e.transform for e in out[n]),
                 self.simple_next.get(n),
+                node.config is None and node.inputs is None,
             )
 
     def required(self, node_id: str, generation: int) -> tuple[str, ...]:

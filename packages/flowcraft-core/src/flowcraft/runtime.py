@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import uuid
 from collections.abc import Mapping, Sequence
@@ -10,7 +11,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
-from flowcraft._analysis import GraphAnalysis, analyse
+from flowcraft._analysis import GraphAnalysis, NodePlan, analyse
 from flowcraft._builtins import builtins
 from flowcraft._executor import Awaiting, NodeExecutor
 from flowcraft._traversal import Activation, Traversal, route, transform_input
@@ -376,6 +377,16 @@ class FlowRuntime:
                 await emit(bus, FlowEvent("node:skipped", run.run_id, node_id))
             return run.traversal.resolve(node_id, act.generation, None, {})
         plan = run.analysis.plans[node_id]
+        if (
+            plan.single_call
+            and plan.simple_next is not None
+            and plan.plain
+            and bus is None
+            and not self.executor.middleware
+        ):
+            impl = plan.impl if plan.impl_registry is self.registry else self._cache_impl(plan)
+            if not isinstance(impl, type):
+                return await self._fast_step(run, act, plan, impl)
         node = plan.node
         tracking = TrackingContext(run.async_context)
         if node.inputs is None and not act.gathered and len(act.inputs) == 1:
@@ -400,26 +411,32 @@ class FlowRuntime:
             await emit(bus, FlowEvent("node:start", run.run_id, node_id, {"input": ctx.input}))
         try:
             result = await self.executor.execute(node, ctx, fallback=plan.fallback)
-            if result.dynamic_nodes:
-                await self.run_dynamic_nodes(result, ctx)
         except NodeExecutionError as exc:
             self.logger.info("run %s: node %s failed: %s", run.run_id, node_id, exc)
             if bus is not None:
                 await emit(bus, FlowEvent("node:error", run.run_id, node_id, {"error": str(exc)}))
             raise
+        return await self._finish_step(run, act, plan, result, tracking, ctx)
+
+    async def _finish_step(
+        self,
+        run: _Run,
+        act: Activation,
+        plan: NodePlan,
+        result: NodeResult,
+        tracking: TrackingContext,
+        ctx: NodeContext,
+    ) -> list[Activation]:
+        """After a node ran: dynamic nodes, a pause, or the commit and routing."""
+        node_id = act.node_id
+        bus = self.event_bus
+        if result.dynamic_nodes:
+            await self.run_dynamic_nodes(result, ctx)
         if isinstance(result, Awaiting):
             run.waiting[node_id] = act
             if bus is not None:
                 await emit(bus, FlowEvent("node:awaiting", run.run_id, node_id))
             return []
-        if plan.simple_next is not None and plan.plain and not tracking.dirty and bus is None:
-            # A plain link in a chain: commit the output and follow the one edge.
-            if self.options.strict:
-                self.serializer.dumps(result.output)
-            run.context.data[plan.output_key] = result.output
-            nxt = plan.simple_next
-            gen = act.generation if nxt.intra else 1
-            return [Activation(nxt.target, gen, inputs={node_id: result.output})]
         ready = self._commit(run, act, result, tracking.ops if tracking.dirty else [])
         if bus is not None:
             await emit(
@@ -436,6 +453,57 @@ class FlowRuntime:
                 ),
             )
         return ready
+
+    def _cache_impl(self, plan: NodePlan) -> Any:
+        impl = self.executor.implementation(plan.node)
+        plan.impl, plan.impl_registry = impl, self.registry
+        return impl
+
+    async def _fast_step(
+        self, run: _Run, act: Activation, plan: NodePlan, impl: Any
+    ) -> list[Activation]:
+        """A plain link of a chain: one call, one write, one successor. Anything
+        unusual (a failure, a context write, a dynamic node, a wait) takes the
+        ordinary path's rules."""
+        node_id = act.node_id
+        tracking = TrackingContext(run.async_context)
+        inputs = act.inputs
+        ctx = NodeContext(
+            tracking,
+            next(iter(inputs.values()))
+            if len(inputs) == 1 and not act.gathered
+            else self.resolve_input(plan.node, inputs, {}, gathered=act.gathered),
+            plan.params,
+            self.options.dependencies,
+            run.run_id,
+            node_id,
+            1,
+            act.generation,
+            run.cancel,
+            plan.node,
+        )
+        try:
+            out = impl(ctx)
+            if inspect.isawaitable(out):
+                out = await out
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            tracking.discard()
+            self.logger.info("run %s: node %s failed: %r", run.run_id, node_id, exc)
+            raise NodeExecutionError(
+                f"node {node_id!r} failed: {exc!r}", node_id=node_id, cause=exc
+            ) from exc
+        result = out if isinstance(out, NodeResult) else NodeResult(output=out)
+        if tracking.dirty or result.dynamic_nodes or isinstance(result, Awaiting):
+            return await self._finish_step(run, act, plan, result, tracking, ctx)
+        if self.options.strict:
+            self.serializer.dumps(result.output)
+        run.context.data[plan.output_key] = result.output
+        nxt = plan.simple_next
+        assert nxt is not None
+        gen = act.generation if nxt.intra else 1
+        return [Activation(nxt.target, gen, inputs={node_id: result.output})]
 
     def _commit(
         self, run: _Run, act: Activation, result: NodeResult, deltas: list[PatchOperation]
