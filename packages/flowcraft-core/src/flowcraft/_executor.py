@@ -83,17 +83,7 @@ class NodeExecutor:
         attempts = max_attempts if max_attempts is not None else node.max_attempts
         if not self.middleware:
             if attempts <= 1 and node.config is None and not isinstance(impl, type):
-                # The common case, without the layers: one attempt of a function.
-                try:
-                    out = impl(ctx)
-                    if inspect.isawaitable(out):
-                        out = await out
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:
-                    _discard(ctx)
-                    return await self._fallback(node, None, ctx, exc, fallback)
-                return out if isinstance(out, NodeResult) else NodeResult(output=out)
+                return await self.call_once(node, impl, ctx, fallback)
             return await self._run(node, impl, ctx, attempts, fallback)
 
         async def innermost() -> NodeResult:
@@ -108,6 +98,25 @@ class NodeExecutor:
         for mw in self.middleware:
             await mw.after(ctx, result)
         return result
+
+    async def call_once(
+        self,
+        node: NodeDefinition,
+        impl: NodeImplementation,
+        ctx: NodeContext,
+        fallback: NodeDefinition | None,
+    ) -> NodeResult:
+        """The common case without the layers: one attempt of a function node."""
+        try:
+            out = impl(ctx)  # type: ignore[arg-type]
+            if inspect.isawaitable(out):
+                out = await out
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            _discard(ctx)
+            return await self._fallback(node, None, ctx, exc, fallback)
+        return out if isinstance(out, NodeResult) else NodeResult(output=out)
 
     async def _run(
         self,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import uuid
 from collections.abc import Mapping, Sequence
@@ -483,18 +482,10 @@ class FlowRuntime:
             plan.node,
         )
         try:
-            out = impl(ctx)
-            if inspect.isawaitable(out):
-                out = await out
-        except asyncio.CancelledError:
+            result = await self.executor.call_once(plan.node, impl, ctx, None)
+        except NodeExecutionError as exc:
+            self.logger.info("run %s: node %s failed: %s", run.run_id, node_id, exc)
             raise
-        except Exception as exc:
-            tracking.discard()
-            self.logger.info("run %s: node %s failed: %r", run.run_id, node_id, exc)
-            raise NodeExecutionError(
-                f"node {node_id!r} failed: {exc!r}", node_id=node_id, cause=exc
-            ) from exc
-        result = out if isinstance(out, NodeResult) else NodeResult(output=out)
         if tracking.dirty or result.dynamic_nodes or isinstance(result, Awaiting):
             return await self._finish_step(run, act, plan, result, tracking, ctx)
         if self.options.strict:
