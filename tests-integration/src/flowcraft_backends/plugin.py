@@ -23,6 +23,9 @@ from flowcraft_backends._service import BackendUnavailable, RunningService
 
 __all__ = ["FIXTURE_NAMES", "backend_pool"]
 
+# The crash tests' shared checks are plain asserts: rewrite them for pytest's messages.
+pytest.register_assert_rewrite("flowcraft_backends.crash_fleet")
+
 #: Fixture name per service name.
 FIXTURE_NAMES: dict[str, str] = {name: f"{name}_service" for name in services.names()}
 

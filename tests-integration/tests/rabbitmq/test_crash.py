@@ -7,13 +7,9 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import random
 import shlex
-import signal
 import subprocess
-import sys
 import uuid
-from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -22,15 +18,22 @@ import pytest
 import redis.asyncio as redis_asyncio
 
 from flowcraft_backends import RunningService
+from flowcraft_backends.crash_fleet import (
+    NODES,
+    WorkerProcesses,
+    blueprints,
+    check_effects,
+    check_results,
+    run_worker,
+)
 from flowcraft_rabbitmq import RabbitMQAdapter
 
-from .fleet import BRANCHES, Settings, blueprints, create_effects_table, run_worker
+from .fleet import Settings
 
 pytestmark = pytest.mark.slow
 
 RUNS = 200
 FLEET = Path(__file__).with_name("fleet.py")
-EXPECTED_END = sum(range(1, BRANCHES + 1))
 COUNTERS = ("join:", "end:", "latch:", "fired:")
 
 
@@ -39,6 +42,7 @@ async def fleet(
     rabbitmq_service: RunningService,
     postgres_service: RunningService,
     redis_service: RunningService,
+    tmp_path: Path,
 ) -> AsyncIterator[Settings]:
     tag = uuid.uuid4().hex[:10]
     settings = Settings(
@@ -48,11 +52,10 @@ async def fleet(
         queue_name=f"fc-crash-{tag}",
         table=f"fc_crash_{tag}",
         key_prefix=f"fc-crash:{tag}:",
-        effects_table=f"fc_effects_{tag}",
+        effects_path=str(tmp_path / "effects.jsonl"),
     )
-    await create_effects_table(settings.postgres_dsn, settings.effects_table)
     yield settings
-    client = RabbitMQAdapter(runtime_options=blueprints(), **settings.adapter_options())
+    client = settings.adapter(blueprints())
     try:
         await client.broker.delete_topology()
     finally:
@@ -60,9 +63,7 @@ async def fleet(
     conn = await asyncpg.connect(settings.postgres_dsn)
     try:
         names = client.store.names
-        await conn.execute(
-            f'DROP TABLE IF EXISTS {names.runs}, {names.versions}, "{settings.effects_table}"'
-        )
+        await conn.execute(f"DROP TABLE IF EXISTS {names.runs}, {names.versions}")
     finally:
         await conn.close()
     redis = redis_asyncio.Redis.from_url(settings.redis_url)
@@ -72,11 +73,6 @@ async def fleet(
             await redis.delete(*keys)
     finally:
         await redis.aclose()
-
-
-def spawn(settings: Settings) -> subprocess.Popen[bytes]:
-    env = {**os.environ, **settings.to_env()}
-    return subprocess.Popen([sys.executable, str(FLEET)], env=env)
 
 
 async def wait_all(client: RabbitMQAdapter, runs: list[str], seconds: float) -> None:
@@ -93,37 +89,23 @@ async def wait_all(client: RabbitMQAdapter, runs: list[str], seconds: float) -> 
 async def check_exactly_once(settings: Settings, client: RabbitMQAdapter, runs: list[str]) -> None:
     """Every run completed with the right output, each activation committed once, every
     join saw all its branches, every publication of a run was the same result."""
-    results = [await client.wait_for_result(r, 5) for r in runs]
-    assert Counter(r.status for r in results) == {"completed": len(runs)}
-    assert {r.context["_outputs.end"] for r in results} == {EXPECTED_END}
+    await check_results(client, runs)
     conn = await asyncpg.connect(settings.postgres_dsn)
     try:
-        names = client.store.names
         rows = await conn.fetch(
             "SELECT run_id, state::text AS state, result IS NOT NULL AS published "
-            f"FROM {names.runs}"
-        )
-        effects = await conn.fetch(
-            f'SELECT run_id, node_id, key, n FROM "{settings.effects_table}"'
+            f"FROM {client.store.names.runs}"
         )
     finally:
         await conn.close()
     assert len(rows) == len(runs)
-    nodes = ["start", "join", "end", *(f"b{i}" for i in range(BRANCHES))]
     for row in rows:
         assert row["published"], row["run_id"]
         state = json.loads(row["state"])
-        resolved = {n: state.get(f"_flowcraft.n.{n}") for n in nodes}
+        resolved = {n: state.get(f"_flowcraft.n.{n}") for n in NODES}
         assert set(resolved.values()) == {1}, (row["run_id"], resolved)
         assert state["_flowcraft.status"]["status"] == "completed"
-    early = [e for e in effects if e["node_id"] == "join" and e["n"] != BRANCHES]
-    assert early == [], f"joins fired before all {BRANCHES} branches: {early[:5]}"
-    publications: dict[str, set[str]] = {}
-    for e in effects:
-        if e["node_id"] == "__publish__":
-            publications.setdefault(e["run_id"], set()).add(e["key"])
-    assert set(publications) == set(runs)  # every run published ...
-    assert all(len(p) == 1 for p in publications.values()), "... and always the same result"
+    check_effects(settings.effects_path, runs)
 
 
 async def check_nothing_left(settings: Settings, client: RabbitMQAdapter) -> None:
@@ -157,34 +139,17 @@ async def check_nothing_left(settings: Settings, client: RabbitMQAdapter) -> Non
 
 
 async def test_two_workers_one_sigkilled_repeatedly(fleet: Settings) -> None:
-    workers = [spawn(fleet), spawn(fleet)]
-    client = RabbitMQAdapter(runtime_options=blueprints(), **fleet.adapter_options())
-    kills = 0
-    rng = random.Random(6)
+    workers = WorkerProcesses(FLEET, fleet)
+    client = fleet.adapter(blueprints())
     try:
         runs = [await client.start_run("diamond") for _ in range(RUNS)]
-        pending = asyncio.ensure_future(wait_all(client, runs, 240))
-        while not pending.done() and kills < 8:
-            await asyncio.wait({pending}, timeout=rng.uniform(1.0, 2.5))
-            if pending.done():
-                break
-            victim = workers[0]
-            victim.send_signal(signal.SIGKILL)
-            await asyncio.to_thread(victim.wait)
-            kills += 1
-            workers[0] = spawn(fleet)
-        await pending
+        done = wait_all(client, runs, 240)
+        kills = await workers.kill_one_repeatedly(done, seed=6, max_kills=8)
         assert kills >= 3, f"the runs finished after {kills} kills; the test needs more work"
         await check_exactly_once(fleet, client, runs)
         await check_nothing_left(fleet, client)
     finally:
-        for worker in workers:
-            worker.send_signal(signal.SIGTERM)
-        for worker in workers:
-            try:
-                await asyncio.wait_for(asyncio.to_thread(worker.wait), 20)
-            except TimeoutError:
-                worker.kill()
+        await workers.stop()
         await client.aclose()
 
 
@@ -207,7 +172,7 @@ async def test_broker_restart_mid_run_loses_nothing(
     fleet: Settings, rabbitmq_service: RunningService
 ) -> None:
     restart = broker_restarter(rabbitmq_service)
-    client = RabbitMQAdapter(runtime_options=blueprints(), **fleet.adapter_options())
+    client = fleet.adapter(blueprints())
     worker_tasks = [asyncio.ensure_future(run_worker(fleet)) for _ in range(2)]
     try:
         runs = [await client.start_run("diamond") for _ in range(RUNS // 2)]

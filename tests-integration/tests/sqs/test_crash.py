@@ -5,29 +5,28 @@ publication of a run must be the same result, and nothing may be left in the que
 from __future__ import annotations
 
 import asyncio
-import os
-import random
-import signal
-import subprocess
-import sys
 import uuid
-from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from flowcraft_backends import RunningService
+from flowcraft_backends.crash_fleet import (
+    NODES,
+    WorkerProcesses,
+    blueprints,
+    check_effects,
+    check_results,
+)
 from flowcraft_sqs import AwsClients, SqsAdapter, create_queues, create_table
 
-from .sqs_fleet import BRANCHES, Settings, blueprints, read_effects
+from .sqs_fleet import Settings
 
 pytestmark = pytest.mark.slow
 
 RUNS = 8
 FLEET = Path(__file__).with_name("sqs_fleet.py")
-EXPECTED_END = sum(range(1, BRANCHES + 1))
-NODES = ["start", "join", "end", *(f"b{i}" for i in range(BRANCHES))]
 
 
 @pytest.fixture
@@ -56,10 +55,6 @@ async def fleet(moto_service: RunningService, tmp_path: Path) -> AsyncIterator[S
         clients.close()
 
 
-def spawn(settings: Settings) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, str(FLEET)], env={**os.environ, **settings.to_env()})
-
-
 async def published(client: SqsAdapter, runs: list[str]) -> int:
     found = await asyncio.gather(*(client.runs.read_result(r) for r in runs))
     return sum(1 for f in found if f is not None)
@@ -74,9 +69,7 @@ async def wait_all(client: SqsAdapter, runs: list[str], seconds: float) -> None:
 
 
 async def check_exactly_once(settings: Settings, client: SqsAdapter, runs: list[str]) -> None:
-    results = [await client.wait_for_result(r, 5) for r in runs]
-    assert Counter(r.status for r in results) == {"completed": len(runs)}
-    assert {r.context["_outputs.end"] for r in results} == {EXPECTED_END}
+    await check_results(client, runs)
     for run in runs:
         state = await client.create_context(run).get_many(
             [f"_flowcraft.n.{n}" for n in NODES] + ["_flowcraft.status"]
@@ -84,15 +77,7 @@ async def check_exactly_once(settings: Settings, client: SqsAdapter, runs: list[
         assert state.pop("_flowcraft.status")["status"] == "completed"
         assert set(state.values()) == {1}, (run, state)  # each node resolved exactly once
         assert len(state) == len(NODES)
-    effects = read_effects(settings.effects_path)
-    early = [e for e in effects if e["node"] == "join" and e["n"] != BRANCHES]
-    assert early == [], f"joins fired before all {BRANCHES} branches: {early[:5]}"
-    publications: dict[str, set[str]] = {}
-    for e in effects:
-        if e["node"] == "__publish__":
-            publications.setdefault(e["run"], set()).add(e["key"])
-    assert set(publications) == set(runs)
-    assert all(len(p) == 1 for p in publications.values()), "a run published two results"
+    check_effects(settings.effects_path, runs)
 
 
 async def check_nothing_left(client: SqsAdapter) -> None:
@@ -120,35 +105,16 @@ async def check_nothing_left(client: SqsAdapter) -> None:
 
 
 async def test_two_workers_one_sigkilled_repeatedly(fleet: Settings) -> None:
-    workers = [spawn(fleet), spawn(fleet)]
+    workers = WorkerProcesses(FLEET, fleet)
     client = fleet.adapter(blueprints())
-    rng = random.Random(7)
-    kills = 0
     try:
         runs = [await client.start_run("diamond") for _ in range(RUNS)]
-        pending = asyncio.ensure_future(wait_all(client, runs, 240))
-        while not pending.done() and kills < 6:
-            await asyncio.wait({pending}, timeout=rng.uniform(1.0, 2.5))
-            if pending.done():
-                break
-            victim = workers[0]
-            victim.send_signal(signal.SIGKILL)
-            await asyncio.to_thread(victim.wait)
-            kills += 1
-            workers[0] = spawn(fleet)
-        await pending
+        done = wait_all(client, runs, 240)
+        kills = await workers.kill_one_repeatedly(done, seed=7, max_kills=6)
         assert kills >= 3, f"the runs finished after {kills} kills; the test needs more work"
         await check_exactly_once(fleet, client, runs)
         await check_nothing_left(client)
     finally:
-        for worker in workers:
-            worker.send_signal(signal.SIGTERM)
-        codes: list[int | None] = []
-        for worker in workers:
-            try:
-                codes.append(await asyncio.wait_for(asyncio.to_thread(worker.wait), 20))
-            except TimeoutError:
-                worker.kill()
-                codes.append(None)
+        codes = await workers.stop()
         await client.aclose()
     assert codes == [0, 0], "a worker did not stop gracefully on SIGTERM"

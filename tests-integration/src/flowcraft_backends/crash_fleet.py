@@ -1,0 +1,248 @@
+"""What every adapter's crash test shares: the diamond workload, its worker, the kill loop.
+
+An adapter's crash test keeps a small fleet module of its own (``tests/<adapter>/``):
+a :class:`FleetSettings` subclass that builds its adapter, ending in
+``if __name__ == "__main__": worker_main(Settings)``. The test starts that module
+BY PATH as worker processes (:class:`WorkerProcesses`), which read their settings
+from the environment variable :data:`ENV`; this module is imported from the
+installed ``flowcraft_backends``, so it works in both places.
+
+Every node execution and every publication is appended to an effects file (one
+JSON line each), so the test also sees executions whose commit a SIGKILL lost.
+
+Unlike the rest of ``flowcraft_backends`` this module imports flowcraft-core (the
+workspace's dev group installs it); nothing else here imports this module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import random
+import signal
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import Awaitable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Protocol, Self, cast
+
+from flowcraft import Flow, NodeContext, RuntimeOptions
+from flowcraft.distributed.adapter import BaseDistributedAdapter, FinalResult
+
+__all__ = [
+    "BRANCHES",
+    "ENV",
+    "EXPECTED_END",
+    "NODES",
+    "Effects",
+    "FleetSettings",
+    "WorkerProcesses",
+    "blueprints",
+    "check_effects",
+    "check_results",
+    "diamond",
+    "read_effects",
+    "registry",
+    "run_worker",
+    "worker_main",
+]
+
+ENV = "FLOWCRAFT_CRASH_FLEET"
+"""The environment variable that carries a worker process's settings (JSON)."""
+
+BRANCHES = 16
+EXPECTED_END = sum(range(1, BRANCHES + 1))
+NODES = ["start", "join", "end", *(f"b{i}" for i in range(BRANCHES))]
+
+
+def diamond() -> Flow:
+    """start -> 16 parallel branches -> an ``all`` join -> end (blueprint only: ``uses`` keys)."""
+    flow = Flow("diamond").node("start", "start").node("join", "join").node("end", "end")
+    for i in range(BRANCHES):
+        flow.node(f"b{i}", "branch", params={"i": i})
+        flow.edge("start", f"b{i}").edge(f"b{i}", "join")
+    return flow.edge("join", "end")
+
+
+def blueprints() -> RuntimeOptions:
+    """The diamond's blueprint, without implementations: enough for a client adapter."""
+    bp = diamond().to_blueprint()
+    return RuntimeOptions(blueprints={bp.id: bp})
+
+
+class _Closable(Protocol):
+    async def aclose(self) -> None: ...
+
+
+@dataclass
+class FleetSettings:
+    """A fleet's settings, passed to its worker processes as JSON in :data:`ENV`.
+
+    Subclass with the adapter's own fields and :meth:`adapter`.
+    """
+
+    effects_path: str
+
+    branch_delay: ClassVar[float] = 0.001
+    """Each branch sleeps ``branch_delay * (i % 4)`` seconds."""
+
+    def adapter(self, options: RuntimeOptions) -> BaseDistributedAdapter:
+        """A new adapter on the fleet's backend, running ``options`` (with an ``aclose()``)."""
+        raise NotImplementedError
+
+    def to_env(self) -> dict[str, str]:
+        return {ENV: json.dumps(asdict(self))}
+
+    @classmethod
+    def from_env(cls) -> Self:
+        return cls(**json.loads(os.environ[ENV]))
+
+
+class Effects:
+    """Appends one JSON line per node execution or publication (O_APPEND: lines of
+    several processes never interleave; a killed writer may leave a torn last line)."""
+
+    def __init__(self, path: str) -> None:
+        self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+
+    def record(self, run_id: str, node_id: str, key: str, n: int) -> None:
+        line = json.dumps({"run": run_id, "node": node_id, "key": key, "n": n, "pid": os.getpid()})
+        os.write(self.fd, (line + "\n").encode())
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def read_effects(path: str) -> list[dict[str, Any]]:
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # torn by a SIGKILL
+    return rows
+
+
+def registry(effects: Effects, branch_delay: float) -> dict[str, Any]:
+    """The diamond's implementations, each recording its execution in ``effects``."""
+
+    async def start(ctx: NodeContext) -> int:
+        effects.record(ctx.run_id, ctx.node_id, ctx.idempotency_key, 0)
+        return 0
+
+    async def branch(ctx: NodeContext) -> int:
+        await asyncio.sleep(branch_delay * (ctx.params["i"] % 4))
+        effects.record(ctx.run_id, ctx.node_id, ctx.idempotency_key, 1)
+        return int(ctx.params["i"]) + 1
+
+    async def join(ctx: NodeContext) -> int:
+        # How many branch outputs the join saw: fewer than 16 would be an early join.
+        effects.record(ctx.run_id, ctx.node_id, ctx.idempotency_key, len(ctx.input))
+        return sum(ctx.input.values())
+
+    async def end(ctx: NodeContext) -> int:
+        effects.record(ctx.run_id, ctx.node_id, ctx.idempotency_key, 0)
+        return int(ctx.input)
+
+    return {"start": start, "branch": branch, "join": join, "end": end}
+
+
+async def run_worker(settings: FleetSettings, *, handle_sigterm: bool = False) -> None:
+    """One worker until stopped (or cancelled); every publication is recorded too."""
+    effects = Effects(settings.effects_path)
+    options = RuntimeOptions(
+        registry=registry(effects, settings.branch_delay), blueprints=blueprints().blueprints
+    )
+    adapter = settings.adapter(options)
+    publish = adapter.publish_final_result
+
+    async def publish_final_result(run_id: str, result: FinalResult) -> None:
+        effects.record(run_id, "__publish__", json.dumps(result.to_json_dict()), 0)
+        await publish(run_id, result)
+
+    adapter.publish_final_result = publish_final_result  # type: ignore[method-assign]
+    if handle_sigterm:  # a graceful stop: the jobs in hand finish
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, lambda: asyncio.ensure_future(adapter.stop()))
+    try:
+        await adapter.worker()
+    finally:
+        await cast(_Closable, adapter).aclose()  # every adapter has one; the base does not say
+        effects.close()
+
+
+def worker_main(settings_type: type[FleetSettings]) -> None:
+    """A worker process: settings from :data:`ENV`; SIGTERM stops it gracefully."""
+    logging.basicConfig(level=logging.WARNING, format="%(process)d %(name)s %(message)s")
+    asyncio.run(run_worker(settings_type.from_env(), handle_sigterm=True))
+
+
+class WorkerProcesses:
+    """Worker processes running the fleet module ``script`` (by path) with ``settings``."""
+
+    def __init__(self, script: Path, settings: FleetSettings, count: int = 2) -> None:
+        self.argv = [sys.executable, str(script)]
+        self.env = {**os.environ, **settings.to_env()}
+        self.procs = [self.spawn() for _ in range(count)]
+
+    def spawn(self) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(self.argv, env=self.env)
+
+    async def kill_one_repeatedly(self, done: Awaitable[None], *, seed: int, max_kills: int) -> int:
+        """SIGKILL the first worker every 1 to 2.5 s (and start another in its place)
+        until ``done`` or ``max_kills``; then wait for ``done``. Returns the kills."""
+        pending = asyncio.ensure_future(done)
+        rng = random.Random(seed)
+        kills = 0
+        try:
+            while not pending.done() and kills < max_kills:
+                await asyncio.wait({pending}, timeout=rng.uniform(1.0, 2.5))
+                if pending.done():
+                    break
+                victim = self.procs[0]
+                victim.send_signal(signal.SIGKILL)
+                await asyncio.to_thread(victim.wait)
+                kills += 1
+                self.procs[0] = self.spawn()
+            await pending
+        finally:
+            pending.cancel()
+        return kills
+
+    async def stop(self) -> list[int | None]:
+        """SIGTERM every worker; their exit codes (None: killed after 20 s)."""
+        for proc in self.procs:
+            proc.send_signal(signal.SIGTERM)
+        codes: list[int | None] = []
+        for proc in self.procs:
+            try:
+                codes.append(await asyncio.wait_for(asyncio.to_thread(proc.wait), 20))
+            except TimeoutError:
+                proc.kill()
+                codes.append(None)
+        return codes
+
+
+async def check_results(client: BaseDistributedAdapter, runs: Sequence[str]) -> None:
+    """Every run completed with the diamond's output."""
+    results = [await client.wait_for_result(r, 5) for r in runs]
+    assert Counter(r.status for r in results) == {"completed": len(runs)}
+    assert {r.context["_outputs.end"] for r in results} == {EXPECTED_END}
+
+
+def check_effects(path: str, runs: Sequence[str]) -> None:
+    """No join fired before all its branches; every run published, always the same result."""
+    effects = read_effects(path)
+    early = [e for e in effects if e["node"] == "join" and e["n"] != BRANCHES]
+    assert early == [], f"joins fired before all {BRANCHES} branches: {early[:5]}"
+    publications: dict[str, set[str]] = {}
+    for e in effects:
+        if e["node"] == "__publish__":
+            publications.setdefault(e["run"], set()).add(e["key"])
+    assert set(publications) == set(runs)  # every run published ...
+    assert all(len(p) == 1 for p in publications.values()), "... and always the same result"
