@@ -27,12 +27,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any, Literal
 
 from flowcraft.blueprint import EdgeDefinition, NodeDefinition, WorkflowBlueprint
 from flowcraft.errors import BlueprintError
 
 EdgeKind = Literal["forward", "back", "exit"]
+
+NO_PARAMS: Mapping[str, Any] = MappingProxyType({})
+"""The ``params`` of every node that declares none: one shared object, not one per node."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,10 +57,14 @@ class NodePlan:
     """What the hot path needs about one node, found with one lookup.
 
     ``single_call``: no config (one attempt, no timeout, no fallback) and no
-    inputs mapping, so a plain function can be called directly. ``impl`` caches
-    the implementation resolved from ``impl_registry`` (a runtime's registry).
+    inputs mapping, so a plain function can be called directly. ``chain_link``:
+    single call, plain edges and one simple successor, whose plan is
+    ``next_plan``: the runtime walks such links plan to plan, touching no
+    graph-sized table, so per-node cost stays flat as graphs grow. ``impl``
+    caches the implementation resolved from ``impl_registry`` (a runtime's registry).
     """
 
+    node_id: str
     node: NodeDefinition
     output_key: str
     params: Mapping[str, Any]
@@ -64,6 +72,9 @@ class NodePlan:
     plain: bool  # no edge has an action, condition or transform
     simple_next: Edge | None  # see GraphAnalysis.simple_next
     single_call: bool
+    chain_link: bool = False
+    next_intra: bool = False  # simple_next stays inside one loop iteration
+    next_plan: NodePlan | None = None
     impl: Any = None
     impl_registry: Any = None
 
@@ -199,15 +210,26 @@ class GraphAnalysis:
         self.plans: dict[str, NodePlan] = {}
         for n, node in self.nodes.items():
             fb = node.config.fallback if node.config else None
+            simple = self.simple_next.get(n)
+            plain = not any(e.action or e.condition or e.transform for e in out[n])
+            single = node.config is None and node.inputs is None
             self.plans[n] = NodePlan(
+                n,
                 node,
                 "_outputs." + n,
-                node.params or {},
+                node.params or NO_PARAMS,
                 self.nodes[fb] if fb else None,
-                not any(e.action or e.condition or e.transform for e in out[n]),
-                self.simple_next.get(n),
-                node.config is None and node.inputs is None,
+                plain,
+                simple,
+                single,
+                chain_link=single and plain and simple is not None,
+                next_intra=simple is not None and simple.intra,
             )
+        for plan in self.plans.values():
+            if plan.simple_next is not None:
+                plan.next_plan = self.plans[plan.simple_next.target]
+        # Every implementation name the blueprint needs: a run checks these, not each node.
+        self.uses = frozenset(node.uses for node in blueprint.nodes)
 
     def required(self, node_id: str, generation: int) -> tuple[str, ...]:
         """The predecessors whose signals activation ``generation`` of the node waits for."""

@@ -195,6 +195,8 @@ class FlowRuntime:
 
     def check_registry(self, blueprint: WorkflowBlueprint) -> None:
         """Fail before running if a node's ``uses`` has no implementation."""
+        if analyse(blueprint).uses <= self.registry.keys():
+            return
         missing = [n for n in blueprint.nodes if n.uses not in self.registry]
         if missing:
             names = ", ".join(f"{n.id!r} uses {n.uses!r}" for n in missing)
@@ -311,6 +313,9 @@ class FlowRuntime:
         else:
             status = RunStatus.STALLED
         state = None
+        # The run is over and owns its context: hand the dict over rather than copy
+        # it (a copy of a 100,000-node run's outputs is paid per node).
+        context = run.context.data
         if status is RunStatus.AWAITING:
             state = {
                 "runId": run.run_id,
@@ -319,9 +324,7 @@ class FlowRuntime:
                 "traversal": run.traversal.to_state(),
                 "waiting": [[a.node_id, a.generation, a.inputs] for a in run.waiting.values()],
             }
-        result = WorkflowResult(
-            run.run_id, status, run.context.to_dict(), run.errors, sorted(run.waiting), state
-        )
+        result = WorkflowResult(run.run_id, status, context, run.errors, sorted(run.waiting), state)
         self.logger.debug("run %s ended %s", run.run_id, status)
         await emit(
             self.event_bus,
@@ -376,16 +379,10 @@ class FlowRuntime:
                 await emit(bus, FlowEvent("node:skipped", run.run_id, node_id))
             return run.traversal.resolve(node_id, act.generation, None, {})
         plan = run.analysis.plans[node_id]
-        if (
-            plan.single_call
-            and plan.simple_next is not None
-            and plan.plain
-            and bus is None
-            and not self.executor.middleware
-        ):
+        if plan.chain_link and bus is None and not self.executor.middleware:
             impl = plan.impl if plan.impl_registry is self.registry else self._cache_impl(plan)
             if not isinstance(impl, type):
-                return await self._fast_step(run, act, plan, impl)
+                return await self._run_chain(run, act, plan, impl)
         node = plan.node
         tracking = TrackingContext(run.async_context)
         if node.inputs is None and not act.gathered and len(act.inputs) == 1:
@@ -458,43 +455,62 @@ class FlowRuntime:
         plan.impl, plan.impl_registry = impl, self.registry
         return impl
 
-    async def _fast_step(
+    async def _run_chain(
         self, run: _Run, act: Activation, plan: NodePlan, impl: Any
     ) -> list[Activation]:
-        """A plain link of a chain: one call, one write, one successor. Anything
-        unusual (a failure, a context write, a dynamic node, a wait) takes the
-        ordinary path's rules."""
-        node_id = act.node_id
-        tracking = TrackingContext(run.async_context)
+        """Plain chain links, one after another: one call, one write, then on to the
+        next link's plan without a graph-sized lookup or an activation record.
+        Anything unusual (a failure, a context write, a dynamic node, a wait) takes
+        the ordinary path's rules; the first non-link hands back an activation."""
         inputs = act.inputs
-        ctx = NodeContext(
-            tracking,
+        node_input = (
             next(iter(inputs.values()))
             if len(inputs) == 1 and not act.gathered
-            else self.resolve_input(plan.node, inputs, {}, gathered=act.gathered),
-            plan.params,
-            self.options.dependencies,
-            run.run_id,
-            node_id,
-            1,
-            act.generation,
-            run.cancel,
-            plan.node,
+            else self.resolve_input(plan.node, inputs, {}, gathered=act.gathered)
         )
-        try:
-            result = await self.executor.call_once(plan.node, impl, ctx, None)
-        except NodeExecutionError as exc:
-            self.logger.info("run %s: node %s failed: %s", run.run_id, node_id, exc)
-            raise
-        if tracking.dirty or result.dynamic_nodes or isinstance(result, Awaiting):
-            return await self._finish_step(run, act, plan, result, tracking, ctx)
-        if self.options.strict:
-            self.serializer.dumps(result.output)
-        run.context.data[plan.output_key] = result.output
-        nxt = plan.simple_next
-        assert nxt is not None
-        gen = act.generation if nxt.intra else 1
-        return [Activation(nxt.target, gen, inputs={node_id: result.output})]
+        generation = act.generation
+        data = run.context.data
+        registry = self.registry
+        dependencies = self.options.dependencies
+        strict = self.options.strict
+        call_once = self.executor.call_once
+        previous: str | None = None  # the link before this one, when it ran in this loop
+        while True:
+            node_id = plan.node_id
+            tracking = TrackingContext(run.async_context)
+            ctx = NodeContext(
+                tracking,
+                node_input,
+                plan.params,
+                dependencies,
+                run.run_id,
+                node_id,
+                1,
+                generation,
+                run.cancel,
+                plan.node,
+            )
+            try:
+                result = await call_once(plan.node, impl, ctx, None)
+            except NodeExecutionError as exc:
+                self.logger.info("run %s: node %s failed: %s", run.run_id, node_id, exc)
+                raise
+            if tracking.dirty or result.dynamic_nodes or isinstance(result, Awaiting) or strict:
+                if previous is not None:
+                    act = Activation(node_id, generation, inputs={previous: node_input})
+                return await self._finish_step(run, act, plan, result, tracking, ctx)
+            output = result.output
+            data[plan.output_key] = output
+            if not plan.next_intra:
+                generation = 1
+            nxt = plan.next_plan
+            assert nxt is not None
+            if nxt.chain_link and not run.failed and not run.cancel.is_set():
+                impl = nxt.impl if nxt.impl_registry is registry else self._cache_impl(nxt)
+                if not isinstance(impl, type):
+                    plan, node_input, previous = nxt, output, node_id
+                    continue
+            return [Activation(nxt.node_id, generation, inputs={node_id: output})]
 
     def _commit(
         self, run: _Run, act: Activation, result: NodeResult, deltas: list[PatchOperation]
