@@ -24,49 +24,30 @@ else started here by ``flowcraft_backends`` (and stopped at the end).
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import json
-import os
-import signal
 import statistics
-import sys
-import tempfile
 import time
 import uuid
+from argparse import Namespace
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
-from flowcraft import Flow, NodeContext, RuntimeOptions
+from _workloads import (
+    CONCURRENCY,
+    JOBS_PER_RUN,
+    JobCounter,
+    WorkerProcesses,
+    flows,
+    latency_summary,
+    main,
+    serve,
+    until,
+)
+
 from flowcraft.distributed import RedisCoordinationStore
-from flowcraft.distributed.payload import JobPayload
 from flowcraft_rabbitmq import RabbitMQAdapter
 
-CHAIN = 10
-BRANCHES = 16
-CONCURRENCY = 8
 SOLO_RUNS = 20
-
-
-def flows() -> RuntimeOptions:
-    async def step(ctx: NodeContext) -> Any:
-        return ctx.input if ctx.input is not None else 1
-
-    chain = Flow("chain")
-    names = [f"n{i}" for i in range(CHAIN)]
-    for name in names:
-        chain.node(name, "step")
-    chain.chain(*names)
-    diamond = Flow("diamond").node("start", "step").node("join", "step").node("end", "step")
-    for i in range(BRANCHES):
-        diamond.node(f"b{i}", "step").edge("start", f"b{i}").edge(f"b{i}", "join")
-    diamond.edge("join", "end")
-    blueprints = {f.id: f.to_blueprint() for f in (chain, diamond)}
-    return RuntimeOptions(registry={"step": step}, blueprints=blueprints)
-
-
-JOBS_PER_RUN = {"chain": CHAIN, "diamond": BRANCHES + 3}
 
 
 class CountingStore:
@@ -114,27 +95,15 @@ async def worker_main(config: dict[str, Any]) -> dict[str, int]:
     adapter = RabbitMQAdapter(
         runtime_options=flows(), coordination_store=store, **adapter_options(config)
     )
-    jobs = 0
-    handle = adapter.handle_job
-
-    async def counted(job: JobPayload) -> None:
-        nonlocal jobs
-        jobs += 1
-        await handle(job)
-
-    adapter.handle_job = counted  # type: ignore[method-assign]
+    counter = JobCounter(adapter)
     await adapter.connect()
-    await asyncio.to_thread(Path(config["ready"]).touch)
-    asyncio.get_running_loop().add_signal_handler(
-        signal.SIGTERM, lambda: asyncio.ensure_future(adapter.stop())
-    )
     try:
-        await adapter.worker()
+        await serve(adapter, config)
     finally:
         await adapter.aclose()
         await store.inner.aclose()
     return {
-        "jobs": jobs,
+        "jobs": counter.jobs,
         "rabbitmq": adapter.broker.round_trips["publish"] + adapter.broker.round_trips["declare"],
         "acks": adapter.broker.round_trips["ack"],
         "postgres": sum(adapter.store.round_trips.values()),
@@ -142,27 +111,23 @@ async def worker_main(config: dict[str, Any]) -> dict[str, int]:
     }
 
 
-async def measure(urls: dict[str, str], shape: str, runs: int, workers: int) -> dict[str, Any]:
+async def measure(
+    urls: dict[str, str], args: Namespace, shape: str, workers: int
+) -> dict[str, Any]:
+    runs = args.runs
     tag = uuid.uuid4().hex[:10]
-    tmp = Path(tempfile.mkdtemp(prefix="bench-rabbitmq-"))
     base = {
         **urls,
         "queue": f"bench-{tag}",
         "table": f"bench_{tag}",
         "prefix": f"bench:{tag}:",
     }
-    procs = []
-    for i in range(workers):
-        config = {**base, "ready": str(tmp / f"ready{i}"), "stats": str(tmp / f"stats{i}")}
-        env = {**os.environ, "BENCH_WORKER": json.dumps(config)}
-        procs.append(
-            await asyncio.create_subprocess_exec(sys.executable, __file__, "--worker", env=env)
-        )
+    procs = WorkerProcesses(__file__, base, workers, prefix="bench-rabbitmq-")
     client = RabbitMQAdapter(
         runtime_options=flows(), redis_url=urls["redis_url"], **adapter_options(base)
     )
     try:
-        await until(lambda: all((tmp / f"ready{i}").exists() for i in range(workers)))
+        await procs.ready()
         await client.connect()
         run_ids = [uuid.uuid4().hex for _ in range(runs)]
         await asyncio.gather(*(client.start_run(shape, run_id=r) for r in run_ids))
@@ -191,19 +156,14 @@ async def measure(urls: dict[str, str], shape: str, runs: int, workers: int) -> 
                 raise RuntimeError(f"a solo run ended {result.status}: {result.errors}")
             solo.append((time.perf_counter() - began) * 1000)
     finally:
-        for proc in procs:
-            proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            await asyncio.wait_for(proc.wait(), 60)
+        await procs.stop()
         await client.broker.delete_topology()
         pool = await client.store.pool()
         await pool.execute(
             f"DROP TABLE IF EXISTS {client.store.names.runs}, {client.store.names.versions}"
         )
         await client.aclose()
-    stats = [
-        json.loads(await asyncio.to_thread((tmp / f"stats{i}").read_text)) for i in range(workers)
-    ]
+    stats = procs.stats()
     total = {k: sum(s[k] for s in stats) for k in stats[0]}
     span = max(r["e"] for r in rows) - min(r["s"] for r in rows)
     latencies = sorted((r["e"] - r["s"]) * 1000 for r in rows)
@@ -222,11 +182,7 @@ async def measure(urls: dict[str, str], shape: str, runs: int, workers: int) -> 
             "p50": round(statistics.median(solo), 1),
             "max": round(max(solo), 1),
         },
-        "latency_ms": {
-            "p50": round(statistics.median(latencies), 1),
-            "p95": round(latencies[int(0.95 * (len(latencies) - 1))], 1),
-            "max": round(latencies[-1], 1),
-        },
+        "latency_ms": latency_summary(latencies),
         "round_trips_per_job": {
             "rabbitmq": round(total["rabbitmq"] / jobs, 2),
             "acks": round(total["acks"] / jobs, 2),
@@ -234,48 +190,6 @@ async def measure(urls: dict[str, str], shape: str, runs: int, workers: int) -> 
             "redis": round(total["redis"] / jobs, 2),
         },
     }
-
-
-async def until(check: Any) -> None:
-    """Poll ``check`` (sync or async) until it is true."""
-    while True:
-        found = check()
-        if asyncio.iscoroutine(found):
-            found = await found
-        if found:
-            return
-        await asyncio.sleep(0.05)
-
-
-def backends() -> tuple[dict[str, str], Any]:
-    names = {"rabbitmq": "amqp_url", "postgres": "postgres_dsn", "redis": "redis_url"}
-    urls: dict[str, str] = {}
-    pool = None
-    for service, key in names.items():
-        url = os.environ.get(f"FLOWCRAFT_TEST_{service.upper()}_URL")
-        if url is None:
-            if pool is None:
-                from flowcraft_backends._pool import ServicePool
-
-                pool = ServicePool()
-            url = pool.get(service).url
-        urls[key] = url
-    return urls, pool
-
-
-async def main(args: argparse.Namespace) -> list[dict[str, Any]]:
-    urls, pool = backends()
-    try:
-        results = []
-        for shape in args.shapes.split(","):
-            for workers in (int(w) for w in args.workers.split(",")):
-                results.append(await measure(urls, shape, args.runs, workers))
-                if not args.json:
-                    print(row(results[-1]), flush=True)
-        return results
-    finally:
-        if pool is not None:
-            pool.stop_all()
 
 
 HEADER = (
@@ -296,20 +210,12 @@ def row(r: dict[str, Any]) -> str:
 
 
 if __name__ == "__main__":
-    if "--worker" in sys.argv:
-        worker_config = json.loads(os.environ["BENCH_WORKER"])
-        counts = asyncio.run(worker_main(worker_config))
-        Path(worker_config["stats"]).write_text(json.dumps(counts))
-        sys.exit(0)
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runs", type=int, default=200)
-    parser.add_argument("--workers", default="1,2")
-    parser.add_argument("--shapes", default="chain,diamond")
-    parser.add_argument("--json", action="store_true")
-    arguments = parser.parse_args()
-    if not arguments.json:
-        print(f"{os.cpu_count()} cores; concurrency {CONCURRENCY} per worker", flush=True)
-        print(HEADER, flush=True)
-    found = asyncio.run(main(arguments))
-    if arguments.json:
-        print(json.dumps({"cpus": os.cpu_count(), "results": found}, indent=2))
+    main(
+        __doc__,
+        runs=200,
+        worker=worker_main,
+        services={"rabbitmq": "amqp_url", "postgres": "postgres_dsn", "redis": "redis_url"},
+        measure=measure,
+        header=HEADER,
+        row=row,
+    )

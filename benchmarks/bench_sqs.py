@@ -26,47 +26,27 @@ Backend: ``FLOWCRAFT_TEST_MOTO_URL`` if set, else a moto server started here by
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import json
-import os
-import signal
-import statistics
-import subprocess
-import sys
-import tempfile
 import time
 import uuid
+from argparse import ArgumentParser, Namespace
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
-from flowcraft import Flow, NodeContext, RuntimeOptions
-from flowcraft.distributed.payload import JobPayload
+from _workloads import (
+    CONCURRENCY,
+    JOBS_PER_RUN,
+    JobCounter,
+    WorkerProcesses,
+    flows,
+    latency_summary,
+    main,
+    serve,
+)
+
 from flowcraft_sqs import AwsClients, AwsSettings, SqsAdapter, create_queues, create_table
 
-CHAIN = 10
-BRANCHES = 16
-CONCURRENCY = 8
-JOBS_PER_RUN = {"chain": CHAIN, "diamond": BRANCHES + 3}
 STATE_TTL = 24 * 3600.0
-
-
-def flows() -> RuntimeOptions:
-    async def step(ctx: NodeContext) -> Any:
-        return ctx.input if ctx.input is not None else 1
-
-    chain = Flow("chain")
-    names = [f"n{i}" for i in range(CHAIN)]
-    for name in names:
-        chain.node(name, "step")
-    chain.chain(*names)
-    diamond = Flow("diamond").node("start", "step").node("join", "step").node("end", "step")
-    for i in range(BRANCHES):
-        diamond.node(f"b{i}", "step").edge("start", f"b{i}").edge(f"b{i}", "join")
-    diamond.edge("join", "end")
-    blueprints = {f.id: f.to_blueprint() for f in (chain, diamond)}
-    return RuntimeOptions(registry={"step": step}, blueprints=blueprints)
 
 
 def make_adapter(config: dict[str, Any], clients: AwsClients) -> SqsAdapter:
@@ -91,44 +71,34 @@ def settings(url: str) -> AwsSettings:
     )
 
 
-async def worker_main(config: dict[str, Any]) -> None:
-    """One worker process: handle jobs until SIGTERM, then write its counts."""
+async def worker_main(config: dict[str, Any]) -> dict[str, Any]:
+    """One worker process: handle jobs until SIGTERM; returns its counts."""
     clients = AwsClients(settings(config["url"]))
     adapter = make_adapter(config, clients)
-    jobs = 0
-    handle = adapter.handle_job
-
-    async def counted(job: JobPayload) -> None:
-        nonlocal jobs
-        jobs += 1
-        await handle(job)
-
-    adapter.handle_job = counted  # type: ignore[method-assign]
-    await asyncio.to_thread(Path(config["ready"]).touch)
-    asyncio.get_running_loop().add_signal_handler(
-        signal.SIGTERM, lambda: asyncio.ensure_future(adapter.stop())
-    )
+    counter = JobCounter(adapter)
     try:
-        await adapter.worker()
+        await serve(adapter, config)
     finally:
-        stats = json.dumps({"jobs": jobs, "calls": clients.api_calls})
-        await asyncio.to_thread(Path(config["stats"]).write_text, stats)
+        stats = {"jobs": counter.jobs, "calls": dict(clients.api_calls)}
         await adapter.aclose()
         clients.close()
+    return stats
 
 
-async def measure(url: str, shape: str, runs: int, workers: int, fifo: bool) -> dict[str, Any]:
+async def measure(
+    urls: dict[str, str], args: Namespace, shape: str, workers: int
+) -> dict[str, Any]:
+    url, runs, fifo = urls["url"], args.runs, args.fifo
     tag = uuid.uuid4().hex[:10]
-    tmp = Path(tempfile.mkdtemp(prefix="bench-sqs-"))
     clients = AwsClients(settings(url))
     table = f"bench-{tag}"
     await create_table(clients, table)
     queues = await create_queues(clients, f"bench-{tag}", fifo=fifo)
     base = {"url": url, "queue_url": queues.queue_url, "table": table, "namespace": tag}
-    procs = spawn_workers(base, tmp, workers)
+    procs = WorkerProcesses(__file__, base, workers, prefix="bench-sqs-")
     client = make_adapter(base, clients)
     try:
-        await poll(lambda: all((tmp / f"ready{i}").exists() for i in range(workers)))
+        await procs.ready()
         clients.reset_api_calls()
         run_ids = [uuid.uuid4().hex for _ in range(runs)]
         started: dict[str, float] = {}
@@ -150,15 +120,12 @@ async def measure(url: str, shape: str, runs: int, workers: int, fifo: bool) -> 
         if bad:
             raise RuntimeError(f"{len(bad)} runs did not complete")
     finally:
-        for proc in procs:
-            proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            proc.wait(60)
+        await procs.stop()
         await clients.dynamodb_call("delete_table", TableName=table)
         for queue in (queues.queue_url, queues.dead_letter_queue_url):
             await clients.sqs_call("delete_queue", QueueUrl=queue)
         clients.close()
-    stats = [json.loads((tmp / f"stats{i}").read_text()) for i in range(workers)]
+    stats = procs.stats()
     jobs = sum(s["jobs"] for s in stats)
     calls: Counter[str] = Counter()
     for s in stats:
@@ -178,11 +145,7 @@ async def measure(url: str, shape: str, runs: int, workers: int, fifo: bool) -> 
         "seconds": round(span, 3),
         "jobs_per_s": round(jobs / span, 1),
         "runs_per_s": round(runs / span, 2),
-        "latency_ms": {
-            "p50": round(statistics.median(latencies), 1),
-            "p95": round(latencies[int(0.95 * (len(latencies) - 1))], 1),
-            "max": round(latencies[-1], 1),
-        },
+        "latency_ms": latency_summary(latencies),
         "api_calls_per_job": {
             "sqs": round(sqs / jobs, 2),
             "receive": round(receives / jobs, 2),
@@ -192,22 +155,6 @@ async def measure(url: str, shape: str, runs: int, workers: int, fifo: bool) -> 
         "worker_calls_by_operation": dict(sorted(calls.items())),
         "client_calls_per_run": round(client_calls / runs, 2),
     }
-
-
-def spawn_workers(base: dict[str, Any], tmp: Path, workers: int) -> list[subprocess.Popen[bytes]]:
-    procs = []
-    for i in range(workers):
-        config = {**base, "ready": str(tmp / f"ready{i}"), "stats": str(tmp / f"stats{i}")}
-        env = {**os.environ, "BENCH_WORKER": json.dumps(config)}
-        procs.append(subprocess.Popen([sys.executable, __file__, "--worker"], env=env))
-    return procs
-
-
-async def poll(check: Any, interval: float = 0.05) -> None:
-    while True:
-        if check():
-            return
-        await asyncio.sleep(interval)
 
 
 async def read_published(client: SqsAdapter, run_id: str) -> float | None:
@@ -222,31 +169,6 @@ async def read_published(client: SqsAdapter, run_id: str) -> float | None:
     if not item or "r" not in item:
         return None
     return int(item["x"]["N"]) / 1000 - STATE_TTL
-
-
-def backend() -> tuple[str, Any]:
-    url = os.environ.get("FLOWCRAFT_TEST_MOTO_URL")
-    if url is not None:
-        return url, None
-    from flowcraft_backends._pool import ServicePool
-
-    pool = ServicePool()
-    return pool.get("moto").url, pool
-
-
-async def main(args: argparse.Namespace) -> list[dict[str, Any]]:
-    url, pool = backend()
-    try:
-        results = []
-        for shape in args.shapes.split(","):
-            for workers in (int(w) for w in args.workers.split(",")):
-                results.append(await measure(url, shape, args.runs, workers, args.fifo))
-                if not args.json:
-                    print(row(results[-1]), flush=True)
-        return results
-    finally:
-        if pool is not None:
-            pool.stop_all()
 
 
 HEADER = (
@@ -266,20 +188,18 @@ def row(r: dict[str, Any]) -> str:
     )
 
 
-if __name__ == "__main__":
-    if "--worker" in sys.argv:
-        asyncio.run(worker_main(json.loads(os.environ["BENCH_WORKER"])))
-        sys.exit(0)
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runs", type=int, default=50)
-    parser.add_argument("--workers", default="1,2")
-    parser.add_argument("--shapes", default="chain,diamond")
+def fifo_option(parser: ArgumentParser) -> None:
     parser.add_argument("--fifo", action="store_true", help="a FIFO queue (group per run)")
-    parser.add_argument("--json", action="store_true")
-    arguments = parser.parse_args()
-    if not arguments.json:
-        print(f"{os.cpu_count()} cores; concurrency {CONCURRENCY} per worker", flush=True)
-        print(HEADER, flush=True)
-    found = asyncio.run(main(arguments))
-    if arguments.json:
-        print(json.dumps({"cpus": os.cpu_count(), "results": found}, indent=2))
+
+
+if __name__ == "__main__":
+    main(
+        __doc__,
+        runs=50,
+        worker=worker_main,
+        services={"moto": "url"},
+        measure=measure,
+        header=HEADER,
+        row=row,
+        arguments=fifo_option,
+    )
