@@ -1,19 +1,22 @@
-"""Fixtures: a namespaced BullMQ adapter fleet on the session's real Redis."""
+"""Fixtures: BullMQ adapters on the session's real Redis, each test on its own key prefix,
+and fleets of them (the conformance kit's :class:`~flowcraft.testing.Fleet`)."""
 
 from __future__ import annotations
 
-import asyncio
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
 import redis.asyncio as redis_asyncio
 
 from flowcraft import Flow, RuntimeOptions
-from flowcraft.distributed.adapter import FinalResult
+from flowcraft.testing import Fleet
 from flowcraft_backends import RunningService
 from flowcraft_bullmq import BullMQAdapter
+
+BullMQFactory = Callable[..., BullMQAdapter]
+StartFleet = Callable[..., Awaitable[Fleet]]
 
 
 async def drop_prefix(url: str, prefix: str) -> None:
@@ -36,61 +39,6 @@ def options_for(*flows: Flow) -> RuntimeOptions:
     return RuntimeOptions(registry=registry, blueprints=blueprints)
 
 
-class Fleet:
-    """A client adapter and worker adapters (tasks running ``worker()``) on one prefix."""
-
-    def __init__(self, url: str, prefix: str) -> None:
-        self.url = url
-        self.prefix = prefix
-        self.adapters: list[BullMQAdapter] = []
-        self.tasks: list[tuple[BullMQAdapter, asyncio.Future[None]]] = []
-        self._client: BullMQAdapter | None = None
-
-    def adapter(self, options: RuntimeOptions, **settings: Any) -> BullMQAdapter:
-        settings.setdefault("key_prefix", self.prefix)
-        settings.setdefault("reconcile_interval_seconds", None)
-        adapter = BullMQAdapter(runtime_options=options, connection=self.url, **settings)
-        self.adapters.append(adapter)
-        return adapter
-
-    async def start(self, options: RuntimeOptions, workers: int = 2, **settings: Any) -> None:
-        self._client = self.adapter(options, **settings)
-        for _ in range(workers):
-            worker = self.adapter(options, **settings)
-            self.tasks.append((worker, asyncio.ensure_future(worker.worker())))
-        await asyncio.sleep(0)
-
-    @property
-    def client(self) -> BullMQAdapter:
-        assert self._client is not None, "call start() first"
-        return self._client
-
-    async def run(self, blueprint_id: str, initial: dict[str, Any] | None = None) -> FinalResult:
-        run_id = await self.client.start_run(blueprint_id, initial)
-        return await self.client.wait_for_result(run_id, 30)
-
-    async def until(self, check: Callable[[], Any], what: str, seconds: float = 30) -> None:
-        try:
-            async with asyncio.timeout(seconds):
-                while not await check():  # noqa: ASYNC110 (polling the backend)
-                    await asyncio.sleep(0.02)
-        except TimeoutError:
-            pytest.fail(f"timed out waiting for {what}")
-
-    async def stop_workers(self) -> None:
-        for adapter, _ in self.tasks:
-            await adapter.stop()
-        async with asyncio.timeout(30):
-            for _, task in self.tasks:
-                await task
-        self.tasks.clear()
-
-    async def close(self) -> None:
-        await self.stop_workers()
-        for adapter in self.adapters:
-            await adapter.aclose()
-
-
 @pytest.fixture
 def redis_url(redis_service: RunningService) -> str:
     return redis_service.url
@@ -104,12 +52,38 @@ async def prefix(redis_url: str) -> AsyncIterator[str]:
 
 
 @pytest.fixture
-async def fleet(redis_url: str, prefix: str) -> AsyncIterator[Fleet]:
-    made = Fleet(redis_url, prefix)
-    try:
-        yield made
-    finally:
-        await made.close()
+async def bullmq_factory(redis_url: str, prefix: str) -> AsyncIterator[BullMQFactory]:
+    """``(runtime_options, **settings) -> BullMQAdapter`` on the test's prefix (no
+    reconciler unless asked); every adapter it made is closed at the end."""
+    made: list[BullMQAdapter] = []
+
+    def build(options: RuntimeOptions, **settings: Any) -> BullMQAdapter:
+        settings.setdefault("key_prefix", prefix)
+        settings.setdefault("reconcile_interval_seconds", None)
+        adapter = BullMQAdapter(runtime_options=options, connection=redis_url, **settings)
+        made.append(adapter)
+        return adapter
+
+    yield build
+    for adapter in made:
+        await adapter.aclose()
+
+
+@pytest.fixture
+async def start_fleet(bullmq_factory: BullMQFactory) -> AsyncIterator[StartFleet]:
+    """``await start_fleet(*flows, workers=2, **settings)``: a started kit ``Fleet`` (a client
+    adapter and worker adapters) running ``flows``; its workers are stopped at the end."""
+    fleets: list[Fleet] = []
+
+    async def start(*flows: Flow, workers: int = 2, **settings: Any) -> Fleet:
+        fleet = Fleet(bullmq_factory, options_for(*flows), timeout=30)
+        fleets.append(fleet)
+        await fleet.start(workers, **settings)
+        return fleet
+
+    yield start
+    for fleet in fleets:
+        await fleet.stop()
 
 
 @pytest.fixture

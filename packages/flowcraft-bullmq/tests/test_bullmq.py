@@ -1,6 +1,7 @@
 """BullMQAdapter end to end against a real Redis, beyond the conformance kit
 (test_conformance.py): BullMQ's dead-letter set, the progress index and the
-reconciler, graceful stop, a given client, the fast path on and off."""
+reconciler, graceful stop, a given client, the fast path on and off. The fleets and the
+side-effect records are the kit's (``flowcraft.testing``)."""
 
 from __future__ import annotations
 
@@ -13,50 +14,31 @@ import pytest
 import redis.asyncio as redis_asyncio
 
 from flowcraft import Flow, NodeContext
-from flowcraft.distributed.payload import JobPayload
+from flowcraft.testing import SideEffects
 from flowcraft_bullmq import BullMQAdapter
 
-from .conftest import Fleet, options_for
+from .conftest import StartFleet, options_for
 
 pytestmark = pytest.mark.timeout(120)
-
-
-class Calls:
-    """How often each node activation ran (by ``idempotency_key``)."""
-
-    def __init__(self) -> None:
-        self.count: Counter[str] = Counter()
-
-    def step(self, fn: Any = None) -> Any:
-        async def node(ctx: NodeContext) -> Any:
-            self.count[ctx.idempotency_key] += 1
-            out = fn(ctx) if fn is not None else ctx.input
-            return await out if asyncio.iscoroutine(out) else out
-
-        return node
-
-    def ran(self, run_id: str, node_id: str) -> int:
-        prefix = f"{run_id}:{node_id}:"
-        return sum(1 for k in self.count if k.startswith(prefix))
 
 
 def outputs(result: Any) -> dict[str, Any]:
     return {k[9:]: v for k, v in result.context.items() if k.startswith("_outputs.")}
 
 
-def diamond(calls: Calls, width: int = 16) -> Flow:
-    flow = Flow("diamond").node("start", calls.step(lambda c: 1))
-    flow.node("join", calls.step(lambda c: sum(c.input.values())))
-    flow.node("end", calls.step(lambda c: c.input * 2))
+def diamond(fx: SideEffects, width: int = 16) -> Flow:
+    flow = Flow("diamond").node("start", fx.step(lambda c: 1))
+    flow.node("join", fx.step(lambda c: sum(c.input.values())))
+    flow.node("end", fx.step(lambda c: c.input * 2))
     for i in range(width):
-        flow.node(f"b{i}", calls.step(lambda c, i=i: c.input + i))
+        flow.node(f"b{i}", fx.step(lambda c, i=i: c.input + i))
         flow.edge("start", f"b{i}").edge(f"b{i}", "join")
     return flow.edge("join", "end")
 
 
-async def test_diamond_all_join(fleet: Fleet) -> None:
-    calls = Calls()
-    await fleet.start(options_for(diamond(calls)), workers=2)
+async def test_diamond_all_join(start_fleet: StartFleet) -> None:
+    fx = SideEffects()
+    fleet = await start_fleet(diamond(fx), workers=2)
     runs = [await fleet.client.start_run("diamond") for _ in range(5)]
     for run_id in runs:
         result = await fleet.client.wait_for_result(run_id, 30)
@@ -64,27 +46,27 @@ async def test_diamond_all_join(fleet: Fleet) -> None:
         expected_join = sum(1 + i for i in range(16))
         assert outputs(result)["join"] == expected_join
         assert outputs(result)["end"] == expected_join * 2
-        assert calls.ran(run_id, "join") == 1
-    assert set(calls.count.values()) == {1}, "an activation ran twice"
+        assert fx.ran(run_id, "join") == 1
+    assert set(fx.calls.values()) == {1}, "an activation ran twice"
 
 
-async def test_wait_then_resume_with_action(fleet: Fleet) -> None:
-    calls = Calls()
+async def test_wait_then_resume_with_action(start_fleet: StartFleet) -> None:
+    fx = SideEffects()
     flow = (
         Flow("approval")
-        .node("draft", calls.step(lambda c: "draft text"))
+        .node("draft", fx.step(lambda c: "draft text"))
         .wait("review")
-        .node("publish", calls.step(lambda c: f"published: {c.input}"))
-        .node("discard", calls.step(lambda c: "discarded"))
+        .node("publish", fx.step(lambda c: f"published: {c.input}"))
+        .node("discard", fx.step(lambda c: "discarded"))
         .chain("draft", "review")
         .edge("review", "publish", action="approve")
         .edge("review", "discard", action="reject")
     )
-    await fleet.start(options_for(flow))
+    fleet = await start_fleet(flow)
     run_id = await fleet.client.start_run("approval")
 
     async def paused() -> bool:
-        return (await fleet.client.get_status(run_id)).status == "awaiting"
+        return await fleet.status(run_id) == "awaiting"
 
     await fleet.until(paused, "the run to pause")
     assert (await fleet.client.get_status(run_id)).waiting == ["review"]
@@ -94,27 +76,20 @@ async def test_wait_then_resume_with_action(fleet: Fleet) -> None:
     result = await fleet.client.wait_for_result(run_id, 30)
     assert result.status == "completed", result.errors
     assert outputs(result)["publish"] == "published: final text"
-    assert calls.ran(run_id, "discard") == 0
+    assert fx.ran(run_id, "discard") == 0
 
 
-async def test_duplicate_delivery_has_the_effect_of_one(fleet: Fleet) -> None:
+async def test_duplicate_delivery_has_the_effect_of_one(start_fleet: StartFleet) -> None:
     """Every job enqueued twice: each activation commits once, the join fires once."""
-    calls = Calls()
-    await fleet.start(options_for(diamond(calls, width=6)), workers=2)
-    for adapter in fleet.adapters:
-        original = adapter.enqueue_job
-
-        async def twice(job: JobPayload, original: Any = original) -> None:
-            await original(job)
-            await original(job)
-
-        adapter.enqueue_job = twice  # type: ignore[method-assign]
+    fx = SideEffects()
+    fleet = await start_fleet(diamond(fx, width=6), workers=2)
+    fleet.duplicate_enqueues = True
     runs = [await fleet.client.start_run("diamond") for _ in range(3)]
     for run_id in runs:
         result = await fleet.client.wait_for_result(run_id, 30)
         assert result.status == "completed", result.errors
         assert outputs(result)["join"] == sum(1 + i for i in range(6))
-    committed = Counter(k.rsplit(":", 2)[0] for k in calls.count)
+    committed = Counter(k.rsplit(":", 2)[0] for k in fx.calls)
     assert all(v == 9 for v in committed.values()), committed
     published = [
         json.loads(await fleet.client.client.get(fleet.client.keys.result(r))) for r in runs
@@ -122,7 +97,7 @@ async def test_duplicate_delivery_has_the_effect_of_one(fleet: Fleet) -> None:
     assert all(p["status"] == "completed" for p in published)
 
 
-async def test_queue_retry_mode_counts_attempts(fleet: Fleet) -> None:
+async def test_queue_retry_mode_counts_attempts(start_fleet: StartFleet) -> None:
     attempts: list[tuple[int, bool]] = []
 
     async def flaky(ctx: NodeContext) -> str:
@@ -138,7 +113,7 @@ async def test_queue_retry_mode_counts_attempts(fleet: Fleet) -> None:
         .node("g", lambda c: c.input)
         .chain("f", "g")
     )
-    await fleet.start(options_for(flow), retry_mode="queue")
+    fleet = await start_fleet(flow, retry_mode="queue")
     result = await fleet.run("qretry")
     assert result.status == "completed", result.errors
     assert attempts == [1, 2, 3]
@@ -146,9 +121,9 @@ async def test_queue_retry_mode_counts_attempts(fleet: Fleet) -> None:
     assert "attempt1" not in result.context, "a failed attempt's writes leaked"
 
 
-async def test_bad_payloads_are_dead_lettered(fleet: Fleet) -> None:
+async def test_bad_payloads_are_dead_lettered(start_fleet: StartFleet) -> None:
     flow = Flow("ok").node("a", lambda c: 1)
-    await fleet.start(options_for(flow), workers=1)
+    fleet = await start_fleet(flow, workers=1)
     client = fleet.client
     await client.enqueue_raw("\udcff not json")
     await client.enqueue_raw({"runId": "r", "blueprintId": "nope", "nodeId": "a"})
@@ -169,32 +144,20 @@ async def test_bad_payloads_are_dead_lettered(fleet: Fleet) -> None:
     assert result.status == "completed", result.errors
 
 
-async def test_reconciler_redrives_a_run_whose_job_was_lost(fleet: Fleet) -> None:
-    calls = Calls()
+async def test_reconciler_redrives_a_run_whose_job_was_lost(start_fleet: StartFleet) -> None:
+    fx = SideEffects()
     flow = (
         Flow("lossy")
-        .node("a", calls.step(lambda c: 1))
-        .node("b", calls.step(lambda c: c.input + 1))
+        .node("a", fx.step(lambda c: 1))
+        .node("b", fx.step(lambda c: c.input + 1))
         .chain("a", "b")
     )
-    await fleet.start(options_for(flow), workers=1)
-    lost: list[JobPayload] = []
-    for adapter in fleet.adapters:
-        original = adapter.enqueue_job
-
-        async def lose_b(job: JobPayload, original: Any = original) -> None:
-            if job.node_id == "b" and not lost:
-                lost.append(job)
-                return
-            await original(job)
-
-        adapter.enqueue_job = lose_b  # type: ignore[method-assign]
+    fleet = await start_fleet(flow, workers=1)
+    fleet.drop_next_enqueue(lambda job: job.node_id == "b")
     run_id = await fleet.client.start_run("lossy")
-
-    async def a_done() -> bool:
-        return calls.ran(run_id, "a") == 1 and bool(lost)
-
-    await fleet.until(a_done, "node a to run and b's job to be lost")
+    await fleet.until(
+        lambda: fx.ran(run_id, "a") == 1 and fleet.dropped, "node a to run and b's job to be lost"
+    )
     assert await fleet.client.reconcile_stalled(older_than_seconds=60) == []
     await asyncio.sleep(0.05)
     redriven = await fleet.client.reconcile_stalled(older_than_seconds=0.01)
@@ -205,7 +168,7 @@ async def test_reconciler_redrives_a_run_whose_job_was_lost(fleet: Fleet) -> Non
     assert await fleet.client.client.zscore(fleet.client.keys.active, run_id) is None
 
 
-async def test_graceful_stop_finishes_jobs_in_hand(fleet: Fleet) -> None:
+async def test_graceful_stop_finishes_jobs_in_hand(start_fleet: StartFleet) -> None:
     started = asyncio.Event()
     release = asyncio.Event()
 
@@ -215,28 +178,27 @@ async def test_graceful_stop_finishes_jobs_in_hand(fleet: Fleet) -> None:
         return "finished"
 
     flow = Flow("slow").node("s", slow).node("t", lambda c: c.input).chain("s", "t")
-    await fleet.start(options_for(flow), workers=1)
+    fleet = await start_fleet(flow, workers=0)
+    (worker,) = await fleet.start(1)
     run_id = await fleet.client.start_run("slow")
     await asyncio.wait_for(started.wait(), 30)
-    ((worker, task),) = fleet.tasks
     await worker.stop()
     await asyncio.sleep(0.2)
-    assert not task.done(), "stop() must wait for the job in hand"
+    assert fleet.dead_workers() == [], "stop() must wait for the job in hand"
     release.set()
-    await asyncio.wait_for(task, 30)
-    fleet.tasks.clear()
+    await fleet.stop([worker])  # waits for it (30 s at most)
     # Node "s" committed before the worker left; "t" waits in the queue for a worker.
     ctx = fleet.client.create_context(run_id)
     assert await ctx.get("_outputs.s") == "finished"
-    await fleet.start(options_for(flow), workers=1)
+    await fleet.start(1)
     result = await fleet.client.wait_for_result(run_id, 30)
     assert outputs(result)["t"] == "finished"
 
 
 async def test_given_client_is_left_open(redis_url: str, prefix: str) -> None:
     client = redis_asyncio.Redis.from_url(redis_url, decode_responses=True)
-    calls = Calls()
-    flow = Flow("given").node("a", calls.step(lambda c: "x")).node("b", calls.step())
+    fx = SideEffects()
+    flow = Flow("given").node("a", fx.step(lambda c: "x")).node("b", fx.step())
     flow.chain("a", "b")
     options = options_for(flow)
     worker = BullMQAdapter(runtime_options=options, connection=client, key_prefix=prefix)
@@ -253,9 +215,9 @@ async def test_given_client_is_left_open(redis_url: str, prefix: str) -> None:
     await client.aclose()
 
 
-async def test_fast_path_off_behaves_the_same(fleet: Fleet) -> None:
-    calls = Calls()
-    await fleet.start(options_for(diamond(calls, width=4)), fast_path=False)
+async def test_fast_path_off_behaves_the_same(start_fleet: StartFleet) -> None:
+    fx = SideEffects()
+    fleet = await start_fleet(diamond(fx, width=4), fast_path=False)
     result = await fleet.run("diamond")
     assert result.status == "completed", result.errors
     assert outputs(result)["join"] == sum(1 + i for i in range(4))

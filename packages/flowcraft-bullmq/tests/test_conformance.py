@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import AsyncIterator
-from typing import Any
-
 import pytest
-import redis.asyncio as redis_asyncio
 
-from flowcraft import RuntimeOptions
 from flowcraft.distributed.adapter import BaseDistributedAdapter
 from flowcraft.testing import AdapterConformanceTests
-from flowcraft_backends import RunningService
 from flowcraft_bullmq import BullMQAdapter
+
+from .conftest import BullMQFactory
 
 
 class TestBullMQConformance(AdapterConformanceTests):
@@ -22,26 +17,8 @@ class TestBullMQConformance(AdapterConformanceTests):
     supports_duplicate_injection = True
 
     @pytest.fixture
-    async def adapter_factory(self, redis_service: RunningService) -> AsyncIterator[Any]:
-        prefix = f"fcconf-{uuid.uuid4().hex[:8]}:"
-        made: list[BullMQAdapter] = []
-
-        def build(options: RuntimeOptions, **settings: Any) -> BullMQAdapter:
-            settings.setdefault("reconcile_interval_seconds", None)
-            adapter = BullMQAdapter(
-                runtime_options=options, connection=redis_service.url, key_prefix=prefix, **settings
-            )
-            made.append(adapter)
-            return adapter
-
-        yield build
-        for adapter in made:
-            await adapter.aclose()
-        client = redis_asyncio.Redis.from_url(redis_service.url)
-        keys = [k async for k in client.scan_iter(match=f"{prefix}*", count=1000)]
-        if keys:
-            await client.delete(*keys)
-        await client.aclose()
+    def adapter_factory(self, bullmq_factory: BullMQFactory) -> BullMQFactory:
+        return bullmq_factory
 
     async def enqueue_raw(self, adapter: BaseDistributedAdapter, raw: bytes) -> None:
         assert isinstance(adapter, BullMQAdapter)
