@@ -128,15 +128,32 @@ async def worker_main(url: str, prefix: str, concurrency: int, fast_path: bool) 
     await worker.aclose()
 
 
+def profiled_worker(args: argparse.Namespace) -> None:
+    """The worker under cProfile, its statistics written to ``--profile DIR`` on exit."""
+    import cProfile
+
+    profile = cProfile.Profile()
+    profile.enable()
+    try:
+        asyncio.run(worker_main(args.url, args.prefix, args.concurrency, not args.no_fast_path))
+    finally:
+        profile.disable()
+        profile.dump_stats(str(Path(args.profile) / f"worker-{os.getpid()}.prof"))
+
+
 # ---------------------------------------------------------------- driver
 
 
 class Workers:
+    profile: str | None = None  # --profile: workers write cProfile statistics there
+
     def __init__(self, url: str, prefix: str, count: int, concurrency: int, fast: bool) -> None:
         argv = [sys.executable, __file__, "--worker", "--url", url, "--prefix", prefix]
         argv += ["--concurrency", str(concurrency)]
         if not fast:
             argv.append("--no-fast-path")
+        if self.profile:
+            argv += ["--profile", self.profile]
         self.procs = [
             subprocess.Popen(argv, stdout=subprocess.PIPE, text=True) for _ in range(count)
         ]
@@ -354,8 +371,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         "cost": [],
     }
     try:
-        for shape in ("chain", "diamond"):
-            for workers in (1, 2):
+        for shape in args.shapes.split(","):
+            for workers in (int(w) for w in args.workers.split(",")):
                 row = await throughput(url, shape, workers, args.runs, args.concurrency, fast)
                 report["throughput"].append(row)
                 if not args.json:
@@ -388,12 +405,19 @@ def cli() -> None:
     parser.add_argument("--concurrency", type=int, default=32, help="jobs per worker at once")
     parser.add_argument("--no-fast-path", action="store_true", help="the base protocol's calls")
     parser.add_argument("--no-monitor", action="store_true", help="skip the cost pass")
+    parser.add_argument("--shapes", default="chain,diamond", help="throughput shapes")
+    parser.add_argument("--workers", default="1,2", help="worker process counts")
+    parser.add_argument("--profile", metavar="DIR", help="workers write cProfile stats to DIR")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--prefix", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        asyncio.run(worker_main(args.url, args.prefix, args.concurrency, not args.no_fast_path))
+        if args.profile:
+            profiled_worker(args)
+        else:
+            asyncio.run(worker_main(args.url, args.prefix, args.concurrency, not args.no_fast_path))
         return
+    Workers.profile = args.profile
     report = asyncio.run(main(args))
     print(json.dumps(report, indent=None if args.json else 2))
 

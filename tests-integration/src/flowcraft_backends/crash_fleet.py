@@ -10,8 +10,8 @@ installed ``flowcraft_backends``, so it works in both places.
 Every node execution and every publication is appended to an effects file (one
 JSON line each), so the test also sees executions whose commit a SIGKILL lost.
 
-Unlike the rest of ``flowcraft_backends`` this module imports flowcraft-core (the
-workspace's dev group installs it); nothing else here imports this module.
+Unlike the rest of ``flowcraft_backends`` this module imports flowcraft-core (a
+dependency of the package for this module); nothing else here imports it.
 """
 
 from __future__ import annotations
@@ -21,17 +21,21 @@ import json
 import logging
 import os
 import random
+import shlex
 import signal
 import subprocess
 import sys
 from collections import Counter
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, Self, cast
 
+import pytest
+
 from flowcraft import Flow, NodeContext, RuntimeOptions
 from flowcraft.distributed.adapter import BaseDistributedAdapter, FinalResult
+from flowcraft_backends._service import RunningService
 
 __all__ = [
     "BRANCHES",
@@ -47,6 +51,7 @@ __all__ = [
     "diamond",
     "read_effects",
     "registry",
+    "restarter",
     "run_worker",
     "worker_main",
 ]
@@ -246,3 +251,23 @@ def check_effects(path: str, runs: Sequence[str]) -> None:
             publications.setdefault(e["run"], set()).add(e["key"])
     assert set(publications) == set(runs)  # every run published ...
     assert all(len(p) == 1 for p in publications.values()), "... and always the same result"
+
+
+def restarter(service: RunningService) -> Callable[[], None]:
+    """How a crash test restarts a backend: the launcher's own (local), or the command
+    in ``FLOWCRAFT_TEST_<NAME>_RESTART`` for one given by URL (``docker compose
+    restart <name>`` keeps its host port); skips the test when there is neither."""
+    variable = f"FLOWCRAFT_TEST_{service.name.upper()}_RESTART"
+    command = os.environ.get(variable)
+    if service.how == "env" and command:
+
+        def run_command() -> None:
+            subprocess.run(shlex.split(command), check=True, timeout=300)
+
+        return run_command
+    if service.how != "local":
+        pytest.skip(
+            f"cannot restart a {service.how} {service.name}: use the local one "
+            f"(FLOWCRAFT_BACKENDS_DOCKER=0) or set {variable}"
+        )
+    return service.restart

@@ -1,5 +1,5 @@
-"""BullMQAdapter with real worker processes: 200 diamond runs on 2 workers, and the same
-while one worker is SIGKILLed and restarted again and again."""
+"""BullMQAdapter with real worker processes: 200 diamond runs on 2 workers, the same
+while one worker is SIGKILLed and restarted again and again, and while Redis restarts."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ import redis.asyncio as redis_asyncio
 
 from flowcraft.distributed import keys as K
 from flowcraft_backends import RunningService
+from flowcraft_backends.crash_fleet import restarter
 from flowcraft_bullmq import BullMQAdapter
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
@@ -117,7 +118,7 @@ async def check_runs(client: BullMQAdapter, redis: Any, prefix: str, runs: list[
     for run_id in runs:
         result = await client.get_final_result(run_id)
         assert result is not None, run_id
-        assert result.status == "completed", (run_id, result)
+        assert result.status == "completed", (run_id, result.status, result.errors)
         assert result.context["_outputs.join"] == JOIN_VALUE
         assert result.context["_outputs.end"] == JOIN_VALUE * 2
         resolved = await client.create_context(run_id).get_many([K.resolved(n) for n in NODES])
@@ -201,3 +202,25 @@ async def test_sigkill_and_restart_while_200_diamonds_run(
         f"(s): {[round(r, 2) for r in recoveries]}; node executions repeated: {rerun}"
     )
     assert kills >= 2, "the runs finished before the worker could be killed twice"
+
+
+async def test_redis_restart_mid_run_loses_nothing(
+    redis_service: RunningService,
+    redis: Any,
+    client: BullMQAdapter,
+    prefix: str,
+    workers: list[WorkerProcess],
+) -> None:
+    """Redis stops and starts (keeping its append-only file) while runs are in flight:
+    workers reconnect, every run completes once with the right outputs."""
+    restart = restarter(redis_service)
+    workers += [WorkerProcess(redis_service.url, prefix, 8, 0.02) for _ in range(2)]
+    runs = await start_runs(client)
+    await asyncio.sleep(0.5)
+    assert await client.get_final_result(runs[-1]) is None, "the runs finished too soon"
+    await asyncio.to_thread(restart)
+    more = list(await asyncio.gather(*(client.start_run("diamond") for _ in range(10))))
+    await wait_all(client, runs + more, 180)
+    await check_runs(client, redis, prefix, runs + more)
+    execs = await redis.hgetall(f"{prefix}test:execs")
+    assert len(execs) == (RUNS + 10) * len(NODES)

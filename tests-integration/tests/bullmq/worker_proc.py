@@ -17,6 +17,11 @@ import sys
 from typing import Any
 
 import redis.asyncio as redis_asyncio
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import BusyLoadingError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from flowcraft import Flow, NodeContext, RuntimeOptions
 from flowcraft_bullmq import BullMQAdapter
@@ -68,7 +73,13 @@ def options(flow: Flow) -> RuntimeOptions:
 
 
 async def main(url: str, prefix: str, concurrency: int, sleep: float) -> None:
-    client = redis_asyncio.Redis.from_url(url)
+    # The test's own bookkeeping must outlast a Redis restart (the restart test):
+    # retry connection errors for up to ~30 s instead of failing the node.
+    client = redis_asyncio.Redis.from_url(
+        url,
+        retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 40),
+        retry_on_error=[RedisConnectionError, RedisTimeoutError, BusyLoadingError],
+    )
     flow = diamond(Recorder(client, prefix), sleep)
     worker = BullMQAdapter(
         runtime_options=options(flow),

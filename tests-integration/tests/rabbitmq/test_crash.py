@@ -6,11 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import shlex
-import subprocess
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import asyncpg
@@ -24,6 +21,7 @@ from flowcraft_backends.crash_fleet import (
     blueprints,
     check_effects,
     check_results,
+    restarter,
     run_worker,
 )
 from flowcraft_rabbitmq import RabbitMQAdapter
@@ -153,25 +151,10 @@ async def test_two_workers_one_sigkilled_repeatedly(fleet: Settings) -> None:
         await client.aclose()
 
 
-def broker_restarter(service: RunningService) -> Callable[[], None]:
-    """How to restart RabbitMQ: the launcher's own (local), or the command in
-    FLOWCRAFT_TEST_RABBITMQ_RESTART for one given by URL (``docker compose restart
-    rabbitmq`` keeps its host port); skips the test when there is neither."""
-    command = os.environ.get("FLOWCRAFT_TEST_RABBITMQ_RESTART")
-    if service.how == "env" and command:
-        return lambda: subprocess.run(shlex.split(command), check=True, timeout=300)
-    if service.how != "local":
-        pytest.skip(
-            f"cannot restart a {service.how} RabbitMQ: use the local one "
-            "(FLOWCRAFT_BACKENDS_DOCKER=0) or set FLOWCRAFT_TEST_RABBITMQ_RESTART"
-        )
-    return service.restart
-
-
 async def test_broker_restart_mid_run_loses_nothing(
     fleet: Settings, rabbitmq_service: RunningService
 ) -> None:
-    restart = broker_restarter(rabbitmq_service)
+    restart = restarter(rabbitmq_service)
     client = fleet.adapter(blueprints())
     worker_tasks = [asyncio.ensure_future(run_worker(fleet)) for _ in range(2)]
     try:

@@ -12,6 +12,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import BusyLoadingError, ConnectionError, TimeoutError
 
+from flowcraft_bullmq._packing import with_c_packing
 from flowcraft_bullmq._pipelining import AutoPipelineRedis
 
 __all__ = ["BullMQSettings", "KeepJobs", "RedisKeys"]
@@ -141,6 +142,7 @@ def make_client(
     options.setdefault("retry", _retry())
     options.setdefault("retry_on_error", _RETRY_ON)
     pool = redis_asyncio.BlockingConnectionPool.from_url(url, **options)
+    pool.connection_class = with_c_packing(pool.connection_class)
     return AutoPipelineRedis.from_pool(pool)
 
 
@@ -154,7 +156,9 @@ def bullmq_client(
     pool = given.connection_pool
     kwargs = {**pool.connection_kwargs, "decode_responses": True}
     new_pool = redis_asyncio.BlockingConnectionPool(
-        connection_class=pool.connection_class, max_connections=max_connections, **kwargs
+        connection_class=with_c_packing(pool.connection_class),
+        max_connections=max_connections,
+        **kwargs,
     )
     return AutoPipelineRedis.from_pool(new_pool)
 
