@@ -13,6 +13,7 @@ import redis.asyncio as redis_asyncio
 from redis.asyncio.connection import Connection, SSLConnection, UnixDomainSocketConnection
 from redis.exceptions import DataError, ResponseError
 
+from flowcraft_bullmq import _packing as packing
 from flowcraft_bullmq._packing import with_c_packing
 from flowcraft_bullmq._settings import make_client
 
@@ -131,3 +132,10 @@ def test_every_connection_kind_gets_one_c_packing_class() -> None:
         assert issubclass(made, cls)
         assert with_c_packing(cls) is made
         assert with_c_packing(made) is made
+
+
+def test_without_hiredis_connections_keep_the_python_packer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(packing, "hiredis", None)
+    assert with_c_packing(UnixDomainSocketConnection) is UnixDomainSocketConnection

@@ -6,15 +6,22 @@ time (hiredis, when installed, only parses the replies). BullMQ's scripts take
 worker (a third of its time in a profile of the chain benchmark).
 ``hiredis.pack_command`` writes the same bytes in C. Anything it refuses (an
 argument type it does not take, a non-UTF-8 encoder) goes to redis-py's packer,
-which then packs it or raises its usual ``DataError``.
+which then packs it or raises its usual ``DataError``. Without hiredis (the
+``flowcraft-bullmq[hiredis]`` extra) connections keep redis-py's packer.
 """
 
 from __future__ import annotations
 
+from types import ModuleType
 from typing import Any
 
-import hiredis
 from redis.asyncio.connection import AbstractConnection
+
+hiredis: ModuleType | None
+try:
+    import hiredis
+except ImportError:  # the [hiredis] extra is not installed
+    hiredis = None
 
 __all__ = ["with_c_packing"]
 
@@ -32,7 +39,7 @@ class _CPacking(AbstractConnection):
         elif isinstance(first, bytes) and b" " in first:
             args = (*first.split(), *args[1:])
         try:
-            return [hiredis.pack_command(args)]
+            return [hiredis.pack_command(args)]  # type: ignore[union-attr]
         except TypeError:
             return super().pack_command(*args)
 
@@ -41,8 +48,8 @@ _made: dict[type[AbstractConnection], type[AbstractConnection]] = {}
 
 
 def with_c_packing(cls: type[AbstractConnection]) -> type[AbstractConnection]:
-    """``cls`` (plain, TLS or Unix socket connection) with hiredis packing."""
-    if issubclass(cls, _CPacking):
+    """``cls`` (plain, TLS or Unix socket connection) with hiredis packing, if installed."""
+    if hiredis is None or issubclass(cls, _CPacking):
         return cls
     made = _made.get(cls)
     if made is None:
