@@ -15,7 +15,9 @@ queue is resumed: all runs start at once, at t0, and the driver's own CPU does n
 compete with the workers. The pass ends when every run's result is published.
 ``node_jobs_per_s`` = runs x nodes / (last publication - t0); run latency = a run's
 publication time (stamped by the worker that published it) - t0.
-``worker_cpu_s``/``redis_cpu_s``: CPU seconds each process used in the pass.
+``worker_cpu_s``/``redis_cpu_s``: CPU seconds each process used in the pass;
+``worker_cpu_ms_per_node_job``: all workers' CPU per node job, the figure that moves
+least with the machine's load (throughput also waits on Redis and the scheduler).
 ``server_cmds_per_node_job``: every command Redis executed in the pass (INFO
 commandstats: what clients sent plus what scripts ran), divided by node jobs.
 
@@ -283,6 +285,9 @@ async def throughput(
         "p95_latency_ms": round(1000 * latencies[int(0.95 * (len(latencies) - 1))], 1),
         "server_cmds_per_node_job": round(server_cmds / jobs, 2),
         "worker_cpu_s": [round(a - b, 2) for a, b in zip(cpu_after[:-1], cpu_before, strict=False)],
+        "worker_cpu_ms_per_node_job": round(
+            1000 * sum(a - b for a, b in zip(cpu_after[:-1], cpu_before, strict=False)) / jobs, 3
+        ),
         "redis_cpu_s": round(cpu_after[-1] - cpu_before[-1], 2),
     }
 
