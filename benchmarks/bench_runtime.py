@@ -16,12 +16,17 @@ one repetition (the figure compared with the original's); ``cpu us`` is the same
 from this process's CPU time, which other work on a shared machine disturbs less;
 ``best cpu`` is the fastest repetition's CPU time per node.
 
-Flatness (per-node cost of the chain sizes, max/min) is printed from all three.
-The chain sizes get the same budget of node activations (so chain-100 repeats
-4,000 times and chain-100k 4 times), and the verdict uses ``best cpu``: the
-minimum is the engine's own cost, as ``timeit`` reports it, while medians on a
-shared 2-core VM move by up to 2x between processes (seen: one process running a
-whole series at 1.8x another's, same code, nothing else running).
+Flatness (per-node cost of the chain sizes, max/min) is printed from all three,
+and measured on its own in paired rounds, which give the verdict: each round runs
+every chain size for the same budget of node activations (chain-100 1,000 times,
+chain-100k once), back to back; the verdict is max/min of the sizes' median CPU
+per node over the rounds. Each round's own max/min is printed too (with four noisy
+figures per round it runs higher than the ratio of medians). Sizes measured one
+after another (the table) do not share the machine's conditions: on a shared
+2-core VM the same code's speed moves by up to 2x for seconds at a time (seen:
+chain-100's median at 1.9x its minimum within one process), so a size measured in
+a slow spell looks costly. Pairing within a round compares sizes under the same
+conditions.
 
 Shapes (the first four are the original TypeScript flowcraft's benchmark shapes):
 
@@ -36,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import gc
 import json
 import platform
@@ -65,6 +71,7 @@ ORIGINAL_US_PER_NODE: dict[str, float | str | None] = {
 FLAT_SHAPES = ("chain-100", "chain-4k", "chain-10k", "chain-100k")
 FLAT_LIMIT = 1.3
 FLAT_BUDGET = 400_000  # node activations timed per chain size
+FLAT_ROUND_BUDGET = 100_000  # node activations per chain size per paired round
 
 
 async def passthrough(ctx: NodeContext) -> Any:
@@ -289,13 +296,61 @@ def table(results: list[Figures]) -> str:
         flat = flatness(results, label)
         if flat is not None:
             verdict = "flat" if flat <= FLAT_LIMIT else "NOT flat"
-            if label == "best cpu":
-                verdict += "; the verdict"
             lines.append(
                 f"per-node cost across chain sizes, {label:>8} (max/min): {flat:.2f}x "
                 f"(target <= {FLAT_LIMIT}x: {verdict})"
             )
     return "\n".join(lines)
+
+
+@dataclass(slots=True)
+class PairedFlatness:
+    rounds: int
+    ratio: float  # max/min of the sizes' median CPU per node: the verdict
+    median_round_ratio: float
+    round_ratios: list[float]
+    median_cpu_us_per_node: dict[str, float]
+
+
+async def paired_flatness(rounds: int) -> PairedFlatness:
+    """Chain sizes back to back in each round; max/min CPU per node per round."""
+    sizes = {name: int(name.removeprefix("chain-").replace("k", "000")) for name in FLAT_SHAPES}
+    runs: dict[str, Callable[[], Awaitable[None]]] = {}
+    for name, n in sizes.items():
+        runs[name] = single_run(functools.partial(chain, n))()
+        await runs[name]()  # warm-up
+    gc.collect()
+    rows: list[dict[str, float]] = []
+    for r in range(rounds):
+        row: dict[str, float] = {}
+        for name in sizes if r % 2 == 0 else reversed(sizes):  # alternate to cancel drift
+            reps = max(1, FLAT_ROUND_BUDGET // sizes[name])
+            start = time.process_time()
+            for _ in range(reps):
+                await runs[name]()
+            row[name] = (time.process_time() - start) / (reps * sizes[name]) * 1e6
+        rows.append(row)
+    ratios = [max(row.values()) / min(row.values()) for row in rows]
+    medians = {name: statistics.median(row[name] for row in rows) for name in sizes}
+    return PairedFlatness(
+        rounds,
+        round(max(medians.values()) / min(medians.values()), 3),
+        round(statistics.median(ratios), 3),
+        [round(x, 3) for x in ratios],
+        {name: round(v, 2) for name, v in medians.items()},
+    )
+
+
+def paired_lines(paired: PairedFlatness) -> str:
+    verdict = "flat" if paired.ratio <= FLAT_LIMIT else "NOT flat"
+    sizes = ", ".join(f"{k} {v:.2f}" for k, v in paired.median_cpu_us_per_node.items())
+    spread = f"{min(paired.round_ratios):.2f}-{max(paired.round_ratios):.2f}x"
+    return (
+        f"paired rounds ({paired.rounds}): median CPU us/node {sizes}; each round's "
+        f"max/min: median {paired.median_round_ratio:.2f}x, {spread}\n"
+        f"per-node cost across chain sizes, paired (max/min of medians): {paired.ratio:.2f}x "
+        f"(target <= {FLAT_LIMIT}x: {verdict}; the verdict)"
+    )
 
 
 async def run_all(selected: list[Shape], *, memory: bool, verbose: bool) -> list[Figures]:
@@ -313,6 +368,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=5, help="timed repetitions per shape")
     parser.add_argument("--shapes", help="comma-separated shape names (default: all)")
     parser.add_argument("--no-memory", action="store_true", help="skip the tracemalloc pass")
+    parser.add_argument(
+        "--rounds", type=int, default=12, help="paired flatness rounds (0: skip that pass)"
+    )
     args = parser.parse_args(argv)
     all_shapes = shapes(args.reps)
     if args.shapes:
@@ -322,6 +380,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unknown shapes: {', '.join(sorted(unknown))}")
         all_shapes = [s for s in all_shapes if s.name in wanted]
     results = asyncio.run(run_all(all_shapes, memory=not args.no_memory, verbose=not args.json))
+    paired = asyncio.run(paired_flatness(args.rounds)) if args.rounds > 0 else None
     if args.json:
         print(
             json.dumps(
@@ -332,6 +391,7 @@ def main(argv: list[str] | None = None) -> int:
                     "flatness_wall": flatness(results, "wall"),
                     "flatness_cpu": flatness(results, "cpu"),
                     "flatness_best_cpu": flatness(results, "best cpu"),
+                    "flatness_paired": asdict(paired) if paired else None,
                 },
                 indent=2,
             )
@@ -339,6 +399,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"Python {platform.python_version()} on {platform.machine()}")
         print(table(results))
+        if paired is not None:
+            print(paired_lines(paired))
     return 0
 
 
