@@ -97,13 +97,7 @@ NODES = {"chain": 10, "chain20": 20, "diamond": 19}
 
 
 def runtime_options() -> RuntimeOptions:
-    registry: dict[str, Any] = {}
-    blueprints = {}
-    for flow in FLOWS.values():
-        registry.update(flow.registry())
-        blueprint = flow.to_blueprint()
-        blueprints[blueprint.id] = blueprint
-    return RuntimeOptions(registry=registry, blueprints=blueprints)
+    return RuntimeOptions.from_flows(*FLOWS.values())
 
 
 def adapter(url: str, prefix: str, name: str, **settings: Any) -> BullMQAdapter:

@@ -30,13 +30,7 @@ async def drop_prefix(url: str, prefix: str) -> None:
 
 
 def options_for(*flows: Flow) -> RuntimeOptions:
-    registry: dict[str, Any] = {}
-    blueprints = {}
-    for flow in flows:
-        registry.update(flow.registry())
-        blueprint = flow.to_blueprint()
-        blueprints[blueprint.id] = blueprint
-    return RuntimeOptions(registry=registry, blueprints=blueprints)
+    return RuntimeOptions.from_flows(*flows)
 
 
 @pytest.fixture

@@ -85,7 +85,7 @@ async def _costs(flow: Flow) -> tuple[list[JobCost], dict[str, Any]]:
     """Run ``flow`` delivering one job at a time; the cost of each job, and the result."""
     broker = InMemoryBroker()
     blueprint = flow.to_blueprint()
-    options = RuntimeOptions(registry=flow.registry(), blueprints={blueprint.id: blueprint})
+    options = RuntimeOptions.from_flows(flow)
     adapter = InMemoryAdapter(runtime_options=options, broker=broker)
     meter = ContextMeter()
     meter_contexts(adapter, meter)

@@ -60,8 +60,7 @@ def _factory(broker: InMemoryBroker) -> AdapterFactory:
 
 
 def _options(flow: Flow) -> RuntimeOptions:
-    bp = flow.to_blueprint()
-    return RuntimeOptions(registry=flow.registry(), blueprints={bp.id: bp})
+    return RuntimeOptions.from_flows(flow)
 
 
 async def test_fleet_duplicates_drops_and_observes() -> None:

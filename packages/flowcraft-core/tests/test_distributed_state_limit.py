@@ -33,7 +33,7 @@ async def test_oversized_commit_fails_the_run_without_committing() -> None:
     after: list[str] = []
     flow = Flow("big").node("b", big).node("next", lambda c: after.append("ran")).chain("b", "next")
     broker = InMemoryBroker()
-    options = RuntimeOptions(registry=flow.registry(), blueprints={"big": flow.to_blueprint()})
+    options = RuntimeOptions.from_flows(flow)
     adapter = LimitedAdapter(runtime_options=options, broker=broker)
     run = await adapter.start_run("big", {"small": 1})
     await adapter.run_until_idle(10)

@@ -11,7 +11,7 @@ async def test_crash_during_cleanup_is_finished_by_the_redelivery() -> None:
     for i in range(2):
         flow.node(f"b{i}", lambda c: 1).edge("s", f"b{i}").edge(f"b{i}", "j")
     broker = InMemoryBroker()
-    options = RuntimeOptions(registry=flow.registry(), blueprints={"f": flow.to_blueprint()})
+    options = RuntimeOptions.from_flows(flow)
     adapter = InMemoryAdapter(runtime_options=options, broker=broker)
     store = broker.store
     delete = store.delete

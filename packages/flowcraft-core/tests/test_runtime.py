@@ -14,6 +14,7 @@ from flowcraft import (
     NodeContext,
     NodeResult,
     RunStatus,
+    RuntimeOptions,
     UnknownBlueprintError,
     UnknownNodeError,
     WorkflowBlueprint,
@@ -476,3 +477,16 @@ async def test_interrupts_are_not_retried() -> None:
     with pytest.raises(KeyboardInterrupt):
         await FlowRuntime().run(flow)
     assert calls == [1]
+
+
+async def test_runtime_options_from_flows_hold_their_functions_and_blueprints() -> None:
+    a = Flow("a").node("x", one).node("y", inc).chain("x", "y")
+    b = Flow("b").node("x", lambda c: "b's own x")
+    options = RuntimeOptions.from_flows(a, b, strict=True)
+    assert sorted(options.blueprints) == ["a", "b"]
+    assert options.strict is True
+    runtime = FlowRuntime(options)
+    assert (await runtime.run("a")).output("y") == 2
+    assert (await runtime.run("b")).output("x") == "b's own x"
+    with pytest.raises(ValueError, match="two flows have the id 'a'"):
+        RuntimeOptions.from_flows(a, Flow("a").node("z", one))

@@ -21,12 +21,7 @@ TIMEOUT = 30.0
 
 
 def options(*flows: Flow) -> RuntimeOptions:
-    registry: dict[str, Any] = {}
-    blueprints = {}
-    for flow in flows:
-        registry.update(flow.registry())
-        blueprints[flow.to_blueprint().id] = flow.to_blueprint()
-    return RuntimeOptions(registry=registry, blueprints=blueprints)
+    return RuntimeOptions.from_flows(*flows)
 
 
 async def until(check: Callable[[], Awaitable[Any]], what: str) -> Any:

@@ -24,12 +24,7 @@ TIMEOUT = 30.0
 
 
 def _options(*flows: Flow, events: CollectingEventBus | None = None) -> RuntimeOptions:
-    registry: dict[str, Any] = {}
-    blueprints = {}
-    for flow in flows:
-        registry.update(flow.registry())
-        blueprints[flow.to_blueprint().id] = flow.to_blueprint()
-    return RuntimeOptions(registry=registry, blueprints=blueprints, event_bus=events)
+    return RuntimeOptions.from_flows(*flows, event_bus=events)
 
 
 class Fleet:

@@ -68,8 +68,7 @@ class Recorder:
 
 
 def options(flow: Flow) -> RuntimeOptions:
-    blueprint = flow.to_blueprint()
-    return RuntimeOptions(registry=flow.registry(), blueprints={blueprint.id: blueprint})
+    return RuntimeOptions.from_flows(flow)
 
 
 async def main(url: str, prefix: str, concurrency: int, sleep: float) -> None:

@@ -71,6 +71,22 @@ class RuntimeOptions:
     strict: bool = False
     """Check that every output and context value is JSON-serializable when committed."""
 
+    @classmethod
+    def from_flows(cls, *flows: Flow, **options: Any) -> RuntimeOptions:
+        """Options whose registry and blueprints hold these flows: what a distributed
+        worker (or a client naming blueprints by id) needs. Other options pass through."""
+        registry = dict(options.pop("registry", {}))
+        blueprints = dict(options.pop("blueprints", {}))
+        seen: set[str] = set()
+        for flow in flows:
+            blueprint = flow.to_blueprint()
+            if blueprint.id in seen:
+                raise ValueError(f"two flows have the id {blueprint.id!r}")
+            seen.add(blueprint.id)
+            registry.update(flow.registry())
+            blueprints[blueprint.id] = blueprint
+        return cls(registry=registry, blueprints=blueprints, **options)
+
 
 @dataclass(frozen=True, slots=True)
 class NodeError:

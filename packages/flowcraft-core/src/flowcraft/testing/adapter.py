@@ -332,13 +332,7 @@ def meter_contexts(adapter: BaseDistributedAdapter, meter: ContextMeter) -> None
 
 
 def _flows(*flows: Flow) -> RuntimeOptions:
-    registry: dict[str, Any] = {}
-    blueprints = {}
-    for f in flows:
-        registry.update(f.registry())
-        bp = f.to_blueprint()
-        blueprints[bp.id] = bp
-    return RuntimeOptions(registry=registry, blueprints=blueprints)
+    return RuntimeOptions.from_flows(*flows)
 
 
 def _outputs(result: FinalResult) -> dict[str, Any]:

@@ -779,13 +779,8 @@ class Simulation:
             max_redelivery_delay=0.25,
             fault=self._before_context,
         )
-        registry: dict[str, Any] = {}
-        blueprints = {}
-        for r in self.runs:
-            registry.update(r.shape.flow.registry())
-            bp = r.shape.flow.to_blueprint()
-            blueprints[bp.id] = bp
-        self.options = RuntimeOptions(registry=registry, blueprints=blueprints)
+        flows = {r.shape.flow.id: r.shape.flow for r in self.runs}
+        self.options = RuntimeOptions.from_flows(*flows.values())
         self.client = self._adapter("client")
         self.operator = _Worker("operator", self.client, 1)
         self.log(self.describe())
