@@ -29,10 +29,6 @@ async def drop_prefix(url: str, prefix: str) -> None:
         await client.aclose()
 
 
-def options_for(*flows: Flow) -> RuntimeOptions:
-    return RuntimeOptions.from_flows(*flows)
-
-
 @pytest.fixture
 def redis_url(redis_service: RunningService) -> str:
     return redis_service.url
@@ -70,7 +66,7 @@ async def start_fleet(bullmq_factory: BullMQFactory) -> AsyncIterator[StartFleet
     fleets: list[Fleet] = []
 
     async def start(*flows: Flow, workers: int = 2, **settings: Any) -> Fleet:
-        fleet = Fleet(bullmq_factory, options_for(*flows), timeout=30)
+        fleet = Fleet(bullmq_factory, RuntimeOptions.from_flows(*flows), timeout=30)
         fleets.append(fleet)
         await fleet.start(workers, **settings)
         return fleet

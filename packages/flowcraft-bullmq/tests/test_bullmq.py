@@ -13,11 +13,11 @@ from typing import Any
 import pytest
 import redis.asyncio as redis_asyncio
 
-from flowcraft import Flow, NodeContext
+from flowcraft import Flow, NodeContext, RuntimeOptions
 from flowcraft.testing import SideEffects
 from flowcraft_bullmq import BullMQAdapter
 
-from .conftest import StartFleet, options_for
+from .conftest import StartFleet
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -200,7 +200,7 @@ async def test_given_client_is_left_open(redis_url: str, prefix: str) -> None:
     fx = SideEffects()
     flow = Flow("given").node("a", fx.step(lambda c: "x")).node("b", fx.step())
     flow.chain("a", "b")
-    options = options_for(flow)
+    options = RuntimeOptions.from_flows(flow)
     worker = BullMQAdapter(runtime_options=options, connection=client, key_prefix=prefix)
     task = asyncio.ensure_future(worker.worker())
     try:

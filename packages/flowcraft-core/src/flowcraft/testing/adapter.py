@@ -331,10 +331,6 @@ def meter_contexts(adapter: BaseDistributedAdapter, meter: ContextMeter) -> None
     adapter.create_context = create_context  # type: ignore[method-assign]
 
 
-def _flows(*flows: Flow) -> RuntimeOptions:
-    return RuntimeOptions.from_flows(*flows)
-
-
 def _outputs(result: FinalResult) -> dict[str, Any]:
     prefix = "_outputs."
     return {k[len(prefix) :]: v for k, v in result.context.items() if k.startswith(prefix)}
@@ -414,7 +410,7 @@ class AdapterConformanceTests:
         self, factory: AdapterFactory, *flows: Flow, workers: int | None = None, **options: Any
     ) -> AsyncIterator[Fleet]:
         """A started fleet running ``flows``; stopped (and checked alive) on exit."""
-        fleet = Fleet(factory, _flows(*flows), timeout=self.timeout_seconds)
+        fleet = Fleet(factory, RuntimeOptions.from_flows(*flows), timeout=self.timeout_seconds)
         await fleet.start(self.worker_count if workers is None else workers, **options)
         try:
             yield fleet
@@ -746,9 +742,11 @@ class AdapterConformanceTests:
                 .chain("a", "b")
             )
 
-        fleet = Fleet(adapter_factory, _flows(versioned("1")), timeout=self.timeout_seconds)
+        fleet = Fleet(
+            adapter_factory, RuntimeOptions.from_flows(versioned("1")), timeout=self.timeout_seconds
+        )
         try:
-            await fleet.start(1, _flows(versioned("2")))
+            await fleet.start(1, RuntimeOptions.from_flows(versioned("2")))
             run = await fleet.client.start_run("versioned")
             await fleet.until(
                 lambda: any(
