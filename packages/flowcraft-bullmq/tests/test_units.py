@@ -9,6 +9,7 @@ from pydantic import ValidationError
 
 from flowcraft import JsonSerializer, NodeDefinition, SerializationError
 from flowcraft.distributed import keys as K
+from flowcraft.distributed.adapter import BaseDistributedAdapter
 from flowcraft_bullmq import BullMQSettings
 from flowcraft_bullmq._fastpath import lease_stem, make_read_plan
 from flowcraft_bullmq._settings import RedisKeys
@@ -39,11 +40,17 @@ def test_settings_reject_unknown_and_invalid_options() -> None:
 
 @pytest.mark.parametrize("node_id", HOSTILE)
 def test_read_plan_rebuilds_the_base_keys(node_id: str) -> None:
-    plan = make_read_plan(node_id, "{}", [K.output("p")], [])
+    first = BaseDistributedAdapter.first_read_keys(node_id)
+    plan = make_read_plan(first, node_id, "{}", [K.output("p")], [])
     for g in (1, 2, 10, 73519, 123456):
         assert plan.activation(g) == K.activation(node_id, g)
     assert plan.waiting_field == K.waiting(node_id)
     assert plan.resolved_field == K.resolved(node_id)
+
+
+def test_read_plan_refuses_a_first_read_it_cannot_fuse() -> None:
+    with pytest.raises(ValueError, match="first read"):
+        make_read_plan([K.META, K.resolved("x")], "x", "{}", [], [])
 
 
 @pytest.mark.parametrize("run_id", HOSTILE)

@@ -145,6 +145,8 @@ class MarkBuffer:
 class ReadPlan:
     """What the fused read of one node's job needs, computed once per blueprint node."""
 
+    first_read: tuple[str, ...]
+    """The base handler's first read of a job of this node (meta, status, resolved)."""
     resolved_field: str
     activation_head: str
     activation_tail: str
@@ -158,10 +160,17 @@ class ReadPlan:
 
 
 def make_read_plan(
-    node_id: str, expected_meta: str, guess_first: list[str], guess_later: list[str]
+    first_read: list[str],
+    node_id: str,
+    expected_meta: str,
+    guess_first: list[str],
+    guess_later: list[str],
 ) -> ReadPlan:
     head, found, tail = K.activation(node_id, int(_SENTINEL)).partition(_SENTINEL)
+    if first_read != [K.META, K.STATUS, K.resolved(node_id)]:
+        raise ValueError("unexpected first read")  # the base handler changed: see READ_LUA
     plan = ReadPlan(
+        first_read=tuple(first_read),
         resolved_field=K.resolved(node_id),
         activation_head=head,
         activation_tail=tail,
@@ -237,13 +246,7 @@ class JobContext(RedisContext):
         if prefetch is not None and tuple(keys) == prefetch[0]:
             return prefetch[1]
         plan = self._scope.plan
-        if (
-            plan is not None
-            and len(keys) == 3
-            and keys[0] == K.META
-            and keys[1] == K.STATUS
-            and keys[2] == plan.resolved_field
-        ):
+        if plan is not None and tuple(keys) == plan.first_read:
             return await self._fused_read(plan)
         return await super().get_many(keys)
 

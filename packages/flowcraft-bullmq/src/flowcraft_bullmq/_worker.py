@@ -1,15 +1,24 @@
-"""A BullMQ ``Worker`` whose finishing call also fetches the next job.
+"""A BullMQ ``Worker`` that fetches like Node BullMQ's: next job on completion, and
+one fetch at a time.
 
-BullMQ's ``moveToFinished`` script can hand back the next waiting job (locked for
-the same worker) in the same call; Node BullMQ's worker uses it, the Python worker
-(3.4) passes ``fetch_next=False`` and fetches every job with a separate
-``moveToActive``. This subclass asks for the next job when it completes one and
-returns it to the worker's run loop, which processes whatever a finished task
-returns as the next job. One script call per job saved.
+* BullMQ's ``moveToFinished`` script can hand back the next waiting job (locked for
+  the same worker) in the same call; Node BullMQ's worker uses it, the Python worker
+  (3.4) passes ``fetch_next=False`` and fetches every job with a separate
+  ``moveToActive``. This subclass asks for the next job when it completes one and
+  returns it to the worker's run loop, which processes whatever a finished task
+  returns as the next job. One script call per job saved.
+* The Python worker's run loop starts a fetch for every free slot at once. When the
+  queue runs dry that is a herd: each job added wakes up to ``concurrency`` slots
+  whose ``moveToActive`` calls all but one come back empty (measured: 1,100 empty
+  calls while one worker of concurrency 32 ran 200 jobs of 20 runs). Node's worker
+  fetches in sequence; here non-blocking fetches queue behind one another, and a
+  fetch that finds the queue already seen empty returns without asking Redis (the
+  one blocking wait for new jobs is left as it is).
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -20,7 +29,20 @@ __all__ = ["FetchingWorker"]
 
 
 class FetchingWorker(Worker):  # type: ignore[misc]
-    """``bullmq.Worker`` with completion and the next fetch in one ``moveToFinished``."""
+    """``bullmq.Worker`` with completion and the next fetch in one ``moveToFinished``,
+    and fetches of idle slots made one at a time."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._fetching = asyncio.Lock()
+
+    async def getNextJob(self, token: str) -> Any:
+        if self.drained and not self.waiting:
+            return await super().getNextJob(token)  # the blocking wait for new jobs
+        async with self._fetching:
+            if self.drained:
+                return None  # a fetch ahead of this one found the queue empty
+            return await super().getNextJob(token)
 
     async def processJob(self, job: Any, token: str) -> Any:
         for option in ("removeOnComplete", "removeOnFail"):

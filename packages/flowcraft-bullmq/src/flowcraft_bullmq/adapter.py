@@ -361,19 +361,21 @@ class BullMQAdapter(BaseDistributedAdapter):
             return self._plans[cache_key]
         plan: ReadPlan | None = None
         blueprint = self.runtime.blueprints.get(payload.blueprint_id)
-        guess = getattr(self, "_input_guess", None)
-        if blueprint is not None and guess is not None:
-            from flowcraft._analysis import analyse
-
-            analysis = analyse(blueprint)
-            if payload.node_id in analysis.nodes:
+        if blueprint is not None:
+            analysis = self.runtime.analysis(blueprint)
+            node_id = payload.node_id
+            if node_id in analysis.nodes:
                 meta = encode({"blueprintId": blueprint.id, "version": blueprint.version})
-                plan = make_read_plan(
-                    payload.node_id,
-                    meta,
-                    guess(analysis, payload.node_id, 1),
-                    guess(analysis, payload.node_id, 2),
-                )
+                try:
+                    plan = make_read_plan(
+                        self.first_read_keys(node_id),
+                        node_id,
+                        meta,
+                        self.likely_input_keys(analysis, node_id, 1),
+                        self.likely_input_keys(analysis, node_id, 2),
+                    )
+                except ValueError as exc:  # a core this package does not know: plain calls
+                    logger.warning("fast path off for %s: %s", node_id, exc)
         if len(self._plans) > 10_000:
             self._plans.clear()
         self._plans[cache_key] = plan

@@ -389,7 +389,7 @@ class BaseDistributedAdapter(ABC):
             )
         ctx = self.create_context(payload.run_id)
         read_at = _now()
-        state = await ctx.get_many([K.META, K.STATUS, K.resolved(node_id)])
+        state = await ctx.get_many(self.first_read_keys(node_id))
         meta = state.get(K.META)
         if meta is None:
             raise UnknownBlueprintError(
@@ -408,7 +408,7 @@ class BaseDistributedAdapter(ABC):
         resolved = int(state.get(K.resolved(node_id), 0))
         generation = resolved + 1
         record_key = K.activation(node_id, generation)
-        guess = self._input_guess(analysis, node_id, generation)
+        guess = self.likely_input_keys(analysis, node_id, generation)
         found = await ctx.get_many([record_key, K.waiting(node_id), *guess])
         record = found.get(record_key)
         if record is None or K.waiting(node_id) in found:
@@ -498,8 +498,18 @@ class BaseDistributedAdapter(ABC):
             delay_seconds=min(self.lease_seconds / 3, 5.0),
         )
 
-    def _input_guess(self, analysis: GraphAnalysis, node_id: str, generation: int) -> list[str]:
-        """Output keys the node's input probably comes from, read with the activation record."""
+    @staticmethod
+    def first_read_keys(node_id: str) -> list[str]:
+        """What a job of ``node_id`` reads first (step 2 in DISTRIBUTED.md), in this
+        order. An adapter that fuses a job's reads and its lease into one round trip
+        recognises the job's first ``get_many`` by these keys."""
+        return [K.META, K.STATUS, K.resolved(node_id)]
+
+    @staticmethod
+    def likely_input_keys(analysis: GraphAnalysis, node_id: str, generation: int) -> list[str]:
+        """Output keys activation ``generation`` of the node probably takes its input
+        from. The handler's second read (step 3) asks for them with the activation
+        record; they depend only on whether ``generation`` is the first."""
         required = analysis.required(node_id, generation)
         if generation > 1 and not required:
             loop = analysis.loop_of.get(node_id)
