@@ -29,6 +29,12 @@ figures are the workers' own, per node job: ``client_cmds`` (EVALSHA counts 1) a
 commands) / (runs x 10): what one more non-join node job costs, with start and
 finalization left out. BullMQ's own periodic commands (lock renewal every second
 per active job, the stalled check every 2 s, the idle ``BZPOPMIN``) are included.
+
+``--original`` runs the original TypeScript engine's bench (``benchmarks/original``,
+``npm ci`` there first) right after each of our passes, same shape, workers, runs and
+concurrency, same Redis, and its cost pass after ours: ``vs_original`` gives the
+ratios. ``--rounds N`` repeats the throughput passes (interleaved with the original's),
+for medians on a machine whose speed drifts.
 """
 
 from __future__ import annotations
@@ -58,6 +64,8 @@ from flowcraft_bullmq import BullMQAdapter
 
 TARGET_NODE_JOBS_PER_S = 1400
 TARGET_CLIENT_CMDS_PER_JOB = 5
+# The issue's figures for the original (measured on a busy machine); --original
+# measures it side by side instead.
 ORIGINAL = {"node_jobs_per_s": 700, "client_cmds_per_node_job": 9.4}
 DRIVER_NAME = "fc-bench-driver"
 REPO = Path(__file__).resolve().parents[1]
@@ -369,13 +377,21 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         "throughput": [],
         "cost": [],
     }
+    if args.original:
+        report["original"] = {"throughput": [], "cost": []}
     try:
-        for shape in args.shapes.split(","):
-            for workers in (int(w) for w in args.workers.split(",")):
-                row = await throughput(url, shape, workers, args.runs, args.concurrency, fast)
-                report["throughput"].append(row)
-                if not args.json:
-                    print(json.dumps(row), file=sys.stderr)
+        for _ in range(args.rounds):
+            for shape in args.shapes.split(","):
+                for workers in (int(w) for w in args.workers.split(",")):
+                    row = await throughput(url, shape, workers, args.runs, args.concurrency, fast)
+                    report["throughput"].append(row)
+                    if not args.json:
+                        print(json.dumps(row), file=sys.stderr)
+                    if args.original:
+                        theirs = original(url, args, shapes=shape, workers=workers)["throughput"]
+                        report["original"]["throughput"] += theirs
+                        if not args.json:
+                            print("original", json.dumps(theirs[0]), file=sys.stderr)
         if not args.no_monitor:
             costs = {}
             for shape in ("chain", "chain20", "diamond"):
@@ -389,10 +405,64 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             report["marginal_in_script_cmds_per_chain_job"] = round(
                 extra_in / (args.cost_runs * 10), 2
             )
+            if args.original:
+                theirs = original(url, args, shapes="", workers=1)
+                report["original"]["cost"] = theirs["cost"]
+                for key in theirs:
+                    if key.startswith("marginal_"):
+                        report["original"][key] = theirs[key]
+        if args.original:
+            report["vs_original"] = compare(report)
     finally:
         if pool is not None:
             pool.stop_all()
     return report
+
+
+ORIGINAL_BENCH = REPO / "benchmarks" / "original" / "bench.mjs"
+
+
+def original(url: str, args: argparse.Namespace, *, shapes: str, workers: int) -> dict[str, Any]:
+    """The original engine's bench (Node) on the same Redis: its JSON report."""
+    if not (ORIGINAL_BENCH.parent / "node_modules").is_dir():
+        raise SystemExit(f"--original: run `npm ci --prefix {ORIGINAL_BENCH.parent}` first")
+    argv = ["node", str(ORIGINAL_BENCH), "--url", url, "--json", "--shapes", shapes]
+    argv += ["--workers", str(workers), "--runs", str(args.runs)]
+    argv += ["--concurrency", str(args.concurrency), "--cost-runs", str(args.cost_runs)]
+    if shapes:
+        argv.append("--no-monitor")
+    done = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=900)
+    if done.returncode != 0:
+        raise SystemExit(f"the original's bench failed:\n{done.stderr[-2000:]}")
+    report: dict[str, Any] = json.loads(done.stdout)
+    return report
+
+
+def compare(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per shape and worker count: medians of ours and the original's, and their ratio."""
+    rows: list[dict[str, Any]] = []
+    ours = report["throughput"]
+    theirs = report["original"]["throughput"]
+    for shape, workers in dict.fromkeys((r["shape"], r["workers"]) for r in ours):
+        mine = [r for r in ours if (r["shape"], r["workers"]) == (shape, workers)]
+        other = [r for r in theirs if (r["shape"], r["workers"]) == (shape, workers)]
+        row: dict[str, Any] = {"shape": shape, "workers": workers, "rounds": len(mine)}
+        for key in ("node_jobs_per_s", "worker_cpu_ms_per_node_job", "p50_latency_ms"):
+            a = statistics.median(r[key] for r in mine)
+            b = statistics.median(r[key] for r in other)
+            row[key] = {"ours": a, "original": b, "ratio": round(a / b, 2)}
+        rows.append(row)
+    cost = report.get("marginal_client_cmds_per_chain_job")
+    if cost is not None and "marginal_client_cmds_per_chain_job" in report["original"]:
+        rows.append(
+            {
+                "marginal_client_cmds_per_chain_job": {
+                    "ours": cost,
+                    "original": report["original"]["marginal_client_cmds_per_chain_job"],
+                }
+            }
+        )
+    return rows
 
 
 def cli() -> None:
@@ -407,6 +477,8 @@ def cli() -> None:
     parser.add_argument("--shapes", default="chain,diamond", help="throughput shapes")
     parser.add_argument("--workers", default="1,2", help="worker process counts")
     parser.add_argument("--profile", metavar="DIR", help="workers write cProfile stats to DIR")
+    parser.add_argument("--original", action="store_true", help="also the original, interleaved")
+    parser.add_argument("--rounds", type=int, default=1, help="repeat the throughput passes")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--prefix", help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -498,7 +498,7 @@ async function main(a) {
 	const say = (line) => {
 		if (!a.json) process.stderr.write(`${line}\n`)
 	}
-	for (const shape of a.shapes.split(',')) {
+	for (const shape of a.shapes.split(',').filter(Boolean)) {
 		if (!(shape in NODES)) throw new Error(`unknown shape '${shape}'`)
 		for (const workers of a.workers.split(',').map(Number)) {
 			const row = await throughput(a, shape, workers)
