@@ -102,6 +102,9 @@ def workers() -> Iterator[list[WorkerProcess]]:
         worker.stop()
 
 
+NODE_SECONDS = 0.06
+
+
 async def start_runs(client: BullMQAdapter) -> list[str]:
     return list(await asyncio.gather(*(client.start_run("diamond") for _ in range(RUNS))))
 
@@ -169,7 +172,9 @@ async def test_sigkill_and_restart_while_200_diamonds_run(
     workers: list[WorkerProcess],
 ) -> None:
     url = redis_service.url
-    workers += [WorkerProcess(url, prefix, 8, 0.02) for _ in range(2)]
+    # Nodes take 60 ms, so the 3,800 jobs last ~14 s at 2 x 8 slots however fast the
+    # machine: long enough for several kill-and-recover cycles (~6.5 s each).
+    workers += [WorkerProcess(url, prefix, 8, NODE_SECONDS) for _ in range(2)]
     runs = await start_runs(client)
     bull = f"{prefix}bull:flowcraft:"
     recoveries: list[float] = []
@@ -184,7 +189,7 @@ async def test_sigkill_and_restart_while_200_diamonds_run(
         killed_at = time.monotonic()
         kills += 1
         tokens = [await redis.get(f"{bull}{j}:lock") for j in active]
-        workers.append(WorkerProcess(url, prefix, 8, 0.02))
+        workers.append(WorkerProcess(url, prefix, 8, NODE_SECONDS))
         orphans = await orphans_of_kill(redis, prefix, dict(zip(active, tokens, strict=True)))
         # The dead worker's jobs are "moving again" once they completed (removed).
         async with asyncio.timeout(60):

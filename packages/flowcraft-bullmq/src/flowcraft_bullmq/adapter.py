@@ -36,6 +36,7 @@ from flowcraft.distributed.redis import RedisCoordinationStore
 from flowcraft.errors import NodeExecutionError, PayloadDecodeError
 from flowcraft.events import EventBus
 from flowcraft.runtime import RuntimeOptions
+from flowcraft_bullmq._adding import JobAdder
 from flowcraft_bullmq._fastpath import (
     CURRENT_JOB,
     READ_LUA,
@@ -154,6 +155,9 @@ class BullMQAdapter(BaseDistributedAdapter):
         self._read_script = self.client.register_script(READ_LUA)
         self._plans: dict[tuple[str, str], ReadPlan | None] = {}
         self._queue: Queue | None = None
+        self._adder: JobAdder | None = None
+        defaults = s.worker_options()
+        self._job_defaults = {k: defaults[k] for k in ("removeOnComplete", "removeOnFail")}
         self._stop_event = asyncio.Event()
 
     # ------------------------------------------------------------ the four primitives
@@ -323,6 +327,7 @@ class BullMQAdapter(BaseDistributedAdapter):
         if self._queue is not None:
             await self._queue.close()
             self._queue = None
+            self._adder = None
         await self.client.aclose()  # closes the pool only if this adapter made it
 
     async def __aenter__(self) -> BullMQAdapter:
@@ -346,13 +351,10 @@ class BullMQAdapter(BaseDistributedAdapter):
         return self._queue
 
     async def _add(self, name: str, data: Any, opts: Mapping[str, Any]) -> None:
-        s = self.settings
-        job_opts = {
-            "removeOnComplete": s.worker_options()["removeOnComplete"],
-            "removeOnFail": s.worker_options()["removeOnFail"],
-            **opts,
-        }
-        await self._get_queue().add(name, data, job_opts)
+        job_opts = {**self._job_defaults, **opts}
+        if self._adder is None:
+            self._adder = JobAdder(self._get_queue())
+        await self._adder.add(name, data, job_opts)
 
     def _plan(self, payload: JobPayload) -> ReadPlan | None:
         """The fused read of this node's jobs (None: this worker lacks the blueprint)."""
