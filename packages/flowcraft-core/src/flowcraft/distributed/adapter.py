@@ -446,30 +446,26 @@ class BaseDistributedAdapter(ABC):
             again = await ctx.get(K.resolved(node_id))
             if int(again or 0) != resolved:
                 raise RetryJob(f"{node_id!r} of run {job.run_id!r} moved on while stalled")
-        heartbeat = asyncio.ensure_future(self._heartbeat(lease))
+        heartbeat = _Heartbeat(self, lease)
         try:
             if record.get("skip"):
                 await self._commit(job, generation, None, [])
             else:
                 await self._execute(job, payload, generation, record, found)
         finally:
-            heartbeat.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await heartbeat
+            await heartbeat.stop()
 
-    async def _heartbeat(self, lease: _Lease) -> None:
-        """Keep the lease alive while a long node runs. A failed extension is tried
-        again at the next beat: giving up would let the lease lapse under a live job."""
-        while True:
-            await asyncio.sleep(self.lease_seconds / 3)
-            sent = _now()
-            try:
-                if await self.coordination_store.extend_ttl(lease.key, self.lease_seconds):
-                    lease.held_at = sent
-                else:
-                    lease.lost = True
-            except Exception as exc:
-                self.logger.warning("heartbeat of %s failed: %r", lease.key, exc)
+    async def _extend_lease(self, lease: _Lease) -> None:
+        """One heartbeat. A failed extension is tried again at the next beat: giving
+        up would let the lease lapse under a live job."""
+        sent = _now()
+        try:
+            if await self.coordination_store.extend_ttl(lease.key, self.lease_seconds):
+                lease.held_at = sent
+            else:
+                lease.lost = True
+        except Exception as exc:
+            self.logger.warning("heartbeat of %s failed: %r", lease.key, exc)
 
     async def _check_lease(self, job: _Job) -> None:
         """Before a job's commit: still hold the activation's lease, else hand the job back.
@@ -1035,6 +1031,40 @@ class _Lease:
     holder: str
     held_at: float
     lost: bool = False
+
+
+class _Heartbeat:
+    """Extends a job's lease every ``lease_seconds / 3`` while the job runs.
+
+    A timer rather than a task: most jobs end before the first beat, and then the
+    heartbeat has cost one timer handle instead of a task started and cancelled."""
+
+    __slots__ = ("_adapter", "_beat", "_interval", "_lease", "_stopped", "_timer")
+
+    def __init__(self, adapter: BaseDistributedAdapter, lease: _Lease) -> None:
+        self._adapter = adapter
+        self._lease = lease
+        self._interval = adapter.lease_seconds / 3
+        self._beat: asyncio.Future[None] | None = None
+        self._stopped = False
+        self._timer = asyncio.get_running_loop().call_later(self._interval, self._fire)
+
+    def _fire(self) -> None:
+        self._beat = asyncio.ensure_future(self._run_beat())
+
+    async def _run_beat(self) -> None:
+        await self._adapter._extend_lease(self._lease)
+        if not self._stopped:
+            self._timer = asyncio.get_running_loop().call_later(self._interval, self._fire)
+
+    async def stop(self) -> None:
+        self._stopped = True
+        self._timer.cancel()
+        beat = self._beat
+        if beat is not None and not beat.done():
+            beat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await beat
 
 
 def _now() -> float:

@@ -891,6 +891,31 @@ class AdapterConformanceTests:
                 "no job was delivered twice"
             )
 
+    async def test_node_longer_than_its_lease_runs_once(
+        self, adapter_factory: AdapterFactory
+    ) -> None:
+        """A node running for several lease periods keeps its lease by heartbeat: a
+        second delivery of its job meanwhile is handed back, never run beside it."""
+        if not self.supports_duplicate_injection:
+            pytest.skip(f"{type(self).__name__}: the queue deduplicates messages")
+        fx = SideEffects()
+        lease = 0.6
+
+        async def slow(ctx: NodeContext) -> str:
+            await asyncio.sleep(lease * 3)
+            return "slow"
+
+        flow = Flow("lease").node("slow", fx.step(slow)).node("after", fx.step())
+        flow.chain("slow", "after")
+        async with self.fleet(adapter_factory, flow, lease_seconds=lease) as fleet:
+            fleet.duplicate_enqueues = True
+            result = await fleet.run("lease")
+            assert result.status == "completed", result.errors
+            assert fx.ran(result.run_id, "slow") == 1, "the lease lapsed under a live node"
+            assert _outputs(result)["after"] == "slow"
+            requeued = [e.node_id for e in fleet.events_of("job:requeued", result.run_id)]
+            assert "slow" in requeued, "the second delivery never met the held lease"
+
     async def test_large_state_costs_deltas_only(self, adapter_factory: AdapterFactory) -> None:
         """With 1 MB in the state, later jobs patch and read only small deltas; only the
         finalization reads the whole state."""
