@@ -40,7 +40,7 @@ class FetchingWorker(Worker):  # type: ignore[misc]
         if self.drained and not self.waiting:
             return await super().getNextJob(token)  # the blocking wait for new jobs
         async with self._fetching:
-            if self.drained:
+            if self.drained or self.closing:
                 return None  # a fetch ahead of this one found the queue empty
             return await super().getNextJob(token)
 
