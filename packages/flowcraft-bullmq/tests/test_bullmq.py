@@ -165,7 +165,12 @@ async def test_reconciler_redrives_a_run_whose_job_was_lost(start_fleet: StartFl
     result = await fleet.client.wait_for_result(run_id, 30)
     assert result.status == "completed", result.errors
     assert outputs(result)["b"] == 2
-    assert await fleet.client.client.zscore(fleet.client.keys.active, run_id) is None
+
+    async def left_the_index() -> bool:
+        # The final status is recorded (and the run leaves the index) after publication.
+        return await fleet.client.client.zscore(fleet.client.keys.active, run_id) is None
+
+    await fleet.until(left_the_index, "the finished run to leave the index")
 
 
 async def test_graceful_stop_finishes_jobs_in_hand(start_fleet: StartFleet) -> None:
@@ -221,3 +226,37 @@ async def test_fast_path_off_behaves_the_same(start_fleet: StartFleet) -> None:
     result = await fleet.run("diamond")
     assert result.status == "completed", result.errors
     assert outputs(result)["join"] == sum(1 + i for i in range(4))
+
+
+def slow_flow(seconds: float) -> Flow:
+    async def slow(ctx: NodeContext) -> str:
+        await asyncio.sleep(seconds)
+        return "done"
+
+    return Flow("slowpoke").node("s", slow).node("t", lambda c: c.input).chain("s", "t")
+
+
+async def test_wait_for_result_is_woken_by_the_publication(start_fleet: StartFleet) -> None:
+    """The waiter's own polling would next look after 60 s: only the publication's
+    PUBLISH can wake it within the 20 s allowed."""
+    fleet = await start_fleet(slow_flow(0.5), workers=1)
+    run_id = await fleet.client.start_run("slowpoke")
+    result = await fleet.client.wait_for_result(run_id, 20, poll_interval=60)
+    assert outputs(result) == {"s": "done", "t": "done"}
+
+
+async def test_waiters_survive_a_lost_subscription(
+    start_fleet: StartFleet, redis_client: redis_asyncio.Redis
+) -> None:
+    """The results subscription is killed while a client waits: it subscribes again,
+    and the waiter still gets the result without waiting out its polling."""
+    fleet = await start_fleet(slow_flow(2.0), workers=1)
+    run_id = await fleet.client.start_run("slowpoke")
+    waiting = asyncio.ensure_future(fleet.client.wait_for_result(run_id, 20, poll_interval=60))
+    await fleet.until(
+        lambda: fleet.client._results and fleet.client._results.listening, "a subscription"
+    )
+    killed = await redis_client.client_kill_filter(_type="pubsub")
+    assert killed >= 1
+    result = await waiting
+    assert result.status == "completed", result.errors

@@ -110,9 +110,19 @@ async def start_runs(client: BullMQAdapter) -> list[str]:
 
 
 async def wait_all(client: BullMQAdapter, runs: list[str], seconds: float) -> None:
+    """Every run's result published, then its final status recorded: that comes last,
+    after the run's counters are tidied away, which check_runs looks at."""
     async with asyncio.timeout(seconds):
         for run_id in runs:
             await client.wait_for_result(run_id, seconds)
+        for run_id in runs:
+            while not await recorded(client, run_id):  # noqa: ASYNC110 (another process writes it)
+                await asyncio.sleep(0.05)
+
+
+async def recorded(client: BullMQAdapter, run_id: str) -> bool:
+    record = await client.create_context(run_id).get(K.STATUS) or {}
+    return record.get("status") in ("completed", "failed")
 
 
 async def check_runs(client: BullMQAdapter, redis: Any, prefix: str, runs: list[str]) -> None:

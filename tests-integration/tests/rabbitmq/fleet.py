@@ -8,6 +8,7 @@ file and the worker loop are the shared ones of :mod:`flowcraft_backends.crash_f
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from flowcraft import RuntimeOptions
 from flowcraft_backends.crash_fleet import FleetSettings, worker_main
@@ -24,6 +25,10 @@ class Settings(FleetSettings):
     key_prefix: str
     concurrency: int = 8
     lease_seconds: float = 2.0
+
+    # Branches sleep 0-120 ms (60 on average): 3,200 of them on 2 x 8 slots take 12 s
+    # or more however fast the machine, long enough for the crash test's kill cycles.
+    branch_delay: ClassVar[float] = 0.04
 
     def adapter(self, options: RuntimeOptions) -> RabbitMQAdapter:
         return RabbitMQAdapter(

@@ -113,7 +113,7 @@ class RedisKeys:
     """The Redis keys this package owns (the base protocol's keys are in
     ``flowcraft.distributed.keys``; BullMQ's live under ``<key_prefix>bull:``)."""
 
-    __slots__ = ("active", "prefix", "reconciler")
+    __slots__ = ("active", "prefix", "reconciler", "results_channel")
 
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
@@ -121,6 +121,8 @@ class RedisKeys:
         """Sorted set: running runs by the time of their last committed progress."""
         self.reconciler = f"{prefix}reconciler"
         """One worker per interval wins this key and runs the reconciler."""
+        self.results_channel = f"{prefix}results"
+        """Pub/sub channel: the id of every run whose result was just published."""
 
     def state(self, run_id: str) -> str:
         """The run's context: one hash, one field per context key."""

@@ -14,7 +14,7 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from bullmq import Queue, Worker
@@ -33,6 +33,7 @@ from flowcraft.distributed.adapter import (
 from flowcraft.distributed.coordination import CoordinationStore
 from flowcraft.distributed.payload import JobPayload
 from flowcraft.distributed.redis import RedisCoordinationStore
+from flowcraft.distributed.results import ResultWatch
 from flowcraft.errors import NodeExecutionError, PayloadDecodeError
 from flowcraft.events import EventBus
 from flowcraft.runtime import RuntimeOptions
@@ -49,6 +50,7 @@ from flowcraft_bullmq._fastpath import (
     make_read_plan,
 )
 from flowcraft_bullmq._pipelining import AutoPipelineRedis
+from flowcraft_bullmq._results import ResultListener
 from flowcraft_bullmq._settings import BullMQSettings, RedisKeys, bullmq_client, make_client
 from flowcraft_bullmq._worker import FetchingWorker
 from flowcraft_bullmq.context import PATCH_LUA, RedisContext, decode, encode
@@ -156,6 +158,7 @@ class BullMQAdapter(BaseDistributedAdapter):
         self._plans: dict[tuple[str, str], ReadPlan | None] = {}
         self._queue: Queue | None = None
         self._adder: JobAdder | None = None
+        self._results: ResultListener | None = None
         defaults = s.worker_options()
         self._job_defaults = {k: defaults[k] for k in ("removeOnComplete", "removeOnFail")}
         self._stop_event = asyncio.Event()
@@ -193,14 +196,18 @@ class BullMQAdapter(BaseDistributedAdapter):
         await self._add(job.node_id, job.to_wire(), opts)
 
     async def publish_final_result(self, run_id: str, result: FinalResult) -> None:
-        """``SET NX`` of the result as JSON (the first publication wins; repeats are no-ops)."""
+        """``SET NX`` of the result as JSON (the first publication wins; repeats are
+        no-ops), then ``PUBLISH`` of the run id to wake the run's waiters."""
         record = {**result.to_json_dict(), "publishedAt": time.time()}
-        await self.client.set(
-            self.keys.result(run_id),
-            encode(record),
-            nx=True,
-            px=max(1, int(self.state_ttl_seconds * 1000)),
-        )
+        async with self.client.pipeline(transaction=False) as pipe:
+            pipe.set(
+                self.keys.result(run_id),
+                encode(record),
+                nx=True,
+                px=max(1, int(self.state_ttl_seconds * 1000)),
+            )
+            pipe.publish(self.keys.results_channel, run_id)
+            await pipe.execute()
 
     async def process_jobs(self, handler: JobHandler) -> None:
         """Consume the queue until :meth:`stop`; jobs in hand finish first."""
@@ -268,6 +275,19 @@ class BullMQAdapter(BaseDistributedAdapter):
         await super().stop()
         self._stop_event.set()
 
+    @contextlib.asynccontextmanager
+    async def watch_result(self, run_id: str) -> AsyncIterator[ResultWatch | None]:
+        """Woken by the publication's ``PUBLISH`` (one shared subscription); while it
+        is down, waiters poll as usual."""
+        if self._results is None:
+            self._results = ResultListener(self.client, self.keys.results_channel)
+        listener = self._results
+        event = await listener.watch(run_id)
+        try:
+            yield ResultWatch(event, lambda: listener.listening)
+        finally:
+            listener.waiters.remove(run_id, event)
+
     async def get_final_result(self, run_id: str) -> FinalResult | None:
         """The published result (one round trip). If the run ended but its result was
         never published (its publisher died), it is built from the state and published."""
@@ -324,6 +344,9 @@ class BullMQAdapter(BaseDistributedAdapter):
 
     async def aclose(self) -> None:
         """Close the queue and the clients this adapter made (a given client stays open)."""
+        if self._results is not None:
+            await self._results.close()
+            self._results = None
         if self._queue is not None:
             await self._queue.close()
             self._queue = None

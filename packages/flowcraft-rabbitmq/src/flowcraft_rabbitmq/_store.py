@@ -34,6 +34,7 @@ import asyncpg  # type: ignore[import-untyped]
 
 from flowcraft.context import PatchOperation
 from flowcraft.distributed import keys as K
+from flowcraft.distributed.results import ResultWaiters
 from flowcraft.errors import SerializationError, StateLimitError
 from flowcraft.serializer import JsonSerializer
 from flowcraft_rabbitmq._settings import SqlNames
@@ -356,7 +357,7 @@ class _Notifications:
     def __init__(self, store: PostgresRunStore) -> None:
         self._store = store
         self._conn: Any = None
-        self._waiters: dict[str, set[asyncio.Event]] = {}
+        self.waiters = ResultWaiters()
         self._lock = asyncio.Lock()
 
     @property
@@ -364,21 +365,13 @@ class _Notifications:
         return self._conn is not None and not self._conn.is_closed()
 
     async def watch(self, run_id: str) -> asyncio.Event:
-        event = asyncio.Event()
-        self._waiters.setdefault(run_id, set()).add(event)
+        event = self.waiters.add(run_id)
         if not self.listening:
             try:
                 await self._listen()
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 logger.info("cannot LISTEN for results (%r); waiters poll", exc)
         return event
-
-    def unwatch(self, run_id: str, event: asyncio.Event) -> None:
-        events = self._waiters.get(run_id)
-        if events is not None:
-            events.discard(event)
-            if not events:
-                del self._waiters[run_id]
 
     async def _listen(self) -> None:
         async with self._lock:
@@ -396,8 +389,7 @@ class _Notifications:
             self._conn = conn
 
     def _notified(self, conn: Any, pid: int, channel: str, run_id: str) -> None:
-        for event in self._waiters.get(run_id, ()):
-            event.set()
+        self.waiters.wake(run_id)
 
     async def _release(self) -> None:
         conn, self._conn = self._conn, None

@@ -32,7 +32,7 @@ import contextlib
 import functools
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from ssl import SSLContext
 from typing import Any
 
@@ -50,6 +50,7 @@ from flowcraft.distributed.adapter import (
 from flowcraft.distributed.coordination import CoordinationStore
 from flowcraft.distributed.payload import JobPayload
 from flowcraft.distributed.redis import RedisCoordinationStore
+from flowcraft.distributed.results import ResultWatch
 from flowcraft.errors import NodeExecutionError, PayloadDecodeError
 from flowcraft.events import EventBus
 from flowcraft.runtime import RuntimeOptions
@@ -423,32 +424,16 @@ class RabbitMQAdapter(BaseDistributedAdapter):
             return await super().get_final_result(run_id)
         return None
 
-    async def wait_for_result(
-        self,
-        run_id: str,
-        timeout: float | None = None,  # noqa: ASYNC109 (the base's signature)
-        *,
-        poll_interval: float = 0.05,
-    ) -> FinalResult:
-        """Wait for the run's final result: woken by PostgreSQL's NOTIFY from the
-        publication (one shared LISTEN connection), polling as a fallback."""
-        event = await self.store.notifications.watch(run_id)
+    @contextlib.asynccontextmanager
+    async def watch_result(self, run_id: str) -> AsyncIterator[ResultWatch | None]:
+        """Woken by PostgreSQL's NOTIFY from the publication (one shared LISTEN
+        connection); while that connection is down, waiters poll as usual."""
+        notifications = self.store.notifications
+        event = await notifications.watch(run_id)
         try:
-            async with asyncio.timeout(timeout):
-                delay = poll_interval
-                while True:
-                    result = await self.get_final_result(run_id)
-                    if result is not None:
-                        return result
-                    cap = 5.0 if self.store.notifications.listening else 1.0
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(event.wait(), delay)
-                    event.clear()
-                    delay = min(delay * 1.5, cap)
-        except TimeoutError:
-            raise TimeoutError(f"run {run_id!r} did not finish within {timeout} s") from None
+            yield ResultWatch(event, lambda: notifications.listening)
         finally:
-            self.store.notifications.unwatch(run_id, event)
+            notifications.waiters.remove(run_id, event)
 
     # ------------------------------------------------------------------ operating
 

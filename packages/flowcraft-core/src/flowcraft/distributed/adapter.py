@@ -11,10 +11,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -26,6 +25,7 @@ from flowcraft.distributed import keys as K
 from flowcraft.distributed._scope import scope_keys
 from flowcraft.distributed.coordination import CoordinationStore
 from flowcraft.distributed.payload import JobPayload
+from flowcraft.distributed.results import ResultWatch
 from flowcraft.errors import (
     BlueprintError,
     ExpressionError,
@@ -266,17 +266,33 @@ class BaseDistributedAdapter(ABC):
         *,
         poll_interval: float = 0.05,
     ) -> FinalResult:
-        """Wait for the run's final result (raises ``TimeoutError``)."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        delay = poll_interval
-        while True:
-            result = await self.get_final_result(run_id)
-            if result is not None:
-                return result
-            if deadline is not None and time.monotonic() >= deadline:
-                raise TimeoutError(f"run {run_id!r} did not finish within {timeout} s")
-            await asyncio.sleep(delay)
-            delay = min(delay * 1.5, 1.0)
+        """Wait for the run's final result (raises ``TimeoutError``). Polls, backing off
+        from ``poll_interval``; an adapter whose ``watch_result`` is woken by the
+        publication returns at once and polls only as a fallback."""
+        try:
+            async with asyncio.timeout(timeout), self.watch_result(run_id) as watch:
+                delay = poll_interval
+                while True:
+                    result = await self.get_final_result(run_id)
+                    if result is not None:
+                        return result
+                    if watch is None:
+                        await asyncio.sleep(delay)
+                    else:
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(watch.event.wait(), delay)
+                        watch.event.clear()
+                    live = watch is not None and watch.live()
+                    delay = min(delay * 1.5, 5.0 if live else 1.0)
+        except TimeoutError:
+            raise TimeoutError(f"run {run_id!r} did not finish within {timeout} s") from None
+
+    @contextlib.asynccontextmanager
+    async def watch_result(self, run_id: str) -> AsyncIterator[ResultWatch | None]:
+        """Override to wake ``wait_for_result`` when ``run_id``'s result is published:
+        yield a :class:`ResultWatch` whose event the adapter sets then (a shared LISTEN
+        or SUBSCRIBE connection, say). None (the default): waiters only poll."""
+        yield None
 
     async def resume_with_action(
         self,
