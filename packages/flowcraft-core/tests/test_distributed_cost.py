@@ -168,3 +168,31 @@ async def test_diamond_job_costs() -> None:
     assert by_node["j"].enqueued == 1
     _assert_cost(by_node["t"], FINALIZES)
     assert by_node["t"].store["delete"] <= 1 + 2 * 2, "tidying is bounded by the joins"
+
+
+class _BatchRecorder(InMemoryAdapter):
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.batches: list[list[str]] = []
+
+    async def enqueue_jobs(self, jobs: Any) -> None:
+        self.batches.append([j.node_id for j in jobs])
+        await super().enqueue_jobs(jobs)
+
+
+async def test_fan_outs_and_start_nodes_are_enqueued_as_one_batch() -> None:
+    """An adapter can send them in one call (``enqueue_jobs``); single successors go
+    through ``enqueue_job`` alone."""
+    flow = Flow("fan").node("s1", _step).node("s2", _step).node("j", _step)
+    for i in range(3):
+        flow.node(f"b{i}", _step).edge("s1", f"b{i}").edge(f"b{i}", "j")
+    flow.edge("s2", "j")
+    broker = InMemoryBroker()
+    adapter = _BatchRecorder(runtime_options=RuntimeOptions.from_flows(flow), broker=broker)
+    run_id = await adapter.start_run("fan")
+    while not broker.queue.empty():
+        await adapter.deliver(adapter.handle_job, broker.queue.get_nowait())
+    result = await adapter.get_final_result(run_id)
+    assert result is not None
+    assert result.status == "completed", result
+    assert sorted(map(sorted, adapter.batches)) == [["b0", "b1", "b2"], ["s1", "s2"]]

@@ -13,7 +13,7 @@ import contextlib
 import logging
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -165,6 +165,13 @@ class BaseDistributedAdapter(ABC):
         writes of nodes nobody waited for (branches an ``any`` join or a failure left
         running), so a repeat must not replace what was published."""
 
+    async def enqueue_jobs(self, jobs: Sequence[JobPayload]) -> None:
+        """Enqueue several jobs (a fan-out's successors, a run's start nodes): one
+        ``enqueue_job`` after another. Override to send them together (a batch send,
+        one pipeline); each must still go through ``enqueue_job`` or its equivalent."""
+        for job in jobs:
+            await self.enqueue_job(job)
+
     def should_retry_in_process(self, node_def: NodeDefinition) -> bool:
         """False: run one attempt per delivery and let the queue schedule retries."""
         return True
@@ -231,8 +238,7 @@ class BaseDistributedAdapter(ABC):
         await emit(
             self.event_bus, FlowEvent("workflow:start", run_id, None, {"blueprintId": blueprint.id})
         )
-        for node_id in analysis.start_nodes:
-            await self._enqueue(run_id, blueprint, node_id)
+        await self._enqueue(run_id, blueprint, *analysis.start_nodes)
         return run_id
 
     async def get_status(self, run_id: str) -> RunStatusInfo:
@@ -742,8 +748,13 @@ class BaseDistributedAdapter(ABC):
                 return
         chosen = [e for e in analysis.out[node_id] if e.index in set(decision["chosen"])]
         handed = {int(k): v for k, v in (decision.get("handed") or {}).items()}
+        ready: list[str] = []  # successors to enqueue, sent together
         for target, gen, taken in self._signals(analysis, node_id, generation, chosen):
-            await self._signal(job, target, gen, node_id, taken, handed, redrive=redrive)
+            await self._signal(
+                job, target, gen, node_id, taken, handed, redrive=redrive, ready=ready
+            )
+        if ready:
+            await self._enqueue(job.run_id, job.blueprint, *ready)
         loop = analysis.tail_of_loop.get(node_id)
         if loop is not None:
             await self._latch(job, loop, generation)
@@ -765,7 +776,11 @@ class BaseDistributedAdapter(ABC):
         handed: Mapping[int, Any],
         *,
         redrive: bool,
+        ready: list[str] | None = None,
     ) -> None:
+        """Signal ``target`` that ``source`` resolved: enqueue it (or add it to
+        ``ready``, enqueued by the caller) when it waits for ``source`` alone, else
+        count the signal on its join and activate it when the join is complete."""
         analysis = job.analysis
         if not analysis.is_join(target, gen):
             # The activation record was committed with the source's resolution.
@@ -781,7 +796,10 @@ class BaseDistributedAdapter(ABC):
                             )
                         ]
                     )
-            await self._enqueue(job.run_id, job.blueprint, target)
+            if ready is None:
+                await self._enqueue(job.run_id, job.blueprint, target)
+            else:
+                ready.append(target)
             return
         required = analysis.required(target, gen)
         strategy = analysis.nodes[target].join_strategy
@@ -998,11 +1016,15 @@ class BaseDistributedAdapter(ABC):
         for key in doomed:
             await self.coordination_store.delete(key)
 
-    async def _enqueue(self, run_id: str, blueprint: WorkflowBlueprint, node_id: str) -> None:
-        job = JobPayload(run_id=run_id, blueprint_id=blueprint.id, node_id=node_id)
-        await self.enqueue_job(job)
+    async def _enqueue(self, run_id: str, blueprint: WorkflowBlueprint, *node_ids: str) -> None:
+        jobs = [JobPayload(run_id=run_id, blueprint_id=blueprint.id, node_id=n) for n in node_ids]
+        if len(jobs) == 1:
+            await self.enqueue_job(jobs[0])
+        else:
+            await self.enqueue_jobs(jobs)
         if self.event_bus is not None:
-            await emit(self.event_bus, FlowEvent("job:enqueued", run_id, node_id))
+            for node_id in node_ids:
+                await emit(self.event_bus, FlowEvent("job:enqueued", run_id, node_id))
 
 
 _REF = "__ref__"
