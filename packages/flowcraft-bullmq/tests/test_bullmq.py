@@ -260,3 +260,35 @@ async def test_waiters_survive_a_lost_subscription(
     assert killed >= 1
     result = await waiting
     assert result.status == "completed", result.errors
+
+
+async def test_queue_mode_hand_backs_do_not_use_up_attempts(start_fleet: StartFleet) -> None:
+    """Every job is delivered twice; the second copy finds the first's lease held and is
+    handed back every 0.2 s while the node runs (~7 times). When the first attempt
+    fails (its retry backs off 2 s), the second copy takes the activation and runs it:
+    as attempt 1, since hand-backs are not BullMQ attempts. The node only ever sees
+    attempts 1 and 2 of its 2 (``max_retries`` counts attempts, as in the original)."""
+    seen: list[int] = []
+
+    async def flaky(ctx: NodeContext) -> str:
+        seen.append(int(ctx.attempt or 0))
+        await asyncio.sleep(1.5)
+        if ctx.attempt == 1:
+            raise RuntimeError("first attempt fails")
+        return "ok"
+
+    flow = (
+        Flow("handback")
+        .node("f", flaky, max_retries=2, retry_delay=2000)
+        .node("g", lambda c: c.input)
+    )
+    flow.chain("f", "g")
+    fleet = await start_fleet(flow, workers=2, retry_mode="queue", lease_seconds=0.6)
+    fleet.duplicate_enqueues = True
+    result = await fleet.run("handback")
+    assert result.status == "completed", result.errors
+    assert outputs(result)["g"] == "ok"
+    assert 2 in seen
+    assert max(seen) <= 2, seen
+    requeued = [e for e in fleet.events_of("job:requeued", result.run_id) if e.node_id == "f"]
+    assert len(requeued) >= 3, "the second copy never waited on the lease"
