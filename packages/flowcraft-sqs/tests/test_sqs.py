@@ -470,3 +470,20 @@ async def test_api_calls_per_node_job_stay_bounded(fleet: Fleet) -> None:
     calls = fleet.clients.api_calls
     worker_calls = sum(calls.values()) - calls["sqs.ReceiveMessage"]
     assert worker_calls / len(names) < 14, dict(calls)
+
+
+async def test_a_fan_out_is_sent_in_batches(fleet: Fleet) -> None:
+    """A node with 12 successors: two SendMessageBatch requests (10 + 2), not 12 sends."""
+    flow = Flow("fan12").node("s", lambda c: 1).node("j", lambda c: sum(c.input.values()))
+    for i in range(12):
+        flow.node(f"b{i}", lambda c, i=i: c.input + i).edge("s", f"b{i}").edge(f"b{i}", "j")
+    options = _options(flow)
+    fleet.start(options, workers=1)
+    client = fleet.adapter(options)
+    fleet.clients.reset_api_calls()
+    result = await client.wait_for_result(await client.start_run("fan12"), TIMEOUT)
+    assert result.status == "completed", result.errors
+    assert result.context["_outputs.j"] == sum(1 + i for i in range(12))
+    calls = fleet.clients.api_calls
+    assert calls["sqs.SendMessageBatch"] == 2, dict(calls)
+    assert calls["sqs.SendMessage"] == 2, dict(calls)  # the start node and the join

@@ -8,7 +8,8 @@ The base class runs all orchestration; this module writes the primitives:
   ``DeleteMessageBatch``), and on failure either hands it back after a delay
   (``ChangeMessageVisibility``) or moves it to the dead-letter queue.
 * ``enqueue_job``: one ``SendMessage`` (FIFO queues: ``MessageGroupId`` per run,
-  a ``MessageDeduplicationId`` per send so retried sends are not duplicated).
+  a ``MessageDeduplicationId`` per send so retried sends are not duplicated);
+  ``enqueue_jobs`` (a fan-out's successors) sends ``SendMessageBatch`` requests.
 * ``create_context``: a :class:`~flowcraft_sqs.DynamoDbContext` (one item per run).
 * ``publish_final_result``: a conditional ``PutItem`` of the result item, which
   ``get_final_result`` (and so ``wait_for_result``) reads first.
@@ -32,7 +33,7 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -65,7 +66,8 @@ RetryMode = Literal["in-process", "queue"]
 MessageGroup = Literal["run", "node"]
 
 MAX_VISIBILITY_SECONDS = 12 * 3600  # SQS's ceiling for ChangeMessageVisibility
-_BATCH = 10  # SQS's batch size for receive, delete and visibility changes
+_BATCH = 10  # SQS's batch size for receive, send, delete and visibility changes
+_BATCH_BYTES = 200 * 1024  # below SQS's limit on a batch's total payload
 _GROUP_ID = re.compile(r"[!-~]{1,128}")
 _ERROR_ATTRIBUTE = "flowcraft-error"
 _MAX_ATTEMPTS_ATTRIBUTE = "flowcraft-max-attempts"
@@ -220,6 +222,36 @@ class SqsAdapter(BaseDistributedAdapter):
         return self.runs.context(run_id)
 
     async def enqueue_job(self, job: JobPayload) -> None:
+        await self.clients.sqs_call(
+            "send_message", QueueUrl=self.queue_url, **self._job_message(job)
+        )
+
+    async def enqueue_jobs(self, jobs: Sequence[JobPayload]) -> None:
+        """``SendMessageBatch``: up to 10 messages (and 200 KiB) a request. An entry SQS
+        refuses alone (throttled, an internal error) is sent again by itself."""
+        messages = [self._job_message(job) for job in jobs]
+        for chunk in _batches(messages):
+            entries = [{"Id": str(i), **message} for i, message in enumerate(chunk)]
+            reply = await self.clients.sqs_call(
+                "send_message_batch", QueueUrl=self.queue_url, Entries=entries
+            )
+            for failure in reply.get("Failed") or []:
+                message = chunk[int(failure["Id"])]
+                await self.clients.sqs_call("send_message", QueueUrl=self.queue_url, **message)
+
+    async def send_body(
+        self,
+        body: str,
+        *,
+        group_id: str = "flowcraft",
+        attributes: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Put a message body on the job queue as it is (tools and tests may send raw
+        bodies). ``group_id`` matters for FIFO queues only."""
+        message = self._message(body, group_id, attributes)
+        await self.clients.sqs_call("send_message", QueueUrl=self.queue_url, **message)
+
+    def _job_message(self, job: JobPayload) -> dict[str, Any]:
         attributes: dict[str, Any] = {}
         node = self.node_for(job)
         options = self.get_queue_retry_options(node) if node is not None else None
@@ -230,26 +262,21 @@ class SqsAdapter(BaseDistributedAdapter):
                 _BACKOFF_ATTRIBUTE: _string(options["backoff"]),
             }
         group = job.run_id if self.message_group == "run" else f"{job.run_id}:{job.node_id}"
-        await self.send_body(job.encode().decode(), group_id=group, attributes=attributes)
+        return self._message(job.encode().decode(), group, attributes)
 
-    async def send_body(
-        self,
-        body: str,
-        *,
-        group_id: str = "flowcraft",
-        attributes: Mapping[str, Any] | None = None,
-    ) -> None:
-        """Put a message body on the job queue as it is (``enqueue_job`` uses this; tools
-        and tests may send raw bodies). ``group_id`` matters for FIFO queues only."""
-        params: dict[str, Any] = {"QueueUrl": self.queue_url, "MessageBody": body}
+    def _message(
+        self, body: str, group_id: str, attributes: Mapping[str, Any] | None
+    ) -> dict[str, Any]:
+        """A message's parameters, as ``SendMessage`` and a batch entry take them."""
+        message: dict[str, Any] = {"MessageBody": body}
         if attributes:
-            params["MessageAttributes"] = dict(attributes)
+            message["MessageAttributes"] = dict(attributes)
         if self.fifo:
-            params["MessageGroupId"] = _group_id(group_id)
+            message["MessageGroupId"] = _group_id(group_id)
             # One id per send: botocore's retries of this request are deduplicated,
             # later enqueues of the same node (loops, re-drives) are not.
-            params["MessageDeduplicationId"] = uuid.uuid4().hex
-        await self.clients.sqs_call("send_message", **params)
+            message["MessageDeduplicationId"] = uuid.uuid4().hex
+        return message
 
     async def publish_final_result(self, run_id: str, result: FinalResult) -> None:
         """Write the run's result item, keeping the FIRST result published (a repeat,
@@ -760,6 +787,21 @@ def _string(value: str) -> dict[str, str]:
 
 def _number(value: float) -> dict[str, str]:
     return {"DataType": "Number", "StringValue": str(value)}
+
+
+def _batches(messages: list[dict[str, Any]]) -> Iterator[list[dict[str, Any]]]:
+    """Messages in request-sized batches (count and total body size)."""
+    batch: list[dict[str, Any]] = []
+    size = 0
+    for message in messages:
+        body = len(message["MessageBody"].encode())
+        if batch and (len(batch) == _BATCH or size + body > _BATCH_BYTES):
+            yield batch
+            batch, size = [], 0
+        batch.append(message)
+        size += body
+    if batch:
+        yield batch
 
 
 _INVALID_XML = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import dataclasses
 import inspect
 import json
@@ -73,6 +74,11 @@ AdapterFactory = Callable[..., BaseDistributedAdapter | Awaitable[BaseDistribute
 """``factory(runtime_options, **options)``: a new worker on the test's backend."""
 
 _FINAL = frozenset({"completed", "failed", "cancelled"})
+# Set while a Fleet's instrumented enqueue_jobs runs: the adapter's enqueue_jobs may
+# call enqueue_job for each job, which must not be counted (or duplicated) twice.
+_IN_BATCH: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "flowcraft_fleet_in_batch", default=False
+)
 
 # Context keys that break naive stores: quoting, templating, paths, escapes, size.
 HOSTILE_KEYS = [
@@ -298,23 +304,42 @@ class Fleet:
 
     def _instrument(self, adapter: BaseDistributedAdapter) -> None:
         enqueue = adapter.enqueue_job
+        enqueue_many = adapter.enqueue_jobs
         publish = adapter.publish_final_result
 
-        async def enqueue_job(job: JobPayload) -> None:
+        def kept(job: JobPayload) -> bool:
             if self._drop is not None and self._drop(job):
                 self._drop = None
                 self.dropped.append(job)
-                return
+                return False
             self.enqueued.append(job)
-            await enqueue(job)
-            if self.duplicate_enqueues:
+            return True
+
+        async def enqueue_job(job: JobPayload) -> None:
+            if _IN_BATCH.get():  # a job of a batch enqueue_jobs below already counted
                 await enqueue(job)
+                return
+            if kept(job):
+                await enqueue(job)
+                if self.duplicate_enqueues:
+                    await enqueue(job)
+
+        async def enqueue_jobs(jobs: Sequence[JobPayload]) -> None:
+            sent = [job for job in jobs if kept(job)]
+            if self.duplicate_enqueues:
+                sent += sent
+            token = _IN_BATCH.set(True)
+            try:
+                await enqueue_many(sent)
+            finally:
+                _IN_BATCH.reset(token)
 
         async def publish_final_result(run_id: str, result: FinalResult) -> None:
             self.publications.append(result)
             await publish(run_id, result)
 
         adapter.enqueue_job = enqueue_job  # type: ignore[method-assign]
+        adapter.enqueue_jobs = enqueue_jobs  # type: ignore[method-assign]
         adapter.publish_final_result = publish_final_result  # type: ignore[method-assign]
 
     def _meter_contexts(self, adapter: BaseDistributedAdapter) -> None:
