@@ -30,6 +30,7 @@ import pytest
 
 from flowcraft import Flow, NodeContext, RuntimeOptions
 from flowcraft.distributed.memory import InMemoryAdapter, InMemoryBroker
+from flowcraft.distributed.payload import JobPayload
 from flowcraft.testing import ContextMeter, meter_contexts
 
 SMALL = 1024
@@ -196,3 +197,25 @@ async def test_fan_outs_and_start_nodes_are_enqueued_as_one_batch() -> None:
     assert result is not None
     assert result.status == "completed", result
     assert sorted(map(sorted, adapter.batches)) == [["b0", "b1", "b2"], ["s1", "s2"]]
+
+
+class _ConcurrentFailing(InMemoryAdapter):
+    concurrent_enqueues = True
+
+    async def enqueue_job(self, job: Any) -> None:
+        if job.node_id == "b1":
+            raise ConnectionError("queue unreachable")
+        await super().enqueue_job(job)
+
+
+async def test_concurrent_enqueues_attempt_every_job_then_raise() -> None:
+    flow = Flow("fan").node("s", _step)
+    for i in range(3):
+        flow.node(f"b{i}", _step).edge("s", f"b{i}")
+    broker = InMemoryBroker()
+    adapter = _ConcurrentFailing(runtime_options=RuntimeOptions.from_flows(flow), broker=broker)
+    jobs = [JobPayload(run_id="r", blueprint_id="fan", node_id=f"b{i}") for i in range(3)]
+    with pytest.raises(ConnectionError, match="unreachable"):
+        await adapter.enqueue_jobs(jobs)
+    queued = sorted(broker.queue.get_nowait().job.node_id for _ in range(broker.queue.qsize()))
+    assert queued == ["b0", "b2"]

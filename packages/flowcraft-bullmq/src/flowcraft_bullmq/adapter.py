@@ -14,7 +14,7 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from bullmq import Queue, Worker
@@ -96,6 +96,8 @@ class BullMQAdapter(BaseDistributedAdapter):
             (``queue_name``, ``concurrency``, ``retry_mode``, ``remove_on_complete``,
             ``state_ttl_seconds``, ``lock_duration_seconds``, ...).
     """
+
+    concurrent_enqueues = True  # a fan-out's adds travel in one pipeline
 
     def __init__(
         self,
@@ -194,15 +196,6 @@ class BullMQAdapter(BaseDistributedAdapter):
             if node is not None:
                 opts.update(self.get_queue_retry_options(node) or {})
         await self._add(job.node_id, job.to_wire(), opts)
-
-    async def enqueue_jobs(self, jobs: Sequence[JobPayload]) -> None:
-        """All at once: their adds travel in one pipeline (one round trip)."""
-        outcomes = await asyncio.gather(
-            *(self.enqueue_job(job) for job in jobs), return_exceptions=True
-        )
-        for outcome in outcomes:
-            if isinstance(outcome, BaseException):
-                raise outcome
 
     async def publish_final_result(self, run_id: str, result: FinalResult) -> None:
         """``SET NX`` of the result as JSON (the first publication wins; repeats are

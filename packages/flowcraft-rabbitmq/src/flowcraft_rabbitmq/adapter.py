@@ -136,6 +136,8 @@ class RabbitMQAdapter(BaseDistributedAdapter):
         dedupe_window_seconds, worker_id: see ``BaseDistributedAdapter``.
     """
 
+    concurrent_enqueues = True  # a fan-out's publishes await their confirms together
+
     def __init__(
         self,
         *,

@@ -15,7 +15,7 @@ import uuid
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from flowcraft._analysis import Edge, GraphAnalysis, Loop, analyse
 from flowcraft._traversal import route
@@ -165,12 +165,25 @@ class BaseDistributedAdapter(ABC):
         writes of nodes nobody waited for (branches an ``any`` join or a failure left
         running), so a repeat must not replace what was published."""
 
+    concurrent_enqueues: ClassVar[bool] = False
+    """Set True when ``enqueue_job`` may run concurrently and its round trips then
+    overlap (a pipelining client, a confirm channel): ``enqueue_jobs`` sends a batch's
+    jobs all at once instead of one after another."""
+
     async def enqueue_jobs(self, jobs: Sequence[JobPayload]) -> None:
-        """Enqueue several jobs (a fan-out's successors, a run's start nodes): one
-        ``enqueue_job`` after another. Override to send them together (a batch send,
-        one pipeline); each must still go through ``enqueue_job`` or its equivalent."""
-        for job in jobs:
-            await self.enqueue_job(job)
+        """Enqueue several jobs (a fan-out's successors, a run's start nodes) through
+        ``enqueue_job``: one after another, or all at once (``concurrent_enqueues``).
+        Override for a batch send; all are attempted before an error is raised."""
+        if not self.concurrent_enqueues:
+            for job in jobs:
+                await self.enqueue_job(job)
+            return
+        outcomes = await asyncio.gather(
+            *(self.enqueue_job(job) for job in jobs), return_exceptions=True
+        )
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
 
     def should_retry_in_process(self, node_def: NodeDefinition) -> bool:
         """False: run one attempt per delivery and let the queue schedule retries."""
