@@ -27,6 +27,7 @@ logger = logging.getLogger("flowcraft_bullmq")
 
 _RESUBSCRIBE_SECONDS = 1.0
 _CONFIRM_SECONDS = 5.0
+_CLOSE_SECONDS = 2.0
 
 
 class ResultListener:
@@ -50,7 +51,8 @@ class ResultListener:
         if self._task is None or self._task.done():
             self._task = asyncio.ensure_future(self._listen())
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._subscribed.wait(), _CONFIRM_SECONDS)
+            async with asyncio.timeout(_CONFIRM_SECONDS):
+                await self._subscribed.wait()
         return event
 
     async def close(self) -> None:
@@ -73,8 +75,7 @@ class ResultListener:
                 logger.info("results subscription lost (%r); waiters poll meanwhile", exc)
             finally:
                 self._subscribed.clear()
-                with contextlib.suppress(Exception):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                await _close(pubsub)
             await asyncio.sleep(_RESUBSCRIBE_SECONDS)
 
     def _dispatch(self, message: dict[str, Any]) -> None:
@@ -87,3 +88,15 @@ class ResultListener:
         elif kind == "message":
             data = message.get("data")
             self.waiters.wake(data.decode("utf-8") if isinstance(data, bytes) else str(data))
+
+
+async def _close(pubsub: PubSub) -> None:
+    """Close the subscription's connection and wait until its socket is closed (redis-py's
+    ``aclose`` does not wait, and a loop closed right after would find it open). Its
+    reader, this listener, has stopped, so the wait cannot deadlock; it is bounded."""
+    with contextlib.suppress(Exception):
+        connection: Any = pubsub.connection
+        if connection is not None:
+            async with asyncio.timeout(_CLOSE_SECONDS):
+                await connection.disconnect()
+        await pubsub.aclose()  # type: ignore[no-untyped-call]

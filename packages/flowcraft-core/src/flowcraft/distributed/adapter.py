@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
@@ -288,23 +289,34 @@ class BaseDistributedAdapter(ABC):
         """Wait for the run's final result (raises ``TimeoutError``). Polls, backing off
         from ``poll_interval``; an adapter whose ``watch_result`` is woken by the
         publication returns at once and polls only as a fallback."""
-        try:
-            async with asyncio.timeout(timeout), self.watch_result(run_id) as watch:
-                delay = poll_interval
-                while True:
-                    result = await self.get_final_result(run_id)
-                    if result is not None:
-                        return result
-                    if watch is None:
-                        await asyncio.sleep(delay)
-                    else:
-                        with contextlib.suppress(TimeoutError):
-                            await asyncio.wait_for(watch.event.wait(), delay)
-                        watch.event.clear()
-                    live = watch is not None and watch.live()
-                    delay = min(delay * 1.5, 5.0 if live else 1.0)
-        except TimeoutError:
-            raise TimeoutError(f"run {run_id!r} did not finish within {timeout} s") from None
+        loop = asyncio.get_running_loop()
+        deadline = math.inf if timeout is None else loop.time() + timeout
+        late = TimeoutError(f"run {run_id!r} did not finish within {timeout} s")
+        async with contextlib.AsyncExitStack() as stack:
+            try:
+                async with asyncio.timeout_at(None if timeout is None else deadline):
+                    watch = await stack.enter_async_context(self.watch_result(run_id))
+            except TimeoutError:
+                raise late from None
+            delay = poll_interval
+            while True:
+                result = await self.get_final_result(run_id)
+                if result is not None:
+                    return result
+                # The deadline is checked here, not left to one cancellation: Python
+                # 3.11's wait_for can swallow a cancellation, and this loop must end.
+                pause = min(delay, deadline - loop.time())
+                if pause <= 0:
+                    raise late
+                if watch is None:
+                    await asyncio.sleep(pause)
+                else:
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(pause):
+                            await watch.event.wait()
+                    watch.event.clear()
+                live = watch is not None and watch.live()
+                delay = min(delay * 1.5, 5.0 if live else 1.0)
 
     @contextlib.asynccontextmanager
     async def watch_result(self, run_id: str) -> AsyncIterator[ResultWatch | None]:
