@@ -59,6 +59,9 @@ __all__ = [
 ENV = "FLOWCRAFT_CRASH_FLEET"
 """The environment variable that carries a worker process's settings (JSON)."""
 
+READY = "__ready__"
+"""The effects line a worker process writes once SIGTERM stops it gracefully."""
+
 BRANCHES = 16
 EXPECTED_END = sum(range(1, BRANCHES + 1))
 NODES = ["start", "join", "end", *(f"b{i}" for i in range(BRANCHES))]
@@ -174,6 +177,7 @@ async def run_worker(settings: FleetSettings, *, handle_sigterm: bool = False) -
     if handle_sigterm:  # a graceful stop: the jobs in hand finish
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, lambda: asyncio.ensure_future(adapter.stop()))
+        effects.record("", READY, "", 0)  # WorkerProcesses.stop waits for this line
     try:
         await adapter.worker()
     finally:
@@ -193,10 +197,16 @@ class WorkerProcesses:
     def __init__(self, script: Path, settings: FleetSettings, count: int = 2) -> None:
         self.argv = [sys.executable, str(script)]
         self.env = {**os.environ, **settings.to_env()}
+        self.effects_path = settings.effects_path
         self.procs = [self.spawn() for _ in range(count)]
 
     def spawn(self) -> subprocess.Popen[bytes]:
         return subprocess.Popen(self.argv, env=self.env)
+
+    def _all_ready(self) -> bool:
+        rows = read_effects(self.effects_path) if os.path.exists(self.effects_path) else []
+        ready = {e["pid"] for e in rows if e["node"] == READY}
+        return all(p.pid in ready or p.poll() is not None for p in self.procs)
 
     async def kill_one_repeatedly(self, done: Awaitable[None], *, seed: int, max_kills: int) -> int:
         """SIGKILL the first worker every 1 to 2.5 s (and start another in its place)
@@ -220,7 +230,12 @@ class WorkerProcesses:
         return kills
 
     async def stop(self) -> list[int | None]:
-        """SIGTERM every worker; their exit codes (None: killed after 20 s)."""
+        """SIGTERM every worker once it is ready to stop gracefully (one respawned just
+        before would still be importing, and die of the signal); their exit codes
+        (None: killed after 20 s)."""
+        async with asyncio.timeout(20):
+            while not self._all_ready():  # noqa: ASYNC110 (the workers write a file)
+                await asyncio.sleep(0.05)
         for proc in self.procs:
             proc.send_signal(signal.SIGTERM)
         codes: list[int | None] = []
