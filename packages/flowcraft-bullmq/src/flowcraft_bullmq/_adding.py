@@ -6,7 +6,7 @@ object, merges and re-encodes the options and looks up the script's keys for eve
 call; here the keys are looked up once and each option set is encoded once, and a
 job costs one JSON encode, one small msgpack and the ``addStandardJob`` script call
 ``Queue.add`` would make. The script's arguments are BullMQ 3.4's (the package pins
-``bullmq<3.5``); ``tests/test_units.py`` checks that a job added either way is
+``bullmq<3.5``); ``tests/test_adding.py`` checks that a job added either way is
 stored the same.
 """
 
@@ -32,7 +32,7 @@ _KEYS = ["wait", "paused", "meta", "id", "completed", "delayed", "active", "even
 class JobAdder:
     """``Queue.add(name, data, opts)`` for plain jobs; returns the new job's id."""
 
-    __slots__ = ("_keys", "_options", "_prefix", "_script", "_scripts")
+    __slots__ = ("_keys", "_last", "_options", "_prefix", "_script", "_scripts")
 
     def __init__(self, queue: Queue) -> None:
         scripts = queue.backend.scripts
@@ -41,6 +41,7 @@ class JobAdder:
         self._keys = scripts.getKeys(_KEYS)
         self._prefix = scripts.keys[""]
         self._options: dict[str, bytes] = {}
+        self._last: tuple[Mapping[str, Any], bytes] | None = None
 
     async def add(self, name: str, data: Any, opts: Mapping[str, Any]) -> str:
         if opts.get("delay") or opts.get("priority") or opts.get("parent"):
@@ -61,7 +62,10 @@ class JobAdder:
         return str(result)
 
     def _packed(self, opts: Mapping[str, Any]) -> bytes:
-        """The options as ``Job`` stores them (defaults, normalized backoff), packed."""
+        """The options as ``Job`` stores them (defaults, normalized backoff), packed.
+        The adapter passes one mapping for all its plain jobs: that costs no encoding."""
+        if self._last is not None and self._last[0] is opts:
+            return self._last[1]
         cache_key = _DATA.encode(opts)
         packed = self._options.get(cache_key)
         if packed is None:
@@ -71,4 +75,5 @@ class JobAdder:
             if len(self._options) > 1000:
                 self._options.clear()
             self._options[cache_key] = packed
-        return bytes(packed)
+        self._last = (opts, bytes(packed))
+        return self._last[1]

@@ -376,7 +376,7 @@ class BullMQAdapter(BaseDistributedAdapter):
         return self._queue
 
     async def _add(self, name: str, data: Any, opts: Mapping[str, Any]) -> None:
-        job_opts = {**self._job_defaults, **opts}
+        job_opts = {**self._job_defaults, **opts} if opts else self._job_defaults
         if self._adder is None:
             self._adder = JobAdder(self._get_queue())
         await self._adder.add(name, data, job_opts)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import uuid
@@ -493,7 +494,7 @@ class BaseDistributedAdapter(ABC):
             again = await ctx.get(K.resolved(node_id))
             if int(again or 0) != resolved:
                 raise RetryJob(f"{node_id!r} of run {job.run_id!r} moved on while stalled")
-        heartbeat = _Heartbeat(self, lease)
+        heartbeat = _Heartbeat(functools.partial(self._extend_lease, lease), self.lease_seconds / 3)
         try:
             if record.get("skip"):
                 await self._commit(job, generation, None, [])
@@ -1097,33 +1098,32 @@ class _Lease:
 
 
 class _Heartbeat:
-    """Extends a job's lease every ``lease_seconds / 3`` while the job runs.
+    """Calls ``beat`` every ``interval`` seconds until stopped (a job's lease extension).
 
     A timer rather than a task: most jobs end before the first beat, and then the
     heartbeat has cost one timer handle instead of a task started and cancelled."""
 
-    __slots__ = ("_adapter", "_beat", "_interval", "_lease", "_stopped", "_timer")
+    __slots__ = ("_beat", "_interval", "_running", "_stopped", "_timer")
 
-    def __init__(self, adapter: BaseDistributedAdapter, lease: _Lease) -> None:
-        self._adapter = adapter
-        self._lease = lease
-        self._interval = adapter.lease_seconds / 3
-        self._beat: asyncio.Future[None] | None = None
+    def __init__(self, beat: Callable[[], Awaitable[None]], interval: float) -> None:
+        self._beat = beat
+        self._interval = interval
+        self._running: asyncio.Future[None] | None = None
         self._stopped = False
-        self._timer = asyncio.get_running_loop().call_later(self._interval, self._fire)
+        self._timer = asyncio.get_running_loop().call_later(interval, self._fire)
 
     def _fire(self) -> None:
-        self._beat = asyncio.ensure_future(self._run_beat())
+        self._running = asyncio.ensure_future(self._run_beat())
 
     async def _run_beat(self) -> None:
-        await self._adapter._extend_lease(self._lease)
+        await self._beat()
         if not self._stopped:
             self._timer = asyncio.get_running_loop().call_later(self._interval, self._fire)
 
     async def stop(self) -> None:
         self._stopped = True
         self._timer.cancel()
-        beat = self._beat
+        beat = self._running
         if beat is not None and not beat.done():
             beat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
