@@ -13,7 +13,9 @@
     ├── SerializationError      a value cannot be encoded or decoded as JSON
     ├── PayloadDecodeError      untrusted job bytes are not a valid JobPayload
     ├── StateLimitError         the run's state exceeds what the context store can hold
-    └── VersionMismatchError    a job names a blueprint version this worker lacks
+    ├── VersionMismatchError    a job names a blueprint version this worker lacks
+    └── RetryJob                deliver this job again later (a busy activation, a
+                                failed queue-mode attempt)
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ __all__ = [
     "NodeExecutionError",
     "NodeTimeoutError",
     "PayloadDecodeError",
+    "RetryJob",
     "SerializationError",
     "StateLimitError",
     "UnknownBlueprintError",
@@ -89,3 +92,13 @@ class StateLimitError(FlowcraftError):
 
 class VersionMismatchError(FlowcraftError):
     """A job names a blueprint version this worker does not have."""
+
+
+class RetryJob(FlowcraftError):
+    """Deliver this job again later: its activation is busy elsewhere, or a queue-mode
+    attempt failed (then ``__cause__`` is the ``NodeExecutionError``).
+    ``delay_seconds`` is a hint for the queue."""
+
+    def __init__(self, message: str, *, delay_seconds: float = 1.0) -> None:
+        super().__init__(message)
+        self.delay_seconds = delay_seconds

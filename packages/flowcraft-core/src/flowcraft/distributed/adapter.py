@@ -17,7 +17,7 @@ import uuid
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, Self
 
 from flowcraft._analysis import Edge, GraphAnalysis, Loop, analyse
 from flowcraft._traversal import route
@@ -26,6 +26,7 @@ from flowcraft.context import AsyncContext, PatchOperation
 from flowcraft.distributed import keys as K
 from flowcraft.distributed._scope import scope_keys
 from flowcraft.distributed.coordination import CoordinationStore
+from flowcraft.distributed.delivery import Settlement, settlement_for
 from flowcraft.distributed.payload import JobPayload
 from flowcraft.distributed.results import ResultWatch
 from flowcraft.errors import (
@@ -34,6 +35,7 @@ from flowcraft.errors import (
     FlowcraftError,
     NodeExecutionError,
     PayloadDecodeError,
+    RetryJob,
     SerializationError,
     StateLimitError,
     UnknownBlueprintError,
@@ -58,15 +60,6 @@ logger = logging.getLogger("flowcraft.distributed")
 JobHandler = Callable[[JobPayload], Awaitable[None]]
 Disposition = Literal["ack", "retry", "dead-letter"]
 FINAL_STATUSES = frozenset({"completed", "failed", "cancelled"})
-
-
-class RetryJob(FlowcraftError):
-    """Deliver this job again later (the activation is busy elsewhere, or a
-    queue-mode attempt failed). ``delay_seconds`` is a hint for the queue."""
-
-    def __init__(self, message: str, *, delay_seconds: float = 1.0) -> None:
-        super().__init__(message)
-        self.delay_seconds = delay_seconds
 
 
 def job_disposition(exc: BaseException | None) -> Disposition:
@@ -132,6 +125,7 @@ class BaseDistributedAdapter(ABC):
         lease_seconds: float = 15.0,
         dedupe_window_seconds: float = 300.0,
         worker_id: str | None = None,
+        retry_delay_seconds: float = 1.0,
     ) -> None:
         self.runtime = FlowRuntime(runtime_options)
         self.coordination_store = coordination_store
@@ -142,7 +136,10 @@ class BaseDistributedAdapter(ABC):
         self.dedupe_window_seconds = dedupe_window_seconds
         self.worker_id = worker_id or uuid.uuid4().hex[:12]
         self.logger = runtime_options.logger or logger
+        self.retry_delay_seconds = retry_delay_seconds
         self._stopping = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     # ------------------------------------------------------------ the seed's contract
 
@@ -210,7 +207,11 @@ class BaseDistributedAdapter(ABC):
     async def worker(self) -> None:
         """Process jobs until ``stop()`` (what a worker process runs)."""
         self._stopping.clear()
-        await self.process_jobs(self.handle_job)
+        self._idle.clear()
+        try:
+            await self.process_jobs(self.handle_job)
+        finally:
+            self._idle.set()
 
     async def stop(self) -> None:
         """Ask ``process_jobs`` to finish: no new jobs; jobs in hand complete."""
@@ -219,6 +220,48 @@ class BaseDistributedAdapter(ABC):
     @property
     def stopping(self) -> bool:
         return self._stopping.is_set()
+
+    async def aclose(self) -> None:
+        """Stop, let the jobs in hand finish, then close the adapter's clients."""
+        await self.stop()
+        await self._idle.wait()
+        await self.close()
+
+    async def close(self) -> None:  # noqa: B027 (an optional hook)
+        """Close what the adapter opened (clients, connections, listeners). Override;
+        called once by :meth:`aclose` after the worker has stopped."""
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def settle(
+        self, delivery: bytes | str | JobPayload, handler: JobHandler | None = None
+    ) -> Settlement:
+        """Decode a delivery, run its job and decide what the queue does with it.
+
+        Every adapter settles through here: a payload that does not decode is
+        dead-lettered, and the handler's outcome maps to one :class:`Settlement`
+        (see :func:`~flowcraft.distributed.delivery.settlement_for`)."""
+        try:
+            job = delivery if isinstance(delivery, JobPayload) else JobPayload.decode(delivery)
+        except PayloadDecodeError as exc:
+            return settlement_for(exc)
+        try:
+            await (handler or self.handle_job)(job)
+        except Exception as exc:
+            settlement = settlement_for(
+                exc,
+                node=self.node_for(job),
+                attempt=job.attempt or 1,
+                infrastructure_delay=self.retry_delay_seconds,
+            )
+            log = self.logger.warning if settlement.action == "dead-letter" else self.logger.debug
+            log("job %s/%s: %s (%s)", job.run_id, job.node_id, settlement.action, settlement.reason)
+            return settlement
+        return Settlement.ack()
 
     # ------------------------------------------------------------ operator API
 
