@@ -1,0 +1,24 @@
+"""flowcraft on Apache Kafka (jobs), Cassandra (run state) and Redis (coordination)."""
+
+from __future__ import annotations
+
+from flowcraft_kafka._cassandra import (
+    DEFAULT_MAX_PATCH_BYTES,
+    CassandraClient,
+    CassandraRunStore,
+    PatchOutcomeUnknownError,
+    create_schema,
+)
+from flowcraft_kafka._settings import CassandraSettings, KafkaSettings
+from flowcraft_kafka.context import CassandraContext
+
+__all__ = [
+    "DEFAULT_MAX_PATCH_BYTES",
+    "CassandraClient",
+    "CassandraContext",
+    "CassandraRunStore",
+    "CassandraSettings",
+    "KafkaSettings",
+    "PatchOutcomeUnknownError",
+    "create_schema",
+]

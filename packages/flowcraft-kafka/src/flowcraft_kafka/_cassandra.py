@@ -1,0 +1,458 @@
+"""Cassandra: the driver behind asyncio, and the run store (a row per run and key).
+
+The driver runs its own I/O thread; every request here is ``execute_async`` and
+its ``ResponseFuture`` is bridged to an asyncio future with
+``call_soon_threadsafe``, so the event loop never blocks on Cassandra. Every
+statement is prepared once; run ids, keys and values are always bind values.
+
+The state table, one partition per run (``ns`` keeps apps and tests apart)::
+
+    ns text, run text, k text, v text, g int,  PRIMARY KEY ((ns, run), k)
+
+``v`` is the key's value as JSON text. ``g`` is never written: a guard on a key
+that the patch does not write is the condition of a ``DELETE g`` of that row,
+which changes nothing visible.
+
+Why a row per key: ``patch`` is ONE batch of ``UPDATE ... USING TTL`` and
+``DELETE`` statements in the run's partition. A single-partition batch is one
+mutation: atomic and isolated, and it costs the size of the delta, never of the
+state. Statements in a batch share one timestamp and a delete wins a tie, so the
+operations are first merged per key (the last one wins). ``get_many`` is one
+``SELECT ... k IN ?``.
+
+The guarded patch is the same batch made conditional (a lightweight transaction):
+each guard key's statement carries ``IF v = ?`` (``null`` for an absent key), so
+the check and the write are one Paxos round in one request. A timeout of a
+lightweight transaction leaves its outcome unknown (it may still be applied):
+:class:`PatchOutcomeUnknownError` says so, and the job is delivered again; the
+protocol reads the state afresh then (a committed activation is a duplicate).
+
+Timestamps. Cassandra orders writes of a cell by timestamp, and by default the
+driver stamps writes with the *client's* clock: a worker whose clock runs behind
+would write a later value that an earlier, ahead-of-time write hides. The session
+here sends no client timestamps (``use_client_timestamp = False``), so the
+coordinator stamps each write; a lightweight transaction is stamped by its Paxos
+ballot, which the same node takes from the same strictly increasing clock. Token-
+aware routing without shuffling sends every request of a run to the first
+replica of its partition, so one run's writes are ordered by one clock whatever
+the workers' clocks say (``tests/test_context.py`` forces skewed client clocks).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from flowcraft.context import PatchOperation
+from flowcraft.errors import FlowcraftError, SerializationError, StateLimitError
+from flowcraft.serializer import JsonSerializer
+from flowcraft_kafka._settings import CassandraSettings
+
+if TYPE_CHECKING:
+    from cassandra.cluster import Cluster, ResponseFuture, Session
+    from cassandra.query import PreparedStatement
+
+__all__ = [
+    "DEFAULT_MAX_PATCH_BYTES",
+    "MAX_KEY_BYTES",
+    "CassandraClient",
+    "CassandraRunStore",
+    "PatchOutcomeUnknownError",
+    "create_schema",
+]
+
+logger = logging.getLogger("flowcraft.kafka.cassandra")
+
+_json = JsonSerializer()
+
+#: A clustering key holds at most 64 KiB - 1 bytes.
+MAX_KEY_BYTES = 65_535
+#: A mutation must fit half a commit-log segment (16 MiB by default) and a request
+#: the native protocol's frame (16 MiB): keep a patch well below both.
+DEFAULT_MAX_PATCH_BYTES = 12 * 1024 * 1024
+#: Keys per ``IN`` list (Cassandra reads a long IN list on one coordinator).
+_IN_CHUNK = 100
+
+
+class PatchOutcomeUnknownError(FlowcraftError):
+    """A guarded patch timed out: it may or may not have been applied. The job is
+    handed back; its redelivery reads the state and finds out."""
+
+
+class CassandraClient:
+    """A driver ``Cluster`` and ``Session`` whose requests are awaited on asyncio.
+
+    Create with :meth:`connect`; :meth:`aclose` shuts the cluster down. Counts the
+    requests it sends (``requests``) for benchmarks.
+    """
+
+    def __init__(self, settings: CassandraSettings, cluster: Cluster, session: Session) -> None:
+        self.settings = settings
+        self.cluster = cluster
+        self.session = session
+        self.requests = 0
+        self._prepared: dict[str, PreparedStatement] = {}
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(contact_points={self.settings.contact_points!r}, "
+            f"keyspace={self.settings.keyspace!r})"
+        )
+
+    @classmethod
+    async def connect(cls, settings: CassandraSettings) -> CassandraClient:
+        """Connect (in a thread: the driver's connect blocks)."""
+        return await asyncio.to_thread(cls._connect_sync, settings)
+
+    @classmethod
+    def _connect_sync(cls, settings: CassandraSettings) -> CassandraClient:
+        from cassandra import ConsistencyLevel
+        from cassandra.auth import PlainTextAuthProvider
+        from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile
+        from cassandra.policies import DCAwareRoundRobinPolicy, TokenAwarePolicy
+        from cassandra.query import tuple_factory
+
+        profile = ExecutionProfile(
+            load_balancing_policy=TokenAwarePolicy(
+                DCAwareRoundRobinPolicy(local_dc=settings.local_datacenter),
+                shuffle_replicas=False,
+            ),
+            consistency_level=ConsistencyLevel.name_to_value[settings.consistency],
+            serial_consistency_level=ConsistencyLevel.name_to_value[settings.serial_consistency],
+            request_timeout=settings.request_timeout,
+            row_factory=tuple_factory,
+        )
+        options: dict[str, Any] = {
+            "port": settings.port,
+            "execution_profiles": {EXEC_PROFILE_DEFAULT: profile},
+            "connect_timeout": min(settings.request_timeout, 10.0),
+        }
+        if settings.username is not None:
+            password = settings.password.get_secret_value() if settings.password else ""
+            options["auth_provider"] = PlainTextAuthProvider(settings.username, password)
+        if settings.ssl_context is not None:
+            options["ssl_context"] = settings.ssl_context
+        options.update(settings.cluster_options)
+        cluster = Cluster(list(settings.contact_points), **options)
+        try:
+            session = cluster.connect()
+        except Exception:
+            cluster.shutdown()
+            raise
+        # The coordinator stamps writes (see the module docstring): client clocks
+        # never order a run's writes.
+        session.use_client_timestamp = False
+        logger.debug("connected to cassandra %s", settings.contact_points)
+        return cls(settings, cluster, session)
+
+    async def prepare(self, cql: str) -> PreparedStatement:
+        """A prepared statement (prepared once per client, in a thread)."""
+        found = self._prepared.get(cql)
+        if found is None:
+            found = await asyncio.to_thread(self.session.prepare, cql)
+            self._prepared[cql] = found
+        return found
+
+    async def execute(self, statement: Any, params: Sequence[Any] | None = None) -> list[Any]:
+        """Run a statement; every page of its rows, as tuples."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[list[Any]] = loop.create_future()
+        rows: list[Any] = []
+        self.requests += 1
+        response: ResponseFuture = self.session.execute_async(statement, params)
+
+        def on_page(page: Sequence[Any]) -> None:
+            rows.extend(page)
+            if response.has_more_pages:
+                self.requests += 1
+                response.start_fetching_next_page()
+            else:
+                loop.call_soon_threadsafe(_resolve, done, rows)
+
+        def on_error(exc: BaseException) -> None:
+            loop.call_soon_threadsafe(_reject, done, exc)
+
+        response.add_callbacks(on_page, on_error)
+        return await done
+
+    async def execute_schema(self, cql: str) -> None:
+        """A schema statement (waits for schema agreement, so in a thread)."""
+        self.requests += 1
+        await asyncio.to_thread(self.session.execute, cql, timeout=120.0)
+
+    async def aclose(self) -> None:
+        await asyncio.to_thread(self.cluster.shutdown)
+
+
+def _resolve(future: asyncio.Future[list[Any]], rows: list[Any]) -> None:
+    if not future.done():
+        future.set_result(rows)
+
+
+def _reject(future: asyncio.Future[list[Any]], exc: BaseException) -> None:
+    if not future.done():
+        future.set_exception(exc)
+
+
+def _names(settings: CassandraSettings) -> tuple[str, str]:
+    ks, prefix = settings.keyspace, settings.table_prefix
+    return f"{ks}.{prefix}_state", f"{ks}.{prefix}_results"
+
+
+async def create_schema(
+    client: CassandraClient,
+    *,
+    replication: Mapping[str, Any] | None = None,
+) -> None:
+    """Create the keyspace (if missing, with ``replication``: default SimpleStrategy
+    RF 1, for tests) and the two tables. Idempotent."""
+    settings = client.settings
+    state, results = _names(settings)
+    repl = dict(replication or {"class": "SimpleStrategy", "replication_factor": 1})
+    # Replication options are configuration: rendered as CQL literals, quotes doubled.
+    literal = ", ".join(
+        f"'{str(k).replace(chr(39), chr(39) * 2)}': '{str(v).replace(chr(39), chr(39) * 2)}'"
+        for k, v in repl.items()
+    )
+    await client.execute_schema(
+        f"CREATE KEYSPACE IF NOT EXISTS {settings.keyspace} WITH replication = {{{literal}}}"
+    )
+    await client.execute_schema(
+        f"CREATE TABLE IF NOT EXISTS {state} ("
+        "ns text, run text, k text, v text, g int, PRIMARY KEY ((ns, run), k))"
+    )
+    await client.execute_schema(
+        f"CREATE TABLE IF NOT EXISTS {results} ("
+        "ns text, run text, result text, PRIMARY KEY ((ns, run)))"
+    )
+
+
+class _Statements:
+    """Every statement the store sends, prepared once per client."""
+
+    get: PreparedStatement
+    get_many: PreparedStatement
+    get_all: PreparedStatement
+    set: PreparedStatement
+    delete: PreparedStatement
+    set_if: PreparedStatement
+    delete_if: PreparedStatement
+    check: PreparedStatement
+    result_put: PreparedStatement
+    result_get: PreparedStatement
+
+    @classmethod
+    async def prepare(cls, client: CassandraClient) -> _Statements:
+        state, results = _names(client.settings)
+        where = "WHERE ns = ? AND run = ? AND k = ?"
+        made = cls()
+        made.get = await client.prepare(f"SELECT v FROM {state} {where}")
+        made.get_many = await client.prepare(
+            f"SELECT k, v FROM {state} WHERE ns = ? AND run = ? AND k IN ?"
+        )
+        made.get_all = await client.prepare(f"SELECT k, v FROM {state} WHERE ns = ? AND run = ?")
+        made.set = await client.prepare(f"UPDATE {state} USING TTL ? SET v = ? {where}")
+        made.delete = await client.prepare(f"DELETE FROM {state} {where}")
+        made.set_if = await client.prepare(f"UPDATE {state} USING TTL ? SET v = ? {where} IF v = ?")
+        made.delete_if = await client.prepare(f"DELETE FROM {state} {where} IF v = ?")
+        made.check = await client.prepare(f"DELETE g FROM {state} {where} IF v = ?")
+        made.result_put = await client.prepare(
+            f"INSERT INTO {results} (ns, run, result) VALUES (?, ?, ?) IF NOT EXISTS USING TTL ?"
+        )
+        made.result_get = await client.prepare(
+            f"SELECT result FROM {results} WHERE ns = ? AND run = ?"
+        )
+        for statement in (made.get, made.get_many, made.get_all, made.result_get):
+            statement.is_idempotent = True
+        return made
+
+
+class CassandraRunStore:
+    """Run state and final results of one namespace, on a :class:`CassandraClient`.
+
+    Args:
+        client: the connected client (shared; not closed by the store).
+        namespace: the ``ns`` partition component (apps and tests apart).
+        ttl_seconds: every write expires this long after it was made.
+        max_patch_bytes: keys plus values of one patch; more is a ``StateLimitError``.
+    """
+
+    def __init__(
+        self,
+        client: CassandraClient,
+        namespace: str = "flowcraft",
+        *,
+        ttl_seconds: float = 7 * 24 * 3600,
+        max_patch_bytes: int = DEFAULT_MAX_PATCH_BYTES,
+    ) -> None:
+        self.client = client
+        self.namespace = namespace
+        self.ttl = max(1, min(int(ttl_seconds), 630_720_000))  # Cassandra's TTL ceiling: 20 y
+        self.max_patch_bytes = max_patch_bytes
+        self._statements: _Statements | None = None
+        self._preparing = asyncio.Lock()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(namespace={self.namespace!r}, client={self.client!r})"
+
+    async def statements(self) -> _Statements:
+        if self._statements is None:
+            async with self._preparing:
+                if self._statements is None:
+                    self._statements = await _Statements.prepare(self.client)
+        return self._statements
+
+    # ------------------------------------------------------------ reads
+
+    async def get(self, run_id: str, key: str) -> Any:
+        s = await self.statements()
+        rows = await self.client.execute(s.get, (self.namespace, run_id, key))
+        if not rows or rows[0][0] is None:
+            return None
+        return _json.loads(rows[0][0])
+
+    async def get_many(self, run_id: str, keys: Sequence[str]) -> dict[str, Any]:
+        wanted = list(dict.fromkeys(keys))
+        if not wanted:
+            return {}
+        s = await self.statements()
+        chunks = [wanted[i : i + _IN_CHUNK] for i in range(0, len(wanted), _IN_CHUNK)]
+        pages = await asyncio.gather(
+            *(self.client.execute(s.get_many, (self.namespace, run_id, c)) for c in chunks)
+        )
+        return {k: _json.loads(v) for page in pages for k, v in page if v is not None}
+
+    async def to_dict(self, run_id: str) -> dict[str, Any]:
+        s = await self.statements()
+        rows = await self.client.execute(s.get_all, (self.namespace, run_id))
+        return {k: _json.loads(v) for k, v in rows if v is not None}
+
+    # ------------------------------------------------------------ the patch
+
+    async def patch(
+        self,
+        run_id: str,
+        ops: Sequence[PatchOperation],
+        guard: Mapping[str, int | str | None] | None = None,
+    ) -> bool:
+        """Apply ``ops`` in one batch of the run's partition; with ``guard``, as one
+        lightweight transaction that writes nothing unless every guard key holds its
+        expected value (``None``: absent). True if applied."""
+        from cassandra import OperationTimedOut, WriteTimeout
+        from cassandra.query import BatchStatement, BatchType
+
+        net = _merge(ops)
+        encoded = self._encode(run_id, net)
+        if not encoded and not guard:
+            return True
+        s = await self.statements()
+        ns = self.namespace
+        batch = BatchStatement(batch_type=BatchType.UNLOGGED)
+        for key, text in encoded.items():
+            if guard is not None and key in guard:
+                expected = _guard_text(guard[key])
+                if text is None:
+                    batch.add(s.delete_if, (ns, run_id, key, expected))
+                else:
+                    batch.add(s.set_if, (self.ttl, text, ns, run_id, key, expected))
+            elif text is None:
+                batch.add(s.delete, (ns, run_id, key))
+            else:
+                batch.add(s.set, (self.ttl, text, ns, run_id, key))
+        for key, value in (guard or {}).items():
+            if key not in encoded:
+                _check_key(run_id, key)
+                batch.add(s.check, (ns, run_id, key, _guard_text(value)))
+        if not guard:
+            await self.client.execute(batch)
+            return True
+        try:
+            rows = await self.client.execute(batch)
+        except (WriteTimeout, OperationTimedOut) as exc:
+            raise PatchOutcomeUnknownError(
+                f"run {run_id!r}: the guarded patch timed out and may or may not have been "
+                f"applied ({type(exc).__name__})"
+            ) from exc
+        return bool(rows and rows[0][0])
+
+    def _encode(self, run_id: str, net: Mapping[str, PatchOperation]) -> dict[str, str | None]:
+        """JSON text per key (None: delete), checked against the store's limits."""
+        encoded: dict[str, str | None] = {}
+        total = 0
+        biggest = ("", 0)
+        for key, op in net.items():
+            size = _check_key(run_id, key)
+            text = None if op.op == "delete" else _json.dumps(op.value)
+            if text is not None:
+                size += len(text.encode("utf-8", "surrogatepass"))
+            total += size
+            if size > biggest[1]:
+                biggest = (key, size)
+            encoded[key] = text
+        if total > self.max_patch_bytes:
+            raise StateLimitError(
+                f"run {run_id!r}: a patch of {total} bytes exceeds the Cassandra store's "
+                f"limit of {self.max_patch_bytes} bytes (largest: key {_short(biggest[0])} "
+                f"with {biggest[1]} bytes)"
+            )
+        return encoded
+
+    # ------------------------------------------------------------ final results
+
+    async def write_result(self, run_id: str, result: Mapping[str, Any]) -> bool:
+        """Store the run's final result unless one is stored: ``INSERT ... IF NOT
+        EXISTS``. True if this call stored it. A timeout is raised: the caller's
+        redelivery publishes again and the first stored result stays."""
+        s = await self.statements()
+        text = _json.dumps(dict(result))
+        rows = await self.client.execute(s.result_put, (self.namespace, run_id, text, self.ttl))
+        return bool(rows and rows[0][0])
+
+    async def read_result(self, run_id: str) -> dict[str, Any] | None:
+        s = await self.statements()
+        rows = await self.client.execute(s.result_get, (self.namespace, run_id))
+        if not rows or rows[0][0] is None:
+            return None
+        found: dict[str, Any] = _json.loads(rows[0][0])
+        return found
+
+
+def _merge(ops: Sequence[PatchOperation]) -> dict[str, PatchOperation]:
+    """The net operation per key: the last one wins (a batch cannot order them)."""
+    net: dict[str, PatchOperation] = {}
+    for op in ops:
+        net.pop(op.key, None)
+        net[op.key] = op
+    return net
+
+
+def _check_key(run_id: str, key: str) -> int:
+    """The key's size in bytes, or ``StateLimitError`` if Cassandra cannot hold it."""
+    try:
+        size = len(key.encode("utf-8"))
+    except UnicodeEncodeError as exc:
+        raise SerializationError(
+            f"run {run_id!r}: context key {_short(key)} is not valid Unicode text: {exc}"
+        ) from None
+    if size > MAX_KEY_BYTES:
+        raise StateLimitError(
+            f"run {run_id!r}: context key {_short(key)} is {size} bytes; Cassandra keys "
+            f"hold at most {MAX_KEY_BYTES}"
+        )
+    return size
+
+
+def _guard_text(expected: int | str | None) -> str | None:
+    """The stored JSON text a guard value matches (None: the key is absent)."""
+    if expected is None:
+        return None
+    if isinstance(expected, bool) or not isinstance(expected, int | str):
+        raise TypeError(f"guard values are None, int or str, not {type(expected).__name__}")
+    return _json.dumps(expected)
+
+
+def _short(key: str, limit: int = 80) -> str:
+    text = repr(key)
+    return text if len(text) <= limit else f"{text[:limit]}...' ({len(key)} characters)"
