@@ -254,7 +254,8 @@ async def test_waiters_survive_a_lost_subscription(
     run_id = await fleet.client.start_run("slowpoke")
     waiting = asyncio.ensure_future(fleet.client.wait_for_result(run_id, 20, poll_interval=60))
     await fleet.until(
-        lambda: fleet.client._results and fleet.client._results.listening, "a subscription"
+        lambda: fleet.client.results.waiters and fleet.client.results.listening,
+        "a subscription",
     )
     killed = await redis_client.client_kill_filter(_type="pubsub")
     assert killed >= 1

@@ -103,7 +103,7 @@ class ToyAdapter(PullingAdapter[ToyMessage]):
     async def publish_final_result(self, run_id: str, result: FinalResult) -> None:
         self.queue.results.setdefault(run_id, result)  # the first publication wins
 
-    async def get_final_result(self, run_id: str) -> FinalResult | None:
+    async def read_final_result(self, run_id: str) -> FinalResult | None:
         return self.queue.results.get(run_id)
 
     async def receive(self, max_messages: int) -> Sequence[ToyMessage]:

@@ -12,6 +12,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import BusyLoadingError, ConnectionError, TimeoutError
 
+from flowcraft.distributed import keys as K
 from flowcraft_bullmq._packing import with_c_packing
 from flowcraft_bullmq._pipelining import AutoPipelineRedis
 
@@ -113,7 +114,7 @@ class RedisKeys:
     """The Redis keys this package owns (the base protocol's keys are in
     ``flowcraft.distributed.keys``; BullMQ's live under ``<key_prefix>bull:``)."""
 
-    __slots__ = ("active", "prefix", "reconciler", "results_channel")
+    __slots__ = ("active", "prefix", "reconciler")
 
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
@@ -121,16 +122,14 @@ class RedisKeys:
         """Sorted set: running runs by the time of their last committed progress."""
         self.reconciler = f"{prefix}reconciler"
         """One worker per interval wins this key and runs the reconciler."""
-        self.results_channel = f"{prefix}results"
-        """Pub/sub channel: the id of every run whose result was just published."""
 
     def state(self, run_id: str) -> str:
         """The run's context: one hash, one field per context key."""
         return f"{self.prefix}run:{run_id}"
 
     def result(self, run_id: str) -> str:
-        """The published final result (JSON)."""
-        return f"{self.prefix}result:{run_id}"
+        """The published final result (JSON; kept by the core's ``RedisResults``)."""
+        return K.result(self.prefix, run_id)
 
 
 def make_client(

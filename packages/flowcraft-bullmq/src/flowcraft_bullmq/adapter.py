@@ -23,7 +23,6 @@ from bullmq.custom_errors import DelayedError, UnrecoverableError
 from flowcraft.blueprint import NodeDefinition
 from flowcraft.distributed import keys as K
 from flowcraft.distributed.adapter import (
-    FINAL_STATUSES,
     BaseDistributedAdapter,
     FinalResult,
     JobHandler,
@@ -32,7 +31,7 @@ from flowcraft.distributed.adapter import (
 )
 from flowcraft.distributed.coordination import CoordinationStore
 from flowcraft.distributed.payload import JobPayload
-from flowcraft.distributed.redis import RedisCoordinationStore
+from flowcraft.distributed.redis import RedisCoordinationStore, RedisResults
 from flowcraft.distributed.results import ResultWatch
 from flowcraft.errors import NodeExecutionError, PayloadDecodeError
 from flowcraft.events import EventBus
@@ -50,10 +49,9 @@ from flowcraft_bullmq._fastpath import (
     make_read_plan,
 )
 from flowcraft_bullmq._pipelining import AutoPipelineRedis
-from flowcraft_bullmq._results import ResultListener
 from flowcraft_bullmq._settings import BullMQSettings, RedisKeys, bullmq_client, make_client
 from flowcraft_bullmq._worker import FetchingWorker
-from flowcraft_bullmq.context import PATCH_LUA, RedisContext, decode, encode
+from flowcraft_bullmq.context import PATCH_LUA, RedisContext, encode
 
 if TYPE_CHECKING:
     from bullmq import Job
@@ -160,7 +158,9 @@ class BullMQAdapter(BaseDistributedAdapter):
         self._plans: dict[tuple[str, str], ReadPlan | None] = {}
         self._queue: Queue | None = None
         self._adder: JobAdder | None = None
-        self._results: ResultListener | None = None
+        self.results = RedisResults(
+            self.client, key_prefix=self.keys.prefix, ttl_seconds=self.state_ttl_seconds
+        )
         defaults = s.worker_options()
         self._job_defaults = {k: defaults[k] for k in ("removeOnComplete", "removeOnFail")}
         self._stop_event = asyncio.Event()
@@ -198,18 +198,9 @@ class BullMQAdapter(BaseDistributedAdapter):
         await self._add(job.node_id, job.to_wire(), opts)
 
     async def publish_final_result(self, run_id: str, result: FinalResult) -> None:
-        """``SET NX`` of the result as JSON (the first publication wins; repeats are
-        no-ops), then ``PUBLISH`` of the run id to wake the run's waiters."""
-        record = {**result.to_json_dict(), "publishedAt": time.time()}
-        async with self.client.pipeline(transaction=False) as pipe:
-            pipe.set(
-                self.keys.result(run_id),
-                encode(record),
-                nx=True,
-                px=max(1, int(self.state_ttl_seconds * 1000)),
-            )
-            pipe.publish(self.keys.results_channel, run_id)
-            await pipe.execute()
+        """``SET NX`` of the result (the first publication wins), then ``PUBLISH`` of
+        the run id to wake its waiters: the core's ``RedisResults``."""
+        await self.results.publish(result)
 
     async def process_jobs(self, handler: JobHandler) -> None:
         """Consume the queue until :meth:`stop`; jobs in hand finish first."""
@@ -281,32 +272,11 @@ class BullMQAdapter(BaseDistributedAdapter):
     async def watch_result(self, run_id: str) -> AsyncIterator[ResultWatch | None]:
         """Woken by the publication's ``PUBLISH`` (one shared subscription); while it
         is down, waiters poll as usual."""
-        if self._results is None:
-            self._results = ResultListener(self.client, self.keys.results_channel)
-        listener = self._results
-        event = await listener.watch(run_id)
-        try:
-            yield ResultWatch(event, lambda: listener.listening)
-        finally:
-            listener.waiters.remove(run_id, event)
+        async with self.results.watch(run_id) as watch:
+            yield watch
 
-    async def get_final_result(self, run_id: str) -> FinalResult | None:
-        """The published result (one round trip). If the run ended but its result was
-        never published (its publisher died), it is built from the state and published."""
-        async with self.client.pipeline(transaction=False) as pipe:
-            pipe.get(self.keys.result(run_id))
-            pipe.hget(self.keys.state(run_id), K.STATUS)
-            raw, status = await pipe.execute()
-        if raw is not None:
-            data = decode(raw)
-            return FinalResult(run_id, data["status"], data["context"], data["errors"])
-        record = decode(status)
-        if not isinstance(record, dict) or record.get("status") not in FINAL_STATUSES:
-            return None
-        result = await super().get_final_result(run_id)
-        if result is not None:
-            await self.publish_final_result(run_id, result)
-        return result
+    async def read_final_result(self, run_id: str) -> FinalResult | None:
+        return await self.results.read(run_id)
 
     async def reconcile_stalled(
         self,
@@ -346,9 +316,7 @@ class BullMQAdapter(BaseDistributedAdapter):
 
     async def aclose(self) -> None:
         """Close the queue and the clients this adapter made (a given client stays open)."""
-        if self._results is not None:
-            await self._results.close()
-            self._results = None
+        await self.results.aclose()
         if self._queue is not None:
             await self._queue.close()
             self._queue = None

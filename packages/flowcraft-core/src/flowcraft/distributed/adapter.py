@@ -316,12 +316,28 @@ class BaseDistributedAdapter(ABC):
         return RunStatusInfo(run_id, status, list(record.get("errors", [])), waiting)
 
     async def get_final_result(self, run_id: str) -> FinalResult | None:
-        """The final result if the run has ended (adapters may read their published copy)."""
+        """The run's published result, or None while it runs.
+
+        A run that ended but whose result is not there (its publisher died between
+        recording and publishing, or the result expired first) is published again
+        from its state, so every adapter answers the same way."""
+        published = await self.read_final_result(run_id)
+        if published is not None:
+            return published
         info = await self.get_status(run_id)
         if info.status not in FINAL_STATUSES:
             return None
         ctx = self.create_context(run_id)
-        return FinalResult(run_id, info.status, _user_view(await ctx.to_dict()), info.errors)
+        result = FinalResult(run_id, info.status, _user_view(await ctx.to_dict()), info.errors)
+        if type(self).read_final_result is BaseDistributedAdapter.read_final_result:
+            return result
+        await self.publish_final_result(run_id, result)
+        return await self.read_final_result(run_id) or result
+
+    async def read_final_result(self, run_id: str) -> FinalResult | None:
+        """What ``publish_final_result`` stored for the run, if anything. Override in an
+        adapter that stores results (the base then reads the run's state instead)."""
+        return None
 
     async def wait_for_result(
         self,

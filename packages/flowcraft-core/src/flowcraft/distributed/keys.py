@@ -89,3 +89,13 @@ def end_counter(prefix: str, run_id: str) -> str:
 def final(prefix: str, run_id: str) -> str:
     """The run's one final status: the first ``set_if_not_exist`` wins."""
     return f"{prefix}final:{_esc(run_id)}"
+
+
+def result(prefix: str, run_id: str) -> str:
+    """A run's published final result (JSON), where results live in Redis."""
+    return f"{prefix}result:{_esc(run_id)}"
+
+
+def results_channel(prefix: str) -> str:
+    """Pub/sub channel: the id of every run whose result was just published."""
+    return f"{prefix}results"

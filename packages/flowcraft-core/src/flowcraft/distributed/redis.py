@@ -25,13 +25,14 @@ import logging
 import math
 from typing import TYPE_CHECKING, Any
 
+from flowcraft.distributed._redis_results import RedisResults
 from flowcraft.distributed.coordination import validate_ttl_seconds
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
     from redis.commands.core import AsyncScript
 
-__all__ = ["RedisCoordinationStore"]
+__all__ = ["RedisCoordinationStore", "RedisResults"]
 
 logger = logging.getLogger(__name__)
 
