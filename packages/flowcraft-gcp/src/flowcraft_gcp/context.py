@@ -1,0 +1,466 @@
+"""``FirestoreContext``: a run's state in ONE Firestore document.
+
+Layout of the run document ``{collection}/{run}``::
+
+    c: map   field name -> JSON text of one context value
+    r: text  the run id (the document id may be a hash of it)
+    x: time  expiry, refreshed by every write (a Firestore TTL policy deletes it)
+
+Why this shape:
+
+* **Every key round-trips.** Context keys are never written as dotted strings
+  (``update()`` reads dots as nesting). Each key becomes the field name
+  ``"k" + key`` inside the map ``c``, addressed with the client's escaped field path
+  (``FieldPath("c", name)``), so quotes, dots, backticks, NUL and emoji are
+  literal. The prefix keeps the empty key and names like ``__name__`` (reserved
+  by Firestore) legal; a key past Firestore's 1,500-byte field-path limit, or one
+  that is not valid UTF-8, is stored under ``"h" + sha256(key)`` with the key
+  beside its value.
+* **Values are JSON text**, so big integers, floats such as ``1e16``, nested
+  arrays and any key names inside values survive exactly (Firestore's own types
+  would turn large ints into errors and arrays of arrays into refusals), and the
+  map holds only strings, which a single-field index exemption on ``c`` keeps out
+  of the 40,000-entries index budget.
+* **A patch is one write carrying only its delta**: ``set(..., merge=[paths])`` with
+  ``DELETE_FIELD`` for deletions (an upsert: no read, works on a new run).
+* **Partial reads**: ``get(field_paths=[...])`` returns only the named fields.
+* **The guarded patch** (``patch(ops, guard=...)``) needs no transaction (the
+  emulator stalls ~30 s on contended ones): the guard keys' values and the
+  document's ``update_time`` come from one partial read, and the write carries the
+  precondition ``update_time == that``, so check and write are one atomic step on
+  the server. A context remembers the snapshot of its last read and of its own
+  guarded writes, so a guard over keys it just read needs no extra read; a
+  precondition that fails because another write landed meanwhile reads again.
+* **1 MiB per document**: a patch that can never fit, or a state that Firestore
+  refuses as too large, raises :class:`~flowcraft.StateLimitError` naming the run
+  and the largest key; nothing is written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import hashlib
+import random
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+from google.api_core import exceptions as google_errors
+from google.cloud.firestore_v1 import DELETE_FIELD
+from google.cloud.firestore_v1.async_client import AsyncClient as FirestoreAsyncClient
+from google.cloud.firestore_v1.async_document import AsyncDocumentReference
+from google.cloud.firestore_v1.field_path import FieldPath
+
+from flowcraft.context import BaseAsyncContext, PatchOperation
+from flowcraft.errors import RetryJob, StateLimitError
+from flowcraft.serializer import JsonSerializer, Serializer
+from flowcraft_gcp._clients import GcpClients
+
+__all__ = [
+    "DEFAULT_MAX_STATE_BYTES",
+    "FIRESTORE_DOCUMENT_LIMIT",
+    "FirestoreContext",
+    "RunCollection",
+]
+
+FIRESTORE_DOCUMENT_LIMIT = 1_048_576
+"""Firestore's maximum document size (1 MiB)."""
+
+DEFAULT_MAX_STATE_BYTES = FIRESTORE_DOCUMENT_LIMIT - 16_384
+"""What a run's values and keys may take, leaving room for the document's own fields."""
+
+_MAP = "c"
+_RUN = "r"
+_EXPIRES = "x"
+_PLAIN = "k"
+_HASHED = "h"
+_MAX_NAME_BYTES = 1_400  # under Firestore's 1,500-byte field-path limit, with "c." and escapes
+_SAFE_ID = re.compile(r"[A-Za-z0-9_\-][A-Za-z0-9_\-.:@=+]{0,199}")
+_GUARD_ROUNDS = 50
+GuardValue = int | str | None
+
+
+def _field_name(key: str) -> tuple[str, bool]:
+    """The map field that holds ``key``, and whether the key must be stored beside the
+    value (hashed names)."""
+    try:
+        encoded = key.encode("utf-8")
+    except UnicodeEncodeError:
+        encoded = b""
+        hashed = True
+    else:
+        hashed = len(encoded) + 1 > _MAX_NAME_BYTES
+    if not hashed:
+        return _PLAIN + key, False
+    digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
+    return _HASHED + digest, True
+
+
+def _path(name: str) -> str:
+    return FieldPath(_MAP, name).to_api_repr()
+
+
+def document_id(run_id: str) -> str:
+    """The run's document id: the run id when Firestore allows it as it is, else a hash
+    (``~`` never appears in a plain id, so the two cannot collide)."""
+    if _SAFE_ID.fullmatch(run_id) and not (run_id.startswith("__") and run_id.endswith("__")):
+        return run_id
+    return "~" + hashlib.sha256(run_id.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+@dataclass(slots=True)
+class _Snapshot:
+    """What one read (or our own guarded write) saw: the document's version and the
+    stored text of some fields (None: absent)."""
+
+    exists: bool
+    update_time: Any
+    texts: dict[str, str | None]
+
+
+@dataclass(frozen=True, slots=True)
+class RunCollection:
+    """Where runs live in Firestore, and the rules for their documents.
+
+    Args:
+        clients: the Firestore (and Pub/Sub) clients.
+        collection: the collection of run documents; results go to
+            ``{collection}_results``.
+        max_state_bytes: bytes of keys and values one run may hold (under 1 MiB).
+        state_ttl_seconds: the expiry written to every run document (field ``x``) for
+            a Firestore TTL policy on that field (the emulator has no TTL policies).
+        serializer: encodes context values (JSON by default; never pickle).
+    """
+
+    clients: GcpClients
+    collection: str = "flowcraft_runs"
+    max_state_bytes: int = DEFAULT_MAX_STATE_BYTES
+    state_ttl_seconds: float = 7 * 24 * 3600
+    serializer: Serializer = field(default_factory=JsonSerializer)
+
+    def __post_init__(self) -> None:
+        if not 0 < self.max_state_bytes <= FIRESTORE_DOCUMENT_LIMIT:
+            raise ValueError("max_state_bytes must be in 1..1,048,576 (Firestore's limit)")
+
+    @property
+    def results_collection(self) -> str:
+        return f"{self.collection}_results"
+
+    def context(self, run_id: str) -> FirestoreContext:
+        return FirestoreContext(self, run_id)
+
+    def document(self, run_id: str) -> AsyncDocumentReference:
+        return self.clients.firestore().collection(self.collection).document(document_id(run_id))
+
+    def expiry(self) -> dt.datetime:
+        return dt.datetime.now(dt.UTC) + dt.timedelta(seconds=self.state_ttl_seconds)
+
+    async def write_result(self, run_id: str, result: Mapping[str, Any]) -> bool:
+        """Store the final result unless one is stored: ``create()`` (precondition: the
+        document does not exist), so the first result wins. Returns whether this wrote."""
+        text = self.serializer.dumps(dict(result))
+        if len(text.encode()) > self.max_state_bytes:
+            raise StateLimitError(
+                f"run {run_id!r}: the final result ({len(text.encode()):,} bytes of JSON) "
+                f"does not fit in one Firestore document (1 MiB)"
+            )
+        ref = (
+            self.clients.firestore()
+            .collection(self.results_collection)
+            .document(document_id(run_id))
+        )
+        self.clients.count("firestore.commit")
+        try:
+            await ref.create({"v": text, _RUN: run_id, _EXPIRES: self.expiry()})
+        except google_errors.AlreadyExists:
+            return False
+        except google_errors.InvalidArgument as exc:
+            raise StateLimitError(
+                f"run {run_id!r}: Firestore refused the final result: {exc.message}"
+            ) from exc
+        return True
+
+    async def read_result(self, run_id: str) -> Any:
+        """The stored final result, or None: one document read."""
+        ref = (
+            self.clients.firestore()
+            .collection(self.results_collection)
+            .document(document_id(run_id))
+        )
+        self.clients.count("firestore.get")
+        snapshot = await ref.get()
+        if not snapshot.exists:
+            return None
+        data = snapshot.to_dict() or {}
+        return self.serializer.loads(data["v"])
+
+    async def delete_run(self, run_id: str) -> None:
+        """Delete a run's state and result documents (an absent one is fine)."""
+        self.clients.count("firestore.commit", 2)
+        await self.document(run_id).delete()
+        await (
+            self.clients.firestore()
+            .collection(self.results_collection)
+            .document(document_id(run_id))
+            .delete()
+        )
+
+
+class FirestoreContext(BaseAsyncContext):
+    """The state of run ``run_id`` in a :class:`RunCollection` (see the module docs)."""
+
+    __slots__ = ("_snapshot", "run_id", "runs")
+
+    def __init__(self, runs: RunCollection, run_id: str) -> None:
+        self.runs = runs
+        self.run_id = run_id
+        self._snapshot: _Snapshot | None = None
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(run_id={self.run_id!r}, collection={self.runs.collection!r})"
+
+    # ------------------------------------------------------------ reads
+
+    async def get(self, key: str) -> Any:
+        return (await self.get_many([key])).get(key)
+
+    async def has(self, key: str) -> bool:
+        return key in await self.get_many([key])
+
+    async def get_many(self, keys: Sequence[str]) -> dict[str, Any]:
+        """The keys present among ``keys``: one partial read of just their fields."""
+        if not keys:
+            return {}
+        wanted = list(dict.fromkeys(keys))
+        snapshot = await self._read(wanted)
+        loads = self.runs.serializer.loads
+        found: dict[str, Any] = {}
+        for key in wanted:
+            text = snapshot.texts.get(key)
+            if text is not None:
+                found[key] = loads(text)
+        return found
+
+    async def to_dict(self) -> dict[str, Any]:
+        """The whole state: one read of the document (finalization only)."""
+        self.runs.clients.count("firestore.get")
+        snapshot = await self.runs.document(self.run_id).get()
+        if not snapshot.exists:
+            return {}
+        stored: Mapping[str, Any] = (snapshot.to_dict() or {}).get(_MAP) or {}
+        loads = self.runs.serializer.loads
+        state: dict[str, Any] = {}
+        for name, text in stored.items():
+            key, value_text = _decode_entry(name, text, loads)
+            state[key] = loads(value_text)
+        return state
+
+    async def _read(self, keys: Sequence[str]) -> _Snapshot:
+        """One partial read of ``keys``; remembered for a guarded patch that follows."""
+        names = {key: _field_name(key) for key in keys}
+        self.runs.clients.count("firestore.get")
+        snapshot = await self.runs.document(self.run_id).get(
+            field_paths=[_path(name) for name, _ in names.values()]
+        )
+        stored: Mapping[str, Any] = (snapshot.to_dict() or {}).get(_MAP) or {}
+        texts: dict[str, str | None] = {}
+        loads = self.runs.serializer.loads
+        for key, (name, hashed) in names.items():
+            text = stored.get(name)
+            if text is not None and hashed:
+                stored_key, text = _decode_entry(name, text, loads)
+                if stored_key != key:  # a sha256 collision: never in practice
+                    text = None
+            texts[key] = text
+        read = _Snapshot(snapshot.exists, snapshot.update_time, texts)
+        self._snapshot = read
+        return read
+
+    # ------------------------------------------------------------ writes
+
+    async def patch(  # type: ignore[override]  # until the core's patch gains its guard
+        self,
+        ops: Sequence[PatchOperation],
+        *,
+        guard: Mapping[str, GuardValue] | None = None,
+    ) -> bool:
+        """Apply ``ops`` atomically (the last operation on a key wins) in one write.
+
+        With ``guard``: only if every ``key -> expected`` holds (None: absent), checked
+        and written atomically through the ``update_time`` precondition; returns False
+        (writing nothing) when it does not hold.
+
+        Raises:
+            StateLimitError: the patch or the resulting state does not fit in the run's
+                document; nothing is written.
+        """
+        final: dict[str, PatchOperation] = {}
+        for op in ops:
+            final[op.key] = op
+        if not final and not guard:
+            return True
+        entries, texts = self._encode(final)
+        if guard:
+            return await self._guarded(entries, texts, final, dict(guard))
+        data: dict[str, Any] = {
+            _MAP: dict(entries),
+            _RUN: self.run_id,
+            _EXPIRES: self.runs.expiry(),
+        }
+        merge = [FieldPath(_MAP, name) for name in entries] + [FieldPath(_RUN), FieldPath(_EXPIRES)]
+        self._snapshot = None
+        self.runs.clients.count("firestore.commit")
+        try:
+            # merge= takes field paths too (the stub says bool only).
+            await self.runs.document(self.run_id).set(data, merge=cast(Any, merge))
+        except google_errors.InvalidArgument as exc:
+            raise self._refused(exc, final) from exc
+        return True
+
+    def _encode(
+        self, final: Mapping[str, PatchOperation]
+    ) -> tuple[dict[str, Any], dict[str, str | None]]:
+        """Field name -> stored text (or DELETE_FIELD), and key -> value JSON text (None:
+        deleted); refuses a patch that cannot fit."""
+        dumps = self.runs.serializer.dumps
+        entries: dict[str, Any] = {}
+        texts: dict[str, str | None] = {}
+        size = 0
+        largest = ("", 0)
+        for key, op in final.items():
+            name, hashed = _field_name(key)
+            if op.op == "delete":
+                entries[name] = DELETE_FIELD
+                texts[key] = None
+                continue
+            text = texts[key] = dumps(op.value)
+            if hashed:
+                text = dumps([key, text])
+            entries[name] = text
+            # Firestore counts a string as its UTF-8 bytes + 1, a field name likewise.
+            entry_size = len(name.encode("utf-8")) + len(text.encode("utf-8")) + 2
+            size += entry_size
+            if entry_size > largest[1]:
+                largest = (key, entry_size)
+        if size > self.runs.max_state_bytes:
+            raise StateLimitError(
+                f"run {self.run_id!r}: a patch of {size:,} bytes cannot fit in the run's "
+                f"Firestore document (limit {self.runs.max_state_bytes:,} bytes; largest "
+                f"key {_short(largest[0])} with {largest[1]:,} bytes). Keep large values "
+                "outside the context (Cloud Storage) and store a reference."
+            )
+        return entries, texts
+
+    def _refused(
+        self, exc: google_errors.GoogleAPICallError, final: Mapping[str, PatchOperation]
+    ) -> Exception:
+        """Firestore's refusal of a write as flowcraft's error: too large -> StateLimitError."""
+        message = str(exc.message or exc)
+        if "size" in message or "maximum" in message or "entity" in message:
+            largest = max(
+                (k for k, op in final.items() if op.op == "set"),
+                key=lambda k: len(self.runs.serializer.dumps(final[k].value)),
+                default="",
+            )
+            return StateLimitError(
+                f"run {self.run_id!r}: Firestore refused the write: the state would pass "
+                f"1 MiB per document (largest key in this patch: {_short(largest)}): {message}"
+            )
+        return exc
+
+    async def _guarded(
+        self,
+        entries: Mapping[str, Any],
+        written: Mapping[str, str | None],
+        final: Mapping[str, PatchOperation],
+        guard: dict[str, GuardValue],
+    ) -> bool:
+        """Check ``guard`` and write ``entries`` in one precondition-guarded write."""
+        for key, expected in guard.items():
+            valid = isinstance(expected, int | str) and not isinstance(expected, bool)
+            if expected is not None and not valid:
+                raise TypeError(f"guard value for {key!r} must be None, int or str")
+        ref = self.runs.document(self.run_id)
+        snapshot = self._snapshot
+        if snapshot is not None and not all(k in snapshot.texts for k in guard):
+            snapshot = None
+        fresh = snapshot is None
+        for round_ in range(_GUARD_ROUNDS):
+            if snapshot is None:
+                snapshot = await self._read(list(guard))
+                fresh = True
+            if not self._holds(guard, snapshot):
+                if fresh:
+                    return False
+                snapshot = None  # what we remembered is old: look again
+                continue
+            self.runs.clients.count("firestore.commit")
+            self._snapshot = None
+            try:
+                if snapshot.exists:
+                    updates = {_path(name): value for name, value in entries.items()}
+                    updates[_RUN] = self.run_id
+                    updates[_EXPIRES] = self.runs.expiry()
+                    option = FirestoreAsyncClient.write_option(
+                        last_update_time=snapshot.update_time
+                    )
+                    result = await ref.update(updates, option=option)
+                else:
+                    created = {n: v for n, v in entries.items() if v is not DELETE_FIELD}
+                    result = await ref.create(
+                        {_MAP: created, _RUN: self.run_id, _EXPIRES: self.runs.expiry()}
+                    )
+            except (
+                google_errors.FailedPrecondition,
+                google_errors.AlreadyExists,
+                google_errors.NotFound,
+            ):
+                # Another write landed between the read and ours: read again. Firestore
+                # answers at once, so a short random pause spreads racing writers.
+                snapshot = None
+                await asyncio.sleep(random.uniform(0, 0.002 * (round_ + 1)))
+                continue
+            except google_errors.InvalidArgument as exc:
+                raise self._refused(exc, final) from exc
+            # The document is now what we read plus our ops: remember it, so a next
+            # guarded patch of this context needs no read.
+            texts = dict(snapshot.texts)
+            texts.update(written)
+            self._snapshot = _Snapshot(True, result.update_time, texts)
+            return True
+        raise RetryJob(
+            f"run {self.run_id!r}: a guarded patch lost {_GUARD_ROUNDS} races for the run's "
+            "document in a row; delivering the job again later"
+        )
+
+    def _holds(self, guard: Mapping[str, GuardValue], snapshot: _Snapshot) -> bool:
+        loads = self.runs.serializer.loads
+        for key, expected in guard.items():
+            text = snapshot.texts.get(key)
+            if expected is None:
+                if text is not None:
+                    return False
+                continue
+            if text is None:
+                return False
+            stored = loads(text)
+            if isinstance(expected, str):
+                if not isinstance(stored, str) or stored != expected:
+                    return False
+            elif isinstance(stored, bool) or not isinstance(stored, int) or stored != expected:
+                return False
+        return True
+
+
+def _decode_entry(name: str, text: str, loads: Any) -> tuple[str, str]:
+    """(key, value JSON text) of a stored map entry."""
+    if name.startswith(_HASHED):
+        key, value_text = loads(text)
+        return str(key), str(value_text)
+    return name[len(_PLAIN) :], text
+
+
+def _short(key: str, limit: int = 60) -> str:
+    return repr(key if len(key) <= limit else key[:limit] + "...")
