@@ -126,8 +126,9 @@ class CassandraClient:
         )
         options: dict[str, Any] = {
             "port": settings.port,
+            "protocol_version": settings.protocol_version,
             "execution_profiles": {EXEC_PROFILE_DEFAULT: profile},
-            "connect_timeout": min(settings.request_timeout, 10.0),
+            "connect_timeout": 10.0,
         }
         if settings.username is not None:
             password = settings.password.get_secret_value() if settings.password else ""
@@ -164,7 +165,8 @@ class CassandraClient:
         response: ResponseFuture = self.session.execute_async(statement, params)
 
         def on_page(page: Sequence[Any]) -> None:
-            rows.extend(page)
+            if page:
+                rows.extend(page)
             if response.has_more_pages:
                 self.requests += 1
                 response.start_fetching_next_page()
@@ -229,6 +231,26 @@ async def create_schema(
     )
 
 
+# Statement templates. The only substitutions are ``{state}`` and ``{results}``:
+# table names from CassandraSettings, validated identifiers. Everything else is a
+# bind marker.
+_TEMPLATES: dict[str, str] = {
+    "get": "SELECT v FROM {state} WHERE ns = ? AND run = ? AND k = ?",
+    "get_many": "SELECT k, v FROM {state} WHERE ns = ? AND run = ? AND k IN ?",
+    "get_all": "SELECT k, v FROM {state} WHERE ns = ? AND run = ?",
+    "set": "UPDATE {state} USING TTL ? SET v = ? WHERE ns = ? AND run = ? AND k = ?",
+    "delete": "DELETE FROM {state} WHERE ns = ? AND run = ? AND k = ?",
+    "set_if": "UPDATE {state} USING TTL ? SET v = ? WHERE ns = ? AND run = ? AND k = ? IF v = ?",
+    "delete_if": "DELETE FROM {state} WHERE ns = ? AND run = ? AND k = ? IF v = ?",
+    "check": "DELETE g FROM {state} WHERE ns = ? AND run = ? AND k = ? IF v = ?",
+    "result_put": (
+        "INSERT INTO {results} (ns, run, result) VALUES (?, ?, ?) IF NOT EXISTS USING TTL ?"
+    ),
+    "result_get": "SELECT result FROM {results} WHERE ns = ? AND run = ?",
+}
+_READS = ("get", "get_many", "get_all", "result_get")
+
+
 class _Statements:
     """Every statement the store sends, prepared once per client."""
 
@@ -246,26 +268,11 @@ class _Statements:
     @classmethod
     async def prepare(cls, client: CassandraClient) -> _Statements:
         state, results = _names(client.settings)
-        where = "WHERE ns = ? AND run = ? AND k = ?"
         made = cls()
-        made.get = await client.prepare(f"SELECT v FROM {state} {where}")
-        made.get_many = await client.prepare(
-            f"SELECT k, v FROM {state} WHERE ns = ? AND run = ? AND k IN ?"
-        )
-        made.get_all = await client.prepare(f"SELECT k, v FROM {state} WHERE ns = ? AND run = ?")
-        made.set = await client.prepare(f"UPDATE {state} USING TTL ? SET v = ? {where}")
-        made.delete = await client.prepare(f"DELETE FROM {state} {where}")
-        made.set_if = await client.prepare(f"UPDATE {state} USING TTL ? SET v = ? {where} IF v = ?")
-        made.delete_if = await client.prepare(f"DELETE FROM {state} {where} IF v = ?")
-        made.check = await client.prepare(f"DELETE g FROM {state} {where} IF v = ?")
-        made.result_put = await client.prepare(
-            f"INSERT INTO {results} (ns, run, result) VALUES (?, ?, ?) IF NOT EXISTS USING TTL ?"
-        )
-        made.result_get = await client.prepare(
-            f"SELECT result FROM {results} WHERE ns = ? AND run = ?"
-        )
-        for statement in (made.get, made.get_many, made.get_all, made.result_get):
-            statement.is_idempotent = True
+        for name, template in _TEMPLATES.items():
+            statement = await client.prepare(template.format(state=state, results=results))
+            statement.is_idempotent = name in _READS
+            setattr(made, name, statement)
         return made
 
 

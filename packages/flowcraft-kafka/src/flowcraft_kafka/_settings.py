@@ -61,6 +61,8 @@ class CassandraSettings(BaseModel):
     username: str | None = None
     password: SecretStr | None = None
     ssl_context: Any = Field(default=None, repr=False)
+    protocol_version: int = Field(default=5, ge=3, le=5)
+    """5 for Cassandra 4 and 5; 4 for Cassandra 3."""
     request_timeout: float = Field(default=10.0, gt=0)
     consistency: str = Field(default="LOCAL_QUORUM", pattern=r"^[A-Z_]+$")
     serial_consistency: str = Field(default="LOCAL_SERIAL", pattern=r"^(SERIAL|LOCAL_SERIAL)$")
