@@ -1,0 +1,320 @@
+"""``AzureAdapter``: node jobs on Azure Storage Queues, run state in Cosmos DB, Redis
+coordination.
+
+The base classes own every decision (``BaseDistributedAdapter``: the protocol;
+``PullingAdapter``: the receive/renew/settle loop). This module maps them to the
+services' calls:
+
+* ``receive``: one ``GET messages`` for up to the free slots (<= 32); the queue has
+  no long polling, so an empty queue is polled again after a pause that doubles
+  from ``poll_interval`` up to ``max_poll_interval`` (the bound on idle latency).
+* ``renew`` / ``release``: ``update_message`` with the message's newest pop receipt
+  (a release is a visibility timeout of the delay); ``ack``: ``delete_message`` per
+  message (the queue has no batch delete); ``dead_letter``: a copy with the reason
+  on ``<queue>-poison``, then the delete.
+* ``enqueue_job``: ``send_message`` of the job's JSON (ASCII, so always XML-safe);
+  a fan-out's sends overlap (``concurrent_enqueues``), the queue has no batch send.
+* ``create_context``: a :class:`~flowcraft_azure.context.CosmosContext`.
+* ``publish_final_result``: ``create_item`` of the run's result item (409: the first
+  result stays); ``get_final_result`` reads it.
+
+Consistency: the protocol reads what other workers committed (an activation record,
+a predecessor's decision). Under Cosmos DB's default Session consistency a reader
+without the writer's session token may be served by a replica that lacks the
+commit, take the job for a duplicate and drop it. So the adapter requires the
+account's default consistency to be Strong and checks it when it connects (a clear
+error otherwise); ``require_strong_consistency=False`` is for single-replica
+emulators only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from azure.cosmos import PartitionKey
+from azure.cosmos.aio import CosmosClient
+from azure.storage.queue.aio import QueueClient
+
+from flowcraft.distributed.adapter import FinalResult
+from flowcraft.distributed.coordination import CoordinationStore
+from flowcraft.distributed.delivery import DeadLetter
+from flowcraft.distributed.payload import JobPayload
+from flowcraft.distributed.pull import PullingAdapter
+from flowcraft.distributed.redis import RedisCoordinationStore
+from flowcraft.errors import FlowcraftError
+from flowcraft.events import EventBus
+from flowcraft.runtime import RuntimeOptions
+from flowcraft.serializer import JsonSerializer
+from flowcraft_azure._cosmos import PARTITION_KEY_PATH
+from flowcraft_azure._queue import MAX_RECEIVE, AzureMessage, StorageQueue
+from flowcraft_azure.context import DEFAULT_MAX_STATE_BYTES, CosmosContext, CosmosRunStore
+
+__all__ = ["AzureAdapter", "ConsistencyError"]
+
+logger = logging.getLogger("flowcraft_azure")
+
+POISON_SUFFIX = "-poison"
+
+
+class ConsistencyError(FlowcraftError):
+    """The Cosmos DB account's default consistency is weaker than Strong."""
+
+
+class AzureAdapter(PullingAdapter[AzureMessage]):
+    """A flowcraft worker (and operator client) on Azure Storage Queues, Cosmos DB and Redis.
+
+    Args:
+        runtime_options: the blueprints and node implementations this worker runs.
+        queue_name: the job queue; dead letters go to ``<queue_name>-poison``.
+        storage_connection_string: the storage account's connection string, or
+        storage_account_url / storage_credential: its queue endpoint and credential
+            (an account key, a SAS, an ``azure.identity`` async credential).
+        storage_options: more ``QueueClient`` options (TLS: ``connection_verify``,
+            ``connection_cert``; ``api_version``; retries ...).
+        cosmos_url / cosmos_credential: the Cosmos DB account endpoint and key (or an
+            async token credential); cosmos_client: a client to share instead (it is
+            not closed by :meth:`close`).
+        cosmos_options: more ``CosmosClient`` options (TLS: ``connection_verify``;
+            ``enable_endpoint_discovery=False`` for an emulator; retry options ...).
+        database / container: where run state lives (partition key ``/run``).
+        require_strong_consistency: refuse an account whose default consistency is not
+            Strong (see the module docstring). False only for a single-replica emulator.
+        redis_url / redis_options: the coordination store (``RedisCoordinationStore``
+            client options: TLS ``ssl_ca_certs``, ``password`` ...), or
+            coordination_store: any ``CoordinationStore`` (not closed by :meth:`close`).
+        poll_interval / max_poll_interval: the pause after an empty receive, doubling
+            up to the maximum (the queue has no long polling).
+        poll_window: how long one ``receive`` keeps polling an empty queue.
+        max_state_bytes: bytes one run's state may hold (below the 2 MB item limit).
+        max_deliveries: dead-letter a message the queue delivered more often than this
+            (``dequeue_count``; hand-backs count too, hence the generous default).
+        concurrency, visibility_seconds, ack_batch_size, ack_batch_window, event_bus,
+            key_prefix, lease_seconds, ...: see ``PullingAdapter`` and
+            ``BaseDistributedAdapter``.
+    """
+
+    concurrent_enqueues = True  # no batch send: a fan-out's sends overlap instead
+
+    def __init__(
+        self,
+        *,
+        runtime_options: RuntimeOptions,
+        queue_name: str = "flowcraft-jobs",
+        storage_connection_string: str | None = None,
+        storage_account_url: str | None = None,
+        storage_credential: Any = None,
+        storage_options: Mapping[str, Any] | None = None,
+        cosmos_url: str | None = None,
+        cosmos_credential: Any = None,
+        cosmos_client: CosmosClient | None = None,
+        cosmos_options: Mapping[str, Any] | None = None,
+        database: str = "flowcraft",
+        container: str = "runs",
+        require_strong_consistency: bool = True,
+        redis_url: str | None = None,
+        redis_options: Mapping[str, Any] | None = None,
+        coordination_store: CoordinationStore | None = None,
+        poll_interval: float = 0.05,
+        max_poll_interval: float = 1.0,
+        poll_window: float = 2.0,
+        max_state_bytes: int = DEFAULT_MAX_STATE_BYTES,
+        max_deliveries: int | None = 50,
+        event_bus: EventBus | None = None,
+        **options: Any,
+    ) -> None:
+        if (coordination_store is None) == (redis_url is None):
+            raise ValueError("pass exactly one of redis_url= or coordination_store=")
+        if (storage_connection_string is None) == (storage_account_url is None):
+            raise ValueError(
+                "pass exactly one of storage_connection_string= or storage_account_url="
+            )
+        if (cosmos_client is None) == (cosmos_url is None):
+            raise ValueError("pass exactly one of cosmos_url= or cosmos_client=")
+        if not 0 < poll_interval <= max_poll_interval:
+            raise ValueError("need 0 < poll_interval <= max_poll_interval")
+        owned_store: RedisCoordinationStore | None = None
+        if coordination_store is None:
+            # The base adapter prefixes every key (key_prefix); the store adds none.
+            owned_store = RedisCoordinationStore(
+                url=redis_url, key_prefix="", **dict(redis_options or {})
+            )
+            coordination_store = owned_store
+        super().__init__(
+            runtime_options=runtime_options,
+            coordination_store=coordination_store,
+            event_bus=event_bus,
+            max_deliveries=max_deliveries,
+            **options,
+        )
+        self._owned_store = owned_store
+        self.queue_name = queue_name
+        self.poll_interval = poll_interval
+        self.max_poll_interval = max_poll_interval
+        self.poll_window = poll_window
+        self.require_strong_consistency = require_strong_consistency
+        storage = dict(storage_options or {})
+        if storage_connection_string is not None:
+            queue = QueueClient.from_connection_string(
+                storage_connection_string, queue_name, **storage
+            )
+            poison = QueueClient.from_connection_string(
+                storage_connection_string, queue_name + POISON_SUFFIX, **storage
+            )
+        else:
+            assert storage_account_url is not None
+            queue = QueueClient(
+                storage_account_url, queue_name, credential=storage_credential, **storage
+            )
+            poison = QueueClient(
+                storage_account_url,
+                queue_name + POISON_SUFFIX,
+                credential=storage_credential,
+                **storage,
+            )
+        self.queue = StorageQueue(queue, poison)
+        self._owns_cosmos = cosmos_client is None
+        if cosmos_client is None:
+            assert cosmos_url is not None
+            cosmos_client = CosmosClient(
+                cosmos_url, credential=cosmos_credential, **dict(cosmos_options or {})
+            )
+        self.cosmos = cosmos_client
+        self.database_name = database
+        self.container_name = container
+        self.runs = CosmosRunStore(
+            self.cosmos.get_database_client(database).get_container_client(container),
+            serializer=runtime_options.serializer or JsonSerializer(),
+            max_state_bytes=max_state_bytes,
+            ready=self.connect,
+        )
+        self._connected: asyncio.Future[None] | None = None
+        self._idle_pause = poll_interval
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(queue={self.queue_name!r}, "
+            f"container={self.database_name}/{self.container_name}, worker_id={self.worker_id!r})"
+        )
+
+    # ------------------------------------------------------------ connecting
+
+    async def connect(self) -> None:
+        """Open the Cosmos DB client and check the account's consistency (once; every
+        store call awaits this first)."""
+        if self._connected is None:
+            self._connected = asyncio.ensure_future(self._connect())
+        try:
+            await asyncio.shield(self._connected)
+        except BaseException:
+            if self._connected.done():
+                self._connected = None  # a failed connect is tried again next time
+            raise
+
+    async def _connect(self) -> None:
+        if self._owns_cosmos:
+            await self.cosmos.__aenter__()
+        account = await self.cosmos._get_database_account()
+        level = (account.ConsistencyPolicy or {}).get("defaultConsistencyLevel", "unknown")
+        if self.require_strong_consistency and level != "Strong":
+            raise ConsistencyError(
+                f"the Cosmos DB account's default consistency is {level}; flowcraft-azure needs "
+                "Strong (a worker reading a replica that lacks another worker's commit would "
+                "drop that job). Set the account's default consistency to Strong, or pass "
+                "require_strong_consistency=False for a single-replica emulator only."
+            )
+        logger.debug("Cosmos DB connected (consistency %s)", level)
+
+    async def create_resources(self) -> None:
+        """Create the queue, the poison queue, the database and the container if missing."""
+        await self.connect()
+        await self.queue.create()
+        db = await self.cosmos.create_database_if_not_exists(self.database_name)
+        await db.create_container_if_not_exists(
+            self.container_name, partition_key=PartitionKey(PARTITION_KEY_PATH)
+        )
+
+    async def worker(self) -> None:
+        """Connect (failing at once on a weaker consistency), then process jobs."""
+        await self.connect()
+        await super().worker()
+
+    async def close(self) -> None:
+        """Close the clients this adapter created (a given client or store stays open)."""
+        await self.queue.queue.close()
+        await self.queue.poison.close()
+        if self._owns_cosmos:
+            await self.cosmos.close()
+        if self._owned_store is not None:
+            await self._owned_store.aclose()
+
+    # ------------------------------------------------------------ the seed's primitives
+
+    def create_context(self, run_id: str) -> CosmosContext:
+        return self.runs.context(run_id)
+
+    async def enqueue_job(self, job: JobPayload) -> None:
+        await self.queue.send(json.dumps(job.to_wire(), separators=(",", ":"), ensure_ascii=True))
+
+    async def publish_final_result(self, run_id: str, result: FinalResult) -> None:
+        """Store the result item, keeping the first one published."""
+        await self.runs.write_result(run_id, result.to_json_dict())
+
+    async def get_final_result(self, run_id: str) -> FinalResult | None:
+        """The published result: one query of the run's result item."""
+        data = await self.runs.read_result(run_id)
+        if data is None:
+            return None
+        return FinalResult(run_id, data["status"], data["context"], list(data.get("errors") or []))
+
+    # ------------------------------------------------------------ the pull loop's calls
+
+    async def receive(self, max_messages: int) -> Sequence[AzureMessage]:
+        """Up to ``max_messages`` messages; on an empty queue, polls again after a
+        growing pause for at most ``poll_window`` seconds."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.poll_window
+        while True:
+            found = await self.queue.receive(
+                min(max_messages, MAX_RECEIVE), self.visibility_seconds
+            )
+            if found:
+                self._idle_pause = self.poll_interval
+                return found
+            pause = min(self._idle_pause, deadline - loop.time())
+            if pause <= 0 or self.stopping:
+                return []
+            await asyncio.sleep(pause)
+            self._idle_pause = min(self._idle_pause * 2, self.max_poll_interval)
+
+    def message_body(self, message: AzureMessage) -> str:
+        return message.body
+
+    def delivery_count(self, message: AzureMessage) -> int:
+        return message.dequeue_count
+
+    async def ack(self, messages: Sequence[AzureMessage]) -> None:
+        """One delete per message (the queue has no batch delete), sent together."""
+        await asyncio.gather(*(self.queue.remove(m) for m in messages))
+
+    async def renew(self, message: AzureMessage, seconds: float) -> None:
+        await self.queue.set_visibility(message, seconds)
+
+    async def release(self, message: AzureMessage, delay_seconds: float) -> None:
+        await self.queue.set_visibility(message, delay_seconds)
+
+    async def dead_letter(self, message: AzureMessage, reason: str) -> None:
+        await self.queue.park(message, reason)
+
+    # ------------------------------------------------------------ operators and tests
+
+    async def send_body(self, body: str) -> None:
+        """Put a raw message body on the job queue, unchecked (tools and tests)."""
+        await self.queue.send(body)
+
+    async def dead_letters(self, limit: int = 32) -> list[DeadLetter]:
+        """A look at the poison queue: each parked body with its reason."""
+        return await self.queue.dead_letters(limit)
