@@ -6,6 +6,11 @@ owns a Durable Object ``Counter`` (``POST /incr?key=``, ``POST /setnx?key=``,
 (``POST /queue/send``); ``GET /health`` answers after a round trip through a Durable
 Object.
 
+Workers shipped inside flowcraft packages (``PACKAGED_WORKERS``: flowcraft-cloudflare's
+companion Worker) run beside the test worker when their package is installed: the
+launcher gets ``--worker CONFIG.json`` for each, and their routes (``*/flowcraft/*``)
+take the requests they claim; everything else still reaches the test worker.
+
 Local process: ``node launcher.mjs --port PORT`` through Miniflare's Node API with
 ``cf: false`` (nothing is fetched from the network), using the miniflare version pinned
 in that folder's ``package.json`` (4.20260426.x, the last line that runs on Node 20),
@@ -19,6 +24,7 @@ launcher from the folder, mounted read-only.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import re
@@ -36,7 +42,13 @@ from flowcraft_backends._service import Service
 if TYPE_CHECKING:
     from testcontainers.core.container import DockerContainer
 
-__all__ = ["LAUNCHER_DIR", "MiniflareService", "pinned_version"]
+__all__ = [
+    "LAUNCHER_DIR",
+    "PACKAGED_WORKERS",
+    "MiniflareService",
+    "packaged_worker_configs",
+    "pinned_version",
+]
 
 _log = logging.getLogger(__name__)
 
@@ -44,6 +56,26 @@ _log = logging.getLogger(__name__)
 LAUNCHER_DIR = Path(__file__).resolve().parent.parent / "miniflare"
 _NODE_MAJOR = 20
 _CONTAINER_SOURCE = "/flowcraft-miniflare"
+_CONTAINER_WORKERS = "/flowcraft-workers"
+
+#: Workers shipped inside flowcraft packages: (import name, Miniflare config in it).
+PACKAGED_WORKERS: tuple[tuple[str, str], ...] = (("flowcraft_cloudflare", "worker/miniflare.json"),)
+
+
+def packaged_worker_configs() -> list[Path]:
+    """The Miniflare configs of the packaged workers whose package is installed."""
+    found: list[Path] = []
+    for module, relative in PACKAGED_WORKERS:
+        try:
+            spec = importlib.util.find_spec(module)
+        except (ImportError, ValueError):
+            continue
+        for location in (spec.submodule_search_locations or []) if spec else []:
+            config = Path(location) / relative
+            if config.is_file():
+                found.append(config)
+                break
+    return found
 
 
 def pinned_version() -> str:
@@ -126,6 +158,7 @@ class MiniflareService(Service):
             f"--port={port}",
             f"--modules={_modules_dir()}",
             f"--persist={workdir / 'data'}",
+            *(f"--worker={config}" for config in packaged_worker_configs()),
         ]
         # Miniflare keeps a scratch directory in TMPDIR and removes it only in the
         # background on exit; inside the run directory it goes when the service stops.
@@ -141,17 +174,30 @@ class MiniflareService(Service):
         answer.raise_for_status()
         if answer.json() != {"ok": True}:
             raise RuntimeError(f"unexpected health answer from {url}: {answer.text}")
+        for config in packaged_worker_configs():
+            health = json.loads(config.read_text()).get("health")
+            if health:
+                httpx.get(f"{url}{health}", timeout=5.0).raise_for_status()
 
     def docker_container(self) -> DockerContainer:
+        configs = packaged_worker_configs()
+        workers = "".join(
+            f" --worker={_CONTAINER_WORKERS}/{i}/{config.name}" for i, config in enumerate(configs)
+        )
         script = (
             f"mkdir -p /app && cp -r {_CONTAINER_SOURCE}/. /app && cd /app && "
             "rm -rf node_modules && "
             "npm ci --ignore-scripts --no-audit --no-fund && "
-            f"exec node launcher.mjs --host=0.0.0.0 --port={self.docker_port}"
+            f"exec node launcher.mjs --host=0.0.0.0 --port={self.docker_port}{workers}"
         )
-        return (
+        container = (
             super()
             .docker_container()
             .with_volume_mapping(str(LAUNCHER_DIR), _CONTAINER_SOURCE, "ro")
             .with_command(["sh", "-c", script])
         )
+        for i, config in enumerate(configs):
+            container = container.with_volume_mapping(
+                str(config.parent), f"{_CONTAINER_WORKERS}/{i}", "ro"
+            )
+        return container

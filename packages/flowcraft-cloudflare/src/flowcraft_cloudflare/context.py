@@ -1,0 +1,156 @@
+"""A run's context in its Durable Object (``FlowcraftRun``), one atomic batch per call.
+
+The object keeps one SQLite row per context key. ``patch`` sends every set and
+delete (and the guard) in one call, which the object runs in one
+``transactionSync``: O(delta), all or nothing, and nothing else runs on the
+object in between, so the guard's check and the write are one step.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from flowcraft.context import BaseAsyncContext, PatchOperation
+from flowcraft.errors import StateLimitError
+from flowcraft.serializer import JsonSerializer, Serializer
+from flowcraft_cloudflare._client import WorkerClient, _TooLarge
+
+__all__ = ["MAX_VALUE_BYTES", "DurableObjectContext", "run_object"]
+
+logger = logging.getLogger("flowcraft.cloudflare")
+
+MAX_VALUE_BYTES = 2 * 1024 * 1024
+"""A SQLite-backed Durable Object stores at most 2 MB in one row (key + value)."""
+
+_GUARD_JSON = JsonSerializer()
+
+
+def escape_id(part: str) -> str:
+    """The escaping of ``flowcraft.distributed.keys`` (``%`` and ``:``)."""
+    return part.replace("%", "%25").replace(":", "%3A")
+
+
+def run_object(namespace: str, run_id: str) -> str:
+    """The name of a run's Durable Object (its context and coordination keys)."""
+    return f"{namespace}/r:{escape_id(run_id)}"
+
+
+def _guard_text(key: str, expected: object) -> str | None:
+    if expected is None:
+        return None
+    if isinstance(expected, bool) or not isinstance(expected, int | str):
+        raise TypeError(f"guard for {key!r} must be None, int or str, not {type(expected)!r}")
+    return _GUARD_JSON.dumps(expected)
+
+
+class DurableObjectContext(BaseAsyncContext):
+    """The context of ``run_id``: rows of its run object, read and patched in batches.
+
+    Args:
+        client: the Worker client.
+        object_name: the run object's name (see :func:`run_object`).
+        run_id: for error messages.
+        serializer: turns values into the JSON text the object stores.
+        ttl_seconds: the object is deleted this long after its last write.
+        max_value_bytes: the largest key + value one row may hold.
+    """
+
+    def __init__(
+        self,
+        client: WorkerClient,
+        object_name: str,
+        run_id: str,
+        *,
+        serializer: Serializer | None = None,
+        ttl_seconds: float = 7 * 24 * 3600,
+        max_value_bytes: int = MAX_VALUE_BYTES,
+    ) -> None:
+        self.client = client
+        self.object_name = object_name
+        self.run_id = run_id
+        self.serializer = serializer or JsonSerializer()
+        self.ttl_seconds = ttl_seconds
+        self.max_value_bytes = max_value_bytes
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(run_id={self.run_id!r})"
+
+    async def batch(self, ops: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+        """Run raw object ops as one atomic step (one round trip)."""
+        try:
+            answer = await self.client.call(
+                "do", {"object": self.object_name, "ttl": self.ttl_seconds, "ops": list(ops)}
+            )
+        except _TooLarge as exc:
+            raise StateLimitError(
+                f"run {self.run_id!r}: the value of {exc.key!r} is {exc.size} bytes; a "
+                f"Durable Object row holds at most {self.max_value_bytes}"
+            ) from exc
+        results: list[dict[str, Any]] = answer["results"]
+        return results
+
+    async def get(self, key: str) -> Any:
+        return (await self.get_many([key])).get(key)
+
+    async def has(self, key: str) -> bool:
+        return key in await self.get_many([key])
+
+    async def get_many(self, keys: Sequence[str]) -> dict[str, Any]:
+        if not keys:
+            return {}
+        (result,) = await self.batch([{"op": "get", "keys": list(keys)}])
+        return self.decode_values(result)
+
+    def decode_values(self, result: Mapping[str, Any]) -> dict[str, Any]:
+        return {key: self.serializer.loads(text) for key, text in result["values"]}
+
+    async def to_dict(self) -> dict[str, Any]:
+        (result,) = await self.batch([{"op": "dump"}])
+        return self.decode_values(result)
+
+    def patch_op(
+        self,
+        ops: Sequence[PatchOperation],
+        guard: Mapping[str, int | str | None] | None = None,
+    ) -> dict[str, Any]:
+        """The object op for ``patch`` (the last operation on a key wins)."""
+        final: dict[str, str | None] = {}
+        for op in ops:
+            if op.op == "set":
+                text = self.serializer.dumps(op.value)
+                size = len(op.key.encode("utf-8", "surrogatepass")) + len(
+                    text.encode("utf-8", "surrogatepass")
+                )
+                if size > self.max_value_bytes:
+                    raise StateLimitError(
+                        f"run {self.run_id!r}: key {op.key[:200]!r} and its value take "
+                        f"{size} bytes; a Durable Object row holds at most {self.max_value_bytes}"
+                    )
+                final[op.key] = text
+            elif op.op == "delete":
+                final[op.key] = None
+            else:
+                raise ValueError(f"unknown patch operation {op.op!r}")
+        body: dict[str, Any] = {
+            "op": "patch",
+            "set": [[k, v] for k, v in final.items() if v is not None],
+            "delete": [k for k, v in final.items() if v is None],
+        }
+        if guard:
+            body["guard"] = [[k, _guard_text(k, v)] for k, v in guard.items()]
+        return body
+
+    async def patch(  # type: ignore[override]  # the guarded patch of issue 12
+        self,
+        ops: Sequence[PatchOperation],
+        *,
+        guard: Mapping[str, int | str | None] | None = None,
+    ) -> bool:
+        """Apply ``ops`` atomically; with ``guard``, only if every guarded key holds the
+        expected value (None: absent). False, writing nothing, when the guard fails."""
+        if not ops and not guard:
+            return True
+        (result,) = await self.batch([self.patch_op(ops, guard)])
+        return bool(result["applied"])
