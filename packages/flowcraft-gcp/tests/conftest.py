@@ -8,13 +8,15 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 import redis.asyncio as redis_asyncio
 
+from flowcraft import RuntimeOptions
 from flowcraft_backends import RunningService
-from flowcraft_gcp import GcpClients
+from flowcraft_gcp import GcpAdapter, GcpClients
 
 
 @dataclass(frozen=True)
@@ -69,3 +71,40 @@ async def key_prefix(backends: Backends) -> AsyncIterator[str]:
             await client.delete(*keys)
     finally:
         await client.aclose()
+
+
+@dataclass
+class Namespace:
+    """One test's corner of the three servers: a project and a Redis key prefix."""
+
+    project: str
+    redis_url: str
+    key_prefix: str
+    adapters: list[GcpAdapter] = field(default_factory=list)
+
+    def options(self, **overrides: Any) -> dict[str, Any]:
+        """Adapter options in this namespace (fast timings for tests)."""
+        options: dict[str, Any] = {
+            "project": self.project,
+            "redis_url": self.redis_url,
+            "key_prefix": self.key_prefix,
+            "lease_seconds": 3.0,
+            "retry_delay_seconds": 0.2,
+            "ack_deadline_seconds": 10,
+            "pull_timeout_seconds": 1.0,
+        }
+        options.update(overrides)
+        return options
+
+    def adapter(self, runtime_options: RuntimeOptions, **overrides: Any) -> GcpAdapter:
+        adapter = GcpAdapter(runtime_options=runtime_options, **self.options(**overrides))
+        self.adapters.append(adapter)
+        return adapter
+
+
+@pytest.fixture
+async def namespace(backends: Backends, project: str, key_prefix: str) -> AsyncIterator[Namespace]:
+    ns = Namespace(project, backends.redis_url, key_prefix)
+    yield ns
+    for adapter in ns.adapters:
+        await adapter.aclose()

@@ -157,15 +157,6 @@ async def test_awkward_run_ids_get_their_own_document(runs: RunCollection, run_i
     assert "/" not in document_id(run_id)
 
 
-async def test_final_result_first_write_wins(runs: RunCollection, ctx: FirestoreContext) -> None:
-    first = {"status": "completed", "errors": [], "context": {"a": 2**70}}
-    assert await runs.write_result(ctx.run_id, first) is True
-    assert await runs.write_result(ctx.run_id, {"status": "failed"}) is False
-    assert await runs.read_result(ctx.run_id) == first
-    assert await _raw(ctx) == {}, "the run's document is untouched"
-    assert await runs.read_result("other") is None
-
-
 # ---------------------------------------------------------------- the guarded patch
 
 

@@ -8,7 +8,10 @@ EXPECTED = {
     "DEFAULT_MAX_STATE_BYTES",
     "FIRESTORE_DOCUMENT_LIMIT",
     "FirestoreContext",
+    "GcpAdapter",
     "GcpClients",
+    "JobQueue",
+    "QueueNames",
     "RunCollection",
 }
 
@@ -23,3 +26,9 @@ def test_context_is_an_async_context() -> None:
     from flowcraft.context import AsyncContext
 
     assert issubclass(flowcraft_gcp.FirestoreContext, AsyncContext)
+
+
+def test_adapter_is_a_pulling_adapter() -> None:
+    from flowcraft.distributed import PullingAdapter
+
+    assert issubclass(flowcraft_gcp.GcpAdapter, PullingAdapter)

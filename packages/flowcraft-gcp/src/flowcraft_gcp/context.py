@@ -126,8 +126,7 @@ class RunCollection:
 
     Args:
         clients: the Firestore (and Pub/Sub) clients.
-        collection: the collection of run documents; results go to
-            ``{collection}_results``.
+        collection: the collection of run documents.
         max_state_bytes: bytes of keys and values one run may hold (under 1 MiB).
         state_ttl_seconds: the expiry written to every run document (field ``x``) for
             a Firestore TTL policy on that field (the emulator has no TTL policies).
@@ -144,10 +143,6 @@ class RunCollection:
         if not 0 < self.max_state_bytes <= FIRESTORE_DOCUMENT_LIMIT:
             raise ValueError("max_state_bytes must be in 1..1,048,576 (Firestore's limit)")
 
-    @property
-    def results_collection(self) -> str:
-        return f"{self.collection}_results"
-
     def context(self, run_id: str) -> FirestoreContext:
         return FirestoreContext(self, run_id)
 
@@ -156,56 +151,6 @@ class RunCollection:
 
     def expiry(self) -> dt.datetime:
         return dt.datetime.now(dt.UTC) + dt.timedelta(seconds=self.state_ttl_seconds)
-
-    async def write_result(self, run_id: str, result: Mapping[str, Any]) -> bool:
-        """Store the final result unless one is stored: ``create()`` (precondition: the
-        document does not exist), so the first result wins. Returns whether this wrote."""
-        text = self.serializer.dumps(dict(result))
-        if len(text.encode()) > self.max_state_bytes:
-            raise StateLimitError(
-                f"run {run_id!r}: the final result ({len(text.encode()):,} bytes of JSON) "
-                f"does not fit in one Firestore document (1 MiB)"
-            )
-        ref = (
-            self.clients.firestore()
-            .collection(self.results_collection)
-            .document(document_id(run_id))
-        )
-        self.clients.count("firestore.commit")
-        try:
-            await ref.create({"v": text, _RUN: run_id, _EXPIRES: self.expiry()})
-        except google_errors.AlreadyExists:
-            return False
-        except google_errors.InvalidArgument as exc:
-            raise StateLimitError(
-                f"run {run_id!r}: Firestore refused the final result: {exc.message}"
-            ) from exc
-        return True
-
-    async def read_result(self, run_id: str) -> Any:
-        """The stored final result, or None: one document read."""
-        ref = (
-            self.clients.firestore()
-            .collection(self.results_collection)
-            .document(document_id(run_id))
-        )
-        self.clients.count("firestore.get")
-        snapshot = await ref.get()
-        if not snapshot.exists:
-            return None
-        data = snapshot.to_dict() or {}
-        return self.serializer.loads(data["v"])
-
-    async def delete_run(self, run_id: str) -> None:
-        """Delete a run's state and result documents (an absent one is fine)."""
-        self.clients.count("firestore.commit", 2)
-        await self.document(run_id).delete()
-        await (
-            self.clients.firestore()
-            .collection(self.results_collection)
-            .document(document_id(run_id))
-            .delete()
-        )
 
 
 class FirestoreContext(BaseAsyncContext):

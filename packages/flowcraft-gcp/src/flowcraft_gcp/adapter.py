@@ -1,0 +1,250 @@
+"""``GcpAdapter``: node jobs on Pub/Sub, run state in Firestore, coordination in Redis.
+
+The base classes own the protocol and the worker loop
+(:class:`~flowcraft.distributed.PullingAdapter`: a pull per free slot, renewals while
+a job runs, batched acks, settlement). This module maps them to Google's calls:
+
+==========================  ====================================================
+``create_context``          :class:`~flowcraft_gcp.FirestoreContext` (a document)
+``enqueue_job(s)``          one Pub/Sub ``Publish`` (a fan-out in one call)
+``receive``                 one unary ``Pull`` of at most the free slots
+``renew``                   ``ModifyAckDeadline(ack_deadline_seconds)``
+``release``                 ``ModifyAckDeadline(delay)`` (near the subscription's
+                            delivery limit: published again, then acked)
+``ack``                     one ``Acknowledge`` per batch
+``dead_letter``             ``Publish`` to the dead-letter topic with the reason, ack
+``publish_final_result``    the core's ``RedisResults``: ``SET NX`` + ``PUBLISH``
+``watch_result``            one shared Redis ``SUBSCRIBE`` wakes ``wait_for_result``
+==========================  ====================================================
+
+Coordination (leases, joins, the final claim) is the core's
+``RedisCoordinationStore``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from google.pubsub_v1.types import ReceivedMessage
+
+from flowcraft.distributed.adapter import FinalResult
+from flowcraft.distributed.coordination import CoordinationStore
+from flowcraft.distributed.delivery import DeadLetter
+from flowcraft.distributed.payload import JobPayload
+from flowcraft.distributed.pull import PullingAdapter
+from flowcraft.distributed.redis import RedisCoordinationStore, RedisResults
+from flowcraft.distributed.results import ResultWatch
+from flowcraft.events import EventBus
+from flowcraft.runtime import RuntimeOptions
+from flowcraft.serializer import JsonSerializer
+from flowcraft_gcp._clients import GcpClients
+from flowcraft_gcp.context import DEFAULT_MAX_STATE_BYTES, FirestoreContext, RunCollection
+from flowcraft_gcp.queue import JobQueue, QueueNames
+
+if TYPE_CHECKING:
+    from google.auth.credentials import Credentials
+
+__all__ = ["GcpAdapter"]
+
+# A hand-back this close to the subscription's delivery limit is published again
+# (a fresh message, count 1) instead of delayed, so waiting for a busy lease or a
+# compatible worker never lets Pub/Sub's dead-letter policy park a healthy job.
+_REPUBLISH_MARGIN = 3
+
+
+class GcpAdapter(PullingAdapter[ReceivedMessage]):
+    """A flowcraft worker (and operator client) on Pub/Sub, Firestore and Redis.
+
+    Args:
+        runtime_options: the blueprints and node implementations this worker runs.
+        project: the Google Cloud project (default ``GOOGLE_CLOUD_PROJECT``); or
+            ``clients``, shared :class:`GcpClients` (not closed by :meth:`aclose`).
+        credentials: ``google.auth`` credentials (default: Application Default
+            Credentials; none against the emulators).
+        firestore_database: the Firestore database id (default ``(default)``).
+        firestore_options / pubsub_options: ``client_options`` for Google's clients
+            (``api_endpoint``, ``client_cert_source`` for mTLS, ...).
+        redis_url: ``redis://`` or ``rediss://`` URL of the coordination Redis (or
+            ``coordination_store``, a shared ``RedisCoordinationStore``).
+        redis_options: options of the Redis client for ``redis_url`` (TLS:
+            ``ssl_ca_certs``, ``ssl_certfile``, ...; ``password``; pool size).
+        topic: the job topic; its subscriptions and dead-letter topic are named after
+            it (see :class:`QueueNames`), or give ``queue_names``.
+        collection: the Firestore collection of run documents.
+        create_topology: create missing topics and subscriptions on first use
+            (off where the service account may not administer Pub/Sub).
+        ack_deadline_seconds: how long a pulled job stays with its worker unless
+            renewed (renewed every third of it while the job runs; 10-600).
+        max_delivery_attempts: the subscription's dead-letter limit (5-100): a job
+            delivered this often without being settled (it kills its worker) is
+            parked by Pub/Sub.
+        pull_timeout_seconds: how long a pull waits when no job is ready.
+        max_state_bytes: what one run's context may hold (under Firestore's 1 MiB).
+        concurrency: jobs in hand at once.
+        event_bus, key_prefix, state_ttl_seconds, lease_seconds, dedupe_window_seconds,
+            worker_id, retry_delay_seconds, ...: see the base adapters.
+    """
+
+    concurrent_enqueues = True
+
+    def __init__(
+        self,
+        *,
+        runtime_options: RuntimeOptions,
+        project: str | None = None,
+        clients: GcpClients | None = None,
+        credentials: Credentials | None = None,
+        firestore_database: str | None = None,
+        firestore_options: Mapping[str, Any] | None = None,
+        pubsub_options: Mapping[str, Any] | None = None,
+        redis_url: str | None = None,
+        redis_options: Mapping[str, Any] | None = None,
+        coordination_store: RedisCoordinationStore | None = None,
+        topic: str = "flowcraft-jobs",
+        queue_names: QueueNames | None = None,
+        collection: str = "flowcraft_runs",
+        create_topology: bool = True,
+        ack_deadline_seconds: int = 30,
+        max_delivery_attempts: int = 100,
+        pull_timeout_seconds: float = 2.0,
+        max_state_bytes: int = DEFAULT_MAX_STATE_BYTES,
+        concurrency: int = 10,
+        event_bus: EventBus | None = None,
+        **options: Any,
+    ) -> None:
+        if (coordination_store is None) == (redis_url is None):
+            raise ValueError("pass exactly one of redis_url= or coordination_store=")
+        if clients is not None and (project or credentials or firestore_options or pubsub_options):
+            raise ValueError("pass clients= or the settings to create them, not both")
+        owned_store: RedisCoordinationStore | None = None
+        if coordination_store is None:
+            # The base adapter prefixes every key (key_prefix); the store adds none.
+            owned_store = RedisCoordinationStore(
+                url=redis_url, key_prefix="", **dict(redis_options or {})
+            )
+            coordination_store = owned_store
+        store: CoordinationStore = coordination_store
+        super().__init__(
+            runtime_options=runtime_options,
+            coordination_store=store,
+            event_bus=event_bus,
+            concurrency=concurrency,
+            visibility_seconds=float(ack_deadline_seconds),
+            **options,
+        )
+        self._owned_store = owned_store
+        self._owns_clients = clients is None
+        self.clients = clients or GcpClients(
+            project,
+            credentials=credentials,
+            database=firestore_database,
+            firestore_options=firestore_options,
+            pubsub_options=pubsub_options,
+        )
+        self.runs = RunCollection(
+            self.clients,
+            collection,
+            max_state_bytes=max_state_bytes,
+            state_ttl_seconds=self.state_ttl_seconds,
+            serializer=runtime_options.serializer or JsonSerializer(),
+        )
+        self.queue = JobQueue(
+            self.clients,
+            queue_names or QueueNames.for_topic(topic),
+            ack_deadline_seconds=ack_deadline_seconds,
+            max_delivery_attempts=max_delivery_attempts,
+            pull_timeout_seconds=pull_timeout_seconds,
+        )
+        if not create_topology:
+            self.queue.assume_created()
+        self.results = RedisResults(
+            coordination_store.client,
+            key_prefix=self.key_prefix,
+            ttl_seconds=self.state_ttl_seconds,
+        )
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(queue={self.queue!r}, worker_id={self.worker_id!r})"
+
+    # ------------------------------------------------------------ the seed's primitives
+
+    def create_context(self, run_id: str) -> FirestoreContext:  # type: ignore[override]
+        # (only until the core's AsyncContext.patch gains the guard and returns bool)
+        return self.runs.context(run_id)
+
+    async def enqueue_job(self, job: JobPayload) -> None:
+        await self.queue.publish([job.encode()])
+
+    async def enqueue_jobs(self, jobs: Sequence[JobPayload]) -> None:
+        """A fan-out's successors (or a run's start nodes) in one ``Publish``."""
+        if jobs:
+            await self.queue.publish([job.encode() for job in jobs])
+
+    async def enqueue_raw(self, body: bytes) -> None:
+        """Put ``body`` on the job topic as it is (tools, tests)."""
+        await self.queue.publish([body])
+
+    async def publish_final_result(self, run_id: str, result: FinalResult) -> None:
+        """Stored first-wins in Redis and announced there: the core's ``RedisResults``."""
+        await self.results.publish(result)
+
+    async def read_final_result(self, run_id: str) -> FinalResult | None:
+        return await self.results.read(run_id)
+
+    @contextlib.asynccontextmanager
+    async def watch_result(self, run_id: str) -> AsyncIterator[ResultWatch | None]:
+        """Woken by the publication (one Redis ``SUBSCRIBE`` per adapter)."""
+        async with self.results.watch(run_id) as watch:
+            yield watch
+
+    # ------------------------------------------------------------ the queue's calls
+
+    async def receive(self, max_messages: int) -> Sequence[ReceivedMessage]:
+        return await self.queue.pull(max_messages)
+
+    def message_body(self, message: ReceivedMessage) -> bytes:
+        return bytes(message.message.data)
+
+    def delivery_count(self, message: ReceivedMessage) -> int | None:
+        """Pub/Sub's ``delivery_attempt`` (numbered because the subscription has a
+        dead-letter policy)."""
+        return message.delivery_attempt or None
+
+    async def ack(self, messages: Sequence[ReceivedMessage]) -> None:
+        await self.queue.ack(messages)
+
+    async def renew(self, message: ReceivedMessage, seconds: float) -> None:
+        await self.queue.modify([message], seconds)
+
+    async def release(self, message: ReceivedMessage, delay_seconds: float) -> None:
+        """``ModifyAckDeadline(delay)`` (at most 600 s). Pub/Sub counts that delivery;
+        near the subscription's limit the job is published again and this copy acked,
+        so hand-backs never get a healthy job parked by the dead-letter policy."""
+        attempt = message.delivery_attempt or 0
+        if attempt and attempt >= self.queue.max_delivery_attempts - _REPUBLISH_MARGIN:
+            await self.queue.publish(
+                [bytes(message.message.data)], dict(message.message.attributes)
+            )
+            await self.queue.ack([message])
+            return
+        await self.queue.modify([message], delay_seconds)
+
+    async def dead_letter(self, message: ReceivedMessage, reason: str) -> None:
+        await self.queue.dead_letter(message, reason)
+
+    async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
+        """The parked jobs with their reasons (they stay parked)."""
+        return await self.queue.dead_letters(limit)
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def close(self) -> None:
+        """Close the result listener and what this adapter created (shared clients and
+        a given coordination store stay open)."""
+        await self.results.aclose()
+        if self._owned_store is not None:
+            await self._owned_store.aclose()
+        if self._owns_clients:
+            await self.clients.aclose()

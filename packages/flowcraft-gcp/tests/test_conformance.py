@@ -1,0 +1,44 @@
+"""The conformance kit against Google's Pub/Sub and Firestore emulators and Redis."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from flowcraft import RuntimeOptions
+from flowcraft.distributed.adapter import BaseDistributedAdapter
+from flowcraft.testing import AdapterConformanceTests, AdapterFactory
+from flowcraft_gcp import GcpAdapter
+
+from .conftest import Namespace
+
+
+class TestGcpAdapter(AdapterConformanceTests):
+    supports_dead_letter = True
+    supports_queue_retry = True
+    supports_duplicate_injection = True
+
+    @pytest.fixture
+    def adapter_factory(self, namespace: Namespace) -> AdapterFactory:
+        def build(options: RuntimeOptions, **overrides: Any) -> GcpAdapter:
+            return namespace.adapter(options, **overrides)
+
+        return build
+
+    async def enqueue_raw(self, adapter: BaseDistributedAdapter, raw: bytes) -> None:
+        assert isinstance(adapter, GcpAdapter)
+        await adapter.enqueue_raw(raw)
+
+    async def dead_letters(self, adapter: BaseDistributedAdapter) -> list[str]:
+        assert isinstance(adapter, GcpAdapter)
+        return [letter.reason for letter in await adapter.dead_letters()]
+
+    @pytest.mark.xfail(
+        reason="Firestore holds at most 1 MiB per document and the adapter keeps a run in "
+        "one document: the kit's 1 MB value is refused with StateLimitError (see "
+        "test_context.py)",
+        strict=True,
+    )
+    async def test_large_state_costs_deltas_only(self, adapter_factory: AdapterFactory) -> None:
+        await super().test_large_state_costs_deltas_only(adapter_factory)
