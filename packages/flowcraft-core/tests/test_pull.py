@@ -20,7 +20,6 @@ import pytest
 from flowcraft import Flow, NodeContext, RuntimeOptions
 from flowcraft.context import BaseAsyncContext, Context, PatchOperation
 from flowcraft.distributed import DeadLetter, FinalResult, PullingAdapter
-from flowcraft.distributed.adapter import BaseDistributedAdapter
 from flowcraft.distributed.coordination import InMemoryCoordinationStore
 from flowcraft.distributed.payload import JobPayload
 from flowcraft.testing import AdapterConformanceTests, AdapterFactory
@@ -143,20 +142,27 @@ class ToyAdapter(PullingAdapter[ToyMessage]):
             del self.queue.messages[message.id]
             self.queue.dead.append(DeadLetter(message.body.decode("latin-1"), reason))
 
+    # For tools and the conformance kit:
+
+    async def enqueue_raw(self, body: bytes) -> None:
+        self.queue.put(body)
+
+    async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
+        return self.queue.dead[:limit]
+
 
 # ---------------------------------------------------------------- the kit
 
 
 class TestToyAdapter(AdapterConformanceTests):
     supports_dead_letter = True
-    supports_queue_retry = False
+    supports_queue_retry = True
     supports_duplicate_injection = True
 
     @pytest.fixture
     def adapter_factory(self) -> AdapterFactory:
         queue, states = ToyQueue(), dict[str, Context]()
         store = InMemoryCoordinationStore()
-        self._queue = queue
 
         def build(options: RuntimeOptions, **kw: Any) -> ToyAdapter:
             return ToyAdapter(
@@ -168,12 +174,6 @@ class TestToyAdapter(AdapterConformanceTests):
             )
 
         return build
-
-    async def enqueue_raw(self, adapter: BaseDistributedAdapter, raw: bytes) -> None:
-        self._queue.put(raw)
-
-    async def dead_letters(self, adapter: BaseDistributedAdapter) -> list[str]:
-        return [letter.reason for letter in self._queue.dead]
 
 
 # ---------------------------------------------------------------- the loop's duties

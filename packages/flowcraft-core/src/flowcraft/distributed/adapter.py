@@ -26,7 +26,12 @@ from flowcraft.context import AsyncContext, PatchOperation
 from flowcraft.distributed import keys as K
 from flowcraft.distributed._scope import scope_keys
 from flowcraft.distributed.coordination import CoordinationStore
-from flowcraft.distributed.delivery import Settlement, settlement_for
+from flowcraft.distributed.delivery import (
+    DeadLetter,
+    Settlement,
+    backoff_seconds,
+    settlement_for,
+)
 from flowcraft.distributed.payload import JobPayload
 from flowcraft.distributed.results import ResultWatch
 from flowcraft.errors import (
@@ -59,6 +64,7 @@ logger = logging.getLogger("flowcraft.distributed")
 
 JobHandler = Callable[[JobPayload], Awaitable[None]]
 Disposition = Literal["ack", "retry", "dead-letter"]
+RetryMode = Literal["in-process", "queue"]
 FINAL_STATUSES = frozenset({"completed", "failed", "cancelled"})
 
 
@@ -126,7 +132,13 @@ class BaseDistributedAdapter(ABC):
         dedupe_window_seconds: float = 300.0,
         worker_id: str | None = None,
         retry_delay_seconds: float = 1.0,
+        reconcile_interval_seconds: float | None = None,
+        stalled_after_seconds: float = 300.0,
+        retry_mode: RetryMode = "in-process",
     ) -> None:
+        if retry_mode not in ("in-process", "queue"):
+            raise ValueError(f"retry_mode must be 'in-process' or 'queue', not {retry_mode!r}")
+        self.retry_mode: RetryMode = retry_mode
         self.runtime = FlowRuntime(runtime_options)
         self.coordination_store = coordination_store
         self.event_bus = event_bus if event_bus is not None else runtime_options.event_bus
@@ -137,6 +149,8 @@ class BaseDistributedAdapter(ABC):
         self.worker_id = worker_id or uuid.uuid4().hex[:12]
         self.logger = runtime_options.logger or logger
         self.retry_delay_seconds = retry_delay_seconds
+        self.reconcile_interval_seconds = reconcile_interval_seconds
+        self.stalled_after_seconds = stalled_after_seconds
         self._stopping = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -185,8 +199,10 @@ class BaseDistributedAdapter(ABC):
                 raise outcome
 
     def should_retry_in_process(self, node_def: NodeDefinition) -> bool:
-        """False: run one attempt per delivery and let the queue schedule retries."""
-        return True
+        """False: run one attempt per delivery and let the queue schedule retries
+        (``retry_mode="queue"``; the base counts the attempts and waits the node's
+        backoff between them, unless the queue numbers attempts itself)."""
+        return self.retry_mode == "in-process"
 
     def get_queue_retry_options(self, node_def: NodeDefinition) -> dict[str, Any] | None:
         """Queue-specific retry options for a node's jobs (e.g. attempts and backoff)."""
@@ -205,12 +221,23 @@ class BaseDistributedAdapter(ABC):
         return analyse(bp).nodes.get(job.node_id)
 
     async def worker(self) -> None:
-        """Process jobs until ``stop()`` (what a worker process runs)."""
+        """Process jobs until ``stop()`` (what a worker process runs), with the
+        reconciler beside it when ``reconcile_interval_seconds`` is set."""
         self._stopping.clear()
         self._idle.clear()
+        reconciler = (
+            asyncio.ensure_future(self._reconcile_until_stopped())
+            if self.reconcile_interval_seconds
+            else None
+        )
         try:
             await self.process_jobs(self.handle_job)
         finally:
+            # Background work ends on the flag, not by cancellation (which a client
+            # call in flight could swallow).
+            self._stopping.set()
+            if reconciler is not None:
+                await asyncio.gather(reconciler, return_exceptions=True)
             self._idle.set()
 
     async def stop(self) -> None:
@@ -230,6 +257,58 @@ class BaseDistributedAdapter(ABC):
     async def close(self) -> None:  # noqa: B027 (an optional hook)
         """Close what the adapter opened (clients, connections, listeners). Override;
         called once by :meth:`aclose` after the worker has stopped."""
+
+    async def enqueue_raw(self, body: bytes) -> None:
+        """Put ``body`` on the job queue as it is, unchecked (for tools and tests: the
+        conformance kit sends garbage this way). Override."""
+        raise NotImplementedError(f"{type(self).__name__} cannot put raw bytes on its queue")
+
+    async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
+        """Jobs parked by ``dead-letter`` settlements, with their reasons (at most
+        ``limit``, without removing them). Override."""
+        raise NotImplementedError(f"{type(self).__name__} cannot list its dead letters")
+
+    # ------------------------------------------------------------ the reconciler
+
+    async def find_stalled_runs(self, older_than_seconds: float, limit: int) -> list[str]:
+        """Runs not ended nor waiting for a resume whose state has not changed for
+        ``older_than_seconds``: the reconciler's candidates. Override (an index of
+        active runs in the adapter's store); the base cannot list runs."""
+        raise NotImplementedError(f"{type(self).__name__} cannot list stalled runs")
+
+    async def reconcile_stalled(
+        self, older_than_seconds: float | None = None, *, limit: int = 1000
+    ) -> dict[str, int]:
+        """``reconcile`` every stalled run; returns the jobs enqueued per run."""
+        age = self.stalled_after_seconds if older_than_seconds is None else older_than_seconds
+        enqueued: dict[str, int] = {}
+        for run_id in await self.find_stalled_runs(age, limit):
+            try:
+                enqueued[run_id] = await self.reconcile(run_id)
+            except Exception as exc:
+                self.logger.warning("reconciling run %s failed: %r", run_id, exc)
+        if enqueued:
+            self.logger.info("reconciled %d stalled runs", len(enqueued))
+        return enqueued
+
+    async def _reconcile_until_stopped(self) -> None:
+        """Every ``reconcile_interval_seconds``, one worker of the fleet (the one that
+        claims the interval) reconciles the stalled runs."""
+        interval = float(self.reconcile_interval_seconds or 60.0)
+        claim = K.reconciler(self.key_prefix)
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(interval):
+                    await self._stopping.wait()
+            if self._stopping.is_set():
+                return
+            try:
+                if await self.coordination_store.set_if_not_exist(
+                    claim, self.worker_id, interval * 0.9
+                ):
+                    await self.reconcile_stalled()
+            except Exception as exc:
+                self.logger.warning("the reconciler failed (%r); trying again next period", exc)
 
     async def __aenter__(self) -> Self:
         return self
@@ -252,12 +331,7 @@ class BaseDistributedAdapter(ABC):
         try:
             await (handler or self.handle_job)(job)
         except Exception as exc:
-            settlement = settlement_for(
-                exc,
-                node=self.node_for(job),
-                attempt=job.attempt or 1,
-                infrastructure_delay=self.retry_delay_seconds,
-            )
+            settlement = settlement_for(exc, infrastructure_delay=self.retry_delay_seconds)
             log = self.logger.warning if settlement.action == "dead-letter" else self.logger.debug
             log("job %s/%s: %s (%s)", job.run_id, job.node_id, settlement.action, settlement.reason)
             return settlement
@@ -635,7 +709,13 @@ class BaseDistributedAdapter(ABC):
     ) -> None:
         node = job.analysis.nodes[job.node_id]
         in_process = self.should_retry_in_process(node)
-        attempt = payload.attempt or 1
+        attempts_key = K.attempts(self.key_prefix, job.run_id, job.node_id, generation)
+        if in_process or payload.attempt is not None:
+            attempt = payload.attempt or 1  # a queue that counts attempts itself says
+        else:
+            # The base counts failed attempts per activation, so a delivery handed back
+            # for a busy lease or a version never uses one up.
+            attempt = int(await self.coordination_store.get(attempts_key) or 0) + 1
         last = (
             True
             if in_process
@@ -665,8 +745,11 @@ class BaseDistributedAdapter(ABC):
                 await self.coordination_store.delete(
                     K.lease(self.key_prefix, job.run_id, job.node_id, generation)
                 )
+                if payload.attempt is None:
+                    await self.coordination_store.increment(attempts_key, self.state_ttl_seconds)
                 raise RetryJob(
-                    f"node {job.node_id!r} attempt {attempt} failed: {exc}; the queue will retry"
+                    f"node {job.node_id!r} attempt {attempt} failed: {exc}; the queue will retry",
+                    delay_seconds=backoff_seconds(node, attempt),
                 ) from exc
             await self._fail(job, generation, exc)
             return

@@ -97,32 +97,25 @@ def backoff_seconds(node: NodeDefinition | None, failed_attempt: int) -> float:
     return delay * min(2.0 ** max(0, failed_attempt - 1), MAX_BACKOFF_FACTOR)
 
 
-def settlement_for(
-    exc: BaseException | None,
-    *,
-    node: NodeDefinition | None = None,
-    attempt: int = 1,
-    infrastructure_delay: float = 1.0,
-) -> Settlement:
+def settlement_for(exc: BaseException | None, *, infrastructure_delay: float = 1.0) -> Settlement:
     """The settlement of a delivery whose handler ended with ``exc`` (None: returned).
 
     Bad input is dead-lettered at once (redelivering cannot help); a queue-mode
-    attempt that failed is released after the node's backoff and counts as an
-    attempt; everything else (a busy lease, a version this worker lacks, an error of
-    the stores) is released without counting: another delivery may succeed."""
+    attempt that failed is released after the node's backoff (its ``RetryJob`` says
+    how long) and counts as an attempt; everything else (a busy lease, a version
+    this worker lacks, an error of the stores) is released without counting:
+    another delivery may succeed."""
     if exc is None:
         return _ACK
     if isinstance(exc, _BAD_INPUT):
         return Settlement("dead-letter", reason=describe(exc))
     if isinstance(exc, RetryJob):
-        if isinstance(exc.__cause__, NodeExecutionError):
-            return Settlement(
-                "release",
-                delay_seconds=backoff_seconds(node, attempt),
-                reason=describe(exc),
-                failed_attempt=True,
-            )
-        return Settlement("release", delay_seconds=exc.delay_seconds, reason=describe(exc))
+        return Settlement(
+            "release",
+            delay_seconds=exc.delay_seconds,
+            reason=describe(exc),
+            failed_attempt=isinstance(exc.__cause__, NodeExecutionError),
+        )
     if isinstance(exc, VersionMismatchError):
         return Settlement("release", delay_seconds=infrastructure_delay, reason=describe(exc))
     return Settlement("release", delay_seconds=infrastructure_delay, reason=describe(exc))

@@ -99,3 +99,14 @@ def result(prefix: str, run_id: str) -> str:
 def results_channel(prefix: str) -> str:
     """Pub/sub channel: the id of every run whose result was just published."""
     return f"{prefix}results"
+
+
+def reconciler(prefix: str) -> str:
+    """Held for one reconciler interval by the worker that reconciles the fleet's runs."""
+    return f"{prefix}reconciler"
+
+
+def attempts(prefix: str, run_id: str, node_id: str, generation: int) -> str:
+    """Failed queue-mode attempts of an activation (counted by the base, so hand-backs
+    of a busy or foreign delivery never count)."""
+    return f"{prefix}attempts:{_esc(run_id)}:{_esc(node_id)}:{generation}"

@@ -22,6 +22,7 @@ from flowcraft.distributed.adapter import (
     FinalResult,
     JobHandler,
     RetryJob,
+    RetryMode,
     job_disposition,
 )
 from flowcraft.distributed.coordination import CoordinationStore, InMemoryCoordinationStore
@@ -159,7 +160,7 @@ class InMemoryAdapter(BaseDistributedAdapter):
         coordination_store: CoordinationStore | None = None,
         event_bus: EventBus | None = None,
         concurrency: int = 8,
-        retry_mode: str = "in-process",
+        retry_mode: RetryMode = "in-process",
         **options: Any,
     ) -> None:
         self.broker = broker or InMemoryBroker()
@@ -167,11 +168,9 @@ class InMemoryAdapter(BaseDistributedAdapter):
             runtime_options=runtime_options,
             coordination_store=coordination_store or self.broker.store,
             event_bus=event_bus,
+            retry_mode=retry_mode,
             **options,
         )
-        if retry_mode not in ("in-process", "queue"):
-            raise ValueError(f"retry_mode must be 'in-process' or 'queue', not {retry_mode!r}")
-        self.retry_mode = retry_mode
         self.concurrency = concurrency
 
     def create_context(self, run_id: str) -> InMemoryRunContext:
@@ -187,9 +186,6 @@ class InMemoryAdapter(BaseDistributedAdapter):
     async def get_final_result(self, run_id: str) -> FinalResult | None:
         """The published result (the first publication), once there is one."""
         return self.broker.published.get(run_id)
-
-    def should_retry_in_process(self, node_def: Any) -> bool:
-        return self.retry_mode == "in-process"
 
     async def process_jobs(self, handler: JobHandler) -> None:
         slots = asyncio.Semaphore(self.concurrency)

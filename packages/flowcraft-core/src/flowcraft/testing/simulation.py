@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from flowcraft.distributed import keys as K
-from flowcraft.distributed.adapter import FinalResult
+from flowcraft.distributed.adapter import FinalResult, RetryMode
 from flowcraft.distributed.coordination import InMemoryCoordinationStore
 from flowcraft.distributed.memory import InMemoryAdapter, InMemoryBroker
 from flowcraft.distributed.payload import JobPayload
@@ -458,7 +458,7 @@ class Simulation:
         self.worker_count = rng.randint(1, 3)
         self.concurrency = rng.choice([1, 2, 4, 8])
         self.duplicate_rate = rng.choice([0.0, 0.0, 0.2, 0.5, 1.0])
-        self.retry_mode = "queue" if rng.random() < 0.25 else "in-process"
+        self.retry_mode: RetryMode = "queue" if rng.random() < 0.25 else "in-process"
         self.yield_rate = rng.choice([0.0, 0.3, 0.7])
         self.delay_rate = rng.choice([0.0, 0.05])
         self.reorder_rate = rng.choice([0.0, 0.3])  # queues need not keep jobs in order
