@@ -7,14 +7,28 @@ partition component) per test. Kafka topics and Redis key prefixes are per test.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
+import redis.asyncio as redis_asyncio
 
+from flowcraft import RuntimeOptions
 from flowcraft_backends import RunningService
 from flowcraft_backends._service import run_async
-from flowcraft_kafka import CassandraClient, CassandraRunStore, CassandraSettings, create_schema
+from flowcraft_kafka import (
+    CassandraClient,
+    CassandraRunStore,
+    CassandraSettings,
+    KafkaAdapter,
+    KafkaSettings,
+    create_schema,
+    create_topics,
+)
 
 
 def cassandra_settings(
@@ -66,3 +80,70 @@ async def run_store(
     cassandra_client: CassandraClient, namespace: str
 ) -> AsyncIterator[CassandraRunStore]:
     return CassandraRunStore(cassandra_client, namespace, ttl_seconds=3600)
+
+
+@dataclass
+class Namespace:
+    """One test's corner of the servers: its topics, consumer group, Cassandra
+    namespace and Redis key prefix."""
+
+    kafka: KafkaSettings
+    cassandra_client: CassandraClient
+    redis_url: str
+    namespace: str
+    key_prefix: str
+    adapters: list[KafkaAdapter] = field(default_factory=list)
+
+    def adapter(self, runtime_options: RuntimeOptions, **overrides: Any) -> KafkaAdapter:
+        options: dict[str, Any] = {
+            "kafka": self.kafka,
+            "cassandra_client": self.cassandra_client,
+            "redis_url": self.redis_url,
+            "namespace": self.namespace,
+            "key_prefix": self.key_prefix,
+            "lease_seconds": 3.0,
+            "retry_delay_seconds": 0.2,
+            "poll_seconds": 0.2,
+        }
+        options.update(overrides)
+        adapter = KafkaAdapter(runtime_options=runtime_options, **options)
+        self.adapters.append(adapter)
+        return adapter
+
+
+@pytest.fixture
+async def kafka_namespace(
+    kafka_service: RunningService,
+    cassandra_client: CassandraClient,
+    redis_service: RunningService,
+    namespace: str,
+) -> AsyncIterator[Namespace]:
+    tag = uuid.uuid4().hex[:10]
+    settings = KafkaSettings(
+        bootstrap_servers=kafka_service.url,
+        topic=f"fc-test-{tag}",
+        group_id=f"fc-test-{tag}",
+    )
+    config = {"bootstrap.servers": kafka_service.url}
+    await create_topics(config, [settings.topic, settings.dead_letters], partitions=4)
+    ns = Namespace(settings, cassandra_client, redis_service.url, namespace, f"fc-test:{tag}:")
+    yield ns
+    for adapter in ns.adapters:
+        await adapter.aclose()
+    await delete_topics(config, [settings.topic, settings.dead_letters])
+    client = redis_asyncio.Redis.from_url(redis_service.url)
+    try:
+        keys = [k async for k in client.scan_iter(match=ns.key_prefix + "*", count=500)]
+        if keys:
+            await client.delete(*keys)
+    finally:
+        await client.aclose()
+
+
+async def delete_topics(config: dict[str, Any], topics: list[str]) -> None:
+    from confluent_kafka.admin import AdminClient
+
+    futures = AdminClient(config).delete_topics(topics, request_timeout=30)
+    for future in futures.values():
+        with contextlib.suppress(Exception):
+            await asyncio.wrap_future(future)

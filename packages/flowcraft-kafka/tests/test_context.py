@@ -343,13 +343,3 @@ async def test_skewed_client_timestamps_do_hide_writes(
         session.use_client_timestamp = False
         cluster.timestamp_generator = real
     assert await CassandraContext(store, "r").get("k") == "ahead"
-
-
-# ---------------------------------------------------------------- final results
-
-
-async def test_final_result_first_wins(run_store: CassandraRunStore) -> None:
-    assert await run_store.read_result("r1") is None
-    assert await run_store.write_result("r1", {"status": "completed", "context": {"a": 1}})
-    assert not await run_store.write_result("r1", {"status": "completed", "context": {"a": 2}})
-    assert await run_store.read_result("r1") == {"status": "completed", "context": {"a": 1}}

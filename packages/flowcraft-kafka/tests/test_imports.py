@@ -10,9 +10,11 @@ EXPECTED = {
     "CassandraContext",
     "CassandraRunStore",
     "CassandraSettings",
+    "KafkaAdapter",
     "KafkaSettings",
     "PatchOutcomeUnknownError",
     "create_schema",
+    "create_topics",
 }
 
 

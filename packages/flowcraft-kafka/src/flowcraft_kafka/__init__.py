@@ -9,7 +9,9 @@ from flowcraft_kafka._cassandra import (
     PatchOutcomeUnknownError,
     create_schema,
 )
+from flowcraft_kafka._kafka import create_topics
 from flowcraft_kafka._settings import CassandraSettings, KafkaSettings
+from flowcraft_kafka.adapter import KafkaAdapter
 from flowcraft_kafka.context import CassandraContext
 
 __all__ = [
@@ -18,7 +20,9 @@ __all__ = [
     "CassandraContext",
     "CassandraRunStore",
     "CassandraSettings",
+    "KafkaAdapter",
     "KafkaSettings",
     "PatchOutcomeUnknownError",
     "create_schema",
+    "create_topics",
 ]

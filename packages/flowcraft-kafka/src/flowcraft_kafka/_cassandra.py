@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from flowcraft.context import PatchOperation
@@ -198,9 +198,8 @@ def _reject(future: asyncio.Future[list[Any]], exc: BaseException) -> None:
         future.set_exception(exc)
 
 
-def _names(settings: CassandraSettings) -> tuple[str, str]:
-    ks, prefix = settings.keyspace, settings.table_prefix
-    return f"{ks}.{prefix}_state", f"{ks}.{prefix}_results"
+def _table(settings: CassandraSettings) -> str:
+    return f"{settings.keyspace}.{settings.table_prefix}_state"
 
 
 async def create_schema(
@@ -209,9 +208,9 @@ async def create_schema(
     replication: Mapping[str, Any] | None = None,
 ) -> None:
     """Create the keyspace (if missing, with ``replication``: default SimpleStrategy
-    RF 1, for tests) and the two tables. Idempotent."""
+    RF 1, for tests) and the state table. Idempotent."""
     settings = client.settings
-    state, results = _names(settings)
+    state = _table(settings)
     repl = dict(replication or {"class": "SimpleStrategy", "replication_factor": 1})
     # Replication options are configuration: rendered as CQL literals, quotes doubled.
     literal = ", ".join(
@@ -225,15 +224,10 @@ async def create_schema(
         f"CREATE TABLE IF NOT EXISTS {state} ("
         "ns text, run text, k text, v text, g int, PRIMARY KEY ((ns, run), k))"
     )
-    await client.execute_schema(
-        f"CREATE TABLE IF NOT EXISTS {results} ("
-        "ns text, run text, result text, PRIMARY KEY ((ns, run)))"
-    )
 
 
-# Statement templates. The only substitutions are ``{state}`` and ``{results}``:
-# table names from CassandraSettings, validated identifiers. Everything else is a
-# bind marker.
+# Statement templates. The only substitution is ``{state}``: the table name from
+# CassandraSettings (validated identifiers). Everything else is a bind marker.
 _TEMPLATES: dict[str, str] = {
     "get": "SELECT v FROM {state} WHERE ns = ? AND run = ? AND k = ?",
     "get_many": "SELECT k, v FROM {state} WHERE ns = ? AND run = ? AND k IN ?",
@@ -243,12 +237,8 @@ _TEMPLATES: dict[str, str] = {
     "set_if": "UPDATE {state} USING TTL ? SET v = ? WHERE ns = ? AND run = ? AND k = ? IF v = ?",
     "delete_if": "DELETE FROM {state} WHERE ns = ? AND run = ? AND k = ? IF v = ?",
     "check": "DELETE g FROM {state} WHERE ns = ? AND run = ? AND k = ? IF v = ?",
-    "result_put": (
-        "INSERT INTO {results} (ns, run, result) VALUES (?, ?, ?) IF NOT EXISTS USING TTL ?"
-    ),
-    "result_get": "SELECT result FROM {results} WHERE ns = ? AND run = ?",
 }
-_READS = ("get", "get_many", "get_all", "result_get")
+_READS = ("get", "get_many", "get_all")
 
 
 class _Statements:
@@ -262,25 +252,24 @@ class _Statements:
     set_if: PreparedStatement
     delete_if: PreparedStatement
     check: PreparedStatement
-    result_put: PreparedStatement
-    result_get: PreparedStatement
 
     @classmethod
     async def prepare(cls, client: CassandraClient) -> _Statements:
-        state, results = _names(client.settings)
+        state = _table(client.settings)
         made = cls()
         for name, template in _TEMPLATES.items():
-            statement = await client.prepare(template.format(state=state, results=results))
+            statement = await client.prepare(template.format(state=state))
             statement.is_idempotent = name in _READS
             setattr(made, name, statement)
         return made
 
 
 class CassandraRunStore:
-    """Run state and final results of one namespace, on a :class:`CassandraClient`.
+    """The run state of one namespace, on a :class:`CassandraClient`.
 
     Args:
-        client: the connected client (shared; not closed by the store).
+        client: a connected client (shared; the store never closes it), or a coroutine
+            function that connects one on first use.
         namespace: the ``ns`` partition component (apps and tests apart).
         ttl_seconds: every write expires this long after it was made.
         max_patch_bytes: keys plus values of one patch; more is a ``StateLimitError``.
@@ -288,13 +277,17 @@ class CassandraRunStore:
 
     def __init__(
         self,
-        client: CassandraClient,
+        client: CassandraClient | Callable[[], Awaitable[CassandraClient]],
         namespace: str = "flowcraft",
         *,
         ttl_seconds: float = 7 * 24 * 3600,
         max_patch_bytes: int = DEFAULT_MAX_PATCH_BYTES,
     ) -> None:
-        self.client = client
+        if isinstance(client, CassandraClient):
+            self._client: CassandraClient | None = client
+            self._connect: Callable[[], Awaitable[CassandraClient]] | None = None
+        else:
+            self._client, self._connect = None, client
         self.namespace = namespace
         self.ttl = max(1, min(int(ttl_seconds), 630_720_000))  # Cassandra's TTL ceiling: 20 y
         self.max_patch_bytes = max_patch_bytes
@@ -302,13 +295,24 @@ class CassandraRunStore:
         self._preparing = asyncio.Lock()
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(namespace={self.namespace!r}, client={self.client!r})"
+        return f"{type(self).__name__}(namespace={self.namespace!r})"
+
+    @property
+    def client(self) -> CassandraClient:
+        """The connected client (after the first request, when connected lazily)."""
+        if self._client is None:
+            raise RuntimeError("the store has not connected yet")
+        return self._client
 
     async def statements(self) -> _Statements:
+        """The prepared statements (connecting first, when connected lazily)."""
         if self._statements is None:
             async with self._preparing:
+                if self._client is None:
+                    assert self._connect is not None
+                    self._client = await self._connect()
                 if self._statements is None:
-                    self._statements = await _Statements.prepare(self.client)
+                    self._statements = await _Statements.prepare(self._client)
         return self._statements
 
     # ------------------------------------------------------------ reads
@@ -405,25 +409,6 @@ class CassandraRunStore:
                 f"with {biggest[1]} bytes)"
             )
         return encoded
-
-    # ------------------------------------------------------------ final results
-
-    async def write_result(self, run_id: str, result: Mapping[str, Any]) -> bool:
-        """Store the run's final result unless one is stored: ``INSERT ... IF NOT
-        EXISTS``. True if this call stored it. A timeout is raised: the caller's
-        redelivery publishes again and the first stored result stays."""
-        s = await self.statements()
-        text = _json.dumps(dict(result))
-        rows = await self.client.execute(s.result_put, (self.namespace, run_id, text, self.ttl))
-        return bool(rows and rows[0][0])
-
-    async def read_result(self, run_id: str) -> dict[str, Any] | None:
-        s = await self.statements()
-        rows = await self.client.execute(s.result_get, (self.namespace, run_id))
-        if not rows or rows[0][0] is None:
-            return None
-        found: dict[str, Any] = _json.loads(rows[0][0])
-        return found
 
 
 def _merge(ops: Sequence[PatchOperation]) -> dict[str, PatchOperation]:
