@@ -4,6 +4,7 @@ Cosmos container and Redis key prefix, all removed after the test."""
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -89,10 +90,8 @@ def backends(
 
 async def _drop(ns: Namespace) -> None:
     async with ns.backends.cosmos_client() as client:
-        try:
+        with contextlib.suppress(CosmosResourceNotFoundError):
             await client.get_database_client(DATABASE).delete_container(ns.container)
-        except CosmosResourceNotFoundError:
-            pass
     redis = redis_asyncio.Redis.from_url(ns.backends.redis_url)
     try:
         keys = [k async for k in redis.scan_iter(match=ns.key_prefix + "*", count=500)]

@@ -76,7 +76,8 @@ async def test_round_trip_and_one_item_per_run(
     assert await ctx.to_dict() == {}
     assert await ctx.patch([S("a", 1), S("b", {"x": [1, 2]})]) is True
     assert await ctx.get_many(["a", "b", "missing"]) == {"a": 1, "b": {"x": [1, 2]}}
-    assert await ctx.has("a") and not await ctx.has("missing")
+    assert await ctx.has("a")
+    assert not await ctx.has("missing")
     item = await item_of(container, "run-1")
     assert item["c"] == {"#a": "1", "#b": '{"x":[1,2]}'}, "values are JSON text under /c"
     assert await store.context("run-2").to_dict() == {}
@@ -176,8 +177,8 @@ async def test_guard_absent_equal_unequal_wrong_type(store: CosmosRunStore, size
     assert await ctx.get(g) == 1
     assert await ctx.patch([S(g, 2), *ops], guard={g: 1}) is True
     assert await ctx.get(g) == 2
-    await ctx.patch([S("s", "Ab\"c\\ 🚀")])
-    assert await ctx.patch([S("ok", 1), *ops], guard={"s": "ab\"c\\ 🚀"}) is False, "case"
+    await ctx.patch([S("s", 'Ab"c\\ 🚀')])
+    assert await ctx.patch([S("ok", 1), *ops], guard={"s": 'ab"c\\ 🚀'}) is False, "case"
     assert await ctx.patch([S("ok", 1), *ops], guard={"s": 'Ab"c\\ 🚀', g: 2}) is True
     assert await ctx.patch([S("no", 1), *ops], guard={"s": 'Ab"c\\ 🚀', g: 3}) is False
     assert await ctx.get("no") is None
@@ -195,7 +196,9 @@ async def test_guard_on_a_run_without_state(store: CosmosRunStore) -> None:
     assert await ctx.to_dict() == {"a": 1}
 
 
-@pytest.mark.parametrize("key", ['_flowcraft.n.q"uote', "_flowcraft.n.back\\slash", "_flowcraft.n.🚀"])
+@pytest.mark.parametrize(
+    "key", ['_flowcraft.n.q"uote', "_flowcraft.n.back\\slash", "_flowcraft.n.🚀"]
+)
 async def test_guard_keys_are_never_query_text(store: CosmosRunStore, key: str) -> None:
     ctx = store.context("guard-hostile")
     await ctx.patch([S(key, 'v" OR 1=1 --')])
@@ -256,7 +259,8 @@ def test_partition_values_never_collide() -> None:
     plain = partition_value("abc")
     hashed = partition_value("a/b")
     assert plain == "abc"
-    assert hashed.startswith("~") and len(hashed) == 65
+    assert hashed.startswith("~")
+    assert len(hashed) == 65
     assert partition_value(hashed) != hashed, "a hashed form is itself hashed again"
 
 

@@ -26,7 +26,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from azure.core.exceptions import ResourceExistsError, ResourceNotFoundError
+from azure.core.exceptions import HttpResponseError, ResourceExistsError, ResourceNotFoundError
 from azure.storage.queue.aio import QueueClient
 
 from flowcraft.distributed.delivery import DeadLetter
@@ -130,9 +130,11 @@ class StorageQueue:
             if message.gone:
                 return
             self._count("delete")
-            # Not found: gone already, or received again elsewhere (delivered once more).
-            with contextlib.suppress(ResourceNotFoundError):
+            try:
                 await self.queue.delete_message(message.id, message.pop_receipt)
+            except HttpResponseError as exc:
+                if not _lost(exc):
+                    raise
             message.gone = True
 
     async def park(self, message: AzureMessage, reason: str) -> None:
@@ -153,6 +155,13 @@ class StorageQueue:
         return found
 
 
+def _lost(exc: HttpResponseError) -> bool:
+    """The message is no longer ours: deleted (404), or received again by another
+    consumer, whose pop receipt replaced ours (400 ``PopReceiptMismatch``). Then it
+    will be (or was) delivered again: harmless under the protocol."""
+    return isinstance(exc, ResourceNotFoundError) or exc.error_code == "PopReceiptMismatch"
+
+
 def poison_body(message: AzureMessage, reason: str) -> str:
     """``{"id", "reason", "dequeueCount", "body"}`` as ASCII JSON (XML-safe), cut to fit
     64 KiB: the reason first, then the body (marked ``truncated``)."""
@@ -163,12 +172,11 @@ def poison_body(message: AzureMessage, reason: str) -> str:
         "body": message.body,
     }
     text = json.dumps(record, ensure_ascii=True)
-    if len(text) > MAX_MESSAGE_BYTES:
-        over = len(text) - MAX_MESSAGE_BYTES + 64
-        record["body"] = message.body[: max(0, len(message.body) - over)]
+    while len(text) > MAX_MESSAGE_BYTES and record["body"]:
+        # Shrink the body in proportion to the overshoot (escapes make it uneven).
+        body: str = record["body"]
+        keep = int(len(body) * (MAX_MESSAGE_BYTES - 256) / len(text))
+        record["body"] = body[: min(keep, len(body) - 1)]
         record["truncated"] = True
         text = json.dumps(record, ensure_ascii=True)
-        while len(text) > MAX_MESSAGE_BYTES and record["body"]:
-            record["body"] = record["body"][: len(record["body"]) // 2]
-            text = json.dumps(record, ensure_ascii=True)
     return text
