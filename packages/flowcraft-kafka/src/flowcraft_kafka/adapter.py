@@ -289,7 +289,8 @@ class KafkaAdapter(PullingAdapter[KafkaJob]):
         await self.consumer.done([message])
 
     async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
-        """The dead-letter topic from its beginning (at most ``limit``; nothing removed)."""
+        """The dead-letter topic from its beginning (at most ``limit``; nothing removed).
+        A letter's ``id`` is where its job was: ``topic/partition/offset``."""
         found = await asyncio.to_thread(
             read_topic, self._client_config(), self.kafka.dead_letters, limit
         )
@@ -300,7 +301,7 @@ class KafkaAdapter(PullingAdapter[KafkaJob]):
                 DeadLetter(
                     bytes(message.value() or b"").decode("utf-8", "replace"),
                     headers.get(HEADER_REASON, b"").decode("utf-8", "replace"),
-                    f"{message.topic()}/{message.partition()}/{message.offset()}",
+                    headers.get(HEADER_SOURCE, b"").decode("utf-8", "replace"),
                 )
             )
         return letters
