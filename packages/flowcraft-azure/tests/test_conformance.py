@@ -7,7 +7,6 @@ from typing import Any
 import pytest
 
 from flowcraft import RuntimeOptions
-from flowcraft.distributed.adapter import BaseDistributedAdapter
 from flowcraft.testing import AdapterConformanceTests, AdapterFactory
 from flowcraft_azure import AzureAdapter
 
@@ -22,7 +21,7 @@ pytestmark = pytest.mark.filterwarnings(
 
 class TestAzureAdapter(AdapterConformanceTests):
     supports_dead_letter = True
-    supports_queue_retry = False  # the pull loop has no queue-mode attempts yet
+    supports_queue_retry = True
     supports_duplicate_injection = True
 
     @pytest.fixture
@@ -31,16 +30,3 @@ class TestAzureAdapter(AdapterConformanceTests):
             return namespace.adapter(options, **overrides)
 
         return build
-
-    async def enqueue_raw(self, adapter: BaseDistributedAdapter, raw: bytes) -> None:
-        assert isinstance(adapter, AzureAdapter)
-        # Queue messages are text: bytes that are not UTF-8 go as their Latin-1 reading.
-        try:
-            body = raw.decode()
-        except UnicodeDecodeError:
-            body = raw.decode("latin-1")
-        await adapter.send_body(body)
-
-    async def dead_letters(self, adapter: BaseDistributedAdapter) -> list[str]:
-        assert isinstance(adapter, AzureAdapter)
-        return [letter.reason for letter in await adapter.dead_letters()]

@@ -24,7 +24,7 @@ async def _receive_all(adapter: AzureAdapter, n: int = 32) -> list[str]:
 async def test_receive_never_returns_more_than_asked(namespace: Namespace) -> None:
     adapter = _adapter(namespace, poll_window=0.3)
     for i in range(12):
-        await adapter.send_body(f"m{i}")
+        await adapter.enqueue_raw(f"m{i}".encode())
     got = await adapter.receive(3)
     assert len(got) == 3
     assert adapter.queue.requests["receive"] == 1, "one request for one receive"
@@ -42,13 +42,13 @@ async def test_an_empty_receive_polls_with_backoff_then_returns(namespace: Names
     assert 0.9 <= elapsed < 3.0
     polls = adapter.queue.requests["receive"]
     assert 4 <= polls <= 12, polls  # 0.05, 0.1, 0.2, 0.2, ...: not a busy loop
-    await adapter.send_body("late")
+    await adapter.enqueue_raw(b"late")
     assert [m.body for m in await adapter.receive(4)] == ["late"]
 
 
 async def test_renew_keeps_a_long_job_invisible(namespace: Namespace) -> None:
     adapter = _adapter(namespace, visibility_seconds=2.0)
-    await adapter.send_body("long job")
+    await adapter.enqueue_raw(b"long job")
     (message,) = await adapter.receive(1)
     first_receipt = message.pop_receipt
     for _ in range(3):  # 3 s in all, past the 2 s visibility
@@ -63,7 +63,7 @@ async def test_renew_keeps_a_long_job_invisible(namespace: Namespace) -> None:
 
 async def test_without_renewal_the_message_comes_back(namespace: Namespace) -> None:
     adapter = _adapter(namespace, visibility_seconds=1.0)
-    await adapter.send_body("lapsed")
+    await adapter.enqueue_raw(b"lapsed")
     (message,) = await adapter.receive(1)
     await asyncio.sleep(1.6)
     (again,) = await adapter.receive(1)
@@ -77,7 +77,7 @@ async def test_without_renewal_the_message_comes_back(namespace: Namespace) -> N
 
 async def test_release_delays_the_next_delivery(namespace: Namespace) -> None:
     adapter = _adapter(namespace)
-    await adapter.send_body("later")
+    await adapter.enqueue_raw(b"later")
     (message,) = await adapter.receive(1)
     released = time.monotonic()
     await adapter.release(message, 2.0)
@@ -94,7 +94,7 @@ async def test_release_delays_the_next_delivery(namespace: Namespace) -> None:
 
 async def test_release_zero_is_at_once(namespace: Namespace) -> None:
     adapter = _adapter(namespace)
-    await adapter.send_body("now")
+    await adapter.enqueue_raw(b"now")
     (message,) = await adapter.receive(1)
     await adapter.release(message, 0.0)
     assert await _receive_all(adapter) == ["now"]
@@ -103,7 +103,7 @@ async def test_release_zero_is_at_once(namespace: Namespace) -> None:
 async def test_dead_letter_keeps_body_and_reason(namespace: Namespace) -> None:
     adapter = _adapter(namespace, poll_window=0.2)
     body = '{"runId": "r", "blueprintId": "b", "nodeId": "🚀 <xml & \\" \'>"}'
-    await adapter.send_body(body)
+    await adapter.enqueue_raw(body.encode())
     (message,) = await adapter.receive(1)
     await adapter.dead_letter(message, "UnknownBlueprintError: no blueprint 'b' <&>")
     (letter,) = await adapter.dead_letters()
@@ -116,7 +116,7 @@ async def test_dead_letter_keeps_body_and_reason(namespace: Namespace) -> None:
 async def test_a_dead_letter_of_a_full_size_body_still_fits(namespace: Namespace) -> None:
     adapter = _adapter(namespace)
     body = "é" * 30_000  # 60 KB of UTF-8; escaped in the poison record it would not fit
-    await adapter.send_body(body)
+    await adapter.enqueue_raw(body.encode())
     (message,) = await adapter.receive(1)
     await adapter.dead_letter(message, "reason " * 2000)
     (letter,) = await adapter.dead_letters()

@@ -159,7 +159,8 @@ def _lost(exc: HttpResponseError) -> bool:
     """The message is no longer ours: deleted (404), or received again by another
     consumer, whose pop receipt replaced ours (400 ``PopReceiptMismatch``). Then it
     will be (or was) delivered again: harmless under the protocol."""
-    return isinstance(exc, ResourceNotFoundError) or exc.error_code == "PopReceiptMismatch"
+    code = getattr(exc, "error_code", None)
+    return isinstance(exc, ResourceNotFoundError) or code == "PopReceiptMismatch"
 
 
 def poison_body(message: AzureMessage, reason: str) -> str:

@@ -15,8 +15,11 @@ services' calls:
 * ``enqueue_job``: ``send_message`` of the job's JSON (ASCII, so always XML-safe);
   a fan-out's sends overlap (``concurrent_enqueues``), the queue has no batch send.
 * ``create_context``: a :class:`~flowcraft_azure.context.CosmosContext`.
-* ``publish_final_result``: ``create_item`` of the run's result item (409: the first
-  result stays); ``get_final_result`` reads it.
+* ``publish_final_result``: ``create_item`` of the run's result item in Cosmos DB
+  (409: the first result stays, and is what gets announced), then the core's
+  ``RedisResults`` stores it first-wins in Redis and ``PUBLISH``es the run id, which
+  wakes ``wait_for_result`` (one ``SUBSCRIBE`` per adapter). ``get_final_result``
+  reads Redis, then the Cosmos DB item (the durable copy).
 
 Consistency: the protocol reads what other workers committed (an activation record,
 a predecessor's decision). Under Cosmos DB's default Session consistency a reader
@@ -30,9 +33,10 @@ emulators only.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
 from azure.cosmos import PartitionKey
@@ -44,7 +48,8 @@ from flowcraft.distributed.coordination import CoordinationStore
 from flowcraft.distributed.delivery import DeadLetter
 from flowcraft.distributed.payload import JobPayload
 from flowcraft.distributed.pull import PullingAdapter
-from flowcraft.distributed.redis import RedisCoordinationStore
+from flowcraft.distributed.redis import RedisCoordinationStore, RedisResults
+from flowcraft.distributed.results import ResultWatch
 from flowcraft.errors import FlowcraftError
 from flowcraft.events import EventBus
 from flowcraft.runtime import RuntimeOptions
@@ -191,6 +196,13 @@ class AzureAdapter(PullingAdapter[AzureMessage]):
             max_state_bytes=max_state_bytes,
             ready=self.connect,
         )
+        self.results: RedisResults | None = None
+        if isinstance(coordination_store, RedisCoordinationStore):
+            self.results = RedisResults(
+                coordination_store.client,
+                key_prefix=self.key_prefix,
+                ttl_seconds=self.state_ttl_seconds,
+            )
         self._connected: asyncio.Future[None] | None = None
         self._idle_pause = poll_interval
 
@@ -244,6 +256,8 @@ class AzureAdapter(PullingAdapter[AzureMessage]):
 
     async def close(self) -> None:
         """Close the clients this adapter created (a given client or store stays open)."""
+        if self.results is not None:
+            await self.results.aclose()
         await self.queue.queue.close()
         await self.queue.poison.close()
         if self._owns_cosmos:
@@ -260,15 +274,38 @@ class AzureAdapter(PullingAdapter[AzureMessage]):
         await self.queue.send(json.dumps(job.to_wire(), separators=(",", ":"), ensure_ascii=True))
 
     async def publish_final_result(self, run_id: str, result: FinalResult) -> None:
-        """Store the result item, keeping the first one published."""
-        await self.runs.write_result(run_id, result.to_json_dict())
+        """Create the result item (the first one stays), then announce the stored one."""
+        if not await self.runs.write_result(run_id, result.to_json_dict()):
+            # Published before (a finalizer redone, a racing duplicate): announce the
+            # first result, never this one, so Redis and Cosmos DB agree.
+            first = await self._read_item_result(run_id)
+            result = first if first is not None else result
+        if self.results is not None:
+            await self.results.publish(result)
 
     async def get_final_result(self, run_id: str) -> FinalResult | None:
-        """The published result: one query of the run's result item."""
+        """The published result: Redis first (one ``GET``), else the Cosmos DB item."""
+        if self.results is not None:
+            found = await self.results.read(run_id)
+            if found is not None:
+                return found
+        return await self._read_item_result(run_id)
+
+    async def _read_item_result(self, run_id: str) -> FinalResult | None:
         data = await self.runs.read_result(run_id)
         if data is None:
             return None
         return FinalResult(run_id, data["status"], data["context"], list(data.get("errors") or []))
+
+    @contextlib.asynccontextmanager
+    async def watch_result(self, run_id: str) -> AsyncIterator[ResultWatch | None]:
+        """Woken by the Redis ``PUBLISH`` of the run id (waiters poll when Redis is not
+        the coordination store, or while the subscription is down)."""
+        if self.results is None:
+            yield None
+            return
+        async with self.results.watch(run_id) as watch:
+            yield watch
 
     # ------------------------------------------------------------ the pull loop's calls
 
@@ -311,10 +348,15 @@ class AzureAdapter(PullingAdapter[AzureMessage]):
 
     # ------------------------------------------------------------ operators and tests
 
-    async def send_body(self, body: str) -> None:
-        """Put a raw message body on the job queue, unchecked (tools and tests)."""
-        await self.queue.send(body)
+    async def enqueue_raw(self, body: bytes) -> None:
+        """Put ``body`` on the job queue unchecked (tools and tests). Queue messages are
+        text: bytes that are not UTF-8 go as their Latin-1 reading."""
+        try:
+            text = body.decode()
+        except UnicodeDecodeError:
+            text = body.decode("latin-1")
+        await self.queue.send(text)
 
-    async def dead_letters(self, limit: int = 32) -> list[DeadLetter]:
-        """A look at the poison queue: each parked body with its reason."""
+    async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
+        """A look at the poison queue (a peek: at most 32, nothing removed)."""
         return await self.queue.dead_letters(limit)
