@@ -7,7 +7,6 @@ from typing import Any
 import pytest
 
 from flowcraft import RuntimeOptions
-from flowcraft.distributed.adapter import BaseDistributedAdapter
 from flowcraft.testing import AdapterConformanceTests, AdapterFactory
 from flowcraft_sqs import AwsClients, QueueUrls, SqsAdapter
 
@@ -30,19 +29,6 @@ class TestSqsAdapter(AdapterConformanceTests):
             )
 
         return build
-
-    async def enqueue_raw(self, adapter: BaseDistributedAdapter, raw: bytes) -> None:
-        assert isinstance(adapter, SqsAdapter)
-        # SQS bodies are text: bytes that are not UTF-8 arrive as their Latin-1 reading.
-        try:
-            body = raw.decode()
-        except UnicodeDecodeError:
-            body = raw.decode("latin-1")
-        await adapter.send_body(body)
-
-    async def dead_letters(self, adapter: BaseDistributedAdapter) -> list[str]:
-        assert isinstance(adapter, SqsAdapter)
-        return [letter.error for letter in await adapter.peek_dead_letters()]
 
     @pytest.mark.xfail(
         reason="DynamoDB holds at most 400 KB per item and the adapter keeps a run in one "

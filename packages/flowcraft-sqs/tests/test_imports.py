@@ -9,7 +9,6 @@ EXPECTED = {
     "DEFAULT_MAX_STATE_BYTES",
     "AwsClients",
     "AwsSettings",
-    "DeadLetter",
     "DynamoDbContext",
     "DynamoDbCoordinationStore",
     "QueueUrls",

@@ -13,9 +13,7 @@ from typing import Any
 import pytest
 
 from flowcraft import Flow, RuntimeOptions
-from flowcraft.distributed.adapter import RetryJob
 from flowcraft.distributed.payload import JobPayload
-from flowcraft.errors import NodeExecutionError
 from flowcraft.events import CollectingEventBus
 from flowcraft.node import NodeContext
 from flowcraft_sqs import AwsClients, AwsSettings, QueueUrls, SqsAdapter, create_queues
@@ -233,7 +231,7 @@ async def test_state_too_large_fails_the_run_with_the_reason(fleet: Fleet) -> No
     assert result.status == "failed"
     assert "20,000 bytes" in result.errors[0]["message"]
     assert "blob" not in result.context
-    assert await client.peek_dead_letters() == []
+    assert await client.dead_letters() == []
 
 
 async def test_redrive_moves_a_message_received_too_often(clients: AwsClients, table: str) -> None:
@@ -250,91 +248,35 @@ async def test_redrive_moves_a_message_received_too_often(clients: AwsClients, t
         run = await client.start_run("v")
 
         async def moved() -> bool:
-            return any(run in d.body for d in await client.peek_dead_letters())
+            return any(run in d.body for d in await client.dead_letters())
 
         await _until(moved, "the redrive to the dead-letter queue")
-    (letter,) = await client.peek_dead_letters()
-    assert letter.error == ""  # moved by SQS, not by the adapter
+    (letter,) = await client.dead_letters()
+    assert letter.reason == ""  # moved by SQS, not by the adapter
 
 
 # ------------------------------------------------------------------------- queue retries
 
 
-async def test_queue_mode_carries_retry_options_on_each_message(
-    fleet: Fleet, queues: QueueUrls
-) -> None:
-    flow = Flow("q").node("f", lambda c: 1, max_retries=3, retry_delay=250)
-    flow.node("g", lambda c: 2).node("h", lambda c: 3, retry_backoff="fixed").chain("f", "g", "h")
-    adapter = fleet.adapter(_options(flow), retry_mode="queue")
-    for node in ("f", "h"):
-        await adapter.enqueue_job(JobPayload(run_id="r", blueprint_id="q", node_id=node))
-    received = (
-        await fleet.clients.sqs_call(
-            "receive_message",
-            QueueUrl=queues.queue_url,
-            MaxNumberOfMessages=10,
-            WaitTimeSeconds=1,
-            MessageAttributeNames=["All"],
-        )
-    )["Messages"]
-    carried = {
-        JobPayload.decode(m["Body"]).node_id: {
-            k: v["StringValue"] for k, v in m["MessageAttributes"].items()
-        }
-        for m in received
-    }
-    assert carried["f"] == {
-        "flowcraft-max-attempts": "3",
-        "flowcraft-retry-delay-ms": "250.0",
-        "flowcraft-backoff": "exponential",
-    }
-    assert carried["h"]["flowcraft-backoff"] == "fixed"
-    in_process = fleet.adapter(_options(flow))
-    assert in_process.get_queue_retry_options(flow.to_blueprint().nodes[0]) is None
+async def test_queue_mode_counts_failed_attempts_not_receives(fleet: Fleet) -> None:
+    """Each failed attempt comes back after the node's backoff and counts once; SQS's
+    receive count (which hand-backs also raise) is not the attempt number."""
+    seen: list[int] = []
 
+    def flaky(ctx: NodeContext) -> str:
+        seen.append(ctx.attempt)
+        if ctx.attempt < 3:
+            raise RuntimeError(f"attempt {ctx.attempt}")
+        return "third time"
 
-def _message(receive_count: int, **attributes: str) -> dict[str, Any]:
-    return {
-        "Attributes": {"ApproximateReceiveCount": str(receive_count)},
-        "MessageAttributes": {
-            k: {"DataType": "String", "StringValue": v} for k, v in attributes.items()
-        },
-    }
-
-
-def _failed_attempt() -> RetryJob:
-    exc = RetryJob("attempt failed")
-    exc.__cause__ = NodeExecutionError("boom", node_id="f")
-    return exc
-
-
-def test_retry_delays() -> None:
-    flow = Flow("d").node("f", lambda c: 1, max_retries=5, retry_delay=1000)
-    adapter = SqsAdapter(
-        runtime_options=_options(flow),
-        queue_url="https://sqs.us-east-1.amazonaws.com/1/jobs",
-        aws=AwsSettings(region_name="us-east-1"),
-        retry_mode="queue",
-        max_backoff_seconds=6,
-        retry_delay_seconds=3,
-    )
-    try:
-        job = JobPayload(run_id="r", blueprint_id="d", node_id="f")
-        failed = _failed_attempt()
-        # Exponential from the node's retry_delay (1 s), capped by max_backoff_seconds.
-        delays = [adapter._retry_delay(_message(n), job, failed) for n in range(1, 5)]
-        assert delays == [1, 2, 4, 6]
-        carried = _message(2, **{"flowcraft-retry-delay-ms": "500", "flowcraft-backoff": "fixed"})
-        assert adapter._retry_delay(carried, job, failed) == 1
-        busy = RetryJob("lease held", delay_seconds=4.2)
-        assert adapter._retry_delay(_message(1), job, busy) == 5
-        assert adapter._retry_delay(_message(1), job, RuntimeError("store down")) == 3
-        decoded = adapter._decode({"Body": job.encode().decode(), **_message(5)})
-        assert (decoded.attempt, decoded.is_last_attempt) == (5, True)
-        decoded = adapter._decode({"Body": job.encode().decode(), **_message(2)})
-        assert (decoded.attempt, decoded.is_last_attempt) == (2, False)
-    finally:
-        adapter.clients.close()
+    flow = Flow("q").node("f", flaky, max_retries=3, retry_delay=200, retry_backoff="fixed")
+    options = _options(flow)
+    fleet.start(options, workers=1, retry_mode="queue")
+    client = fleet.adapter(options, retry_mode="queue")
+    run = await client.start_run("q")
+    result = await client.wait_for_result(run, TIMEOUT)
+    assert result.status == "completed", result.errors
+    assert seen == [1, 2, 3]
 
 
 # ------------------------------------------------------------------------- stopping

@@ -100,7 +100,7 @@ async def check_nothing_left(client: SqsAdapter) -> None:
             if not await depth():
                 break
             await asyncio.sleep(0.5)
-    assert await client.peek_dead_letters() == []
+    assert await client.dead_letters() == []
     assert await client.find_stalled_runs(0) == [], "a finished run is still indexed as active"
 
 

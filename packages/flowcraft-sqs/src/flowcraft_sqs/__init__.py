@@ -2,7 +2,7 @@
 
 from flowcraft_sqs._client import AwsClients, AwsSettings
 from flowcraft_sqs._setup import ACTIVE_RUNS_INDEX, QueueUrls, create_queues, create_table
-from flowcraft_sqs.adapter import DeadLetter, SqsAdapter
+from flowcraft_sqs.adapter import SqsAdapter
 from flowcraft_sqs.context import DEFAULT_MAX_STATE_BYTES, DynamoDbContext, RunTable
 from flowcraft_sqs.coordination import DynamoDbCoordinationStore
 
@@ -11,7 +11,6 @@ __all__ = [
     "DEFAULT_MAX_STATE_BYTES",
     "AwsClients",
     "AwsSettings",
-    "DeadLetter",
     "DynamoDbContext",
     "DynamoDbCoordinationStore",
     "QueueUrls",

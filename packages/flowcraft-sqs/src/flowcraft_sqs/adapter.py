@@ -1,30 +1,30 @@
 """``SqsAdapter``: node jobs on SQS, run state and coordination in DynamoDB.
 
-The base class runs all orchestration; this module writes the primitives:
+The base classes run all orchestration and every delivery decision
+(:class:`~flowcraft.distributed.PullingAdapter` receives, renews, settles and acks);
+this module writes SQS's calls:
 
-* ``process_jobs``: long-polls the queue in batches (up to ``concurrency`` jobs in
-  hand), keeps each message invisible while its job runs (a visibility
-  heartbeat), deletes a message only after its handler returned (batched
-  ``DeleteMessageBatch``), and on failure either hands it back after a delay
-  (``ChangeMessageVisibility``) or moves it to the dead-letter queue.
+* ``receive``: one long poll (``ReceiveMessage``, up to 10 messages), abandoned
+  with its messages handed straight back if the worker stops meanwhile.
+* ``ack``: ``DeleteMessageBatch``; ``renew`` and ``release``:
+  ``ChangeMessageVisibility``; ``dead_letter``: a copy with the reason on the
+  dead-letter queue, then a delete.
 * ``enqueue_job``: one ``SendMessage`` (FIFO queues: ``MessageGroupId`` per run,
   a ``MessageDeduplicationId`` per send so retried sends are not duplicated);
   ``enqueue_jobs`` (a fan-out's successors) sends ``SendMessageBatch`` requests.
 * ``create_context``: a :class:`~flowcraft_sqs.DynamoDbContext` (one item per run).
-* ``publish_final_result``: a conditional ``PutItem`` of the result item, which
-  ``get_final_result`` (and so ``wait_for_result``) reads first.
+* ``publish_final_result``: a conditional update of the result item, which
+  ``read_final_result`` (and so ``wait_for_result``) reads.
+* ``find_stalled_runs``: the reconciler's candidates, from a sparse index.
 
-``retry_mode="queue"`` runs one attempt per delivery: the attempt number is
-SQS's ``ApproximateReceiveCount`` and a failed attempt comes back after a
-visibility-timeout backoff. The queue's redrive policy moves messages that were
-received too often (exhausted, or bouncing between incompatible workers) to the
-dead-letter queue.
+In ``retry_mode="queue"`` the base counts a node's failed attempts and releases the
+message for the node's backoff; the queue's redrive policy still moves messages
+received too often (bouncing between incompatible workers) to the dead-letter queue.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import hashlib
 import json
@@ -37,58 +37,33 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from flowcraft.blueprint import NodeDefinition
-from flowcraft.distributed.adapter import (
-    BaseDistributedAdapter,
-    FinalResult,
-    JobHandler,
-    RetryJob,
-    job_disposition,
-)
+from flowcraft.distributed import DeadLetter, FinalResult, PullingAdapter
 from flowcraft.distributed.coordination import CoordinationStore
 from flowcraft.distributed.payload import JobPayload
-from flowcraft.errors import FlowcraftError, NodeExecutionError, StateLimitError
+from flowcraft.errors import FlowcraftError
 from flowcraft.events import EventBus
 from flowcraft.runtime import RuntimeOptions
 from flowcraft.serializer import JsonSerializer
-from flowcraft_sqs._client import (
-    AwsClients,
-    AwsSettings,
-    error_code,
-)
+from flowcraft_sqs._client import AwsClients, AwsSettings, error_code
 from flowcraft_sqs._setup import ACTIVE_RUNS_INDEX
 from flowcraft_sqs.context import DEFAULT_MAX_STATE_BYTES, DynamoDbContext, RunTable
 from flowcraft_sqs.coordination import DynamoDbCoordinationStore
 
-__all__ = ["DeadLetter", "SqsAdapter"]
+__all__ = ["SqsAdapter"]
 
-RetryMode = Literal["in-process", "queue"]
+Message = dict[str, Any]
 MessageGroup = Literal["run", "node"]
 
 MAX_VISIBILITY_SECONDS = 12 * 3600  # SQS's ceiling for ChangeMessageVisibility
-_BATCH = 10  # SQS's batch size for receive, send, delete and visibility changes
+_BATCH = 10  # SQS's batch size for receive, send and delete
 _BATCH_BYTES = 200 * 1024  # below SQS's limit on a batch's total payload
 _GROUP_ID = re.compile(r"[!-~]{1,128}")
 _ERROR_ATTRIBUTE = "flowcraft-error"
-_MAX_ATTEMPTS_ATTRIBUTE = "flowcraft-max-attempts"
-_RETRY_DELAY_ATTRIBUTE = "flowcraft-retry-delay-ms"
-_BACKOFF_ATTRIBUTE = "flowcraft-backoff"
-
-
-@dataclass(frozen=True, slots=True)
-class DeadLetter:
-    """A message in the dead-letter queue and why it is there."""
-
-    message_id: str
-    body: str
-    error: str
-    """Our reason (empty if SQS's redrive moved it: it was received too often)."""
-    receive_count: int
 
 
 @dataclass(slots=True)
 class _Poll:
-    """One long poll that ``stop()`` may abandon: whoever takes the lock first decides
+    """One long poll that the worker may abandon: whoever takes the lock first decides
     whether the messages go to the worker or straight back to the queue."""
 
     lock: threading.Lock
@@ -96,7 +71,7 @@ class _Poll:
     abandoned: bool = False
 
 
-class SqsAdapter(BaseDistributedAdapter):
+class SqsAdapter(PullingAdapter[Message]):
     """A flowcraft worker (and operator client) on SQS and DynamoDB.
 
     Args:
@@ -110,25 +85,19 @@ class SqsAdapter(BaseDistributedAdapter):
         coordination_store: any ``CoordinationStore``; default a
             :class:`DynamoDbCoordinationStore` on ``coordination_table_name``.
         namespace: keeps apps sharing one table apart.
-        retry_mode: ``"in-process"`` (the worker retries a node) or ``"queue"`` (one
-            attempt per delivery; SQS redelivers after a backoff).
-        concurrency: jobs in hand at once.
         wait_time_seconds: long-poll wait (0-20).
         visibility_timeout: seconds a received message stays hidden; renewed every
             third of it while its job runs.
-        retry_delay_seconds: delay before a job handed back for other reasons
-            (version mismatch, store errors) is delivered again.
-        max_backoff_seconds: ceiling of queue-mode retry backoff.
+        max_backoff_seconds: ceiling of any delay before a released message returns.
         message_group: FIFO only: ``"run"`` (one group per run, the default) or
             ``"node"`` (one per run and node: more parallelism, no per-run order).
         max_state_bytes: bytes of context one run may hold (under the 400 KB item limit).
         index_shards: partitions of the active-runs index (spread index writes).
-        reconcile_interval_seconds: run the reconciler in the worker this often
-            (one worker per interval does it); ``None``: off.
-        stalled_after_seconds: a run without a state change for this long is stalled.
-        ack_batch_window: seconds to gather deletes into one ``DeleteMessageBatch``.
-        event_bus, key_prefix, state_ttl_seconds, lease_seconds,
-            dedupe_window_seconds, worker_id: see ``BaseDistributedAdapter``.
+        **options: see :class:`~flowcraft.distributed.PullingAdapter` (``concurrency``,
+            ``ack_batch_window``, ``max_deliveries``) and
+            :class:`~flowcraft.distributed.BaseDistributedAdapter` (``retry_mode``,
+            ``retry_delay_seconds``, ``reconcile_interval_seconds``,
+            ``stalled_after_seconds``, ``lease_seconds``, ...).
     """
 
     def __init__(
@@ -143,33 +112,23 @@ class SqsAdapter(BaseDistributedAdapter):
         coordination_store: CoordinationStore | None = None,
         coordination_table_name: str | None = None,
         namespace: str = "flowcraft",
-        retry_mode: RetryMode = "in-process",
-        concurrency: int = 10,
         wait_time_seconds: int = 20,
         visibility_timeout: int = 30,
-        retry_delay_seconds: float = 1.0,
         max_backoff_seconds: float = 900.0,
         message_group: MessageGroup = "run",
         max_state_bytes: int = DEFAULT_MAX_STATE_BYTES,
         index_shards: int = 4,
-        reconcile_interval_seconds: float | None = None,
-        stalled_after_seconds: float = 300.0,
-        ack_batch_window: float = 0.02,
         event_bus: EventBus | None = None,
         **options: Any,
     ) -> None:
         if clients is not None and aws is not None:
             raise ValueError("pass clients= or aws=, not both")
-        if retry_mode not in ("in-process", "queue"):
-            raise ValueError(f"retry_mode must be 'in-process' or 'queue', not {retry_mode!r}")
         if message_group not in ("run", "node"):
             raise ValueError(f"message_group must be 'run' or 'node', not {message_group!r}")
         if not 0 <= wait_time_seconds <= 20:
             raise ValueError("wait_time_seconds must be 0..20 (SQS's long-poll limit)")
         if not 1 <= visibility_timeout <= MAX_VISIBILITY_SECONDS:
             raise ValueError("visibility_timeout must be 1..43200 seconds")
-        if concurrency < 1:
-            raise ValueError("concurrency must be >= 1")
         self._owns_clients = clients is None
         self.clients = clients if clients is not None else AwsClients(aws)
         self._owns_store = coordination_store is None
@@ -181,20 +140,16 @@ class SqsAdapter(BaseDistributedAdapter):
             runtime_options=runtime_options,
             coordination_store=coordination_store,
             event_bus=event_bus,
+            visibility_seconds=visibility_timeout,
+            ack_batch_size=_BATCH,
             **options,
         )
         self.queue_url = queue_url
         self.fifo = queue_url.endswith(".fifo")
-        self.retry_mode: RetryMode = retry_mode
-        self.concurrency = concurrency
         self.wait_time_seconds = wait_time_seconds
         self.visibility_timeout = visibility_timeout
-        self.retry_delay_seconds = retry_delay_seconds
         self.max_backoff_seconds = max_backoff_seconds
         self.message_group: MessageGroup = message_group
-        self.reconcile_interval_seconds = reconcile_interval_seconds
-        self.stalled_after_seconds = stalled_after_seconds
-        self.ack_batch_window = ack_batch_window
         self.runs = RunTable(
             self.clients,
             table_name,
@@ -206,17 +161,11 @@ class SqsAdapter(BaseDistributedAdapter):
         )
         self._dead_letter_url = dead_letter_queue_url
         self._dead_letter_resolved = dead_letter_queue_url is not None
-        self._wake = asyncio.Event()
-        self._idle = asyncio.Event()
-        self._idle.set()
-        self._in_hand: dict[str, float] = {}  # receipt handle -> last made invisible
-        self._visibility = asyncio.Lock()
-        self._acks: _Acker | None = None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(queue_url={self.queue_url!r}, worker_id={self.worker_id!r})"
 
-    # ------------------------------------------------------------ the four primitives
+    # ------------------------------------------------------------ the seed's primitives
 
     def create_context(self, run_id: str) -> DynamoDbContext:
         return self.runs.context(run_id)
@@ -239,38 +188,40 @@ class SqsAdapter(BaseDistributedAdapter):
                 message = chunk[int(failure["Id"])]
                 await self.clients.sqs_call("send_message", QueueUrl=self.queue_url, **message)
 
-    async def send_body(
-        self,
-        body: str,
-        *,
-        group_id: str = "flowcraft",
-        attributes: Mapping[str, Any] | None = None,
-    ) -> None:
+    async def publish_final_result(self, run_id: str, result: FinalResult) -> None:
+        """Write the run's result item, keeping the FIRST result published (a repeat,
+        after a crash or from a racing duplicate, changes nothing): one ``UpdateItem``."""
+        stored = {"status": result.status, "errors": result.errors, "context": result.context}
+        await self.runs.write_result(run_id, stored)
+
+    async def read_final_result(self, run_id: str) -> FinalResult | None:
+        """The published result: one ``GetItem`` of the run's result item."""
+        data = await self.runs.read_result(run_id)
+        if data is None:
+            return None
+        return FinalResult(run_id, data["status"], data["context"], data.get("errors", []))
+
+    async def enqueue_raw(self, body: bytes) -> None:
+        # SQS bodies are text: bytes that are not UTF-8 go as their Latin-1 reading.
+        try:
+            text = body.decode()
+        except UnicodeDecodeError:
+            text = body.decode("latin-1")
+        await self.send_body(text)
+
+    async def send_body(self, body: str, *, group_id: str = "flowcraft") -> None:
         """Put a message body on the job queue as it is (tools and tests may send raw
         bodies). ``group_id`` matters for FIFO queues only."""
-        message = self._message(body, group_id, attributes)
+        message = self._message(body, group_id)
         await self.clients.sqs_call("send_message", QueueUrl=self.queue_url, **message)
 
     def _job_message(self, job: JobPayload) -> dict[str, Any]:
-        attributes: dict[str, Any] = {}
-        node = self.node_for(job)
-        options = self.get_queue_retry_options(node) if node is not None else None
-        if options:
-            attributes = {
-                _MAX_ATTEMPTS_ATTRIBUTE: _number(options["maxAttempts"]),
-                _RETRY_DELAY_ATTRIBUTE: _number(options["retryDelayMs"]),
-                _BACKOFF_ATTRIBUTE: _string(options["backoff"]),
-            }
         group = job.run_id if self.message_group == "run" else f"{job.run_id}:{job.node_id}"
-        return self._message(job.encode().decode(), group, attributes)
+        return self._message(job.encode().decode(), group)
 
-    def _message(
-        self, body: str, group_id: str, attributes: Mapping[str, Any] | None
-    ) -> dict[str, Any]:
+    def _message(self, body: str, group_id: str) -> dict[str, Any]:
         """A message's parameters, as ``SendMessage`` and a batch entry take them."""
         message: dict[str, Any] = {"MessageBody": body}
-        if attributes:
-            message["MessageAttributes"] = dict(attributes)
         if self.fifo:
             message["MessageGroupId"] = _group_id(group_id)
             # One id per send: botocore's retries of this request are deduplicated,
@@ -278,123 +229,35 @@ class SqsAdapter(BaseDistributedAdapter):
             message["MessageDeduplicationId"] = uuid.uuid4().hex
         return message
 
-    async def publish_final_result(self, run_id: str, result: FinalResult) -> None:
-        """Write the run's result item, keeping the FIRST result published (a repeat,
-        after a crash or from a racing duplicate, changes nothing): one ``UpdateItem``."""
-        stored = {"status": result.status, "errors": result.errors, "context": result.context}
-        await self.runs.write_result(run_id, stored)
+    # ------------------------------------------------------------ the queue's calls
 
-    async def get_final_result(self, run_id: str) -> FinalResult | None:
-        """The published result: one ``GetItem`` of the run's result item."""
-        data = await self.runs.read_result(run_id)
-        if data is None:
-            return None
-        return FinalResult(run_id, data["status"], data["context"], data.get("errors", []))
-
-    # ------------------------------------------------------------ queue-native retries
-
-    def should_retry_in_process(self, node_def: NodeDefinition) -> bool:
-        return self.retry_mode == "in-process"
-
-    def get_queue_retry_options(self, node_def: NodeDefinition) -> dict[str, Any] | None:
-        """In queue mode: attempts and backoff, carried as message attributes."""
-        if self.should_retry_in_process(node_def):
-            return None
-        config = node_def.config
-        return {
-            "maxAttempts": node_def.max_attempts,
-            "retryDelayMs": config.retry_delay if config else 0,
-            "backoff": config.retry_backoff if config else "exponential",
-        }
-
-    # ------------------------------------------------------------ consuming
-
-    async def stop(self) -> None:
-        """No new jobs; ``process_jobs`` returns once the jobs in hand are done."""
-        await super().stop()
-        self._wake.set()
-
-    async def aclose(self) -> None:
-        """Stop, wait for the jobs in hand, and close what this adapter created."""
-        await self.stop()
-        await self._idle.wait()
-        if self._owns_store and isinstance(self.coordination_store, DynamoDbCoordinationStore):
-            await self.coordination_store.aclose()
-        if self._owns_clients:
-            self.clients.close()
-
-    async def process_jobs(self, handler: JobHandler) -> None:
-        self._wake.clear()
-        self._idle.clear()
-        self._acks = _Acker(self)
-        tasks: set[asyncio.Task[None]] = set()
-        slot_free = asyncio.Event()
-        background = [asyncio.ensure_future(self._heartbeat_loop())]
-        if self.reconcile_interval_seconds:
-            background.append(asyncio.ensure_future(self._reconciler_loop()))
-
-        def finished(task: asyncio.Task[None]) -> None:
-            tasks.discard(task)
-            slot_free.set()
-
-        try:
-            while not self.stopping:
-                free = self.concurrency - len(tasks)
-                if free <= 0:
-                    slot_free.clear()
-                    await _first(slot_free.wait(), self._wake.wait())
-                    continue
-                try:
-                    messages = await self._receive(min(_BATCH, free))
-                except Exception as exc:
-                    self.logger.warning("receiving from %s failed: %s", self.queue_url, exc)
-                    await _first(asyncio.sleep(1.0), self._wake.wait())
-                    continue
-                for message in messages:
-                    task = asyncio.ensure_future(self._deliver(handler, message))
-                    tasks.add(task)
-                    task.add_done_callback(finished)
-        finally:
-            if tasks:
-                await asyncio.gather(*tasks, return_exceptions=True)
-            for task in background:
-                task.cancel()
-            await asyncio.gather(*background, return_exceptions=True)
-            await self._acks.flush()
-            self._idle.set()
-
-    async def _receive(self, max_messages: int) -> list[dict[str, Any]]:
-        """One long poll, abandoned (its messages handed straight back) if ``stop()``
-        comes first, so a worker stops without waiting out the poll."""
+    async def receive(self, max_messages: int) -> Sequence[Message]:
+        """One long poll. Abandoned by a stopping worker, it hands its messages back:
+        the polling thread does if it has not delivered them yet, else the loop does
+        with what this returns."""
         poll = _Poll(threading.Lock())
-        receive = asyncio.ensure_future(
-            self.clients.run(functools.partial(self._receive_sync, poll, max_messages))
+        receiving: asyncio.Future[list[Message]] = asyncio.ensure_future(
+            self.clients.run(functools.partial(self._receive_sync, poll, min(_BATCH, max_messages)))
         )
-        waker = asyncio.ensure_future(self._wake.wait())
-        await asyncio.wait({receive, waker}, return_when=asyncio.FIRST_COMPLETED)
-        waker.cancel()
-        if not receive.done():
+        try:
+            return await asyncio.shield(receiving)
+        except asyncio.CancelledError:
             with poll.lock:
                 poll.abandoned = not poll.taken
             if poll.abandoned:
-                receive.add_done_callback(_retrieve)
-                return []
-        messages: list[dict[str, Any]] = await receive
-        if messages and self.stopping:
-            await self.clients.run(functools.partial(self._release_sync, messages))
-            return []
-        return messages
+                receiving.add_done_callback(_retrieve)
+                raise
+            return await receiving  # taken already: the loop releases them
 
-    def _receive_sync(self, poll: _Poll, max_messages: int) -> list[dict[str, Any]]:
+    def _receive_sync(self, poll: _Poll, max_messages: int) -> list[Message]:
         response = self.clients.sqs.receive_message(
             QueueUrl=self.queue_url,
             MaxNumberOfMessages=max_messages,
             WaitTimeSeconds=self.wait_time_seconds,
             VisibilityTimeout=self.visibility_timeout,
             MessageSystemAttributeNames=["ApproximateReceiveCount", "MessageGroupId"],
-            MessageAttributeNames=["All"],
         )
-        messages: list[dict[str, Any]] = response.get("Messages", [])
+        messages: list[Message] = response.get("Messages", [])
         with poll.lock:
             if not poll.abandoned:
                 poll.taken = True
@@ -403,7 +266,7 @@ class SqsAdapter(BaseDistributedAdapter):
             self._release_sync(messages)
         return []
 
-    def _release_sync(self, messages: list[dict[str, Any]]) -> None:
+    def _release_sync(self, messages: list[Message]) -> None:
         """Make messages visible again at once (received while stopping)."""
         for start in range(0, len(messages), _BATCH):
             entries = [
@@ -417,105 +280,41 @@ class SqsAdapter(BaseDistributedAdapter):
             except Exception as exc:
                 self.logger.warning("could not release %d messages: %s", len(entries), exc)
 
-    async def _deliver(self, handler: JobHandler, message: dict[str, Any]) -> None:
-        receipt = message["ReceiptHandle"]
-        self._in_hand[receipt] = time.monotonic()
-        job: JobPayload | None = None
-        try:
-            job = self._decode(message)
-            await handler(job)
-        except asyncio.CancelledError:
-            # The worker is being torn down: SQS delivers the message again after
-            # its visibility timeout.
-            self._in_hand.pop(receipt, None)
-            raise
-        except Exception as exc:
-            self._in_hand.pop(receipt, None)
-            try:
-                await self._settle_failure(message, job, exc)
-            except Exception as settle_exc:
-                self.logger.warning(
-                    "message %s: could not settle after %r: %s; SQS redelivers it",
-                    message.get("MessageId"),
-                    exc,
-                    settle_exc,
-                )
-            return
-        self._in_hand.pop(receipt, None)
-        assert self._acks is not None
-        await self._acks.delete(receipt)
+    def message_body(self, message: Message) -> str:
+        body: str = message["Body"]
+        return body
 
-    def _decode(self, message: Mapping[str, Any]) -> JobPayload:
-        job = JobPayload.decode(message["Body"])
-        if self.retry_mode != "queue":
-            return job
-        attempt = _receive_count(message)
-        attempts = self._max_attempts(job, message)
-        return job.model_copy(update={"attempt": attempt, "is_last_attempt": attempt >= attempts})
+    def delivery_count(self, message: Message) -> int:
+        return _receive_count(message)
 
-    def _max_attempts(self, job: JobPayload, message: Mapping[str, Any]) -> int:
-        carried = message.get("MessageAttributes", {}).get(_MAX_ATTEMPTS_ATTRIBUTE)
-        if carried is not None:
-            return int(carried["StringValue"])
-        node = self.node_for(job)
-        return node.max_attempts if node is not None else 1
-
-    async def _settle_failure(
-        self, message: Mapping[str, Any], job: JobPayload | None, exc: Exception
-    ) -> None:
-        # A commit that can never fit in the item will not fit on redelivery either.
-        disposition = "dead-letter" if isinstance(exc, StateLimitError) else job_disposition(exc)
-        if disposition == "dead-letter":
-            self.logger.warning("dead-lettering message %s: %s", message.get("MessageId"), exc)
-            await self._dead_letter(message, exc)
-            return
-        delay = self._retry_delay(message, job, exc)
-        self.logger.debug("message %s back in %d s: %s", message.get("MessageId"), delay, exc)
-        async with self._visibility:
-            await self.clients.sqs_call(
-                "change_message_visibility",
-                QueueUrl=self.queue_url,
-                ReceiptHandle=message["ReceiptHandle"],
-                VisibilityTimeout=delay,
+    async def ack(self, messages: Sequence[Message]) -> None:
+        entries = [
+            {"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(messages)
+        ]
+        response = await self.clients.sqs_call(
+            "delete_message_batch", QueueUrl=self.queue_url, Entries=entries
+        )
+        for failure in response.get("Failed", []):
+            self.logger.warning(
+                "delete failed (%s): the message will be delivered again (harmless)",
+                failure.get("Code"),
             )
 
-    def _retry_delay(
-        self, message: Mapping[str, Any], job: JobPayload | None, exc: Exception
-    ) -> int:
-        """Seconds until SQS delivers a handed-back message again."""
-        if (
-            self.retry_mode == "queue"
-            and isinstance(exc, RetryJob)
-            and isinstance(exc.__cause__, NodeExecutionError)
-            and job is not None
-        ):
-            seconds = self._backoff(message, job)
-        elif isinstance(exc, RetryJob):
-            seconds = exc.delay_seconds
-        else:
-            seconds = self.retry_delay_seconds
-        return max(0, min(math.ceil(seconds), MAX_VISIBILITY_SECONDS))
+    async def renew(self, message: Message, seconds: float) -> None:
+        await self._change_visibility(message, seconds)
 
-    def _backoff(self, message: Mapping[str, Any], job: JobPayload) -> float:
-        """Queue-mode backoff after failed attempt n: the node's ``retry_delay``, doubled
-        per attempt when exponential (capped at 64 times, as in process)."""
-        carried = message.get("MessageAttributes", {})
-        if _RETRY_DELAY_ATTRIBUTE in carried:
-            delay = float(carried[_RETRY_DELAY_ATTRIBUTE]["StringValue"]) / 1000
-            kind = carried.get(_BACKOFF_ATTRIBUTE, {}).get("StringValue", "exponential")
-        else:
-            node = self.node_for(job)
-            config = node.config if node is not None else None
-            delay = (config.retry_delay if config else 0) / 1000
-            kind = config.retry_backoff if config else "exponential"
-        if kind == "fixed":
-            return min(delay, self.max_backoff_seconds)
-        attempt = _receive_count(message)
-        return min(delay * 2.0 ** (attempt - 1), delay * 64, self.max_backoff_seconds)
+    async def release(self, message: Message, delay_seconds: float) -> None:
+        await self._change_visibility(message, min(delay_seconds, self.max_backoff_seconds))
 
-    # ------------------------------------------------------------ dead letters
+    async def _change_visibility(self, message: Message, seconds: float) -> None:
+        await self.clients.sqs_call(
+            "change_message_visibility",
+            QueueUrl=self.queue_url,
+            ReceiptHandle=message["ReceiptHandle"],
+            VisibilityTimeout=max(0, min(math.ceil(seconds), MAX_VISIBILITY_SECONDS)),
+        )
 
-    async def _dead_letter(self, message: Mapping[str, Any], exc: Exception) -> None:
+    async def dead_letter(self, message: Message, reason: str) -> None:
         """Copy the message to the dead-letter queue with the reason, then delete it."""
         url = await self.dead_letter_queue_url()
         if url is None:
@@ -523,14 +322,14 @@ class SqsAdapter(BaseDistributedAdapter):
                 "no dead-letter queue for %s: dropping message %s (%s)",
                 self.queue_url,
                 message.get("MessageId"),
-                exc,
+                reason,
             )
         else:
             params: dict[str, Any] = {
                 "QueueUrl": url,
                 "MessageBody": message["Body"],
                 "MessageAttributes": {
-                    _ERROR_ATTRIBUTE: _string(_clean(f"{type(exc).__name__}: {exc}")),
+                    _ERROR_ATTRIBUTE: _string(_clean(reason)),
                     "flowcraft-source-message-id": _string(str(message.get("MessageId", "?"))),
                     "flowcraft-receive-count": _number(_receive_count(message)),
                 },
@@ -540,8 +339,9 @@ class SqsAdapter(BaseDistributedAdapter):
                 params["MessageGroupId"] = group
                 params["MessageDeduplicationId"] = str(message.get("MessageId", uuid.uuid4().hex))
             await self.clients.sqs_call("send_message", **params)
-        assert self._acks is not None
-        await self._acks.delete(message["ReceiptHandle"])
+        await self.ack([message])
+
+    # ------------------------------------------------------------ dead letters
 
     async def dead_letter_queue_url(self) -> str | None:
         """The dead-letter queue: as given, else the job queue's redrive target."""
@@ -561,8 +361,9 @@ class SqsAdapter(BaseDistributedAdapter):
         self._dead_letter_resolved = True
         return self._dead_letter_url
 
-    async def peek_dead_letters(self, max_messages: int = 100) -> list[DeadLetter]:
+    async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
         """Look at dead-lettered messages without taking them (for operators and tests).
+        The reason is empty for a message SQS's redrive moved (received too often).
 
         Each receive makes the messages visible again at once, so this is a sample
         on real SQS (it may miss some, never removes any).
@@ -571,14 +372,13 @@ class SqsAdapter(BaseDistributedAdapter):
         if url is None:
             return []
         found: dict[str, DeadLetter] = {}
-        for _ in range(max(1, math.ceil(max_messages / _BATCH))):
+        for _ in range(max(1, math.ceil(limit / _BATCH))):
             response = await self.clients.sqs_call(
                 "receive_message",
                 QueueUrl=url,
                 MaxNumberOfMessages=_BATCH,
                 VisibilityTimeout=0,
                 WaitTimeSeconds=0,
-                MessageSystemAttributeNames=["ApproximateReceiveCount"],
                 MessageAttributeNames=["All"],
             )
             new = 0
@@ -588,50 +388,16 @@ class SqsAdapter(BaseDistributedAdapter):
                 new += 1
                 error = m.get("MessageAttributes", {}).get(_ERROR_ATTRIBUTE, {})
                 found[m["MessageId"]] = DeadLetter(
-                    m["MessageId"], m["Body"], error.get("StringValue", ""), _receive_count(m)
+                    m["Body"], error.get("StringValue", ""), m["MessageId"]
                 )
-            if not new or len(found) >= max_messages:
+            if not new or len(found) >= limit:
                 break
-        return list(found.values())[:max_messages]
-
-    # ------------------------------------------------------------ heartbeat
-
-    async def _heartbeat_loop(self) -> None:
-        """Every third of the visibility timeout, keep the messages in hand invisible."""
-        period = max(1.0, self.visibility_timeout / 3)
-        while True:
-            await asyncio.sleep(period / 2)
-            now = time.monotonic()
-            due = [r for r, at in list(self._in_hand.items()) if now - at >= period]
-            for start in range(0, len(due), _BATCH):
-                chunk = due[start : start + _BATCH]
-                entries = [
-                    {"Id": str(i), "ReceiptHandle": r, "VisibilityTimeout": self.visibility_timeout}
-                    for i, r in enumerate(chunk)
-                ]
-                try:
-                    async with self._visibility:
-                        # Only messages still in hand: one that finished meanwhile
-                        # must keep the delay its failure asked for.
-                        entries = [e for e in entries if e["ReceiptHandle"] in self._in_hand]
-                        if not entries:
-                            continue
-                        await self.clients.sqs_call(
-                            "change_message_visibility_batch",
-                            QueueUrl=self.queue_url,
-                            Entries=entries,
-                        )
-                except Exception as exc:
-                    self.logger.warning("visibility heartbeat failed: %s", exc)
-                    continue
-                for entry in entries:
-                    if entry["ReceiptHandle"] in self._in_hand:
-                        self._in_hand[entry["ReceiptHandle"]] = now
+        return list(found.values())[:limit]
 
     # ------------------------------------------------------------ reconciler
 
     async def find_stalled_runs(
-        self, older_than_seconds: float | None = None, *, limit: int = 1000
+        self, older_than_seconds: float | None = None, limit: int = 1000
     ) -> list[str]:
         """Runs not ended (and not waiting for a resume) whose state has not changed for
         ``older_than_seconds`` (default ``stalled_after_seconds``): one ``Query`` per
@@ -669,98 +435,13 @@ class SqsAdapter(BaseDistributedAdapter):
                 params["ExclusiveStartKey"] = response["LastEvaluatedKey"]
         return found[:limit]
 
-    async def reconcile_stalled(self, older_than_seconds: float | None = None) -> dict[str, int]:
-        """``reconcile`` every stalled run; returns jobs enqueued per run."""
-        enqueued: dict[str, int] = {}
-        for run_id in await self.find_stalled_runs(older_than_seconds):
-            try:
-                enqueued[run_id] = await self.reconcile(run_id)
-            except Exception as exc:
-                self.logger.warning("reconciling run %s failed: %s", run_id, exc)
-        if enqueued:
-            self.logger.info("reconciled %d stalled runs", len(enqueued))
-        return enqueued
+    # ------------------------------------------------------------ lifecycle
 
-    async def _reconciler_loop(self) -> None:
-        interval = float(self.reconcile_interval_seconds or 60.0)
-        claim = f"{self.key_prefix}reconciler:{self.runs.namespace}"
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                # One worker of the fleet per interval.
-                if await self.coordination_store.set_if_not_exist(
-                    claim, self.worker_id, interval * 0.9
-                ):
-                    await self.reconcile_stalled()
-            except Exception as exc:
-                self.logger.warning("reconciler pass failed: %s", exc)
-
-
-class _Acker:
-    """Deletes handled messages in batches of up to ten; each caller waits for its own
-    delete, so a job's task ends only after its message is gone."""
-
-    def __init__(self, adapter: SqsAdapter) -> None:
-        self._adapter = adapter
-        self._pending: list[tuple[str, asyncio.Future[None]]] = []
-        self._timer: asyncio.TimerHandle | None = None
-        self._sending: set[asyncio.Task[None]] = set()
-
-    async def delete(self, receipt: str) -> None:
-        loop = asyncio.get_running_loop()
-        done: asyncio.Future[None] = loop.create_future()
-        self._pending.append((receipt, done))
-        if len(self._pending) >= _BATCH:
-            self._send_now()
-        elif self._timer is None:
-            self._timer = loop.call_later(self._adapter.ack_batch_window, self._send_now)
-        await done
-
-    def _send_now(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        while self._pending:
-            batch, self._pending = self._pending[:_BATCH], self._pending[_BATCH:]
-            task = asyncio.ensure_future(self._send(batch))
-            self._sending.add(task)
-            task.add_done_callback(self._sending.discard)
-
-    async def _send(self, batch: list[tuple[str, asyncio.Future[None]]]) -> None:
-        adapter = self._adapter
-        entries = [{"Id": str(i), "ReceiptHandle": r} for i, (r, _) in enumerate(batch)]
-        try:
-            response = await adapter.clients.sqs_call(
-                "delete_message_batch", QueueUrl=adapter.queue_url, Entries=entries
-            )
-            for failure in response.get("Failed", []):
-                adapter.logger.warning(
-                    "delete failed (%s): the message will be delivered again (harmless)",
-                    failure.get("Code"),
-                )
-        except Exception as exc:
-            adapter.logger.warning("deleting %d messages failed: %s", len(entries), exc)
-        finally:
-            for _, done in batch:
-                if not done.done():
-                    done.set_result(None)
-
-    async def flush(self) -> None:
-        self._send_now()
-        if self._sending:
-            await asyncio.gather(*self._sending, return_exceptions=True)
-
-
-async def _first(*aws: Any) -> None:
-    """Wait for the first of several awaitables; cancel the rest."""
-    tasks = [asyncio.ensure_future(a) for a in aws]
-    try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for task in tasks:
-            task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.gather(*tasks, return_exceptions=True)
+    async def close(self) -> None:
+        if self._owns_store and isinstance(self.coordination_store, DynamoDbCoordinationStore):
+            await self.coordination_store.aclose()
+        if self._owns_clients:
+            self.clients.close()
 
 
 def _retrieve(future: asyncio.Future[Any]) -> None:
