@@ -22,7 +22,9 @@ from flowcraft_cloudflare.context import run_object
 __all__ = ["PROTOCOL_KINDS", "DurableObjectCoordinationStore"]
 
 #: The kinds of per-run coordination keys (``flowcraft.distributed.keys``).
-PROTOCOL_KINDS = frozenset({"lease", "done", "join", "fired", "latch", "end", "final"})
+PROTOCOL_KINDS = frozenset(
+    {"lease", "done", "join", "fired", "latch", "end", "final", "attempts", "result"}
+)
 
 
 class DurableObjectCoordinationStore:
