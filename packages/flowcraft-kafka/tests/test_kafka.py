@@ -177,7 +177,7 @@ async def test_a_busy_worker_stays_in_its_group(kafka_namespace: Namespace) -> N
     polls, so the member is not thrown out and its job is not delivered again."""
     kafka = kafka_namespace.kafka.model_copy(
         update={
-            "kafka_config": {"session.timeout.ms": 6000, "max.poll.interval.ms": 7000},
+            "consumer_config": {"session.timeout.ms": 6000, "max.poll.interval.ms": 7000},
         }
     )
     runs: list[str] = []

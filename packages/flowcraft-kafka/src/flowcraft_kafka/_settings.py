@@ -37,6 +37,10 @@ class KafkaSettings(BaseModel):
     dead_letter_topic: str | None = Field(default=None, pattern=r"^[A-Za-z0-9._-]{1,249}$")
     group_id: str = Field(default="flowcraft-workers", min_length=1)
     kafka_config: dict[str, Any] = Field(default_factory=dict, repr=False)
+    consumer_config: dict[str, Any] = Field(default_factory=dict, repr=False)
+    """Only for the job consumer (``session.timeout.ms``, ``max.poll.interval.ms``...)."""
+    producer_config: dict[str, Any] = Field(default_factory=dict, repr=False)
+    """Only for the producer (``linger.ms``, ``compression.type``...)."""
 
     @property
     def dead_letters(self) -> str:

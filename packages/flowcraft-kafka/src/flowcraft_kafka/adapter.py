@@ -172,7 +172,7 @@ class KafkaAdapter(PullingAdapter[KafkaJob]):
     @property
     def producer(self) -> JobProducer:
         if self._producer is None:
-            self._producer = JobProducer(self._client_config())
+            self._producer = JobProducer(self._client_config() | self.kafka.producer_config)
         return self._producer
 
     def _client_config(self) -> dict[str, Any]:
@@ -216,7 +216,7 @@ class KafkaAdapter(PullingAdapter[KafkaJob]):
     def consumer(self) -> JobConsumer:
         if self._consumer is None:
             self._consumer = JobConsumer(
-                self._client_config(),
+                self._client_config() | self.kafka.consumer_config,
                 self.kafka.topic,
                 group_id=self.kafka.group_id,
                 poll_seconds=self.poll_seconds,
