@@ -159,8 +159,10 @@ class GcpAdapter(PullingAdapter[ReceivedMessage]):
         )
         if not create_topology:
             self.queue.assume_created()
+        self.redis = coordination_store.client
+        """The Redis client of coordination and results (keys under ``key_prefix``)."""
         self.results = RedisResults(
-            coordination_store.client,
+            self.redis,
             key_prefix=self.key_prefix,
             ttl_seconds=self.state_ttl_seconds,
         )
