@@ -24,9 +24,9 @@ def _options() -> RuntimeOptions:
     return RuntimeOptions.from_flows(FLOW)
 
 
-async def _receive_all(adapter: KafkaAdapter, n: int, timeout: float = 30.0) -> list[KafkaJob]:
+async def _receive_all(adapter: KafkaAdapter, n: int, seconds: float = 30.0) -> list[KafkaJob]:
     found: list[KafkaJob] = []
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + seconds
     while len(found) < n and time.monotonic() < deadline:
         found.extend(await adapter.receive(n - len(found)))
     return found
