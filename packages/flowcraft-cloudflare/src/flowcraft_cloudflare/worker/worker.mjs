@@ -611,7 +611,7 @@ export default {
           return json(await inboxCall(env, await request.json()));
         case "POST /flowcraft/v1/raw":
           // The queue as any producer uses it: the bytes, no envelope.
-          await env.JOBS.send(await request.arrayBuffer(), { contentType: "bytes" });
+          await env.JOBS.send(new Uint8Array(await request.arrayBuffer()), { contentType: "bytes" });
           return json({ sent: 1 });
         default:
           return json({ error: "not_found" }, 404);
