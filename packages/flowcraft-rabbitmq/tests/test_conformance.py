@@ -7,7 +7,6 @@ from typing import Any
 import pytest
 
 from flowcraft import RuntimeOptions
-from flowcraft.distributed.adapter import BaseDistributedAdapter
 from flowcraft.testing import AdapterConformanceTests, AdapterFactory
 from flowcraft_rabbitmq import RabbitMQAdapter
 
@@ -25,11 +24,3 @@ class TestRabbitMQAdapter(AdapterConformanceTests):
             return namespace.adapter(options, **overrides)
 
         return build
-
-    async def enqueue_raw(self, adapter: BaseDistributedAdapter, raw: bytes) -> None:
-        assert isinstance(adapter, RabbitMQAdapter)
-        await adapter.broker.publish(raw)
-
-    async def dead_letters(self, adapter: BaseDistributedAdapter) -> list[str]:
-        assert isinstance(adapter, RabbitMQAdapter)
-        return [letter.error for letter in await adapter.dead_letters()]

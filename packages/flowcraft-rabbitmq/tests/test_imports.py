@@ -8,7 +8,6 @@ import flowcraft_rabbitmq
 def test_all_is_pinned() -> None:
     assert flowcraft_rabbitmq.__all__ == [
         "SCHEMA_VERSION",
-        "DeadLetter",
         "PostgresContext",
         "PostgresRunStore",
         "RabbitMQAdapter",

@@ -13,7 +13,7 @@ import pytest
 from flowcraft import Flow, NodeContext, RuntimeOptions
 from flowcraft.distributed.payload import JobPayload
 from flowcraft_rabbitmq import RabbitMQAdapter
-from flowcraft_rabbitmq._settings import HEADER_ATTEMPT, HEADER_ERROR, HEADER_MAX_ATTEMPTS
+from flowcraft_rabbitmq._settings import HEADER_ERROR
 
 from .conftest import Namespace
 
@@ -57,8 +57,8 @@ async def peek(namespace: Namespace, queue_name: str) -> list[aio_pika.abc.Abstr
 async def test_queue_retry_waits_in_a_delay_queue_with_a_per_message_ttl(
     namespace: Namespace,
 ) -> None:
-    """A failed attempt goes to the delay queue of its backoff (per-message TTL), carrying
-    the next attempt number, and the work queue is left empty meanwhile."""
+    """A failed attempt goes to the delay queue of its backoff (per-message TTL), and the
+    work queue is left empty meanwhile."""
     attempts: list[int] = []
 
     def fails(ctx: NodeContext) -> None:
@@ -78,8 +78,6 @@ async def test_queue_retry_waits_in_a_delay_queue_with_a_per_message_ttl(
         await until(delayed, "the job in the 60 s delay queue")
         (message,) = await peek(namespace, delay_queue)
         assert message.expiration == 60.0
-        assert message.headers[HEADER_ATTEMPT] == 2
-        assert message.headers[HEADER_MAX_ATTEMPTS] == 3
         assert JobPayload.decode(message.body).run_id == run
         depths = await worker.broker.depths()
         assert depths[worker.broker.topology.queue] == 0
@@ -137,9 +135,9 @@ async def test_dead_letters_keep_the_body_and_say_why(namespace: Namespace) -> N
         await worker.enqueue_job(ghost)
         letters = await until(lambda: _at_least(worker.dead_letters(), 2), "two dead letters")
         by_body = {letter.body: letter for letter in letters}
-        assert "PayloadDecodeError" in by_body[b"\x00garbage\xff"].error
-        assert "missing" in by_body[ghost.encode()].error
-        assert by_body[ghost.encode()].headers[HEADER_ERROR] == by_body[ghost.encode()].error
+        assert "PayloadDecodeError" in by_body[b"\x00garbage\xff"].reason
+        assert "missing" in by_body[ghost.encode()].reason
+        assert by_body[ghost.encode()].attributes[HEADER_ERROR] == by_body[ghost.encode()].reason
         assert len(await worker.dead_letters()) == 2, "peeking removed letters"
         assert len(await worker.dead_letters(remove=True)) == 2
         assert await worker.dead_letters() == []
@@ -166,8 +164,8 @@ async def test_redeliveries_are_exhausted_into_the_dead_letter_queue(
     try:
         run = await client.start_run("versioned")
         (letter,) = await until(lambda: worker.dead_letters(), "the exhausted job")
-        assert "exhausted after 2 redeliveries" in letter.error
-        assert "VersionMismatchError" in letter.error
+        assert "exhausted after 2 redeliveries" in letter.reason
+        assert "VersionMismatchError" in letter.reason
         assert JobPayload.decode(letter.body).run_id == run
         assert (await client.get_status(run)).status == "running"
     finally:
@@ -262,10 +260,10 @@ async def test_reconcile_stalled_finds_a_run_that_lost_its_job(namespace: Namesp
         run = await worker.start_run("stall")
         await until(lambda: _is_true(bool(lost)), "the job of b to be lost")
         await until(lambda: worker.create_context(run).has("_outputs.a"), "a to commit")
-        assert await worker.reconcile_stalled(older_than_seconds=3600) == []
+        assert await worker.reconcile_stalled(older_than_seconds=3600) == {}
         await asyncio.sleep(2.1)  # no progress for longer than the period (2 s)
-        assert await worker.reconcile_stalled(older_than_seconds=2) == [run]
-        assert await worker.reconcile_stalled(older_than_seconds=2) == [], "claimed twice"
+        assert await worker.reconcile_stalled(older_than_seconds=2) == {run: 1}
+        assert await worker.reconcile_stalled(older_than_seconds=2) == {}, "claimed twice"
         result = await worker.wait_for_result(run, TIMEOUT)
         assert result.status == "completed"
     finally:
@@ -279,7 +277,9 @@ async def _is_true(value: bool) -> bool:
 
 async def test_background_reconciler_redrives_a_stalled_run(namespace: Namespace) -> None:
     flow = Flow("bg").node("a", lambda c: 1).node("b", lambda c: c.input + 1).chain("a", "b")
-    worker = namespace.adapter(options(flow), reconcile_interval_seconds=0.2, stall_seconds=0.3)
+    worker = namespace.adapter(
+        options(flow), reconcile_interval_seconds=0.2, stalled_after_seconds=0.3
+    )
     dropped: list[JobPayload] = []
     enqueue = worker.enqueue_job
 

@@ -1,4 +1,4 @@
-"""Pure logic, no servers: delay buckets, backoff, names, patch collapsing, options."""
+"""Pure logic, no servers: delay buckets, names, patch collapsing, options."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ from flowcraft_rabbitmq._settings import (
     DELAY_BUCKETS_MS,
     SqlNames,
     Topology,
-    backoff_ms,
     delay_bucket_ms,
 )
 from flowcraft_rabbitmq._store import collapse
@@ -27,13 +26,6 @@ def test_delay_rounds_up_to_a_bucket(delay: float, bucket: int) -> None:
 def test_delay_past_the_last_bucket_is_the_last() -> None:
     assert delay_bucket_ms(10 * DELAY_BUCKETS_MS[-1]) == DELAY_BUCKETS_MS[-1]
     assert list(DELAY_BUCKETS_MS) == sorted(set(DELAY_BUCKETS_MS))
-
-
-def test_backoff_matches_in_process_retries() -> None:
-    assert [backoff_ms("fixed", 200, n) for n in (1, 2, 3)] == [200, 200, 200]
-    assert [backoff_ms("exponential", 100, n) for n in (1, 2, 3, 4)] == [100, 200, 400, 800]
-    assert backoff_ms("exponential", 100, 30) == 6_400  # at most 64 x base
-    assert backoff_ms("exponential", 0, 3) == 0
 
 
 def test_topology_names_derive_from_the_queue() -> None:
@@ -108,19 +100,3 @@ def test_constructing_an_adapter_connects_to_nothing() -> None:
 def test_bad_options_are_refused(overrides: dict[str, object], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         RabbitMQAdapter(**_options(**overrides))  # type: ignore[arg-type]
-
-
-def test_queue_retry_options_follow_the_node_config() -> None:
-    from flowcraft import Flow
-
-    flow = Flow("f").node("a", lambda c: 1, max_retries=4, retry_delay=250)
-    node = flow.to_blueprint().nodes[0]
-    queue = RabbitMQAdapter(**_options(retry_mode="queue"))  # type: ignore[arg-type]
-    assert queue.get_queue_retry_options(node) == {
-        "attempts": 4,
-        "backoff": {"type": "exponential", "delay": 250},
-    }
-    assert not queue.should_retry_in_process(node)
-    in_process = RabbitMQAdapter(**_options())  # type: ignore[arg-type]
-    assert in_process.get_queue_retry_options(node) is None
-    assert in_process.should_retry_in_process(node)

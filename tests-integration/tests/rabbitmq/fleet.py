@@ -43,7 +43,7 @@ class Settings(FleetSettings):
             lease_seconds=self.lease_seconds,
             retry_delay_seconds=0.2,
             reconcile_interval_seconds=2.0,
-            stall_seconds=10.0,
+            stalled_after_seconds=10.0,
         )
 
 

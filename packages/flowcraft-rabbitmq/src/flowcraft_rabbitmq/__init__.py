@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from flowcraft_rabbitmq._broker import DeadLetter
 from flowcraft_rabbitmq._store import SCHEMA_VERSION, PostgresRunStore
 from flowcraft_rabbitmq.adapter import RabbitMQAdapter
 from flowcraft_rabbitmq.context import PostgresContext
 
 __all__ = [
     "SCHEMA_VERSION",
-    "DeadLetter",
     "PostgresContext",
     "PostgresRunStore",
     "RabbitMQAdapter",

@@ -21,7 +21,6 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
 from ssl import SSLContext
 from typing import Any
 
@@ -34,22 +33,14 @@ from aio_pika.abc import (
 )
 from aio_pika.exceptions import CONNECTION_EXCEPTIONS, PublishError
 
+from flowcraft.distributed import DeadLetter
 from flowcraft_rabbitmq._settings import DELAY_BUCKETS_MS, HEADER_ERROR, Topology
 
-__all__ = ["Broker", "DeadLetter"]
+__all__ = ["Broker"]
 
 logger = logging.getLogger("flowcraft_rabbitmq.broker")
 
 Callback = Callable[[AbstractIncomingMessage], Awaitable[None]]
-
-
-@dataclass(frozen=True, slots=True)
-class DeadLetter:
-    """A message in the dead-letter queue: its body, why it is there, its headers."""
-
-    body: bytes
-    error: str
-    headers: dict[str, Any]
 
 
 def _header_text(value: Any) -> str:
@@ -264,7 +255,7 @@ class Broker:
                 error = _header_text(headers.get(HEADER_ERROR))
                 if not error:
                     error = f"dead-lettered by RabbitMQ ({_death_reason(headers)})"
-                found.append(DeadLetter(message.body, error, headers))
+                found.append(DeadLetter(message.body, error, attributes=headers))
                 if remove:
                     await message.ack()
         finally:

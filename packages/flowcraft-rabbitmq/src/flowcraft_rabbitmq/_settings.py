@@ -13,31 +13,19 @@ import hashlib
 import math
 import re
 from dataclasses import dataclass
-from typing import Literal
 
 __all__ = [
     "DELAY_BUCKETS_MS",
-    "HEADER_ATTEMPT",
-    "HEADER_BACKOFF",
-    "HEADER_BACKOFF_MS",
     "HEADER_ERROR",
-    "HEADER_MAX_ATTEMPTS",
     "HEADER_RETRIES",
-    "RetryMode",
     "SqlNames",
     "Topology",
-    "backoff_ms",
     "delay_bucket_ms",
 ]
 
-RetryMode = Literal["in-process", "queue"]
 
 # Message headers the adapter owns (everything else on a message is left alone).
-HEADER_ATTEMPT = "x-flowcraft-attempt"
 HEADER_RETRIES = "x-flowcraft-retries"
-HEADER_MAX_ATTEMPTS = "x-flowcraft-max-attempts"
-HEADER_BACKOFF = "x-flowcraft-backoff"
-HEADER_BACKOFF_MS = "x-flowcraft-backoff-ms"
 HEADER_ERROR = "x-flowcraft-error"
 
 # Delayed redelivery uses one delay queue per bucket: every message in a bucket
@@ -71,16 +59,6 @@ def delay_bucket_ms(delay_ms: float) -> int:
         if delay_ms <= bucket:
             return bucket
     return DELAY_BUCKETS_MS[-1]
-
-
-def backoff_ms(kind: str, base_ms: float, failed_attempt: int) -> float:
-    """The wait after failed attempt ``n`` (1-based), as the in-process retries wait:
-    ``fixed``: ``base``; ``exponential``: ``base * 2**(n-1)``, at most ``64 * base``."""
-    if base_ms <= 0:
-        return 0.0
-    if kind == "fixed":
-        return base_ms
-    return float(min(base_ms * 2 ** max(failed_attempt - 1, 0), base_ms * 64))
 
 
 @dataclass(frozen=True, slots=True)

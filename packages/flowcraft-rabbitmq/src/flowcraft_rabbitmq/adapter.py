@@ -4,25 +4,18 @@ The base class (``flowcraft.distributed.adapter.BaseDistributedAdapter``) owns a
 orchestration. This module writes its primitives:
 
 * ``enqueue_job``: a persistent message on the durable work queue, confirmed
-  by the broker (publisher confirms); in ``retry_mode="queue"`` it carries the
-  node's retry policy (attempts, backoff) in headers.
-* ``process_jobs``: consume with ``prefetch = concurrency``; ack only after the
-  handler returned (the job's effects are committed by then). On an exception
-  ``job_disposition`` decides: ``retry`` publishes the message again through the
-  delay queue of the wanted delay (per-message TTL, dead-lettered back to the
-  work queue), then acks the original; ``dead-letter`` publishes it, with the
-  error, to the dead-letter exchange, then acks. Undecodable bodies are
-  dead-lettered. A message retried ``max_redeliveries`` times is dead-lettered
-  as exhausted.
+  by the broker (publisher confirms).
+* ``process_jobs``: consume with ``prefetch = concurrency``; each delivery goes
+  through the base's ``settle`` and its settlement is carried out: ``ack``;
+  ``release`` publishes the message again through the delay queue of the wanted
+  delay (per-message TTL, dead-lettered back to the work queue), then acks the
+  original; ``dead-letter`` publishes it, with the reason, to the dead-letter
+  exchange, then acks. A message released ``max_redeliveries`` times for errors
+  is dead-lettered as exhausted.
 * ``create_context``: :class:`~flowcraft_rabbitmq.context.PostgresContext`.
 * ``publish_final_result``: the run row's ``result`` column, written once;
-  ``get_final_result`` (and so ``wait_for_result``) reads it in one query.
-
-Attempts in ``retry_mode="queue"``: a classic queue keeps no delivery count, so
-the adapter carries it in the ``x-flowcraft-attempt`` header of the message it
-sends through the delay queue after a failed attempt. A redelivery after a
-worker died does not use up an attempt (the node never reported a failure);
-the lease and the activation's resolved count make it safe.
+  ``read_final_result`` (and so ``wait_for_result``) reads it in one query.
+* ``find_stalled_runs``: the reconciler's candidates, claimed in one statement.
 """
 
 from __future__ import annotations
@@ -31,7 +24,6 @@ import asyncio
 import contextlib
 import functools
 import logging
-import math
 from collections.abc import AsyncIterator, Mapping
 from ssl import SSLContext
 from typing import Any
@@ -39,32 +31,24 @@ from typing import Any
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 from aio_pika.exceptions import CONNECTION_EXCEPTIONS
 
-from flowcraft.blueprint import NodeDefinition
-from flowcraft.distributed.adapter import (
+from flowcraft.distributed import (
     BaseDistributedAdapter,
+    DeadLetter,
     FinalResult,
     JobHandler,
-    RetryJob,
-    job_disposition,
+    JobPayload,
+    ResultWatch,
+    Settlement,
 )
 from flowcraft.distributed.coordination import CoordinationStore
-from flowcraft.distributed.payload import JobPayload
 from flowcraft.distributed.redis import RedisCoordinationStore
-from flowcraft.distributed.results import ResultWatch
-from flowcraft.errors import NodeExecutionError, PayloadDecodeError
 from flowcraft.events import EventBus
 from flowcraft.runtime import RuntimeOptions
-from flowcraft_rabbitmq._broker import Broker, DeadLetter
+from flowcraft_rabbitmq._broker import Broker
 from flowcraft_rabbitmq._settings import (
-    HEADER_ATTEMPT,
-    HEADER_BACKOFF,
-    HEADER_BACKOFF_MS,
     HEADER_ERROR,
-    HEADER_MAX_ATTEMPTS,
     HEADER_RETRIES,
-    RetryMode,
     Topology,
-    backoff_ms,
     delay_bucket_ms,
 )
 from flowcraft_rabbitmq._store import PostgresRunStore
@@ -74,7 +58,6 @@ __all__ = ["RabbitMQAdapter"]
 
 logger = logging.getLogger("flowcraft_rabbitmq")
 
-_FINAL = frozenset({"completed", "failed", "cancelled"})
 _MAX_ERROR_CHARS = 2000
 
 
@@ -90,8 +73,7 @@ def _own_headers(headers: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in headers.items() if k.startswith("x-flowcraft-") and k != HEADER_ERROR}
 
 
-def _describe(exc: BaseException) -> str:
-    text = f"{type(exc).__name__}: {exc}"
+def _shorten(text: str) -> str:
     return text if len(text) <= _MAX_ERROR_CHARS else text[: _MAX_ERROR_CHARS - 3] + "..."
 
 
@@ -118,22 +100,15 @@ class RabbitMQAdapter(BaseDistributedAdapter):
             queue are named after it.
         table: the PostgreSQL runs table; ``schema`` its schema.
         concurrency: jobs one worker handles at once (the consumer's prefetch).
-        retry_mode: ``"in-process"`` (the worker retries a failing node) or
-            ``"queue"`` (one attempt per delivery; RabbitMQ redelivers after the
-            node's backoff through a delay queue).
-        retry_delay_seconds: base delay before redelivering a job that hit an
-            infrastructure error or a version this worker lacks (doubles per
-            redelivery, at most 30 s).
         max_redeliveries: after this many redeliveries for errors (a version no
             worker here has, an unreachable store) a message is dead-lettered as
-            exhausted (None: never). Waiting for a busy activation does not count.
-        reconcile_interval_seconds: if set, ``worker()`` also runs the reconciler
-            every this many seconds.
-        stall_seconds: a run without progress for this long counts as stalled.
+            exhausted (None: never). Waiting for a busy activation and failed
+            queue-mode attempts (bounded by the node's attempts) do not count.
         publish_timeout: how long a publish keeps trying through a reconnect.
         reconnect_interval: seconds between reconnection attempts to RabbitMQ.
-        event_bus, key_prefix, state_ttl_seconds, lease_seconds,
-        dedupe_window_seconds, worker_id: see ``BaseDistributedAdapter``.
+        **options: see ``BaseDistributedAdapter`` (``retry_mode``,
+            ``retry_delay_seconds``, ``reconcile_interval_seconds``,
+            ``stalled_after_seconds``, ``lease_seconds``, ``key_prefix``, ...).
     """
 
     concurrent_enqueues = True  # a fan-out's publishes await their confirms together
@@ -156,18 +131,12 @@ class RabbitMQAdapter(BaseDistributedAdapter):
         table: str = "flowcraft_runs",
         schema: str | None = None,
         concurrency: int = 8,
-        retry_mode: RetryMode = "in-process",
-        retry_delay_seconds: float = 1.0,
         max_redeliveries: int | None = 50,
-        reconcile_interval_seconds: float | None = None,
-        stall_seconds: float = 60.0,
         publish_timeout: float = 60.0,
         reconnect_interval: float = 1.0,
         event_bus: EventBus | None = None,
         **options: Any,
     ) -> None:
-        if retry_mode not in ("in-process", "queue"):
-            raise ValueError(f"retry_mode must be 'in-process' or 'queue', not {retry_mode!r}")
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
         if (coordination_store is None) == (redis_url is None):
@@ -183,15 +152,11 @@ class RabbitMQAdapter(BaseDistributedAdapter):
             runtime_options=runtime_options,
             coordination_store=coordination_store,
             event_bus=event_bus,
-            **options,
+            **{"stalled_after_seconds": 60.0, **options},
         )
         self._owned_store = owned_store
-        self.retry_mode: RetryMode = retry_mode
         self.concurrency = concurrency
-        self.retry_delay_seconds = retry_delay_seconds
         self.max_redeliveries = max_redeliveries
-        self.reconcile_interval_seconds = reconcile_interval_seconds
-        self.stall_seconds = stall_seconds
         self.broker = Broker(
             Topology.for_queue(queue_name),
             url=amqp_url,
@@ -220,18 +185,7 @@ class RabbitMQAdapter(BaseDistributedAdapter):
         return PostgresContext(self.store, run_id)
 
     async def enqueue_job(self, job: JobPayload) -> None:
-        headers: dict[str, Any] = {}
-        if self.retry_mode == "queue":
-            node = self.node_for(job)
-            options = self.get_queue_retry_options(node) if node is not None else None
-            if options:
-                backoff = options["backoff"]
-                headers = {
-                    HEADER_MAX_ATTEMPTS: int(options["attempts"]),
-                    HEADER_BACKOFF: str(backoff["type"]),
-                    HEADER_BACKOFF_MS: math.ceil(backoff["delay"]),
-                }
-        await self.broker.publish(job.encode(), headers=headers)
+        await self.broker.publish(job.encode())
 
     async def publish_final_result(self, run_id: str, result: FinalResult) -> None:
         await self.store.publish(run_id, result.to_json_dict())
@@ -240,11 +194,6 @@ class RabbitMQAdapter(BaseDistributedAdapter):
         self._wake.clear()
         consumer = await self.broker.consume(
             functools.partial(self._on_message, handler), self.concurrency
-        )
-        reconciler = (
-            asyncio.ensure_future(self._reconcile_forever())
-            if self.reconcile_interval_seconds
-            else None
         )
         logger.info(
             "worker %s consuming %r (concurrency %d, retry_mode %s)",
@@ -263,33 +212,10 @@ class RabbitMQAdapter(BaseDistributedAdapter):
             raise
         finally:
             await consumer.cancel()  # no new deliveries; the jobs in hand finish
-            if reconciler is not None:
-                reconciler.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await reconciler
             if self._in_hand:
                 await asyncio.gather(*self._in_hand, return_exceptions=True)
             await consumer.close()
             logger.info("worker %s stopped", self.worker_id)
-
-    # ------------------------------------------------------------------ retry hooks
-
-    def should_retry_in_process(self, node_def: NodeDefinition) -> bool:
-        return self.retry_mode == "in-process"
-
-    def get_queue_retry_options(self, node_def: NodeDefinition) -> dict[str, Any] | None:
-        """``{"attempts", "backoff": {"type", "delay"}}`` (delay in ms), from the node's
-        config; carried in the headers of the node's messages."""
-        if self.retry_mode != "queue":
-            return None
-        config = node_def.config
-        return {
-            "attempts": node_def.max_attempts,
-            "backoff": {
-                "type": config.retry_backoff if config else "fixed",
-                "delay": config.retry_delay if config else 0,
-            },
-        }
 
     # ------------------------------------------------------------------ delivery
 
@@ -308,71 +234,34 @@ class RabbitMQAdapter(BaseDistributedAdapter):
 
     async def _deliver(self, handler: JobHandler, message: AbstractIncomingMessage) -> None:
         headers: Mapping[str, Any] = message.headers or {}
-        try:
-            job = JobPayload.decode(message.body)
-        except PayloadDecodeError as exc:
-            logger.warning("dead-lettering an undecodable message: %s", exc)
-            await self._dead_letter(message, headers, _describe(exc))
-            return
-        if self.retry_mode == "queue":
-            attempt = _int_header(headers, HEADER_ATTEMPT, 1)
-            node = self.node_for(job)
-            default_attempts = node.max_attempts if node is not None else 1
-            attempts = _int_header(headers, HEADER_MAX_ATTEMPTS, default_attempts)
-            job = job.model_copy(
-                update={"attempt": attempt, "is_last_attempt": attempt >= attempts}
-            )
-        try:
-            await handler(job)
-        except Exception as exc:
-            if job_disposition(exc) == "dead-letter":
-                logger.warning("dead-lettering job %s/%s: %s", job.run_id, job.node_id, exc)
-                await self._dead_letter(message, headers, _describe(exc))
-            else:
-                await self._redeliver(message, headers, job, exc)
-            return
-        await self._settle(message, "ack")
+        settlement = await self.settle(message.body, handler)
+        if settlement.action == "ack":
+            await self._settle(message, "ack")
+        elif settlement.action == "dead-letter":
+            await self._dead_letter(message, headers, settlement.reason)
+        else:
+            await self._redeliver(message, headers, settlement)
 
     async def _redeliver(
-        self,
-        message: AbstractIncomingMessage,
-        headers: Mapping[str, Any],
-        job: JobPayload,
-        exc: Exception,
+        self, message: AbstractIncomingMessage, headers: Mapping[str, Any], settlement: Settlement
     ) -> None:
-        """Send the job round again through a delay queue, then ack this delivery.
-
-        ``max_redeliveries`` counts the redeliveries for errors (a version this worker
-        lacks, an unreachable store); a busy activation (its lease is held by a live
-        worker) and failed queue-mode attempts (bounded by the node's attempts) do not
-        use it up.
-        """
-        failed_attempt = isinstance(exc, RetryJob) and isinstance(exc.__cause__, NodeExecutionError)
-        counted = not isinstance(exc, RetryJob)
+        """Send the job round again through the delay queue of the settlement's delay,
+        then ack this delivery. ``max_redeliveries`` counts releases for errors; a busy
+        activation and failed queue-mode attempts do not use it up."""
+        counted = not (settlement.busy or settlement.failed_attempt)
         retries = _int_header(headers, HEADER_RETRIES, 0) + (1 if counted else 0)
         if counted and self.max_redeliveries is not None and retries > self.max_redeliveries:
-            reason = f"exhausted after {retries - 1} redeliveries; last error {_describe(exc)}"
-            logger.warning("dead-lettering job %s/%s: %s", job.run_id, job.node_id, reason)
+            reason = f"exhausted after {retries - 1} redeliveries; last error {settlement.reason}"
+            logger.warning("dead-lettering a job: %s", reason)
             await self._dead_letter(message, headers, reason)
             return
         new_headers = _own_headers(headers)
         new_headers[HEADER_RETRIES] = retries
-        if failed_attempt and self.retry_mode == "queue":
-            attempt = job.attempt or 1
-            new_headers[HEADER_ATTEMPT] = attempt + 1
-            delay_ms = backoff_ms(
-                str(headers.get(HEADER_BACKOFF, "fixed")),
-                _int_header(headers, HEADER_BACKOFF_MS, 0),
-                attempt,
-            )
-        elif isinstance(exc, RetryJob):
-            delay_ms = exc.delay_seconds * 1000
-        else:
-            logger.info("job %s/%s will be redelivered: %r", job.run_id, job.node_id, exc)
-            delay_ms = min(self.retry_delay_seconds * 2 ** max(retries - 1, 0), 30.0) * 1000
         try:
             await self.broker.publish(
-                message.body, headers=new_headers, delay_ms=delay_bucket_ms(delay_ms)
+                message.body,
+                headers=new_headers,
+                delay_ms=delay_bucket_ms(settlement.delay_seconds * 1000),
             )
         except Exception as publish_error:
             logger.warning("cannot schedule a redelivery (%r); requeueing", publish_error)
@@ -386,7 +275,7 @@ class RabbitMQAdapter(BaseDistributedAdapter):
         """Publish the message with its error to the dead-letter exchange, then ack it;
         if that fails, reject it (the work queue dead-letters it, without the error)."""
         new_headers = _own_headers(headers)
-        new_headers[HEADER_ERROR] = error
+        new_headers[HEADER_ERROR] = _shorten(error)
         try:
             await self.broker.publish(message.body, headers=new_headers, dead=True)
         except Exception as publish_error:
@@ -411,20 +300,17 @@ class RabbitMQAdapter(BaseDistributedAdapter):
 
     # ------------------------------------------------------------------ results
 
-    async def get_final_result(self, run_id: str) -> FinalResult | None:
-        """The published result, in one query. (A run whose context says final but whose
-        row has no result falls back to the base's reading of the state.)"""
-        published, status = await self.store.result(run_id)
-        if published is not None:
-            return FinalResult(
-                run_id=published["runId"],
-                status=published["status"],
-                context=published["context"],
-                errors=list(published.get("errors") or []),
-            )
-        if status is not None and status.get("status") in _FINAL:
-            return await super().get_final_result(run_id)
-        return None
+    async def read_final_result(self, run_id: str) -> FinalResult | None:
+        """The published result, in one query."""
+        published, _status = await self.store.result(run_id)
+        if published is None:
+            return None
+        return FinalResult(
+            run_id=published["runId"],
+            status=published["status"],
+            context=published["context"],
+            errors=list(published.get("errors") or []),
+        )
 
     @contextlib.asynccontextmanager
     async def watch_result(self, run_id: str) -> AsyncIterator[ResultWatch | None]:
@@ -439,35 +325,18 @@ class RabbitMQAdapter(BaseDistributedAdapter):
 
     # ------------------------------------------------------------------ operating
 
-    async def reconcile_stalled(
-        self, older_than_seconds: float | None = None, *, limit: int = 100
-    ) -> list[str]:
-        """Reconcile runs with no progress for ``older_than_seconds`` (default
-        ``stall_seconds``); returns their ids. Several workers may run this at once:
-        each run is claimed by one of them per period."""
-        age = self.stall_seconds if older_than_seconds is None else older_than_seconds
-        run_ids = await self.store.claim_stalled(age, limit)
-        for run_id in run_ids:
-            try:
-                enqueued = await self.reconcile(run_id)
-            except Exception:
-                logger.exception("reconciling run %s failed", run_id)
-                continue
-            logger.info("reconciled stalled run %s (%d jobs enqueued)", run_id, enqueued)
-        return run_ids
-
-    async def _reconcile_forever(self) -> None:
-        assert self.reconcile_interval_seconds
-        while True:
-            await asyncio.sleep(self.reconcile_interval_seconds)
-            try:
-                await self.reconcile_stalled()
-            except Exception:
-                logger.exception("the reconciler failed; trying again next period")
+    async def find_stalled_runs(self, older_than_seconds: float, limit: int) -> list[str]:
+        """Runs with no progress for ``older_than_seconds``, claimed for this reconciler
+        in the same statement (concurrent reconcilers split them, once per period)."""
+        return await self.store.claim_stalled(older_than_seconds, limit)
 
     async def dead_letters(self, limit: int = 100, *, remove: bool = False) -> list[DeadLetter]:
-        """Messages in the dead-letter queue, with their errors (``remove`` deletes them)."""
+        """Messages in the dead-letter queue, with their reasons and headers (``remove``
+        deletes them)."""
         return await self.broker.dead_letters(limit, remove=remove)
+
+    async def enqueue_raw(self, body: bytes) -> None:
+        await self.broker.publish(body)
 
     async def purge_finished_runs(self, older_than_seconds: float) -> int:
         """Delete runs finished more than ``older_than_seconds`` ago; returns how many."""
@@ -484,15 +353,9 @@ class RabbitMQAdapter(BaseDistributedAdapter):
         await super().stop()
         self._wake.set()
 
-    async def aclose(self) -> None:
+    async def close(self) -> None:
         """Close what this adapter opened (a given connection, pool or store stays open)."""
         await self.broker.aclose()
         await self.store.aclose()
         if self._owned_store is not None:
             await self._owned_store.aclose()
-
-    async def __aenter__(self) -> RabbitMQAdapter:
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.aclose()

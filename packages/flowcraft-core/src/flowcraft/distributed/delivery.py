@@ -12,8 +12,9 @@ whether the worker or the queue retries.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
 
 from flowcraft.errors import (
     BlueprintError,
@@ -68,6 +69,9 @@ class Settlement:
     delay_seconds: float = 0.0
     reason: str = ""
     failed_attempt: bool = False
+    busy: bool = False
+    """Released because the activation is running elsewhere: expected, so it never
+    counts toward a limit on redeliveries."""
 
     @classmethod
     def ack(cls) -> Settlement:
@@ -79,11 +83,13 @@ _ACK = Settlement("ack")
 
 @dataclass(frozen=True, slots=True)
 class DeadLetter:
-    """A parked job as an adapter lists it: the raw body and why it was parked."""
+    """A parked job as an adapter lists it: the raw body and why it was parked
+    (``attributes``: what else the queue kept with it, such as headers)."""
 
-    body: str
+    body: bytes | str
     reason: str
     id: str = ""
+    attributes: Mapping[str, Any] = field(default_factory=dict)
 
 
 def backoff_seconds(node: NodeDefinition | None, failed_attempt: int) -> float:
@@ -110,11 +116,13 @@ def settlement_for(exc: BaseException | None, *, infrastructure_delay: float = 1
     if isinstance(exc, _BAD_INPUT):
         return Settlement("dead-letter", reason=describe(exc))
     if isinstance(exc, RetryJob):
+        failed = isinstance(exc.__cause__, NodeExecutionError)
         return Settlement(
             "release",
             delay_seconds=exc.delay_seconds,
             reason=describe(exc),
-            failed_attempt=isinstance(exc.__cause__, NodeExecutionError),
+            failed_attempt=failed,
+            busy=not failed,
         )
     if isinstance(exc, VersionMismatchError):
         return Settlement("release", delay_seconds=infrastructure_delay, reason=describe(exc))
