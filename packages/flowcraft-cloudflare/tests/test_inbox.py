@@ -138,7 +138,7 @@ async def test_dead_letters_keep_the_reason(inbox: Inbox) -> None:
 
 
 async def test_a_message_over_128_kb_is_refused_before_sending(inbox: Inbox) -> None:
-    with pytest.raises(WorkerError, match="128|131072"):
+    with pytest.raises(WorkerError, match=r"131072"):
         await inbox.send(["x" * MAX_MESSAGE_BYTES])
     assert inbox.client.requests["enqueue"] == 0
 
@@ -176,8 +176,9 @@ async def test_the_run_object_is_deleted_once_everything_expired(
     ctx = DurableObjectContext(client, run_object(namespace, "short"), "short", ttl_seconds=0.5)
     await ctx.patch([PatchOperation("set", "k", 1)])
     assert await ctx.get("k") == 1
-    deadline = time.monotonic() + 10
-    while await ctx.to_dict() and time.monotonic() < deadline:
+    for _ in range(40):
+        if not await ctx.to_dict():
+            break
         await asyncio.sleep(0.25)
     assert await ctx.to_dict() == {}
     # The object works again after its purge (its tables are made anew).
