@@ -134,7 +134,7 @@ async def test_bad_payloads_are_dead_lettered(start_fleet: StartFleet) -> None:
         return len(await client.dead_letters()) >= 4
 
     await fleet.until(four, "four dead letters")
-    errors = " | ".join(d.error for d in await client.dead_letters())
+    errors = " | ".join(d.reason for d in await client.dead_letters())
     assert "not JSON" in errors
     assert "no blueprint 'nope'" in errors
     assert "has no node 'missing'" in errors
@@ -158,10 +158,10 @@ async def test_reconciler_redrives_a_run_whose_job_was_lost(start_fleet: StartFl
     await fleet.until(
         lambda: fx.ran(run_id, "a") == 1 and fleet.dropped, "node a to run and b's job to be lost"
     )
-    assert await fleet.client.reconcile_stalled(older_than_seconds=60) == []
+    assert await fleet.client.reconcile_stalled(older_than_seconds=60) == {}
     await asyncio.sleep(0.05)
     redriven = await fleet.client.reconcile_stalled(older_than_seconds=0.01)
-    assert redriven == [run_id]
+    assert list(redriven) == [run_id]
     result = await fleet.client.wait_for_result(run_id, 30)
     assert result.status == "completed", result.errors
     assert outputs(result)["b"] == 2

@@ -9,7 +9,6 @@ def test_all_is_pinned() -> None:
     assert flowcraft_bullmq.__all__ == [
         "BullMQAdapter",
         "BullMQSettings",
-        "DeadLetter",
         "RedisContext",
     ]
 

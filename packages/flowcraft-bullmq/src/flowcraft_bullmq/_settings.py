@@ -68,7 +68,7 @@ class BullMQSettings(BaseModel):
     a version this worker lacks)."""
     reconcile_interval_seconds: float | None = Field(default=30.0, gt=0)
     """How often a worker looks for stalled runs (None: no background reconciler)."""
-    reconcile_after_seconds: float = Field(default=60.0, gt=0)
+    stalled_after_seconds: float = Field(default=60.0, gt=0)
     """A running run without progress for this long is re-driven by the reconciler."""
     fast_path: bool = True
     """Fuse the job's reads and lease into one script and write "done" marks behind
@@ -114,14 +114,12 @@ class RedisKeys:
     """The Redis keys this package owns (the base protocol's keys are in
     ``flowcraft.distributed.keys``; BullMQ's live under ``<key_prefix>bull:``)."""
 
-    __slots__ = ("active", "prefix", "reconciler")
+    __slots__ = ("active", "prefix")
 
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
         self.active = f"{prefix}runs:active"
         """Sorted set: running runs by the time of their last committed progress."""
-        self.reconciler = f"{prefix}reconciler"
-        """One worker per interval wins this key and runs the reconciler."""
 
     def state(self, run_id: str) -> str:
         """The run's context: one hash, one field per context key."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
 import logging
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -26,14 +27,13 @@ from flowcraft.distributed.adapter import (
     BaseDistributedAdapter,
     FinalResult,
     JobHandler,
-    RetryJob,
-    job_disposition,
 )
 from flowcraft.distributed.coordination import CoordinationStore
+from flowcraft.distributed.delivery import DeadLetter, describe
 from flowcraft.distributed.payload import JobPayload
 from flowcraft.distributed.redis import RedisCoordinationStore, RedisResults
 from flowcraft.distributed.results import ResultWatch
-from flowcraft.errors import NodeExecutionError, PayloadDecodeError
+from flowcraft.errors import PayloadDecodeError
 from flowcraft.events import EventBus
 from flowcraft.runtime import RuntimeOptions
 from flowcraft_bullmq._adding import JobAdder
@@ -57,25 +57,11 @@ if TYPE_CHECKING:
     from bullmq import Job
     from redis.asyncio import Redis
 
-__all__ = ["BullMQAdapter", "DeadLetter"]
+__all__ = ["BullMQAdapter"]
 
 logger = logging.getLogger("flowcraft_bullmq")
 
 _MARK_FLUSH_DELAY = 0.05
-
-
-class DeadLetter:
-    """A job BullMQ moved to its failed set (the dead-letter queue)."""
-
-    __slots__ = ("data", "error", "job_id")
-
-    def __init__(self, job_id: str, data: Any, error: str) -> None:
-        self.job_id = job_id
-        self.data = data
-        self.error = error
-
-    def __repr__(self) -> str:
-        return f"DeadLetter(job_id={self.job_id!r}, error={self.error!r})"
 
 
 class BullMQAdapter(BaseDistributedAdapter):
@@ -152,6 +138,10 @@ class BullMQAdapter(BaseDistributedAdapter):
             lease_seconds=s.lease_seconds,
             dedupe_window_seconds=s.dedupe_window_seconds,
             worker_id=worker_id,
+            retry_mode=s.retry_mode,
+            retry_delay_seconds=s.retry_delay_seconds,
+            reconcile_interval_seconds=s.reconcile_interval_seconds,
+            stalled_after_seconds=s.stalled_after_seconds,
         )
         self._patch_script = self.client.register_script(PATCH_LUA)
         self._read_script = self.client.register_script(READ_LUA)
@@ -222,8 +212,6 @@ class BullMQAdapter(BaseDistributedAdapter):
         await worker.blockingRedisConnection.getRedisVersion()
         self._marks.active = self._fast
         background = [asyncio.ensure_future(self._flush_marks_until_stopped())]
-        if s.reconcile_interval_seconds is not None:
-            background.append(asyncio.ensure_future(self._reconcile_until_stopped()))
         runner = asyncio.ensure_future(worker.run())
         stopped = asyncio.ensure_future(self._stop_event.wait())
         try:
@@ -246,9 +234,6 @@ class BullMQAdapter(BaseDistributedAdapter):
             raise runner.exception()
 
     # ------------------------------------------------------------ retry hooks
-
-    def should_retry_in_process(self, node_def: NodeDefinition) -> bool:
-        return self.settings.retry_mode == "in-process"
 
     def get_queue_retry_options(self, node_def: NodeDefinition) -> dict[str, Any] | None:
         """BullMQ ``attempts`` and ``backoff`` from the node's ``max_retries``,
@@ -278,21 +263,15 @@ class BullMQAdapter(BaseDistributedAdapter):
     async def read_final_result(self, run_id: str) -> FinalResult | None:
         return await self.results.read(run_id)
 
-    async def reconcile_stalled(
-        self,
-        older_than_seconds: float | None = None,
-        *,
-        limit: int = 100,
-    ) -> list[str]:
-        """Re-drive running runs without progress for ``older_than_seconds`` (default
-        ``reconcile_after_seconds``): ``reconcile`` each (idempotent). Runs that ended
-        or wait for ``resume_with_action`` leave the index. Returns the re-driven ids."""
-        older = older_than_seconds or self.settings.reconcile_after_seconds
-        cutoff = time.time() - older
+    async def find_stalled_runs(self, older_than_seconds: float, limit: int) -> list[str]:
+        """Running runs without progress for ``older_than_seconds``, from the index of
+        active runs; runs that ended or wait for ``resume_with_action`` leave the index,
+        and a run handed to this reconciler moves to the back of it."""
+        cutoff = time.time() - older_than_seconds
         members = await self.client.zrangebyscore(
             self.keys.active, "-inf", cutoff, start=0, num=limit
         )
-        redriven: list[str] = []
+        found: list[str] = []
         for member in members:
             run_id = member.decode("utf-8") if isinstance(member, bytes) else str(member)
             info = await self.get_status(run_id)
@@ -300,21 +279,28 @@ class BullMQAdapter(BaseDistributedAdapter):
                 await self.client.zrem(self.keys.active, run_id)
                 continue
             await self.client.zadd(self.keys.active, {run_id: time.time()}, xx=True)
-            enqueued = await self.reconcile(run_id)
-            logger.info("reconciled stalled run %s (%d jobs enqueued)", run_id, enqueued)
-            redriven.append(run_id)
-        return redriven
+            found.append(run_id)
+        return found
 
     async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
-        """The most recent jobs in BullMQ's failed set, with their errors."""
+        """The most recent jobs in BullMQ's failed set, with their reasons."""
         jobs = await self._get_queue().getJobs(["failed"], 0, limit - 1)
-        return [DeadLetter(str(j.id), j.data, str(j.failedReason or "")) for j in jobs]
+        return [
+            DeadLetter(
+                j.data if isinstance(j.data, str) else json.dumps(j.data),
+                str(j.failedReason or ""),
+                str(j.id),
+            )
+            for j in jobs
+        ]
 
-    async def enqueue_raw(self, data: Any) -> None:
-        """Put ``data`` on the queue unchecked as a job's data (for tests and tools)."""
+    async def enqueue_raw(self, body: bytes | Any) -> None:
+        """Put ``body`` on the queue unchecked as a job's data (for tests and tools):
+        bytes go as text (undecodable bytes as lone surrogates), anything else as is."""
+        data = body.decode("utf-8", "surrogateescape") if isinstance(body, bytes) else body
         await self._add("raw", data, {})
 
-    async def aclose(self) -> None:
+    async def close(self) -> None:
         """Close the queue and the clients this adapter made (a given client stays open)."""
         await self.results.aclose()
         if self._queue is not None:
@@ -322,12 +308,6 @@ class BullMQAdapter(BaseDistributedAdapter):
             self._queue = None
             self._adder = None
         await self.client.aclose()  # closes the pool only if this adapter made it
-
-    async def __aenter__(self) -> BullMQAdapter:
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.aclose()
 
     # ------------------------------------------------------------ internals
 
@@ -392,13 +372,17 @@ class BullMQAdapter(BaseDistributedAdapter):
         return inner.key_prefix if isinstance(inner, RedisCoordinationStore) else ""
 
     async def _process(self, handler: JobHandler, job: Job, token: str) -> None:
-        """BullMQ's processor: decode, hand to the base, act on the outcome."""
+        """BullMQ's processor: the base settles the job; this maps the settlement to
+        BullMQ (return: completed; UnrecoverableError: the failed set; a failed
+        queue-mode attempt raised for BullMQ's own attempts and backoff; anything
+        else back to the delayed set without using an attempt)."""
         try:
             payload = JobPayload.decode(job.data)
         except PayloadDecodeError as exc:
             logger.warning("dead-lettering BullMQ job %s: %s", job.id, exc)
-            raise UnrecoverableError(str(exc)) from exc
-        if self.settings.retry_mode == "queue":
+            raise UnrecoverableError(describe(exc)) from exc
+        if self.retry_mode == "queue":
+            # BullMQ numbers the attempts: only failures count (hand-backs skip one).
             node = self.node_for(payload)
             attempts = int(job.opts.get("attempts") or (node.max_attempts if node else 1))
             attempt = int(job.attemptsMade) + 1
@@ -407,27 +391,17 @@ class BullMQAdapter(BaseDistributedAdapter):
             )
         CURRENT_JOB.set(self._job_scope(payload))
         try:
-            await handler(payload)
-        except Exception as exc:
-            disposition = job_disposition(exc)
-            if disposition == "dead-letter":
-                logger.warning("dead-lettering job %s (%s): %s", job.id, payload.node_id, exc)
-                raise UnrecoverableError(f"{type(exc).__name__}: {exc}") from exc
-            if isinstance(exc, RetryJob) and isinstance(exc.__cause__, NodeExecutionError):
-                # A failed attempt in queue mode: BullMQ counts it and backs off.
-                raise
-            delay = (
-                exc.delay_seconds
-                if isinstance(exc, RetryJob)
-                else self.settings.retry_delay_seconds
-            )
-            logger.debug(
-                "job %s (%s) handed back for %.2f s: %s", job.id, payload.node_id, delay, exc
-            )
-            await job.moveToDelayed(int((time.time() + delay) * 1000), token)
-            raise DelayedError() from exc
+            settlement = await self.settle(payload, handler)
         finally:
             CURRENT_JOB.set(None)
+        if settlement.action == "ack":
+            return
+        if settlement.action == "dead-letter":
+            raise UnrecoverableError(settlement.reason)
+        if settlement.failed_attempt:
+            raise _FailedAttempt(settlement.reason)
+        await job.moveToDelayed(int((time.time() + settlement.delay_seconds) * 1000), token)
+        raise DelayedError()
 
     async def _flush_marks_until_stopped(self) -> None:
         while self._marks.active:
@@ -436,22 +410,9 @@ class BullMQAdapter(BaseDistributedAdapter):
                 await asyncio.sleep(_MARK_FLUSH_DELAY)
             await self._marks.flush(self.client)
 
-    async def _reconcile_until_stopped(self) -> None:
-        interval = self.settings.reconcile_interval_seconds
-        assert interval is not None
-        while not self._stop_event.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop_event.wait(), interval)
-            if self._stop_event.is_set():
-                return
-            try:
-                won = await self.client.set(
-                    self.keys.reconciler, self.worker_id, nx=True, px=int(interval * 1000)
-                )
-                if won:
-                    await self.reconcile_stalled()
-            except Exception:
-                logger.warning("reconciler pass failed", exc_info=True)
+
+class _FailedAttempt(Exception):
+    """A queue-mode attempt failed: BullMQ counts it and schedules the next one."""
 
 
 async def _close_worker(worker: Worker) -> None:

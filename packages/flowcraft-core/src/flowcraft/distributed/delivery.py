@@ -36,6 +36,7 @@ __all__ = [
     "Settlement",
     "SettlementAction",
     "backoff_seconds",
+    "describe",
     "settlement_for",
 ]
 
