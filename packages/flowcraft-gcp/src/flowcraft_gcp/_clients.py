@@ -21,6 +21,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from google.api_core import client_options as client_options_lib
+from google.api_core.client_options import ClientOptions
 from google.cloud.firestore_v1.async_client import AsyncClient as FirestoreAsyncClient
 from google.pubsub_v1 import PublisherAsyncClient, SubscriberAsyncClient
 
@@ -43,35 +44,56 @@ def _default_project() -> str | None:
 
 
 class _LoopClients:
-    """The clients of one event loop."""
+    """The clients of one event loop, each created on first use (a worker that only
+    talks to Pub/Sub never needs Firestore's credentials, and the reverse)."""
 
     def __init__(self, owner: GcpClients) -> None:
         self.loop = asyncio.get_running_loop()
-        self.firestore = FirestoreAsyncClient(
-            project=owner.project,
-            credentials=owner.credentials,
-            database=owner.database,
-            client_options=dict(owner.firestore_options) if owner.firestore_options else None,
-        )
-        pubsub_options = (
-            client_options_lib.from_dict(dict(owner.pubsub_options))
-            if owner.pubsub_options
-            else None
-        )
-        self.publisher = PublisherAsyncClient(
-            credentials=owner.credentials, client_options=pubsub_options
-        )
-        self.subscriber = SubscriberAsyncClient(
-            credentials=owner.credentials, client_options=pubsub_options
-        )
+        self._owner = owner
+        self._firestore: FirestoreAsyncClient | None = None
+        self._publisher: PublisherAsyncClient | None = None
+        self._subscriber: SubscriberAsyncClient | None = None
+
+    def _pubsub_options(self) -> ClientOptions | None:
+        options = self._owner.pubsub_options
+        return client_options_lib.from_dict(dict(options)) if options else None
+
+    @property
+    def firestore(self) -> FirestoreAsyncClient:
+        if self._firestore is None:
+            owner = self._owner
+            self._firestore = FirestoreAsyncClient(
+                project=owner.project,
+                credentials=owner.credentials,
+                database=owner.database,
+                client_options=dict(owner.firestore_options) if owner.firestore_options else None,
+            )
+        return self._firestore
+
+    @property
+    def publisher(self) -> PublisherAsyncClient:
+        if self._publisher is None:
+            self._publisher = PublisherAsyncClient(
+                credentials=self._owner.credentials, client_options=self._pubsub_options()
+            )
+        return self._publisher
+
+    @property
+    def subscriber(self) -> SubscriberAsyncClient:
+        if self._subscriber is None:
+            self._subscriber = SubscriberAsyncClient(
+                credentials=self._owner.credentials, client_options=self._pubsub_options()
+            )
+        return self._subscriber
 
     async def close(self) -> None:
-        for transport in (
-            self.publisher.transport,
-            self.subscriber.transport,
+        transports = [
+            self._publisher.transport if self._publisher is not None else None,
+            self._subscriber.transport if self._subscriber is not None else None,
             # The Firestore client has no close(); its GAPIC client's transport does.
-            getattr(getattr(self.firestore, "_firestore_api", None), "transport", None),
-        ):
+            getattr(getattr(self._firestore, "_firestore_api", None), "transport", None),
+        ]
+        for transport in transports:
             if transport is not None:
                 with contextlib.suppress(Exception):
                     await transport.close()
