@@ -7,7 +7,9 @@ from typing import Any
 import pytest
 
 from flowcraft import PatchOperation
+from flowcraft.context import AsyncContext
 from flowcraft.distributed import keys as K
+from flowcraft.testing import ContextStoreTests
 from flowcraft_bullmq import RedisContext
 
 HOSTILE_KEYS = [
@@ -86,3 +88,23 @@ async def test_progress_index_follows_the_status(ctx: RedisContext, redis_client
     assert await redis_client.zscore(index, "r1") is not None
     await ctx.patch([PatchOperation("set", K.STATUS, {"status": "completed", "errors": []})])
     assert await redis_client.zscore(index, "r1") is None
+
+
+class TestRedisContextKit(ContextStoreTests):
+    """The context kit (guarded patch included); racers use clients of their own."""
+
+    @pytest.fixture
+    async def context(self, redis_url: str, prefix: str) -> Any:
+        self._clients: list[Any] = []
+        self._url = redis_url
+        self._key = f"{prefix}run:kit"
+        yield await self.same_run(None)  # type: ignore[arg-type]
+        for client in self._clients:
+            await client.aclose()
+
+    async def same_run(self, context: AsyncContext) -> AsyncContext:
+        import redis.asyncio as redis_asyncio
+
+        client = redis_asyncio.Redis.from_url(self._url)
+        self._clients.append(client)
+        return RedisContext(client, self._key, ttl_seconds=60)

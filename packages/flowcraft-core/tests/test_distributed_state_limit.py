@@ -6,18 +6,18 @@ import json
 from collections.abc import Sequence
 
 from flowcraft import Flow, NodeContext, RuntimeOptions, StateLimitError
-from flowcraft.context import PatchOperation
+from flowcraft.context import Guard, PatchOperation
 from flowcraft.distributed.memory import InMemoryAdapter, InMemoryBroker, InMemoryRunContext
 
 
 class LimitedContext(InMemoryRunContext):
     """A store that refuses any patch carrying more than 10 KB (like an item limit)."""
 
-    async def patch(self, ops: Sequence[PatchOperation]) -> None:
+    async def patch(self, ops: Sequence[PatchOperation], *, guard: Guard | None = None) -> bool:
         size = sum(len(json.dumps(op.value)) for op in ops if op.op == "set")
         if size > 10_000:
             raise StateLimitError(f"patch of {size} bytes exceeds the 10,000 byte limit")
-        await super().patch(ops)
+        return await super().patch(ops, guard=guard)
 
 
 class LimitedAdapter(InMemoryAdapter):

@@ -18,7 +18,14 @@ from typing import Any
 import pytest
 
 from flowcraft import Flow, NodeContext, RuntimeOptions
-from flowcraft.context import BaseAsyncContext, Context, PatchOperation
+from flowcraft.context import (
+    BaseAsyncContext,
+    Context,
+    Guard,
+    PatchOperation,
+    check_guard,
+    guard_holds,
+)
 from flowcraft.distributed import DeadLetter, FinalResult, PullingAdapter
 from flowcraft.distributed.coordination import InMemoryCoordinationStore
 from flowcraft.distributed.payload import JobPayload
@@ -75,8 +82,13 @@ class ToyContext(BaseAsyncContext):
     async def get(self, key: str) -> Any:
         return self._data.data.get(key)
 
-    async def patch(self, ops: Sequence[PatchOperation]) -> None:
+    async def patch(self, ops: Sequence[PatchOperation], *, guard: Guard | None = None) -> bool:
+        # One event-loop step: nothing interleaves between the check and the write.
+        check_guard(guard)
+        if guard is not None and not guard_holds(self._data.data, guard):
+            return False
         self._data.apply(list(ops))
+        return True
 
     async def to_dict(self) -> dict[str, Any]:
         return dict(self._data.to_dict())

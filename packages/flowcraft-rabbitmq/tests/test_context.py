@@ -11,6 +11,8 @@ import asyncpg
 import pytest
 
 from flowcraft import PatchOperation, SerializationError
+from flowcraft.context import AsyncContext
+from flowcraft.testing import ContextStoreTests
 from flowcraft_rabbitmq import SCHEMA_VERSION, PostgresContext, PostgresRunStore
 
 from .conftest import Backends
@@ -210,3 +212,15 @@ async def test_purge_finished_runs(store: PostgresRunStore) -> None:
     assert await store.purge_finished(0) == 1
     assert await PostgresContext(store, "done").to_dict() == {}
     assert await PostgresContext(store, "running").to_dict() == {"k": 1}
+
+
+class TestPostgresContextKit(ContextStoreTests):
+    """The context kit (guarded patch included); racers share the store's pool."""
+
+    @pytest.fixture
+    async def context(self, store: PostgresRunStore) -> AsyncContext:
+        return PostgresContext(store, f"run-{uuid.uuid4().hex[:8]}")
+
+    async def same_run(self, context: AsyncContext) -> AsyncContext:
+        assert isinstance(context, PostgresContext)
+        return PostgresContext(context.store, context.run_id)

@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 
 from flowcraft import StateLimitError
-from flowcraft.context import PatchOperation
+from flowcraft.context import AsyncContext, PatchOperation
+from flowcraft.testing import ContextStoreTests
 from flowcraft.testing.adapter import HOSTILE_KEYS
 from flowcraft_sqs import AwsClients, DynamoDbContext, RunTable
 
@@ -197,3 +198,15 @@ async def test_long_run_ids_are_hashed_into_the_key(clients: AwsClients, table: 
     assert await runs.context(long_id).get("k") == 1
     assert await runs.context("ü" * 1499).get("k") is None
     assert runs.run_id_of(_raw_item(ctx)) == long_id
+
+
+class TestDynamoDbContextKit(ContextStoreTests):
+    """The context kit (guarded patch included) on moto's DynamoDB."""
+
+    @pytest.fixture
+    def context(self, runs: RunTable) -> AsyncContext:
+        return runs.context(f"run-{uuid.uuid4().hex[:8]}")
+
+    async def same_run(self, context: AsyncContext) -> AsyncContext:
+        assert isinstance(context, DynamoDbContext)
+        return context.table.context(context.run_id)

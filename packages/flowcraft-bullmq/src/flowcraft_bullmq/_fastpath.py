@@ -29,11 +29,12 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from flowcraft.context import PatchOperation
+from flowcraft.context import Guard, PatchOperation
 from flowcraft.distributed import keys as K
 from flowcraft.distributed.coordination import validate_ttl_seconds
 from flowcraft.distributed.payload import JobPayload
@@ -196,6 +197,12 @@ class JobScope:
     """The same in Redis (with the coordination store's own prefix)."""
     leases: set[str] = field(default_factory=set)
     """Lease keys the fused read took for this job (the base's names)."""
+    lease_value: str = field(default_factory=lambda: uuid.uuid4().hex)
+    """The value the fused read stores in a lease it takes (unique to this job)."""
+    holders: dict[str, str] = field(default_factory=dict)
+    """Lease key -> the holder the base named when it claimed a lease the fused read
+    took: ``get`` of that key answers with it while the lease is this job's, so the
+    base's "is it still mine?" checks work as with a plain ``SET NX``."""
 
     def lease_key(self, generation: int) -> str:
         return f"{self.lease_stem}{generation}"
@@ -261,7 +268,7 @@ class JobContext(RedisContext):
             plan.waiting_field,
             plan.expected_meta,
             self._scope.redis_lease_stem,
-            self._worker_id,
+            self._scope.lease_value,
             self._lease_ttl,
             len(plan.guess_first),
             len(plan.guess_later),
@@ -304,11 +311,11 @@ class JobContext(RedisContext):
         self._prefetch = None
         return await super().to_dict()
 
-    async def patch(self, ops: Sequence[PatchOperation]) -> None:
+    async def patch(self, ops: Sequence[PatchOperation], *, guard: Guard | None = None) -> bool:
         self._prefetch = None
         marks = self._marks.take()
         try:
-            await self._run_patch(ops, marks)
+            return await self._run_patch(ops, marks, guard)
         except BaseException:
             self._marks.put_back(marks)
             raise
@@ -332,6 +339,7 @@ class FastPathStore:
         scope = CURRENT_JOB.get()
         if scope is not None and key in scope.leases:
             scope.leases.discard(key)
+            scope.holders[key] = value
             return True
         if self.marks.active and key.startswith(self.done_stem):
             ttl = validate_ttl_seconds(ttl_seconds)
@@ -349,4 +357,8 @@ class FastPathStore:
         await self.inner.delete(key)
 
     async def get(self, key: str) -> str | None:
-        return await self.inner.get(key)
+        value = await self.inner.get(key)
+        scope = CURRENT_JOB.get()
+        if scope is not None and value == scope.lease_value and key in scope.holders:
+            return scope.holders[key]
+        return value

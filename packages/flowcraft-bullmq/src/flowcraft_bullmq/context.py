@@ -8,10 +8,11 @@ however hostile, round-trips exactly.
 ``get``      ``HGET``
 ``get_many`` ``HMGET`` (one round trip)
 ``has``      ``HEXISTS``
-``patch``    one ``EVALSHA``: ``HSET`` the sets and ``HDEL`` the deletes, then
-             ``PEXPIRE`` the hash (the state TTL) and, if the context keeps a
-             progress index, ``ZADD``/``ZREM`` the run there. Atomic: a script runs
-             alone on the server.
+``patch``    one ``EVALSHA``: check the guard (``HGET`` of each guard field,
+             compared as JSON text), then ``HSET`` the sets and ``HDEL`` the
+             deletes, ``PEXPIRE`` the hash (the state TTL) and, if the context
+             keeps a progress index, ``ZADD``/``ZREM`` the run there. Atomic: a
+             script runs alone on the server, so check and write are one step.
 ``to_dict``  ``HGETALL``
 ==========  =================================================================
 """
@@ -24,7 +25,7 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from flowcraft.context import BaseAsyncContext, PatchOperation
+from flowcraft.context import BaseAsyncContext, Guard, PatchOperation, check_guard
 from flowcraft.distributed import keys as K
 from flowcraft.errors import SerializationError
 
@@ -45,40 +46,60 @@ _CHUNK = 1000  # arguments per HSET/HDEL inside the script (Lua's unpack limit i
 # KEYS[3..] keys of write-behind marks.
 # ARGV[1] TTL ms of the hash (0: none), ARGV[2] fields set, ARGV[3] fields deleted,
 # ARGV[4] index op (0 none, 1 touch, 2 remove), ARGV[5] index member, ARGV[6] score,
-# ARGV[7] number of marks, then 2 * sets (field, value), the deleted fields, and
-# 2 * marks (value, TTL ms).
+# ARGV[7] number of marks, ARGV[8] number of guards, then 2 * guards (field, expected
+# JSON text, or '' for "absent"), 2 * sets (field, value), the deleted fields, and
+# 2 * marks (value, TTL ms). Returns 1 if applied, 0 if the guard failed (then only
+# the marks, which belong to other jobs, are written).
 PATCH_LUA = """
 local h = KEYS[1]
 local nset = tonumber(ARGV[2])
 local ndel = tonumber(ARGV[3])
 local nmark = tonumber(ARGV[7])
-local i = 8
-local last = 7 + 2 * nset
-while i <= last do
+local nguard = tonumber(ARGV[8])
+local i = 9
+local ok = 1
+local glast = 8 + 2 * nguard
+while i <= glast do
+  local cur = redis.call('HGET', h, ARGV[i])
+  local want = ARGV[i + 1]
+  if want == '' then
+    if cur then ok = 0 end
+  elseif cur ~= want then
+    ok = 0
+  end
+  i = i + 2
+end
+local last = glast + 2 * nset
+if ok == 0 then
+  i = last + ndel + 1
+end
+while ok == 1 and i <= last do
   local j = math.min(i + 999, last)
   redis.call('HSET', h, unpack(ARGV, i, j))
   i = j + 1
 end
 last = last + ndel
-while i <= last do
+while ok == 1 and i <= last do
   local j = math.min(i + 999, last)
   redis.call('HDEL', h, unpack(ARGV, i, j))
   i = j + 1
 end
-local ttl = tonumber(ARGV[1])
-if ttl > 0 then
-  redis.call('PEXPIRE', h, ttl)
-end
-if ARGV[4] == '1' then
-  redis.call('ZADD', KEYS[2], ARGV[6], ARGV[5])
-elseif ARGV[4] == '2' then
-  redis.call('ZREM', KEYS[2], ARGV[5])
+if ok == 1 then
+  local ttl = tonumber(ARGV[1])
+  if ttl > 0 then
+    redis.call('PEXPIRE', h, ttl)
+  end
+  if ARGV[4] == '1' then
+    redis.call('ZADD', KEYS[2], ARGV[6], ARGV[5])
+  elseif ARGV[4] == '2' then
+    redis.call('ZREM', KEYS[2], ARGV[5])
+  end
 end
 for m = 1, nmark do
   redis.call('SET', KEYS[2 + m], ARGV[i], 'NX', 'PX', ARGV[i + 1])
   i = i + 2
 end
-return 1
+return ok
 """
 
 
@@ -160,10 +181,12 @@ class RedisContext(BaseAsyncContext):
             (k.decode("utf-8") if isinstance(k, bytes) else k): decode(v) for k, v in raw.items()
         }
 
-    async def patch(self, ops: Sequence[PatchOperation]) -> None:
-        await self._run_patch(ops, [])
+    async def patch(self, ops: Sequence[PatchOperation], *, guard: Guard | None = None) -> bool:
+        return await self._run_patch(ops, [], guard)
 
-    async def _run_patch(self, ops: Sequence[PatchOperation], marks: Sequence[Mark]) -> None:
+    async def _run_patch(
+        self, ops: Sequence[PatchOperation], marks: Sequence[Mark], guard: Guard | None = None
+    ) -> bool:
         # Later operations on a key win, as if applied in order.
         final: dict[str, PatchOperation] = {}
         for op in ops:
@@ -184,6 +207,11 @@ class RedisContext(BaseAsyncContext):
                 record = status.value if isinstance(status.value, dict) else {}
                 if record.get("status") in _FINAL or record.get("status") == "awaiting":
                     index_op = "2"
+        check_guard(guard)
+        guards: list[str] = []
+        for field, expected in (guard or {}).items():
+            # Values are stored as canonical JSON text (``encode``): compare the text.
+            guards += (field, "" if expected is None else encode(expected))
         args: list[Any] = [
             self._ttl_ms,
             len(sets) // 2,
@@ -192,10 +220,12 @@ class RedisContext(BaseAsyncContext):
             self._index_member or "",
             repr(time.time()),
             len(marks),
+            len(guards) // 2,
+            *guards,
             *sets,
             *deletes,
         ]
         for _, value, mark_ttl in marks:
             args += (value, mark_ttl)
         keys = [self.key, self._index_key or self.key, *(m[0] for m in marks)]
-        await self._patch(keys=keys, args=args)
+        return bool(int(await self._patch(keys=keys, args=args)))

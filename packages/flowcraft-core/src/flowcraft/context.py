@@ -11,15 +11,18 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, TypeAlias, runtime_checkable
 
 __all__ = [
     "AsyncContext",
     "BaseAsyncContext",
     "Context",
+    "Guard",
     "InMemoryContext",
     "PatchOperation",
     "TrackingContext",
+    "check_guard",
+    "guard_holds",
 ]
 
 _MISSING: Any = object()
@@ -47,6 +50,41 @@ class PatchOperation:
         return {"op": "set", "key": self.key, "value": self.value}
 
 
+Guard: TypeAlias = Mapping[str, int | str | None]
+"""``key -> expected`` for a guarded ``patch``: ``None`` means the key is absent."""
+
+
+def check_guard(guard: Guard | None) -> None:
+    """Refuse a guard whose values are not ``None``, ``int`` or ``str`` (a store
+    compares them as JSON values; a bool, float or dict has no agreed comparison)."""
+    if guard is None:
+        return
+    for key, expected in guard.items():
+        if not isinstance(key, str):
+            raise TypeError(f"guard keys are strings, not {type(key).__name__}")
+        if expected is not None and (
+            isinstance(expected, bool) or not isinstance(expected, int | str)
+        ):
+            raise TypeError(
+                f"guard value of {key!r} must be None, int or str, not {type(expected).__name__}"
+            )
+
+
+def guard_holds(stored: Mapping[str, Any], guard: Guard) -> bool:
+    """Whether ``guard`` holds over ``stored`` (the guard keys that exist, with their
+    JSON values): ``None`` matches an absent key, an int only a JSON integer equal to
+    it (never a bool or a float), a str only an equal JSON string."""
+    for key, expected in guard.items():
+        if key not in stored:
+            if expected is not None:
+                return False
+            continue
+        value = stored[key]
+        if expected is None or type(value) is not type(expected) or value != expected:
+            return False
+    return True
+
+
 @runtime_checkable
 class AsyncContext(Protocol):
     """A run's shared state. ``patch`` must apply all of its operations atomically."""
@@ -57,7 +95,20 @@ class AsyncContext(Protocol):
     async def has(self, key: str) -> bool: ...
     async def delete(self, key: str) -> None: ...
     async def to_dict(self) -> dict[str, Any]: ...
-    async def patch(self, ops: Sequence[PatchOperation]) -> None: ...
+    async def patch(self, ops: Sequence[PatchOperation], *, guard: Guard | None = None) -> bool:
+        """Apply ``ops`` atomically (all or nothing). With ``guard``: only if, for every
+        ``key -> expected`` in it, the stored value of ``key`` equals ``expected``
+        (``None``: the key is absent). Check and write are ONE atomic step in ONE round
+        trip, natively in the store (Redis script, one SQL statement, DynamoDB
+        ConditionExpression, Firestore precondition / single-document design, Cosmos
+        filter predicate or etag, Cassandra LWT / conditional batch, a Durable Object's
+        synchronous block). Returns False (writing nothing) when the guard fails, True
+        otherwise (always True without a guard).
+
+        Guard values are ``None``, ``int`` or ``str`` (see :func:`check_guard`) and
+        compare as JSON values (:func:`guard_holds`); a guard key may also be written
+        by ``ops``."""
+        ...
 
 
 class BaseAsyncContext(ABC):
@@ -71,7 +122,8 @@ class BaseAsyncContext(ABC):
     async def get(self, key: str) -> Any: ...
 
     @abstractmethod
-    async def patch(self, ops: Sequence[PatchOperation]) -> None: ...
+    async def patch(self, ops: Sequence[PatchOperation], *, guard: Guard | None = None) -> bool:
+        """See :meth:`AsyncContext.patch`: atomic, and guarded in the same step."""
 
     @abstractmethod
     async def to_dict(self) -> dict[str, Any]: ...
@@ -154,8 +206,12 @@ class InMemoryContext(BaseAsyncContext):
     async def delete(self, key: str) -> None:
         self.sync.data.pop(key, None)
 
-    async def patch(self, ops: Sequence[PatchOperation]) -> None:
+    async def patch(self, ops: Sequence[PatchOperation], *, guard: Guard | None = None) -> bool:
+        check_guard(guard)
+        if guard and not guard_holds(self.sync.data, guard):
+            return False
         self.sync.apply(ops)
+        return True
 
     async def to_dict(self) -> dict[str, Any]:
         return self.sync.to_dict()
@@ -216,9 +272,14 @@ class TrackingContext(BaseAsyncContext):
     async def delete(self, key: str) -> None:
         self._pending[key] = _MISSING
 
-    async def patch(self, ops: Sequence[PatchOperation]) -> None:
+    async def patch(self, ops: Sequence[PatchOperation], *, guard: Guard | None = None) -> bool:
+        """Buffer ``ops``; a guard is checked against this view (pending writes first)."""
+        check_guard(guard)
+        if guard and not guard_holds(await self.get_many(list(guard)), guard):
+            return False
         for op in ops:
             self._pending[op.key] = op.value if op.op == "set" else _MISSING
+        return True
 
     async def to_dict(self) -> dict[str, Any]:
         data = await self._inner.to_dict()

@@ -58,7 +58,9 @@ class NodeContext:
 
     @property
     def idempotency_key(self) -> str:
-        return f"{self.run_id}:{self.node_id}:{self.activation}"
+        """``run:node:activation``, each id escaped (``%`` as ``%25``, ``:`` as ``%3A``)
+        so that no two activations share a key, whatever their ids contain."""
+        return idempotency_key(self.run_id, self.node_id, self.activation)
 
     @property
     def is_cancelled(self) -> bool:
@@ -71,6 +73,16 @@ class NodeContext:
     async def set(self, key: str, value: Any) -> None:
         """Shorthand for ``await ctx.context.set(key, value)``."""
         await self.context.set(key, value)
+
+
+def idempotency_key(run_id: str, node_id: str, activation: int) -> str:
+    """The key of :attr:`NodeContext.idempotency_key` for these ids: unambiguous, and
+    the plain ``run:node:activation`` when no id contains ``%`` or ``:``."""
+    return f"{_escape(run_id)}:{_escape(node_id)}:{activation}"
+
+
+def _escape(part: str) -> str:
+    return part.replace("%", "%25").replace(":", "%3A")
 
 
 NodeFunction: TypeAlias = Callable[[NodeContext], Awaitable[Any] | Any]

@@ -15,11 +15,13 @@ Offsets. Kafka remembers one committed offset per partition, while a worker runs
 several jobs of a partition at once and they finish in any order. So automatic
 offset storing is off: each partition tracks its received offsets that are not
 done, and the offset stored (and committed in the background every
-``auto.commit.interval.ms``) is the first unfinished one. A crash redelivers
-exactly the unfinished jobs (plus, at most, those finished within the last commit
-interval: duplicates, which the protocol drops). Revoked partitions are
-committed at once in the rebalance callback; a lost partition commits nothing
-(another member owns it now).
+``auto.commit.interval.ms``) is the first unfinished one, with the offsets done
+past it in the commit's metadata (ranges, up to ~3 KB). The next owner of the
+partition reads that metadata and skips them, so a crash redelivers exactly the
+unfinished jobs (plus those finished within the last commit interval:
+duplicates, which the protocol drops). Revoked partitions are committed at once
+in the rebalance callback; a lost partition commits nothing (another member owns
+it now).
 
 Capacity. When every slot is busy the adapter stops asking for messages, but a
 consumer that does not poll for ``max.poll.interval.ms`` is thrown out of its
@@ -224,13 +226,55 @@ class _Partition:
     epoch: int
     open: set[int] = field(default_factory=set)
     next_offset: int | None = None
-    stored: int = -1
+    stored: tuple[int, str] = (-1, "")
+    skip: set[int] = field(default_factory=set)
+    """Offsets a previous owner finished past its commit (from the commit's metadata)."""
 
     def committable(self) -> int | None:
         """The offset to commit: the first unfinished one, else one past the last."""
         if self.open:
             return min(self.open)
         return self.next_offset
+
+    def metadata(self) -> str:
+        """The offsets done past the committable one, as ranges relative to it: the
+        next owner skips them, so a crash redelivers only the unfinished jobs."""
+        if not self.open or self.next_offset is None:
+            return ""
+        pending = sorted(self.open)
+        base = pending[0]
+        ranges: list[str] = []
+        bounds = [*pending, self.next_offset]
+        for low, high in itertools.pairwise(bounds):
+            if high - low > 1:  # low+1 .. high-1 are done
+                a, b = low + 1 - base, high - 1 - base
+                ranges.append(str(a) if a == b else f"{a}-{b}")
+        text = _METADATA_TAG + ",".join(ranges) if ranges else ""
+        if len(text) > _METADATA_LIMIT:  # the broker's offset.metadata.max.bytes: drop the tail
+            text = text[: text.rfind(",", 0, _METADATA_LIMIT)]
+        return text
+
+
+_METADATA_TAG = "fc1:"
+_METADATA_LIMIT = 3000
+
+
+def _skipped(committed: int, metadata: str | None) -> set[int]:
+    """The absolute offsets a commit's metadata says are done (nothing if unreadable)."""
+    if not metadata or not metadata.startswith(_METADATA_TAG) or committed < 0:
+        return set()
+    done: set[int] = set()
+    try:
+        for part in metadata[len(_METADATA_TAG) :].split(","):
+            low, _, high = part.partition("-")
+            a = int(low)
+            b = int(high) if high else a
+            if a < 1 or b < a or b - a > 1_000_000:
+                return set()
+            done.update(range(committed + a, committed + b + 1))
+    except ValueError:
+        return set()
+    return done
 
 
 class JobConsumer:
@@ -295,9 +339,19 @@ class JobConsumer:
             self._subscribed = True
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        try:
+            committed = {
+                tp.partition: _skipped(tp.offset, tp.metadata)
+                for tp in consumer.committed(partitions, timeout=10)
+            }
+        except Exception as exc:  # then finished jobs past the commit run again
+            logger.info("reading committed offsets failed: %r", exc)
+            committed = {}
         with self._lock:
             for tp in partitions:
-                self._partitions[tp.partition] = _Partition(next(self._epochs))
+                state = _Partition(next(self._epochs))
+                state.skip = committed.get(tp.partition, set())
+                self._partitions[tp.partition] = state
         logger.info("assigned %s", sorted(tp.partition for tp in partitions))
         if self._paused:
             consumer.pause(partitions)
@@ -311,8 +365,10 @@ class JobConsumer:
             for tp in partitions:
                 state = self._partitions.pop(tp.partition, None)
                 at = state.committable() if state is not None else None
-                if at is not None:
-                    offsets.append(TopicPartition(self.topic, tp.partition, at))
+                if state is not None and at is not None:
+                    offsets.append(
+                        TopicPartition(self.topic, tp.partition, at, metadata=state.metadata())
+                    )
             self._drop_deferred({tp.partition for tp in partitions})
         if offsets:
             try:
@@ -364,9 +420,12 @@ class JobConsumer:
             state = self._partitions.get(partition)
             if state is None:  # not ours any more
                 return None
-            state.open.add(offset)
             if state.next_offset is None or offset >= state.next_offset:
                 state.next_offset = offset + 1
+            if offset in state.skip:  # finished by the previous owner
+                state.skip.discard(offset)
+                return None
+            state.open.add(offset)
             epoch = state.epoch
         headers = headers_of(message)
         not_before = 0.0
@@ -439,8 +498,8 @@ class JobConsumer:
             heapq.heappush(self._deferred, (not_before, next(self._tiebreak), job))
 
     async def done(self, jobs: Sequence[KafkaJob]) -> None:
-        """These jobs are finished: store each partition's first unfinished offset (the
-        background auto-commit sends it)."""
+        """These jobs are finished: store each partition's first unfinished offset, with
+        the offsets done past it as metadata (the background auto-commit sends it)."""
         from confluent_kafka import TopicPartition
 
         offsets = []
@@ -455,9 +514,12 @@ class JobConsumer:
             for partition in touched:
                 state = self._partitions[partition]
                 at = state.committable()
-                if at is not None and at > state.stored:
-                    state.stored = at
-                    offsets.append(TopicPartition(self.topic, partition, at))
+                if at is None:
+                    continue
+                stored = (at, state.metadata())
+                if stored != state.stored:
+                    state.stored = stored
+                    offsets.append(TopicPartition(self.topic, partition, at, metadata=stored[1]))
         if offsets:
             await self._call(self._store_sync, offsets)
 
@@ -493,7 +555,9 @@ class JobConsumer:
             for partition, state in self._partitions.items():
                 at = state.committable()
                 if at is not None:
-                    offsets.append(TopicPartition(self.topic, partition, at))
+                    offsets.append(
+                        TopicPartition(self.topic, partition, at, metadata=state.metadata())
+                    )
         if offsets:
             self._store_sync(offsets)
         self._consumer.close()  # commits the stored offsets, leaves the group

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING, Any
@@ -265,7 +266,7 @@ class KafkaAdapter(PullingAdapter[KafkaJob]):
         delivers it again from the committed offset."""
         if self.stopping:
             return
-        due = int((time.time() + max(0.0, delay_seconds)) * 1000)
+        due = math.ceil((time.time() + max(0.0, delay_seconds)) * 1000)
         headers = [
             (HEADER_NOT_BEFORE, str(due).encode()),
             (HEADER_SOURCE, message.where.encode()),
@@ -310,16 +311,23 @@ class KafkaAdapter(PullingAdapter[KafkaJob]):
 
     async def close(self) -> None:
         """Leave the group (committing what is done), flush the producer, close the
-        clients this adapter made."""
+        clients this adapter made. A client that fails to close is logged; the rest
+        are still closed."""
+        steps: list[tuple[str, Any]] = []
         if self._consumer is not None:
-            await self._consumer.aclose()
+            steps.append(("consumer", self._consumer.aclose))
             self._consumer = None
         if self._producer is not None:
-            await self._producer.aclose()
+            steps.append(("producer", self._producer.aclose))
             self._producer = None
-        await self.results.aclose()
+        steps.append(("results listener", self.results.aclose))
         if self._owns_redis:
-            await self.redis.aclose()
+            steps.append(("redis", self.redis.aclose))
         if self._owns_cassandra and self.cassandra_client is not None:
-            await self.cassandra_client.aclose()
+            steps.append(("cassandra", self.cassandra_client.aclose))
             self.cassandra_client = None
+        for name, close in steps:
+            try:
+                await close()
+            except Exception as exc:
+                self.logger.warning("closing the %s failed: %r", name, exc)

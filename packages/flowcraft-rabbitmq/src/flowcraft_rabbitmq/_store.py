@@ -32,7 +32,7 @@ from typing import Any
 
 import asyncpg  # type: ignore[import-untyped]
 
-from flowcraft.context import PatchOperation
+from flowcraft.context import Guard, PatchOperation, check_guard
 from flowcraft.distributed import keys as K
 from flowcraft.distributed.results import ResultWaiters
 from flowcraft.errors import SerializationError, StateLimitError
@@ -84,6 +84,23 @@ _PATCH = (
     "ON CONFLICT (run_id) DO UPDATE "
     "SET state = (r.state - $2::text[]) || $3::text::jsonb, updated_at = now()"
 )
+# The guarded patch, still one statement: an existing row is updated only if none of
+# the keys of the text[] $4 exists and every key of the object $5 holds an equal JSON
+# value (ON CONFLICT locks the row and checks its latest version, so the check and
+# the write are one atomic step). A missing row is inserted only if $5 is empty (an
+# absent key equals no value); a row inserted meanwhile meets the same conflict path.
+# Returns a row when applied.
+_PATCH_GUARDED = (
+    "INSERT INTO {runs} AS r (run_id, state) "
+    "SELECT $1, $3::text::jsonb WHERE $5::text::jsonb = '{{}}'::jsonb "
+    "OR EXISTS (SELECT 1 FROM {runs} WHERE run_id = $1) "
+    "ON CONFLICT (run_id) DO UPDATE "
+    "SET state = (r.state - $2::text[]) || $3::text::jsonb, updated_at = now() "
+    "WHERE NOT (r.state ?| $4::text[]) AND NOT EXISTS ("
+    "SELECT 1 FROM jsonb_each($5::text::jsonb) AS g(k, v) "
+    "WHERE (r.state -> g.k) IS DISTINCT FROM g.v) "
+    "RETURNING 1"
+)
 # Write the result once and, in the same statement, NOTIFY the waiters (the
 # notification is delivered when the statement's transaction commits).
 _PUBLISH = (
@@ -130,6 +147,7 @@ class _Sql:
         self.get_many = bind(_GET_MANY)
         self.to_dict = bind(_TO_DICT)
         self.patch = bind(_PATCH)
+        self.patch_guarded = bind(_PATCH_GUARDED)
         self.publish = bind(_PUBLISH)
         self.result = bind(_RESULT)
         self.claim_stalled = bind(_CLAIM_STALLED)
@@ -290,15 +308,28 @@ class PostgresRunStore:
         state: dict[str, Any] = {} if text is None else _json.loads(text)
         return state
 
-    async def patch(self, run_id: str, ops: Sequence[PatchOperation]) -> None:
-        if not ops:
-            return
+    async def patch(
+        self, run_id: str, ops: Sequence[PatchOperation], guard: Guard | None = None
+    ) -> bool:
+        """Apply ``ops`` in one statement; with ``guard``, only if it holds (the check
+        is part of the same statement). True if applied."""
+        check_guard(guard)
+        if not ops and not guard:
+            return True
         deletes, sets = collapse(ops)
         payload = _json.dumps(sets)
         pool = await self.pool()
         self.round_trips["patch"] += 1
         with _translated(run_id):
-            await pool.execute(self.sql.patch, run_id, deletes, payload)
+            if not guard:
+                await pool.execute(self.sql.patch, run_id, deletes, payload)
+                return True
+            absent = [k for k, v in guard.items() if v is None]
+            equal = _json.dumps({k: v for k, v in guard.items() if v is not None})
+            applied = await pool.fetchval(
+                self.sql.patch_guarded, run_id, deletes, payload, absent, equal
+            )
+        return applied is not None
 
     async def publish(self, run_id: str, result: dict[str, Any]) -> None:
         """Store the final result once (a later publication of the run changes nothing)."""

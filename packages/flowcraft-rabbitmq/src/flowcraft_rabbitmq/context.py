@@ -6,7 +6,8 @@ Every method is one statement, so one round trip:
 ``get``         ``state -> $key``
 ``get_many``    ``jsonb_object_agg`` over ``unnest($keys)`` of the keys present
 ``has``         ``state ? $key``
-``patch``       ``(state - $deleted_keys) || $set_object``, an upsert of the row
+``patch``       ``(state - $deleted_keys) || $set_object``, an upsert of the row;
+                guarded: the same upsert with the guard in its ``WHERE``
 ``to_dict``     the whole ``state``
 ==============  ===================================================================
 
@@ -28,7 +29,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from flowcraft.context import BaseAsyncContext, PatchOperation
+from flowcraft.context import BaseAsyncContext, Guard, PatchOperation
 from flowcraft_rabbitmq._store import PostgresRunStore
 
 __all__ = ["PostgresContext"]
@@ -55,8 +56,8 @@ class PostgresContext(BaseAsyncContext):
     async def has(self, key: str) -> bool:
         return await self.store.has(self.run_id, key)
 
-    async def patch(self, ops: Sequence[PatchOperation]) -> None:
-        await self.store.patch(self.run_id, ops)
+    async def patch(self, ops: Sequence[PatchOperation], *, guard: Guard | None = None) -> bool:
+        return await self.store.patch(self.run_id, ops, guard)
 
     async def to_dict(self) -> dict[str, Any]:
         return await self.store.to_dict(self.run_id)

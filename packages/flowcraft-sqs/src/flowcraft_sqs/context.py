@@ -26,6 +26,13 @@ takes a slow path that reads the item, computes the exact resulting size and
 either raises :class:`~flowcraft.StateLimitError` or writes under an optimistic
 check. Overwritten and removed values are returned by the same ``UpdateItem``
 (``UPDATED_OLD``) and subtracted from ``sz`` by a second, small update.
+
+A guarded patch adds the guard to the same ``ConditionExpression``
+(``attribute_not_exists(#g)`` for "absent", ``#g = :g`` with the expected value's
+JSON text otherwise: values are stored as canonical JSON text). A failed condition
+does not say which part failed, so the slow path reads the item: if the guard does
+not hold the patch is refused (False), else it is written under the guard and an
+optimistic check on ``sz``.
 """
 
 from __future__ import annotations
@@ -36,7 +43,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from flowcraft.context import BaseAsyncContext, PatchOperation
+from flowcraft.context import BaseAsyncContext, Guard, PatchOperation, check_guard, guard_holds
 from flowcraft.distributed import keys as K
 from flowcraft.errors import StateLimitError
 from flowcraft.serializer import JsonSerializer, Serializer
@@ -226,17 +233,20 @@ class DynamoDbContext(BaseAsyncContext):
 
     # ------------------------------------------------------------------ the patch
 
-    async def patch(self, ops: Sequence[PatchOperation]) -> None:
-        """Apply every operation atomically in ONE ``UpdateItem`` (SET and REMOVE).
+    async def patch(self, ops: Sequence[PatchOperation], *, guard: Guard | None = None) -> bool:
+        """Apply every operation atomically in ONE ``UpdateItem`` (SET and REMOVE); with
+        ``guard``, only if it holds (part of the same update's condition). True if
+        applied, False if the guard failed (nothing written).
 
         Raises:
             StateLimitError: the run's state would pass ``max_state_bytes``, or the
                 patch is too large for one DynamoDB expression.
             SerializationError: a value is not JSON.
         """
+        check_guard(guard)
         plan = _Plan.build(self, ops)
-        if not plan.sets and not plan.removes:
-            return
+        if not plan.sets and not plan.removes and not guard:
+            return True
         now = _now_ms()
         budget = self.table.max_state_bytes - plan.added
         if budget < 0:
@@ -245,7 +255,7 @@ class DynamoDbContext(BaseAsyncContext):
         params["ConditionExpression"] = (
             "(attribute_not_exists(#sz) OR #sz <= :budget)"
             " AND (attribute_not_exists(#x) OR #x > :now)"
-        )
+        ) + self._guard_condition(params, guard)
         params["ExpressionAttributeValues"][":budget"] = {"N": str(budget)}
         params["ExpressionAttributeValues"][":now"] = {"N": str(now)}
         try:
@@ -253,8 +263,7 @@ class DynamoDbContext(BaseAsyncContext):
         except Exception as exc:
             if not is_conditional_failure(exc):
                 raise
-            await self._patch_slow(plan)
-            return
+            return await self._patch_slow(plan, guard)
         freed = sum(
             attr_size(name, value)
             for name, value in response.get("Attributes", {}).items()
@@ -271,10 +280,29 @@ class DynamoDbContext(BaseAsyncContext):
                 ExpressionAttributeNames={"#sz": "sz"},
                 ExpressionAttributeValues={":d": {"N": str(-freed)}},
             )
+        return True
 
-    async def _patch_slow(self, plan: _Plan) -> None:
-        """Near the size limit (or on an expired item): count exactly, then write under
-        an optimistic check on ``sz``."""
+    def _guard_condition(self, params: dict[str, Any], guard: Guard | None) -> str:
+        """`` AND ...`` conditions of ``guard`` (names and values added to ``params``)."""
+        if not guard:
+            return ""
+        names = params["ExpressionAttributeNames"]
+        values = params["ExpressionAttributeValues"]
+        dumps = self.table.serializer.dumps
+        parts: list[str] = []
+        for i, (key, expected) in enumerate(guard.items()):
+            names[f"#g{i}"] = ATTR_PREFIX + key
+            if expected is None:
+                parts.append(f"attribute_not_exists(#g{i})")
+            else:
+                values[f":g{i}"] = {"S": dumps(expected)}
+                parts.append(f"#g{i} = :g{i}")
+        return " AND " + " AND ".join(parts)
+
+    async def _patch_slow(self, plan: _Plan, guard: Guard | None = None) -> bool:
+        """Near the size limit, on an expired item, or when a guard may have failed:
+        read the item, refuse if the guard does not hold, else count exactly and write
+        under the guard and an optimistic check on ``sz``."""
         for _ in range(_SLOW_PATH_TRIES):
             now = _now_ms()
             response = await self._call("get_item", Key=self._key, ConsistentRead=True)
@@ -294,6 +322,13 @@ class DynamoDbContext(BaseAsyncContext):
                         raise
                 continue
             item = item or {}
+            if guard:
+                loads = self.table.serializer.loads
+                stored = {
+                    k: loads(item[ATTR_PREFIX + k]["S"]) for k in guard if ATTR_PREFIX + k in item
+                }
+                if not guard_holds(stored, guard):
+                    return False
             current = {n: v for n, v in item.items() if n.startswith(ATTR_PREFIX)}
             size = sum(attr_size(n, v) for n, v in current.items())
             for name in plan.touched:
@@ -308,9 +343,10 @@ class DynamoDbContext(BaseAsyncContext):
                 params["ExpressionAttributeValues"][":seen"] = item["sz"]
             else:
                 params["ConditionExpression"] = "attribute_not_exists(#sz)"
+            params["ConditionExpression"] += self._guard_condition(params, guard)
             try:
                 await self._write(params)
-                return
+                return True
             except Exception as exc:
                 if not is_conditional_failure(exc):
                     raise

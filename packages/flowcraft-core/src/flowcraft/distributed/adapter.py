@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import hashlib
+import json
 import logging
 import math
 import uuid
@@ -22,7 +24,7 @@ from typing import Any, ClassVar, Literal, Self
 from flowcraft._analysis import Edge, GraphAnalysis, Loop, analyse
 from flowcraft._traversal import route
 from flowcraft.blueprint import NodeDefinition, WorkflowBlueprint
-from flowcraft.context import AsyncContext, PatchOperation
+from flowcraft.context import AsyncContext, Guard, PatchOperation
 from flowcraft.distributed import keys as K
 from flowcraft.distributed._scope import scope_keys
 from flowcraft.distributed.coordination import CoordinationStore
@@ -56,6 +58,7 @@ __all__ = [
     "FinalResult",
     "JobHandler",
     "RetryJob",
+    "RunConflictError",
     "RunStatusInfo",
     "job_disposition",
 ]
@@ -66,6 +69,11 @@ JobHandler = Callable[[JobPayload], Awaitable[None]]
 Disposition = Literal["ack", "retry", "dead-letter"]
 RetryMode = Literal["in-process", "queue"]
 FINAL_STATUSES = frozenset({"completed", "failed", "cancelled"})
+
+
+class RunConflictError(FlowcraftError, ValueError):
+    """An operator call conflicts with the run as it is: a start with a run id already
+    used by another request, or a resume that another call (or the run's end) beat."""
 
 
 def job_disposition(exc: BaseException | None) -> Disposition:
@@ -345,28 +353,39 @@ class BaseDistributedAdapter(ABC):
         initial_context: Mapping[str, Any] | None = None,
         run_id: str | None = None,
     ) -> str:
-        """Create the run's state and enqueue its start nodes. Idempotent per ``run_id``."""
+        """Create the run's state and enqueue its start nodes.
+
+        Create-if-absent: the state is written by one patch guarded on the run's meta
+        being absent, so a start never writes over a run. The same request again (same
+        blueprint, version and initial context: a retry after a crash or a lost reply)
+        writes nothing and enqueues the start nodes again (duplicates are harmless); any
+        other request for an existing ``run_id`` raises :class:`RunConflictError`."""
         blueprint = self.blueprint_for(blueprint_id)
         analysis = analyse(blueprint)
         run_id = run_id or uuid.uuid4().hex
-        for key in initial_context or {}:
+        initial = dict(initial_context or {})
+        for key in initial:
             if K.is_reserved(key):
                 raise ValueError(f"context key {key!r} is reserved for flowcraft")
+        request = _fingerprint(blueprint, initial)
         ctx = self.create_context(run_id)
-        existing = await ctx.get(K.META)
-        if existing is None:
-            ops = [PatchOperation("set", k, v) for k, v in (initial_context or {}).items()]
-            ops.append(
-                PatchOperation(
-                    "set", K.META, {"blueprintId": blueprint.id, "version": blueprint.version}
+        meta = {"blueprintId": blueprint.id, "version": blueprint.version}
+        ops = [PatchOperation("set", k, v) for k, v in initial.items()]
+        ops.append(PatchOperation("set", K.META, meta))
+        ops.append(PatchOperation("set", K.REQUEST, request))
+        ops.append(PatchOperation("set", K.STATUS, {"status": "running", "errors": []}))
+        for node_id in analysis.start_nodes:
+            ops.append(PatchOperation("set", K.activation(node_id, 1), {"skip": False}))
+        if not await ctx.patch(ops, guard={K.META: None}):
+            found = await ctx.get_many([K.META, K.REQUEST])
+            if found.get(K.META) != meta or found.get(K.REQUEST) != request:
+                raise RunConflictError(
+                    f"run {run_id!r} already exists (blueprint "
+                    f"{(found.get(K.META) or {}).get('blueprintId')!r}) and was started by "
+                    "another request; a start may be repeated only with the same blueprint, "
+                    "version and initial context"
                 )
-            )
-            ops.append(PatchOperation("set", K.STATUS, {"status": "running", "errors": []}))
-            for node_id in analysis.start_nodes:
-                ops.append(PatchOperation("set", K.activation(node_id, 1), {"skip": False}))
-            await ctx.patch(ops)
-        elif existing.get("blueprintId") != blueprint.id:
-            raise ValueError(f"run {run_id!r} already exists for blueprint {existing!r}")
+            self.logger.debug("run %s: the same start again; enqueueing its start nodes", run_id)
         await emit(
             self.event_bus, FlowEvent("workflow:start", run_id, None, {"blueprintId": blueprint.id})
         )
@@ -467,11 +486,20 @@ class BaseDistributedAdapter(ABC):
         *,
         node_id: str | None = None,
     ) -> None:
-        """Resume a run paused at a wait node with that node's result."""
+        """Resume a run paused at a wait node with that node's result.
+
+        The resolution is committed by one patch guarded on the node still waiting at
+        that activation (and the run not ended): of two concurrent resumes exactly one
+        is applied, the other raises :class:`RunConflictError`."""
         ctx = self.create_context(run_id)
         meta = await ctx.get(K.META)
         if meta is None:
             raise FlowcraftError(f"run {run_id!r} does not exist")
+        claim = await self.coordination_store.get(K.final(self.key_prefix, run_id))
+        if claim is not None:
+            raise RunConflictError(
+                f"run {run_id!r} has ended ({_claimed_status(claim)}); there is nothing to resume"
+            )
         blueprint = self.blueprint_for(meta["blueprintId"])
         analysis = analyse(blueprint)
         candidates = [node_id] if node_id else list(analysis.nodes)
@@ -483,8 +511,7 @@ class BaseDistributedAdapter(ABC):
             raise FlowcraftError(f"run {run_id!r}: several nodes wait ({sorted(paused)}); name one")
         ((waiting_id, generation),) = paused.items()
         result = NodeResult(output=output, action=action)
-        await emit(self.event_bus, FlowEvent("workflow:resume", run_id, waiting_id))
-        await self._commit(
+        applied = await self._commit(
             _Job(run_id, blueprint, analysis, waiting_id, ctx),
             generation,
             result,
@@ -493,7 +520,54 @@ class BaseDistributedAdapter(ABC):
                 PatchOperation("delete", K.waiting(waiting_id)),
                 PatchOperation("set", K.STATUS, {"status": "running", "errors": []}),
             ],
+            guard={K.waiting(waiting_id): generation},
+            on_commit=lambda: emit(
+                self.event_bus, FlowEvent("workflow:resume", run_id, waiting_id)
+            ),
         )
+        if not applied:
+            raise RunConflictError(
+                f"run {run_id!r}: {waiting_id!r} (activation {generation}) was resumed by "
+                "another call, or the run ended, meanwhile; this resume was not applied"
+            )
+
+    async def cancel_run(self, run_id: str, reason: str = "cancelled by the operator") -> str:
+        """End the run as ``cancelled`` and return its final status.
+
+        The run's one final status is claimed like a completion or a failure (the
+        first ``set_if_not_exist`` of ``final:run`` wins), so a cancel racing the run's
+        completion gives exactly one final status. The winner fences the state first
+        (``_flowcraft.end``: every later commit, pause or resume is refused), then
+        publishes the result (errors: the reason) and records the status. Queued jobs
+        drop themselves on that status; running nodes see ``NodeContext.cancelled``
+        (and a cancellation at their next await) at their next heartbeat.
+
+        A run that already ended is left alone: the call returns its status
+        (``completed``, ``failed``, or ``cancelled`` by an earlier call). A run that
+        does not exist raises :class:`FlowcraftError`."""
+        ctx = self.create_context(run_id)
+        meta = await ctx.get(K.META)
+        if meta is None:
+            raise FlowcraftError(f"run {run_id!r} does not exist")
+        analysis = analyse(self.blueprint_for(meta["blueprintId"]))
+        claim = f"cancelled:{reason}"
+        store = self.coordination_store
+        final_key = K.final(self.key_prefix, run_id)
+        if await store.set_if_not_exist(final_key, claim, self.state_ttl_seconds):
+            self.logger.info("run %s: cancelled (%s)", run_id, reason)
+            await ctx.patch([PatchOperation("set", K.ENDED, "cancelled")])
+            await self._finalize(run_id, "cancelled", ctx, analysis, owner=reason)
+            return "cancelled"
+        existing = await store.get(final_key)
+        if existing is None:
+            raise FlowcraftError(f"run {run_id!r}: its final status expired; nothing to cancel")
+        status = _claimed_status(existing) or "failed"
+        # Make sure the run that ended first is published and recorded (its finalizer
+        # may have died), as reconcile does.
+        record = await ctx.get(K.STATUS)
+        if record is None or record.get("status") not in FINAL_STATUSES:
+            await self._finalize(run_id, status, ctx, analysis, owner=existing.partition(":")[2])
+        return status
 
     async def reconcile(self, run_id: str) -> int:
         """Re-drive a run after crashes: re-enqueue pending activations and redo
@@ -561,13 +635,7 @@ class BaseDistributedAdapter(ABC):
                 f"job for run {payload.run_id!r}: this worker has no blueprint "
                 f"{payload.blueprint_id!r}"
             )
-        analysis = analyse(blueprint)
         node_id = payload.node_id
-        if node_id not in analysis.nodes:
-            raise UnknownNodeError(
-                f"job for run {payload.run_id!r}: blueprint {blueprint.id!r} "
-                f"has no node {node_id!r}"
-            )
         ctx = self.create_context(payload.run_id)
         read_at = _now()
         state = await ctx.get_many(self.first_read_keys(node_id))
@@ -576,10 +644,25 @@ class BaseDistributedAdapter(ABC):
             raise UnknownBlueprintError(
                 f"job for unknown run {payload.run_id!r} (never started, or expired)"
             )
-        if meta.get("blueprintId") != blueprint.id or meta.get("version") != blueprint.version:
+        if meta.get("blueprintId") != blueprint.id:
+            # Not a version this worker lacks: the job belongs to no run of its
+            # blueprint, and no worker will ever take it. Dead-letter it with the reason.
+            raise UnknownBlueprintError(
+                f"job names blueprint {blueprint.id!r}, but run {payload.run_id!r} is a run "
+                f"of blueprint {meta.get('blueprintId')!r}: the job is not this run's"
+            )
+        if meta.get("version") != blueprint.version:
+            # Checked before the node: a node only the newer version has must reach a
+            # newer worker (rolling deploy), not be dead-lettered here.
             raise VersionMismatchError(
                 f"run {payload.run_id!r} needs blueprint {meta.get('blueprintId')!r} version "
                 f"{meta.get('version')!r}; this worker has version {blueprint.version!r}"
+            )
+        analysis = analyse(blueprint)
+        if node_id not in analysis.nodes:
+            raise UnknownNodeError(
+                f"job for run {payload.run_id!r}: blueprint {blueprint.id!r} version "
+                f"{blueprint.version!r} has no node {node_id!r}"
             )
         status = (state.get(K.STATUS) or {}).get("status")
         if status in FINAL_STATUSES:
@@ -618,62 +701,76 @@ class BaseDistributedAdapter(ABC):
                 f"{node_id!r} activation {generation} of run {job.run_id!r} is running elsewhere",
                 delay_seconds=min(self.lease_seconds / 3, 5.0),
             )
-        # The lease is left to expire: deleting it would cost a round trip per job,
-        # and a later duplicate is stopped by the resolved count, not the lease.
+        # The lease only saves duplicate work: correctness rests on the guarded writes
+        # (every resolution of this activation is guarded on ``n.X == g - 1``), never on
+        # lease timing. It is left to expire: deleting it would cost a round trip per
+        # job, and a later duplicate is stopped by the resolved count, not the lease.
         job.lease = lease
         if _now() - read_at >= self.lease_seconds / 2:
             # Stalled between reading the state and taking the lease: another delivery
-            # may have run this activation and its lease expired since. Read again.
+            # may have run this activation and its lease expired since. Read again
+            # (to skip a needless execution; the commit's guard would refuse it anyway).
             again = await ctx.get(K.resolved(node_id))
             if int(again or 0) != resolved:
                 raise RetryJob(f"{node_id!r} of run {job.run_id!r} moved on while stalled")
-        heartbeat = _Heartbeat(functools.partial(self._extend_lease, lease), self.lease_seconds / 3)
+        job.task = asyncio.current_task()
+        heartbeat = _Heartbeat(functools.partial(self._beat, job), self.lease_seconds / 3)
         try:
             if record.get("skip"):
-                await self._commit(job, generation, None, [])
+                if not await self._commit(job, generation, None, []):
+                    await self._refused(job, generation)
             else:
                 await self._execute(job, payload, generation, record, found)
         finally:
             await heartbeat.stop()
 
-    async def _extend_lease(self, lease: _Lease) -> None:
-        """One heartbeat. A failed extension is tried again at the next beat: giving
-        up would let the lease lapse under a live job."""
-        sent = _now()
-        try:
-            if await self.coordination_store.extend_ttl(lease.key, self.lease_seconds):
-                lease.held_at = sent
-            else:
-                lease.lost = True
-        except Exception as exc:
-            self.logger.warning("heartbeat of %s failed: %r", lease.key, exc)
+    async def _beat(self, job: _Job) -> None:
+        """One heartbeat: extend the lease if it is still this delivery's, and look for
+        the run's final status (a cancel, or an end the node's branch was not waited
+        for): then signal the node's cancellation.
 
-    async def _check_lease(self, job: _Job) -> None:
-        """Before a job's commit: still hold the activation's lease, else hand the job back.
-
-        A worker that stalled (a pause, a blocked loop, a dead heartbeat) past its lease
-        may find another delivery running the same activation; committing then would
-        apply a stale resolution over a newer one. Free while the heartbeat keeps the
-        lease fresh; two store operations after a stall. (A stall between this check
-        and the patch is not covered: that needs a conditional patch.)"""
+        A failed beat is tried again at the next one: giving up would let the lease
+        lapse under a live job. Neither outcome is trusted for correctness: a lease
+        extended late, or a holder read from a late reply, can at worst let two
+        deliveries run the activation; the commit's guard lets one of them resolve it."""
         lease = job.lease
-        if lease is None or (not lease.lost and _now() - lease.held_at < self.lease_seconds / 2):
-            return
-        sent = _now()
         store = self.coordination_store
-        if (
-            not lease.lost
-            and await store.extend_ttl(lease.key, self.lease_seconds)
-            and await store.get(lease.key) == lease.holder
-        ):
-            lease.held_at = sent
+        if lease is not None and not lease.lost:
+            try:
+                if await store.get(lease.key) != lease.holder:
+                    lease.lost = True  # another delivery's lease now: never extend it
+                elif await store.extend_ttl(lease.key, self.lease_seconds):
+                    lease.held_at = _now()
+            except Exception as exc:
+                self.logger.warning("heartbeat of %s failed: %r", lease.key, exc)
+        try:
+            claim = await store.get(K.final(self.key_prefix, job.run_id))
+        except Exception as exc:
+            self.logger.warning("heartbeat of run %s failed: %r", job.run_id, exc)
             return
-        lease.lost = True
-        raise RetryJob(
-            f"lost the lease of {job.node_id!r} in run {job.run_id!r} (stalled past "
-            f"{self.lease_seconds} s); another delivery may be running it",
-            delay_seconds=min(self.lease_seconds / 3, 5.0),
-        )
+        if claim is not None:
+            self._stop_node(job, f"run {job.run_id!r} ended ({_claimed_status(claim)})")
+
+    def _stop_node(self, job: _Job, why: str) -> None:
+        """Signal the node's cancellation; a node still executing also gets a
+        cancellation at its next await, and the job then ends (acked: the run ended)."""
+        if job.cancelled.is_set():
+            return
+        self.logger.info("stopping %s of run %s: %s", job.node_id, job.run_id, why)
+        job.cancelled.set()
+        if job.executing and job.task is not None:
+            job.stopped = True
+            job.task.cancel()
+
+    async def _release_lease(self, job: _Job) -> None:
+        """Free the activation for the next delivery after a failed queue-mode attempt,
+        only while the lease is still this delivery's (another may hold it by now)."""
+        lease = job.lease
+        if lease is None or lease.lost:
+            return
+        store = self.coordination_store
+        if await store.get(lease.key) == lease.holder:
+            await store.delete(lease.key)
 
     @staticmethod
     def first_read_keys(node_id: str) -> list[str]:
@@ -726,6 +823,7 @@ class BaseDistributedAdapter(ABC):
             )
         )
         node_input = await self._input(job, node, record, found)
+        job.executing = True
         try:
             execution = await self.runtime.execute_node(
                 job.blueprint,
@@ -737,40 +835,106 @@ class BaseDistributedAdapter(ABC):
                 attempt=attempt,
                 max_attempts=None if in_process else 1,
                 use_fallback=last,
+                cancel=job.cancelled,
             )
+        except asyncio.CancelledError:
+            task = job.task
+            if job.stopped and task is not None and task.uncancel() == 0:
+                # Stopped by the run's end (see _beat): nothing to commit, ack.
+                self.logger.info("run %s ended while %s ran; job dropped", job.run_id, job.node_id)
+                return
+            raise
         except NodeExecutionError as exc:
-            if not last:
-                # This attempt is over: free the activation for the next delivery (else
-                # it waits out the lease, and each lease-busy delivery burns an attempt).
-                await self.coordination_store.delete(
-                    K.lease(self.key_prefix, job.run_id, job.node_id, generation)
-                )
-                if payload.attempt is None:
-                    await self.coordination_store.increment(attempts_key, self.state_ttl_seconds)
-                raise RetryJob(
-                    f"node {job.node_id!r} attempt {attempt} failed: {exc}; the queue will retry",
-                    delay_seconds=backoff_seconds(node, attempt),
-                ) from exc
-            await self._fail(job, generation, exc)
+            await self._failed_attempt(
+                job, generation, exc, attempt=attempt, last=last, counted=payload.attempt is None
+            )
             return
+        finally:
+            job.executing = False
         if execution.awaiting:
-            await self._check_lease(job)
-            await job.ctx.patch(
+            paused = await job.ctx.patch(
                 [
                     PatchOperation("set", K.waiting(job.node_id), generation),
                     PatchOperation("set", K.STATUS, {"status": "awaiting", "errors": []}),
-                ]
+                ],
+                guard={**_fence(job.node_id, generation), K.waiting(job.node_id): None},
             )
+            if not paused:  # resumed or resolved by another delivery, or the run ended
+                await self._refused(job, generation)
+                return
             await emit(self.event_bus, FlowEvent("node:awaiting", job.run_id, job.node_id))
             return
+        reserved = [op.key for op in execution.deltas if K.is_reserved(op.key)]
+        if reserved:
+            # A programming error, not a store problem: fail the node (after its
+            # attempts in queue mode) instead of redelivering the job forever.
+            error = NodeExecutionError(
+                f"node {job.node_id!r} wrote the reserved context key {reserved[0]!r}: keys "
+                f"starting with {K.RESERVED_PREFIX!r} belong to flowcraft's protocol",
+                node_id=job.node_id,
+            )
+            await self._failed_attempt(
+                job, generation, error, attempt=attempt, last=last, counted=payload.attempt is None
+            )
+            return
         try:
-            await self._commit(job, generation, execution.result, execution.deltas)
+            committed = await self._commit(job, generation, execution.result, execution.deltas)
         except (ExpressionError, StateLimitError, SerializationError) as exc:
             # Deterministic: redelivering would fail the same way. Nothing was
             # committed (the patch is atomic), so fail the run with the reason.
             await self._fail(
                 job, generation, NodeExecutionError(str(exc), node_id=job.node_id, cause=exc)
             )
+            return
+        if not committed:
+            await self._refused(job, generation)
+
+    async def _failed_attempt(
+        self,
+        job: _Job,
+        generation: int,
+        exc: NodeExecutionError,
+        *,
+        attempt: int,
+        last: bool,
+        counted: bool,
+    ) -> None:
+        """An attempt failed: hand the job back for the queue's next attempt after the
+        node's backoff (``counted``: the base numbers the attempts), or, after the last
+        one, fail the node."""
+        if not last:
+            # This attempt is over: free the activation for the next delivery (else
+            # it waits out the lease, and each lease-busy delivery burns an attempt).
+            await self._release_lease(job)
+            if counted:
+                await self.coordination_store.increment(
+                    K.attempts(self.key_prefix, job.run_id, job.node_id, generation),
+                    self.state_ttl_seconds,
+                )
+            node = job.analysis.nodes[job.node_id]
+            raise RetryJob(
+                f"node {job.node_id!r} attempt {attempt} failed: {exc}; the queue will retry",
+                delay_seconds=backoff_seconds(node, attempt),
+            ) from exc
+        await self._fail(job, generation, exc)
+
+    async def _refused(self, job: _Job, generation: int) -> None:
+        """A guarded write of this activation was refused: another delivery (or the
+        operator) resolved it first, or the run ended. Nothing was written; behave as
+        the duplicate this job turned out to be: redo the follow-up, then ack."""
+        state = await job.ctx.get_many([K.resolved(job.node_id), K.ENDED])
+        resolved = int(state.get(K.resolved(job.node_id), 0))
+        await emit(
+            self.event_bus,
+            FlowEvent(
+                "job:duplicate",
+                job.run_id,
+                job.node_id,
+                {"resolved": resolved, "refused": generation},
+            ),
+        )
+        if K.ENDED not in state and resolved >= generation:
+            await self._follow_up(job, generation, redrive=True)
 
     async def _input(
         self, job: _Job, node: NodeDefinition, record: Mapping[str, Any], found: Mapping[str, Any]
@@ -804,18 +968,20 @@ class BaseDistributedAdapter(ABC):
         deltas: list[PatchOperation],
         *,
         protocol_ops: Iterable[PatchOperation] = (),
-    ) -> None:
+        guard: Guard | None = None,
+        on_commit: Callable[[], Awaitable[None]] | None = None,
+    ) -> bool:
         """Commit one resolution atomically: output, deltas, the resolved count, the
         decision, and the activation records of single-predecessor successors.
-        ``protocol_ops`` (reserved keys the caller changes) join the same patch."""
+        ``protocol_ops`` (reserved keys the caller changes) join the same patch.
+
+        The patch is guarded on the activation still being pending (``n.X == g - 1``)
+        and the run not ended, plus ``guard``: False when it was refused (nothing
+        written, no follow-up: the caller decides); ``on_commit`` is awaited right
+        after an applied patch."""
         analysis = job.analysis
         node_id = job.node_id
         ops = list(deltas)
-        for op in ops:
-            if K.is_reserved(op.key):
-                raise NodeExecutionError(
-                    f"node {node_id!r} wrote reserved key {op.key!r}", node_id=node_id
-                )
         ops.extend(protocol_ops)
         chosen: list[Edge] = []
         if result is not None:
@@ -841,14 +1007,20 @@ class BaseDistributedAdapter(ABC):
                         "set", K.activation(target, gen), _record(node_id, taken, handed)
                     )
                 )
-        await self._check_lease(job)
-        await job.ctx.patch(ops)
+        fence = _fence(node_id, generation)
+        if guard:
+            fence.update(guard)
+        if not await job.ctx.patch(ops, guard=fence):
+            return False
+        if on_commit is not None:
+            await on_commit()
         if self.event_bus is not None:
             event = "node:skipped" if result is None else "node:finish"
             await emit(
                 self.event_bus, FlowEvent(event, job.run_id, node_id, {"activation": generation})
             )
         await self._follow_up(job, generation, redrive=False, decision=decision)
+        return True
 
     def _handover(
         self, analysis: GraphAnalysis, edge: Edge, output: Any, scope: Mapping[str, Any]
@@ -906,6 +1078,7 @@ class BaseDistributedAdapter(ABC):
         *,
         redrive: bool,
         decision: Mapping[str, Any] | None = None,
+        errors: list[dict[str, Any]] | None = None,
     ) -> None:
         """Everything after a resolution commit; safe to repeat any number of times."""
         analysis = job.analysis
@@ -914,6 +1087,24 @@ class BaseDistributedAdapter(ABC):
             decision = await job.ctx.get(K.decision(node_id, generation))
             if decision is None:
                 return
+        if decision.get("failed"):
+            # The activation resolved as a failure (successors were poisoned with it,
+            # never signalled): it fails the run, once (the final-status claim).
+            await self._finalize(job.run_id, "failed", job.ctx, analysis, errors, owner=node_id)
+        else:
+            await self._signal_all(job, generation, decision, redrive=redrive)
+        await self.coordination_store.set_if_not_exist(
+            K.followed_up(self.key_prefix, job.run_id, node_id, generation),
+            "1",
+            self.dedupe_window_seconds,
+        )
+
+    async def _signal_all(
+        self, job: _Job, generation: int, decision: Mapping[str, Any], *, redrive: bool
+    ) -> None:
+        """Signal every forward successor, the loop latch and the end counter."""
+        analysis = job.analysis
+        node_id = job.node_id
         chosen = [e for e in analysis.out[node_id] if e.index in set(decision["chosen"])]
         handed = {int(k): v for k, v in (decision.get("handed") or {}).items()}
         ready: list[str] = []  # successors to enqueue, sent together
@@ -928,11 +1119,6 @@ class BaseDistributedAdapter(ABC):
             await self._latch(job, loop, generation)
         if node_id in analysis.sinks:
             await self._end(job)
-        await self.coordination_store.set_if_not_exist(
-            K.followed_up(self.key_prefix, job.run_id, node_id, generation),
-            "1",
-            self.dedupe_window_seconds,
-        )
 
     async def _signal(
         self,
@@ -956,14 +1142,10 @@ class BaseDistributedAdapter(ABC):
                 state = await job.ctx.get_many([K.resolved(target), K.activation(target, gen)])
                 if int(state.get(K.resolved(target), 0)) >= gen:
                     return
-                if K.activation(target, gen) not in state:
-                    await job.ctx.patch(
-                        [
-                            PatchOperation(
-                                "set", K.activation(target, gen), _record(source, taken, handed)
-                            )
-                        ]
-                    )
+                if K.activation(target, gen) not in state and not await self._write_record(
+                    job, target, gen, _record(source, taken, handed)
+                ):
+                    return
             if ready is None:
                 await self._enqueue(job.run_id, job.blueprint, target)
             else:
@@ -1027,7 +1209,7 @@ class BaseDistributedAdapter(ABC):
         result: dict[str, tuple[dict[str, Any], int | None]] = {}
         for pred, key in keys.items():
             dec = found.get(key)
-            if dec is None:
+            if dec is None or dec.get("failed"):
                 return None
             chosen = set(dec["chosen"])
             idx = next(
@@ -1042,9 +1224,36 @@ class BaseDistributedAdapter(ABC):
         state = await job.ctx.get_many([K.resolved(target), K.activation(target, gen)])
         if int(state.get(K.resolved(target), 0)) >= gen:
             return
-        if K.activation(target, gen) not in state:
-            await job.ctx.patch([PatchOperation("set", K.activation(target, gen), record)])
+        if K.activation(target, gen) not in state and not await self._write_record(
+            job, target, gen, record
+        ):
+            return
         await self._enqueue(job.run_id, job.blueprint, target)
+
+    async def _write_record(self, job: _Job, target: str, gen: int, record: dict[str, Any]) -> bool:
+        """Write ``target``'s activation record for ``gen``, guarded on it being absent
+        (an activation record never changes once written: the first writer's stands)
+        and the run not ended. False when the run failed instead: a record past the
+        store's state limit can never be written, and retrying would only repeat that."""
+        key = K.activation(target, gen)
+        try:
+            await job.ctx.patch(
+                [PatchOperation("set", key, record)], guard={key: None, K.ENDED: None}
+            )
+        except StateLimitError as exc:
+            err = {
+                "nodeId": target,
+                "message": f"the activation record of {target!r} (activation {gen}) "
+                f"exceeds the state limit: {exc}",
+                "type": type(exc).__name__,
+            }
+            self.logger.info("run %s: %s", job.run_id, err["message"])
+            await job.ctx.patch(
+                [PatchOperation("set", K.error(target), err)], guard={K.ENDED: None}
+            )
+            await self._finalize(job.run_id, "failed", job.ctx, job.analysis, [err], owner=target)
+            return False
+        return True
 
     async def _latch(self, job: _Job, loop: Loop, iteration: int) -> None:
         count = await self.coordination_store.increment(
@@ -1054,7 +1263,7 @@ class BaseDistributedAdapter(ABC):
         if count < len(loop.tails):
             return
         found = await job.ctx.get_many([K.decision(t, iteration) for t in loop.tails])
-        if len(found) < len(loop.tails):
+        if len(found) < len(loop.tails) or any(d.get("failed") for d in found.values()):
             return
         analysis = job.analysis
         back: dict[str, Any] = {}
@@ -1067,9 +1276,13 @@ class BaseDistributedAdapter(ABC):
         if back:
             await self._activate(job, loop.head, iteration + 1, {"skip": False, "inputs": back})
             return
-        state = await job.ctx.get(K.loop_exit(loop.index))
-        if state is None:
-            await job.ctx.patch([PatchOperation("set", K.loop_exit(loop.index), iteration)])
+        exit_key = K.loop_exit(loop.index)
+        if not await job.ctx.patch(
+            [PatchOperation("set", exit_key, iteration)], guard={exit_key: None}
+        ):
+            stored = await job.ctx.get(exit_key)
+            if stored != iteration:  # the loop stopped in another iteration: not ours
+                return
         for t in loop.tails:
             dec = found[K.decision(t, iteration)]
             chosen = set(dec["chosen"])
@@ -1091,13 +1304,20 @@ class BaseDistributedAdapter(ABC):
         )
         if count < len(analysis.sinks):
             return
-        found = await job.ctx.get_many([K.resolved(s) for s in analysis.sinks])
-        if len(found) < len(analysis.sinks):
+        found = await job.ctx.get_many(
+            [*(K.resolved(s) for s in analysis.sinks), *(K.error(s) for s in analysis.sinks)]
+        )
+        # A sink that failed (or was poisoned) resolved too, but the run fails instead.
+        if len(found) != len(analysis.sinks) or any(k.startswith(K.error("")) for k in found):
             return
         await self._finalize(job.run_id, "completed", job.ctx, analysis)
 
     async def _fail(self, job: _Job, generation: int, exc: NodeExecutionError) -> None:
-        """A node failed for good: record it, poison/cancel its successors, fail the run once."""
+        """A node failed for good: resolve the activation as a failure (its error, pills
+        for its successors, ``n.X = g`` and a decision saying it failed, in one patch
+        guarded like a commit), then fail the run once. A refused record means another
+        delivery resolved the activation first (or the run ended): this failure is
+        stale and changes nothing."""
         self.logger.info("run %s: node %s failed: %s", job.run_id, job.node_id, exc)
         await emit(
             self.event_bus, FlowEvent("node:error", job.run_id, job.node_id, {"error": str(exc)})
@@ -1117,9 +1337,13 @@ class BaseDistributedAdapter(ABC):
                     {"nodeId": target, "message": f"{pill} by {job.node_id!r}", "type": pill},
                 )
             )
-        await self._check_lease(job)
-        await job.ctx.patch(ops)
-        await self._finalize(job.run_id, "failed", job.ctx, job.analysis, [err], owner=job.node_id)
+        decision = {"skip": False, "chosen": [], "handed": {}, "failed": True}
+        ops.append(PatchOperation("set", K.decision(job.node_id, generation), decision))
+        ops.append(PatchOperation("set", K.resolved(job.node_id), generation))
+        if not await job.ctx.patch(ops, guard=_fence(job.node_id, generation)):
+            await self._refused(job, generation)
+            return
+        await self._follow_up(job, generation, redrive=False, decision=decision, errors=[err])
 
     async def _finalize(
         self,
@@ -1150,6 +1374,8 @@ class BaseDistributedAdapter(ABC):
             recorded = found.get(K.error(owner)) if owner else None
             record = found.get(K.STATUS) or {}
             errors = [recorded] if recorded is not None else list(record.get("errors", []))
+        elif errors is None and status == "cancelled":
+            errors = [{"nodeId": None, "message": owner or "cancelled", "type": "cancelled"}]
         errors = errors or []
         result = FinalResult(run_id, status, _user_view(await ctx.to_dict()), errors)
         await self.publish_final_result(run_id, result)
@@ -1157,7 +1383,12 @@ class BaseDistributedAdapter(ABC):
         # Recorded last: a job (or reconcile) that finds the run final in its context
         # drops it, so a crash before this line (while publishing or tidying) must
         # leave the run looking unfinished for its redelivery to finish the job.
-        await ctx.patch([PatchOperation("set", K.STATUS, {"status": status, "errors": errors})])
+        await ctx.patch(
+            [
+                PatchOperation("set", K.STATUS, {"status": status, "errors": errors}),
+                PatchOperation("set", K.ENDED, status),
+            ]
+        )
         await emit(
             self.event_bus,
             FlowEvent("workflow:finish", run_id, None, {"status": status, "errors": errors}),
@@ -1196,6 +1427,32 @@ class BaseDistributedAdapter(ABC):
 
 
 _REF = "__ref__"
+
+
+def _fence(node_id: str, generation: int) -> dict[str, int | str | None]:
+    """The guard of every write that resolves activation ``generation`` of a node: it
+    is still pending (``n.X == g - 1``; absent for the first) and the run not ended.
+    Two deliveries of one activation (a stalled worker and its replacement, a late
+    duplicate, a resume and a redelivered wait) can both try; exactly one applies."""
+    return {
+        K.resolved(node_id): generation - 1 if generation > 1 else None,
+        K.ENDED: None,
+    }
+
+
+def _fingerprint(blueprint: WorkflowBlueprint, initial: Mapping[str, Any]) -> str:
+    """What identifies a start request: blueprint, version and initial context."""
+    try:
+        text = json.dumps(
+            [blueprint.id, blueprint.version, initial],
+            sort_keys=True,
+            separators=(",", ":"),
+            ensure_ascii=False,
+            allow_nan=False,
+        )
+    except (TypeError, ValueError) as exc:
+        raise SerializationError(f"initial context is not JSON-serializable: {exc}") from exc
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _record(source: str, taken: Edge | None, handed: Mapping[int, Any]) -> dict[str, Any]:
@@ -1285,3 +1542,9 @@ class _Job:
     node_id: str
     ctx: AsyncContext
     lease: _Lease | None = None
+    task: asyncio.Task[Any] | None = None
+    """The task handling the job (cancelled at its next await if the run ends)."""
+    cancelled: asyncio.Event = field(default_factory=asyncio.Event)
+    """The node's ``NodeContext.cancelled``: set when the run ended under it."""
+    executing: bool = False
+    stopped: bool = False

@@ -17,7 +17,12 @@ RESERVED_PREFIX = "_flowcraft."
 OUTPUTS_PREFIX = "_outputs."
 
 META = "_flowcraft.meta"  # {"blueprintId", "version"}: written by start_run
-STATUS = "_flowcraft.status"  # {"status", "errors"}: running/awaiting/completed/failed
+STATUS = "_flowcraft.status"  # {"status", "errors"}: running/awaiting/completed/failed/cancelled
+REQUEST = "_flowcraft.request"  # str: fingerprint of the start request (blueprint, initial context)
+ENDED = "_flowcraft.end"
+"""str: the run's final status, once it has one. Every commit, pause, resume and
+failure record is guarded on its absence, so nothing changes a run after it ended
+(cancel_run writes it first)."""
 
 
 def output(node_id: str) -> str:

@@ -16,7 +16,14 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from flowcraft.context import BaseAsyncContext, Context, PatchOperation
+from flowcraft.context import (
+    BaseAsyncContext,
+    Context,
+    Guard,
+    PatchOperation,
+    check_guard,
+    guard_holds,
+)
 from flowcraft.distributed.adapter import (
     BaseDistributedAdapter,
     FinalResult,
@@ -27,6 +34,7 @@ from flowcraft.distributed.adapter import (
 )
 from flowcraft.distributed.coordination import CoordinationStore, InMemoryCoordinationStore
 from flowcraft.distributed.payload import JobPayload
+from flowcraft.errors import NodeExecutionError
 from flowcraft.events import EventBus
 from flowcraft.runtime import RuntimeOptions
 
@@ -64,10 +72,17 @@ class InMemoryRunContext(BaseAsyncContext):
         await self._op("has")
         return key in self._data.data
 
-    async def patch(self, ops: Sequence[PatchOperation]) -> None:
+    async def patch(self, ops: Sequence[PatchOperation], *, guard: Guard | None = None) -> bool:
+        check_guard(guard)
         await self._op("patch")
         self._broker.patch_sizes.append(len(ops))
-        self._data.apply([PatchOperation(o.op, o.key, _copy(o.value)) for o in ops])
+        # Check and write with no await between them: one atomic step on the loop.
+        applied = not guard or guard_holds(self._data.data, guard)
+        if applied:
+            self._data.apply([PatchOperation(o.op, o.key, _copy(o.value)) for o in ops])
+        if self._broker.after_fault is not None:
+            await self._broker.after_fault("context.patch", self._run_id)
+        return applied
 
     async def to_dict(self) -> dict[str, Any]:
         await self._op("to_dict")
@@ -88,6 +103,9 @@ def _copy(value: Any) -> Any:
 class _Delivery:
     job: JobPayload
     deliveries: int = 0
+    failed_attempts: int = 0
+    """Deliveries that ended as a failed attempt of the node (queue retry mode): only
+    these count as attempts, never a hand-back because the activation was busy."""
 
 
 @dataclass
@@ -104,6 +122,9 @@ class InMemoryBroker:
     seed: int = 0
     max_redelivery_delay: float = 0.05
     fault: FaultHook | None = None
+    after_fault: FaultHook | None = None
+    """Awaited after a context ``patch`` took effect: raise from it (or sleep) to
+    simulate a reply lost or delivered late."""
     queue: asyncio.Queue[_Delivery] = field(default_factory=asyncio.Queue)
     contexts: dict[str, Context] = field(default_factory=dict)
     results: dict[str, list[FinalResult]] = field(default_factory=dict)
@@ -219,7 +240,7 @@ class InMemoryAdapter(BaseDistributedAdapter):
             if self.retry_mode == "queue":
                 node = self.node_for(job)
                 attempts = node.max_attempts if node else 1
-                attempt = delivery.deliveries
+                attempt = delivery.failed_attempts + 1
                 job = job.model_copy(
                     update={"attempt": attempt, "is_last_attempt": attempt >= attempts}
                 )
@@ -229,6 +250,8 @@ class InMemoryAdapter(BaseDistributedAdapter):
                 logger.warning("dead-lettering job %r: %s", delivery.job, exc)
                 self.broker.dead_letters.append((delivery.job, str(exc)))
             else:
+                if isinstance(exc, RetryJob) and isinstance(exc.__cause__, NodeExecutionError):
+                    delivery.failed_attempts += 1  # a failed attempt, not a busy hand-back
                 delay = exc.delay_seconds if isinstance(exc, RetryJob) else 0.0
                 delay = min(delay, self.broker.max_redelivery_delay)
                 loop = asyncio.get_running_loop()

@@ -10,7 +10,10 @@ import pytest
 
 # Plain asserts in the kit give pytest's detailed failure messages.
 pytest.register_assert_rewrite(
-    "flowcraft.testing.store", "flowcraft.testing.adapter", "flowcraft.testing.simulation"
+    "flowcraft.testing.store",
+    "flowcraft.testing.context",
+    "flowcraft.testing.adapter",
+    "flowcraft.testing.simulation",
 )
 
 from flowcraft.testing.adapter import (  # noqa: E402
@@ -21,6 +24,7 @@ from flowcraft.testing.adapter import (  # noqa: E402
     SideEffects,
     meter_contexts,
 )
+from flowcraft.testing.context import ContextStoreTests  # noqa: E402
 from flowcraft.testing.store import CoordinationStoreTests, ManualClock  # noqa: E402
 
 _SIMULATION = frozenset({"SimulatedCrash", "SimulationReport", "VirtualTimeLoop", "run_seed"})
@@ -39,6 +43,7 @@ __all__ = [
     "AdapterConformanceTests",
     "AdapterFactory",
     "ContextMeter",
+    "ContextStoreTests",
     "CoordinationStoreTests",
     "Fleet",
     "ManualClock",

@@ -52,12 +52,12 @@ from typing import Any, ClassVar
 
 import pytest
 
-from flowcraft.context import AsyncContext, BaseAsyncContext, PatchOperation
+from flowcraft.context import AsyncContext, BaseAsyncContext, Guard, PatchOperation
 from flowcraft.distributed.adapter import BaseDistributedAdapter, FinalResult
 from flowcraft.distributed.payload import JobPayload
 from flowcraft.events import CollectingEventBus, FlowEvent
 from flowcraft.flow import Flow
-from flowcraft.node import NodeContext, NodeResult
+from flowcraft.node import NodeContext, NodeResult, idempotency_key
 from flowcraft.runtime import RuntimeOptions
 from flowcraft.testing.store import _GUARD, _KIT_MODULE_PREFIX, _override_problems
 
@@ -138,10 +138,10 @@ class _MeteredContext(BaseAsyncContext):
         self._meter.ops["has"] += 1
         return await self._inner.has(key)
 
-    async def patch(self, ops: Sequence[PatchOperation]) -> None:
+    async def patch(self, ops: Sequence[PatchOperation], *, guard: Guard | None = None) -> bool:
         self._meter.ops["patch"] += 1
         self._meter.patch_bytes.append(_size([o.to_json_dict() for o in ops]))
-        await self._inner.patch(ops)
+        return await self._inner.patch(ops, guard=guard)
 
     async def to_dict(self) -> dict[str, Any]:
         self._meter.ops["to_dict"] += 1
@@ -173,8 +173,8 @@ class SideEffects:
         return node
 
     def keys(self, run_id: str, node_id: str) -> list[str]:
-        """The activations of a node that ran, in order (``run:node:activation``)."""
-        prefix = f"{run_id}:{node_id}:"
+        """The activations of a node that ran, in order (their idempotency keys)."""
+        prefix = idempotency_key(run_id, node_id, 0)[:-1]
         found = [k for k in self.calls if k.startswith(prefix) and k[len(prefix) :].isdigit()]
         return sorted(found, key=lambda k: int(k[len(prefix) :]))
 
@@ -182,7 +182,7 @@ class SideEffects:
         return len(self.keys(run_id, node_id))
 
     def input_of(self, run_id: str, node_id: str, activation: int = 1) -> Any:
-        return self.inputs[f"{run_id}:{node_id}:{activation}"][-1]
+        return self.inputs[idempotency_key(run_id, node_id, activation)][-1]
 
 
 class Fleet:
