@@ -6,16 +6,21 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 from azure.cosmos.aio import ContainerProxy
 
-from flowcraft.context import PatchOperation
+from flowcraft.context import AsyncContext, PatchOperation
 from flowcraft.errors import StateLimitError
+from flowcraft.testing import ContextStoreTests
 from flowcraft.testing.adapter import HOSTILE_KEYS
-from flowcraft_azure import CosmosRunStore
+from flowcraft_azure import CosmosContext, CosmosRunStore
 from flowcraft_azure._cosmos import guard_predicate, partition_value, patch_path, sql_string
+
+from .conftest import Backends
 
 S = PatchOperation.set
 D = PatchOperation.delete
@@ -279,3 +284,26 @@ def test_paths_and_literals() -> None:
         'FROM c WHERE (NOT IS_STRING(c.c["\\u0023\\u006B"]) AND c.c["\\u0023\\u006E"] = "\\u0033")'
     )
     assert json.loads(sql_string('x"y\n')) == 'x"y\n'
+
+
+# ---------------------------------------------------------------- the kit
+
+
+class TestCosmosContextKit(ContextStoreTests):
+    """The core's context-store kit; racers go through a second client."""
+
+    @pytest.fixture
+    async def context(
+        self, container: ContainerProxy, backends: Backends
+    ) -> AsyncIterator[AsyncContext]:
+        run_id = f"kit-{uuid.uuid4().hex}"
+        async with backends.cosmos_client() as other:
+            db = other.get_database_client(container.database_link.rsplit("/", 1)[-1])
+            second = CosmosRunStore(db.get_container_client(container.id))
+            self._handles = [CosmosRunStore(container), second]
+            yield self._handles[0].context(run_id)
+
+    async def same_run(self, context: AsyncContext) -> AsyncContext:
+        assert isinstance(context, CosmosContext)
+        self._turn = getattr(self, "_turn", 0) + 1
+        return self._handles[self._turn % 2].context(context.run_id)

@@ -22,6 +22,7 @@ handed back, not failed.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
@@ -103,6 +104,8 @@ class CosmosRunStore:
     ) -> None:
         self.container = container
         self._ready = ready
+        self.requests: Counter[str] = Counter()
+        """Requests sent, by kind (query, patch, replace, create): for benchmarks."""
         self.serializer: Serializer = serializer or JsonSerializer()
         self.max_state_bytes = max_state_bytes
 
@@ -119,6 +122,7 @@ class CosmosRunStore:
             await self._ready()
         pk = partition_value(run_id)
         params = [{"name": "@run", "value": pk}, *parameters]
+        self.requests["query"] += 1
         try:
             return [
                 item
@@ -170,9 +174,7 @@ class CosmosRunStore:
         for op in ops:  # the last op on a key wins, as in memory
             texts.pop(op.key, None)
             texts[op.key] = None if op.op == "delete" else self._dumps(run_id, op.key, op.value)
-        expected = {
-            k: None if v is None else self.serializer.dumps(v) for k, v in (guard or {}).items()
-        }
+        expected = {k: self._guard_text(k, v) for k, v in (guard or {}).items()}
         if not texts and not expected:
             return True
         if self._ready is not None:
@@ -202,6 +204,7 @@ class CosmosRunStore:
         if expected:
             options["filter_predicate"] = guard_predicate(expected)
         pk = partition_value(run_id)
+        self.requests["patch"] += 1
         try:
             await self.container.patch_item(
                 STATE_ID, pk, patch_operations=operations, no_response=True, **options
@@ -231,6 +234,7 @@ class CosmosRunStore:
             for key, text in texts.items():
                 fields[field_name(key)] = text
             self._check_size(run_id, texts, item)
+            self.requests["replace"] += 1
             try:
                 await self.container.replace_item(
                     STATE_ID,
@@ -260,6 +264,7 @@ class CosmosRunStore:
             CONTEXT_FIELD: fields,
         }
         self._check_size(run_id, texts, item)
+        self.requests["create"] += 1
         try:
             await self.container.create_item(item, no_response=True)
         except CosmosHttpResponseError as exc:
@@ -280,6 +285,7 @@ class CosmosRunStore:
             "runId": run_id,
             "result": self.serializer.dumps(dict(result)),
         }
+        self.requests["create"] += 1
         try:
             await self.container.create_item(item, no_response=True)
         except CosmosHttpResponseError as exc:
@@ -298,6 +304,15 @@ class CosmosRunStore:
             return None
         result: dict[str, Any] = self.serializer.loads(rows[0])
         return result
+
+    def _guard_text(self, key: str, value: object) -> str | None:
+        """The JSON text a guard key must hold (None: absent). Only None, int and str
+        are guard values (a bool is not an int here)."""
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int | str):
+            raise TypeError(f"guard value of {key!r} must be None, int or str, not {value!r}")
+        return self.serializer.dumps(value)
 
     # ------------------------------------------------------------ limits
 
