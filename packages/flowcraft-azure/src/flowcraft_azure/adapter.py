@@ -7,7 +7,8 @@ services' calls:
 
 * ``receive``: one ``GET messages`` for up to the free slots (<= 32); the queue has
   no long polling, so an empty queue is polled again after a pause that doubles
-  from ``poll_interval`` up to ``max_poll_interval`` (the bound on idle latency).
+  from ``poll_interval`` up to ``max_poll_interval`` (the bound on idle latency); a
+  job this worker sends ends its pause at once.
 * ``renew`` / ``release``: ``update_message`` with the message's newest pop receipt
   (a release is a visibility timeout of the delay); ``ack``: ``delete_message`` per
   message (the queue has no batch delete); ``dead_letter``: a copy with the reason
@@ -205,6 +206,7 @@ class AzureAdapter(PullingAdapter[AzureMessage]):
             )
         self._connected: asyncio.Future[None] | None = None
         self._idle_pause = poll_interval
+        self._nudge = asyncio.Event()
 
     def __repr__(self) -> str:
         return (
@@ -272,6 +274,9 @@ class AzureAdapter(PullingAdapter[AzureMessage]):
 
     async def enqueue_job(self, job: JobPayload) -> None:
         await self.queue.send(json.dumps(job.to_wire(), separators=(",", ":"), ensure_ascii=True))
+        # The queue cannot notify, but this worker knows a job is waiting: its own
+        # receive stops backing off (other workers find it at their next poll).
+        self._nudge.set()
 
     async def publish_final_result(self, run_id: str, result: FinalResult) -> None:
         """Create the result item (the first one stays), then announce the stored one."""
@@ -324,8 +329,14 @@ class AzureAdapter(PullingAdapter[AzureMessage]):
             pause = min(self._idle_pause, deadline - loop.time())
             if pause <= 0 or self.stopping:
                 return []
-            await asyncio.sleep(pause)
-            self._idle_pause = min(self._idle_pause * 2, self.max_poll_interval)
+            self._nudge.clear()
+            try:
+                async with asyncio.timeout(pause):
+                    await self._nudge.wait()
+            except TimeoutError:
+                self._idle_pause = min(self._idle_pause * 2, self.max_poll_interval)
+            else:  # this worker just sent a job: poll at once, and briskly again
+                self._idle_pause = self.poll_interval
 
     def message_body(self, message: AzureMessage) -> str:
         return message.body
