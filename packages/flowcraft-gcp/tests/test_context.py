@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -53,6 +54,14 @@ VALUES: list[Any] = [
 @pytest.fixture
 def runs(clients: GcpClients) -> RunCollection:
     return RunCollection(clients, max_state_bytes=200_000)
+
+
+@pytest.fixture
+async def other(clients: GcpClients) -> AsyncIterator[GcpClients]:
+    """Clients of "another process" on the same project."""
+    made = GcpClients(clients.project)
+    yield made
+    await made.aclose()
 
 
 @pytest.fixture
@@ -226,7 +235,9 @@ async def test_guard_with_hostile_key_names(ctx: FirestoreContext) -> None:
     assert await fresh.get("ok") == 1
 
 
-async def test_guard_after_a_read_needs_no_extra_read(ctx: FirestoreContext) -> None:
+async def test_guard_after_a_read_needs_no_extra_read(
+    ctx: FirestoreContext, other: GcpClients
+) -> None:
     requests = ctx.runs.clients.requests
     await ctx.set("n", 1)
     requests.clear()
@@ -234,22 +245,48 @@ async def test_guard_after_a_read_needs_no_extra_read(ctx: FirestoreContext) -> 
     assert await ctx.patch([PatchOperation.set("n", 2)], guard={"n": 1})
     assert await ctx.patch([PatchOperation.set("n", 3)], guard={"n": 2})
     assert dict(requests) == {"firestore.get": 1, "firestore.commit": 2}
-    # a write by someone else in between: the precondition fails, one read, then it applies
+    # a write by this process in between: known stale, so one read, then the commit
     await ctx.runs.context(ctx.run_id).set("other", 1)
     requests.clear()
     assert await ctx.patch([PatchOperation.set("n", 4)], guard={"n": 3})
+    assert dict(requests) == {"firestore.get": 1, "firestore.commit": 1}
+    # a write by another process in between: the precondition fails, a read, the commit
+    await RunCollection(other).context(ctx.run_id).set("other", 2)
+    requests.clear()
+    assert await ctx.patch([PatchOperation.set("n", 5)], guard={"n": 4})
     assert dict(requests) == {"firestore.get": 1, "firestore.commit": 2}
-    assert await ctx.to_dict() == {"n": 4, "other": 1}
+    assert await ctx.to_dict() == {"n": 5, "other": 2}
 
 
-async def test_a_stale_remembered_read_is_not_trusted(ctx: FirestoreContext) -> None:
+async def test_a_stale_remembered_read_is_not_trusted(
+    ctx: FirestoreContext, other: GcpClients
+) -> None:
     await ctx.set("n", 1)
     assert await ctx.get("n") == 1
-    await ctx.runs.context(ctx.run_id).set("n", 2)
+    await RunCollection(other).context(ctx.run_id).set("n", 2)
     # remembered n == 1 is stale: the precondition fails, the fresh read decides
     assert not await ctx.patch([PatchOperation.set("x", 1)], guard={"n": 1})
     assert await ctx.patch([PatchOperation.set("x", 1)], guard={"n": 2})
     assert await ctx.get("x") == 1
+
+
+async def test_local_racers_line_up_instead_of_retrying(runs: RunCollection) -> None:
+    """A fan-out's branches in one process: each guarded commit costs one commit and at
+    most one read, not a precondition race lost to every sibling."""
+    run_id = f"fan-{uuid.uuid4().hex[:6]}"
+    await runs.context(run_id).set("start", 1)
+    contexts = [runs.context(run_id) for _ in range(16)]
+    await asyncio.gather(*(c.get_many([f"n.b{i}"]) for i, c in enumerate(contexts)))
+    runs.clients.requests.clear()
+    applied = await asyncio.gather(
+        *(
+            c.patch([PatchOperation.set(f"n.b{i}", 1)], guard={f"n.b{i}": None})
+            for i, c in enumerate(contexts)
+        )
+    )
+    assert all(applied)
+    assert runs.clients.requests["firestore.commit"] == 16
+    assert runs.clients.requests["firestore.get"] <= 15
 
 
 async def test_concurrent_racers_exactly_one_wins(runs: RunCollection) -> None:

@@ -172,8 +172,7 @@ class GcpAdapter(PullingAdapter[ReceivedMessage]):
 
     # ------------------------------------------------------------ the seed's primitives
 
-    def create_context(self, run_id: str) -> FirestoreContext:  # type: ignore[override]
-        # (only until the core's AsyncContext.patch gains the guard and returns bool)
+    def create_context(self, run_id: str) -> FirestoreContext:
         return self.runs.context(run_id)
 
     async def enqueue_job(self, job: JobPayload) -> None:

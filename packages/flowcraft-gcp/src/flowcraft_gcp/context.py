@@ -43,6 +43,7 @@ import datetime as dt
 import hashlib
 import random
 import re
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -53,7 +54,7 @@ from google.cloud.firestore_v1.async_client import AsyncClient as FirestoreAsync
 from google.cloud.firestore_v1.async_document import AsyncDocumentReference
 from google.cloud.firestore_v1.field_path import FieldPath
 
-from flowcraft.context import BaseAsyncContext, PatchOperation
+from flowcraft.context import BaseAsyncContext, Guard, PatchOperation, check_guard, guard_holds
 from flowcraft.errors import RetryJob, StateLimitError
 from flowcraft.serializer import JsonSerializer, Serializer
 from flowcraft_gcp._clients import GcpClients
@@ -79,7 +80,6 @@ _HASHED = "h"
 _MAX_NAME_BYTES = 1_400  # under Firestore's 1,500-byte field-path limit, with "c." and escapes
 _SAFE_ID = re.compile(r"[A-Za-z0-9_\-][A-Za-z0-9_\-.:@=+]{0,199}")
 _GUARD_ROUNDS = 50
-GuardValue = int | str | None
 
 
 def _field_name(key: str) -> tuple[str, bool]:
@@ -112,12 +112,26 @@ def document_id(run_id: str) -> str:
 
 @dataclass(slots=True)
 class _Snapshot:
-    """What one read (or our own guarded write) saw: the document's version and the
-    stored text of some fields (None: absent)."""
+    """What one read (or our own guarded write) saw: the document's version, the stored
+    text of some fields (None: absent), and how many writes this process had made to
+    the document before (a later local write makes the snapshot stale for sure)."""
 
     exists: bool
     update_time: Any
     texts: dict[str, str | None]
+    local_writes: int
+
+
+class _LocalRun:
+    """This process's writes to one run document: a count, and a lock that lines up
+    its guarded patches, so concurrent jobs of one run in one worker (a fan-out's
+    branches) do not each lose the precondition race to the others and retry."""
+
+    __slots__ = ("__weakref__", "lock", "writes")
+
+    def __init__(self) -> None:
+        self.lock = asyncio.Lock()
+        self.writes = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +152,9 @@ class RunCollection:
     max_state_bytes: int = DEFAULT_MAX_STATE_BYTES
     state_ttl_seconds: float = 7 * 24 * 3600
     serializer: Serializer = field(default_factory=JsonSerializer)
+    _local: weakref.WeakValueDictionary[str, _LocalRun] = field(
+        default_factory=weakref.WeakValueDictionary, init=False, repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
         if not 0 < self.max_state_bytes <= FIRESTORE_DOCUMENT_LIMIT:
@@ -145,6 +162,13 @@ class RunCollection:
 
     def context(self, run_id: str) -> FirestoreContext:
         return FirestoreContext(self, run_id)
+
+    def local(self, run_id: str) -> _LocalRun:
+        """This process's bookkeeping of ``run_id`` (kept while a context holds it)."""
+        found = self._local.get(run_id)
+        if found is None:
+            found = self._local[run_id] = _LocalRun()
+        return found
 
     def document(self, run_id: str) -> AsyncDocumentReference:
         return self.clients.firestore().collection(self.collection).document(document_id(run_id))
@@ -156,12 +180,13 @@ class RunCollection:
 class FirestoreContext(BaseAsyncContext):
     """The state of run ``run_id`` in a :class:`RunCollection` (see the module docs)."""
 
-    __slots__ = ("_snapshot", "run_id", "runs")
+    __slots__ = ("_local", "_snapshot", "run_id", "runs")
 
     def __init__(self, runs: RunCollection, run_id: str) -> None:
         self.runs = runs
         self.run_id = run_id
         self._snapshot: _Snapshot | None = None
+        self._local = runs.local(run_id)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(run_id={self.run_id!r}, collection={self.runs.collection!r})"
@@ -205,6 +230,7 @@ class FirestoreContext(BaseAsyncContext):
     async def _read(self, keys: Sequence[str]) -> _Snapshot:
         """One partial read of ``keys``; remembered for a guarded patch that follows."""
         names = {key: _field_name(key) for key in keys}
+        local_writes = self._local.writes
         self.runs.clients.count("firestore.get")
         snapshot = await self.runs.document(self.run_id).get(
             field_paths=[_path(name) for name, _ in names.values()]
@@ -219,17 +245,17 @@ class FirestoreContext(BaseAsyncContext):
                 if stored_key != key:  # a sha256 collision: never in practice
                     text = None
             texts[key] = text
-        read = _Snapshot(snapshot.exists, snapshot.update_time, texts)
+        read = _Snapshot(snapshot.exists, snapshot.update_time, texts, local_writes)
         self._snapshot = read
         return read
 
     # ------------------------------------------------------------ writes
 
-    async def patch(  # type: ignore[override]  # until the core's patch gains its guard
+    async def patch(
         self,
         ops: Sequence[PatchOperation],
         *,
-        guard: Mapping[str, GuardValue] | None = None,
+        guard: Guard | None = None,
     ) -> bool:
         """Apply ``ops`` atomically (the last operation on a key wins) in one write.
 
@@ -241,6 +267,7 @@ class FirestoreContext(BaseAsyncContext):
             StateLimitError: the patch or the resulting state does not fit in the run's
                 document; nothing is written.
         """
+        check_guard(guard)
         final: dict[str, PatchOperation] = {}
         for op in ops:
             final[op.key] = op
@@ -248,7 +275,7 @@ class FirestoreContext(BaseAsyncContext):
             return True
         entries, texts = self._encode(final)
         if guard:
-            return await self._guarded(entries, texts, final, dict(guard))
+            return await self._guarded(entries, texts, final, guard)
         data: dict[str, Any] = {
             _MAP: dict(entries),
             _RUN: self.run_id,
@@ -262,6 +289,7 @@ class FirestoreContext(BaseAsyncContext):
             await self.runs.document(self.run_id).set(data, merge=cast(Any, merge))
         except google_errors.InvalidArgument as exc:
             raise self._refused(exc, final) from exc
+        self._local.writes += 1
         return True
 
     def _encode(
@@ -320,17 +348,26 @@ class FirestoreContext(BaseAsyncContext):
         entries: Mapping[str, Any],
         written: Mapping[str, str | None],
         final: Mapping[str, PatchOperation],
-        guard: dict[str, GuardValue],
+        guard: Guard,
     ) -> bool:
         """Check ``guard`` and write ``entries`` in one precondition-guarded write."""
-        for key, expected in guard.items():
-            valid = isinstance(expected, int | str) and not isinstance(expected, bool)
-            if expected is not None and not valid:
-                raise TypeError(f"guard value for {key!r} must be None, int or str")
+        async with self._local.lock:
+            return await self._guarded_locked(entries, written, final, guard)
+
+    async def _guarded_locked(
+        self,
+        entries: Mapping[str, Any],
+        written: Mapping[str, str | None],
+        final: Mapping[str, PatchOperation],
+        guard: Guard,
+    ) -> bool:
         ref = self.runs.document(self.run_id)
+        local = self._local
         snapshot = self._snapshot
-        if snapshot is not None and not all(k in snapshot.texts for k in guard):
-            snapshot = None
+        if snapshot is not None and (
+            snapshot.local_writes != local.writes or not all(k in snapshot.texts for k in guard)
+        ):
+            snapshot = None  # this process wrote since (the precondition would fail)
         fresh = snapshot is None
         for round_ in range(_GUARD_ROUNDS):
             if snapshot is None:
@@ -362,7 +399,7 @@ class FirestoreContext(BaseAsyncContext):
                 google_errors.AlreadyExists,
                 google_errors.NotFound,
             ):
-                # Another write landed between the read and ours: read again. Firestore
+                # Another process wrote between the read and ours: read again. Firestore
                 # answers at once, so a short random pause spreads racing writers.
                 snapshot = None
                 await asyncio.sleep(random.uniform(0, 0.002 * (round_ + 1)))
@@ -371,32 +408,20 @@ class FirestoreContext(BaseAsyncContext):
                 raise self._refused(exc, final) from exc
             # The document is now what we read plus our ops: remember it, so a next
             # guarded patch of this context needs no read.
+            local.writes += 1
             texts = dict(snapshot.texts)
             texts.update(written)
-            self._snapshot = _Snapshot(True, result.update_time, texts)
+            self._snapshot = _Snapshot(True, result.update_time, texts, local.writes)
             return True
         raise RetryJob(
             f"run {self.run_id!r}: a guarded patch lost {_GUARD_ROUNDS} races for the run's "
             "document in a row; delivering the job again later"
         )
 
-    def _holds(self, guard: Mapping[str, GuardValue], snapshot: _Snapshot) -> bool:
+    def _holds(self, guard: Guard, snapshot: _Snapshot) -> bool:
         loads = self.runs.serializer.loads
-        for key, expected in guard.items():
-            text = snapshot.texts.get(key)
-            if expected is None:
-                if text is not None:
-                    return False
-                continue
-            if text is None:
-                return False
-            stored = loads(text)
-            if isinstance(expected, str):
-                if not isinstance(stored, str) or stored != expected:
-                    return False
-            elif isinstance(stored, bool) or not isinstance(stored, int) or stored != expected:
-                return False
-        return True
+        stored = {k: loads(t) for k in guard if (t := snapshot.texts.get(k)) is not None}
+        return guard_holds(stored, guard)
 
 
 def _decode_entry(name: str, text: str, loads: Any) -> tuple[str, str]:
