@@ -411,17 +411,24 @@ class BaseDistributedAdapter(ABC):
     async def get_final_result(self, run_id: str) -> FinalResult | None:
         """The run's published result, or None while it runs.
 
-        A run that ended but whose result is not there (its publisher died between
-        recording and publishing, or the result expired first) is published again
-        from its state, so every adapter answers the same way."""
+        A run whose final status is recorded (the finalizer records it after
+        publishing) but whose result is not there (it expired, or the adapter keeps
+        none) is built from its state, and published again where results are kept,
+        so every adapter answers the same way. A final claim alone is not enough:
+        its owner may be publishing right now, with the errors only it knows."""
         published = await self.read_final_result(run_id)
         if published is not None:
             return published
-        info = await self.get_status(run_id)
-        if info.status not in FINAL_STATUSES:
-            return None
         ctx = self.create_context(run_id)
-        result = FinalResult(run_id, info.status, _user_view(await ctx.to_dict()), info.errors)
+        record = await ctx.get(K.STATUS)
+        if not isinstance(record, dict) or record.get("status") not in FINAL_STATUSES:
+            return None
+        result = FinalResult(
+            run_id,
+            record["status"],
+            _user_view(await ctx.to_dict()),
+            list(record.get("errors", [])),
+        )
         if type(self).read_final_result is BaseDistributedAdapter.read_final_result:
             return result
         await self.publish_final_result(run_id, result)
