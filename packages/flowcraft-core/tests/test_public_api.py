@@ -23,9 +23,18 @@ def test_core_exports_exactly_the_public_names() -> None:
         assert hasattr(flowcraft, name), name
 
 
-def test_distributed_exports_the_contract() -> None:
-    for name in ("CoordinationStore", "ICoordinationStore", "InMemoryCoordinationStore"):
-        assert name in flowcraft.distributed.__all__
+DISTRIBUTED = {
+    "BaseDistributedAdapter", "CoordinationStore", "DeadLetter", "FinalResult",
+    "ICoordinationStore", "InMemoryCoordinationStore", "JobHandler", "JobPayload",
+    "PullingAdapter", "RedisCoordinationStore", "ResultWaiters", "ResultWatch", "RetryJob",
+    "RunStatusInfo", "Settlement", "backoff_seconds",
+}  # fmt: skip
+
+
+def test_distributed_exports_the_adapter_authors_surface() -> None:
+    assert set(flowcraft.distributed.__all__) == DISTRIBUTED
+    for name in flowcraft.distributed.__all__:
+        assert hasattr(flowcraft.distributed, name), name
 
 
 def test_testing_kit_exports_the_store_suite() -> None:

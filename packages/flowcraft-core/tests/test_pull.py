@@ -1,4 +1,4 @@
-"""``PullingAdapter`` on a toy pull queue: the example adapter of docs/writing-an-adapter.md.
+"""``PullingAdapter`` on a toy pull queue: the example of WRITING-AN-ADAPTER.md.
 
 The toy queue behaves like SQS: a received message is invisible for a while and
 comes back unless it is acknowledged. The adapter is all an author writes; the
@@ -29,7 +29,7 @@ from flowcraft.context import (
 from flowcraft.distributed import DeadLetter, FinalResult, PullingAdapter
 from flowcraft.distributed.coordination import InMemoryCoordinationStore
 from flowcraft.distributed.payload import JobPayload
-from flowcraft.testing import AdapterConformanceTests, AdapterFactory
+from flowcraft.testing import AdapterConformanceTests, AdapterFactory, ContextStoreTests
 
 # ---------------------------------------------------------------- the toy backend
 
@@ -186,6 +186,12 @@ class TestToyAdapter(AdapterConformanceTests):
             )
 
         return build
+
+
+class TestToyContext(ContextStoreTests):
+    @pytest.fixture
+    def context(self) -> ToyContext:
+        return ToyContext(Context())
 
 
 # ---------------------------------------------------------------- the loop's duties

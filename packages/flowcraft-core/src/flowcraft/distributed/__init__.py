@@ -4,7 +4,7 @@ An adapter subclasses :class:`BaseDistributedAdapter` (or, on a queue that is
 polled, :class:`PullingAdapter`), gives it a context store (a
 :class:`~flowcraft.context.BaseAsyncContext` per run) and a
 :class:`CoordinationStore`, and maps each :class:`Settlement` to its queue's
-calls. ``docs/writing-an-adapter.md`` walks through one.
+calls. ``WRITING-AN-ADAPTER.md`` beside the package walks through one.
 
 ``RedisCoordinationStore`` needs the ``[redis]`` extra only when instantiated.
 """
