@@ -59,6 +59,7 @@ from flowcraft.events import CollectingEventBus, FlowEvent
 from flowcraft.flow import Flow
 from flowcraft.node import NodeContext, NodeResult, idempotency_key
 from flowcraft.runtime import RuntimeOptions
+from flowcraft.testing.fidelity import ValueFidelityTests
 from flowcraft.testing.store import _GUARD, _KIT_MODULE_PREFIX, _override_problems
 
 __all__ = [
@@ -98,7 +99,8 @@ HOSTILE_KEYS = [
 
 
 def _size(value: Any) -> int:
-    return len(json.dumps(value, ensure_ascii=False, default=repr).encode())
+    # surrogatepass: measuring must never fail the operation it measures.
+    return len(json.dumps(value, ensure_ascii=False, default=repr).encode("utf-8", "surrogatepass"))
 
 
 @dataclass
@@ -389,7 +391,7 @@ def _boom(ctx: NodeContext) -> Any:
 
 
 @pytest.mark.asyncio
-class AdapterConformanceTests:
+class AdapterConformanceTests(ValueFidelityTests):
     """The distributed adapter contract, as tests (see the module docstring)."""
 
     supports_dead_letter: ClassVar[bool] = True
