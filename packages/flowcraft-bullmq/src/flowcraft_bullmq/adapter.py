@@ -12,10 +12,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import json
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from bullmq import Queue, Worker
@@ -32,7 +31,6 @@ from flowcraft.distributed.coordination import CoordinationStore
 from flowcraft.distributed.delivery import DeadLetter, describe
 from flowcraft.distributed.payload import JobPayload
 from flowcraft.distributed.redis import RedisCoordinationStore, RedisResults
-from flowcraft.distributed.results import ResultWatch
 from flowcraft.errors import PayloadDecodeError
 from flowcraft.events import EventBus
 from flowcraft.runtime import RuntimeOptions
@@ -50,7 +48,7 @@ from flowcraft_bullmq._fastpath import (
 )
 from flowcraft_bullmq._pipelining import AutoPipelineRedis
 from flowcraft_bullmq._settings import BullMQSettings, RedisKeys, bullmq_client, make_client
-from flowcraft_bullmq._worker import FetchingWorker
+from flowcraft_bullmq._worker import FetchingWorker, ParsingWorker
 from flowcraft_bullmq.context import PATCH_LUA, RedisContext, encode
 
 if TYPE_CHECKING:
@@ -148,7 +146,7 @@ class BullMQAdapter(BaseDistributedAdapter):
         self._plans: dict[tuple[str, str], ReadPlan | None] = {}
         self._queue: Queue | None = None
         self._adder: JobAdder | None = None
-        self.results = RedisResults(
+        self.results: RedisResults = RedisResults(
             self.client, key_prefix=self.keys.prefix, ttl_seconds=self.state_ttl_seconds
         )
         defaults = s.worker_options()
@@ -199,7 +197,7 @@ class BullMQAdapter(BaseDistributedAdapter):
         connection = bullmq_client(
             self._url, self._redis_options, self.client, max_connections=s.max_connections
         )
-        worker_class = FetchingWorker if s.fetch_next else Worker
+        worker_class = FetchingWorker if s.fetch_next else ParsingWorker
         worker = worker_class(
             s.queue_name,
             functools.partial(self._process, handler),
@@ -253,16 +251,6 @@ class BullMQAdapter(BaseDistributedAdapter):
         await super().stop()
         self._stop_event.set()
 
-    @contextlib.asynccontextmanager
-    async def watch_result(self, run_id: str) -> AsyncIterator[ResultWatch | None]:
-        """Woken by the publication's ``PUBLISH`` (one shared subscription); while it
-        is down, waiters poll as usual."""
-        async with self.results.watch(run_id) as watch:
-            yield watch
-
-    async def read_final_result(self, run_id: str) -> FinalResult | None:
-        return await self.results.read(run_id)
-
     async def find_stalled_runs(self, older_than_seconds: float, limit: int) -> list[str]:
         """Running runs without progress for ``older_than_seconds``, from the index of
         active runs; runs that ended or wait for ``resume_with_action`` leave the index,
@@ -283,22 +271,32 @@ class BullMQAdapter(BaseDistributedAdapter):
         return found
 
     async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
-        """The most recent jobs in BullMQ's failed set, with their reasons."""
-        jobs = await self._get_queue().getJobs(["failed"], 0, limit - 1)
-        return [
-            DeadLetter(
-                j.data if isinstance(j.data, str) else json.dumps(j.data),
-                str(j.failedReason or ""),
-                str(j.id),
-            )
-            for j in jobs
-        ]
+        """The most recent jobs in BullMQ's failed set, with their reasons. Read from
+        the jobs' raw fields (not through ``Job``, which cannot parse a job whose data
+        is not JSON): the body is the data as stored, bytes if it is not UTF-8."""
+        scripts = self._get_queue().backend.scripts
+        found = await scripts.getJobs(["failed"], 0, limit - 1, False)
+        letters: list[DeadLetter] = []
+        for jobs_by_type in found:
+            for job_id, fields in jobs_by_type:
+                raw = dict(zip(fields[::2], fields[1::2], strict=False))
+                body: bytes | str = raw.get("data") or ""
+                if isinstance(body, str) and not body.isascii():
+                    try:
+                        body.encode("utf-8")
+                    except UnicodeEncodeError:  # bytes that are not UTF-8, as stored
+                        body = body.encode("utf-8", "surrogateescape")
+                letters.append(DeadLetter(body, str(raw.get("failedReason") or ""), str(job_id)))
+        return letters
 
     async def enqueue_raw(self, body: bytes | Any) -> None:
         """Put ``body`` on the queue unchecked as a job's data (for tests and tools):
-        bytes go as text (undecodable bytes as lone surrogates), anything else as is."""
-        data = body.decode("utf-8", "surrogateescape") if isinstance(body, bytes) else body
-        await self._add("raw", data, {})
+        bytes exactly as given (the job's stored data, which BullMQ parses as JSON),
+        anything else JSON-encoded as ``Queue.add`` would."""
+        if isinstance(body, bytes | bytearray | memoryview):
+            await self._get_adder().add_raw("raw", bytes(body), self._job_defaults)
+        else:
+            await self._add("raw", body, {})
 
     async def close(self) -> None:
         """Close the queue and the clients this adapter made (a given client stays open)."""
@@ -323,11 +321,14 @@ class BullMQAdapter(BaseDistributedAdapter):
             )
         return self._queue
 
-    async def _add(self, name: str, data: Any, opts: Mapping[str, Any]) -> None:
-        job_opts = {**self._job_defaults, **opts} if opts else self._job_defaults
+    def _get_adder(self) -> JobAdder:
         if self._adder is None:
             self._adder = JobAdder(self._get_queue())
-        await self._adder.add(name, data, job_opts)
+        return self._adder
+
+    async def _add(self, name: str, data: Any, opts: Mapping[str, Any]) -> None:
+        job_opts = {**self._job_defaults, **opts} if opts else self._job_defaults
+        await self._get_adder().add(name, data, job_opts)
 
     def _plan(self, payload: JobPayload) -> ReadPlan | None:
         """The fused read of this node's jobs (None: this worker lacks the blueprint)."""
@@ -376,8 +377,14 @@ class BullMQAdapter(BaseDistributedAdapter):
         BullMQ (return: completed; UnrecoverableError: the failed set; a failed
         queue-mode attempt raised for BullMQ's own attempts and backoff; anything
         else back to the delayed set without using an attempt)."""
+        data = job.data
+        if isinstance(data, str):
+            # Not a JSON object: data that did not parse (``ParsingWorker`` hands it
+            # over as its raw text, undecodable bytes as lone surrogates) or a bare
+            # JSON string. Decoded from its bytes, it is dead-lettered with the reason.
+            data = data.encode("utf-8", "surrogateescape")
         try:
-            payload = JobPayload.decode(job.data)
+            payload = JobPayload.decode(data)
         except PayloadDecodeError as exc:
             logger.warning("dead-lettering BullMQ job %s: %s", job.id, exc)
             raise UnrecoverableError(describe(exc)) from exc

@@ -139,15 +139,9 @@ class RabbitMQAdapter(BaseDistributedAdapter):
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
-        if (coordination_store is None) == (redis_url is None):
-            raise ValueError("pass exactly one of redis_url= or coordination_store=")
-        owned_store: RedisCoordinationStore | None = None
-        if coordination_store is None:
-            # The base adapter prefixes every key (key_prefix); the store adds none.
-            owned_store = RedisCoordinationStore(
-                url=redis_url, key_prefix="", **dict(redis_options or {})
-            )
-            coordination_store = owned_store
+        coordination_store, owned_store = RedisCoordinationStore.owned_or_given(
+            url=redis_url, given=coordination_store, options=redis_options
+        )
         super().__init__(
             runtime_options=runtime_options,
             coordination_store=coordination_store,

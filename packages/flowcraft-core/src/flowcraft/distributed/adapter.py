@@ -35,7 +35,7 @@ from flowcraft.distributed.delivery import (
     settlement_for,
 )
 from flowcraft.distributed.payload import JobPayload
-from flowcraft.distributed.results import ResultWatch
+from flowcraft.distributed.results import ResultStore, ResultWatch
 from flowcraft.errors import (
     BlueprintError,
     ExpressionError,
@@ -185,6 +185,10 @@ class BaseDistributedAdapter(ABC):
         this again with the same status and errors, but its context may also hold the
         writes of nodes nobody waited for (branches an ``any`` join or a failure left
         running), so a repeat must not replace what was published."""
+
+    results: ResultStore | None = None
+    """Where this adapter keeps final results, if in a :class:`ResultStore` (such as
+    ``RedisResults``): the base then reads and watches them there."""
 
     concurrent_enqueues: ClassVar[bool] = False
     """Set True when ``enqueue_job`` may run concurrently and its round trips then
@@ -429,15 +433,20 @@ class BaseDistributedAdapter(ABC):
             _user_view(await ctx.to_dict()),
             list(record.get("errors", [])),
         )
-        if type(self).read_final_result is BaseDistributedAdapter.read_final_result:
+        if self.results is None and (
+            type(self).read_final_result is BaseDistributedAdapter.read_final_result
+        ):
             return result
         await self.publish_final_result(run_id, result)
         return await self.read_final_result(run_id) or result
 
     async def read_final_result(self, run_id: str) -> FinalResult | None:
-        """What ``publish_final_result`` stored for the run, if anything. Override in an
-        adapter that stores results (the base then reads the run's state instead)."""
-        return None
+        """What ``publish_final_result`` stored for the run, if anything: from
+        ``self.results`` when the adapter keeps a :class:`ResultStore` there; override
+        otherwise (without either, the base reads the run's state instead)."""
+        if self.results is None:
+            return None
+        return await self.results.read(run_id)
 
     async def wait_for_result(
         self,
@@ -480,10 +489,15 @@ class BaseDistributedAdapter(ABC):
 
     @contextlib.asynccontextmanager
     async def watch_result(self, run_id: str) -> AsyncIterator[ResultWatch | None]:
-        """Override to wake ``wait_for_result`` when ``run_id``'s result is published:
-        yield a :class:`ResultWatch` whose event the adapter sets then (a shared LISTEN
-        or SUBSCRIBE connection, say). None (the default): waiters only poll."""
-        yield None
+        """Wake ``wait_for_result`` when ``run_id``'s result is published: the watch of
+        ``self.results``, or override and yield a :class:`ResultWatch` whose event the
+        adapter sets then (a shared LISTEN or SUBSCRIBE connection, say). None: waiters
+        only poll."""
+        if self.results is None:
+            yield None
+            return
+        async with self.results.watch(run_id) as watch:
+            yield watch
 
     async def resume_with_action(
         self,

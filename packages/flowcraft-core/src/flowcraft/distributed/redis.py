@@ -23,10 +23,11 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from flowcraft.distributed._redis_results import RedisResults
-from flowcraft.distributed.coordination import validate_ttl_seconds
+from flowcraft.distributed.coordination import CoordinationStore, validate_ttl_seconds
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -102,6 +103,25 @@ class RedisCoordinationStore:
         self._increment: AsyncScript = client.register_script(_INCREMENT_LUA)
         # The URL may hold a password: log only the prefix.
         logger.debug("Redis coordination store ready (key_prefix=%r)", key_prefix)
+
+    @classmethod
+    def owned_or_given(
+        cls,
+        *,
+        url: str | None,
+        given: CoordinationStore | None,
+        options: Mapping[str, Any] | None = None,
+    ) -> tuple[CoordinationStore, RedisCoordinationStore | None]:
+        """An adapter's coordination store: the one it was ``given``, or a new one on
+        ``url`` (with client ``options``; no key prefix: the adapter prefixes its keys)
+        that the adapter owns and must close: returned second. Exactly one of ``url``
+        and ``given``."""
+        if (given is None) == (url is None):
+            raise ValueError("pass exactly one of redis_url= or coordination_store=")
+        if given is not None:
+            return given, None
+        owned = cls(url=url, key_prefix="", **dict(options or {}))
+        return owned, owned
 
     @property
     def client(self) -> Redis:

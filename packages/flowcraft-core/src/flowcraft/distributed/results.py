@@ -10,9 +10,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
 
-__all__ = ["ResultWaiters", "ResultWatch"]
+if TYPE_CHECKING:
+    from flowcraft.distributed.adapter import FinalResult
+
+__all__ = ["ResultStore", "ResultWaiters", "ResultWatch"]
 
 
 @dataclass(slots=True)
@@ -59,3 +64,18 @@ class ResultWaiters:
         for events in self._events.values():
             for event in events:
                 event.set()
+
+
+class ResultStore(Protocol):
+    """Where an adapter keeps final results (``RedisResults`` is one). An adapter that
+    sets ``self.results`` to one gets ``read_final_result`` and ``watch_result`` from
+    the base; its ``publish_final_result`` calls ``publish``."""
+
+    async def publish(self, result: FinalResult) -> None:
+        """Store the result if the run has none yet (the first publication wins)."""
+
+    async def read(self, run_id: str) -> FinalResult | None: ...
+
+    def watch(self, run_id: str) -> AbstractAsyncContextManager[ResultWatch]:
+        """A watch whose event is set when ``run_id``'s result is published."""
+        ...
