@@ -279,3 +279,25 @@ async def test_stop_returns_while_a_poll_is_waiting() -> None:
     await adapter.aclose()
     await worker
     assert time.monotonic() - started < 0.15
+
+
+async def test_a_cancelled_worker_settles_nothing() -> None:
+    """Torn down mid-job (cancelled, not stopped): the job stops and its message stays
+    on the queue, to come back once its invisibility runs out."""
+    started = asyncio.Event()
+
+    async def endless(ctx: NodeContext) -> None:
+        started.set()
+        await asyncio.sleep(3600)
+
+    flow = Flow("endless").node("e", endless)
+    queue = ToyQueue()
+    adapter = _worker(queue, flow, visibility_seconds=60)
+    await adapter.start_run("endless")
+    worker = asyncio.ensure_future(adapter.worker())
+    await asyncio.wait_for(started.wait(), 5)
+    worker.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(worker, 5)
+    assert len(queue.messages) == 1
+    assert queue.calls["ack"] == 0

@@ -139,6 +139,12 @@ class PullingAdapter(BaseDistributedAdapter, Generic[M]):
                     task = asyncio.ensure_future(self._deliver(handler, message))
                     tasks.add(task)
                     task.add_done_callback(finished)
+        except asyncio.CancelledError:
+            # Torn down, not stopped: the jobs in hand stop too and settle nothing (their
+            # messages come back once their invisibility runs out).
+            for task in tasks:
+                task.cancel()
+            raise
         finally:
             stopping.cancel()
             if tasks:
