@@ -326,3 +326,28 @@ async def test_concurrent_guarded_increments_lose_nothing(runs: RunCollection) -
     state = await runs.context(run_id).to_dict()
     assert state["n"] == 15
     assert sorted(v for k, v in state.items() if k.startswith("by")) == list(range(1, 16))
+
+
+async def test_stalled_runs_are_found_by_their_last_write(runs: RunCollection) -> None:
+    def status(value: str) -> PatchOperation:
+        return PatchOperation.set("_flowcraft.status", {"status": value, "errors": []})
+
+    running, ended, waiting, late = (runs.context(f"{n}-{uuid.uuid4().hex[:6]}") for n in "rewl")
+    await running.patch([status("running"), PatchOperation.set("x", 1)])
+    await waiting.patch([status("running")])
+    await waiting.patch([status("awaiting")])
+    for ctx in (ended, late):
+        await ctx.patch([status("running")])
+        await ctx.patch([status("completed"), PatchOperation.set("_flowcraft.end", "completed")])
+    await late.patch([PatchOperation.set("_outputs.branch", 1)])  # a late branch after the end
+    assert "a" not in await _raw(ended)
+    assert "a" in await _raw(late)
+    await asyncio.sleep(0.05)
+    assert sorted(await runs.stalled(0, 100)) == [running.run_id]
+    assert "a" not in await _raw(late), "an ended run leaves the index when found"
+    assert await runs.stalled(3600, 100) == []
+    # a guarded write keeps the index too
+    assert await running.patch([PatchOperation.set("y", 1)], guard={"x": 1})
+    assert await runs.stalled(3600, 100) == []
+    await asyncio.sleep(0.05)
+    assert await runs.stalled(0, 100) == [running.run_id]

@@ -123,6 +123,7 @@ async def check_nothing_left(settings: Settings, client: GcpAdapter) -> None:
     await asyncio.sleep(1.0)  # let acks in flight land
     assert await client.queue.pull(100) == [], "jobs left on the subscription"
     assert await client.dead_letters() == []
+    assert await client.find_stalled_runs(0, 1000) == [], "a finished run is still indexed"
     redis = redis_asyncio.Redis.from_url(settings.redis_url, decode_responses=True)
     try:
         keys = [k async for k in redis.scan_iter(match=settings.key_prefix + "*", count=1000)]

@@ -161,11 +161,12 @@ class GcpAdapter(PullingAdapter[ReceivedMessage]):
             self.queue.assume_created()
         self.redis = coordination_store.client
         """The Redis client of coordination and results (keys under ``key_prefix``)."""
-        self.results = RedisResults(
+        self._results = RedisResults(
             self.redis,
             key_prefix=self.key_prefix,
             ttl_seconds=self.state_ttl_seconds,
         )
+        self.results = self._results
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(queue={self.queue!r}, worker_id={self.worker_id!r})"
@@ -189,15 +190,15 @@ class GcpAdapter(PullingAdapter[ReceivedMessage]):
 
     async def publish_final_result(self, run_id: str, result: FinalResult) -> None:
         """Stored first-wins in Redis and announced there: the core's ``RedisResults``."""
-        await self.results.publish(result)
+        await self._results.publish(result)
 
     async def read_final_result(self, run_id: str) -> FinalResult | None:
-        return await self.results.read(run_id)
+        return await self._results.read(run_id)
 
     @contextlib.asynccontextmanager
     async def watch_result(self, run_id: str) -> AsyncIterator[ResultWatch | None]:
         """Woken by the publication (one Redis ``SUBSCRIBE`` per adapter)."""
-        async with self.results.watch(run_id) as watch:
+        async with self._results.watch(run_id) as watch:
             yield watch
 
     # ------------------------------------------------------------ the queue's calls
@@ -239,12 +240,17 @@ class GcpAdapter(PullingAdapter[ReceivedMessage]):
         """The parked jobs with their reasons (they stay parked)."""
         return await self.queue.dead_letters(limit)
 
+    async def find_stalled_runs(self, older_than_seconds: float, limit: int) -> list[str]:
+        """The reconciler's candidates: one Firestore query on the run documents' ``a``
+        field (the last write of a run that has not ended)."""
+        return await self.runs.stalled(older_than_seconds, limit)
+
     # ------------------------------------------------------------ lifecycle
 
     async def close(self) -> None:
         """Close the result listener and what this adapter created (shared clients and
         a given coordination store stay open)."""
-        await self.results.aclose()
+        await self._results.aclose()
         if self._owned_store is not None:
             await self._owned_store.aclose()
         if self._owns_clients:

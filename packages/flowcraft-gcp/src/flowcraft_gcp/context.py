@@ -5,6 +5,7 @@ Layout of the run document ``{collection}/{run}``::
     c: map   field name -> JSON text of one context value
     r: text  the run id (the document id may be a hash of it)
     x: time  expiry, refreshed by every write (a Firestore TTL policy deletes it)
+    a: time  last write while the run has not ended (the reconciler's index)
 
 Why this shape:
 
@@ -52,11 +53,13 @@ from google.api_core import exceptions as google_errors
 from google.cloud.firestore_v1 import DELETE_FIELD
 from google.cloud.firestore_v1.async_client import AsyncClient as FirestoreAsyncClient
 from google.cloud.firestore_v1.async_document import AsyncDocumentReference
+from google.cloud.firestore_v1.base_query import FieldFilter
 from google.cloud.firestore_v1.field_path import FieldPath
 
 from flowcraft.context import BaseAsyncContext, Guard, PatchOperation, check_guard, guard_holds
+from flowcraft.distributed import keys as K
 from flowcraft.errors import RetryJob, StateLimitError
-from flowcraft.serializer import JsonSerializer, Serializer
+from flowcraft.serializer import JsonSerializer, Serializer, check_key, encode_value
 from flowcraft_gcp._clients import GcpClients
 
 __all__ = [
@@ -75,6 +78,7 @@ DEFAULT_MAX_STATE_BYTES = FIRESTORE_DOCUMENT_LIMIT - 16_384
 _MAP = "c"
 _RUN = "r"
 _EXPIRES = "x"
+_ACTIVE = "a"
 _PLAIN = "k"
 _HASHED = "h"
 _MAX_NAME_BYTES = 1_400  # under Firestore's 1,500-byte field-path limit, with "c." and escapes
@@ -173,8 +177,46 @@ class RunCollection:
     def document(self, run_id: str) -> AsyncDocumentReference:
         return self.clients.firestore().collection(self.collection).document(document_id(run_id))
 
+    def bookkeeping(self, run_id: str, final: Mapping[str, PatchOperation]) -> dict[str, Any]:
+        """The document's own fields written with every patch: the run id, the expiry,
+        and ``a`` (last write, while the run has not ended: the reconciler's index)."""
+        ended = final.get(K.ENDED)
+        return {
+            _RUN: run_id,
+            _EXPIRES: self.expiry(),
+            _ACTIVE: DELETE_FIELD if ended is not None and ended.op == "set" else _now(),
+        }
+
+    async def stalled(self, older_than_seconds: float, limit: int) -> list[str]:
+        """Runs still running (not ended, not waiting for a resume) whose document has
+        not been written for ``older_than_seconds``: one query on ``a`` (only runs that
+        have not ended have it), reading just each run's id and status. A run found
+        ended (a late branch wrote after its end) loses its ``a``."""
+        cutoff = _now() - dt.timedelta(seconds=older_than_seconds)
+        status_path = _path(_field_name(K.STATUS)[0])
+        query = (
+            self.clients.firestore()
+            .collection(self.collection)
+            .where(filter=FieldFilter(_ACTIVE, "<", cutoff))
+            .select([_RUN, status_path])
+            .limit(limit)
+        )
+        self.clients.count("firestore.query")
+        found: list[str] = []
+        async for snapshot in query.stream():
+            data = snapshot.to_dict() or {}
+            text = (data.get(_MAP) or {}).get(_field_name(K.STATUS)[0])
+            record = self.serializer.loads(text) if text is not None else None
+            status = record.get("status") if isinstance(record, dict) else None
+            if status in ("completed", "failed", "cancelled"):
+                self.clients.count("firestore.commit")
+                await snapshot.reference.update({_ACTIVE: DELETE_FIELD})
+            elif status != "awaiting" and data.get(_RUN):
+                found.append(str(data[_RUN]))
+        return found
+
     def expiry(self) -> dt.datetime:
-        return dt.datetime.now(dt.UTC) + dt.timedelta(seconds=self.state_ttl_seconds)
+        return _now() + dt.timedelta(seconds=self.state_ttl_seconds)
 
 
 class FirestoreContext(BaseAsyncContext):
@@ -276,12 +318,9 @@ class FirestoreContext(BaseAsyncContext):
         entries, texts = self._encode(final)
         if guard:
             return await self._guarded(entries, texts, final, guard)
-        data: dict[str, Any] = {
-            _MAP: dict(entries),
-            _RUN: self.run_id,
-            _EXPIRES: self.runs.expiry(),
-        }
-        merge = [FieldPath(_MAP, name) for name in entries] + [FieldPath(_RUN), FieldPath(_EXPIRES)]
+        own = self.runs.bookkeeping(self.run_id, final)
+        data: dict[str, Any] = {_MAP: dict(entries), **own}
+        merge = [FieldPath(_MAP, name) for name in entries] + [FieldPath(name) for name in own]
         self._snapshot = None
         self.runs.clients.count("firestore.commit")
         try:
@@ -305,10 +344,12 @@ class FirestoreContext(BaseAsyncContext):
         for key, op in final.items():
             name, hashed = _field_name(key)
             if op.op == "delete":
+                check_key(key)
                 entries[name] = DELETE_FIELD
                 texts[key] = None
                 continue
-            text = texts[key] = dumps(op.value)
+            # Names the key in a SerializationError (NaN, lone surrogates, too deep).
+            text = texts[key] = encode_value(key, op.value, self.runs.serializer)
             if hashed:
                 text = dumps([key, text])
             entries[name] = text
@@ -383,17 +424,16 @@ class FirestoreContext(BaseAsyncContext):
             try:
                 if snapshot.exists:
                     updates = {_path(name): value for name, value in entries.items()}
-                    updates[_RUN] = self.run_id
-                    updates[_EXPIRES] = self.runs.expiry()
+                    updates.update(self.runs.bookkeeping(self.run_id, final))
                     option = FirestoreAsyncClient.write_option(
                         last_update_time=snapshot.update_time
                     )
                     result = await ref.update(updates, option=option)
                 else:
                     created = {n: v for n, v in entries.items() if v is not DELETE_FIELD}
-                    result = await ref.create(
-                        {_MAP: created, _RUN: self.run_id, _EXPIRES: self.runs.expiry()}
-                    )
+                    own = self.runs.bookkeeping(self.run_id, final)
+                    document = {k: v for k, v in own.items() if v is not DELETE_FIELD}
+                    result = await ref.create({_MAP: created, **document})
             except (
                 google_errors.FailedPrecondition,
                 google_errors.AlreadyExists,
@@ -422,6 +462,10 @@ class FirestoreContext(BaseAsyncContext):
         loads = self.runs.serializer.loads
         stored = {k: loads(t) for k in guard if (t := snapshot.texts.get(k)) is not None}
         return guard_holds(stored, guard)
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
 
 
 def _decode_entry(name: str, text: str, loads: Any) -> tuple[str, str]:
