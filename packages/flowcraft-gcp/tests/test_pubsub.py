@@ -169,3 +169,40 @@ async def test_adapter_needs_exactly_one_redis(namespace: Namespace) -> None:
     options = RuntimeOptions.from_flows(Flow("f").node("a", lambda ctx: 1))
     with pytest.raises(ValueError, match="redis_url"):
         GcpAdapter(runtime_options=options, project=namespace.project)
+
+
+async def test_a_job_longer_than_its_ack_deadline_is_not_delivered_again(
+    namespace: Namespace,
+) -> None:
+    """The worker renews the ack deadline (10 s) while a 14 s node runs: Pub/Sub never
+    hands the job to the other worker meanwhile, and the node runs once."""
+    runs: list[str] = []
+
+    async def slow(ctx: object) -> str:
+        runs.append("ran")
+        await asyncio.sleep(14)
+        return "done"
+
+    options = RuntimeOptions.from_flows(Flow("slow").node("s", slow))
+    # a lease longer than the node: only the queue's ack deadline could let it run twice
+    workers = [namespace.adapter(options, lease_seconds=60.0) for _ in range(2)]
+    deliveries: list[JobPayload] = []
+    for worker in workers:
+        handle = worker.handle_job
+
+        async def counted(job: JobPayload, _handle: object = handle) -> None:
+            deliveries.append(job)
+            await _handle(job)  # type: ignore[operator]
+
+        worker.handle_job = counted  # type: ignore[method-assign]
+    tasks = [asyncio.ensure_future(w.worker()) for w in workers]
+    try:
+        client = namespace.adapter(options)
+        result = await client.wait_for_result(await client.start_run("slow"), 40)
+        assert result.status == "completed"
+        assert runs == ["ran"]
+        assert len(deliveries) == 1, deliveries
+    finally:
+        for worker in workers:
+            await worker.stop()
+        await asyncio.gather(*tasks)
