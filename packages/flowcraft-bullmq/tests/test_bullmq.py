@@ -125,7 +125,7 @@ async def test_bad_payloads_are_dead_lettered(start_fleet: StartFleet) -> None:
     flow = Flow("ok").node("a", lambda c: 1)
     fleet = await start_fleet(flow, workers=1)
     client = fleet.client
-    await client.enqueue_raw("\udcff not json")
+    await client.enqueue_raw(b"{not json")
     await client.enqueue_raw({"runId": "r", "blueprintId": "nope", "nodeId": "a"})
     await client.enqueue_raw({"runId": "r", "blueprintId": "ok", "nodeId": "missing"})
     await client.enqueue_raw([1, 2, 3])

@@ -44,6 +44,11 @@ class JobAdder:
         self._last: tuple[Mapping[str, Any], bytes] | None = None
 
     async def add(self, name: str, data: Any, opts: Mapping[str, Any]) -> str:
+        return await self.add_raw(name, _DATA.encode(data), opts)
+
+    async def add_raw(self, name: str, data: bytes | str, opts: Mapping[str, Any]) -> str:
+        """Add a job whose stored data is ``data`` exactly (JSON text, or anything at
+        all: tests put bytes BullMQ cannot parse on the queue this way)."""
         if opts.get("delay") or opts.get("priority") or opts.get("parent"):
             raise ValueError("JobAdder adds plain jobs only (no delay, priority or parent)")
         if opts.get("jobId") or opts.get("deduplication"):
@@ -53,7 +58,7 @@ class JobAdder:
             [self._prefix, "", name, timestamp, None, None, None, None, None],
             use_bin_type=True,
         )
-        args = [arguments, _DATA.encode(data), self._packed(opts), timestamp]
+        args = [arguments, data, self._packed(opts), timestamp]
         result = await self._script(keys=self._keys, args=args)
         if isinstance(result, int) and result < 0:
             raise self._scripts.finishedErrors(

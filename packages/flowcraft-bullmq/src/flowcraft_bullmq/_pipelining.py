@@ -8,7 +8,9 @@ bookkeeping, a socket write and read wake-up) than Redis does. Batching them is 
 same idea as ioredis' ``enableAutoPipelining`` which Node BullMQ users turn on.
 
 Semantics are those of separate commands: each caller gets its own reply or its own
-error; commands of one batch are not atomic together (no MULTI). Blocking commands
+error (its arguments are encoded before they join a batch, so one caller's bad
+argument fails that caller alone); commands of one batch are not atomic together
+(no MULTI). Blocking commands
 and connection-state commands bypass the batch.
 
 A batch is written and read on one pooled connection without redis-py's
@@ -73,9 +75,14 @@ class AutoPipelineRedis(Redis):
         name = name.decode() if isinstance(name, bytes) else str(name)
         if self.single_connection_client or name.split(" ", 1)[0].upper() in _DIRECT:
             return await super().execute_command(*args, **options)  # type: ignore[no-untyped-call]
+        # Each caller's arguments are encoded here, before they join a batch: an
+        # argument that cannot be encoded (a str that is not valid Unicode) fails
+        # only this caller, never the other commands packed with it.
+        encoder = self.get_encoder()  # type: ignore[no-untyped-call]
+        encoded = (args[0], *map(encoder.encode, args[1:]))
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
-        self._pending.append((args, options, future))
+        self._pending.append((encoded, options, future))
         if not self._flush_scheduled:
             self._flush_scheduled = True
             loop.call_soon(self._flush)

@@ -138,6 +138,7 @@ def make_client(
     options = {"max_connections": max_connections, "timeout": 20, **redis_options}
     if decode:
         options["decode_responses"] = True
+        options["encoding_errors"] = _RAW_BYTES
     options.setdefault("retry", _retry())
     options.setdefault("retry_on_error", _RETRY_ON)
     pool = redis_asyncio.BlockingConnectionPool.from_url(url, **options)
@@ -148,12 +149,13 @@ def make_client(
 def bullmq_client(
     url: str | None, redis_options: Mapping[str, Any], given: Any, *, max_connections: int
 ) -> redis_asyncio.Redis:
-    """A decoding client for BullMQ (its scripts answer text), with the same server, TLS
-    and credentials as the adapter's client."""
+    """A decoding client for BullMQ (its scripts answer text; bytes that are not UTF-8
+    decode as lone surrogates), with the same server, TLS and credentials as the
+    adapter's client."""
     if url is not None:
         return make_client(url, redis_options, max_connections=max_connections, decode=True)
     pool = given.connection_pool
-    kwargs = {**pool.connection_kwargs, "decode_responses": True}
+    kwargs = {**pool.connection_kwargs, "decode_responses": True, "encoding_errors": _RAW_BYTES}
     new_pool = redis_asyncio.BlockingConnectionPool(
         connection_class=with_c_packing(pool.connection_class),
         max_connections=max_connections,
@@ -163,6 +165,12 @@ def bullmq_client(
 
 
 _RETRY_ON = [BusyLoadingError, ConnectionError, TimeoutError]
+
+# BullMQ's client decodes replies as text. A job whose data is not UTF-8 (put on the
+# queue by another client) would make the reply that fetches it undecodable; with
+# ``surrogateescape`` its bytes arrive as lone surrogates, and the worker
+# dead-letters the job (see ``_worker.ParsingWorker``).
+_RAW_BYTES = "surrogateescape"
 
 
 def _retry() -> Retry:

@@ -1,5 +1,13 @@
 """A BullMQ ``Worker`` that fetches like Node BullMQ's: next job on completion, and
-one fetch at a time.
+one fetch at a time; and one that survives a job whose data is not JSON.
+
+* BullMQ parses a job's data (``json.loads`` in ``Job.fromJSON``) while it fetches
+  the job, after ``moveToActive`` locked it and before any processor sees it. Bytes
+  that are not JSON (or not UTF-8) put on the queue by another client made that
+  fetch raise: the job stayed active, stalled, went back to wait and failed again,
+  for ever. :class:`ParsingWorker` hands such a job over with its raw text as its
+  data instead, and the adapter's processor dead-letters it (the payload does not
+  decode) like any other bad job.
 
 * BullMQ's ``moveToFinished`` script can hand back the next waiting job (locked for
   the same worker) in the same call; Node BullMQ's worker uses it, the Python worker
@@ -19,16 +27,51 @@ one fetch at a time.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from typing import Any
 
 from bullmq import Worker
 from bullmq.custom_errors import DelayedError, UnrecoverableError, WaitingChildrenError
 
-__all__ = ["FetchingWorker"]
+__all__ = ["FetchingWorker", "ParsingWorker"]
 
 
-class FetchingWorker(Worker):  # type: ignore[misc]
+class ParsingWorker(Worker):  # type: ignore[misc]
+    """``bullmq.Worker`` that fetches a job whose data is not JSON, data as raw text."""
+
+    async def nextJobFromJobData(
+        self,
+        job_data: dict[str, Any] | None = None,
+        job_id: str | None = None,
+        limit_until: int = 0,
+        delay_until: int = 0,
+        token: str | None = None,
+    ) -> Any:
+        try:
+            return await super().nextJobFromJobData(
+                job_data, job_id, limit_until, delay_until, token
+            )
+        except (ValueError, RecursionError):  # JSONDecodeError, UnicodeDecodeError
+            raw = (job_data or {}).get("data")
+            if raw is None or _parses(raw):
+                raise
+            # The raw text (undecodable bytes kept as lone surrogates by the client's
+            # ``surrogateescape``) as the job's data: the processor dead-letters it.
+            text = raw.decode("utf-8", "surrogateescape") if isinstance(raw, bytes) else raw
+            fixed = {**(job_data or {}), "data": json.dumps(text)}
+            return await super().nextJobFromJobData(fixed, job_id, limit_until, delay_until, token)
+
+
+def _parses(raw: str | bytes) -> bool:
+    try:
+        json.loads(raw)
+    except (ValueError, RecursionError):
+        return False
+    return True
+
+
+class FetchingWorker(ParsingWorker):
     """``bullmq.Worker`` with completion and the next fetch in one ``moveToFinished``,
     and fetches of idle slots made one at a time."""
 

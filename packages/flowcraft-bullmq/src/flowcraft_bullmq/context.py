@@ -1,8 +1,10 @@
 """``RedisContext``: a run's state as one Redis hash, one field per context key.
 
-Values are JSON (flowcraft's ``JsonSerializer``). Context keys travel only as
-command arguments (hash fields, ``ARGV``), never inside script text, so any key,
-however hostile, round-trips exactly.
+Values are JSON text, checked and encoded by the core (``encode_value``: UTF-8,
+no NaN, nesting within ``MAX_DEPTH``) before anything is sent, so a value that
+cannot be stored fails its own patch with a ``SerializationError`` naming the key.
+Context keys travel only as command arguments (hash fields, ``ARGV``), never
+inside script text, so any key, however hostile, round-trips exactly.
 
 ==========  =================================================================
 ``get``      ``HGET``
@@ -19,7 +21,6 @@ however hostile, round-trips exactly.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Sequence
@@ -27,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from flowcraft.context import BaseAsyncContext, Guard, PatchOperation, check_guard
 from flowcraft.distributed import keys as K
-from flowcraft.errors import SerializationError
+from flowcraft.serializer import JsonSerializer, check_key, encode_value
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -35,10 +36,7 @@ if TYPE_CHECKING:
 
 __all__ = ["RedisContext"]
 
-# flowcraft's JsonSerializer format (compact, UTF-8, no NaN), with the encoder built
-# once instead of per value.
-_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-_DECODER = json.JSONDecoder()
+_JSON = JsonSerializer()
 _FINAL = frozenset({"completed", "failed", "cancelled"})
 _CHUNK = 1000  # arguments per HSET/HDEL inside the script (Lua's unpack limit is ~8000)
 
@@ -112,20 +110,14 @@ def ttl_ms(seconds: float | None) -> int:
 
 def encode(value: Any) -> str:
     """A value as JSON text, exactly as ``flowcraft.JsonSerializer.dumps`` writes it."""
-    try:
-        return _ENCODER.encode(value)
-    except (TypeError, ValueError) as exc:
-        raise SerializationError(f"value is not JSON-serializable: {exc}") from exc
+    return _JSON.dumps(value)
 
 
 def decode(raw: bytes | str | None) -> Any:
     """JSON text from Redis (bytes or str) as a value; None for a missing field."""
     if raw is None:
         return None
-    try:
-        return _DECODER.decode(raw.decode("utf-8") if isinstance(raw, bytes) else raw)
-    except ValueError as exc:
-        raise SerializationError(f"invalid JSON: {exc}") from exc
+    return _JSON.loads(raw)
 
 
 Mark = tuple[str, str, int]
@@ -192,12 +184,14 @@ class RedisContext(BaseAsyncContext):
         for op in ops:
             final.pop(op.key, None)
             final[op.key] = op
+        # Every value is encoded (and refused, naming its key) before anything is sent.
         sets: list[str] = []
         deletes: list[str] = []
         for op in final.values():
             if op.op == "set":
-                sets += (op.key, encode(op.value))
+                sets += (op.key, encode_value(op.key, op.value))
             else:
+                check_key(op.key)
                 deletes.append(op.key)
         index_op = "0"
         if self._index_key is not None:

@@ -99,8 +99,12 @@ HOSTILE_KEYS = [
 
 
 def _size(value: Any) -> int:
-    # surrogatepass: measuring must never fail the operation it measures.
-    return len(json.dumps(value, ensure_ascii=False, default=repr).encode("utf-8", "surrogatepass"))
+    # Measuring must never fail the operation it measures (the store refuses the value).
+    try:
+        text = json.dumps(value, ensure_ascii=False, default=repr)
+    except (ValueError, RecursionError):
+        return 0
+    return len(text.encode("utf-8", "surrogatepass"))
 
 
 @dataclass
