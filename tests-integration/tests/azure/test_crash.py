@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import redis.asyncio as redis_asyncio
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from flowcraft_azure import AzureAdapter
 from flowcraft_backends.crash_fleet import (
@@ -46,7 +47,11 @@ async def all_published(client: AzureAdapter, runs: list[str], seconds: float) -
     redis = client.results._client
     async with asyncio.timeout(seconds):
         while True:
-            if sum(1 for v in await redis.mget(keys) if v is not None) == len(runs):
+            try:
+                found = await redis.mget(keys)
+            except RedisConnectionError:  # a pooled connection of a restarted Redis
+                found = []
+            if sum(1 for v in found if v is not None) == len(runs):
                 return
             await asyncio.sleep(0.2)
 

@@ -1,0 +1,43 @@
+"""Redis (coordination and results) stops and starts, keeping its append-only file,
+while diamond runs are in flight on two worker processes: the workers hand jobs back
+while it is down, reconnect, and every run completes exactly once. (Azurite and the
+Cosmos DB test server keep everything in memory, so they cannot restart mid-run
+without losing data; only Redis is restarted.)"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from flowcraft_backends import RunningService
+from flowcraft_backends.crash_fleet import WorkerProcesses, blueprints, restarter
+
+from .azure_fleet import Settings
+from .test_crash import all_published, check_exactly_once
+
+pytestmark = pytest.mark.slow
+
+RUNS = 30
+FLEET = Path(__file__).with_name("azure_fleet.py")
+
+
+async def test_redis_restart_mid_run_loses_nothing(
+    settings: Settings, redis_service: RunningService
+) -> None:
+    restart = restarter(redis_service)
+    workers = WorkerProcesses(FLEET, settings)
+    client = settings.adapter(blueprints())
+    try:
+        runs = [await client.start_run("diamond") for _ in range(RUNS)]
+        await asyncio.sleep(3.0)
+        assert await client.get_final_result(runs[-1]) is None, "the runs finished too soon"
+        await asyncio.to_thread(restart)
+        more = [await client.start_run("diamond") for _ in range(5)]
+        await all_published(client, runs + more, 300)
+        await check_exactly_once(settings, client, runs + more)
+    finally:
+        codes = await workers.stop()
+        await client.aclose()
+    assert codes == [0, 0], "a worker did not stop gracefully on SIGTERM"
