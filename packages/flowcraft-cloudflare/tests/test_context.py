@@ -5,19 +5,39 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 
 from flowcraft import StateLimitError
-from flowcraft.context import PatchOperation
+from flowcraft.context import AsyncContext, PatchOperation
 from flowcraft.testing.adapter import HOSTILE_KEYS
+from flowcraft.testing.context import ContextStoreTests
 from flowcraft_cloudflare import (
     MAX_VALUE_BYTES,
     DurableObjectContext,
     WorkerClient,
+    WorkerSettings,
     run_object,
 )
+
+
+class TestDurableObjectContext(ContextStoreTests):
+    """The core's context kit; racers go through a second client (other connections)."""
+
+    @pytest.fixture
+    async def context(
+        self, client: WorkerClient, settings: WorkerSettings, namespace: str
+    ) -> AsyncIterator[AsyncContext]:
+        run_id = f"run-{uuid.uuid4().hex[:8]}"
+        self._other = WorkerClient(settings)
+        yield DurableObjectContext(client, run_object(namespace, run_id), run_id)
+        await self._other.aclose()
+
+    async def same_run(self, context: AsyncContext) -> AsyncContext:
+        assert isinstance(context, DurableObjectContext)
+        return DurableObjectContext(self._other, context.object_name, context.run_id)
 
 
 @pytest.fixture

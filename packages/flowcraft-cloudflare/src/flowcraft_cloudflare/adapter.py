@@ -29,7 +29,7 @@ from flowcraft.distributed.pull import PullingAdapter
 from flowcraft.distributed.results import ResultWatch
 from flowcraft.events import EventBus
 from flowcraft.runtime import RuntimeOptions
-from flowcraft.serializer import JsonSerializer
+from flowcraft.serializer import JsonSerializer, encode_value
 from flowcraft_cloudflare._client import WorkerClient, WorkerError, WorkerSettings
 from flowcraft_cloudflare.context import MAX_VALUE_BYTES, DurableObjectContext, run_object
 from flowcraft_cloudflare.coordination import DurableObjectCoordinationStore
@@ -106,8 +106,7 @@ class CloudflareAdapter(PullingAdapter[InboxMessage]):
 
     # ------------------------------------------------------------ the seed's primitives
 
-    def create_context(self, run_id: str) -> DurableObjectContext:  # type: ignore[override]
-        # (its patch returns bool: the guarded patch of issue 12, not yet in AsyncContext)
+    def create_context(self, run_id: str) -> DurableObjectContext:
         return self.run_context(run_id)
 
     def run_context(self, run_id: str) -> DurableObjectContext:
@@ -137,7 +136,10 @@ class CloudflareAdapter(PullingAdapter[InboxMessage]):
 
     async def publish_final_result(self, run_id: str, result: FinalResult) -> None:
         """Insert-if-absent in the run object: the first result published stays."""
-        stored = {"status": result.status, "errors": result.errors, "context": result.context}
+        # Each context value is encoded on its own (its text inside the result's JSON):
+        # a value may nest up to MAX_DEPTH, and the result must not add levels to it.
+        context = {k: encode_value(k, v, self.serializer) for k, v in result.context.items()}
+        stored = {"status": result.status, "errors": result.errors, "context": context}
         ctx = self.run_context(run_id)
         await ctx.batch([{"op": "result_put", "value": self.serializer.dumps(stored)}])
 
@@ -157,7 +159,8 @@ class CloudflareAdapter(PullingAdapter[InboxMessage]):
         if text is None:
             return None
         data = self.serializer.loads(text)
-        return FinalResult(run_id, data["status"], data["context"], data.get("errors", []))
+        context = {k: self.serializer.loads(v) for k, v in data["context"].items()}
+        return FinalResult(run_id, data["status"], context, data.get("errors", []))
 
     @contextlib.asynccontextmanager
     async def watch_result(self, run_id: str) -> AsyncIterator[ResultWatch | None]:

@@ -12,9 +12,9 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from flowcraft.context import BaseAsyncContext, PatchOperation
+from flowcraft.context import BaseAsyncContext, Guard, PatchOperation, check_guard
 from flowcraft.errors import StateLimitError
-from flowcraft.serializer import JsonSerializer, Serializer
+from flowcraft.serializer import JsonSerializer, Serializer, check_key, encode_value
 from flowcraft_cloudflare._client import WorkerClient, _TooLarge
 
 __all__ = ["MAX_VALUE_BYTES", "DurableObjectContext", "run_object"]
@@ -37,12 +37,15 @@ def run_object(namespace: str, run_id: str) -> str:
     return f"{namespace}/r:{escape_id(run_id)}"
 
 
-def _guard_text(key: str, expected: object) -> str | None:
-    if expected is None:
-        return None
-    if isinstance(expected, bool) or not isinstance(expected, int | str):
-        raise TypeError(f"guard for {key!r} must be None, int or str, not {type(expected)!r}")
-    return _GUARD_JSON.dumps(expected)
+def _guard_text(expected: int | str | None) -> str | None:
+    """The JSON text a guarded key must hold (compared as text in the object: the
+    stored value is the text this serializer wrote, so 3 matches only the number 3)."""
+    return None if expected is None else _GUARD_JSON.dumps(expected)
+
+
+def _repeatable(op: Mapping[str, Any]) -> bool:
+    """Whether sending ``op`` twice leaves what one send would (and answers the same)."""
+    return op["op"] not in {"incr", "setnx"} and not (op["op"] == "patch" and op.get("guard"))
 
 
 class DurableObjectContext(BaseAsyncContext):
@@ -81,7 +84,9 @@ class DurableObjectContext(BaseAsyncContext):
         """Run raw object ops as one atomic step (one round trip)."""
         try:
             answer = await self.client.call(
-                "do", {"object": self.object_name, "ttl": self.ttl_seconds, "ops": list(ops)}
+                "do",
+                {"object": self.object_name, "ttl": self.ttl_seconds, "ops": list(ops)},
+                retry=all(_repeatable(op) for op in ops),
             )
         except _TooLarge as exc:
             raise StateLimitError(
@@ -113,13 +118,15 @@ class DurableObjectContext(BaseAsyncContext):
     def patch_op(
         self,
         ops: Sequence[PatchOperation],
-        guard: Mapping[str, int | str | None] | None = None,
+        guard: Guard | None = None,
     ) -> dict[str, Any]:
         """The object op for ``patch`` (the last operation on a key wins)."""
+        check_guard(guard)
         final: dict[str, str | None] = {}
         for op in ops:
+            check_key(op.key)
             if op.op == "set":
-                text = self.serializer.dumps(op.value)
+                text = encode_value(op.key, op.value, self.serializer)
                 size = len(op.key.encode("utf-8", "surrogatepass")) + len(
                     text.encode("utf-8", "surrogatepass")
                 )
@@ -139,14 +146,14 @@ class DurableObjectContext(BaseAsyncContext):
             "delete": [k for k, v in final.items() if v is None],
         }
         if guard:
-            body["guard"] = [[k, _guard_text(k, v)] for k, v in guard.items()]
+            body["guard"] = [[k, _guard_text(v)] for k, v in guard.items()]
         return body
 
-    async def patch(  # type: ignore[override]  # the guarded patch of issue 12
+    async def patch(
         self,
         ops: Sequence[PatchOperation],
         *,
-        guard: Mapping[str, int | str | None] | None = None,
+        guard: Guard | None = None,
     ) -> bool:
         """Apply ``ops`` atomically; with ``guard``, only if every guarded key holds the
         expected value (None: absent). False, writing nothing, when the guard fails."""

@@ -17,7 +17,7 @@ from typing import Any
 
 from flowcraft.distributed.coordination import validate_ttl_seconds
 from flowcraft_cloudflare._client import WorkerClient
-from flowcraft_cloudflare.context import run_object
+from flowcraft_cloudflare.context import _repeatable, run_object
 
 __all__ = ["PROTOCOL_KINDS", "DurableObjectCoordinationStore"]
 
@@ -59,7 +59,9 @@ class DurableObjectCoordinationStore:
         return run_object(self.namespace, run_id)
 
     async def _one(self, key: str, op: dict[str, Any]) -> dict[str, Any]:
-        answer = await self.client.call("do", {"object": self.object_for(key), "ops": [op]})
+        answer = await self.client.call(
+            "do", {"object": self.object_for(key), "ops": [op]}, retry=_repeatable(op)
+        )
         result: dict[str, Any] = answer["results"][0]
         return result
 
