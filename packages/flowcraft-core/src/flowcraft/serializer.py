@@ -49,8 +49,10 @@ class Serializer(Protocol):
 
 class JsonSerializer:
     """Compact UTF-8 JSON. Refuses NaN/Infinity, non-JSON types, strings that are not
-    valid Unicode (lone surrogates) and nesting deeper than :data:`MAX_DEPTH`, each
-    with a :class:`SerializationError` that says why."""
+    valid Unicode (lone surrogates) and nesting too deep for Python's parser, each
+    with a :class:`SerializationError` that says why. The :data:`MAX_DEPTH` limit is
+    :func:`encode_value`'s, for context values: a final result wraps them in two
+    more levels and must still be published."""
 
     __slots__ = ()
 
@@ -87,9 +89,6 @@ def _dumps(value: Any) -> str:
                 f"{_path(value, _not_utf8, 'the string at ')} is not valid Unicode (it holds "
                 "a lone surrogate, such as '\\udc00') and cannot be encoded as UTF-8"
             ) from None
-    # Cheap bound first: a value cannot nest deeper than it has containers.
-    if text.count("[") + text.count("{") > MAX_DEPTH and value_depth(value) > MAX_DEPTH:
-        raise SerializationError(_too_deep())
     return text
 
 
@@ -145,7 +144,11 @@ def encode_value(key: str, value: Any, serializer: Serializer | None = None) -> 
     check_key(key)
     try:
         if serializer is None or type(serializer) is JsonSerializer:
-            return _dumps(value)
+            text = _dumps(value)
+            # Cheap bound first: a value cannot nest deeper than it has containers.
+            if text.count("[") + text.count("{") > MAX_DEPTH and value_depth(value) > MAX_DEPTH:
+                raise SerializationError(_too_deep())
+            return text
         text = serializer.dumps(value)
         if not isinstance(text, str):
             raise SerializationError(f"the serializer returned {type(text).__name__}, not str")

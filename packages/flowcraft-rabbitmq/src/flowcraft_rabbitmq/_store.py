@@ -6,11 +6,18 @@ construction). Run ids, context keys and values are always bind parameters, and
 values cross as JSON text cast to ``jsonb`` in SQL, so a pool with custom type
 codecs cannot change how they are encoded.
 
+Values are kept exactly: ``jsonb`` normalises numbers (``1e16`` came back as the int
+``10000000000000000``, ``1e308`` as ``10**308``), so the state object maps each
+context key to a jsonb *string* holding the value's JSON text, as the core's
+``encode_value`` wrote it (schema version 2; version 1 stored the values
+themselves). The patch stays one statement over the keys it touches; the guard
+compares the canonical JSON texts. The result is ``text`` for the same reason.
+
 The table::
 
     run_id        text PRIMARY KEY
-    state         jsonb        the run's context: {key: value, ...}
-    result        jsonb        the published final result (wait_for_result reads it)
+    state         jsonb        the run's context: {key: "<the value's JSON text>", ...}
+    result        text         the published final result, JSON (wait_for_result reads it)
     created_at    timestamptz
     updated_at    timestamptz  every patch bumps it: the reconciler's progress marker
     finished_at   timestamptz  when the final result was published
@@ -24,6 +31,7 @@ table recording the applied schema version for future migrations.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -36,7 +44,7 @@ from flowcraft.context import Guard, PatchOperation, check_guard
 from flowcraft.distributed import keys as K
 from flowcraft.distributed.results import ResultWaiters
 from flowcraft.errors import SerializationError, StateLimitError
-from flowcraft.serializer import JsonSerializer
+from flowcraft.serializer import JsonSerializer, check_key, encode_value
 from flowcraft_rabbitmq._settings import SqlNames
 
 __all__ = ["SCHEMA_VERSION", "PostgresRunStore"]
@@ -44,6 +52,8 @@ __all__ = ["SCHEMA_VERSION", "PostgresRunStore"]
 logger = logging.getLogger("flowcraft_rabbitmq.store")
 
 _json = JsonSerializer()
+# The state object's own encoding: keys and strings only, already checked.
+_outer = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 
 
 # Statement templates. The only substitutions are ``{runs}``, ``{versions}`` and
@@ -64,20 +74,31 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )""",
         "CREATE INDEX IF NOT EXISTS {index} ON {runs} (updated_at) WHERE result IS NULL",
     ),
+    # 2: values as their exact JSON text (jsonb normalised numbers). Stop workers of
+    # version 1 before upgrading: they would write values in the old form.
+    (
+        "ALTER TABLE {runs} ALTER COLUMN result TYPE text USING result::text",
+        "UPDATE {runs} SET state = (SELECT coalesce(jsonb_object_agg(e.key, "
+        "to_jsonb(e.value::text)), '{{}}'::jsonb) FROM jsonb_each(state) AS e)",
+    ),
 )
 
 SCHEMA_VERSION = len(_MIGRATIONS)
 
-_GET = "SELECT (state -> $2)::text FROM {runs} WHERE run_id = $1"
+# Reads return each value's JSON text (``->>`` of a jsonb string is its content).
+_GET = "SELECT state ->> $2 FROM {runs} WHERE run_id = $1"
 _HAS = "SELECT state ? $2 FROM {runs} WHERE run_id = $1"
 _GET_MANY = (
-    "SELECT (SELECT jsonb_object_agg(k, r.state -> k) "
-    "FROM unnest($2::text[]) AS k WHERE r.state ? k)::text "
-    "FROM {runs} AS r WHERE r.run_id = $1"
+    "SELECT array_agg(k), array_agg(r.state ->> k) "
+    "FROM {runs} AS r, unnest($2::text[]) AS k WHERE r.run_id = $1 AND r.state ? k"
 )
-_TO_DICT = "SELECT state::text FROM {runs} WHERE run_id = $1"
+_TO_DICT = (
+    "SELECT array_agg(e.key), array_agg(e.value) "
+    "FROM {runs} AS r, jsonb_each_text(r.state) AS e WHERE r.run_id = $1"
+)
 # The patch: delete the keys of the text[] $2 ("jsonb - text[]" removes top-level
-# keys), then merge the object $3 of every key set ("||" replaces top-level keys).
+# keys), then merge the object $3 of every key set ("||" replaces top-level keys),
+# whose values are the JSON texts of the values set.
 # The first patch of a run (start_run's) inserts the row.
 _PATCH = (
     "INSERT INTO {runs} AS r (run_id, state) VALUES ($1, $3::text::jsonb) "
@@ -85,10 +106,11 @@ _PATCH = (
     "SET state = (r.state - $2::text[]) || $3::text::jsonb, updated_at = now()"
 )
 # The guarded patch, still one statement: an existing row is updated only if none of
-# the keys of the text[] $4 exists and every key of the object $5 holds an equal JSON
-# value (ON CONFLICT locks the row and checks its latest version, so the check and
-# the write are one atomic step). A missing row is inserted only if $5 is empty (an
-# absent key equals no value); a row inserted meanwhile meets the same conflict path.
+# the keys of the text[] $4 exists and every key of the object $5 holds the same JSON
+# text (the canonical text of an int or str guard). ON CONFLICT locks the row and
+# checks its latest version, so the check and the write are one atomic step. A
+# missing row is inserted only if $5 is empty (an absent key equals no value); a row
+# inserted meanwhile meets the same conflict path.
 # Returns a row when applied.
 _PATCH_GUARDED = (
     "INSERT INTO {runs} AS r (run_id, state) "
@@ -106,18 +128,18 @@ _PATCH_GUARDED = (
 _PUBLISH = (
     "WITH published AS ("
     "INSERT INTO {runs} AS r (run_id, result, finished_at) "
-    "VALUES ($1, $2::text::jsonb, now()) "
+    "VALUES ($1, $2::text, now()) "
     "ON CONFLICT (run_id) DO UPDATE SET result = excluded.result, finished_at = now() "
     "WHERE r.result IS NULL RETURNING r.run_id) "
     "SELECT pg_notify($3, run_id) FROM published"
 )
-_RESULT = "SELECT result::text, (state -> $2)::text FROM {runs} WHERE run_id = $1"
+_RESULT = "SELECT result, state ->> $2 FROM {runs} WHERE run_id = $1"
 _CLAIM_STALLED = (
     "UPDATE {runs} AS r SET reconciled_at = now() WHERE r.run_id IN ("
     "SELECT run_id FROM {runs} "
     "WHERE result IS NULL AND updated_at < now() - make_interval(secs => $1) "
     "AND (reconciled_at IS NULL OR reconciled_at < now() - make_interval(secs => $1)) "
-    "AND coalesce(state -> $2 ->> 'status', '') <> 'awaiting' "
+    "AND coalesce((state ->> $2)::jsonb ->> 'status', '') <> 'awaiting' "
     "ORDER BY updated_at LIMIT $3 FOR UPDATE SKIP LOCKED) "
     "RETURNING r.run_id"
 )
@@ -166,7 +188,7 @@ def _translated(run_id: str) -> Iterator[None]:
     except asyncpg.exceptions.UntranslatableCharacterError as exc:
         raise SerializationError(
             f"run {run_id!r}: PostgreSQL jsonb cannot store this text "
-            f"(a NUL character, \\u0000, in a key or value?): {exc}"
+            f"(a NUL character, \\u0000, in a key?): {exc}"
         ) from exc
     except asyncpg.exceptions.ProgramLimitExceededError as exc:
         raise StateLimitError(f"run {run_id!r}: the state is too large for a row: {exc}") from exc
@@ -178,6 +200,23 @@ async def _no_reset(connection: Any) -> None:
     The store's statements leave no session state behind (no LISTEN, cursors,
     session advisory locks or SET), so its own pool has nothing to reset.
     """
+
+
+def _check_pg_key(key: str) -> None:
+    """A key PostgreSQL can hold: valid Unicode, and no NUL (jsonb keys cannot have one)."""
+    check_key(key)
+    if "\x00" in key:
+        raise SerializationError(
+            f"context key {key!r}: PostgreSQL jsonb keys cannot hold a NUL character (\\u0000)"
+        )
+
+
+def _decoded(row: Any) -> dict[str, Any]:
+    """``{key: value}`` from a row of (keys, JSON texts) arrays (NULLs: none found)."""
+    if row is None or row[0] is None:
+        return {}
+    loads = _json.loads
+    return {key: loads(text) for key, text in zip(row[0], row[1], strict=True)}
 
 
 def collapse(ops: Sequence[PatchOperation]) -> tuple[list[str], dict[str, Any]]:
@@ -289,6 +328,11 @@ class PostgresRunStore:
         self.round_trips[kind] += 1
         return await pool.fetchval(query, *args)
 
+    async def _fetchrow(self, kind: str, query: str, *args: Any) -> Any:
+        pool = await self.pool()
+        self.round_trips[kind] += 1
+        return await pool.fetchrow(query, *args)
+
     async def get(self, run_id: str, key: str) -> Any:
         text = await self._fetchval("get", self.sql.get, run_id, key)
         return None if text is None else _json.loads(text)
@@ -299,14 +343,12 @@ class PostgresRunStore:
     async def get_many(self, run_id: str, keys: Sequence[str]) -> dict[str, Any]:
         if not keys:
             return {}
-        text = await self._fetchval("get_many", self.sql.get_many, run_id, list(keys))
-        found: dict[str, Any] = {} if text is None else _json.loads(text)
-        return found
+        row = await self._fetchrow("get_many", self.sql.get_many, run_id, list(keys))
+        return _decoded(row)
 
     async def to_dict(self, run_id: str) -> dict[str, Any]:
-        text = await self._fetchval("to_dict", self.sql.to_dict, run_id)
-        state: dict[str, Any] = {} if text is None else _json.loads(text)
-        return state
+        row = await self._fetchrow("to_dict", self.sql.to_dict, run_id)
+        return _decoded(row)
 
     async def patch(
         self, run_id: str, ops: Sequence[PatchOperation], guard: Guard | None = None
@@ -317,7 +359,14 @@ class PostgresRunStore:
         if not ops and not guard:
             return True
         deletes, sets = collapse(ops)
-        payload = _json.dumps(sets)
+        # Every key and value is checked and encoded before anything is sent.
+        for key in deletes:
+            _check_pg_key(key)
+        texts = {}
+        for key, value in sets.items():
+            texts[key] = encode_value(key, value)
+            _check_pg_key(key)
+        payload = _outer.encode(texts)
         pool = await self.pool()
         self.round_trips["patch"] += 1
         with _translated(run_id):
@@ -325,7 +374,7 @@ class PostgresRunStore:
                 await pool.execute(self.sql.patch, run_id, deletes, payload)
                 return True
             absent = [k for k, v in guard.items() if v is None]
-            equal = _json.dumps({k: v for k, v in guard.items() if v is not None})
+            equal = _outer.encode({k: _json.dumps(v) for k, v in guard.items() if v is not None})
             applied = await pool.fetchval(
                 self.sql.patch_guarded, run_id, deletes, payload, absent, equal
             )
@@ -383,6 +432,12 @@ class _Notifications:
     ``watch(run_id)`` returns an event set when the run's result is published. If
     the connection cannot be had, or is lost, waiters still poll (slower), so a
     notification is a shortcut, never a requirement.
+
+    A lost connection (a PostgreSQL restart) is detected by its termination listener
+    and never touched again: asyncpg's pool takes a lost connection back, and any
+    call through its proxy after that raises ``InterfaceError`` ("released back to
+    the pool"), which used to fail every later ``wait_for_result``. The next
+    ``watch`` acquires a new connection.
     """
 
     def __init__(self, store: PostgresRunStore) -> None:
@@ -390,17 +445,24 @@ class _Notifications:
         self._conn: Any = None
         self.waiters = ResultWaiters()
         self._lock = asyncio.Lock()
+        self._lost = False
 
     @property
     def listening(self) -> bool:
-        return self._conn is not None and not self._conn.is_closed()
+        conn = self._conn
+        if conn is None or self._lost:
+            return False
+        try:
+            return not conn.is_closed()
+        except asyncpg.InterfaceError:  # the pool took it back: lost
+            return False
 
     async def watch(self, run_id: str) -> asyncio.Event:
         event = self.waiters.add(run_id)
         if not self.listening:
             try:
                 await self._listen()
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 logger.info("cannot LISTEN for results (%r); waiters poll", exc)
         return event
 
@@ -414,25 +476,38 @@ class _Notifications:
             conn = await pool.acquire()
             try:
                 await conn.add_listener(self._store.names.channel, self._notified)
+                conn.add_termination_listener(self._terminated)
             except BaseException:
                 await pool.release(conn)
                 raise
             self._conn = conn
+            self._lost = False
 
     def _notified(self, conn: Any, pid: int, channel: str, run_id: str) -> None:
         self.waiters.wake(run_id)
 
+    def _terminated(self, conn: Any) -> None:
+        logger.info("the LISTEN connection for results was lost; waiters poll until a new one")
+        self._lost = True
+        # Wake every waiter: each checks for its result once now, instead of
+        # sleeping out its backoff after missing a notification.
+        self.waiters.wake_all()
+
     async def _release(self) -> None:
         conn, self._conn = self._conn, None
+        lost, self._lost = self._lost, False
         pool = self._store._pool
         if conn is None or pool is None:
             return
         try:
-            if not conn.is_closed():
+            if not lost and not conn.is_closed():
                 await conn.remove_listener(self._store.names.channel, self._notified)
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
             logger.debug("UNLISTEN failed; the connection goes back anyway")
-        await pool.release(conn)
+        try:
+            await pool.release(conn)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            logger.debug("releasing the lost LISTEN connection: %r", exc)
 
     async def close(self) -> None:
         async with self._lock:

@@ -1,14 +1,17 @@
 """``PostgresContext``: one run's state, a ``jsonb`` row in PostgreSQL.
 
-Every method is one statement, so one round trip:
+The state object maps each context key to the value's exact JSON text (a jsonb
+string: jsonb itself would turn ``1e16`` into an int), checked and encoded by the
+core's ``encode_value`` before anything is sent. Every method is one statement, so
+one round trip:
 
 ==============  ===================================================================
-``get``         ``state -> $key``
-``get_many``    ``jsonb_object_agg`` over ``unnest($keys)`` of the keys present
+``get``         ``state ->> $key``
+``get_many``    ``state ->> k`` over ``unnest($keys)`` of the keys present
 ``has``         ``state ? $key``
 ``patch``       ``(state - $deleted_keys) || $set_object``, an upsert of the row;
                 guarded: the same upsert with the guard in its ``WHERE``
-``to_dict``     the whole ``state``
+``to_dict``     ``jsonb_each_text`` of the whole ``state``
 ==============  ===================================================================
 
 ``patch`` is atomic (one statement on one row) and its text is constant: the
