@@ -26,15 +26,12 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import hashlib
 import json
 import math
-import re
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any, Literal
 
 from flowcraft.distributed import DeadLetter, FinalResult, PullingAdapter
@@ -45,6 +42,19 @@ from flowcraft.events import EventBus
 from flowcraft.runtime import RuntimeOptions
 from flowcraft.serializer import JsonSerializer
 from flowcraft_sqs._client import AwsClients, AwsSettings, error_code
+from flowcraft_sqs._messages import (
+    BATCH,
+    ERROR_ATTRIBUTE,
+    MAX_VISIBILITY_SECONDS,
+    Poll,
+    batches,
+    clean,
+    group_id,
+    number_attribute,
+    receive_count,
+    retrieve,
+    string_attribute,
+)
 from flowcraft_sqs._setup import ACTIVE_RUNS_INDEX
 from flowcraft_sqs.context import DEFAULT_MAX_STATE_BYTES, DynamoDbContext, RunTable
 from flowcraft_sqs.coordination import DynamoDbCoordinationStore
@@ -53,22 +63,6 @@ __all__ = ["SqsAdapter"]
 
 Message = dict[str, Any]
 MessageGroup = Literal["run", "node"]
-
-MAX_VISIBILITY_SECONDS = 12 * 3600  # SQS's ceiling for ChangeMessageVisibility
-_BATCH = 10  # SQS's batch size for receive, send and delete
-_BATCH_BYTES = 200 * 1024  # below SQS's limit on a batch's total payload
-_GROUP_ID = re.compile(r"[!-~]{1,128}")
-_ERROR_ATTRIBUTE = "flowcraft-error"
-
-
-@dataclass(slots=True)
-class _Poll:
-    """One long poll that the worker may abandon: whoever takes the lock first decides
-    whether the messages go to the worker or straight back to the queue."""
-
-    lock: threading.Lock
-    taken: bool = False
-    abandoned: bool = False
 
 
 class SqsAdapter(PullingAdapter[Message]):
@@ -141,7 +135,7 @@ class SqsAdapter(PullingAdapter[Message]):
             coordination_store=coordination_store,
             event_bus=event_bus,
             visibility_seconds=visibility_timeout,
-            ack_batch_size=_BATCH,
+            ack_batch_size=BATCH,
             **options,
         )
         self.queue_url = queue_url
@@ -179,7 +173,7 @@ class SqsAdapter(PullingAdapter[Message]):
         """``SendMessageBatch``: up to 10 messages (and 200 KiB) a request. An entry SQS
         refuses alone (throttled, an internal error) is sent again by itself."""
         messages = [self._job_message(job) for job in jobs]
-        for chunk in _batches(messages):
+        for chunk in batches(messages):
             entries = [{"Id": str(i), **message} for i, message in enumerate(chunk)]
             reply = await self.clients.sqs_call(
                 "send_message_batch", QueueUrl=self.queue_url, Entries=entries
@@ -219,11 +213,11 @@ class SqsAdapter(PullingAdapter[Message]):
         group = job.run_id if self.message_group == "run" else f"{job.run_id}:{job.node_id}"
         return self._message(job.encode().decode(), group)
 
-    def _message(self, body: str, group_id: str) -> dict[str, Any]:
+    def _message(self, body: str, group: str) -> dict[str, Any]:
         """A message's parameters, as ``SendMessage`` and a batch entry take them."""
         message: dict[str, Any] = {"MessageBody": body}
         if self.fifo:
-            message["MessageGroupId"] = _group_id(group_id)
+            message["MessageGroupId"] = group_id(group)
             # One id per send: botocore's retries of this request are deduplicated,
             # later enqueues of the same node (loops, re-drives) are not.
             message["MessageDeduplicationId"] = uuid.uuid4().hex
@@ -235,9 +229,9 @@ class SqsAdapter(PullingAdapter[Message]):
         """One long poll. Abandoned by a stopping worker, it hands its messages back:
         the polling thread does if it has not delivered them yet, else the loop does
         with what this returns."""
-        poll = _Poll(threading.Lock())
+        poll = Poll(threading.Lock())
         receiving: asyncio.Future[list[Message]] = asyncio.ensure_future(
-            self.clients.run(functools.partial(self._receive_sync, poll, min(_BATCH, max_messages)))
+            self.clients.run(functools.partial(self._receive_sync, poll, min(BATCH, max_messages)))
         )
         try:
             return await asyncio.shield(receiving)
@@ -245,11 +239,11 @@ class SqsAdapter(PullingAdapter[Message]):
             with poll.lock:
                 poll.abandoned = not poll.taken
             if poll.abandoned:
-                receiving.add_done_callback(_retrieve)
+                receiving.add_done_callback(retrieve)
                 raise
             return await receiving  # taken already: the loop releases them
 
-    def _receive_sync(self, poll: _Poll, max_messages: int) -> list[Message]:
+    def _receive_sync(self, poll: Poll, max_messages: int) -> list[Message]:
         response = self.clients.sqs.receive_message(
             QueueUrl=self.queue_url,
             MaxNumberOfMessages=max_messages,
@@ -268,10 +262,10 @@ class SqsAdapter(PullingAdapter[Message]):
 
     def _release_sync(self, messages: list[Message]) -> None:
         """Make messages visible again at once (received while stopping)."""
-        for start in range(0, len(messages), _BATCH):
+        for start in range(0, len(messages), BATCH):
             entries = [
                 {"Id": str(i), "ReceiptHandle": m["ReceiptHandle"], "VisibilityTimeout": 0}
-                for i, m in enumerate(messages[start : start + _BATCH])
+                for i, m in enumerate(messages[start : start + BATCH])
             ]
             try:
                 self.clients.sqs.change_message_visibility_batch(
@@ -285,7 +279,7 @@ class SqsAdapter(PullingAdapter[Message]):
         return body
 
     def delivery_count(self, message: Message) -> int:
-        return _receive_count(message)
+        return receive_count(message)
 
     async def ack(self, messages: Sequence[Message]) -> None:
         entries = [
@@ -329,9 +323,11 @@ class SqsAdapter(PullingAdapter[Message]):
                 "QueueUrl": url,
                 "MessageBody": message["Body"],
                 "MessageAttributes": {
-                    _ERROR_ATTRIBUTE: _string(_clean(reason)),
-                    "flowcraft-source-message-id": _string(str(message.get("MessageId", "?"))),
-                    "flowcraft-receive-count": _number(_receive_count(message)),
+                    ERROR_ATTRIBUTE: string_attribute(clean(reason)),
+                    "flowcraft-source-message-id": string_attribute(
+                        str(message.get("MessageId", "?"))
+                    ),
+                    "flowcraft-receive-count": number_attribute(receive_count(message)),
                 },
             }
             if url.endswith(".fifo"):
@@ -372,11 +368,11 @@ class SqsAdapter(PullingAdapter[Message]):
         if url is None:
             return []
         found: dict[str, DeadLetter] = {}
-        for _ in range(max(1, math.ceil(limit / _BATCH))):
+        for _ in range(max(1, math.ceil(limit / BATCH))):
             response = await self.clients.sqs_call(
                 "receive_message",
                 QueueUrl=url,
-                MaxNumberOfMessages=_BATCH,
+                MaxNumberOfMessages=BATCH,
                 VisibilityTimeout=0,
                 WaitTimeSeconds=0,
                 MessageAttributeNames=["All"],
@@ -386,7 +382,7 @@ class SqsAdapter(PullingAdapter[Message]):
                 if m["MessageId"] in found:
                     continue
                 new += 1
-                error = m.get("MessageAttributes", {}).get(_ERROR_ATTRIBUTE, {})
+                error = m.get("MessageAttributes", {}).get(ERROR_ATTRIBUTE, {})
                 found[m["MessageId"]] = DeadLetter(
                     m["Body"], error.get("StringValue", ""), m["MessageId"]
                 )
@@ -442,52 +438,3 @@ class SqsAdapter(PullingAdapter[Message]):
             await self.coordination_store.aclose()
         if self._owns_clients:
             self.clients.close()
-
-
-def _retrieve(future: asyncio.Future[Any]) -> None:
-    """Consume an abandoned poll's outcome so asyncio does not log it as unretrieved."""
-    if not future.cancelled():
-        future.exception()
-
-
-def _receive_count(message: Mapping[str, Any]) -> int:
-    return int(message.get("Attributes", {}).get("ApproximateReceiveCount", "1"))
-
-
-def _group_id(value: str) -> str:
-    """A valid FIFO ``MessageGroupId`` (printable ASCII, <= 128): long or exotic ids are
-    hashed."""
-    if _GROUP_ID.fullmatch(value):
-        return value
-    return hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()
-
-
-def _string(value: str) -> dict[str, str]:
-    return {"DataType": "String", "StringValue": value}
-
-
-def _number(value: float) -> dict[str, str]:
-    return {"DataType": "Number", "StringValue": str(value)}
-
-
-def _batches(messages: list[dict[str, Any]]) -> Iterator[list[dict[str, Any]]]:
-    """Messages in request-sized batches (count and total body size)."""
-    batch: list[dict[str, Any]] = []
-    size = 0
-    for message in messages:
-        body = len(message["MessageBody"].encode())
-        if batch and (len(batch) == _BATCH or size + body > _BATCH_BYTES):
-            yield batch
-            batch, size = [], 0
-        batch.append(message)
-        size += body
-    if batch:
-        yield batch
-
-
-_INVALID_XML = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
-
-
-def _clean(text: str, limit: int = 4000) -> str:
-    """Text SQS accepts in a message attribute (XML characters), shortened."""
-    return _INVALID_XML.sub("?", text)[:limit] or "?"
