@@ -125,6 +125,8 @@ async def test_bad_payloads_are_dead_lettered(start_fleet: StartFleet) -> None:
     flow = Flow("ok").node("a", lambda c: 1)
     fleet = await start_fleet(flow, workers=1)
     client = fleet.client
+    # The run exists: a node it lacks is then told from a version this worker lacks.
+    assert (await client.wait_for_result(await client.start_run("ok", run_id="r"), 30)).status
     await client.enqueue_raw(b"{not json")
     await client.enqueue_raw({"runId": "r", "blueprintId": "nope", "nodeId": "a"})
     await client.enqueue_raw({"runId": "r", "blueprintId": "ok", "nodeId": "missing"})

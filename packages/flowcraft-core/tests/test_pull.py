@@ -80,10 +80,12 @@ class ToyContext(BaseAsyncContext):
         self._data = data
 
     async def get(self, key: str) -> Any:
+        await asyncio.sleep(0)  # a round trip: other tasks run meanwhile
         return self._data.data.get(key)
 
     async def patch(self, ops: Sequence[PatchOperation], *, guard: Guard | None = None) -> bool:
-        # One event-loop step: nothing interleaves between the check and the write.
+        await asyncio.sleep(0)
+        # Then one event-loop step: nothing interleaves between the check and the write.
         check_guard(guard)
         if guard is not None and not guard_holds(self._data.data, guard):
             return False

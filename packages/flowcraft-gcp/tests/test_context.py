@@ -351,3 +351,18 @@ async def test_stalled_runs_are_found_by_their_last_write(runs: RunCollection) -
     assert await runs.stalled(3600, 100) == []
     await asyncio.sleep(0.05)
     assert await runs.stalled(0, 100) == [running.run_id]
+
+
+async def test_a_jobs_reads_add_up_for_its_fenced_commit(ctx: FirestoreContext) -> None:
+    """A job reads its node's count, then its inputs, then commits guarded on the count
+    and the run's end marker: two reads of one version answer the guard, no third."""
+    await ctx.patch([PatchOperation.set("_flowcraft.n.X", 1), PatchOperation.set("in", 5)])
+    requests = ctx.runs.clients.requests
+    requests.clear()
+    assert await ctx.get_many(["_flowcraft.meta", "_flowcraft.n.X"]) == {"_flowcraft.n.X": 1}
+    assert await ctx.get_many(["in"]) == {"in": 5}
+    assert await ctx.patch(
+        [PatchOperation.set("_flowcraft.n.X", 2)],
+        guard={"_flowcraft.n.X": 1, "_flowcraft.end": None},
+    )
+    assert dict(requests) == {"firestore.get": 2, "firestore.commit": 1}

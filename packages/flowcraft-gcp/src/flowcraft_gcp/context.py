@@ -270,8 +270,11 @@ class FirestoreContext(BaseAsyncContext):
         return state
 
     async def _read(self, keys: Sequence[str]) -> _Snapshot:
-        """One partial read of ``keys``; remembered for a guarded patch that follows."""
-        names = {key: _field_name(key) for key in keys}
+        """One partial read of ``keys`` (and of the run's end marker, which every fenced
+        write guards on, at no extra cost); remembered for a guarded patch that follows.
+        Reads that saw the same version of the document add up."""
+        wanted = list(keys) if K.ENDED in keys else [*keys, K.ENDED]
+        names = {key: _field_name(key) for key in wanted}
         local_writes = self._local.writes
         self.runs.clients.count("firestore.get")
         snapshot = await self.runs.document(self.run_id).get(
@@ -288,6 +291,14 @@ class FirestoreContext(BaseAsyncContext):
                     text = None
             texts[key] = text
         read = _Snapshot(snapshot.exists, snapshot.update_time, texts, local_writes)
+        before = self._snapshot
+        if (
+            before is not None
+            and before.exists == read.exists
+            and before.update_time == read.update_time
+            and before.local_writes == read.local_writes
+        ):
+            read.texts = {**before.texts, **texts}
         self._snapshot = read
         return read
 

@@ -34,7 +34,7 @@ from flowcraft.distributed.adapter import (
 )
 from flowcraft.distributed.coordination import CoordinationStore, InMemoryCoordinationStore
 from flowcraft.distributed.payload import JobPayload
-from flowcraft.errors import NodeExecutionError
+from flowcraft.errors import NodeExecutionError, VersionMismatchError
 from flowcraft.events import EventBus
 from flowcraft.runtime import RuntimeOptions
 
@@ -252,8 +252,14 @@ class InMemoryAdapter(BaseDistributedAdapter):
             else:
                 if isinstance(exc, RetryJob) and isinstance(exc.__cause__, NodeExecutionError):
                     delivery.failed_attempts += 1  # a failed attempt, not a busy hand-back
-                delay = exc.delay_seconds if isinstance(exc, RetryJob) else 0.0
-                delay = min(delay, self.broker.max_redelivery_delay)
+                if isinstance(exc, RetryJob):
+                    delay = min(exc.delay_seconds, self.broker.max_redelivery_delay)
+                elif isinstance(exc, VersionMismatchError):
+                    # For a worker of that version, later: never at once, which would
+                    # spin the job between this worker and the queue.
+                    delay = self.broker.max_redelivery_delay
+                else:
+                    delay = 0.0
                 loop = asyncio.get_running_loop()
                 loop.call_later(delay, self.broker.queue.put_nowait, delivery)
                 return

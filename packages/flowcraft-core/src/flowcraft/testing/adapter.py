@@ -43,6 +43,7 @@ import asyncio
 import contextlib
 import contextvars
 import dataclasses
+import functools
 import inspect
 import json
 from collections import Counter
@@ -53,8 +54,10 @@ from typing import Any, ClassVar
 import pytest
 
 from flowcraft.context import AsyncContext, BaseAsyncContext, Guard, PatchOperation
+from flowcraft.distributed import keys as K
 from flowcraft.distributed.adapter import BaseDistributedAdapter, FinalResult
 from flowcraft.distributed.payload import JobPayload
+from flowcraft.errors import FlowcraftError
 from flowcraft.events import CollectingEventBus, FlowEvent
 from flowcraft.flow import Flow
 from flowcraft.node import NodeContext, NodeResult, idempotency_key
@@ -65,14 +68,27 @@ from flowcraft.testing.store import _GUARD, _KIT_MODULE_PREFIX, _override_proble
 __all__ = [
     "AdapterConformanceTests",
     "AdapterFactory",
+    "ContextHook",
     "ContextMeter",
     "Fleet",
     "SideEffects",
+    "StoreHook",
     "meter_contexts",
 ]
 
 AdapterFactory = Callable[..., BaseDistributedAdapter | Awaitable[BaseDistributedAdapter]]
 """``factory(runtime_options, **options)``: a new worker on the test's backend."""
+
+StoreHook = Callable[[str, str, str], Awaitable[None]]
+"""``hook(phase, operation, key)`` around each coordination store operation of a fleet's
+adapters: ``phase`` is ``before`` (raise: the request never reached the store, as in a
+partition) or ``after`` (the operation took effect; sleep: a late reply; raise: a lost
+one)."""
+
+ContextHook = Callable[[str, str, Any], Awaitable[None]]
+"""``hook(phase, operation, argument)`` around each run context operation of a fleet's
+adapters: ``argument`` is the key (``get``, ``has``), the keys (``get_many``), the
+operations (``patch``) or None (``to_dict``)."""
 
 _FINAL = frozenset({"completed", "failed", "cancelled"})
 # Set while a Fleet's instrumented enqueue_jobs runs: the adapter's enqueue_jobs may
@@ -154,6 +170,98 @@ class _MeteredContext(BaseAsyncContext):
         return await self._inner.to_dict()
 
 
+class _HookedContext(BaseAsyncContext):
+    """Delegates to the adapter's context, calling the fleet's ``context_hook`` around
+    each operation."""
+
+    def __init__(self, inner: AsyncContext, fleet: Fleet) -> None:
+        self._inner = inner
+        self._fleet = fleet
+
+    async def _hook(self, phase: str, operation: str, argument: Any) -> None:
+        hook = self._fleet.context_hook
+        if hook is not None:
+            await hook(phase, operation, argument)
+
+    async def get(self, key: str) -> Any:
+        await self._hook("before", "get", key)
+        value = await self._inner.get(key)
+        await self._hook("after", "get", key)
+        return value
+
+    async def get_many(self, keys: Sequence[str]) -> dict[str, Any]:
+        await self._hook("before", "get_many", keys)
+        found = await self._inner.get_many(keys)
+        await self._hook("after", "get_many", keys)
+        return found
+
+    async def has(self, key: str) -> bool:
+        await self._hook("before", "has", key)
+        found = await self._inner.has(key)
+        await self._hook("after", "has", key)
+        return found
+
+    async def patch(self, ops: Sequence[PatchOperation], *, guard: Guard | None = None) -> bool:
+        await self._hook("before", "patch", ops)
+        applied = await (
+            self._inner.patch(ops) if guard is None else self._inner.patch(ops, guard=guard)
+        )
+        await self._hook("after", "patch", ops)
+        return applied
+
+    async def to_dict(self) -> dict[str, Any]:
+        await self._hook("before", "to_dict", None)
+        state = await self._inner.to_dict()
+        await self._hook("after", "to_dict", None)
+        return state
+
+
+class _HookedStore:
+    """Delegates to the adapter's coordination store, calling the fleet's ``store_hook``
+    around each of the five operations (anything else goes straight through)."""
+
+    def __init__(self, inner: Any, fleet: Fleet) -> None:
+        self._inner = inner
+        self._fleet = fleet
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    async def _call(self, operation: str, key: str, call: Callable[[], Awaitable[Any]]) -> Any:
+        hook = self._fleet.store_hook
+        if hook is not None:
+            await hook("before", operation, key)
+        result = await call()
+        if hook is not None:
+            await hook("after", operation, key)
+        return result
+
+    async def increment(self, key: str, ttl_seconds: float) -> int:
+        result: int = await self._call(
+            "increment", key, lambda: self._inner.increment(key, ttl_seconds)
+        )
+        return result
+
+    async def set_if_not_exist(self, key: str, value: str, ttl_seconds: float) -> bool:
+        result: bool = await self._call(
+            "set_if_not_exist", key, lambda: self._inner.set_if_not_exist(key, value, ttl_seconds)
+        )
+        return result
+
+    async def extend_ttl(self, key: str, ttl_seconds: float) -> bool:
+        result: bool = await self._call(
+            "extend_ttl", key, lambda: self._inner.extend_ttl(key, ttl_seconds)
+        )
+        return result
+
+    async def delete(self, key: str) -> None:
+        await self._call("delete", key, lambda: self._inner.delete(key))
+
+    async def get(self, key: str) -> str | None:
+        result: str | None = await self._call("get", key, lambda: self._inner.get(key))
+        return result
+
+
 class SideEffects:
     """Side effects outside the workflow, keyed by each activation's idempotency key.
 
@@ -209,6 +317,10 @@ class Fleet:
         self.publications: list[FinalResult] = []
         self.meter = ContextMeter()
         self.duplicate_enqueues = False
+        self.store_hook: StoreHook | None = None
+        """Called around every coordination store operation of the fleet's adapters."""
+        self.context_hook: ContextHook | None = None
+        """Called around every run context operation of the fleet's adapters."""
         self.enqueued: list[JobPayload] = []
         self.dropped: list[JobPayload] = []
         self._factory = factory
@@ -347,6 +459,13 @@ class Fleet:
         adapter.enqueue_job = enqueue_job  # type: ignore[method-assign]
         adapter.enqueue_jobs = enqueue_jobs  # type: ignore[method-assign]
         adapter.publish_final_result = publish_final_result  # type: ignore[method-assign]
+        adapter.coordination_store = _HookedStore(adapter.coordination_store, self)
+        create = adapter.create_context
+
+        def create_context(run_id: str) -> AsyncContext:
+            return _HookedContext(create(run_id), self)
+
+        adapter.create_context = create_context  # type: ignore[method-assign]
 
     def _meter_contexts(self, adapter: BaseDistributedAdapter) -> None:
         meter_contexts(adapter, self.meter)
@@ -437,15 +556,23 @@ class AdapterConformanceTests(ValueFidelityTests):
 
     @contextlib.asynccontextmanager
     async def fleet(
-        self, factory: AdapterFactory, *flows: Flow, workers: int | None = None, **options: Any
+        self,
+        factory: AdapterFactory,
+        *flows: Flow,
+        workers: int | None = None,
+        gates: Iterable[asyncio.Event] = (),
+        **options: Any,
     ) -> AsyncIterator[Fleet]:
-        """A started fleet running ``flows``; stopped (and checked alive) on exit."""
+        """A started fleet running ``flows``; stopped (and checked alive) on exit, after
+        opening ``gates`` (events nodes wait on), so a failing test cannot hang it."""
         fleet = Fleet(factory, RuntimeOptions.from_flows(*flows), timeout=self.timeout_seconds)
         await fleet.start(self.worker_count if workers is None else workers, **options)
         try:
             yield fleet
             assert fleet.dead_workers() == [], "a worker died"
         finally:
+            for gate in gates:
+                gate.set()
             await fleet.stop()
 
     # ---------------------------------------------------------------- the guard
@@ -1072,6 +1199,671 @@ class AdapterConformanceTests(ValueFidelityTests):
             assert set(fx.calls.values()) == {1}
             assert await fleet.client.reconcile(run) == 0
 
+    # ---------------------------------------------------------------- fenced commits (issue 12)
+    #
+    # Each scenario below failed on the protocol before the guarded patch; the docstring
+    # says how. They drive the fleet through its hooks: ``store_hook`` cuts a worker off
+    # the coordination store (a partition) or delays replies, ``context_hook`` holds a
+    # context operation back until the test lets it through.
+
+    async def test_stale_worker_cannot_commit_after_a_partitioned_heartbeat(
+        self, adapter_factory: AdapterFactory
+    ) -> None:
+        """Item 1. A worker whose heartbeat cannot reach the store for two lease periods
+        loses the activation to another delivery, which commits and the run moves on.
+        When its link returns it must not commit over that delivery's output. (Before:
+        its heartbeat extended the other delivery's lease, which named no holder, its
+        lease check trusted that, and it committed ``stale`` over ``fresh``.)"""
+        if not self.supports_duplicate_injection:
+            pytest.skip(f"{type(self).__name__}: the queue deduplicates messages")
+        lease, run = 0.6, "partitioned-heartbeat"
+        fx = SideEffects()
+        started, release, hold = asyncio.Event(), asyncio.Event(), asyncio.Event()
+        partitioned = False
+        executions: list[str] = []
+
+        async def x(ctx: NodeContext) -> str:
+            nonlocal partitioned
+            executions.append(ctx.idempotency_key)
+            if len(executions) == 1:
+                started.set()
+                await release.wait()
+                return "stale"
+            partitioned = False  # the stale worker's link comes back now
+            return "fresh"
+
+        async def held(ctx: NodeContext) -> Any:
+            await hold.wait()
+            return ctx.input
+
+        flow = Flow("partition").node("x", x).node("y", fx.step()).node("hold", held)
+        flow.chain("x", "y", "hold")
+        gates = (release, hold)
+        async with self.fleet(adapter_factory, flow, lease_seconds=lease, gates=gates) as fleet:
+            lease_key = K.lease(fleet.client.key_prefix, run, "x", 1)
+
+            async def partition(phase: str, operation: str, key: str) -> None:
+                cut = operation in ("extend_ttl", "get") and key == lease_key
+                if partitioned and phase == "before" and cut:
+                    raise ConnectionError("partitioned from the coordination store")
+
+            fleet.store_hook = partition
+            await fleet.client.start_run("partition", run_id=run)
+            await _wait(started, self.timeout_seconds, "the first execution of x")
+            partitioned = True
+            await fleet.client.enqueue_job(_job(run, "partition", "x"))
+            await fleet.until(lambda: fx.ran(run, "y"), "another delivery to take over x")
+            await asyncio.sleep(lease)  # the stale worker's heartbeat beats again
+            release.set()
+            await fleet.until(
+                lambda: _handled(fleet, run, "x") >= 2, "the stale delivery of x to end"
+            )
+            hold.set()
+            result = await fleet.client.wait_for_result(run, self.timeout_seconds)
+            assert result.status == "completed", result.errors
+            assert fx.input_of(run, "y") == "fresh"
+            assert _outputs(result)["x"] == "fresh", "a stale worker committed over the run"
+            assert await fleet.client.create_context(run).get("_outputs.x") == "fresh"
+            _assert_one_final_result(fleet, result)
+
+    async def test_late_lease_reply_cannot_rewind_a_loop(
+        self, adapter_factory: AdapterFactory
+    ) -> None:
+        """Item 2. A worker whose heartbeat is cut off checks its lease before committing;
+        the reply confirming it arrives after the lease expired, another delivery ran
+        the activation and the loop went on. The late confirmation must not let it
+        commit: the loop's resolved count never goes back. (Before: it committed
+        iteration 1 again after iteration 4, and iterations 2-4 ran a second time.)"""
+        if not self.supports_duplicate_injection:
+            pytest.skip(f"{type(self).__name__}: the queue deduplicates messages")
+        lease, late, run = 0.6, 3.0, "late-reply"
+        fx = SideEffects()
+        started, looped, hold = asyncio.Event(), asyncio.Event(), asyncio.Event()
+        returned = False
+        one_extension = True
+        bodies = 0
+
+        async def body(ctx: NodeContext) -> int:
+            nonlocal returned, bodies
+            bodies += 1
+            first = bodies == 1
+            n = int(await ctx.get("n") or 0) + 1
+            await ctx.set("n", n)
+            if first:
+                started.set()
+                await asyncio.sleep(0.7 * lease)  # past half its lease, with no heartbeat
+                returned = True
+            return n
+
+        async def held(ctx: NodeContext) -> Any:
+            looped.set()
+            await hold.wait()
+            return ctx.input
+
+        flow = (
+            Flow("rewind")
+            .node("init", fx.step(lambda c: 0))
+            .node("body", fx.step(body))
+            .node("check", fx.step())
+            .node("hold", held)
+            .chain("init", "body", "check")
+            .loop("body", "check", while_="n < 4")
+            .edge("check", "hold")
+        )
+        async with self.fleet(adapter_factory, flow, lease_seconds=lease, gates=[hold]) as fleet:
+            lease_key = K.lease(fleet.client.key_prefix, run, "body", 1)
+
+            async def late_replies(phase: str, operation: str, key: str) -> None:
+                nonlocal one_extension
+                if key != lease_key:
+                    return
+                if operation == "extend_ttl" and phase == "before":
+                    if returned and one_extension:  # the lease check gets through
+                        one_extension = False
+                        return
+                    raise ConnectionError("the heartbeat cannot reach the store")
+                if operation == "get" and phase == "after" and returned:
+                    await asyncio.sleep(late)  # the confirmation arrives late
+
+            fleet.store_hook = late_replies
+            await fleet.client.start_run("rewind", run_id=run)
+            await _wait(started, self.timeout_seconds, "the first execution of body")
+            await fleet.client.enqueue_job(_job(run, "rewind", "body"))
+            await _wait(looped, self.timeout_seconds, "the loop to finish")
+            await asyncio.sleep(late + 2 * lease)  # any stale commit has landed by now
+            hold.set()
+            result = await fleet.client.wait_for_result(run, self.timeout_seconds)
+            assert result.status == "completed", result.errors
+            assert result.context["n"] == 4
+            assert fx.keys(run, "body") == [idempotency_key(run, "body", i) for i in range(1, 5)]
+            repeated = {k: c for k, c in fx.calls.items() if c != 1}
+            assert repeated == {}, f"iterations ran again after a rewind: {repeated}"
+            assert await fleet.client.create_context(run).get(K.resolved("body")) == 4
+
+    async def test_failed_queue_attempt_never_frees_another_deliverys_lease(
+        self, adapter_factory: AdapterFactory
+    ) -> None:
+        """Item 3. In queue retry mode a failed attempt frees the activation for the
+        next delivery, but only its own lease: when another delivery has taken over
+        meanwhile, a third must not run beside it, and the activation resolves once.
+        (Before: the lease was deleted unconditionally, a third delivery ran and
+        committed ``C`` after ``B`` had been committed and consumed by ``g``.)"""
+        if not (self.supports_queue_retry and self.supports_duplicate_injection):
+            pytest.skip(f"{type(self).__name__}: no queue retries or no duplicate injection")
+        lease, run = 0.6, "queue-lease"
+        fx = SideEffects()
+        a_started, a_fails, b_started, b_commits = (asyncio.Event() for _ in range(4))
+        c_started, c_commits, hold = (asyncio.Event() for _ in range(3))
+        partitioned = False
+        executions = 0
+
+        async def f(ctx: NodeContext) -> str:
+            nonlocal executions, partitioned
+            executions += 1
+            if executions == 1:
+                a_started.set()
+                await a_fails.wait()
+                raise _Boom("attempt failed")
+            if executions == 2:
+                partitioned = False
+                b_started.set()
+                await b_commits.wait()
+                return "B"
+            c_started.set()
+            await c_commits.wait()
+            return "C"
+
+        async def held(ctx: NodeContext) -> Any:
+            await hold.wait()
+            return ctx.input
+
+        flow = Flow("qlease").node("f", f, max_retries=2).node("g", fx.step())
+        flow.node("hold", held).chain("f", "g", "hold")
+        options = {**self.queue_retry_options, "lease_seconds": lease}
+        gates = (a_fails, b_commits, c_commits, hold)
+        async with self.fleet(adapter_factory, flow, gates=gates, **options) as fleet:
+            lease_key = K.lease(fleet.client.key_prefix, run, "f", 1)
+
+            async def partition(phase: str, operation: str, key: str) -> None:
+                cut = operation in ("extend_ttl", "get") and key == lease_key
+                if partitioned and phase == "before" and cut:
+                    raise ConnectionError("partitioned from the coordination store")
+
+            fleet.store_hook = partition
+            await fleet.client.start_run("qlease", run_id=run)
+            await _wait(a_started, self.timeout_seconds, "the first attempt")
+            partitioned = True
+            await fleet.client.enqueue_job(_job(run, "qlease", "f"))
+            await _wait(b_started, self.timeout_seconds, "another delivery to take over")
+            a_fails.set()
+            await fleet.until(
+                lambda: any("attempt" in _reason(e) for e in _requeued(fleet, run, "f")),
+                "the failed attempt to be handed back",
+            )
+            busy = sum("elsewhere" in _reason(e) for e in _requeued(fleet, run, "f"))
+            await fleet.client.enqueue_job(_job(run, "qlease", "f"))
+            await fleet.until(
+                lambda: (
+                    c_started.is_set()
+                    or sum("elsewhere" in _reason(e) for e in _requeued(fleet, run, "f")) > busy
+                ),
+                "a third delivery to run f or meet the held lease",
+            )
+            b_commits.set()
+            await fleet.until(lambda: fx.ran(run, "g"), "g to run on B's output")
+            c_commits.set()
+            await asyncio.sleep(2 * lease)  # a third execution, if any, has committed
+            hold.set()
+            result = await fleet.client.wait_for_result(run, self.timeout_seconds)
+            assert result.status == "completed", result.errors
+            assert fx.input_of(run, "g") == "B"
+            assert _outputs(result)["f"] == "B", "a second execution committed over f"
+
+    async def test_concurrent_resumes_exactly_one_applies(
+        self, adapter_factory: AdapterFactory
+    ) -> None:
+        """Item 4. Two resumes of one wait (approve and reject) at once: exactly one is
+        applied, the other raises ``RunConflictError``; one branch runs. (Before: both
+        were accepted, both branches ran and the join got both inputs.)"""
+        from flowcraft.distributed.adapter import RunConflictError
+
+        fx = SideEffects()
+        flow = (
+            Flow("tworesumes")
+            .wait("review")
+            .node("publish", fx.step(lambda c: "published"))
+            .node("discard", fx.step(lambda c: "discarded"))
+            .node("end", fx.step())
+            .edge("review", "publish", action="approve")
+            .edge("review", "discard", action="reject")
+            .edge("publish", "end")
+            .edge("discard", "end")
+        )
+        async with self.fleet(adapter_factory, flow) as fleet:
+            run = await fleet.client.start_run("tworesumes")
+            await fleet.until(lambda: _is(fleet.status(run), "awaiting"), "the run to pause")
+            outcomes = await asyncio.gather(
+                fleet.client.resume_with_action(run, "approve", output="yes"),
+                fleet.client.resume_with_action(run, "reject", output="no"),
+                return_exceptions=True,
+            )
+            errors = [o for o in outcomes if isinstance(o, BaseException)]
+            assert len(errors) == 1, f"expected one refused resume, got {outcomes}"
+            assert isinstance(errors[0], RunConflictError), errors[0]
+            result = await fleet.client.wait_for_result(run, self.timeout_seconds)
+            assert result.status == "completed", result.errors
+            assert fx.ran(run, "publish") + fx.ran(run, "discard") == 1
+            assert len(fx.input_of(run, "end")) == 1, "the join got both branches"
+            _assert_one_final_result(fleet, result)
+
+    async def test_duplicate_wait_job_straddling_a_resume_does_not_pause_again(
+        self, adapter_factory: AdapterFactory
+    ) -> None:
+        """Item 5. A duplicate of a wait node's job reads the run before the node
+        paused, is held up, and reaches its own pause after the run was resumed: the
+        pause must be refused, and a second resume with it. (Before: the run paused
+        again and the second resume was accepted, resolving the wait twice.)"""
+        if not self.supports_duplicate_injection:
+            pytest.skip(f"{type(self).__name__}: the queue deduplicates messages")
+        lease, run = 0.6, "straddle"
+        fx = SideEffects()
+        second_read, second_pausing, resumed = (asyncio.Event() for _ in range(3))
+        reads = pauses = 0
+        # The handler's second read (the activation record and the wait mark): after it
+        # the duplicate knows the wait pending and not paused.
+        second = [K.activation("w", 1), K.waiting("w")]
+
+        async def straddle(phase: str, operation: str, argument: Any) -> None:
+            nonlocal reads, pauses
+            if operation == "get_many" and phase == "after" and list(argument)[:2] == second:
+                reads += 1
+                if reads == 2:
+                    second_read.set()
+                    await asyncio.sleep(1.5 * lease)  # past the first delivery's lease
+            pausing = operation == "patch" and phase == "before"
+            if pausing and any(op.key == "_flowcraft.w.w" and op.op == "set" for op in argument):
+                pauses += 1
+                if pauses == 1:
+                    await second_read.wait()
+                else:
+                    second_pausing.set()
+                    await resumed.wait()
+
+        flow = (
+            Flow("straddle")
+            .wait("w")
+            .node("yes", fx.step())
+            .node("no", fx.step())
+            .edge("w", "yes", action="approve")
+            .edge("w", "no", action="reject")
+        )
+        gates = (second_read, resumed)
+        async with self.fleet(adapter_factory, flow, lease_seconds=lease, gates=gates) as fleet:
+            fleet.context_hook = straddle
+            await fleet.client.start_run("straddle", run_id=run)
+            await fleet.client.enqueue_job(_job(run, "straddle", "w"))
+            await fleet.until(lambda: _is(fleet.status(run), "awaiting"), "the run to pause")
+            await _wait(second_pausing, self.timeout_seconds, "the duplicate to reach its pause")
+            await fleet.client.resume_with_action(run, "approve", output="ok")
+            resumed.set()
+            result = await fleet.client.wait_for_result(run, self.timeout_seconds)
+            assert result.status == "completed", result.errors
+            await fleet.until(lambda: _handled(fleet, run, "w") >= 2, "the duplicate to end")
+            info = await fleet.client.get_status(run)
+            assert info.waiting == [], "the duplicate paused the run again"
+            with pytest.raises(FlowcraftError):
+                await fleet.client.resume_with_action(run, "reject", output="again")
+            assert fx.ran(run, "no") == 0
+            assert fx.ran(run, "yes") == 1
+
+    async def test_late_start_retry_changes_nothing(self, adapter_factory: AdapterFactory) -> None:
+        """Item 6. A retried ``start_run`` of the same request whose write arrives after
+        the run began is a no-op (it returns the run id); a start of another blueprint,
+        or other initial context, with that run id raises ``RunConflictError`` and
+        changes nothing. (Before: the late start rewrote keys a node had committed,
+        and a colliding start rewrote the run's blueprint.)"""
+        from flowcraft.distributed.adapter import RunConflictError
+
+        fx = SideEffects()
+        run = "late-start"
+        held_back, let_through, hold = asyncio.Event(), asyncio.Event(), asyncio.Event()
+        reading = asyncio.Event()
+        starts = 0
+
+        async def writer(ctx: NodeContext) -> str:
+            await ctx.set("k", "written by a")
+            return "a"
+
+        async def reader(ctx: NodeContext) -> Any:
+            reading.set()
+            await hold.wait()
+            return await ctx.get("k")
+
+        async def late(phase: str, operation: str, argument: Any) -> None:
+            nonlocal starts
+            starting = operation == "patch" and phase == "before"
+            if starting and any(op.key == "_flowcraft.meta" for op in argument):
+                starts += 1
+                if starts == 1:  # the first start's write is held back
+                    held_back.set()
+                    await let_through.wait()
+
+        flow = Flow("late").node("a", fx.step(writer)).node("b", fx.step(reader)).chain("a", "b")
+        other = Flow("other").node("z", fx.step())
+        async with self.fleet(adapter_factory, flow, other, gates=(let_through, hold)) as fleet:
+            fleet.context_hook = late
+            first = asyncio.ensure_future(fleet.client.start_run("late", {"k": "init"}, run_id=run))
+            await _wait(held_back, self.timeout_seconds, "the first start's write")
+            assert await fleet.client.start_run("late", {"k": "init"}, run_id=run) == run
+            await _wait(reading, self.timeout_seconds, "a to commit and b to start")
+            let_through.set()
+            assert await first == run
+            held_back.clear()
+            let_through.clear()
+            starts = 0
+            colliding = asyncio.ensure_future(fleet.client.start_run("other", {}, run_id="other"))
+            await _wait(held_back, self.timeout_seconds, "the colliding start's write")
+            await fleet.client.start_run("late", {"k": "init"}, run_id="other")
+            let_through.set()
+            with pytest.raises(RunConflictError):
+                await colliding
+            with pytest.raises(RunConflictError):
+                await fleet.client.start_run("late", {"k": "changed"}, run_id=run)
+            with pytest.raises(RunConflictError):
+                await fleet.client.start_run("other", {}, run_id=run)
+            hold.set()
+            result = await fleet.client.wait_for_result(run, self.timeout_seconds)
+            assert result.status == "completed", result.errors
+            assert result.context["k"] == "written by a", "a late start rewrote committed state"
+            assert _outputs(result)["b"] == "written by a"
+            again = await fleet.client.wait_for_result("other", self.timeout_seconds)
+            assert again.status == "completed", again.errors
+            assert set(_outputs(again)) == {"a", "b"}, "a colliding start changed the blueprint"
+            assert fx.ran("other", "z") == 0
+            assert {k: c for k, c in fx.calls.items() if c != 1} == {}
+
+    async def test_rolling_deploy_hands_new_nodes_back(
+        self, adapter_factory: AdapterFactory
+    ) -> None:
+        """Item 8. A worker of an older blueprint version gets a job for a node only the
+        newer version has: it hands the job back (the run's version is checked before
+        the node), and a newer worker completes the run. (Before: the older worker
+        dead-lettered it as an unknown node and the run stayed running.)"""
+        fx = SideEffects()
+
+        def versioned(version: str, extra: bool) -> Flow:
+            flow = Flow("deploy", version=version).node("a", fx.step(lambda c: f"v{version}"))
+            if extra:
+                flow.node("new", fx.step()).chain("a", "new")
+            return flow
+
+        fleet = Fleet(
+            adapter_factory,
+            RuntimeOptions.from_flows(versioned("2", True)),
+            timeout=self.timeout_seconds,
+        )
+        try:
+            await fleet.start(1, RuntimeOptions.from_flows(versioned("1", False)))
+            run = await fleet.client.start_run("deploy")
+            await fleet.client.enqueue_job(_job(run, "deploy", "new"))
+            await fleet.until(
+                lambda: any("version" in _reason(e) for e in _requeued(fleet, run, "new")),
+                "the older worker to hand the new node's job back",
+            )
+            failed = [e for e in fleet.events_of("job:failed", run) if e.node_id == "new"]
+            assert failed == [], f"the older worker gave up the job: {failed}"
+            await fleet.start(1)
+            result = await fleet.client.wait_for_result(run, self.timeout_seconds)
+            assert result.status == "completed", result.errors
+            assert _outputs(result) == {"a": "v2", "new": "v2"}
+            if self.supports_dead_letter:
+                assert not await _has(self.dead_letters(fleet.client), "'new'")
+            assert fleet.dead_workers() == []
+        finally:
+            await fleet.stop()
+
+    async def test_writing_a_reserved_key_fails_the_node(
+        self, adapter_factory: AdapterFactory
+    ) -> None:
+        """Item 9. A node writing a ``_flowcraft.*`` key fails, after its attempts, with
+        an error naming the key, and the run fails once. (Before: the job was handed
+        back forever and the run never ended.)"""
+        attempts: list[int] = []
+
+        async def meddler(ctx: NodeContext) -> str:
+            attempts.append(ctx.attempt)
+            await ctx.set("_flowcraft.status", {"status": "completed", "errors": []})
+            return "meddled"
+
+        flow = Flow("meddle").node("m", meddler, max_retries=2).node("after", lambda c: 1)
+        flow.chain("m", "after")
+        async with self.fleet(adapter_factory, flow) as fleet:
+            result = await fleet.run("meddle")
+            assert result.status == "failed"
+            assert [e["nodeId"] for e in result.errors] == ["m"]
+            assert "_flowcraft.status" in result.errors[0]["message"]
+            assert "reserved" in result.errors[0]["message"]
+            assert "_outputs.after" not in result.context
+            _assert_one_final_result(fleet, result)
+
+    async def test_oversized_activation_record_fails_the_run_once(
+        self, adapter_factory: AdapterFactory
+    ) -> None:
+        """Item 10. A join's activation record (written by the follow-up of its last
+        branch, holding every branch's handed value) past the store's state limit
+        fails the run once with the reason, also when the follow-up is a redelivery's
+        (the first try met an outage). The limit is played by the fleet's context
+        hook, as a store would refuse the patch. (Before: on that path the job was
+        dead-lettered and the run stayed running.)"""
+        from flowcraft.errors import StateLimitError
+
+        limit = 10_000
+        refusals = 0
+
+        async def refuse_big_records(phase: str, operation: str, argument: Any) -> None:
+            nonlocal refusals
+            if operation != "patch" or phase != "before":
+                return
+            for op in argument:
+                size = len(json.dumps(op.value))
+                if op.key.startswith("_flowcraft.a.") and op.op == "set" and size > limit:
+                    refusals += 1
+                    if refusals == 1:  # the first try dies: its redelivery follows up
+                        raise ConnectionError("the store is unreachable")
+                    raise StateLimitError(f"record of {size} bytes: the limit is {limit}")
+
+        flow = Flow("bigjoin").node("s", lambda c: 1).node("j", lambda c: "joined")
+        for i in range(3):
+            flow.node(f"b{i}", lambda c: "x" * 4_000)
+            flow.edge("s", f"b{i}").edge(f"b{i}", "j", transform="input")
+        async with self.fleet(adapter_factory, flow) as fleet:
+            fleet.context_hook = refuse_big_records
+            result = await fleet.run("bigjoin")
+            assert result.status == "failed"
+            assert [e["nodeId"] for e in result.errors] == ["j"], result.errors
+            assert "state limit" in result.errors[0]["message"]
+            assert "_outputs.j" not in result.context
+            _assert_one_final_result(fleet, result)
+            assert await fleet.status(result.run_id) == "failed"
+
+    async def test_job_for_another_blueprints_run_is_dead_lettered(
+        self, adapter_factory: AdapterFactory
+    ) -> None:
+        """Item 11. A job naming a blueprint the worker knows, for a run of another
+        blueprint, is dead-lettered with the reason; the run is unaffected. (Before: it
+        was handed back forever, tens of thousands of times a second.)"""
+        flow = Flow("mine").node("a", lambda c: "a").node("b", lambda c: "b").chain("a", "b")
+        theirs = Flow("theirs").node("a", lambda c: "not mine")
+        async with self.fleet(adapter_factory, flow, theirs) as fleet:
+            result = await fleet.run("mine", run_id="owned")
+            assert result.status == "completed", result.errors
+            await fleet.client.enqueue_job(_job("owned", "theirs", "a"))
+            await fleet.until(
+                lambda: fleet.events_of("job:failed", "owned"), "the stray job to be refused"
+            )
+            (report,) = fleet.events_of("job:failed", "owned")
+            assert "'theirs'" in report.data["error"]
+            assert "'mine'" in report.data["error"]
+            if self.supports_dead_letter:
+                await fleet.until(
+                    lambda: _has(self.dead_letters(fleet.client), "'theirs'"),
+                    "the stray job to be dead-lettered",
+                )
+            requeued = fleet.events_of("job:requeued", "owned")
+            assert len(requeued) < 5, f"the stray job was handed back {len(requeued)} times"
+            assert _outputs(await fleet.client.wait_for_result("owned", 1)) == {"a": "a", "b": "b"}
+
+    async def test_idempotency_keys_are_unambiguous(self, adapter_factory: AdapterFactory) -> None:
+        """Item 12. Run ``order:1`` node ``charge`` and run ``order`` node ``1:charge``
+        have different idempotency keys. (Before: both were ``order:1:charge:1``.)"""
+        keys: list[str] = []
+
+        def record(ctx: NodeContext) -> str:
+            keys.append(ctx.idempotency_key)
+            return ctx.idempotency_key
+
+        flow = Flow("ids").node("charge", record).node("1:charge", record)
+        async with self.fleet(adapter_factory, flow) as fleet:
+            for run in ("order:1", "order"):
+                result = await fleet.run("ids", run_id=run)
+                assert result.status == "completed", result.errors
+            assert len(keys) == 4
+            assert len(set(keys)) == 4, f"two activations share a key: {sorted(keys)}"
+            assert idempotency_key("order", "1:charge", 1) != idempotency_key(
+                "order:1", "charge", 1
+            )
+
+    async def test_busy_hand_backs_are_not_attempts(self, adapter_factory: AdapterFactory) -> None:
+        """Item 13. In queue retry mode only failed executions count as attempts: a
+        duplicate that meets the held lease and is handed back does not use one up.
+        Here the first two executions fail and the third of three succeeds. (Before:
+        the in-memory queue counted the hand-backs, the second execution ran as the
+        last attempt and its failure failed the run.)"""
+        if not (self.supports_queue_retry and self.supports_duplicate_injection):
+            pytest.skip(f"{type(self).__name__}: no queue retries or no duplicate injection")
+        lease = 0.6
+        executions: list[int] = []
+
+        async def flaky(ctx: NodeContext) -> str:
+            executions.append(ctx.attempt)
+            await asyncio.sleep(lease)  # long enough for the duplicate to meet the lease
+            if len(executions) <= 2:
+                raise _Boom(f"execution {len(executions)} fails")
+            return "third time"
+
+        flow = Flow("busy").node("f", flaky, max_retries=3).node("g", lambda c: c.input)
+        flow.chain("f", "g")
+        options = {**self.queue_retry_options, "lease_seconds": lease}
+        async with self.fleet(adapter_factory, flow, **options) as fleet:
+            fleet.duplicate_enqueues = True
+            result = await fleet.run("busy")
+            assert result.status == "completed", (result.errors, executions)
+            assert _outputs(result)["g"] == "third time"
+            assert any("elsewhere" in _reason(e) for e in _requeued(fleet, result.run_id, "f"))
+
+    # ---------------------------------------------------------------- cancellation
+
+    async def test_cancel_stops_a_running_run(self, adapter_factory: AdapterFactory) -> None:
+        """``cancel_run``: the run ends ``cancelled`` once; the running node sees its
+        cancellation (at its next await, within a heartbeat); queued jobs drop
+        themselves; ``wait_for_result`` returns the cancelled result."""
+        lease = 0.6
+        fx = SideEffects()
+        started = asyncio.Event()
+        seen: list[str] = []
+
+        async def slow(ctx: NodeContext) -> str:
+            started.set()
+            try:
+                await asyncio.sleep(self.timeout_seconds * 2)
+            except asyncio.CancelledError:
+                seen.append("cancelled" if ctx.is_cancelled else "cancelled without the flag")
+                raise
+            return "finished"
+
+        flow = Flow("cancel").node("slow", slow).node("after", fx.step()).chain("slow", "after")
+        async with self.fleet(adapter_factory, flow, lease_seconds=lease) as fleet:
+            run = await fleet.client.start_run("cancel")
+            await _wait(started, self.timeout_seconds, "the node to run")
+            status = await fleet.client.cancel_run(run, "changed my mind")
+            assert status == "cancelled"
+            result = await fleet.client.wait_for_result(run, self.timeout_seconds)
+            assert result.status == "cancelled"
+            assert "changed my mind" in json.dumps(result.errors)
+            await fleet.until(lambda: seen, "the running node to see its cancellation")
+            assert seen == ["cancelled"]
+            await fleet.client.enqueue_job(_job(run, "cancel", "after"))
+            await fleet.until(lambda: _handled(fleet, run, "after") >= 1, "the queued job")
+            assert fx.ran(run, "after") == 0, "a job ran after the cancel"
+            assert await fleet.status(run) == "cancelled"
+            assert await fleet.client.cancel_run(run, "again") == "cancelled"
+            assert [p.status for p in fleet.published(run)] in (["cancelled"], ["cancelled"] * 2)
+
+    async def test_cancel_racing_completion_gives_one_final_status(
+        self, adapter_factory: AdapterFactory
+    ) -> None:
+        """A cancel racing the run's last node: exactly one final status, which the
+        cancel returns, the publications agree on and ``get_status`` reports."""
+        gates: dict[str, asyncio.Event] = {}
+
+        async def last(ctx: NodeContext) -> str:
+            await gates[ctx.run_id].wait()
+            return "done"
+
+        flow = Flow("race").node("a", lambda c: 1).node("last", last).chain("a", "last")
+        async with self.fleet(adapter_factory, flow) as fleet:
+            outcomes: set[str] = set()
+            for i in range(6):
+                run = f"race-{i}"
+                gates[run] = asyncio.Event()
+                await fleet.client.start_run("race", run_id=run)
+                await fleet.until(functools.partial(_handled, fleet, run, "a"), "node a")
+                gates[run].set()
+                await asyncio.sleep(0.002 * i)
+                status = await fleet.client.cancel_run(run, "race")
+                result = await fleet.client.wait_for_result(run, self.timeout_seconds)
+                assert result.status == status, (result.status, status)
+                assert await fleet.status(run) == status
+                statuses = {p.status for p in fleet.published(run)}
+                assert statuses == {status}, statuses
+                outcomes.add(status)
+            assert outcomes <= {"cancelled", "completed"}
+
+    async def test_cancel_a_waiting_run(self, adapter_factory: AdapterFactory) -> None:
+        """A run paused at a wait can be cancelled; a later resume is refused."""
+        from flowcraft.distributed.adapter import RunConflictError
+
+        fx = SideEffects()
+        flow = Flow("waitcancel").wait("w").node("after", fx.step()).chain("w", "after")
+        async with self.fleet(adapter_factory, flow) as fleet:
+            run = await fleet.client.start_run("waitcancel")
+            await fleet.until(lambda: _is(fleet.status(run), "awaiting"), "the run to pause")
+            assert await fleet.client.cancel_run(run) == "cancelled"
+            result = await fleet.client.wait_for_result(run, self.timeout_seconds)
+            assert result.status == "cancelled"
+            with pytest.raises(RunConflictError):
+                await fleet.client.resume_with_action(run, "go")
+            assert await fleet.status(run) == "cancelled"
+            assert fx.ran(run, "after") == 0
+
+    async def test_cancel_a_finished_run_changes_nothing(
+        self, adapter_factory: AdapterFactory
+    ) -> None:
+        """Cancelling a run that ended returns its status and changes nothing; an
+        unknown run is an error."""
+        flow = Flow("done").node("a", lambda c: "a")
+        async with self.fleet(adapter_factory, flow) as fleet:
+            result = await fleet.run("done")
+            assert result.status == "completed"
+            published = len(fleet.published(result.run_id))
+            assert await fleet.client.cancel_run(result.run_id) == "completed"
+            assert await fleet.status(result.run_id) == "completed"
+            again = await fleet.client.wait_for_result(result.run_id, self.timeout_seconds)
+            assert again.to_json_dict() == result.to_json_dict()
+            assert len(fleet.published(result.run_id)) == published
+            with pytest.raises(FlowcraftError):
+                await fleet.client.cancel_run("no-such-run")
+
 
 async def _is(status: Awaitable[str], expected: str) -> bool:
     return await status == expected
@@ -1083,3 +1875,33 @@ async def _has(messages: Awaitable[list[str]], text: str) -> bool:
 
 async def _count(messages: Awaitable[list[str]], n: int) -> bool:
     return len(await messages) >= n
+
+
+async def _wait(event: asyncio.Event, seconds: float, what: str) -> None:
+    try:
+        async with asyncio.timeout(seconds):
+            await event.wait()
+    except TimeoutError:
+        pytest.fail(f"timed out after {seconds} s waiting for {what}")
+
+
+def _job(run_id: str, blueprint_id: str, node_id: str) -> JobPayload:
+    return JobPayload(run_id=run_id, blueprint_id=blueprint_id, node_id=node_id)
+
+
+def _handled(fleet: Fleet, run_id: str, node_id: str) -> int:
+    """Deliveries of ``node_id``'s jobs that ended (acked or dead-lettered)."""
+    return sum(
+        1
+        for kind in ("job:processed", "job:failed")
+        for e in fleet.events_of(kind, run_id)
+        if e.node_id == node_id
+    )
+
+
+def _requeued(fleet: Fleet, run_id: str, node_id: str) -> list[FlowEvent]:
+    return [e for e in fleet.events_of("job:requeued", run_id) if e.node_id == node_id]
+
+
+def _reason(event: FlowEvent) -> str:
+    return str(event.data.get("reason", ""))
