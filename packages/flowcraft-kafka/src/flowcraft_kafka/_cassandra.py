@@ -45,9 +45,9 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from flowcraft.context import PatchOperation
-from flowcraft.errors import FlowcraftError, SerializationError, StateLimitError
-from flowcraft.serializer import JsonSerializer
+from flowcraft.context import Guard, PatchOperation, check_guard
+from flowcraft.errors import FlowcraftError, StateLimitError
+from flowcraft.serializer import JsonSerializer, check_key, encode_value
 from flowcraft_kafka._settings import CassandraSettings
 
 if TYPE_CHECKING:
@@ -346,7 +346,7 @@ class CassandraRunStore:
         self,
         run_id: str,
         ops: Sequence[PatchOperation],
-        guard: Mapping[str, int | str | None] | None = None,
+        guard: Guard | None = None,
     ) -> bool:
         """Apply ``ops`` in one batch of the run's partition; with ``guard``, as one
         lightweight transaction that writes nothing unless every guard key holds its
@@ -354,6 +354,7 @@ class CassandraRunStore:
         from cassandra import OperationTimedOut, WriteTimeout
         from cassandra.query import BatchStatement, BatchType
 
+        check_guard(guard)
         net = _merge(ops)
         encoded = self._encode(run_id, net)
         if not encoded and not guard:
@@ -395,9 +396,9 @@ class CassandraRunStore:
         biggest = ("", 0)
         for key, op in net.items():
             size = _check_key(run_id, key)
-            text = None if op.op == "delete" else _json.dumps(op.value)
+            text = None if op.op == "delete" else encode_value(key, op.value)
             if text is not None:
-                size += len(text.encode("utf-8", "surrogatepass"))
+                size += len(text.encode("utf-8"))
             total += size
             if size > biggest[1]:
                 biggest = (key, size)
@@ -421,13 +422,9 @@ def _merge(ops: Sequence[PatchOperation]) -> dict[str, PatchOperation]:
 
 
 def _check_key(run_id: str, key: str) -> int:
-    """The key's size in bytes, or ``StateLimitError`` if Cassandra cannot hold it."""
-    try:
-        size = len(key.encode("utf-8"))
-    except UnicodeEncodeError as exc:
-        raise SerializationError(
-            f"run {run_id!r}: context key {_short(key)} is not valid Unicode text: {exc}"
-        ) from None
+    """The key's size in bytes, or an error if Cassandra cannot hold it."""
+    check_key(key)
+    size = len(key.encode("utf-8"))
     if size > MAX_KEY_BYTES:
         raise StateLimitError(
             f"run {run_id!r}: context key {_short(key)} is {size} bytes; Cassandra keys "
@@ -437,12 +434,9 @@ def _check_key(run_id: str, key: str) -> int:
 
 
 def _guard_text(expected: int | str | None) -> str | None:
-    """The stored JSON text a guard value matches (None: the key is absent)."""
-    if expected is None:
-        return None
-    if isinstance(expected, bool) or not isinstance(expected, int | str):
-        raise TypeError(f"guard values are None, int or str, not {type(expected).__name__}")
-    return _json.dumps(expected)
+    """The stored JSON text a guard value matches (None: the key is absent). Values
+    are stored as compact JSON, so an int or str matches exactly its own text."""
+    return None if expected is None else _json.dumps(expected)
 
 
 def _short(key: str, limit: int = 80) -> str:

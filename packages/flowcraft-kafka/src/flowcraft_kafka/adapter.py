@@ -32,17 +32,15 @@ dead-letters it without running it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from flowcraft.distributed.delivery import DeadLetter
 from flowcraft.distributed.payload import JobPayload
 from flowcraft.distributed.pull import PullingAdapter
 from flowcraft.distributed.redis import RedisCoordinationStore, RedisResults
-from flowcraft.distributed.results import ResultWatch
 from flowcraft.runtime import RuntimeOptions
 from flowcraft_kafka._cassandra import DEFAULT_MAX_PATCH_BYTES, CassandraClient, CassandraRunStore
 from flowcraft_kafka._kafka import (
@@ -93,6 +91,7 @@ class KafkaAdapter(PullingAdapter[KafkaJob]):
     """
 
     concurrent_enqueues = True
+    results: RedisResults
 
     def __init__(
         self,
@@ -191,7 +190,7 @@ class KafkaAdapter(PullingAdapter[KafkaJob]):
 
     # ------------------------------------------------------------ the seed's primitives
 
-    def create_context(self, run_id: str) -> CassandraContext:  # type: ignore[override]
+    def create_context(self, run_id: str) -> CassandraContext:
         return CassandraContext(self.runs, run_id)
 
     async def enqueue_job(self, job: JobPayload) -> None:
@@ -202,14 +201,6 @@ class KafkaAdapter(PullingAdapter[KafkaJob]):
 
     async def publish_final_result(self, run_id: str, result: FinalResult) -> None:
         await self.results.publish(result)
-
-    async def read_final_result(self, run_id: str) -> FinalResult | None:
-        return await self.results.read(run_id)
-
-    @contextlib.asynccontextmanager
-    async def watch_result(self, run_id: str) -> AsyncIterator[ResultWatch | None]:
-        async with self.results.watch(run_id) as watch:
-            yield watch
 
     # ------------------------------------------------------------ the pull loop's calls
 

@@ -14,10 +14,10 @@ guarded patch's timeouts.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-from flowcraft.context import BaseAsyncContext, PatchOperation
+from flowcraft.context import BaseAsyncContext, Guard, PatchOperation
 from flowcraft_kafka._cassandra import CassandraRunStore
 
 __all__ = ["CassandraContext"]
@@ -41,11 +41,11 @@ class CassandraContext(BaseAsyncContext):
     async def get_many(self, keys: Sequence[str]) -> dict[str, Any]:
         return await self.store.get_many(self.run_id, keys)
 
-    async def patch(  # type: ignore[override]  # the guarded patch (issue 12) is landing
+    async def patch(
         self,
         ops: Sequence[PatchOperation],
         *,
-        guard: Mapping[str, int | str | None] | None = None,
+        guard: Guard | None = None,
     ) -> bool:
         return await self.store.patch(self.run_id, ops, guard)
 
