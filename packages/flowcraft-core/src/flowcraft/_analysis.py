@@ -32,8 +32,12 @@ from typing import Any, Literal
 
 from flowcraft.blueprint import EdgeDefinition, NodeDefinition, WorkflowBlueprint
 from flowcraft.errors import BlueprintError
+from flowcraft.expressions import name_hyphenated
 
 EdgeKind = Literal["forward", "back", "exit"]
+
+LOOP_CONTROLLER_USES: frozenset[str] = frozenset({"loop-controller", "flowcraft:loop-controller"})
+"""The ``uses`` of a loop controller (the TypeScript name and this engine's)."""
 
 NO_PARAMS: Mapping[str, Any] = MappingProxyType({})
 """The ``params`` of every node that declares none: one shared object, not one per node."""
@@ -50,6 +54,7 @@ class Edge:
     action: str | None
     condition: str | None
     transform: str | None
+    target_inputs: str | None = None  # the target's ``inputs`` when it is one path
 
 
 @dataclass(slots=True)
@@ -85,6 +90,7 @@ class Loop:
     head: str
     nodes: frozenset[str]
     tails: tuple[str, ...]
+    terminal: bool = False  # no edge leaves it: a loop controller's ``break`` ends it
 
 
 class GraphAnalysis:
@@ -105,15 +111,41 @@ class GraphAnalysis:
             incoming[e.target] += 1
         fallbacks = {n.config.fallback for n in blueprint.nodes if n.config and n.config.fallback}
         self.fallback_only = frozenset(f for f in fallbacks if incoming[f] == 0 and not raw_out[f])
+        scc = _strongly_connected(self.nodes, raw_out)
+        self.scc = scc
+        # ``metadata.cycleEntryPoints`` (TypeScript ``setCycleEntryPoint``): a node
+        # entered only from its own cycle starts the run, and heads that cycle.
+        entries = (blueprint.metadata or {}).get("cycleEntryPoints") or ()
+        if not isinstance(entries, list | tuple) or not all(isinstance(e, str) for e in entries):
+            raise BlueprintError(
+                f"blueprint {blueprint.id!r}: metadata.cycleEntryPoints must be a list of node ids"
+            )
+        for entry in entries:
+            if entry not in self.nodes:
+                raise BlueprintError(
+                    f"blueprint {blueprint.id!r}: cycle entry point {entry!r} is not a node"
+                )
+        entered_inside = {
+            e
+            for e in entries
+            if incoming[e]
+            and all(
+                scc[src] == scc[e]
+                for src, outs in raw_out.items()
+                for _, edge in outs
+                if edge.target == e
+            )
+        }
         self.start_nodes: tuple[str, ...] = tuple(
-            nid for nid in self.nodes if incoming[nid] == 0 and nid not in self.fallback_only
+            nid
+            for nid in self.nodes
+            if (incoming[nid] == 0 and nid not in self.fallback_only) or nid in entered_inside
         )
         if not self.start_nodes:
             raise BlueprintError(
-                f"blueprint {blueprint.id!r} has no start node (every node has a predecessor)"
+                f"blueprint {blueprint.id!r} has no start node (every node has a predecessor; "
+                "name one in metadata.cycleEntryPoints)"
             )
-        scc = _strongly_connected(self.nodes, raw_out)
-        self.scc = scc
         sizes: dict[int, int] = {}
         for comp in scc.values():
             sizes[comp] = sizes.get(comp, 0) + 1
@@ -123,9 +155,23 @@ class GraphAnalysis:
         self.reachable = _reachable(self.start_nodes, raw_out)
 
         out: dict[str, tuple[Edge, ...]] = {}
+        ids = self.node_ids = frozenset(self.nodes)
+        for node in blueprint.nodes:
+            exprs = (
+                [node.inputs] if isinstance(node.inputs, str) else [*(node.inputs or {}).values()]
+            )
+            condition = (node.params or {}).get("condition")
+            if node.uses in LOOP_CONTROLLER_USES and isinstance(condition, str):
+                exprs.append(condition)
+            named = {e: name_hyphenated(e, ids) for e in exprs}
+            node._named_inputs = {e: n for e, n in named.items() if n != e} or None
         for nid, outs in raw_out.items():
             built: list[Edge] = []
             for i, e in outs:
+                condition = name_hyphenated(e.condition, ids) if e.condition else e.condition
+                transform = name_hyphenated(e.transform, ids) if e.transform else e.transform
+                e._named = (condition, transform)
+                spec = self.nodes[e.target].inputs
                 same = nid in self.cyclic and scc[nid] == scc[e.target]
                 kind: EdgeKind
                 if (nid, i) in back:
@@ -136,7 +182,18 @@ class GraphAnalysis:
                     kind = "forward"
                 intra = kind == "forward" and same
                 built.append(
-                    Edge(i, nid, e.target, kind, intra, e, e.action, e.condition, e.transform)
+                    Edge(
+                        i,
+                        nid,
+                        e.target,
+                        kind,
+                        intra,
+                        e,
+                        e.action,
+                        condition,
+                        transform,
+                        spec if isinstance(spec, str) and transform else None,
+                    )
                 )
             out[nid] = tuple(built)
         self.out = out
@@ -157,12 +214,14 @@ class GraphAnalysis:
             tails = tuple(
                 n for n in self.nodes if n in members and any(e.kind != "forward" for e in out[n])
             )
-            if not any(e.kind == "exit" for n in members for e in out[n]):
+            controlled = any(self.nodes[n].uses in LOOP_CONTROLLER_USES for n in members)
+            exits = any(e.kind == "exit" for n in members for e in out[n])
+            if not controlled and not exits:
                 raise BlueprintError(
                     f"blueprint {blueprint.id!r}: the cycle through {sorted(members)!r} has no "
                     "exit (no edge leaves it), so it would never end"
                 )
-            loops[comp] = Loop(len(loops), next(iter(targets)), members, tails)
+            loops[comp] = Loop(len(loops), next(iter(targets)), members, tails, not exits)
         for nid in self.cyclic:
             if scc[nid] not in loops and nid in self.reachable:
                 raise BlueprintError(
@@ -183,10 +242,18 @@ class GraphAnalysis:
                     preds_loop[edge.target].append(edge.source)
         self.preds_first = {k: tuple(v) for k, v in preds_first.items()}
         self.preds_loop = {k: tuple(v) for k, v in preds_loop.items()}
+        # A loop with no exit (its controller breaks to nowhere) ends like a sink:
+        # when its latch stops it, not when one of its nodes first resolves.
+        self.terminal_loops: tuple[Loop, ...] = tuple(
+            lp for lp in loops.values() if lp.terminal and lp.head in self.reachable
+        )
+        in_terminal = frozenset(n for lp in self.terminal_loops for n in lp.nodes)
         self.sinks: tuple[str, ...] = tuple(
             n
             for n in self.nodes
-            if n in self.reachable and not any(e.kind != "back" for e in out[n])
+            if n in self.reachable
+            and n not in in_terminal
+            and not any(e.kind != "back" for e in out[n])
         )
         self.tail_of_loop: dict[str, Loop] = {
             t: loop for loop in loops.values() for t in loop.tails
@@ -198,6 +265,19 @@ class GraphAnalysis:
         }
         self.has_actions = frozenset(n for n, es in out.items() if any(e.action for e in es))
         self.has_conditions = frozenset(n for n, es in out.items() if any(e.condition for e in es))
+        self.loop_controllers = frozenset(
+            n for n, node in self.nodes.items() if node.uses in LOOP_CONTROLLER_USES
+        )
+        # Predecessors whose edge into a node transforms what it hands over: that
+        # value is the node's input even when the node declares ``inputs``.
+        transformed: dict[str, set[str]] = {}
+        for node_edges in out.values():
+            for edge in node_edges:
+                if edge.transform:
+                    transformed.setdefault(edge.target, set()).add(edge.source)
+        self.transformed_from: dict[str, frozenset[str]] = {
+            n: frozenset(s) for n, s in transformed.items()
+        }
         # A node with a single forward edge to a single-predecessor node and no
         # loop or sink role: resolving it is one activation, no bookkeeping.
         self.simple_next: dict[str, Edge] = {}

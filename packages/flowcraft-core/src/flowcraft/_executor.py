@@ -126,18 +126,37 @@ class NodeExecutor:
         attempts: int,
         fallback: NodeDefinition | None,
     ) -> NodeResult:
-        instance = impl(node.params) if isinstance(impl, type) else None
-        prepared: Any = None
-        if instance is not None:
-            prepared = await instance.prep(ctx)
+        if not isinstance(impl, type):
+            try:
+                if attempts <= 1:
+                    return await self._attempt(node, impl, None, None, ctx)
+                return await self._with_retries(node, impl, None, None, ctx, attempts)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                return await self._fallback(node, None, ctx, exc, fallback)
+        instance = impl(node.params)
+        error: Exception | None = None
         try:
-            if attempts <= 1:
-                return await self._attempt(node, impl, instance, prepared, ctx)
-            return await self._with_retries(node, impl, instance, prepared, ctx, attempts)
-        except asyncio.CancelledError:
-            raise
+            try:
+                prepared = await instance.prep(ctx)
+            except Exception as exc:
+                raise _failure(node, exc) from exc
+            try:
+                if attempts <= 1:
+                    return await self._attempt(node, impl, instance, prepared, ctx)
+                return await self._with_retries(node, impl, instance, prepared, ctx, attempts)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                error = exc
+                return await self._fallback(node, instance, ctx, exc, fallback)
         except Exception as exc:
-            return await self._fallback(node, instance, ctx, exc, fallback)
+            error = error or exc
+            raise
+        finally:
+            if error is not None and type(instance).recover is not BaseNode.recover:
+                await _recover(node, instance, error, ctx)
 
     async def _with_retries(
         self,
@@ -231,6 +250,8 @@ class NodeExecutor:
             await emit(self.event_bus, FlowEvent("node:fallback", ctx.run_id, node.id))
             try:
                 out = await instance.fallback(exc, ctx)
+                # ``post`` shapes a fallback's result too, as in the original.
+                out = await instance.post(out, ctx)
             except Exception as again:
                 raise _failure(node, again) from again
             return out if isinstance(out, NodeResult) else NodeResult(output=out)
@@ -254,6 +275,16 @@ def _failure(node: NodeDefinition, exc: BaseException) -> NodeExecutionError:
     if isinstance(exc, NodeExecutionError):
         return exc
     return NodeExecutionError(f"node {node.id!r} failed: {exc!r}", node_id=node.id, cause=exc)
+
+
+async def _recover(
+    node: NodeDefinition, instance: BaseNode, error: Exception, ctx: NodeContext
+) -> None:
+    """``recover`` after any failure of a class node; its own failure is only logged."""
+    try:
+        await instance.recover(error, ctx)
+    except Exception:
+        logger.warning("node %s: recover() failed after %r", node.id, error, exc_info=True)
 
 
 def _discard(ctx: NodeContext) -> None:

@@ -2,16 +2,76 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import re
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from flowcraft._analysis import Edge, GraphAnalysis, Loop
 from flowcraft.errors import ExpressionError
+from flowcraft.expressions import resolve_path
 
 if TYPE_CHECKING:
     from flowcraft.expressions import Evaluator
     from flowcraft.node import NodeResult
+
+
+OUTPUTS_PREFIX: Final = "_outputs."
+_MISSING: Final = object()
+_PLAIN_PATH: Final = re.compile(r"[A-Za-z_$][\w$-]*(?:\.[\w$-]+)*\Z")
+
+
+class Scope(Mapping[str, Any]):
+    """What an expression sees, without copying the run's context.
+
+    A name is, in order: an overlay (``result``, ``input``), a context key, the
+    output of the node with that id (``_outputs.<id>``, as the TypeScript
+    flowcraft also keeps each output under its bare id), and ``context``, the
+    context itself (``context.key``, ``context["take-order"]``).
+    """
+
+    __slots__ = ("_data", "_overlay")
+
+    def __init__(self, data: Mapping[str, Any], overlay: Mapping[str, Any] | None = None) -> None:
+        self._data = data
+        self._overlay = overlay
+
+    def get(self, key: str, default: Any = None) -> Any:
+        overlay = self._overlay
+        if overlay is not None:
+            value = overlay.get(key, _MISSING)
+            if value is not _MISSING:
+                return value
+        data = self._data
+        value = data.get(key, _MISSING)
+        if value is not _MISSING:
+            return value
+        if type(key) is str:
+            value = data.get(OUTPUTS_PREFIX + key, _MISSING)
+            if value is not _MISSING:
+                return value
+            if key == "context":
+                return Scope(data) if overlay is not None else self
+        return default
+
+    def __getitem__(self, key: str) -> Any:
+        value = self.get(key, _MISSING)
+        if value is _MISSING:
+            raise KeyError(key)
+        return value
+
+    def __contains__(self, key: object) -> bool:
+        return self.get(key, _MISSING) is not _MISSING  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator[str]:
+        seen = set(self._overlay or ())
+        yield from seen
+        for key in self._data:
+            if key not in seen:
+                yield key
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
 
 
 @dataclass(slots=True)
@@ -35,51 +95,102 @@ def route(
     result: NodeResult,
     scope: Mapping[str, Any],
     evaluator: Evaluator,
+    evaluated: list[tuple[Edge, bool]] | None = None,
 ) -> list[Edge]:
     """The edges a node's result takes.
 
-    Edges whose ``action`` equals the result's action win; when none does, the
-    edges without an action are the default. A ``condition`` must then hold.
+    Edges whose ``action`` equals the result's action and whose ``condition``
+    holds win; when there are none (no such edge, or every condition false), the
+    edges without an action whose condition holds are the default. A loop
+    controller's conditional edges come first. ``evaluated`` (if given) collects
+    each condition evaluated, with its outcome (the ``edge:evaluate`` events).
     """
     edges = analysis.out[node_id]
     if not edges:
         return []
     action = result.action
-    candidates: list[Edge] | tuple[Edge, ...]
-    if action is not None and node_id in analysis.has_actions:
-        candidates = [e for e in edges if e.action == action]
-        if not candidates:
-            candidates = analysis.default_edges[node_id]
-    else:
-        candidates = analysis.default_edges[node_id]
+    defaults = analysis.default_edges[node_id]
     if node_id not in analysis.has_conditions:
-        return list(candidates)
+        if action is not None and node_id in analysis.has_actions:
+            by_action = [e for e in edges if e.action == action]
+            return by_action or list(defaults)
+        return list(defaults)
+    cond_scope = Scope(scope, {"result": result.to_scope()})
+    if node_id in analysis.loop_controllers:
+        # A loop controller's conditional edges are tried first, whatever the action.
+        chosen = _holding([e for e in edges if e.condition], cond_scope, evaluator, evaluated)
+        if chosen:
+            return chosen
+    if action is not None and node_id in analysis.has_actions:
+        by_action = [e for e in edges if e.action == action]
+        if by_action:
+            chosen = _holding(by_action, cond_scope, evaluator, evaluated)
+            if chosen:
+                return chosen
+        # No edge for this action, or each one's condition is false: the default edges.
+    return _holding(defaults, cond_scope, evaluator, evaluated)
+
+
+def _holding(
+    edges: Sequence[Edge],
+    scope: Scope,
+    evaluator: Evaluator,
+    evaluated: list[tuple[Edge, bool]] | None,
+) -> list[Edge]:
+    """The edges whose condition holds (an edge without one always does)."""
     chosen = []
-    cond_scope: dict[str, Any] | None = None
-    for e in candidates:
+    for e in edges:
         if e.condition is None:
             chosen.append(e)
             continue
-        if cond_scope is None:
-            cond_scope = {**scope, "result": result.to_scope()}
         try:
-            ok = evaluator.evaluate(e.condition, cond_scope)
+            ok = bool(evaluator.evaluate(e.condition, scope))
         except ExpressionError as exc:
             raise ExpressionError(
                 f"condition of edge {e.source!r} -> {e.target!r} failed: {exc}",
                 expression=e.condition,
             ) from exc
+        if evaluated is not None:
+            evaluated.append((e, ok))
         if ok:
             chosen.append(e)
     return chosen
+
+
+def input_value(path: str, data: Mapping[str, Any], default: Any = None) -> Any:
+    """An ``inputs`` path as the TypeScript flowcraft reads it, when it is a plain
+    (possibly hyphenated) path: ``a`` or ``a.b.c`` is node ``a``'s output (and a
+    path into it) if ``a`` has run; else the context key, or a path through the
+    context. ``default`` when nothing matches. Not a plain path: ``default``."""
+    if not _PLAIN_PATH.match(path):
+        return default
+    base, _, rest = path.partition(".")
+    if not base.startswith("_"):
+        output = data.get(OUTPUTS_PREFIX + base, _MISSING)
+        if output is not _MISSING:
+            return resolve_path(output, rest) if rest else output
+    value = data.get(path, _MISSING)
+    if value is not _MISSING:
+        return value
+    if rest:
+        found = resolve_path(data, path)
+        if found is not None:
+            return found
+    return default
 
 
 def transform_input(edge: Edge, output: Any, scope: Mapping[str, Any], evaluator: Evaluator) -> Any:
     """What an edge hands to its target: the source's output, or its transform of it."""
     if edge.transform is None:
         return output
+    if edge.target_inputs is not None and edge.target_inputs != edge.source:
+        # The TypeScript flowcraft's rule: a target whose ``inputs`` names another
+        # node's output gets the transform of that output, not of the source's.
+        found = input_value(edge.target_inputs, scope, _MISSING)
+        if found is not _MISSING:
+            output = found
     try:
-        return evaluator.evaluate(edge.transform, {**scope, "input": output})
+        return evaluator.evaluate(edge.transform, Scope(scope, {"input": output}))
     except ExpressionError as exc:
         raise ExpressionError(
             f"transform of edge {edge.source!r} -> {edge.target!r} failed: {exc}",
@@ -107,7 +218,7 @@ class Traversal:
         self.joins: dict[tuple[str, int], _Join] = {}
         self.latches: dict[tuple[int, int], dict[str, list[int]]] = {}
         self.latch_inputs: dict[tuple[int, int], dict[int, Any]] = {}
-        self.sinks_left = len(analysis.sinks)
+        self.sinks_left = len(analysis.sinks) + len(analysis.terminal_loops)
         self._sinks = frozenset(analysis.sinks)
 
     def to_state(self) -> dict[str, Any]:
@@ -238,6 +349,8 @@ class Traversal:
             inputs = {e.source: carried.get(e.index) for e in back}
             ready.append(Activation(loop.head, generation + 1, inputs=inputs))
             return
+        if loop.terminal:
+            self.sinks_left -= 1
         for t in loop.tails:
             signalled: set[str] = set()
             for e in out[t]:

@@ -67,6 +67,8 @@ class NodeDefinition(_Model):
     params: dict[str, Any] | None = None
     inputs: str | dict[str, str] | None = None
     config: NodeConfig | None = None
+    # ``inputs`` expressions with hyphenated node ids spelled out; set by the analysis.
+    _named_inputs: dict[str, str] | None = PrivateAttr(default=None)
 
     @property
     def join_strategy(self) -> JoinStrategy:
@@ -87,6 +89,8 @@ class EdgeDefinition(_Model):
     action: str | None = None
     condition: str | None = None
     transform: str | None = None
+    # (condition, transform) with hyphenated node ids spelled out; set by the analysis.
+    _named: tuple[str | None, str | None] | None = PrivateAttr(default=None)
 
 
 class WorkflowBlueprint(_Model):

@@ -222,13 +222,16 @@ class TrackingContext(BaseAsyncContext):
 
     Reads see the node's own pending writes first. Nothing reaches the inner
     context until the runtime commits ``ops`` (with the node's output) in one patch.
+    With ``node_ids``, ``get`` of an absent key that is a node id reads that node's
+    output (``_outputs.<id>``), as ``context.get('a')`` does in the TypeScript flowcraft.
     """
 
-    __slots__ = ("_inner", "_pending")
+    __slots__ = ("_inner", "_node_ids", "_pending")
 
-    def __init__(self, inner: AsyncContext) -> None:
+    def __init__(self, inner: AsyncContext, node_ids: frozenset[str] | None = None) -> None:
         self._inner = inner
         self._pending: dict[str, Any] = {}
+        self._node_ids = node_ids
 
     @property
     def ops(self) -> list[PatchOperation]:
@@ -250,7 +253,9 @@ class TrackingContext(BaseAsyncContext):
         if value is _MISSING:
             if key in self._pending:
                 return None
-            return await self._inner.get(key)
+            value = await self._inner.get(key)
+            if value is None and self._node_ids is not None and key in self._node_ids:
+                return await self.get("_outputs." + key)
         return value
 
     async def get_many(self, keys: Sequence[str]) -> dict[str, Any]:

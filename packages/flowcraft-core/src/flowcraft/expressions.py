@@ -62,7 +62,13 @@ from simpleeval import (
 
 from flowcraft.errors import ExpressionError
 
-__all__ = ["Evaluator", "SafeEvaluator", "resolve_path", "validate_expression"]
+__all__ = [
+    "Evaluator",
+    "SafeEvaluator",
+    "name_hyphenated",
+    "resolve_path",
+    "validate_expression",
+]
 
 _MISSING: Final = object()
 _SEQUENCES: Final = (list, tuple, str)
@@ -161,6 +167,42 @@ def resolve_path(data: Any, path: str) -> Any:
     if not isinstance(path, str):
         raise ExpressionError(f"a path must be a string, not {type(path).__name__}")
     return _walk(data, tuple(path.split(".")), 0)
+
+
+def name_hyphenated(expression: str, names: frozenset[str]) -> str:
+    """Spell each of ``names`` that holds a hyphen (node ids such as ``fetch-data``)
+    as ``context["fetch-data"]``, outside string literals and not after a ``.``,
+    so ``fetch-data.total > 5`` reads that node's output instead of subtracting.
+    The TypeScript flowcraft reads such ids the same way."""
+    hyphenated = [n for n in names if "-" in n and '"' not in n and "\\" not in n]
+    if not hyphenated or not any(n in expression for n in hyphenated):
+        return expression
+    pattern = re.compile(
+        r"(?<![\w$.])(?:"
+        + "|".join(re.escape(n) for n in sorted(hyphenated, key=len, reverse=True))
+        + r")(?![\w$-])"
+    )
+    # Rewrite the code between string literals only.
+    out: list[str] = []
+    code: list[str] = []
+    position = 0
+    for match in _TOKEN.finditer(expression):
+        if match.start() > position:
+            code.append(expression[position : match.start()])
+        if match.lastgroup == "str":
+            out.append(pattern.sub(_context_item, "".join(code)))
+            code = []
+            out.append(match.group())
+        else:
+            code.append(match.group())
+        position = match.end()
+    code.append(expression[position:])
+    out.append(pattern.sub(_context_item, "".join(code)))
+    return "".join(out)
+
+
+def _context_item(match: re.Match[str]) -> str:
+    return f'context["{match.group()}"]'
 
 
 class _Path:

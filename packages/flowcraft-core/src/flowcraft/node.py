@@ -90,7 +90,8 @@ NodeFunction: TypeAlias = Callable[[NodeContext], Awaitable[Any] | Any]
 
 class BaseNode(ABC):
     """A class node. ``prep`` runs once, ``exec`` is retried, ``fallback`` runs after
-    the last failed attempt, ``post`` shapes the result.
+    the last failed attempt, ``post`` shapes the result (``exec``'s or ``fallback``'s),
+    and ``recover`` cleans up after any failure (even one a fallback replaced).
 
     A new instance is made per activation with the node's ``params``.
     """
@@ -110,6 +111,11 @@ class BaseNode(ABC):
 
     async def post(self, result: Any, ctx: NodeContext) -> Any:
         return result
+
+    async def recover(self, error: BaseException, ctx: NodeContext) -> None:  # noqa: B027
+        """Called once after ``prep``, ``exec``, ``fallback`` or ``post`` failed (also
+        when a fallback then succeeded): release what ``prep`` took. Its own failure
+        is logged, never raised."""
 
 
 NodeImplementation: TypeAlias = NodeFunction | type[BaseNode]

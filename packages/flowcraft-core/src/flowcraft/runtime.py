@@ -5,15 +5,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
-from flowcraft._analysis import GraphAnalysis, NodePlan, analyse
+from flowcraft._analysis import Edge, GraphAnalysis, NodePlan, analyse
 from flowcraft._builtins import builtins
 from flowcraft._executor import Awaiting, NodeExecutor
-from flowcraft._traversal import Activation, Traversal, route, transform_input
+from flowcraft._traversal import (
+    Activation,
+    Scope,
+    Traversal,
+    input_value,
+    route,
+    transform_input,
+)
 from flowcraft.blueprint import EdgeDefinition, NodeDefinition, WorkflowBlueprint
 from flowcraft.context import Context, InMemoryContext, PatchOperation, TrackingContext
 from flowcraft.errors import (
@@ -46,6 +53,15 @@ __all__ = [
 ]
 
 OUTPUTS_PREFIX = "_outputs."
+_MISSING: Any = object()
+
+
+def _limit(concurrency: int | None) -> asyncio.Semaphore | None:
+    if concurrency is None:
+        return None
+    if concurrency < 1:
+        raise ValueError(f"concurrency must be at least 1, not {concurrency}")
+    return asyncio.Semaphore(concurrency)
 
 
 class RunStatus(StrEnum):
@@ -130,6 +146,7 @@ class _Run:
         "done",
         "errors",
         "failed",
+        "limit",
         "outstanding",
         "run_id",
         "tasks",
@@ -159,6 +176,7 @@ class _Run:
         self.outstanding = 0
         self.done = asyncio.Event()
         self.failed = False
+        self.limit: asyncio.Semaphore | None = None
 
 
 class FlowRuntime:
@@ -227,7 +245,11 @@ class FlowRuntime:
         *,
         run_id: str | None = None,
         cancel: asyncio.Event | None = None,
+        concurrency: int | None = None,
+        input: Any = None,
     ) -> WorkflowResult:
+        """Run to completion (or a pause). ``concurrency`` caps the nodes running at
+        once in this run; ``input`` (if not None) is every start node's input."""
         blueprint = self.blueprint(target)
         analysis = self.analysis(blueprint)
         self.check_registry(blueprint)
@@ -245,7 +267,9 @@ class FlowRuntime:
                 FlowEvent("workflow:start", run.run_id, None, {"blueprintId": blueprint.id}),
             )
         self.logger.debug("run %s of %s started", run.run_id, blueprint.id)
-        starts = [Activation(n, 1) for n in analysis.start_nodes]
+        run.limit = _limit(concurrency)
+        handed = {} if input is None else {"": input}
+        starts = [Activation(n, 1, inputs=dict(handed)) for n in analysis.start_nodes]
         return await self._drive(run, starts, watch_cancel=cancel is not None)
 
     async def resume(
@@ -257,6 +281,7 @@ class FlowRuntime:
         output: Any = None,
         action: str | None = None,
         cancel: asyncio.Event | None = None,
+        concurrency: int | None = None,
     ) -> WorkflowResult:
         """Continue a run paused at a wait node, giving that node its result."""
         state = paused.state if isinstance(paused, WorkflowResult) else paused
@@ -282,6 +307,7 @@ class FlowRuntime:
         )
         act = waiting.pop(node_id)
         run.waiting = waiting
+        run.limit = _limit(concurrency)
         await emit(self.event_bus, FlowEvent("workflow:resume", run.run_id, node_id))
         result = NodeResult(output=output, action=action)
         ready = self._commit(run, act, result, [])
@@ -395,17 +421,21 @@ class FlowRuntime:
                 await emit(bus, FlowEvent("node:skipped", run.run_id, node_id))
             return run.traversal.resolve(node_id, act.generation, None, {})
         plan = run.analysis.plans[node_id]
-        if plan.chain_link and bus is None and not self.executor.middleware:
+        if plan.chain_link and bus is None and not self.executor.middleware and run.limit is None:
             impl = plan.impl if plan.impl_registry is self.registry else self._cache_impl(plan)
             if not isinstance(impl, type):
                 return await self._run_chain(run, act, plan, impl)
         node = plan.node
-        tracking = TrackingContext(run.async_context)
+        tracking = TrackingContext(run.async_context, run.analysis.node_ids)
         if node.inputs is None and not act.gathered and len(act.inputs) == 1:
             node_input = next(iter(act.inputs.values()))
         else:
             node_input = self.resolve_input(
-                node, act.inputs, run.context.data, gathered=act.gathered
+                node,
+                act.inputs,
+                run.context.data,
+                gathered=act.gathered,
+                transformed=run.analysis.transformed_from.get(node_id, ()),
             )
         ctx = NodeContext(
             tracking,
@@ -422,7 +452,11 @@ class FlowRuntime:
         if bus is not None:
             await emit(bus, FlowEvent("node:start", run.run_id, node_id, {"input": ctx.input}))
         try:
-            result = await self.executor.execute(node, ctx, fallback=plan.fallback)
+            if run.limit is None:
+                result = await self.executor.execute(node, ctx, fallback=plan.fallback)
+            else:
+                async with run.limit:
+                    result = await self.executor.execute(node, ctx, fallback=plan.fallback)
         except NodeExecutionError as exc:
             self.logger.info("run %s: node %s failed: %s", run.run_id, node_id, exc)
             if bus is not None:
@@ -449,7 +483,13 @@ class FlowRuntime:
             if bus is not None:
                 await emit(bus, FlowEvent("node:awaiting", run.run_id, node_id))
             return []
-        ready = self._commit(run, act, result, tracking.ops if tracking.dirty else [])
+        deltas = tracking.ops if tracking.dirty else []
+        if bus is None:
+            ready = self._commit(run, act, result, deltas)
+        else:
+            evaluated: list[tuple[Edge, bool]] = []
+            ready = self._commit(run, act, result, deltas, evaluated)
+            await self._emit_commit(run.run_id, node_id, deltas, evaluated)
         if bus is not None:
             await emit(
                 bus,
@@ -465,6 +505,41 @@ class FlowRuntime:
                 ),
             )
         return ready
+
+    async def _emit_commit(
+        self,
+        run_id: str,
+        node_id: str,
+        deltas: list[PatchOperation],
+        evaluated: list[tuple[Edge, bool]],
+    ) -> None:
+        """``context:change`` per committed write, ``edge:evaluate`` per condition."""
+        bus = self.event_bus
+        for op in deltas:
+            await emit(
+                bus,
+                FlowEvent(
+                    "context:change",
+                    run_id,
+                    node_id,
+                    {"key": op.key, "op": op.op, "value": op.value, "sourceNode": node_id},
+                ),
+            )
+        for edge, outcome in evaluated:
+            await emit(
+                bus,
+                FlowEvent(
+                    "edge:evaluate",
+                    run_id,
+                    node_id,
+                    {
+                        "source": edge.source,
+                        "target": edge.target,
+                        "condition": edge.condition,
+                        "result": outcome,
+                    },
+                ),
+            )
 
     def _cache_impl(self, plan: NodePlan) -> Any:
         impl = self.executor.implementation(plan.node)
@@ -491,9 +566,10 @@ class FlowRuntime:
         strict = self.options.strict
         call_once = self.executor.call_once
         previous: str | None = None  # the link before this one, when it ran in this loop
+        node_ids = run.analysis.node_ids
         while True:
             node_id = plan.node_id
-            tracking = TrackingContext(run.async_context)
+            tracking = TrackingContext(run.async_context, node_ids)
             ctx = NodeContext(
                 tracking,
                 node_input,
@@ -529,7 +605,12 @@ class FlowRuntime:
             return [Activation(nxt.node_id, generation, inputs={node_id: output})]
 
     def _commit(
-        self, run: _Run, act: Activation, result: NodeResult, deltas: list[PatchOperation]
+        self,
+        run: _Run,
+        act: Activation,
+        result: NodeResult,
+        deltas: list[PatchOperation],
+        evaluated: list[tuple[Edge, bool]] | None = None,
     ) -> list[Activation]:
         node_id = act.node_id
         data = run.context.data
@@ -542,7 +623,7 @@ class FlowRuntime:
             run.context.apply(deltas)
         data[OUTPUTS_PREFIX + node_id] = result.output
         try:
-            chosen = route(run.analysis, node_id, result, data, self.evaluator)
+            chosen = route(run.analysis, node_id, result, data, self.evaluator, evaluated)
             inputs_for = {
                 e.index: transform_input(e, result.output, data, self.evaluator) for e in chosen
             }
@@ -559,10 +640,20 @@ class FlowRuntime:
         scope: Mapping[str, Any],
         *,
         gathered: bool = False,
+        transformed: Collection[str] = (),
     ) -> Any:
-        """A node's input: its ``inputs`` mapping if declared; else for an ``all`` join a
-        dict of what each choosing predecessor handed over; else that one value."""
+        """A node's input: what an edge transform handed over (from a predecessor in
+        ``transformed``); else its ``inputs`` if declared; else for an ``all`` join a
+        dict of what each choosing predecessor handed over; else that one value.
+
+        An ``inputs`` path ``a`` or ``a.b`` reads node ``a``'s output first, then the
+        context key (the TypeScript flowcraft's rule); other expressions are evaluated
+        over ``scope``, where node ids name their outputs."""
         spec = node.inputs
+        if transformed:
+            for pred, value in inputs.items():
+                if pred in transformed:
+                    return value
         if spec is not None:
             if isinstance(spec, str):
                 return self._lookup(node, spec, scope)
@@ -574,10 +665,16 @@ class FlowRuntime:
         return next(iter(inputs.values()))
 
     def _lookup(self, node: NodeDefinition, expression: str, scope: Mapping[str, Any]) -> Any:
+        value = input_value(expression, scope, _MISSING)
+        if value is not _MISSING:
+            return value
         if expression in scope:
             return scope[expression]
+        named = node._named_inputs  # hyphenated node ids spelled out, by the analysis
         try:
-            return self.evaluator.evaluate(expression, scope)
+            return self.evaluator.evaluate(
+                named.get(expression, expression) if named else expression, Scope(scope)
+            )
         except ExpressionError as exc:
             raise NodeExecutionError(
                 f"node {node.id!r}: input {expression!r} failed: {exc}", node_id=node.id, cause=exc
@@ -629,7 +726,7 @@ class FlowRuntime:
         ``result.output`` and ``deltas`` together in one ``patch``."""
         analysis = self.analysis(blueprint)
         node = analysis.node(node_id)
-        tracking = TrackingContext(context)
+        tracking = TrackingContext(context, analysis.node_ids)
         ctx = NodeContext(
             tracking,
             input,
@@ -675,8 +772,10 @@ class FlowRuntime:
         """The value an edge hands its target: ``output``, or the edge's transform of it."""
         if edge.transform is None:
             return output
+        named = edge._named  # hyphenated node ids spelled out, by the analysis
+        transform = named[1] if named is not None and named[1] else edge.transform
         try:
-            return self.evaluator.evaluate(edge.transform, {**scope, "input": output})
+            return self.evaluator.evaluate(transform, Scope(scope, {"input": output}))
         except ExpressionError as exc:
             raise ExpressionError(
                 f"transform of edge {edge.source!r} -> {edge.target!r} failed: {exc}",
