@@ -1,5 +1,5 @@
 """Bad jobs put on the topic with confluent-kafka's own producer (not the adapter): raw
-garbage, a payload missing fields, an unknown blueprint, an unknown node. Each is
+garbage, a payload missing fields, an unknown blueprint, an unknown node of a run. Each is
 dead-lettered with its reason while the worker keeps running, and a good run still
 completes after them."""
 
@@ -86,6 +86,9 @@ async def adapter(
 async def test_bad_jobs_are_dead_lettered_and_the_worker_keeps_running(
     adapter: KafkaAdapter,
 ) -> None:
+    # r3 exists, so its job for a node the blueprint lacks is an unknown node (a job
+    # for a run nobody started is refused as an unknown run first).
+    await adapter.start_run("ok", run_id="r3")
     producer = Producer({"bootstrap.servers": adapter.kafka.bootstrap_servers})
     for body in BAD:
         producer.produce(adapter.kafka.topic, value=body)
