@@ -328,10 +328,9 @@ class BaseDistributedAdapter(ABC):
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
 
-    async def settle(
-        self, delivery: bytes | str | JobPayload, handler: JobHandler | None = None
-    ) -> Settlement:
-        """Decode a delivery, run its job and decide what the queue does with it.
+    async def settle(self, delivery: Any, handler: JobHandler | None = None) -> Settlement:
+        """Decode a delivery (a ``JobPayload``, or the raw body: bytes, text or parsed
+        JSON), run its job and decide what the queue does with it.
 
         Every adapter settles through here: a payload that does not decode is
         dead-lettered, and the handler's outcome maps to one :class:`Settlement`

@@ -28,13 +28,10 @@ from flowcraft.distributed.adapter import (
     BaseDistributedAdapter,
     FinalResult,
     JobHandler,
-    RetryJob,
     RetryMode,
-    job_disposition,
 )
 from flowcraft.distributed.coordination import CoordinationStore, InMemoryCoordinationStore
 from flowcraft.distributed.payload import JobPayload
-from flowcraft.errors import NodeExecutionError, VersionMismatchError
 from flowcraft.events import EventBus
 from flowcraft.runtime import RuntimeOptions
 
@@ -103,9 +100,6 @@ def _copy(value: Any) -> Any:
 class _Delivery:
     job: JobPayload
     deliveries: int = 0
-    failed_attempts: int = 0
-    """Deliveries that ended as a failed attempt of the node (queue retry mode): only
-    these count as attempts, never a hand-back because the activation was busy."""
 
 
 @dataclass
@@ -232,42 +226,24 @@ class InMemoryAdapter(BaseDistributedAdapter):
             slots.release()
 
     async def deliver(self, handler: JobHandler, delivery: _Delivery) -> None:
-        """Hand one delivery to the handler and act on the outcome, as a queue would."""
+        """Hand one delivery to the base's settlement and carry it out, as a queue would."""
         delivery.deliveries += 1
-        raw: Any = delivery.job
         try:
-            job = raw if isinstance(raw, JobPayload) else JobPayload.decode(raw)
-            if self.retry_mode == "queue":
-                node = self.node_for(job)
-                attempts = node.max_attempts if node else 1
-                attempt = delivery.failed_attempts + 1
-                job = job.model_copy(
-                    update={"attempt": attempt, "is_last_attempt": attempt >= attempts}
-                )
-            await handler(job)
-        except Exception as exc:
-            if job_disposition(exc) == "dead-letter":
-                logger.warning("dead-lettering job %r: %s", delivery.job, exc)
-                self.broker.dead_letters.append((delivery.job, str(exc)))
-            else:
-                if isinstance(exc, RetryJob) and isinstance(exc.__cause__, NodeExecutionError):
-                    delivery.failed_attempts += 1  # a failed attempt, not a busy hand-back
-                if isinstance(exc, RetryJob):
-                    delay = min(exc.delay_seconds, self.broker.max_redelivery_delay)
-                elif isinstance(exc, VersionMismatchError):
-                    # For a worker of that version, later: never at once, which would
-                    # spin the job between this worker and the queue.
-                    delay = self.broker.max_redelivery_delay
-                else:
-                    delay = 0.0
-                loop = asyncio.get_running_loop()
-                loop.call_later(delay, self.broker.queue.put_nowait, delivery)
-                return
+            settlement = await self.settle(delivery.job, handler)
         except BaseException:
             # The worker died mid-job (cancelled, or a simulated crash that no handler
             # may catch): the queue redelivers the job, which is still in flight.
             self.broker.queue.put_nowait(delivery)
             raise
+        if settlement.action == "release":
+            # Never at once, which would spin a job between a worker that cannot take
+            # it (another version, a busy activation) and the queue.
+            delay = min(settlement.delay_seconds, self.broker.max_redelivery_delay)
+            asyncio.get_running_loop().call_later(delay, self.broker.queue.put_nowait, delivery)
+            return
+        if settlement.action == "dead-letter":
+            logger.warning("dead-lettering job %r: %s", delivery.job, settlement.reason)
+            self.broker.dead_letters.append((delivery.job, settlement.reason))
         self.broker.done()
 
     async def run_until_idle(self, timeout: float = 30.0) -> None:  # noqa: ASYNC109
