@@ -304,15 +304,22 @@ class CassandraRunStore:
             raise RuntimeError("the store has not connected yet")
         return self._client
 
-    async def statements(self) -> _Statements:
-        """The prepared statements (connecting first, when connected lazily)."""
-        if self._statements is None:
+    async def connected(self) -> CassandraClient:
+        """The client, connected first when the store connects lazily."""
+        if self._client is None:
             async with self._preparing:
                 if self._client is None:
                     assert self._connect is not None
                     self._client = await self._connect()
+        return self._client
+
+    async def statements(self) -> _Statements:
+        """The prepared statements (prepared on first use)."""
+        if self._statements is None:
+            client = await self.connected()
+            async with self._preparing:
                 if self._statements is None:
-                    self._statements = await _Statements.prepare(self._client)
+                    self._statements = await _Statements.prepare(client)
         return self._statements
 
     # ------------------------------------------------------------ reads

@@ -34,7 +34,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from flowcraft.distributed.delivery import DeadLetter
@@ -42,7 +42,12 @@ from flowcraft.distributed.payload import JobPayload
 from flowcraft.distributed.pull import PullingAdapter
 from flowcraft.distributed.redis import RedisCoordinationStore, RedisResults
 from flowcraft.runtime import RuntimeOptions
-from flowcraft_kafka._cassandra import DEFAULT_MAX_PATCH_BYTES, CassandraClient, CassandraRunStore
+from flowcraft_kafka._cassandra import (
+    DEFAULT_MAX_PATCH_BYTES,
+    CassandraClient,
+    CassandraRunStore,
+    create_schema,
+)
 from flowcraft_kafka._kafka import (
     HEADER_NOT_BEFORE,
     HEADER_REASON,
@@ -187,6 +192,11 @@ class KafkaAdapter(PullingAdapter[KafkaJob]):
             partitions=self.partitions,
             topic_config=topic_config,
         )
+
+    async def create_schema(self, replication: Mapping[str, Any] | None = None) -> None:
+        """Create the keyspace (if missing, with ``replication``; default SimpleStrategy
+        with one replica, for development) and the state table. Idempotent."""
+        await create_schema(await self.runs.connected(), replication=replication)
 
     # ------------------------------------------------------------ the seed's primitives
 
