@@ -14,7 +14,8 @@ a job runs, batched acks, settlement). This module maps them to Google's calls:
 ``ack``                     one ``Acknowledge`` per batch
 ``dead_letter``             ``Publish`` to the dead-letter topic with the reason, ack
 ``publish_final_result``    the core's ``RedisResults``: ``SET NX`` + ``PUBLISH``
-``watch_result``            one shared Redis ``SUBSCRIBE`` wakes ``wait_for_result``
+``results``                 the base reads it there; one shared Redis ``SUBSCRIBE``
+                            wakes ``wait_for_result``
 ==========================  ====================================================
 
 Coordination (leases, joins, the final claim) is the core's
@@ -23,8 +24,7 @@ Coordination (leases, joins, the final claim) is the core's
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from google.pubsub_v1.types import ReceivedMessage
@@ -35,7 +35,6 @@ from flowcraft.distributed.delivery import DeadLetter
 from flowcraft.distributed.payload import JobPayload
 from flowcraft.distributed.pull import PullingAdapter
 from flowcraft.distributed.redis import RedisCoordinationStore, RedisResults
-from flowcraft.distributed.results import ResultWatch
 from flowcraft.events import EventBus
 from flowcraft.runtime import RuntimeOptions
 from flowcraft.serializer import JsonSerializer
@@ -166,7 +165,7 @@ class GcpAdapter(PullingAdapter[ReceivedMessage]):
             key_prefix=self.key_prefix,
             ttl_seconds=self.state_ttl_seconds,
         )
-        self.results = self._results
+        self.results = self._results  # the base reads and watches results through it
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(queue={self.queue!r}, worker_id={self.worker_id!r})"
@@ -191,15 +190,6 @@ class GcpAdapter(PullingAdapter[ReceivedMessage]):
     async def publish_final_result(self, run_id: str, result: FinalResult) -> None:
         """Stored first-wins in Redis and announced there: the core's ``RedisResults``."""
         await self._results.publish(result)
-
-    async def read_final_result(self, run_id: str) -> FinalResult | None:
-        return await self._results.read(run_id)
-
-    @contextlib.asynccontextmanager
-    async def watch_result(self, run_id: str) -> AsyncIterator[ResultWatch | None]:
-        """Woken by the publication (one Redis ``SUBSCRIBE`` per adapter)."""
-        async with self._results.watch(run_id) as watch:
-            yield watch
 
     # ------------------------------------------------------------ the queue's calls
 
