@@ -7,7 +7,6 @@ from typing import Any
 import pytest
 
 from flowcraft import RuntimeOptions
-from flowcraft.distributed.adapter import BaseDistributedAdapter
 from flowcraft.testing import AdapterConformanceTests, AdapterFactory
 from flowcraft_gcp import GcpAdapter
 
@@ -25,14 +24,6 @@ class TestGcpAdapter(AdapterConformanceTests):
             return namespace.adapter(options, **overrides)
 
         return build
-
-    async def enqueue_raw(self, adapter: BaseDistributedAdapter, raw: bytes) -> None:
-        assert isinstance(adapter, GcpAdapter)
-        await adapter.enqueue_raw(raw)
-
-    async def dead_letters(self, adapter: BaseDistributedAdapter) -> list[str]:
-        assert isinstance(adapter, GcpAdapter)
-        return [letter.reason for letter in await adapter.dead_letters()]
 
     @pytest.mark.xfail(
         reason="Firestore holds at most 1 MiB per document and the adapter keeps a run in "
