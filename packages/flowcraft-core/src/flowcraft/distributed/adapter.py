@@ -526,7 +526,8 @@ class BaseDistributedAdapter(ABC):
         found = await ctx.get_many([K.waiting(n) for n in candidates])
         paused = {k[len(K.waiting("")) :]: int(v) for k, v in found.items()}
         if not paused:
-            raise FlowcraftError(f"run {run_id!r} has no node waiting to resume")
+            # Never paused, or another resume (or the run's end) came first.
+            raise RunConflictError(f"run {run_id!r} has no node waiting to resume")
         if len(paused) > 1:
             raise FlowcraftError(f"run {run_id!r}: several nodes wait ({sorted(paused)}); name one")
         ((waiting_id, generation),) = paused.items()
