@@ -226,6 +226,11 @@ export class FlowcraftRun extends DurableObject {
         for (const key of op.keys) this.sql.exec("DELETE FROM coord WHERE k = ?", str(key, "key"));
         return [{}, 0];
       }
+      case "coord_keys": {
+        // Live coordination keys and their remaining lifetime (ms): tools and tests.
+        const rows = this.sql.exec("SELECT k, exp FROM coord WHERE exp > ?", now).toArray();
+        return [{ keys: rows.map((r) => [r.k, r.exp - now]) }, 0];
+      }
       case "result_put": {
         const value = str(op.value, "result");
         checkSize("result", value);
