@@ -48,7 +48,13 @@ from _workloads import (
     serve,
 )
 
-from flowcraft_cloudflare import CloudflareAdapter, WorkerClient, WorkerSettings, worker_dir
+from flowcraft_cloudflare import (
+    CloudflareAdapter,
+    WorkerClient,
+    WorkerError,
+    WorkerSettings,
+    worker_dir,
+)
 from flowcraft_cloudflare.context import run_object
 
 
@@ -109,7 +115,10 @@ async def measure(
         async def watch(run_id: str) -> None:
             name = run_object(base["namespace"], run_id)
             while True:
-                answer = await waits.call("wait", {"object": name, "timeout": 20})
+                try:
+                    answer = await waits.call("wait", {"object": name, "timeout": 20})
+                except WorkerError:  # a slow answer on a loaded machine: ask again
+                    continue
                 if answer.get("value") is not None:
                     finished[run_id] = time.time()
                     return

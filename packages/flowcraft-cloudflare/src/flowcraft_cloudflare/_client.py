@@ -167,7 +167,8 @@ class WorkerClient:
         try:
             try:
                 status, body = await self._post(route, content)
-            except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError) as exc:
+            except (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError) as exc:
+                # ClientOSError: a reset connection (or, as ClientConnectorError, none at all).
                 if not (retry or isinstance(exc, aiohttp.ClientConnectorError)):
                     raise
                 logger.debug("Worker call %s: %r; trying once more", route, exc)
