@@ -138,9 +138,18 @@ async def test_dead_letters_keep_the_reason(inbox: Inbox) -> None:
 
 
 async def test_a_message_over_128_kb_is_refused_before_sending(inbox: Inbox) -> None:
-    with pytest.raises(WorkerError, match=r"131072"):
+    with pytest.raises(WorkerError, match=r"128000"):
         await inbox.send(["x" * MAX_MESSAGE_BYTES])
     assert inbox.client.requests["enqueue"] == 0
+
+
+async def test_a_big_send_is_split_into_batches_the_queue_takes(inbox: Inbox) -> None:
+    """12 messages of 100 KB: one call from Python, several sendBatch calls (256 KB each
+    at most) in the Worker, every message delivered."""
+    bodies = [f"{i:03d}" + "x" * 100_000 for i in range(12)]
+    await inbox.send(bodies)
+    got = await pull_all(inbox, 12)
+    assert sorted(m.body for m in got) == bodies
 
 
 async def test_delayed_send(inbox: Inbox) -> None:

@@ -29,11 +29,14 @@ __all__ = [
     "InboxStats",
 ]
 
-MAX_MESSAGE_BYTES = 128 * 1024
-"""Cloudflare Queues' limit on one message (the envelope included)."""
+MAX_MESSAGE_BYTES = 128_000
+"""Cloudflare Queues' limit on one message: 128 KB of 1,000 bytes, counting the envelope
+and about 100 bytes of Cloudflare's own metadata."""
 MAX_DELAY_SECONDS = 12 * 3600
 """Cloudflare Queues' delay ceiling; hand-backs are clamped to it too."""
-_ENVELOPE_BYTES = 64  # {"i": ..., "b": ...} around the body, plus the inbox name
+# {"i": ..., "b": ...} around the body (with the inbox name and JSON escapes of a small
+# body), plus the ~100 bytes of metadata Cloudflare counts against the limit.
+_ENVELOPE_BYTES = 64 + 100
 _MAX_PULL = 100
 
 

@@ -545,11 +545,21 @@ async function enqueue(env, request) {
     await inboxObject(env, inbox).push(stored);
     return { sent: stored.length };
   }
-  // sendBatch takes at most 100 messages (and 256 KB) a call.
-  for (let start = 0; start < messages.length; start += 100) {
-    const chunk = messages.slice(start, start + 100);
-    await env.JOBS.sendBatch(chunk.map((m) => envelope(inbox, str(m.body, "body"), m.delay ?? 0)));
+  // sendBatch takes at most 100 messages and 256 KB a call.
+  let chunk = [];
+  let bytes = 0;
+  for (const m of messages) {
+    const item = envelope(inbox, str(m.body, "body"), m.delay ?? 0);
+    const size = encoder.encode(item.body.b).length + inbox.length + 164;
+    if (chunk.length && (chunk.length === 100 || bytes + size > 250_000)) {
+      await env.JOBS.sendBatch(chunk);
+      chunk = [];
+      bytes = 0;
+    }
+    chunk.push(item);
+    bytes += size;
   }
+  if (chunk.length) await env.JOBS.sendBatch(chunk);
   return { sent: messages.length };
 }
 
