@@ -18,6 +18,8 @@ from typing import Any
 import pytest
 
 from flowcraft.context import PatchOperation
+from flowcraft.distributed import _handler as handler_module
+from flowcraft.distributed import _resolution as protocol_module
 from flowcraft.distributed import adapter as adapter_module
 from flowcraft.distributed.memory import InMemoryAdapter, InMemoryBroker, InMemoryRunContext
 from flowcraft.distributed.payload import JobPayload
@@ -129,7 +131,7 @@ def test_it_catches_inputs_read_by_reference_in_lagging_loops(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Undo the fix that hands outputs by value inside loops with an ``any`` join."""
-    monkeypatch.setattr(adapter_module, "_has_any_join", lambda analysis, node_id: False)
+    monkeypatch.setattr(protocol_module, "_has_any_join", lambda analysis, node_id: False)
     seed = _first_failing(range(300), ["loop-join"])
     assert seed is not None, "no seed noticed a lagging branch reading the next iteration's output"
     report = run_seed(seed, ["loop-join"])
@@ -154,7 +156,8 @@ def test_it_catches_an_unguarded_commit(monkeypatch: pytest.MonkeyPatch) -> None
     """Without the commit's guard (``n.X == g - 1``, the run not ended) a worker that
     stalled past its lease commits over the delivery that took over: the lease alone
     cannot fence it (issue 12)."""
-    monkeypatch.setattr(adapter_module, "_fence", lambda node_id, generation: {})
+    for module in (protocol_module, handler_module):
+        monkeypatch.setattr(module, "_fence", lambda node_id, generation: {})
     assert _first_failing(range(600)) is not None
 
 

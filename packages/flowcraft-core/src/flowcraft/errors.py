@@ -14,6 +14,7 @@
     ├── PayloadDecodeError      untrusted job bytes are not a valid JobPayload
     ├── StateLimitError         the run's state exceeds what the context store can hold
     ├── VersionMismatchError    a job names a blueprint version this worker lacks
+    ├── RunConflictError        an operator call conflicts with the run as it is
     └── RetryJob                deliver this job again later (a busy activation, a
                                 failed queue-mode attempt)
 """
@@ -29,6 +30,7 @@ __all__ = [
     "NodeTimeoutError",
     "PayloadDecodeError",
     "RetryJob",
+    "RunConflictError",
     "SerializationError",
     "StateLimitError",
     "UnknownBlueprintError",
@@ -102,3 +104,8 @@ class RetryJob(FlowcraftError):
     def __init__(self, message: str, *, delay_seconds: float = 1.0) -> None:
         super().__init__(message)
         self.delay_seconds = delay_seconds
+
+
+class RunConflictError(FlowcraftError, ValueError):
+    """An operator call conflicts with the run as it is: a start with a run id already
+    used by another request, or a resume that another call (or the run's end) beat."""

@@ -11,13 +11,36 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
-if TYPE_CHECKING:
-    from flowcraft.distributed.adapter import FinalResult
+__all__ = ["FinalResult", "ResultStore", "ResultWaiters", "ResultWatch", "RunStatusInfo"]
 
-__all__ = ["ResultStore", "ResultWaiters", "ResultWatch"]
+
+@dataclass(slots=True)
+class FinalResult:
+    """What ``publish_final_result`` publishes and ``wait_for_result`` returns."""
+
+    run_id: str
+    status: str
+    context: dict[str, Any]
+    errors: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_json_dict(self) -> dict[str, Any]:
+        return {
+            "runId": self.run_id,
+            "status": self.status,
+            "context": self.context,
+            "errors": self.errors,
+        }
+
+
+@dataclass(slots=True)
+class RunStatusInfo:
+    run_id: str
+    status: str  # running | awaiting | completed | failed | cancelled | unknown
+    errors: list[dict[str, Any]] = field(default_factory=list)
+    waiting: list[str] = field(default_factory=list)
 
 
 @dataclass(slots=True)
