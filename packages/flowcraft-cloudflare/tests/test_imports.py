@@ -59,3 +59,21 @@ def test_secret_is_not_in_repr() -> None:
     settings = flowcraft_cloudflare.WorkerSettings(url="https://w.example/", secret="hunter2")
     assert "hunter2" not in repr(settings)
     assert settings.url == "https://w.example"
+
+
+def test_tls_settings_reach_the_connection_context() -> None:
+    import ssl
+
+    from flowcraft_cloudflare._client import _ssl_context
+
+    settings = flowcraft_cloudflare.WorkerSettings
+    assert _ssl_context(settings(url="https://w.example", secret="s", verify=False)) is False
+    default = _ssl_context(settings(url="https://w.example", secret="s"))
+    assert isinstance(default, ssl.SSLContext)
+    assert default.verify_mode == ssl.CERT_REQUIRED
+    assert default.check_hostname
+    mine = ssl.create_default_context()
+    assert _ssl_context(settings(url="https://w.example", secret="s", verify=mine)) is mine
+    # Plain http (Miniflare on loopback) gets no TLS at all.
+    client = flowcraft_cloudflare.WorkerClient(settings(url="http://127.0.0.1:1", secret="s"))
+    assert client._ssl is False
