@@ -366,3 +366,10 @@ async def test_a_jobs_reads_add_up_for_its_fenced_commit(ctx: FirestoreContext) 
         guard={"_flowcraft.n.X": 1, "_flowcraft.end": None},
     )
     assert dict(requests) == {"firestore.get": 2, "firestore.commit": 1}
+
+
+async def test_to_dict_is_in_key_order(ctx: FirestoreContext) -> None:
+    """Two readings of one state give the same JSON (a republished result compares equal)."""
+    keys = [f"k{i}" for i in range(40)] + ["_outputs.z", "a", "é"]
+    await ctx.patch([PatchOperation.set(k, 1) for k in reversed(keys)])
+    assert list(await ctx.to_dict()) == sorted(keys)

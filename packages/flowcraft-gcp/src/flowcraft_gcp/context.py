@@ -267,7 +267,9 @@ class FirestoreContext(BaseAsyncContext):
         for name, text in stored.items():
             key, value_text = _decode_entry(name, text, loads)
             state[key] = loads(value_text)
-        return state
+        # Firestore hands a map's entries out in no fixed order: sort, so two readings
+        # of one state (a finalizer redone, a republication) are the same JSON.
+        return dict(sorted(state.items()))
 
     async def _read(self, keys: Sequence[str]) -> _Snapshot:
         """One partial read of ``keys`` (and of the run's end marker, which every fenced
