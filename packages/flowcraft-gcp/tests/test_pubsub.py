@@ -206,3 +206,9 @@ async def test_a_job_longer_than_its_ack_deadline_is_not_delivered_again(
         for worker in workers:
             await worker.stop()
         await asyncio.gather(*tasks)
+
+
+@pytest.mark.parametrize("topic", ["ab", "1jobs", "goog-jobs", "jobs/x", "j" * 250, "jö"])
+def test_queue_names_are_checked(topic: str) -> None:
+    with pytest.raises(ValueError, match="Pub/Sub resource id"):
+        QueueNames.for_topic(topic)

@@ -31,6 +31,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -65,6 +66,7 @@ _MAX_PUBLISH_BYTES = 9_000_000  # under the 10 MB request limit
 _MAX_ACK_IDS = 1000  # ack ids per Acknowledge/ModifyAckDeadline request
 _MAX_ATTRIBUTE_BYTES = 1024  # Pub/Sub's limit on an attribute value
 _SOURCE_COUNT = "CloudPubSubDeadLetterSourceDeliveryCount"
+_RESOURCE_ID = re.compile(r"[A-Za-z][A-Za-z0-9\-_.~+%]{2,254}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +81,19 @@ class QueueNames:
     subscription: str
     dead_letter_topic: str
     dead_letter_subscription: str
+
+    def __post_init__(self) -> None:
+        for name in (
+            self.topic,
+            self.subscription,
+            self.dead_letter_topic,
+            self.dead_letter_subscription,
+        ):
+            if not _RESOURCE_ID.fullmatch(name) or name.lower().startswith("goog"):
+                raise ValueError(
+                    f"{name!r} is not a Pub/Sub resource id: 3-255 characters, starting "
+                    "with a letter, of letters, digits and - _ . ~ + % (not 'goog...')"
+                )
 
     @classmethod
     def for_topic(cls, topic: str) -> QueueNames:
