@@ -29,7 +29,17 @@ from typing import Any, NoReturn
 import click
 
 from flowcraft._analysis import GraphAnalysis, analyse
-from flowcraft._builtins import BATCH, SLEEP, SUBFLOW, WAIT
+from flowcraft._builtins import (
+    BATCH,
+    BATCH_GATHER,
+    BATCH_SCATTER,
+    LOOP_CONTROLLER,
+    SLEEP,
+    SUBFLOW,
+    TYPESCRIPT_NAMES,
+    WAIT,
+)
+from flowcraft.analysis import generate_mermaid as mermaid
 from flowcraft.blueprint import WorkflowBlueprint, blueprint_json_schema
 from flowcraft.errors import FlowcraftError
 from flowcraft.events import FlowEvent
@@ -46,7 +56,9 @@ EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
 EXIT_AWAITING = 3
 
-BUILTIN_USES = frozenset({WAIT, SLEEP, SUBFLOW, BATCH})
+BUILTIN_USES = frozenset(
+    {WAIT, SLEEP, SUBFLOW, BATCH, LOOP_CONTROLLER, BATCH_SCATTER, BATCH_GATHER, *TYPESCRIPT_NAMES}
+)
 DEFAULT_CONTEXT_NAME = "DEFAULT_CONTEXT"
 
 _module_counter = itertools.count()
@@ -244,7 +256,10 @@ def _implementations_needed(blueprint: WorkflowBlueprint) -> set[str]:
     """The ``uses`` keys a registry must supply: non-built-in nodes and batch workers."""
     needed = {n.uses for n in blueprint.nodes if n.uses not in BUILTIN_USES}
     for node in blueprint.nodes:
-        worker = (node.params or {}).get("worker") if node.uses == BATCH else None
+        params = node.params or {}
+        worker = params.get("worker") if node.uses == BATCH else None
+        if TYPESCRIPT_NAMES.get(node.uses, node.uses) == BATCH_SCATTER:
+            worker = params.get("workerUsesKey")
         if isinstance(worker, str):
             needed.add(worker)
     return needed
@@ -574,67 +589,6 @@ def resume(
 
 
 # --------------------------------------------------------------------------- graph
-
-
-_MERMAID_ESCAPES = str.maketrans(
-    {
-        "#": "#35;",
-        '"': "#quot;",
-        "<": "#lt;",
-        ">": "#gt;",
-        "&": "#amp;",
-        "|": "#124;",
-        "`": "#96;",
-        "\n": " ",
-        "\r": " ",
-    }
-)
-
-
-def _mermaid_text(text: str) -> str:
-    return text.translate(_MERMAID_ESCAPES)
-
-
-def mermaid(blueprint: WorkflowBlueprint) -> str:
-    """A Mermaid flowchart of the blueprint. Node ids are replaced by safe ``n<i>``
-    names; labels carry the real ids. Back edges (loops) are dotted."""
-    try:
-        analysis: GraphAnalysis | None = analyse(blueprint)
-    except FlowcraftError as exc:
-        logger.warning("cannot classify loops: %s", exc)
-        analysis = None
-    safe = {node.id: f"n{i}" for i, node in enumerate(blueprint.nodes)}
-    lines = ["flowchart TD"]
-    for node in blueprint.nodes:
-        label = _mermaid_text(node.id)
-        if node.uses not in (node.id, f"{blueprint.id}.{node.id}"):  # not a Flow callable
-            label += f"<br/><small>{_mermaid_text(node.uses)}</small>"
-        if node.uses == WAIT:
-            shape = f'{{{{"{label}"}}}}'
-        elif node.uses == SUBFLOW:
-            shape = f'[["{label}"]]'
-        elif analysis is not None and node.id in analysis.start_nodes:
-            shape = f'(["{label}"])'
-        else:
-            shape = f'["{label}"]'
-        lines.append(f"    {safe[node.id]}{shape}")
-    kinds: dict[int, str] = {}
-    if analysis is not None:
-        kinds = {e.index: e.kind for edges in analysis.out.values() for e in edges}
-    for i, edge in enumerate(blueprint.edges):
-        parts = []
-        if edge.action is not None:
-            parts.append(edge.action)
-        if edge.condition is not None:
-            parts.append(f"if {edge.condition}")
-        arrow = "-.->" if kinds.get(i) == "back" else "-->"
-        label = f'|"{_mermaid_text(" / ".join(parts))}"|' if parts else ""
-        lines.append(f"    {safe[edge.source]} {arrow}{label} {safe[edge.target]}")
-    for node in blueprint.nodes:
-        fallback = node.config.fallback if node.config else None
-        if fallback is not None:
-            lines.append(f'    {safe[node.id]} -.-|"fallback"| {safe[fallback]}')
-    return "\n".join(lines)
 
 
 @main.command()

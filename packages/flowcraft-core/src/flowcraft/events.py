@@ -16,9 +16,12 @@ logger = logging.getLogger("flowcraft.events")
 @dataclass(frozen=True, slots=True)
 class FlowEvent:
     """``type`` is one of: workflow:start, workflow:finish, workflow:stall,
-    workflow:resume, node:start, node:finish, node:retry, node:error,
-    node:fallback, node:skipped, edge:evaluate, job:enqueued, job:processed,
-    job:failed, job:duplicate, job:requeued."""
+    workflow:pause (awaiting or stalled), workflow:resume, node:start, node:finish,
+    node:retry, node:error, node:fallback, node:skipped, node:awaiting,
+    edge:evaluate (a condition and its outcome), context:change (a committed
+    write), batch:start, batch:finish, job:enqueued, job:processed, job:failed,
+    job:duplicate, job:requeued. The in-memory runtime emits the node, edge and
+    context events; a distributed adapter emits its own subset."""
 
     type: str
     run_id: str

@@ -368,6 +368,13 @@ class FlowRuntime:
             }
         result = WorkflowResult(run.run_id, status, context, run.errors, sorted(run.waiting), state)
         self.logger.debug("run %s ended %s", run.run_id, status)
+        if self.event_bus is not None and status in (RunStatus.AWAITING, RunStatus.STALLED):
+            if status is RunStatus.STALLED:
+                await emit(self.event_bus, FlowEvent("workflow:stall", run.run_id))
+            await emit(
+                self.event_bus,
+                FlowEvent("workflow:pause", run.run_id, None, {"awaiting": sorted(run.waiting)}),
+            )
         await emit(
             self.event_bus,
             FlowEvent(
