@@ -24,7 +24,7 @@ def test_core_exports_exactly_the_public_names() -> None:
 
 
 DISTRIBUTED = {
-    "BaseDistributedAdapter", "CoordinationStore", "DeadLetter", "FinalResult",
+    "Admission", "BaseDistributedAdapter", "CoordinationStore", "DeadLetter", "FinalResult",
     "ICoordinationStore", "InMemoryCoordinationStore", "JobHandler", "JobPayload",
     "PullingAdapter", "RedisCoordinationStore", "ResultWaiters", "ResultWatch", "RetryJob",
     "RunStatusInfo", "Settlement", "backoff_seconds",

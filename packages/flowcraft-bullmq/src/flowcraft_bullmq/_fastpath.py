@@ -1,23 +1,18 @@
 """The fast path: the base protocol's per-job calls, fused into fewer Redis commands.
 
-The base adapter (``flowcraft.distributed.adapter``) handles a job with, in order:
-a batched read of ``meta``/``status``/``n.X``; a batched read of the activation
-record, the wait mark and the likely input; ``SET NX`` of the lease; the commit
-``patch``; the follow-up (enqueue successors); ``SET NX`` of the "done" mark.
-Without changing that protocol, this module makes it cost fewer commands:
+Through two hooks the base adapter declares for this (``admit`` and
+``mark_followed_up``), without changing the protocol:
 
-* **Fused read + lease.** The first read runs one script that reads the first
-  three keys, derives the pending activation ``g``, reads the second batch and,
-  exactly when the base would go on to take the lease (the run is this
-  blueprint version, not final, ``g`` has a record and is not paused), takes the
-  lease with ``SET NX PX``. The second read is answered from that snapshot and
-  the base's ``set_if_not_exist`` of that very lease returns True without a
-  round trip. All of it is one atomic step on the server, which is a schedule
-  the base protocol already allows (its reads and lease with no gap between).
+* **Fused admission.** ``admit`` runs one script that reads the job's first keys,
+  derives the pending activation ``g``, reads the second batch and, exactly when the
+  base would go on to take the lease (the run is this blueprint version, not final,
+  ``g`` has a record and is not paused), takes the lease for the job's holder with
+  ``SET NX PX``. All of it is one atomic step on the server, a schedule the base
+  protocol allows (its reads and lease with no gap between).
 * **Write-behind "done" marks.** The done mark only lets a duplicate skip a
-  follow-up that is idempotent anyway; it is buffered and carried by the next
-  script this worker runs (or flushed within 50 ms). Losing one (crash) only
-  makes a duplicate redo the follow-up.
+  follow-up that is idempotent anyway; ``mark_followed_up`` buffers it and the next
+  script this worker runs carries it (or it is flushed within 50 ms). Losing one
+  (crash) only makes a duplicate redo the follow-up.
 
 Both need the coordination store to be a ``RedisCoordinationStore`` on the
 adapter's own Redis client, and a non-cluster Redis (the scripts touch keys of
@@ -27,27 +22,21 @@ several runs).
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import logging
-import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from flowcraft.context import Guard, PatchOperation
+from flowcraft.distributed import Admission
 from flowcraft.distributed import keys as K
-from flowcraft.distributed.coordination import validate_ttl_seconds
-from flowcraft.distributed.payload import JobPayload
-from flowcraft.distributed.redis import RedisCoordinationStore
-from flowcraft_bullmq.context import Mark, RedisContext, decode, ttl_ms
+from flowcraft_bullmq.context import Mark, RedisContext, decode
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
     from redis.commands.core import AsyncScript
 
 logger = logging.getLogger("flowcraft_bullmq")
-
-_SENTINEL = "73519"  # a generation that marks where the number goes in a key format
 
 # KEYS[1] the run's hash, KEYS[2..] write-behind mark keys.
 # ARGV: 1 meta field, 2 status field, 3 n field, 4/5 activation field around g,
@@ -71,7 +60,7 @@ local from, count = 14, n1
 if g > 1 then from, count = 14 + n1, n2 end
 for k = from, from + count - 1 do fields[#fields + 1] = ARGV[k] end
 local more = redis.call('HMGET', h, unpack(fields))
-local leased = 0
+local leased = -1
 if numeric and base[1] == ARGV[7] and more[1] and not more[2] then
   local final = false
   if base[2] then
@@ -83,8 +72,12 @@ if numeric and base[1] == ARGV[7] and more[1] and not more[2] then
       final = true
     end
   end
-  if not final and redis.call('SET', ARGV[8] .. g, ARGV[9], 'NX', 'PX', ARGV[10]) then
-    leased = 1
+  if not final then
+    if redis.call('SET', ARGV[8] .. g, ARGV[9], 'NX', 'PX', ARGV[10]) then
+      leased = 1
+    else
+      leased = 0
+    end
   end
 end
 local i = 14 + n1 + n2
@@ -167,10 +160,10 @@ def make_read_plan(
     guess_first: list[str],
     guess_later: list[str],
 ) -> ReadPlan:
-    head, found, tail = K.activation(node_id, int(_SENTINEL)).partition(_SENTINEL)
     if first_read != [K.META, K.STATUS, K.resolved(node_id)]:
         raise ValueError("unexpected first read")  # the base handler changed: see READ_LUA
-    plan = ReadPlan(
+    head, tail = K.activation_parts(node_id)
+    return ReadPlan(
         first_read=tuple(first_read),
         resolved_field=K.resolved(node_id),
         activation_head=head,
@@ -180,185 +173,74 @@ def make_read_plan(
         guess_later=tuple(guess_later),
         expected_meta=expected_meta,
     )
-    if not found or plan.activation(2) != K.activation(node_id, 2):
-        raise ValueError("unexpected activation key format")  # keys.py changed
-    return plan
 
 
-@dataclass(slots=True)
-class JobScope:
-    """The job a worker task is handling (a context variable per job task)."""
+async def fused_admission(
+    script: AsyncScript,
+    state_key: str,
+    plan: ReadPlan,
+    *,
+    lease_stem: str,
+    holder: str,
+    lease_ttl_ms: int,
+    marks: MarkBuffer,
+) -> Admission:
+    """One ``READ_LUA`` call: the base's ``admit`` as one atomic step (module docstring).
+    Buffered marks ride along."""
+    taken = marks.take()
+    args: list[Any] = [
+        K.META,
+        K.STATUS,
+        plan.resolved_field,
+        plan.activation_head,
+        plan.activation_tail,
+        plan.waiting_field,
+        plan.expected_meta,
+        lease_stem,
+        holder,
+        lease_ttl_ms,
+        len(plan.guess_first),
+        len(plan.guess_later),
+        len(taken),
+        *plan.guess_first,
+        *plan.guess_later,
+    ]
+    for _, value, px in taken:
+        args += (value, px)
+    try:
+        reply = await script(keys=[state_key, *(m[0] for m in taken)], args=args)
+    except BaseException:
+        marks.put_back(taken)
+        raise
+    meta, status, resolved, generation, leased, *rest = reply
+    generation = int(generation)
+    state: dict[str, Any] = {}
+    for name, raw in ((K.META, meta), (K.STATUS, status), (plan.resolved_field, resolved)):
+        if raw is not None:
+            state[name] = decode(raw)
+    guess = plan.guess_first if generation == 1 else plan.guess_later
+    second = (plan.activation(generation), plan.waiting_field, *guess)
+    found = {k: decode(v) for k, v in zip(second, rest, strict=True) if v is not None}
+    return Admission(state, found, _LEASED[int(leased)])
 
-    payload: JobPayload
-    plan: ReadPlan | None
-    lease_stem: str = ""
-    """The base's lease key for this job's node, without the generation."""
-    redis_lease_stem: str = ""
-    """The same in Redis (with the coordination store's own prefix)."""
-    leases: set[str] = field(default_factory=set)
-    """Lease keys the fused read took for this job (the base's names)."""
-    lease_value: str = field(default_factory=lambda: uuid.uuid4().hex)
-    """The value the fused read stores in a lease it takes (unique to this job)."""
-    holders: dict[str, str] = field(default_factory=dict)
-    """Lease key -> the holder the base named when it claimed a lease the fused read
-    took: ``get`` of that key answers with it while the lease is this job's, so the
-    base's "is it still mine?" checks work as with a plain ``SET NX``."""
 
-    def lease_key(self, generation: int) -> str:
-        return f"{self.lease_stem}{generation}"
+_LEASED: dict[int, bool | None] = {1: True, 0: False, -1: None}
 
 
-CURRENT_JOB: contextvars.ContextVar[JobScope | None] = contextvars.ContextVar(
-    "flowcraft_bullmq_job", default=None
-)
+class MarkingContext(RedisContext):
+    """A run's context on a worker with the fast path: every patch script carries the
+    buffered "done" marks."""
 
+    __slots__ = ("_marks",)
 
-def lease_stem(key_prefix: str, run_id: str, node_id: str) -> str:
-    """The base's lease key of a node activation without the generation at its end."""
-    sample = K.lease(key_prefix, run_id, node_id, int(_SENTINEL))
-    stem, found, rest = sample.rpartition(_SENTINEL)
-    if not found or rest:
-        raise ValueError("unexpected lease key format")  # keys.py changed
-    return stem
-
-
-class JobContext(RedisContext):
-    """The run's context inside a job: the fused first read, the snapshot second
-    read and write-behind marks on every script it runs."""
-
-    __slots__ = ("_lease_ttl", "_marks", "_prefetch", "_read", "_scope", "_worker_id")
-
-    def __init__(
-        self,
-        client: Redis,
-        key: str,
-        *,
-        scope: JobScope,
-        read_script: AsyncScript,
-        marks: MarkBuffer,
-        worker_id: str,
-        lease_seconds: float,
-        **options: Any,
-    ) -> None:
+    def __init__(self, client: Redis, key: str, *, marks: MarkBuffer, **options: Any) -> None:
         super().__init__(client, key, **options)
-        self._scope = scope
-        self._read = read_script
         self._marks = marks
-        self._worker_id = worker_id
-        self._lease_ttl = ttl_ms(lease_seconds)
-        self._prefetch: tuple[tuple[str, ...], dict[str, Any]] | None = None
-
-    async def get_many(self, keys: Sequence[str]) -> dict[str, Any]:
-        prefetch, self._prefetch = self._prefetch, None
-        if prefetch is not None and tuple(keys) == prefetch[0]:
-            return prefetch[1]
-        plan = self._scope.plan
-        if plan is not None and tuple(keys) == plan.first_read:
-            return await self._fused_read(plan)
-        return await super().get_many(keys)
-
-    async def _fused_read(self, plan: ReadPlan) -> dict[str, Any]:
-        marks = self._marks.take()
-        args: list[Any] = [
-            K.META,
-            K.STATUS,
-            plan.resolved_field,
-            plan.activation_head,
-            plan.activation_tail,
-            plan.waiting_field,
-            plan.expected_meta,
-            self._scope.redis_lease_stem,
-            self._scope.lease_value,
-            self._lease_ttl,
-            len(plan.guess_first),
-            len(plan.guess_later),
-            len(marks),
-            *plan.guess_first,
-            *plan.guess_later,
-        ]
-        for _, value, px in marks:
-            args += (value, px)
-        try:
-            reply = await self._read(keys=[self.key, *(m[0] for m in marks)], args=args)
-        except BaseException:
-            self._marks.put_back(marks)
-            raise
-        meta, status, resolved, generation, leased, *rest = reply
-        generation = int(generation)
-        found: dict[str, Any] = {}
-        for name, raw in ((K.META, meta), (K.STATUS, status), (plan.resolved_field, resolved)):
-            if raw is not None:
-                found[name] = decode(raw)
-        guess = plan.guess_first if generation == 1 else plan.guess_later
-        second = (plan.activation(generation), plan.waiting_field, *guess)
-        self._prefetch = (
-            second,
-            {k: decode(v) for k, v in zip(second, rest, strict=True) if v is not None},
-        )
-        if int(leased):
-            self._scope.leases.add(self._scope.lease_key(generation))
-        return found
-
-    async def get(self, key: str) -> Any:
-        self._prefetch = None
-        return await super().get(key)
-
-    async def has(self, key: str) -> bool:
-        self._prefetch = None
-        return await super().has(key)
-
-    async def to_dict(self) -> dict[str, Any]:
-        self._prefetch = None
-        return await super().to_dict()
 
     async def patch(self, ops: Sequence[PatchOperation], *, guard: Guard | None = None) -> bool:
-        self._prefetch = None
         marks = self._marks.take()
         try:
             return await self._run_patch(ops, marks, guard)
         except BaseException:
             self._marks.put_back(marks)
             raise
-
-
-class FastPathStore:
-    """The coordination store the base sees: a ``RedisCoordinationStore`` whose
-    ``set_if_not_exist`` knows leases the fused read already took and writes
-    "done" marks behind."""
-
-    def __init__(self, inner: RedisCoordinationStore, marks: MarkBuffer, done_stem: str) -> None:
-        self.inner = inner
-        self.marks = marks
-        self.done_stem = done_stem
-
-    @property
-    def key_prefix(self) -> str:
-        return self.inner.key_prefix
-
-    async def set_if_not_exist(self, key: str, value: str, ttl_seconds: float) -> bool:
-        scope = CURRENT_JOB.get()
-        if scope is not None and key in scope.leases:
-            scope.leases.discard(key)
-            scope.holders[key] = value
-            return True
-        if self.marks.active and key.startswith(self.done_stem):
-            ttl = validate_ttl_seconds(ttl_seconds)
-            self.marks.add((self.inner.key_prefix + key, value, ttl_ms(ttl)))
-            return True
-        return await self.inner.set_if_not_exist(key, value, ttl_seconds)
-
-    async def increment(self, key: str, ttl_seconds: float) -> int:
-        return await self.inner.increment(key, ttl_seconds)
-
-    async def extend_ttl(self, key: str, ttl_seconds: float) -> bool:
-        return await self.inner.extend_ttl(key, ttl_seconds)
-
-    async def delete(self, key: str) -> None:
-        await self.inner.delete(key)
-
-    async def get(self, key: str) -> str | None:
-        value = await self.inner.get(key)
-        scope = CURRENT_JOB.get()
-        if scope is not None and value == scope.lease_value and key in scope.holders:
-            return scope.holders[key]
-        return value

@@ -20,7 +20,9 @@ from typing import TYPE_CHECKING, Any
 from bullmq import Queue, Worker
 from bullmq.custom_errors import DelayedError, UnrecoverableError
 
-from flowcraft.blueprint import NodeDefinition
+from flowcraft.blueprint import NodeDefinition, WorkflowBlueprint
+from flowcraft.context import AsyncContext
+from flowcraft.distributed import Admission
 from flowcraft.distributed import keys as K
 from flowcraft.distributed.adapter import (
     BaseDistributedAdapter,
@@ -36,20 +38,17 @@ from flowcraft.events import EventBus
 from flowcraft.runtime import RuntimeOptions
 from flowcraft_bullmq._adding import JobAdder
 from flowcraft_bullmq._fastpath import (
-    CURRENT_JOB,
     READ_LUA,
-    FastPathStore,
-    JobContext,
-    JobScope,
     MarkBuffer,
+    MarkingContext,
     ReadPlan,
-    lease_stem,
+    fused_admission,
     make_read_plan,
 )
 from flowcraft_bullmq._pipelining import AutoPipelineRedis
 from flowcraft_bullmq._settings import BullMQSettings, RedisKeys, bullmq_client, make_client
 from flowcraft_bullmq._worker import FetchingWorker, ParsingWorker
-from flowcraft_bullmq.context import PATCH_LUA, RedisContext, encode
+from flowcraft_bullmq.context import PATCH_LUA, RedisContext, encode, ttl_ms
 
 if TYPE_CHECKING:
     from bullmq import Job
@@ -116,20 +115,18 @@ class BullMQAdapter(BaseDistributedAdapter):
         self.keys = RedisKeys(s.key_prefix)
         inner = coordination_store or RedisCoordinationStore(self.client, key_prefix="")
         self._marks = MarkBuffer()
-        self._fast = (
-            s.fast_path
+        # The fast path runs its scripts on the coordination keys: they must live in
+        # this adapter's Redis, under a prefix it knows.
+        self._fast_prefix: str | None = (
+            inner.key_prefix
+            if s.fast_path
             and isinstance(inner, RedisCoordinationStore)
             and inner.client is self.client
+            else None
         )
-        store: CoordinationStore = inner
-        if self._fast:
-            assert isinstance(inner, RedisCoordinationStore)
-            done_stem = K.followed_up(s.key_prefix, "\0", "\0", 0).partition("\0")[0]
-            store = FastPathStore(inner, self._marks, done_stem)
-        self._inner_store = inner
         super().__init__(
             runtime_options=runtime_options,
-            coordination_store=store,
+            coordination_store=inner,
             event_bus=event_bus,
             key_prefix=s.key_prefix,
             state_ttl_seconds=s.state_ttl_seconds,
@@ -156,26 +153,44 @@ class BullMQAdapter(BaseDistributedAdapter):
     # ------------------------------------------------------------ the four primitives
 
     def create_context(self, run_id: str) -> RedisContext:
-        """The run's hash; inside a job of this run, the fast-path context."""
+        """The run's hash (with the fast path, its patches carry the buffered marks)."""
         options: dict[str, Any] = {
             "ttl_seconds": self.state_ttl_seconds,
             "index_key": self.keys.active,
             "index_member": run_id,
             "patch_script": self._patch_script,
         }
-        scope = CURRENT_JOB.get()
-        if self._fast and scope is not None and scope.payload.run_id == run_id:
-            return JobContext(
-                self.client,
-                self.keys.state(run_id),
-                scope=scope,
-                read_script=self._read_script,
-                marks=self._marks,
-                worker_id=self.worker_id,
-                lease_seconds=self.lease_seconds,
-                **options,
+        if self._marks.active:
+            return MarkingContext(
+                self.client, self.keys.state(run_id), marks=self._marks, **options
             )
         return RedisContext(self.client, self.keys.state(run_id), **options)
+
+    async def admit(
+        self, ctx: AsyncContext, payload: JobPayload, blueprint: WorkflowBlueprint, holder: str
+    ) -> Admission:
+        """The fast path's fused admission: reads and lease in one script (_fastpath)."""
+        plan = self._plan(payload) if self._fast_prefix is not None else None
+        if plan is None or not isinstance(ctx, RedisContext):
+            return await super().admit(ctx, payload, blueprint, holder)
+        stem = K.lease_stem(self.key_prefix, payload.run_id, payload.node_id)
+        return await fused_admission(
+            self._read_script,
+            ctx.key,
+            plan,
+            lease_stem=f"{self._fast_prefix}{stem}",
+            holder=holder,
+            lease_ttl_ms=ttl_ms(self.lease_seconds),
+            marks=self._marks,
+        )
+
+    async def mark_followed_up(self, run_id: str, node_id: str, generation: int) -> None:
+        """Written behind while the worker runs (the next script carries it)."""
+        if not self._marks.active or self._fast_prefix is None:
+            await super().mark_followed_up(run_id, node_id, generation)
+            return
+        key = K.followed_up(self.key_prefix, run_id, node_id, generation)
+        self._marks.add((f"{self._fast_prefix}{key}", "1", ttl_ms(self.dedupe_window_seconds)))
 
     async def enqueue_job(self, job: JobPayload) -> None:
         opts: dict[str, Any] = {}
@@ -208,7 +223,7 @@ class BullMQAdapter(BaseDistributedAdapter):
         # Without the server version BullMQ rounds its blocking waits up to whole
         # seconds, which delays every backoff and handed-back job (BACKENDS.md).
         await worker.blockingRedisConnection.getRedisVersion()
-        self._marks.active = self._fast
+        self._marks.active = self._fast_prefix is not None
         background = [asyncio.ensure_future(self._flush_marks_until_stopped())]
         runner = asyncio.ensure_future(worker.run())
         stopped = asyncio.ensure_future(self._stop_event.wait())
@@ -357,21 +372,6 @@ class BullMQAdapter(BaseDistributedAdapter):
         self._plans[cache_key] = plan
         return plan
 
-    def _job_scope(self, payload: JobPayload) -> JobScope:
-        if not self._fast:
-            return JobScope(payload, None)
-        stem = lease_stem(self.key_prefix, payload.run_id, payload.node_id)
-        return JobScope(
-            payload,
-            self._plan(payload),
-            lease_stem=stem,
-            redis_lease_stem=self._inner_store_prefix() + stem,
-        )
-
-    def _inner_store_prefix(self) -> str:
-        inner = self._inner_store
-        return inner.key_prefix if isinstance(inner, RedisCoordinationStore) else ""
-
     async def _process(self, handler: JobHandler, job: Job, token: str) -> None:
         """BullMQ's processor: the base settles the job; this maps the settlement to
         BullMQ (return: completed; UnrecoverableError: the failed set; a failed
@@ -396,11 +396,7 @@ class BullMQAdapter(BaseDistributedAdapter):
             payload = payload.model_copy(
                 update={"attempt": attempt, "is_last_attempt": attempt >= max(attempts, 1)}
             )
-        CURRENT_JOB.set(self._job_scope(payload))
-        try:
-            settlement = await self.settle(payload, handler)
-        finally:
-            CURRENT_JOB.set(None)
+        settlement = await self.settle(payload, handler)
         if settlement.action == "ack":
             return
         if settlement.action == "dead-letter":

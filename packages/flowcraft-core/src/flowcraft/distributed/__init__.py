@@ -11,6 +11,7 @@ calls. ``WRITING-AN-ADAPTER.md`` beside the package walks through one.
 
 from __future__ import annotations
 
+from flowcraft.distributed._handler import Admission
 from flowcraft.distributed.adapter import (
     BaseDistributedAdapter,
     FinalResult,
@@ -30,6 +31,7 @@ from flowcraft.distributed.results import ResultWaiters, ResultWatch
 from flowcraft.errors import RetryJob
 
 __all__ = [
+    "Admission",
     "BaseDistributedAdapter",
     "CoordinationStore",
     "DeadLetter",

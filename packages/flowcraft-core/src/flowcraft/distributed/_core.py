@@ -169,6 +169,17 @@ class _AdapterCore(ABC):
             for node_id in node_ids:
                 await emit(self.event_bus, FlowEvent("job:enqueued", run_id, node_id))
 
+    async def mark_followed_up(self, run_id: str, node_id: str, generation: int) -> None:
+        """Note that activation ``generation``'s follow-up is complete, so a duplicate of
+        its job acks at once (``done`` key, ``dedupe_window_seconds``). Losing the mark
+        only makes a duplicate redo an idempotent follow-up: an adapter may write it
+        behind, batched with its next request."""
+        await self.coordination_store.set_if_not_exist(
+            K.followed_up(self.key_prefix, run_id, node_id, generation),
+            "1",
+            self.dedupe_window_seconds,
+        )
+
     # ------------------------------------------------------------ provided by the other parts
 
     async def handle_job(self, job: JobPayload) -> None:

@@ -8,11 +8,12 @@ import functools
 import logging
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from flowcraft._analysis import GraphAnalysis, analyse
-from flowcraft.blueprint import NodeDefinition
-from flowcraft.context import PatchOperation
+from flowcraft.blueprint import NodeDefinition, WorkflowBlueprint
+from flowcraft.context import AsyncContext, PatchOperation
 from flowcraft.distributed import keys as K
 from flowcraft.distributed._core import (
     FINAL_STATUSES,
@@ -40,6 +41,18 @@ from flowcraft.errors import (
 from flowcraft.events import FlowEvent, emit
 
 logger = logging.getLogger("flowcraft.distributed")
+
+
+@dataclass(slots=True)
+class Admission:
+    """What :meth:`JobHandling.admit` found: ``state``, the first read (keys of
+    ``first_read_keys``); ``found``, the second read for the pending activation (None:
+    not read, the handler reads it); ``leased``, whether the lease of that activation
+    was taken for the job (None: not tried, the handler takes it)."""
+
+    state: dict[str, Any]
+    found: dict[str, Any] | None = None
+    leased: bool | None = None
 
 
 class JobHandling(Resolution):
@@ -76,7 +89,11 @@ class JobHandling(Resolution):
         node_id = payload.node_id
         ctx = self.create_context(payload.run_id)
         read_at = _now()
-        state = await ctx.get_many(self.first_read_keys(node_id))
+        # The lease's value names this job, not only this worker: two deliveries of one
+        # activation may land on the same worker.
+        holder = f"{self.worker_id}/{uuid.uuid4().hex[:12]}"
+        admission = await self.admit(ctx, payload, blueprint, holder)
+        state = admission.state
         meta = state.get(K.META)
         if meta is None:
             raise UnknownBlueprintError(
@@ -110,8 +127,10 @@ class JobHandling(Resolution):
         resolved = int(state.get(K.resolved(node_id), 0))
         generation = resolved + 1
         record_key = K.activation(node_id, generation)
-        guess = self.likely_input_keys(analysis, node_id, generation)
-        found = await ctx.get_many([record_key, K.waiting(node_id), *guess])
+        found = admission.found
+        if found is None:
+            guess = self.likely_input_keys(analysis, node_id, generation)
+            found = await ctx.get_many([record_key, K.waiting(node_id), *guess])
         record = found.get(record_key)
         if record is None or K.waiting(node_id) in found:
             # Already done (a duplicate or a redelivery) or paused. Unless the
@@ -125,16 +144,13 @@ class JobHandling(Resolution):
                 if await self.coordination_store.get(done) is None:
                     await self._follow_up(job, resolved, redrive=True)
             return
-        # The lease's value names this job, not only this worker: two deliveries of one
-        # activation may land on the same worker.
-        lease = _Lease(
-            K.lease(self.key_prefix, job.run_id, node_id, generation),
-            f"{self.worker_id}/{uuid.uuid4().hex[:12]}",
-            _now(),
-        )
-        if not await self.coordination_store.set_if_not_exist(
-            lease.key, lease.holder, self.lease_seconds
-        ):
+        lease = _Lease(K.lease(self.key_prefix, job.run_id, node_id, generation), holder, _now())
+        leased = admission.leased
+        if leased is None:
+            leased = await self.coordination_store.set_if_not_exist(
+                lease.key, lease.holder, self.lease_seconds
+            )
+        if not leased:
             raise RetryJob(
                 f"{node_id!r} activation {generation} of run {job.run_id!r} is running elsewhere",
                 delay_seconds=min(self.lease_seconds / 3, 5.0),
@@ -161,6 +177,19 @@ class JobHandling(Resolution):
                 await self._execute(job, payload, generation, record, found)
         finally:
             await heartbeat.stop()
+
+    async def admit(
+        self, ctx: AsyncContext, payload: JobPayload, blueprint: WorkflowBlueprint, holder: str
+    ) -> Admission:
+        """A job's first reads, and the lease if the adapter can take it in the same
+        step (DISTRIBUTED.md, steps 2-4). Override to do them as one atomic step on the
+        server: read ``first_read_keys(node)``; from the resolved count ``n`` there,
+        read ``activation(n + 1)``, ``waiting(node)`` and ``likely_input_keys(...)``;
+        and, exactly when the run is this blueprint version, not final, and that record
+        exists without a wait mark, take ``lease(n + 1)`` for ``holder``
+        (``set_if_not_exist`` semantics, ``lease_seconds``). The default reads the first
+        keys only and leaves the rest to the handler."""
+        return Admission(await ctx.get_many(self.first_read_keys(payload.node_id)))
 
     async def _beat(self, job: _Job) -> None:
         """One heartbeat: extend the lease if it is still this delivery's, and look for

@@ -164,11 +164,7 @@ class Resolution(_AdapterCore):
             await self._finalize(job.run_id, "failed", job.ctx, analysis, errors, owner=node_id)
         else:
             await self._signal_all(job, generation, decision, redrive=redrive)
-        await self.coordination_store.set_if_not_exist(
-            K.followed_up(self.key_prefix, job.run_id, node_id, generation),
-            "1",
-            self.dedupe_window_seconds,
-        )
+        await self.mark_followed_up(job.run_id, node_id, generation)
 
     async def _signal_all(
         self, job: _Job, generation: int, decision: Mapping[str, Any], *, redrive: bool

@@ -36,7 +36,14 @@ def resolved(node_id: str) -> str:
 
 def activation(node_id: str, generation: int) -> str:
     """The record that activates generation ``g``: ``{"skip", "inputs", "gathered"}``."""
-    return f"_flowcraft.a.{generation}.{node_id}"
+    head, tail = activation_parts(node_id)
+    return f"{head}{generation}{tail}"
+
+
+def activation_parts(node_id: str) -> tuple[str, str]:
+    """``activation(node_id, g)`` is ``head + str(g) + tail``: for a server-side script
+    that derives ``g`` itself."""
+    return "_flowcraft.a.", f".{node_id}"
 
 
 def decision(node_id: str, generation: int) -> str:
@@ -67,7 +74,13 @@ def _esc(part: str) -> str:
 
 
 def lease(prefix: str, run_id: str, node_id: str, generation: int) -> str:
-    return f"{prefix}lease:{_esc(run_id)}:{_esc(node_id)}:{generation}"
+    return f"{lease_stem(prefix, run_id, node_id)}{generation}"
+
+
+def lease_stem(prefix: str, run_id: str, node_id: str) -> str:
+    """``lease(...)`` without the generation at its end: for a server-side script that
+    derives the generation itself."""
+    return f"{prefix}lease:{_esc(run_id)}:{_esc(node_id)}:"
 
 
 def followed_up(prefix: str, run_id: str, node_id: str, generation: int) -> str:
