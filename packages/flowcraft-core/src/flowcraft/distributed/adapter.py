@@ -422,7 +422,6 @@ class BaseDistributedAdapter(ABC):
         final_key = K.final(self.key_prefix, run_id)
         if await store.set_if_not_exist(final_key, claim, self.state_ttl_seconds):
             self.logger.info("run %s: cancelled (%s)", run_id, reason)
-            await ctx.patch([PatchOperation("set", K.ENDED, "cancelled")])
             await self._finalize(run_id, "cancelled", ctx, analysis, owner=reason)
             return "cancelled"
         existing = await store.get(final_key)
@@ -1219,6 +1218,11 @@ class BaseDistributedAdapter(ABC):
         elif errors is None and status == "cancelled":
             errors = [{"nodeId": None, "message": owner or "cancelled", "type": "cancelled"}]
         errors = errors or []
+        if status == "cancelled":
+            # The run did not end by itself: fence it before reading what to publish, so
+            # nothing commits after the published snapshot (every commit is guarded on
+            # ``end`` absent).
+            await ctx.patch([PatchOperation("set", K.ENDED, status)])
         result = FinalResult(run_id, status, _user_view(await ctx.to_dict()), errors)
         await self.publish_final_result(run_id, result)
         await self._tidy(run_id, ctx, analysis)
