@@ -1,7 +1,10 @@
 """The deterministic crash simulation: thousands of seeds, replay, and proof that it bites.
 
-Replay a failing seed with ``python -m flowcraft.testing.simulation --seed N``.
-``FLOWCRAFT_SIM_SEEDS`` sets how many seeds run (default 2,400).
+Replay a failing seed with ``python -m flowcraft.testing.simulation --seed N``
+(``--profile harsh`` for the harsh profile). ``FLOWCRAFT_SIM_SEEDS`` sets how many
+seeds of the default profile run (default 20,000), ``FLOWCRAFT_SIM_HARSH_SEEDS`` how
+many of the harsh one (default 5,000); ``FLOWCRAFT_SIM_PROCESSES`` the processes they
+run in (default 2).
 """
 
 from __future__ import annotations
@@ -26,31 +29,41 @@ from flowcraft.distributed.payload import JobPayload
 from flowcraft.runtime import RuntimeOptions
 from flowcraft.testing.simulation import (
     SHAPES,
+    Profile,
     SimulatedCrash,
     SimulationReport,
     VirtualTimeLoop,
     cli,
     run_seed,
+    run_seeds,
 )
 
-SEEDS = int(os.environ.get("FLOWCRAFT_SIM_SEEDS", "2400"))
-BATCH = 200
+SEEDS = int(os.environ.get("FLOWCRAFT_SIM_SEEDS", "20000"))
+HARSH_SEEDS = int(os.environ.get("FLOWCRAFT_SIM_HARSH_SEEDS", "5000"))
+PROCESSES = int(os.environ.get("FLOWCRAFT_SIM_PROCESSES", "2"))
+BATCH = 2000
+BATCHES = [("default", first, min(first + BATCH, SEEDS)) for first in range(0, SEEDS, BATCH)] + [
+    ("harsh", first, min(first + BATCH, HARSH_SEEDS)) for first in range(0, HARSH_SEEDS, BATCH)
+]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("first", range(0, SEEDS, BATCH))
-def test_seeds(first: int) -> None:
+@pytest.mark.parametrize(
+    ("profile", "first", "stop"), BATCHES, ids=[f"{p}-{a}-{b}" for p, a, b in BATCHES]
+)
+def test_seeds(profile: Profile, first: int, stop: int) -> None:
     began = time.perf_counter()
-    reports = [run_seed(seed) for seed in range(first, min(first + BATCH, SEEDS))]
+    reports = run_seeds(range(first, stop), profile=profile, processes=PROCESSES)
+    assert [r.seed for r in reports] == list(range(first, stop))
     failed = [r for r in reports if not r.ok]
     summary = "\n".join(
         f"seed {r.seed} ({', '.join(r.shapes)}): {r.failures[0]}\n"
-        f"  replay: python -m flowcraft.testing.simulation --seed {r.seed}"
+        f"  replay: python -m flowcraft.testing.simulation --seed {r.seed} --profile {profile}"
         for r in failed
     )
     assert not failed, f"{len(failed)} of {len(reports)} seeds failed:\n{summary}"
     elapsed = time.perf_counter() - began
-    print(f"seeds {first}..{first + len(reports) - 1}: ok in {elapsed:.1f} s")
+    print(f"{profile} seeds {first}..{stop - 1}: ok in {elapsed:.1f} s")
 
 
 def test_the_simulation_injects_what_it_claims() -> None:
@@ -68,7 +81,37 @@ def test_the_simulation_injects_what_it_claims() -> None:
     assert sum("dup=1.0" in t for t in traces) > 20
     assert sum("retry=queue" in t for t in traces) > 30
     assert sum("resume " in t for t in traces) > 10
-    assert all(r.ok for r in reports)
+    assert sum(r.partitions for r in reports) > 10
+    assert sum(r.late_replies for r in reports) > 10
+    assert sum(r.cancels for r in reports) > 10
+    assert sum(r.operator_races for r in reports) > 50
+    heartbeats_cut = sum(
+        1
+        for t in traces
+        for line in t.splitlines()
+        if "CUT OFF" in line and ("extend_ttl" in line or "get flowcraft:lease" in line)
+    )
+    assert heartbeats_cut > 5, "no partition cut a heartbeat off"
+    assert sum("cancel run-" in t and "returned cancelled" in t for t in traces) > 5
+    assert sum("colliding start refused" in t for t in traces) > 10
+    assert sum("late resume refused" in t for t in traces) > 5
+    assert all(r.ok for r in reports), [r.failures for r in reports if not r.ok]
+
+
+def test_the_harsh_profile_is_harsh() -> None:
+    """Three runs at once, duplicates 50-100 %, stalls on 3-6 % of store operations,
+    3-8 faults per seed."""
+    reports = [run_seed(seed, profile="harsh") for seed in range(60)]
+    assert all(len(r.shapes) == 3 for r in reports)
+    for report in reports:
+        line = report.trace[0]
+        dup = float(line.split(" dup=")[1].split()[0])
+        stall = float(line.split(" stall=")[1].split()[0])
+        faults = line.split(" faults=")[1].split("]")[0].count("(")
+        assert 0.5 <= dup <= 1.0
+        assert 0.03 <= stall <= 0.06
+        assert 3 <= faults <= 8
+    assert all(r.ok for r in reports), [r.failures for r in reports if not r.ok]
 
 
 def _seed_where(check: Callable[[SimulationReport], bool]) -> int:
@@ -93,6 +136,18 @@ def test_cli_replays_a_seed_with_its_trace() -> None:
     code, text = cli(["--seeds", "0:5", "--shape", "loop"])
     assert code == 0
     assert text.startswith("5 seeds in")
+    code, text = cli(["--seed", "3", "--profile", "harsh"])
+    assert code == 0, text
+    assert text.splitlines()[-1].startswith("seed 3 harsh: ok (")
+    code, text = cli(["--seeds", "0:200", "--processes", "2"])
+    assert code == 0, text
+    assert text.startswith("200 seeds in")
+
+
+def test_seeds_run_the_same_in_other_processes() -> None:
+    here = run_seeds(range(100, 130), profile="harsh")
+    there = run_seeds(range(100, 130), profile="harsh", processes=2)
+    assert [r.render() for r in here] == [r.render() for r in there]
 
 
 def test_cli_runs_as_a_module() -> None:

@@ -245,7 +245,6 @@ class OperatorAPI(Resolution):
         final_key = K.final(self.key_prefix, run_id)
         if await store.set_if_not_exist(final_key, claim, self.state_ttl_seconds):
             self.logger.info("run %s: cancelled (%s)", run_id, reason)
-            await ctx.patch([PatchOperation("set", K.ENDED, "cancelled")])
             await self._finalize(run_id, "cancelled", ctx, analysis, owner=reason)
             return "cancelled"
         existing = await store.get(final_key)

@@ -462,6 +462,11 @@ class Resolution(_AdapterCore):
         elif errors is None and status == "cancelled":
             errors = [{"nodeId": None, "message": owner or "cancelled", "type": "cancelled"}]
         errors = errors or []
+        if status == "cancelled":
+            # The run did not end by itself: fence it before reading what to publish, so
+            # nothing commits after the published snapshot (every commit is guarded on
+            # ``end`` absent).
+            await ctx.patch([PatchOperation("set", K.ENDED, status)])
         result = FinalResult(run_id, status, _user_view(await ctx.to_dict()), errors)
         await self.publish_final_result(run_id, result)
         await self._tidy(run_id, ctx, analysis)

@@ -8,9 +8,14 @@ concurrency, the duplicate rate, whether the queue reorders jobs, the retry mode
 flaky nodes, and the faults: at chosen store operations a worker dies
 (:class:`SimulatedCrash`: its in-flight jobs are redelivered and a new worker
 takes its place) or the store is briefly unreachable (:class:`SimulatedOutage`);
-the queue may lose one enqueued job, and the operator may die inside
-``start_run`` or ``resume_with_action`` (and call again). Hooks also yield and
-sleep at random, so concurrent jobs interleave differently per seed.
+a worker is cut off from the coordination store for a while (its heartbeat
+fails: a partition), or a store reply reaches it only after its lease expired
+(a late reply); the queue may lose one enqueued job, and the operator may die
+inside ``start_run``, ``resume_with_action`` or ``cancel_run`` (and call again).
+Operators also call at once: a start sent twice, a colliding start, two resumes,
+a late resume of the other action, a cancel at a random moment. Some nodes run
+for a while, so heartbeats beat. Hooks also yield and sleep at random, so
+concurrent jobs interleave differently per seed.
 
 Everything runs on a :class:`VirtualTimeLoop`: time advances only when every task
 waits, so leases, redelivery delays and heartbeats follow the simulation's clock,
@@ -21,18 +26,24 @@ invariants of PRODUCT.md are checked: one final status, repeated publications
 that agree; each activation's output and deltas committed once and together by
 an execution (another execution only where a crash or an outage cut a job short);
 the expected activations per node, with the right inputs; joins fired once per
-activation with every branch; no lost delta; untaken branches never ran. A
-failing seed replays with its trace::
+activation with every branch; no lost delta; untaken branches never ran; the
+stored state agrees with the published result (beyond writes of branches nobody
+waits for; exactly, for a cancelled run); operator calls that conflict are
+refused. The ``harsh`` profile runs three runs at once, duplicates 50-100 % of
+jobs, stalls on 3-6 % of store operations and injects 3-8 faults. A failing seed
+replays with its trace::
 
-    python -m flowcraft.testing.simulation --seed N
+    python -m flowcraft.testing.simulation --seed N [--profile harsh]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import contextvars
 import functools
+import multiprocessing
 import random
 import selectors
 import sys
@@ -42,7 +53,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from flowcraft.distributed import keys as K
-from flowcraft.distributed.adapter import FinalResult, RetryMode
+from flowcraft.distributed.adapter import FinalResult, RetryMode, RunConflictError
 from flowcraft.distributed.coordination import InMemoryCoordinationStore
 from flowcraft.distributed.memory import InMemoryAdapter, InMemoryBroker
 from flowcraft.distributed.payload import JobPayload
@@ -56,7 +67,9 @@ if TYPE_CHECKING:
     from _typeshed import FileDescriptorLike
 
 __all__ = [
+    "PROFILES",
     "SHAPES",
+    "Profile",
     "SimulatedCrash",
     "SimulatedOutage",
     "SimulationReport",
@@ -145,7 +158,9 @@ class _Failure(RuntimeError):
     pass
 
 
-FaultKind = Literal["crash", "outage"]
+FaultKind = Literal["crash", "outage", "partition", "late"]
+Profile = Literal["default", "harsh"]
+PROFILES: tuple[Profile, ...] = ("default", "harsh")
 
 
 @dataclass(eq=False)
@@ -156,6 +171,7 @@ class _Worker:
     slots: dict[asyncio.Task[None], _Slot] = field(default_factory=dict)
     dead: bool = False
     frozen_until: float = 0.0  # a stalled process: no progress, no heartbeat
+    partitioned_until: float = 0.0  # cut off from the coordination store
 
 
 @dataclass(eq=False)
@@ -169,6 +185,7 @@ class _Slot:
     aborted: bool = False  # the job did not finish normally (crash, outage, retry)
     stalled: bool = False  # its worker stalled past the lease while it was in hand
     in_node: bool = False
+    late: bool = False  # the next store reply it gets arrives late
 
 
 _SLOT: contextvars.ContextVar[_Slot | None] = contextvars.ContextVar("flowcraft_sim_slot")
@@ -206,6 +223,7 @@ class _NodeSpec:
     action: str | None = None
     fails: bool = False
     flaky: bool = False
+    duration: float = 0.0  # virtual seconds the node runs (heartbeats beat meanwhile)
 
 
 class _Shape:
@@ -236,7 +254,10 @@ class _Shape:
         names the predecessor whose output is its input (or maps activation to one)."""
         node_id = self.n(local)
         flaky = not fails and self.sim.rng.random() < self.sim.flaky_rate
-        spec = _NodeSpec(counter, action, fails, flaky)
+        duration = 0.0
+        if self.sim.rng.random() < self.sim.slow_rate:
+            duration = self.sim.rng.choice((0.4, 1.0, 2.5)) * self.sim.lease_seconds
+        spec = _NodeSpec(counter, action, fails, flaky, duration)
         config: dict[str, Any] = {}
         if flaky:
             config["max_retries"] = 3
@@ -407,6 +428,10 @@ class _Run:
     shape: _Shape
     reconciles: int = 0
     resumed: bool = False
+    cancel_at: float | None = None  # virtual time of an operator's cancel
+    cancelled: str | None = None  # what cancel_run returned
+    double_resume: bool = False  # resume twice at once, then the other action late
+    collide: bool = False  # a colliding start (other initial context) after the start
 
 
 @dataclass
@@ -417,9 +442,14 @@ class SimulationReport:
     shapes: list[str]
     failures: list[str]
     trace: list[str]
+    profile: str = "default"
     crashes: int = 0
     outages: int = 0
     stalls: int = 0
+    partitions: int = 0
+    late_replies: int = 0
+    cancels: int = 0
+    operator_races: int = 0
     deliveries: int = 0
     lost_jobs: int = 0
     reconciled_runs: int = 0
@@ -434,8 +464,11 @@ class SimulationReport:
         lines = [*self.trace, ""]
         lines += [f"FAILURE: {f}" for f in self.failures]
         lines.append(
-            f"seed {self.seed}: {verdict} ({', '.join(self.shapes)}; {self.deliveries} deliveries,"
+            f"seed {self.seed}{'' if self.profile == 'default' else ' ' + self.profile}: "
+            f"{verdict} ({', '.join(self.shapes)}; {self.deliveries} deliveries,"
             f" {self.crashes} crashes, {self.outages} outages, {self.stalls} stalls,"
+            f" {self.partitions} partitions, {self.late_replies} late replies,"
+            f" {self.cancels} cancels, {self.operator_races} operator races,"
             f" {self.lost_jobs} lost jobs,"
             f" {self.reconciled_runs} runs needed reconcile, {self.virtual_seconds:.2f} virtual s)"
         )
@@ -449,39 +482,74 @@ class Simulation:
     time_limit = 3_600.0
     tick = 0.05
 
-    def __init__(self, seed: int, shapes: list[str] | None = None) -> None:
+    def __init__(
+        self, seed: int, shapes: list[str] | None = None, *, profile: Profile = "default"
+    ) -> None:
+        if profile not in PROFILES:
+            raise ValueError(f"profile must be one of {PROFILES}, not {profile!r}")
         self.seed = seed
-        self.rng = random.Random(seed)
+        self.profile = profile
+        harsh = profile == "harsh"
+        # The harsh profile draws from its own stream: seed N of each profile differs.
+        self.rng = random.Random(seed if not harsh else f"harsh-{seed}")
         rng = self.rng
         self.flaky_rate = rng.choice([0.0, 0.0, 0.2])
+        self.slow_rate = rng.choice([0.0, 0.1, 0.3])
+        # a slow node's worker loses its link to the coordination store meanwhile
+        self.heartbeat_cut_rate = 0.5 if harsh else 0.3
         self.worker_count = rng.randint(1, 3)
         self.concurrency = rng.choice([1, 2, 4, 8])
-        self.duplicate_rate = rng.choice([0.0, 0.0, 0.2, 0.5, 1.0])
+        if harsh:
+            self.duplicate_rate = round(rng.uniform(0.5, 1.0), 2)
+        else:
+            self.duplicate_rate = rng.choice([0.0, 0.0, 0.2, 0.5, 1.0])
         self.retry_mode: RetryMode = "queue" if rng.random() < 0.25 else "in-process"
         self.yield_rate = rng.choice([0.0, 0.3, 0.7])
         self.delay_rate = rng.choice([0.0, 0.05])
         self.reorder_rate = rng.choice([0.0, 0.3])  # queues need not keep jobs in order
-        names = shapes or [rng.choice(list(SHAPES)) for _ in range(rng.choice([1, 1, 2]))]
+        count = 3 if harsh else rng.choice([1, 1, 2])
+        names = shapes or [rng.choice(list(SHAPES)) for _ in range(count)]
         self.runs: list[_Run] = []
+        cancel_rate = 0.15 if harsh else 0.08
         for i, name in enumerate(names):
             shape = _Shape(self, f"{name}-{i}", f"r{i}.", name)
             SHAPES[name](shape, rng)
-            self.runs.append(_Run(f"run-{seed}-{i}", shape))
+            run = _Run(f"run-{seed}-{i}", shape)
+            if rng.random() < cancel_rate:
+                run.cancel_at = rng.uniform(0.0, 3.0 * self.lease_seconds)
+            run.double_resume = shape.expect.resume is not None and rng.random() < 0.5
+            run.collide = rng.random() < 0.1
+            self.runs.append(run)
+        self.double_start = rng.random() < 0.2  # every start is sent twice at once
         activations = sum(
             max(high, 1) for run in self.runs for _, high in run.shape.expect.runs.values()
         )
         budget = max(40, int(activations * 30 * (1 + self.duplicate_rate)))
-        faults = sorted(rng.randint(1, budget) for _ in range(rng.choice([0, 1, 1, 2, 3, 5])))
-        self.faults: list[tuple[int, FaultKind]] = [
-            (at, "crash" if rng.random() < 0.75 else "outage") for at in faults
+        count = rng.randint(3, 8) if harsh else rng.choice([0, 1, 1, 2, 3, 5])
+        faults = sorted(rng.randint(1, budget) for _ in range(count))
+        kinds: list[FaultKind] = [
+            *("crash",) * 6,
+            *("outage",) * 2,
+            "partition",
+            "late",
         ]
+        self.faults: list[tuple[int, FaultKind]] = [(at, rng.choice(kinds)) for at in faults]
         self.lose_enqueue = rng.randint(1, activations) if rng.random() < 0.15 else 0
-        # the operator's process dies at its Nth store operation in start_run or resume
+        # the operator's process dies at its Nth store operation in an operator call
         self.client_crash = rng.randint(1, 12) if rng.random() < 0.15 else 0
         self.client_ops = 0
+        self.operator_crashed = False
         # a worker process stalls (pause, blocked loop) for longer than its leases
-        self.stall_rate = rng.choice([0.0, 0.0, 0.01, 0.03])
+        if harsh:
+            self.stall_rate = round(rng.uniform(0.03, 0.06), 3)
+        else:
+            self.stall_rate = rng.choice([0.0, 0.0, 0.01, 0.03])
+        self.cancelling: dict[str, asyncio.Task[None]] = {}
         self.stalls = 0
+        self.partitions = 0
+        self.late_replies = 0
+        self.cancels = 0
+        self.operator_races = 0
         self.enqueues = 0
         self.lost_runs: set[str] = set()
         self.trace: list[str] = []
@@ -499,12 +567,16 @@ class Simulation:
 
     def describe(self) -> str:
         return (
-            f"seed {self.seed}: shapes={[r.shape.name for r in self.runs]} "
+            f"seed {self.seed} ({self.profile}): shapes={[r.shape.name for r in self.runs]} "
             f"workers={self.worker_count}x{self.concurrency} dup={self.duplicate_rate} "
             f"retry={self.retry_mode} yield={self.yield_rate} delay={self.delay_rate} "
             f"reorder={self.reorder_rate} "
             f"flaky={self.flaky_rate} faults={self.faults} lose-enqueue={self.lose_enqueue} "
-            f"client-crash={self.client_crash} stall={self.stall_rate}"
+            f"client-crash={self.client_crash} stall={self.stall_rate} slow={self.slow_rate} "
+            f"cancel-at={[r.cancel_at and round(r.cancel_at, 2) for r in self.runs]} "
+            f"double-start={self.double_start} "
+            f"double-resume={[r.double_resume for r in self.runs]} "
+            f"collide={[r.collide for r in self.runs]}"
         )
 
     def log(self, line: str) -> None:
@@ -525,6 +597,10 @@ class Simulation:
                     raise _Failure(f"{ctx.node_id} fails for good")
                 if spec.counter:
                     await ctx.set("n", int(await ctx.get("n") or 0) + 1)
+                if spec.duration:
+                    if slot is not None and self.rng.random() < self.heartbeat_cut_rate:
+                        self._partition(slot, f"while {ctx.node_id} runs")
+                    await asyncio.sleep(spec.duration)
                 self.tokens += 1
                 token = self.tokens
                 await ctx.set(f"w.{ctx.node_id}.{ctx.activation}", token)
@@ -558,6 +634,9 @@ class Simulation:
     async def _after_store(self, operation: str, key: str) -> None:
         await self._hook("after", operation, key)
 
+    async def _after_context(self, operation: str, run_id: str) -> None:
+        await self._hook("after", operation, run_id)
+
     async def _hook(self, when: str, operation: str, key: str) -> None:
         self.ops += 1
         slot = _SLOT.get(None)
@@ -565,30 +644,63 @@ class Simulation:
             self.client_ops += 1
             if self.client_ops == self.client_crash:
                 self.crashes += 1
+                self.operator_crashed = True
                 self.lost_runs.add(slot.label)  # a reconcile is expected
                 self.log(f"CRASH the operator at op {self.ops} ({when} {operation} {key})")
                 raise SimulatedCrash(f"operator at op {self.ops}")
         elif slot is not None:
-            if slot.worker.dead:
-                raise SimulatedCrash(f"{slot.worker.name} is dead")
+            worker = slot.worker
+            if worker.dead:
+                raise SimulatedCrash(f"{worker.name} is dead")
+            now = asyncio.get_running_loop().time()
+            coordination = not operation.startswith("context.")
+            if coordination and when == "before" and worker.partitioned_until > now:
+                slot.stalled = True
+                self.log(f"CUT OFF {slot.label}: {operation} {key}")
+                raise SimulatedOutage(f"{worker.name} is cut off from the coordination store")
+            if when == "after" and slot.late:
+                # The operation took effect; its reply arrives after the lease expired.
+                slot.late = False
+                slot.stalled = True
+                delay = self.rng.uniform(1.2, 3.0) * self.lease_seconds
+                self.log(f"LATE reply to {slot.label}: {operation} {key}, {delay:.2f} s")
+                await asyncio.sleep(delay)
             if self.faults and self.ops >= self.faults[0][0]:
                 _, kind = self.faults.pop(0)
                 where = f"op {self.ops} ({when} {operation} {key}) in {slot.label}"
                 if kind == "crash":
                     self.crashes += 1
-                    self.log(f"CRASH {slot.worker.name} at {where}")
-                    self._kill(slot.worker)
+                    self.log(f"CRASH {worker.name} at {where}")
+                    self._kill(worker)
                     raise SimulatedCrash(where)
-                if not slot.in_node:  # inside a node it would only fail that attempt
+                if kind == "partition":
+                    self._partition(slot, f"at {where}")
+                elif kind == "late":
+                    self.late_replies += 1
+                    slot.late = True
+                    self.log(f"the next reply to {slot.label} will be LATE (at {where})")
+                elif not slot.in_node:  # inside a node it would only fail that attempt
                     self.outages += 1
                     self.log(f"OUTAGE at {where}")
                     raise SimulatedOutage(where)
-            await self._maybe_stall(slot.worker, operation)
+            await self._maybe_stall(worker, operation)
         roll = self.rng.random()
         if roll < self.yield_rate:
             await asyncio.sleep(0)
         elif roll < self.yield_rate + self.delay_rate:
             await asyncio.sleep(self.rng.choice((0.001, 0.01, 0.2)))
+
+    def _partition(self, slot: _Slot, where: str) -> None:
+        """Cut the slot's worker off the coordination store (its heartbeats too) for 1
+        to 2.5 leases; its context store stays reachable."""
+        worker = slot.worker
+        self.partitions += 1
+        span = self.rng.uniform(1.0, 2.5) * self.lease_seconds
+        worker.partitioned_until = asyncio.get_running_loop().time() + span
+        for other in worker.slots.values():
+            other.stalled = True
+        slot.stalled = True
+        self.log(f"PARTITION {worker.name} from the store for {span:.2f} s {where}")
 
     async def _maybe_stall(self, worker: _Worker, operation: str) -> None:
         """Freeze the worker (every task of it, heartbeats too) past its leases, before
@@ -684,8 +796,13 @@ class Simulation:
             published += 1
 
     def _busy(self) -> bool:
+        for run_id, task in list(self.cancelling.items()):
+            if task.done():
+                task.result()  # a cancel that raised is a failure of the seed
+                del self.cancelling[run_id]
         return (
-            not self.broker.queue.empty()
+            bool(self.cancelling)
+            or not self.broker.queue.empty()
             or self.broker.in_flight > 0
             or any(w.slots for w in (*self.workers, *self.graveyard))
         )
@@ -700,6 +817,10 @@ class Simulation:
             while self.restarts and self.restarts[0] <= now:
                 self.restarts.pop(0)
                 self._new_worker()
+            for run in self.runs:
+                due = run.cancel_at is not None and run.cancel_at <= now
+                if due and run.cancelled is None and run.run_id not in self.cancelling:
+                    self.cancelling[run.run_id] = loop.create_task(self._cancel(run))
             self.graveyard = [w for w in self.graveyard if w.slots]
             free = [
                 w for w in self.workers if len(w.slots) < w.concurrency and w.frozen_until <= now
@@ -728,15 +849,15 @@ class Simulation:
             if status in ("completed", "failed", "cancelled"):
                 continue
             expect = run.shape.expect
+            if run.cancel_at is not None and run.cancelled is None:
+                run.cancel_at = 0.0  # quiet before its moment: cancel now
+                await self._cancel(run)
+                progressed = True
+                continue
             if status == "awaiting" and expect.resume and not run.resumed:
                 run.resumed = True
                 self.log(f"resume {run.run_id} with {expect.resume!r}")
-                action = expect.resume
-                try:
-                    resume = functools.partial(self.client.resume_with_action, run.run_id, action)
-                    await self._as_operator(run.run_id, resume)
-                except FlowcraftError as exc:  # the crashed call did resume it: reconcile
-                    self.log(f"resume again: {exc}")
+                await self._resume(run, expect.resume)
                 progressed = True
                 continue
             if run.reconciles >= 3:
@@ -752,16 +873,56 @@ class Simulation:
             progressed = True
         return progressed
 
-    async def _as_operator(self, run_id: str, call: Callable[[], Awaitable[Any]]) -> None:
+    async def _as_operator(self, run_id: str, call: Callable[[], Awaitable[Any]]) -> Any:
         """Make an operator call that may crash (then the operator calls it again, once)."""
         slot = _Slot(self.operator, run_id, None, started=True)
         context = contextvars.copy_context()
         context.run(_SLOT.set, slot)
         loop = asyncio.get_running_loop()
         try:
-            await loop.create_task(_awaited(call), context=context)
+            return await loop.create_task(_awaited(call), context=context)
         except SimulatedCrash:
-            await call()
+            return await call()
+
+    async def _cancel(self, run: _Run) -> None:
+        """An operator cancels the run (whatever state it is in)."""
+        self.cancels += 1
+        self.log(f"CANCEL {run.run_id}")
+        call = functools.partial(self.client.cancel_run, run.run_id, "simulated cancel")
+        run.cancelled = await self._as_operator(run.run_id, call)
+        self.log(f"cancel {run.run_id} returned {run.cancelled}")
+
+    async def _resume(self, run: _Run, action: str) -> None:
+        """Resume a paused run: once, or twice at once (exactly one may apply), then
+        late with the other action (which must be refused)."""
+        resume = functools.partial(self.client.resume_with_action, run.run_id, action)
+        if not run.double_resume:
+            try:
+                await self._as_operator(run.run_id, resume)
+            except FlowcraftError as exc:  # the crashed call did resume it: reconcile
+                self.log(f"resume again: {exc}")
+            return
+        self.operator_races += 1
+        self.operator_crashed = False
+        outcomes = await asyncio.gather(
+            self._as_operator(run.run_id, resume),
+            self._as_operator(run.run_id, resume),
+            return_exceptions=True,
+        )
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException) and not isinstance(outcome, FlowcraftError):
+                raise outcome
+        applied = sum(1 for o in outcomes if not isinstance(o, BaseException))
+        self.log(f"two resumes of {run.run_id}: {outcomes}")
+        if applied > 1 or (applied == 0 and not self.operator_crashed):
+            self.failures.append(f"run {run.run_id}: {applied} of two concurrent resumes applied")
+        other = "reject" if action == "approve" else "approve"
+        try:
+            await self.client.resume_with_action(run.run_id, other)
+        except FlowcraftError as exc:
+            self.log(f"late resume refused: {exc}")
+        else:
+            self.failures.append(f"run {run.run_id}: a late resume ({other}) was accepted")
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -775,6 +936,7 @@ class Simulation:
             seed=self.rng.randrange(2**32),
             max_redelivery_delay=0.25,
             fault=self._before_context,
+            after_fault=self._after_context,
         )
         flows = {r.shape.flow.id: r.shape.flow for r in self.runs}
         self.options = RuntimeOptions.from_flows(*flows.values())
@@ -783,14 +945,39 @@ class Simulation:
         self.log(self.describe())
         for _ in range(self.worker_count):
             self._new_worker()
+        began = loop.time()
         for r in self.runs:
             start = functools.partial(self.client.start_run, r.shape.flow.id, {}, run_id=r.run_id)
-            await self._as_operator(r.run_id, start)
+            if r.cancel_at is not None:
+                r.cancel_at += began
+            if self.double_start:  # the same request twice at once: both return the run
+                self.operator_races += 1
+                await asyncio.gather(
+                    self._as_operator(r.run_id, start), self._as_operator(r.run_id, start)
+                )
+            else:
+                await self._as_operator(r.run_id, start)
+        for r in self.runs:
+            if r.collide:
+                await self._collide(r)
         await self._dispatch()
         for r in self.runs:
             await self._check(r)
         for job, error in self.broker.dead_letters:
             self.failures.append(f"dead-lettered {job!r}: {error}")
+
+    async def _collide(self, run: _Run) -> None:
+        """Another request with the run's id (other initial context) must be refused."""
+        self.operator_races += 1
+        call = functools.partial(
+            self.client.start_run, run.shape.flow.id, {"collide": True}, run_id=run.run_id
+        )
+        try:
+            await self._as_operator(run.run_id, call)
+        except RunConflictError as exc:
+            self.log(f"colliding start refused: {exc}")
+        else:
+            self.failures.append(f"run {run.run_id}: a colliding start was accepted")
 
     # ------------------------------------------------------------------ invariants
 
@@ -804,15 +991,26 @@ class Simulation:
         first = published[0].to_json_dict()
         problems += self._check_republished(run, published)
         status = first["status"]
-        if status != expect.status:
+        cancelled = status == "cancelled"
+        if cancelled and run.cancel_at is None:
+            problems.append("cancelled, but nobody cancelled it")
+        if status != expect.status and not cancelled:
             problems.append(
                 f"status {status!r} (errors {first['errors']}), expected {expect.status}"
             )
+        if run.cancelled is not None and run.cancelled != status:
+            problems.append(f"cancel_run returned {run.cancelled!r}, the run ended {status!r}")
         info = await self.client.get_status(run.run_id)
         if info.status != status:
             problems.append(f"get_status says {info.status!r}, the published result {status!r}")
         state = self.broker.contexts[run.run_id].data
-        if status == "failed":
+        problems += self._check_state(run, state, published[0])
+        if cancelled:
+            if first["errors"] != [
+                {"nodeId": None, "message": "simulated cancel", "type": "cancelled"}
+            ]:
+                problems.append(f"a cancelled run published errors {first['errors']}")
+        elif status == "failed":
             errors = first["errors"]
             if len(errors) != 1 or errors[0].get("nodeId") not in expect.failing:
                 problems.append(f"errors {errors}, expected one naming one of {expect.failing}")
@@ -833,6 +1031,22 @@ class Simulation:
                 if node_id not in expect.runs or int(gen) > expect.runs[node_id][1]:
                     problems.append(f"unexpected write {key!r}")
         self.failures += [f"run {run.run_id} ({run.shape.name}): {p}" for p in problems]
+
+    def _check_state(self, run: _Run, state: Mapping[str, Any], first: FinalResult) -> list[str]:
+        """The stored state agrees with the published result: exactly for a cancelled
+        run (fenced before it was read), else but for what nodes nobody waits for wrote
+        (they may commit until the run's end is recorded, after the publication)."""
+        view = {k: v for k, v in state.items() if not K.is_reserved(k)}
+        differ = {
+            k for k in view.keys() | first.context.keys() if view.get(k) != first.context.get(k)
+        }
+        if first.status != "cancelled":
+            expect = run.shape.expect
+            unwaited = {n for n, (low, high) in expect.runs.items() if low < high} | expect.lazy
+            differ = {k for k in differ if _writer(k) not in unwaited}
+        if differ:
+            return [f"the stored state and the published result differ in {sorted(differ)}"]
+        return []
 
     def _check_republished(self, run: _Run, published: list[FinalResult]) -> list[str]:
         """Repeated publications (a finalizer redone) agree on status and errors, and their
@@ -943,8 +1157,8 @@ class Simulation:
         return problems
 
 
-async def _awaited(call: Callable[[], Awaitable[Any]]) -> None:
-    await call()
+async def _awaited(call: Callable[[], Awaitable[Any]]) -> Any:
+    return await call()
 
 
 def _writer(key: str) -> str | None:
@@ -969,9 +1183,11 @@ def _stalled(execution: _Execution) -> bool:
 # ---------------------------------------------------------------------------- entry points
 
 
-def run_seed(seed: int, shapes: list[str] | None = None) -> SimulationReport:
+def run_seed(
+    seed: int, shapes: list[str] | None = None, *, profile: Profile = "default"
+) -> SimulationReport:
     """Run one seed on a fresh virtual-time loop and check its invariants."""
-    sim = Simulation(seed, shapes)
+    sim = Simulation(seed, shapes, profile=profile)
     with asyncio.Runner(loop_factory=VirtualTimeLoop) as runner:
         try:
             runner.run(sim.run())
@@ -983,7 +1199,12 @@ def run_seed(seed: int, shapes: list[str] | None = None) -> SimulationReport:
         shapes=[r.shape.name for r in sim.runs],
         failures=sim.failures,
         trace=sim.trace,
+        profile=profile,
         crashes=sim.crashes,
+        partitions=sim.partitions,
+        late_replies=sim.late_replies,
+        cancels=sim.cancels,
+        operator_races=sim.operator_races,
         outages=sim.outages,
         stalls=sim.stalls,
         deliveries=sim.deliveries,
@@ -993,8 +1214,44 @@ def run_seed(seed: int, shapes: list[str] | None = None) -> SimulationReport:
     )
 
 
-def run_seeds(seeds: range) -> list[SimulationReport]:
-    return [run_seed(s) for s in seeds]
+def run_seeds(
+    seeds: range, *, profile: Profile = "default", processes: int = 1
+) -> list[SimulationReport]:
+    """Run ``seeds`` (in ``processes`` worker processes when more than 1: seeds are
+    independent, and each replays the same wherever it runs). Reports keep no trace
+    unless they failed, so a large range stays small in memory."""
+    if processes <= 1:
+        return [_trimmed(run_seed(s, profile=profile)) for s in seeds]
+    chunks = [range(start, min(start + 100, seeds.stop)) for start in seeds[::100]]
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(processes, mp_context=context) as pool:
+        parts = pool.map(functools.partial(run_seeds, profile=profile), chunks)
+        return [report for part in parts for report in part]
+
+
+def _trimmed(report: SimulationReport) -> SimulationReport:
+    if report.ok:
+        report.trace = []
+    return report
+
+
+def summarise(reports: list[SimulationReport], elapsed: float) -> str:
+    bad = [r for r in reports if not r.ok]
+    lines = [f"seed {r.seed} ({r.profile}): {r.failures[0]}" for r in bad]
+    total = functools.partial(sum, start=0)
+    lines.append(
+        f"{len(reports)} seeds in {elapsed:.1f} s: {len(bad)} failed; "
+        f"{total(r.crashes for r in reports)} crashes, "
+        f"{total(r.outages for r in reports)} outages, "
+        f"{total(r.stalls for r in reports)} stalls, "
+        f"{total(r.partitions for r in reports)} partitions, "
+        f"{total(r.late_replies for r in reports)} late replies, "
+        f"{total(r.cancels for r in reports)} cancels, "
+        f"{total(r.operator_races for r in reports)} operator races, "
+        f"{total(r.lost_jobs for r in reports)} lost jobs, "
+        f"{total(r.reconciled_runs for r in reports)} runs needed reconcile"
+    )
+    return "\n".join(lines)
 
 
 def cli(argv: list[str]) -> tuple[int, str]:
@@ -1003,24 +1260,21 @@ def cli(argv: list[str]) -> tuple[int, str]:
     parser.add_argument("--seed", type=int, help="replay one seed and print its trace")
     parser.add_argument("--seeds", help="run seeds A:B and summarise (default 0:200)")
     parser.add_argument("--shape", action="append", choices=sorted(SHAPES), help="force shapes")
+    parser.add_argument("--profile", choices=PROFILES, default="default", help="fault profile")
+    parser.add_argument("--processes", type=int, default=1, help="run seeds in N processes")
     args = parser.parse_args(argv)
     if args.seed is not None:
-        report = run_seed(args.seed, args.shape)
+        report = run_seed(args.seed, args.shape, profile=args.profile)
         return (0 if report.ok else 1), report.render()
     start, _, stop = (args.seeds or "0:200").partition(":")
     began = time.perf_counter()
-    reports = [run_seed(s, args.shape) for s in range(int(start), int(stop))]
-    elapsed = time.perf_counter() - began
-    bad = [r for r in reports if not r.ok]
-    lines = [f"seed {r.seed}: {r.failures[0]}" for r in bad]
-    lines.append(
-        f"{len(reports)} seeds in {elapsed:.1f} s: {len(bad)} failed; "
-        f"{sum(r.crashes for r in reports)} crashes, {sum(r.outages for r in reports)} outages, "
-        f"{sum(r.stalls for r in reports)} stalls, "
-        f"{sum(r.lost_jobs for r in reports)} lost jobs, "
-        f"{sum(r.reconciled_runs for r in reports)} runs needed reconcile"
-    )
-    return (1 if bad else 0), "\n".join(lines)
+    seeds = range(int(start), int(stop))
+    if args.shape:
+        reports = [run_seed(s, args.shape, profile=args.profile) for s in seeds]
+    else:
+        reports = run_seeds(seeds, profile=args.profile, processes=args.processes)
+    text = summarise(reports, time.perf_counter() - began)
+    return (0 if all(r.ok for r in reports) else 1), text
 
 
 if __name__ == "__main__":
