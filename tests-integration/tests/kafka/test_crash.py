@@ -66,7 +66,12 @@ async def fleet(
     try:
         await create_schema(cassandra)
         yield settings
-        await cassandra.execute_schema(f"DROP KEYSPACE IF EXISTS {settings.keyspace}")
+        for _ in range(30):  # the restart test may leave the node just back up
+            try:
+                await cassandra.execute_schema(f"DROP KEYSPACE IF EXISTS {settings.keyspace}")
+                break
+            except Exception:
+                await asyncio.sleep(1.0)
     finally:
         await cassandra.aclose()
     redis = redis_asyncio.Redis.from_url(settings.redis_url)

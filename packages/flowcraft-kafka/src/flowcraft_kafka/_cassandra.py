@@ -111,7 +111,11 @@ class CassandraClient:
         from cassandra import ConsistencyLevel
         from cassandra.auth import PlainTextAuthProvider
         from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile
-        from cassandra.policies import DCAwareRoundRobinPolicy, TokenAwarePolicy
+        from cassandra.policies import (
+            DCAwareRoundRobinPolicy,
+            ExponentialReconnectionPolicy,
+            TokenAwarePolicy,
+        )
         from cassandra.query import tuple_factory
 
         profile = ExecutionProfile(
@@ -129,6 +133,9 @@ class CassandraClient:
             "protocol_version": settings.protocol_version,
             "execution_profiles": {EXEC_PROFILE_DEFAULT: profile},
             "connect_timeout": 10.0,
+            # Find a restarted node within seconds (the driver's default waits up to
+            # ten minutes between attempts).
+            "reconnection_policy": ExponentialReconnectionPolicy(0.5, 10.0),
         }
         if settings.username is not None:
             password = settings.password.get_secret_value() if settings.password else ""
@@ -157,7 +164,25 @@ class CassandraClient:
         return found
 
     async def execute(self, statement: Any, params: Sequence[Any] | None = None) -> list[Any]:
-        """Run a statement; every page of its rows, as tuples."""
+        """Run a statement; every page of its rows, as tuples. While no host is up (a
+        restart), the request, which was then never sent, waits for one and is sent
+        again, for up to ``request_timeout``."""
+        from cassandra.cluster import NoHostAvailable
+
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.request_timeout
+        pause = 0.1
+        while True:
+            try:
+                return await self._execute_once(statement, params)
+            except NoHostAvailable as exc:
+                sent_to = exc.errors if isinstance(exc.errors, dict) else {}
+                if sent_to or loop.time() + pause > deadline:
+                    raise
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 2.0)
+
+    async def _execute_once(self, statement: Any, params: Sequence[Any] | None) -> list[Any]:
         loop = asyncio.get_running_loop()
         done: asyncio.Future[list[Any]] = loop.create_future()
         rows: list[Any] = []
@@ -293,6 +318,8 @@ class CassandraRunStore:
         self.max_patch_bytes = max_patch_bytes
         self._statements: _Statements | None = None
         self._preparing = asyncio.Lock()
+        self._retry_at = 0.0
+        self._backoff = 0.5
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(namespace={self.namespace!r})"
@@ -305,12 +332,24 @@ class CassandraRunStore:
         return self._client
 
     async def connected(self) -> CassandraClient:
-        """The client, connected first when the store connects lazily."""
+        """The client, connected first when the store connects lazily. After a failed
+        connection, requests fail at once for a while (1 s, doubling to 30 s) instead
+        of each trying a new connection."""
         if self._client is None:
             async with self._preparing:
                 if self._client is None:
                     assert self._connect is not None
-                    self._client = await self._connect()
+                    loop = asyncio.get_running_loop()
+                    if loop.time() < self._retry_at:
+                        raise ConnectionError(
+                            "cassandra is unreachable (the last connection attempt failed)"
+                        )
+                    try:
+                        self._client = await self._connect()
+                    except Exception:
+                        self._backoff = min(self._backoff * 2, 30.0)
+                        self._retry_at = loop.time() + self._backoff
+                        raise
         return self._client
 
     async def statements(self) -> _Statements:

@@ -130,6 +130,10 @@ class JobProducer:
             "enable.idempotence": True,
             "acks": "all",
             "linger.ms": linger_ms,
+            # A send that the broker has not confirmed within 30 s fails (the job is
+            # handed back and retried) instead of holding its slot for librdkafka's
+            # default 5 minutes while a broker is away.
+            "message.timeout.ms": 30_000,
             **config,
             "logger": _client_logger("producer"),
         }
