@@ -66,6 +66,9 @@ class Namespace:
             "retry_delay_seconds": 0.2,
             "visibility_seconds": 10.0,
             "max_poll_interval": 0.2,
+            # No per-request look-up of proxy settings in the environment (the README's
+            # quick-start test runs with the default).
+            "trust_env": False,
         }
         options.update(overrides)
         return options

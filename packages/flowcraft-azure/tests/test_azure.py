@@ -145,3 +145,38 @@ async def test_a_message_delivered_too_often_goes_to_the_poison_queue(
     finally:
         await worker.stop()
         await running
+
+
+async def test_the_reconciler_finds_and_finishes_a_run_whose_job_was_lost(
+    namespace: Namespace,
+) -> None:
+    flow = Flow("lost").node("a", lambda ctx: 1).node("b", lambda ctx: ctx.input + 1)
+    flow.chain("a", "b")
+    client = namespace.adapter(_flows(flow))
+    done = await client.start_run("lost")
+    lost = await client.start_run("lost")
+    # Both start jobs are on the queue: let a worker finish one run, lose the other job.
+    (first, second) = await client.queue.receive(2, 30)
+    await client.ack([m for m in (first, second) if lost in m.body])
+    await client.release(next(m for m in (first, second) if done in m.body), 0)
+    worker = namespace.adapter(_flows(flow))
+    running = asyncio.ensure_future(worker.worker())
+    try:
+        assert (await worker.wait_for_result(done, 30)).status == "completed"
+        await asyncio.sleep(1.2)  # _ts has a resolution of one second
+        assert await worker.find_stalled_runs(1.0, 10) == [lost]
+        assert await worker.find_stalled_runs(60.0, 10) == []
+    finally:
+        await worker.stop()
+        await running
+    reconciling = namespace.adapter(
+        _flows(flow), reconcile_interval_seconds=0.5, stalled_after_seconds=1.0
+    )
+    running = asyncio.ensure_future(reconciling.worker())
+    try:
+        result = await reconciling.wait_for_result(lost, 30)
+        assert result.context["_outputs.b"] == 2
+        assert await reconciling.find_stalled_runs(0.0, 10) == []
+    finally:
+        await reconciling.stop()
+        await running

@@ -30,3 +30,14 @@ class TestAzureAdapter(AdapterConformanceTests):
             return namespace.adapter(options, **overrides)
 
         return build
+
+    @pytest.mark.xfail(
+        reason="an Azure Storage Queue message holds at most 64 KiB: the kit's 70 KB body "
+        "cannot be put on the queue at all (RequestBodyTooLarge); the other bodies of this "
+        "test are dead-lettered in tests-integration/tests/azure/test_bad_input.py",
+        strict=True,
+    )
+    async def test_raw_garbage_is_dead_lettered_beside_good_runs(
+        self, adapter_factory: AdapterFactory
+    ) -> None:
+        await super().test_raw_garbage_is_dead_lettered_beside_good_runs(adapter_factory)

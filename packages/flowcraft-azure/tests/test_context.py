@@ -14,7 +14,7 @@ import pytest
 from azure.cosmos.aio import ContainerProxy
 
 from flowcraft.context import AsyncContext, PatchOperation
-from flowcraft.errors import StateLimitError
+from flowcraft.errors import SerializationError, StateLimitError
 from flowcraft.testing import ContextStoreTests
 from flowcraft.testing.adapter import HOSTILE_KEYS
 from flowcraft_azure import CosmosContext, CosmosRunStore
@@ -307,3 +307,17 @@ class TestCosmosContextKit(ContextStoreTests):
         assert isinstance(context, CosmosContext)
         self._turn = getattr(self, "_turn", 0) + 1
         return self._handles[self._turn % 2].context(context.run_id)
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("bad\udc00key", 1), ("bad value", "x\udc00"), ("bad dict", {"k\udc00": 1})],
+)
+async def test_unstorable_keys_and_values_name_the_key(
+    store: CosmosRunStore, key: str, value: Any
+) -> None:
+    ctx = store.context("unstorable")
+    with pytest.raises(SerializationError, match="bad"):
+        await ctx.patch([S("fine", 1), S(key, value)])
+    assert await ctx.to_dict() == {}
+    assert await ctx.get_many(["bad\udc00key", "fine"]) == {}

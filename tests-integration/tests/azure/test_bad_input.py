@@ -24,6 +24,11 @@ BAD = {
     json.dumps({"runId": "r2", "blueprintId": "nope", "nodeId": "start"}): (
         "UnknownBlueprintError"
     ),
+    "[" * 5000 + "]" * 5000: "PayloadDecodeError",
+    '{"runId": "\\udc00", "blueprintId": "diamond", "nodeId": "start"}': "PayloadDecodeError",
+    '{"runId": "r", "blueprintId": 7, "nodeId": "start"}': "PayloadDecodeError",
+    '{"runId": "r", "blueprintId": "diamond", "nodeId": "start", "x": 1}': "PayloadDecodeError",
+    '"just a string"': "PayloadDecodeError",
     # A node of a run that was never started: the base reports the unknown run first.
     json.dumps({"runId": "r3", "blueprintId": "diamond", "nodeId": "nope"}): "Unknown",
 }

@@ -22,8 +22,9 @@ handed back, not failed.
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 from azure.core import MatchConditions
@@ -31,8 +32,9 @@ from azure.cosmos.aio import ContainerProxy
 from azure.cosmos.exceptions import CosmosHttpResponseError
 
 from flowcraft.context import BaseAsyncContext, PatchOperation
-from flowcraft.errors import RetryJob, StateLimitError
-from flowcraft.serializer import JsonSerializer, Serializer
+from flowcraft.distributed import keys as K
+from flowcraft.errors import RetryJob, SerializationError, StateLimitError
+from flowcraft.serializer import JsonSerializer, Serializer, check_key, encode_value
 from flowcraft_azure._cosmos import (
     CONTEXT_FIELD,
     RESULT_ID,
@@ -44,6 +46,8 @@ from flowcraft_azure._cosmos import (
     partition_value,
     patch_path,
 )
+
+STATUS_KEY = K.STATUS
 
 __all__ = ["DEFAULT_MAX_STATE_BYTES", "MAX_PATCH_OPERATIONS", "CosmosContext", "CosmosRunStore"]
 
@@ -65,6 +69,9 @@ _MAX_REPLACE_TRIES = 50
 _WHERE_STATE = 'WHERE c.run = @run AND c.id = "state"'
 _SELECT_STATE = 'SELECT * FROM c WHERE c.run = @run AND c.id = "state"'
 _SELECT_CONTEXT = 'SELECT VALUE c.c FROM c WHERE c.run = @run AND c.id = "state"'
+_SELECT_STALLED = (
+    'SELECT VALUE c.runId FROM c WHERE c.id = "state" AND c.st = "running" AND c._ts < @cutoff'
+)
 _SELECT_RESULT = 'SELECT VALUE c.result FROM c WHERE c.run = @run AND c.id = "result"'
 
 Guard = Mapping[str, int | str | None]
@@ -136,8 +143,9 @@ class CosmosRunStore:
             raise
 
     async def read(self, run_id: str, keys: Sequence[str]) -> dict[str, Any]:
-        """The present keys among ``keys``: one query projecting only them."""
-        wanted = list(dict.fromkeys(keys))
+        """The present keys among ``keys``: one query projecting only them (a key no
+        store can keep, such as one with a lone surrogate, is never present)."""
+        wanted = [k for k in dict.fromkeys(keys) if _storable(k)]
         if not wanted:
             return {}
         columns = ", ".join(f"c.{CONTEXT_FIELD}[@k{i}] AS k{i}" for i in range(len(wanted)))
@@ -173,7 +181,11 @@ class CosmosRunStore:
         texts: dict[str, str | None] = {}
         for op in ops:  # the last op on a key wins, as in memory
             texts.pop(op.key, None)
-            texts[op.key] = None if op.op == "delete" else self._dumps(run_id, op.key, op.value)
+            if op.op == "delete":
+                check_key(op.key)
+                texts[op.key] = None
+            else:
+                texts[op.key] = self._dumps(run_id, op.key, op.value)
         expected = {k: self._guard_text(k, v) for k, v in (guard or {}).items()}
         if not texts and not expected:
             return True
@@ -181,7 +193,7 @@ class CosmosRunStore:
             await self._ready()
         try:
             while True:
-                if not texts or len(texts) > MAX_PATCH_OPERATIONS:
+                if not texts or len(texts) + (STATUS_KEY in texts) > MAX_PATCH_OPERATIONS:
                     outcome = await self._replace(run_id, texts, expected)
                 else:
                     outcome = await self._patch(run_id, texts, expected)
@@ -200,6 +212,8 @@ class CosmosRunStore:
         """One ``patch_item``; None: the item does not exist and was not created here
         because someone else created it first (try again)."""
         operations = [{"op": "set", "path": patch_path(k), "value": v} for k, v in texts.items()]
+        if STATUS_KEY in texts:
+            operations.append({"op": "set", "path": "/st", "value": self._status(texts)})
         options: dict[str, Any] = {}
         if expected:
             options["filter_predicate"] = guard_predicate(expected)
@@ -233,6 +247,8 @@ class CosmosRunStore:
                 return True
             for key, text in texts.items():
                 fields[field_name(key)] = text
+            if STATUS_KEY in texts:
+                item["st"] = self._status(texts)
             self._check_size(run_id, texts, item)
             self.requests["replace"] += 1
             try:
@@ -261,6 +277,7 @@ class CosmosRunStore:
             "id": STATE_ID,
             "run": partition_value(run_id),
             "runId": run_id,
+            "st": self._status(texts),
             CONTEXT_FIELD: fields,
         }
         self._check_size(run_id, texts, item)
@@ -305,9 +322,38 @@ class CosmosRunStore:
         result: dict[str, Any] = self.serializer.loads(rows[0])
         return result
 
+    def _status(self, texts: Mapping[str, str | None]) -> str | None:
+        """The run's status as a top-level property ``st`` (mirrored from the status key
+        in the same write), so :meth:`stalled` can find running runs by index."""
+        text = texts.get(STATUS_KEY)
+        if text is None:
+            return None
+        record = self.serializer.loads(text)
+        status = record.get("status") if isinstance(record, dict) else None
+        return status if isinstance(status, str) else None
+
+    async def stalled(self, older_than_seconds: float, limit: int) -> list[str]:
+        """Runs whose status is ``running`` and whose state has not been written for
+        ``older_than_seconds``: one cross-partition query (``st`` and ``_ts``)."""
+        if self._ready is not None:
+            await self._ready()
+        cutoff = int(time.time() - older_than_seconds)
+        self.requests["query"] += 1
+        found: list[str] = []
+        rows: AsyncIterator[Any] = self.container.query_items(
+            _SELECT_STALLED, parameters=[{"name": "@cutoff", "value": cutoff}], max_item_count=limit
+        )
+        async for row in rows:  # VALUE rows: the run ids themselves
+            if isinstance(row, str):
+                found.append(row)
+            if len(found) >= limit:
+                break
+        return found
+
     def _guard_text(self, key: str, value: object) -> str | None:
         """The JSON text a guard key must hold (None: absent). Only None, int and str
         are guard values (a bool is not an int here)."""
+        check_key(key)
         if value is None:
             return None
         if isinstance(value, bool) or not isinstance(value, int | str):
@@ -317,10 +363,10 @@ class CosmosRunStore:
     # ------------------------------------------------------------ limits
 
     def _dumps(self, run_id: str, key: str, value: Any) -> str:
-        text = self.serializer.dumps(value)
-        size = len(text.encode("utf-8", "surrogatepass")) + len(
-            key.encode("utf-8", "surrogatepass")
-        )
+        """The value's JSON text, checked by the core (a key or value no store can keep
+        raises ``SerializationError`` naming the key) and against the size limit."""
+        text = encode_value(key, value, self.serializer)
+        size = len(text.encode()) + len(key.encode())
         if size > self.max_state_bytes:
             raise StateLimitError(
                 f"run {run_id!r}: key {key!r} holds {size} bytes; a run's state may hold "
@@ -344,6 +390,14 @@ class CosmosRunStore:
             f"run {run_id!r}: writing key {largest!r} would take the state past "
             f"{self.max_state_bytes} bytes{held} (Cosmos DB's item limit is 2 MB)"
         )
+
+
+def _storable(key: str) -> bool:
+    try:
+        check_key(key)
+    except SerializationError:
+        return False
+    return True
 
 
 class CosmosContext(BaseAsyncContext):
