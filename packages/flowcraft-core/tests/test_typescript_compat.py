@@ -181,3 +181,41 @@ async def test_run_concurrency_caps_nodes_running_at_once() -> None:
     assert peak == 2
     with pytest.raises(ValueError, match="at least 1"):
         await FlowRuntime().run(flow, concurrency=0)
+
+
+async def test_flow_batch_with_input_key_output_key_and_chunks() -> None:
+    from flowcraft import Flow, FlowRuntime, NodeContext
+
+    running = 0
+    peak = 0
+
+    async def double(ctx: NodeContext) -> int:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        await asyncio.sleep(0.005)
+        running -= 1
+        return int(ctx.input) * 2
+
+    flow = (
+        Flow("batched")
+        .node("start", lambda c: [10, 20, 30, 40, 50])
+        .node("other", lambda c: "not the list")
+        .batch("double-items", double, input_key="start", output_key="doubled", chunk_size=2)
+        .chain("start", "other", "double-items")
+        .node("a", lambda c: 1)
+        .node("b", lambda c: 2)
+        .node("c", lambda c: c.input + 1)
+        .edge("a", "b")
+        .edge("b", "a", condition="false")
+        .edge("b", "c")
+        .set_cycle_entry_point("a")
+    )
+    blueprint = flow.to_blueprint()
+    assert blueprint.metadata == {"cycleEntryPoints": ["a"]}
+    result = await FlowRuntime().run(flow)
+    assert result.status == "completed", result.errors
+    assert result.output("double-items") == [20, 40, 60, 80, 100]
+    assert result.context["doubled"] == [20, 40, 60, 80, 100]
+    assert peak == 2
+    assert result.output("c") == 3

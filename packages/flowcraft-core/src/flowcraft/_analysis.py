@@ -110,7 +110,16 @@ class GraphAnalysis:
             raw_out[e.source].append((i, e))
             incoming[e.target] += 1
         fallbacks = {n.config.fallback for n in blueprint.nodes if n.config and n.config.fallback}
-        self.fallback_only = frozenset(f for f in fallbacks if incoming[f] == 0 and not raw_out[f])
+        self.fallback_only = frozenset(f for f in fallbacks if incoming[f] == 0)
+        # A fallback only runs in its node's place, whose edges it then takes (as in
+        # the TypeScript flowcraft): its own outgoing edges (usually the same ones,
+        # written again) are not part of the graph, so they start and join nothing.
+        fed_by_fallback: set[str] = set()
+        for f in self.fallback_only:
+            for _, e in raw_out[f]:
+                incoming[e.target] -= 1
+                fed_by_fallback.add(e.target)
+            raw_out[f] = []
         scc = _strongly_connected(self.nodes, raw_out)
         self.scc = scc
         # ``metadata.cycleEntryPoints`` (TypeScript ``setCycleEntryPoint``): a node
@@ -139,7 +148,8 @@ class GraphAnalysis:
         self.start_nodes: tuple[str, ...] = tuple(
             nid
             for nid in self.nodes
-            if (incoming[nid] == 0 and nid not in self.fallback_only) or nid in entered_inside
+            if (incoming[nid] == 0 and nid not in self.fallback_only and nid not in fed_by_fallback)
+            or nid in entered_inside
         )
         if not self.start_nodes:
             raise BlueprintError(

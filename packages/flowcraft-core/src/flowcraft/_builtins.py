@@ -166,6 +166,18 @@ def builtins(runtime: FlowRuntime) -> dict[str, NodeImplementation]:
 
         return list(await asyncio.gather(*(one(start + i, x) for i, x in enumerate(items))))
 
+    async def run_chunked(
+        ctx: NodeContext, worker: str, items: list[Any] | tuple[Any, ...]
+    ) -> list[Any]:
+        """``params.chunkSize`` items at a time (default: all), chunk after chunk."""
+        chunk = int(ctx.params.get("chunkSize") or len(items) or 1)
+        if chunk < 1:
+            raise ValueError(f"batch node {ctx.node_id!r}: chunkSize must be >= 1")
+        results: list[Any] = []
+        for first in range(0, len(items), chunk):
+            results += await run_items(ctx, worker, items[first : first + chunk], start=first)
+        return results
+
     async def batch_node(ctx: NodeContext) -> list[Any]:
         worker = ctx.params.get("worker")
         if not isinstance(worker, str):
@@ -181,7 +193,10 @@ def builtins(runtime: FlowRuntime) -> dict[str, NodeImplementation]:
                 "batch:start", ctx.run_id, ctx.node_id, {"batchId": ctx.node_id, "size": len(items)}
             ),
         )
-        results = await run_items(ctx, worker, items)
+        results = await run_chunked(ctx, worker, items)
+        output_key = ctx.params.get("outputKey")
+        if isinstance(output_key, str):
+            await ctx.context.set(output_key, results)
         await emit(
             runtime.event_bus,
             FlowEvent(
@@ -225,9 +240,6 @@ def builtins(runtime: FlowRuntime) -> dict[str, NodeImplementation]:
                 f"batch-scatter node {ctx.node_id!r} needs a list as input, "
                 f"got {type(items).__name__}"
             )
-        chunk = int(params.get("chunkSize") or len(items) or 1)
-        if chunk < 1:
-            raise ValueError(f"batch-scatter node {ctx.node_id!r}: chunkSize must be >= 1")
         batch_id = ctx.node_id.removesuffix("_scatter")
         await emit(
             runtime.event_bus,
@@ -238,9 +250,7 @@ def builtins(runtime: FlowRuntime) -> dict[str, NodeImplementation]:
                 {"batchId": batch_id, "scatterNodeId": ctx.node_id, "size": len(items)},
             ),
         )
-        results: list[Any] = []
-        for first in range(0, len(items), chunk):
-            results += await run_items(ctx, worker, items[first : first + chunk], start=first)
+        results = await run_chunked(ctx, worker, items)
         await ctx.context.set(f"{gather_id}_results", results)
         return {"gatherNodeId": gather_id, "hasMore": False}
 

@@ -129,8 +129,11 @@ class Flow:
     ) -> Flow:
         """Run another blueprint to completion as one node.
 
-        ``inputs`` maps child context keys to parent keys; ``outputs`` maps parent
-        keys to child keys. The node's output is the child's final context.
+        ``inputs`` maps child context keys to parent keys (or node ids: their
+        outputs); without it, this node's input is the child's start nodes' input.
+        ``outputs`` maps parent keys to child keys (or child node ids). The node's
+        output is the child's terminal node's output (a dict by node id if it has
+        several), or its whole final context when ``outputs`` is given.
         """
         params: dict[str, Any] = {"blueprintId": blueprint_id}
         if inputs:
@@ -146,10 +149,18 @@ class Flow:
         *,
         concurrency: int = 16,
         params: Mapping[str, Any] | None = None,
+        input_key: str | None = None,
+        output_key: str | None = None,
+        chunk_size: int | None = None,
         **config_fields: Any,
     ) -> Flow:
         """Scatter the input list over ``worker`` (at most ``concurrency`` at once) and
-        gather the outputs, in order, as this node's output."""
+        gather the outputs, in order, as this node's output.
+
+        As the TypeScript ``batch``: ``input_key`` names the list (a context key or
+        a node id) instead of the predecessor's output, ``output_key`` also keeps
+        the outputs under that context key, ``chunk_size`` runs the items that many
+        at a time, chunk after chunk."""
         if isinstance(worker, str):
             key = worker
         else:
@@ -158,7 +169,19 @@ class Flow:
         batch_params: dict[str, Any] = {"worker": key, "concurrency": concurrency}
         if params:
             batch_params["params"] = dict(params)
-        return self.node(node_id, BATCH, params=batch_params, **config_fields)
+        if output_key is not None:
+            batch_params["outputKey"] = output_key
+        if chunk_size is not None:
+            batch_params["chunkSize"] = chunk_size
+        return self.node(node_id, BATCH, params=batch_params, inputs=input_key, **config_fields)
+
+    def set_cycle_entry_point(self, node_id: str) -> Flow:
+        """Start the run at ``node_id`` when it is entered only from its own cycle
+        (``metadata.cycleEntryPoints``, as the TypeScript ``setCycleEntryPoint``)."""
+        entries = self._metadata.setdefault("cycleEntryPoints", [])
+        if node_id not in entries:
+            entries.append(node_id)
+        return self
 
     def registry(self) -> dict[str, NodeImplementation]:
         """The callables given to this flow, by ``uses`` key (hand it to workers)."""
