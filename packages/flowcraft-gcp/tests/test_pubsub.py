@@ -10,6 +10,7 @@ import uuid
 from collections.abc import AsyncIterator
 
 import pytest
+from google.api_core import exceptions as google_errors
 from google.pubsub_v1.types import ReceivedMessage
 
 from flowcraft import Flow, RuntimeOptions
@@ -212,3 +213,19 @@ async def test_a_job_longer_than_its_ack_deadline_is_not_delivered_again(
 def test_queue_names_are_checked(topic: str) -> None:
     with pytest.raises(ValueError, match="Pub/Sub resource id"):
         QueueNames.for_topic(topic)
+
+
+async def test_create_topology_false_creates_nothing(namespace: Namespace) -> None:
+    """Where the service account may not administer Pub/Sub, the adapter only uses what
+    exists: a missing topic is an error, not created."""
+    options = RuntimeOptions.from_flows(Flow("f").node("a", lambda ctx: 1))
+    adapter = namespace.adapter(options, create_topology=False)
+    with pytest.raises(google_errors.NotFound):
+        await adapter.enqueue_raw(b"x")
+    assert adapter.clients.requests["pubsub.admin"] == 0
+    created = namespace.adapter(options)
+    await created.queue.ensure()
+    await adapter.enqueue_raw(b"now it exists")
+    (message,) = await _pull_all(adapter.queue, 1)
+    assert adapter.message_body(message) == b"now it exists"
+    await adapter.ack([message])
