@@ -136,8 +136,11 @@ class WorkerClient:
         self._base = f"{settings.url}/flowcraft/v1/"
         self._ssl = _ssl_context(settings) if settings.url.startswith("https://") else False
         self._session: aiohttp.ClientSession | None = None
+        self._closed = False
 
     def _open(self) -> aiohttp.ClientSession:
+        if self._closed:
+            raise WorkerError("this WorkerClient is closed")
         if self._session is None or self._session.closed:
             connector = aiohttp.TCPConnector(limit=self.settings.max_connections, ssl=self._ssl)
             self._session = aiohttp.ClientSession(
@@ -199,6 +202,8 @@ class WorkerClient:
             return response.status, await response.read()
 
     async def aclose(self) -> None:
+        """Close the connection pool; later calls raise ``WorkerError``."""
+        self._closed = True
         if self._session is not None:
             await self._session.close()
             self._session = None

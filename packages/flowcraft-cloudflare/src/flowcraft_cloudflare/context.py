@@ -45,7 +45,9 @@ def _guard_text(expected: int | str | None) -> str | None:
 
 def _repeatable(op: Mapping[str, Any]) -> bool:
     """Whether sending ``op`` twice leaves what one send would (and answers the same)."""
-    return op["op"] not in {"incr", "setnx"} and not (op["op"] == "patch" and op.get("guard"))
+    return op["op"] not in {"incr", "setnx", "admit"} and not (
+        op["op"] == "patch" and op.get("guard")
+    )
 
 
 class DurableObjectContext(BaseAsyncContext):

@@ -226,6 +226,48 @@ export class FlowcraftRun extends DurableObject {
         for (const key of op.keys) this.sql.exec("DELETE FROM coord WHERE k = ?", str(key, "key"));
         return [{}, 0];
       }
+      case "admit": {
+        // A job's admission in one step (the base's admit hook): the first reads, the
+        // pending activation's record, wait mark and likely input, and the lease when
+        // the run is this blueprint version, not final, and the record waits unpaused.
+        const readCtx = (keys) => {
+          const values = [];
+          for (const key of keys) {
+            const row = this.one("SELECT v FROM ctx WHERE k = ?", str(key, "key"));
+            if (row !== null) values.push([key, row.v]);
+          }
+          return values;
+        };
+        const state = readCtx(op.first);
+        const text = new Map(state);
+        const resolvedText = text.get(op.first[2]);
+        const resolved = resolvedText === undefined ? 0 : Number(JSON.parse(resolvedText));
+        if (!Number.isSafeInteger(resolved)) return [{ state, found: null, leased: null }, 0];
+        const g = resolved + 1;
+        const record = `${op.activation[0]}${g}${op.activation[1]}`;
+        const found = readCtx([record, op.waiting, ...(g === 1 ? op.inputs[0] : op.inputs[1])]);
+        const has = new Set(found.map(([k]) => k));
+        const meta = text.has(op.first[0]) ? JSON.parse(text.get(op.first[0])) : null;
+        const status = text.has(op.first[1]) ? JSON.parse(text.get(op.first[1])) : null;
+        const ours =
+          meta !== null &&
+          meta.blueprintId === op.blueprint[0] &&
+          meta.version === op.blueprint[1] &&
+          !op.final.includes(status?.status);
+        if (!ours || !has.has(record) || has.has(op.waiting)) {
+          return [{ state, found, leased: null }, 0];
+        }
+        const key = `${op.lease}${g}`;
+        if (this.live(key, now) !== null) return [{ state, found, leased: false }, 0];
+        const exp = now + ttlMs(op.ttl);
+        this.sql.exec(
+          "INSERT INTO coord (k, v, exp) VALUES (?, ?, ?) ON CONFLICT (k) DO UPDATE SET v = excluded.v, exp = excluded.exp",
+          key,
+          str(op.holder, "holder"),
+          exp,
+        );
+        return [{ state, found, leased: true }, exp];
+      }
       case "coord_keys": {
         // Live coordination keys and their remaining lifetime (ms): tools and tests.
         const rows = this.sql.exec("SELECT k, exp FROM coord WHERE exp > ?", now).toArray();
