@@ -774,9 +774,15 @@ class FlowRuntime:
         ]
 
     def apply_edge_transform(
-        self, edge: EdgeDefinition, output: Any, scope: Mapping[str, Any]
+        self, edge: EdgeDefinition | Edge, output: Any, scope: Mapping[str, Any]
     ) -> Any:
-        """The value an edge hands its target: ``output``, or the edge's transform of it."""
+        """The value an edge hands its target: ``output``, or the edge's transform of it.
+
+        Given the analysis' ``Edge`` (not its definition), a target whose ``inputs``
+        names another node's output gets the transform of that output (read from
+        ``scope``), as in memory."""
+        if isinstance(edge, Edge):
+            return transform_input(edge, output, scope, self.evaluator)
         if edge.transform is None:
             return output
         named = edge._named  # hyphenated node ids spelled out, by the analysis

@@ -475,6 +475,35 @@ def _builtin_names() -> Scenario:
     )
 
 
+def _transform_over_inputs() -> Scenario:
+    def check(status: str, ctx: Mapping[str, Any]) -> None:
+        _completed(status)
+        assert _out(ctx, "c") == 3  # the transform of ``a``'s output, which c's inputs name
+        assert _out(ctx, "d") == 20  # the transform of the source's output
+
+    return Scenario(
+        "an edge transform wins over the target's inputs",
+        {"two": lambda c: 2, "ten": lambda c: 10, "echo": _echo},
+        (
+            {
+                "id": "transform-over-inputs",
+                "nodes": [
+                    {"id": "a", "uses": "two"},
+                    {"id": "b", "uses": "ten"},
+                    {"id": "c", "uses": "echo", "inputs": "a"},
+                    {"id": "d", "uses": "echo", "inputs": {"x": "a"}},
+                ],
+                "edges": [
+                    {"source": "a", "target": "b"},
+                    {"source": "b", "target": "c", "transform": "input + 1"},
+                    {"source": "b", "target": "d", "transform": "input * 2"},
+                ],
+            },
+        ),
+        check,
+    )
+
+
 SCENARIOS: dict[str, Callable[[], Scenario]] = {
     "inputs_by_node_id": _inputs_by_node_id,
     "node_id_conditions": _node_id_conditions,
@@ -485,6 +514,7 @@ SCENARIOS: dict[str, Callable[[], Scenario]] = {
     "loop_controller_without_exit": _loop_controller_without_exit,
     "scatter_gather": _scatter_gather,
     "builtin_names": _builtin_names,
+    "transform_over_inputs": _transform_over_inputs,
 }
 """Every scenario, by name (a factory each, so every run gets fresh callables)."""
 
@@ -538,3 +568,6 @@ class TypeScriptCompatTests:
 
     async def test_ts_builtin_names(self, adapter_factory: AdapterFactory) -> None:
         await self._run(adapter_factory, "builtin_names")
+
+    async def test_ts_transform_over_inputs(self, adapter_factory: AdapterFactory) -> None:
+        await self._run(adapter_factory, "transform_over_inputs")
