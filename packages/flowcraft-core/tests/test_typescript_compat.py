@@ -268,3 +268,21 @@ def test_apply_edge_transform_with_the_analysis_edge_reads_the_target_inputs() -
     transformed = runtime.analysis(blueprint).transformed_from["c"]
     assert runtime.resolve_input(node, {"b": 3}, scope, transformed=transformed) == 3
     assert runtime.resolve_input(node, {}, scope) == 2
+
+
+async def test_all_join_with_one_transformed_edge_still_gathers_every_input() -> None:
+    from flowcraft import Flow, FlowRuntime
+
+    flow = (
+        Flow("join-transform")
+        .node("s", lambda c: 1)
+        .node("b", lambda c: 2)
+        .node("c", lambda c: 3)
+        .node("j", lambda c: c.input)
+        .chain("s", "b")
+        .chain("s", "c")
+        .edge("b", "j", transform="input * 10")
+        .edge("c", "j")
+    )
+    result = await FlowRuntime().run(flow)
+    assert result.output("j") == {"b": 20, "c": 3}

@@ -649,15 +649,15 @@ class FlowRuntime:
         gathered: bool = False,
         transformed: Collection[str] = (),
     ) -> Any:
-        """A node's input: what an edge transform handed over (from a predecessor in
-        ``transformed``); else its ``inputs`` if declared; else for an ``all`` join a
+        """A node's input: if it declares ``inputs``, what an edge transform handed over
+        (from a predecessor in ``transformed``), else its ``inputs``; else for an ``all`` join a
         dict of what each choosing predecessor handed over; else that one value.
 
         An ``inputs`` path ``a`` or ``a.b`` reads node ``a``'s output first, then the
         context key (the TypeScript flowcraft's rule); other expressions are evaluated
         over ``scope``, where node ids name their outputs."""
         spec = node.inputs
-        if transformed:
+        if spec is not None and transformed:
             for pred, value in inputs.items():
                 if pred in transformed:
                     return value
