@@ -51,6 +51,17 @@ __all__ = ["SCHEMA_VERSION", "PostgresRunStore"]
 
 logger = logging.getLogger("flowcraft_rabbitmq.store")
 
+READ_RETRY_SECONDS = 60.0
+"""How long a read keeps trying while PostgreSQL is unreachable (a restart, a failover)."""
+
+# A server that is down, restarting or dropped the connection: worth reading again.
+_UNREACHABLE = (
+    OSError,
+    asyncpg.exceptions.PostgresConnectionError,
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.ConnectionDoesNotExistError,
+)
+
 _json = JsonSerializer()
 # The state object's own encoding: keys and strings only, already checked.
 _outer = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
@@ -324,14 +335,29 @@ class PostgresRunStore:
         return SCHEMA_VERSION
 
     async def _fetchval(self, kind: str, query: str, *args: Any) -> Any:
-        pool = await self.pool()
-        self.round_trips[kind] += 1
-        return await pool.fetchval(query, *args)
+        return await self._read(kind, "fetchval", query, *args)
 
     async def _fetchrow(self, kind: str, query: str, *args: Any) -> Any:
-        pool = await self.pool()
-        self.round_trips[kind] += 1
-        return await pool.fetchrow(query, *args)
+        return await self._read(kind, "fetchrow", query, *args)
+
+    async def _read(self, kind: str, method: str, query: str, *args: Any) -> Any:
+        """A read, tried again while PostgreSQL is unreachable or restarting (for up to
+        ``READ_RETRY_SECONDS``): a client waiting for a result, or a job, rides out a
+        restart instead of failing. Only reads: they change nothing if repeated."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + READ_RETRY_SECONDS
+        pause = 0.1
+        while True:
+            try:
+                pool = await self.pool()
+                self.round_trips[kind] += 1
+                return await getattr(pool, method)(query, *args)
+            except _UNREACHABLE as exc:
+                if loop.time() + pause > deadline:
+                    raise
+                logger.info("PostgreSQL unreachable (%r); reading again in %.1f s", exc, pause)
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 2.0)
 
     async def get(self, run_id: str, key: str) -> Any:
         text = await self._fetchval("get", self.sql.get, run_id, key)
@@ -389,9 +415,7 @@ class PostgresRunStore:
 
     async def result(self, run_id: str) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
         """(the published result, the run's status record); each None if absent."""
-        pool = await self.pool()
-        self.round_trips["result"] += 1
-        row = await pool.fetchrow(self.sql.result, run_id, K.STATUS)
+        row = await self._fetchrow("result", self.sql.result, run_id, K.STATUS)
         if row is None:
             return None, None
         published, status = row[0], row[1]
