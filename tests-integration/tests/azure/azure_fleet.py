@@ -49,6 +49,7 @@ class Settings(FleetSettings):
             lease_seconds=2.0,
             retry_delay_seconds=0.2,
             max_poll_interval=0.2,
+            trust_env=False,  # no per-request look-up of proxy settings
         )
 
 

@@ -17,7 +17,7 @@ from flowcraft_backends.crash_fleet import WorkerProcesses, blueprints, restarte
 from .azure_fleet import Settings
 from .test_crash import all_published, check_exactly_once
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 RUNS = 30
 FLEET = Path(__file__).with_name("azure_fleet.py")
