@@ -7,11 +7,15 @@ final context on stdout.
 
 Exit codes: 0 completed, 1 failed (or cancelled/stalled), 2 bad input or usage,
 3 awaiting (a wait node paused the run; ``flowcraft resume`` continues it).
+
+``flowcraft worker`` and the run commands on a fleet (``start``, ``status``, ``wait``,
+``cancel``, ``resume RUN``, ``reconcile``, ``dead-letters``) live in ``_cli_fleet.py``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import importlib
 import importlib.util
 import itertools
@@ -173,26 +177,31 @@ def _pick_flow(path: Path, flows: Mapping[str, Flow], wanted: str | None) -> Flo
     return next(iter(flows.values()))
 
 
-def _load_registry(spec: str) -> dict[str, NodeImplementation]:
-    """``package.module:ATTR`` or ``path/file.py:ATTR``: a dict of uses -> callable, or a Flow."""
+def _import_attr(spec: str, flag: str) -> Any:
+    """``package.module:ATTR`` or ``path/file.py:ATTR``: the attribute, imported."""
     module_part, sep, attr = spec.rpartition(":")
     if not sep or not module_part or not attr:
-        _bad(f"--registry must look like module:ATTR or file.py:ATTR, not {spec!r}")
+        _bad(f"{flag} must look like module:ATTR or file.py:ATTR, not {spec!r}")
     if module_part.endswith(".py") or os.sep in module_part or "/" in module_part:
         path = Path(module_part)
         if not path.is_file():
-            _bad(f"--registry: no such file {module_part!r}")
+            _bad(f"{flag}: no such file {module_part!r}")
         module = _import_file(path)
     else:
         _importable(str(Path.cwd()))
         try:
             module = importlib.import_module(module_part)
         except Exception as exc:
-            _bad(f"--registry: cannot import {module_part!r}: {type(exc).__name__}: {exc}")
+            _bad(f"{flag}: cannot import {module_part!r}: {type(exc).__name__}: {exc}")
     try:
-        value = getattr(module, attr)
+        return getattr(module, attr)
     except AttributeError:
-        _bad(f"--registry: module {module_part!r} has no attribute {attr!r}")
+        _bad(f"{flag}: module {module_part!r} has no attribute {attr!r}")
+
+
+def _load_registry(spec: str) -> dict[str, NodeImplementation]:
+    """``package.module:ATTR`` or ``path/file.py:ATTR``: a dict of uses -> callable, or a Flow."""
+    value = _import_attr(spec, "--registry")
     if isinstance(value, Flow):
         return value.registry()
     if not isinstance(value, Mapping) or not all(
@@ -453,7 +462,7 @@ def _execute(work: Coroutine[Any, Any, WorkflowResult]) -> WorkflowResult:
 @click.version_option(package_name="flowcraft-core", prog_name="flowcraft")
 @click.option("-v", "--verbose", count=True, help="Log more (-v info, -vv debug) to stderr.")
 def main(verbose: int) -> None:
-    """Run, resume, draw and check flowcraft workflows."""
+    """Run, resume, draw and check flowcraft workflows; run workers and runs on a fleet."""
     click.get_current_context().call_on_close(_configure_logging(verbose))
 
 
@@ -479,6 +488,63 @@ _SAVE = click.option(
     metavar="FILE",
     help="When the run ends awaiting, write what `flowcraft resume` needs to FILE.",
 )
+
+
+@dataclass(frozen=True, slots=True)
+class FleetTarget:
+    """What a fleet command was told about its adapter (``adapter_options``)."""
+
+    adapter: str | None
+    url: str | None
+    queue: str | None
+    options: tuple[str, ...]
+    flows: str | None
+
+
+def adapter_options(*, required: bool = True) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """``--adapter``, ``--url``, ``--queue``, ``-o`` and ``--flows``: how every fleet
+    command reaches its backend and knows the workflows (see ``flowcraft.adapters``),
+    passed to the command as one ``fleet: FleetTarget`` argument."""
+    decorators = [
+        click.option(
+            "--adapter",
+            envvar="FLOWCRAFT_ADAPTER",
+            required=required,
+            metavar="NAME",
+            help="An installed adapter (bullmq, rabbitmq, sqs, gcp, ...). Env: FLOWCRAFT_ADAPTER.",
+        ),
+        click.option(
+            "--url", metavar="URL", help="The backend's main address (else from the environment)."
+        ),
+        click.option("--queue", metavar="NAME", help="The job queue (name, topic or URL)."),
+        click.option(
+            "-o",
+            "--option",
+            "options",
+            multiple=True,
+            metavar="KEY=VALUE",
+            help="An adapter setting (repeatable); overrides FLOWCRAFT_<ADAPTER>_<KEY>.",
+        ),
+        click.option(
+            "--flows",
+            envvar="FLOWCRAFT_FLOWS",
+            metavar="MODULE:ATTR",
+            help="The workflows: a Flow, a list of flows or RuntimeOptions "
+            "(package.module:ATTR or path/file.py:ATTR). Env: FLOWCRAFT_FLOWS.",
+        ),
+    ]
+
+    def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(func)
+        def command(**kwargs: Any) -> Any:
+            fleet = FleetTarget(*(kwargs.pop(k) for k in FleetTarget.__slots__))
+            return func(fleet=fleet, **kwargs)
+
+        for option in reversed(decorators):
+            command = option(command)
+        return command
+
+    return decorate
 
 
 @main.command()
@@ -520,9 +586,9 @@ def run(
 
 
 @main.command()
-@_FILE
+@click.argument("file", metavar="FILE.py|BLUEPRINT.json|RUN")
 @click.option(
-    "--state", "state_file", required=True, metavar="FILE", help="Saved by `run --save-state`."
+    "--state", "state_file", metavar="FILE", help="Saved by `run --save-state` (in memory)."
 )
 @click.option("--node", "node_id", metavar="ID", help="The waiting node to resume.")
 @click.option("--output", metavar="JSON", help="The waiting node's output, as JSON.")
@@ -532,9 +598,10 @@ def run(
 @_QUIET
 @_JSON
 @_SAVE
+@adapter_options(required=False)
 def resume(
     file: str,
-    state_file: str,
+    state_file: str | None,
     node_id: str | None,
     output: str | None,
     action: str | None,
@@ -543,8 +610,20 @@ def resume(
     quiet: bool,
     as_json: bool,
     save_state: str | None,
+    fleet: FleetTarget,
 ) -> None:
-    """Resume a run that ended awaiting, giving the waiting node its result."""
+    """Resume a run that waits, giving the waiting node its result.
+
+    In memory: flowcraft resume FILE --state STATE.json ... (the state saved by
+    run --save-state). On a fleet: flowcraft resume RUN --adapter NAME --flows
+    MODULE:ATTR --action A [--output JSON].
+    """
+    if state_file is None:
+        if fleet.adapter is None:
+            _bad("give --state FILE (a run in memory) or --adapter NAME (a run on a fleet)")
+        from flowcraft._cli_fleet import resume_distributed
+
+        resume_distributed(file, fleet, node_id, action, output, as_json)
     target = _load(file, flow_name, registry)
     analysis = _analyse(target)
     try:
@@ -643,6 +722,10 @@ def schema() -> None:
     """Print the blueprint JSON Schema."""
     click.echo(json.dumps(blueprint_json_schema(), indent=2))
 
+
+from flowcraft._cli_fleet import register as _register_fleet  # noqa: E402 (needs the above)
+
+_register_fleet(main)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -1,0 +1,594 @@
+"""The fleet commands of ``flowcraft``: ``worker`` and the run commands on an adapter.
+
+Every command names its adapter the same way: ``--adapter NAME`` (an installed
+package's entry point, see :mod:`flowcraft.adapters`), ``--url``/``--queue``/
+``-o KEY=VALUE`` over the adapter's ``FLOWCRAFT_<NAME>_*`` environment variables, and
+``--flows module:attr`` for the workflows (a Flow, a list of flows, or RuntimeOptions).
+
+Exit codes: 0 done (a run completed; a worker stopped after draining), 1 failed (a run
+failed or was cancelled; a worker's backend failed), 2 bad input or settings,
+3 the run waits for a resume, 4 gave up (``--timeout`` passed; a worker's drain
+exceeded ``--grace`` and abandoned its jobs in hand to the queue).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
+
+import click
+
+from flowcraft.adapters import (
+    AdapterPlugin,
+    AdapterSettings,
+    load_adapter,
+    read_settings,
+)
+from flowcraft.cli import (
+    EXIT_COMPLETED,
+    EXIT_FAILED,
+    BadInput,
+    FleetTarget,
+    _bad,
+    _import_attr,
+    _json_object,
+    _to_json,
+    adapter_options,
+)
+from flowcraft.distributed import BaseDistributedAdapter, FinalResult
+from flowcraft.errors import FlowcraftError, UnknownBlueprintError
+from flowcraft.flow import Flow
+from flowcraft.runtime import RuntimeOptions
+
+__all__ = ["EXIT_GAVE_UP", "register"]
+
+logger = logging.getLogger("flowcraft.worker")
+
+EXIT_GAVE_UP = 4
+
+T = TypeVar("T")
+
+
+# --------------------------------------------------------------------------- options
+
+
+_JSON = click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout, for scripts.")
+
+
+def _overrides(
+    plugin: AdapterPlugin[Any], url: str | None, queue: str | None, options: Iterable[str]
+) -> dict[str, Any]:
+    found: dict[str, Any] = {}
+    for text in options:
+        key, sep, value = text.partition("=")
+        if not sep or not key:
+            _bad("-o must look like KEY=VALUE")
+        found[key.strip().replace("-", "_")] = value
+    for flag, given, name in (
+        ("--url", url, plugin.url_field),
+        ("--queue", queue, plugin.queue_field),
+    ):
+        if given is None:
+            continue
+        if name is None:
+            _bad(f"adapter {plugin.name!r} takes no {flag}; use -o KEY=VALUE")
+        found[name] = given
+    return found
+
+
+def load_flows(spec: str | None) -> RuntimeOptions:
+    """``--flows``: a Flow, a list (or tuple) of flows, or RuntimeOptions."""
+    if spec is None:
+        return RuntimeOptions()
+    value = _import_attr(spec, "--flows")
+    try:
+        if isinstance(value, RuntimeOptions):
+            return value
+        if isinstance(value, Flow):
+            return RuntimeOptions.from_flows(value)
+        if isinstance(value, list | tuple) and value and all(isinstance(f, Flow) for f in value):
+            return RuntimeOptions.from_flows(*value)
+    except (FlowcraftError, ValueError) as exc:
+        _bad(f"--flows {spec}: {exc}")
+    raise BadInput(f"--flows {spec} must be a Flow, a list of flows or RuntimeOptions")
+
+
+def _adapter(
+    fleet: FleetTarget, **extra: Any
+) -> tuple[BaseDistributedAdapter, AdapterPlugin[Any], AdapterSettings, RuntimeOptions]:
+    adapter = fleet.adapter or ""
+    try:
+        plugin = load_adapter(adapter)
+        given = _overrides(plugin, fleet.url, fleet.queue, fleet.options)
+        given.update({k: v for k, v in extra.items() if v is not None})
+        runtime_options = load_flows(fleet.flows)
+        settings = read_settings(plugin, given)
+        built = plugin.build(settings, runtime_options)
+    except FlowcraftError as exc:
+        _bad(str(exc))
+    except (ValueError, TypeError) as exc:
+        # the adapter refused its options; its message names options, not their values
+        _bad(f"adapter {adapter!r}: {exc}")
+    return built, plugin, settings, runtime_options
+
+
+def _run_with(adapter: BaseDistributedAdapter, work: Callable[[], Awaitable[T]]) -> T:
+    """Run one operator call and close the adapter's clients, whatever happens."""
+
+    async def go() -> T:
+        try:
+            return await work()
+        finally:
+            await adapter.aclose()
+
+    try:
+        return asyncio.run(go())
+    except UnknownBlueprintError as exc:
+        _bad(f"{exc} (pass --flows MODULE:ATTR with the workflows)")
+    except FlowcraftError as exc:
+        _bad(str(exc))
+
+
+def _context_arg(text: str | None) -> dict[str, Any]:
+    """``--context``: a JSON object, or ``@file`` holding one."""
+    if text is None:
+        return {}
+    if text.startswith("@"):
+        try:
+            body = Path(text[1:]).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            _bad(f"cannot read --context file: {exc}")
+        return _json_object(body, f"--context {text}")
+    return _json_object(text, "--context")
+
+
+# --------------------------------------------------------------------------- worker
+
+
+def _configure_worker_logging(level: str, adapter: BaseDistributedAdapter) -> None:
+    """Timestamped records of flowcraft's loggers (and the adapter package's own) on
+    stderr at ``level``."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    names = {"flowcraft", type(adapter).__module__.partition(".")[0]}
+    for name in names:
+        log = logging.getLogger(name)
+        for old in list(log.handlers):
+            if type(old).__name__ == "_ClickHandler":
+                log.removeHandler(old)
+        log.addHandler(handler)
+        log.setLevel(level.upper())
+        log.propagate = False
+
+
+async def serve(
+    adapter: BaseDistributedAdapter,
+    grace: float,
+    *,
+    started: Callable[[], None] = lambda: None,
+) -> int:
+    """Run ``adapter.worker()`` until SIGINT or SIGTERM, then drain within ``grace``
+    seconds: no new jobs, the jobs in hand finish; past the grace period (or on a
+    second signal) they are abandoned, and their messages return to the queue."""
+    loop = asyncio.get_running_loop()
+    signals: list[str] = []
+    first = asyncio.Event()
+    again = asyncio.Event()
+
+    def on_signal(sig: signal.Signals) -> None:
+        signals.append(sig.name)
+        (again if first.is_set() else first).set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal, sig)
+    try:
+        running = asyncio.ensure_future(adapter.worker())
+        started()
+        signalled = asyncio.ensure_future(first.wait())
+        await asyncio.wait({running, signalled}, return_when=asyncio.FIRST_COMPLETED)
+        signalled.cancel()
+        if running.done():
+            exc = running.exception()
+            logger.error("the worker ended on its own: %r", exc)
+            await _close_within(adapter, 5.0)
+            return EXIT_FAILED
+        logger.info("%s: stopping; jobs in hand have %.0f s to finish", signals[0], grace)
+        await adapter.stop()
+        forced = asyncio.ensure_future(again.wait())
+        await asyncio.wait({running, forced}, timeout=grace, return_when=asyncio.FIRST_COMPLETED)
+        forced.cancel()
+        code = EXIT_COMPLETED
+        if not running.done():
+            why = "a second signal" if again.is_set() else f"{grace:.0f} s passed"
+            logger.warning(
+                "%s: abandoning the jobs still in hand (their messages return to the queue)",
+                why,
+            )
+            running.cancel()
+            await asyncio.wait({running}, timeout=5.0)
+            code = EXIT_GAVE_UP
+        elif running.exception() is not None:
+            logger.error("the worker failed while stopping: %r", running.exception())
+            code = EXIT_FAILED
+        await _close_within(adapter, 5.0)
+        return code
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+
+async def _close_within(adapter: BaseDistributedAdapter, seconds: float) -> None:
+    """``aclose()`` (stop, wait for the jobs in hand, close the clients), bounded."""
+    try:
+        async with asyncio.timeout(seconds):
+            await adapter.aclose()
+    except TimeoutError:
+        logger.warning("closing the adapter took over %.0f s; closing its clients now", seconds)
+        with contextlib.suppress(Exception):
+            await adapter.close()
+    except Exception as exc:
+        logger.warning("closing the adapter failed: %r", exc)
+
+
+def _exit_without_stuck_threads(code: int) -> NoReturn:
+    """Exit now even if a thread is still blocked in a backend call that was abandoned
+    (a long poll, say): every job was settled or handed back, so nothing is lost, and
+    a container's stop timeout is not spent waiting for it."""
+    stuck = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
+    if not stuck:
+        raise SystemExit(code)
+    logger.debug("%d threads still in backend calls; not waiting for them", len(stuck))
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _blueprints_line(runtime_options: RuntimeOptions) -> str:
+    return ", ".join(
+        bp.id if bp.version is None else f"{bp.id}@{bp.version}"
+        for bp in runtime_options.blueprints.values()
+    )
+
+
+@click.command()
+@adapter_options()
+@click.option(
+    "-c", "--concurrency", type=click.IntRange(min=1), help="Jobs this process runs at once."
+)
+@click.option(
+    "--grace",
+    type=click.FloatRange(min=0),
+    default=30.0,
+    show_default=True,
+    envvar="FLOWCRAFT_GRACE_SECONDS",
+    help="Seconds the jobs in hand have to finish after SIGINT/SIGTERM.",
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
+    default="info",
+    show_default=True,
+    envvar="FLOWCRAFT_LOG_LEVEL",
+)
+def worker(
+    fleet: FleetTarget,
+    concurrency: int | None,
+    grace: float,
+    log_level: str,
+) -> None:
+    """Run a worker: take node jobs from the adapter's queue until SIGINT or SIGTERM.
+
+    On the signal it takes no new jobs and lets the jobs in hand finish within
+    --grace seconds; past that (or on a second signal) it abandons them to the
+    queue, which delivers them again to another worker.
+
+    Exit status: 0 stopped after draining, 1 the backend failed, 2 bad input or
+    settings, 4 the drain exceeded --grace.
+    """
+    if fleet.flows is None:
+        _bad("a worker needs --flows MODULE:ATTR (or FLOWCRAFT_FLOWS)")
+    built, plugin, settings, runtime_options = _adapter(fleet, concurrency=concurrency)
+    _configure_worker_logging(log_level, built)
+    where = plugin.describe(settings)
+    facts = {
+        "adapter": plugin.name,
+        **where,
+        "concurrency": getattr(built, "concurrency", None)
+        or getattr(getattr(built, "settings", None), "concurrency", "?"),
+        "worker": built.worker_id,
+        "pid": os.getpid(),
+    }
+    summary = " ".join(f"{k}={v}" for k, v in facts.items())
+    blueprints = _blueprints_line(runtime_options)
+    began = time.monotonic()
+    code = asyncio.run(
+        serve(
+            built,
+            grace,
+            started=lambda: logger.info("worker started: %s blueprints=%s", summary, blueprints),
+        )
+    )
+    logger.info(
+        "worker stopped: %s after %.1f s (exit %d)", summary, time.monotonic() - began, code
+    )
+    _exit_without_stuck_threads(code)
+
+
+# --------------------------------------------------------------------------- run commands
+
+
+def _print_result(result: FinalResult, as_json: bool) -> NoReturn:
+    if as_json:
+        click.echo(_to_json(result.to_json_dict(), indent=None))
+    else:
+        click.echo(f"run {result.run_id}: {result.status}", err=True)
+        for error in result.errors:
+            where = f"node {error.get('nodeId')!r}" if error.get("nodeId") else "run"
+            click.echo(f"  error in {where}: {error.get('message', error)}", err=True)
+        click.echo(_to_json(result.context))
+    raise SystemExit(EXIT_COMPLETED if result.status == "completed" else EXIT_FAILED)
+
+
+async def _wait(
+    adapter: BaseDistributedAdapter,
+    run_id: str,
+    timeout: float | None,  # noqa: ASYNC109 (wait_for_result's own)
+) -> FinalResult:
+    try:
+        return await adapter.wait_for_result(run_id, timeout)
+    except TimeoutError:
+        click.echo(f"run {run_id}: still running after {timeout} s", err=True)
+        raise SystemExit(EXIT_GAVE_UP) from None
+
+
+_TIMEOUT = click.option(
+    "--timeout", type=click.FloatRange(min=0), help="Give up waiting after this many seconds."
+)
+
+
+@click.command()
+@click.argument("blueprint")
+@adapter_options()
+@click.option("--context", metavar="JSON|@FILE", help="The initial context: a JSON object.")
+@click.option("--run-id", metavar="ID", help="The run's id (default: a new one).")
+@click.option("--wait", "wait_", is_flag=True, help="Wait for the run's result and print it.")
+@_TIMEOUT
+@_JSON
+def start(
+    blueprint: str,
+    fleet: FleetTarget,
+    context: str | None,
+    run_id: str | None,
+    wait_: bool,
+    timeout: float | None,
+    as_json: bool,
+) -> None:
+    """Start a run of BLUEPRINT (an id known through --flows); prints the run id.
+
+    With --wait: the run's final context, exit 0 completed, 1 failed or cancelled,
+    4 --timeout passed.
+    """
+    initial = _context_arg(context)
+    built, *_ = _adapter(fleet)
+
+    async def go() -> tuple[str, FinalResult | None]:
+        started = await built.start_run(blueprint, initial, run_id)
+        if not wait_:
+            return started, None
+        if not as_json:
+            click.echo(f"started run {started}; waiting for its result", err=True)
+        return started, await _wait(built, started, timeout)
+
+    started, result = _run_with(built, go)
+    if result is not None:
+        _print_result(result, as_json)
+    if as_json:
+        click.echo(_to_json({"runId": started, "blueprintId": blueprint}, indent=None))
+    else:
+        click.echo(started)
+
+
+@click.command()
+@click.argument("run_id", metavar="RUN")
+@adapter_options()
+@_JSON
+def status(
+    run_id: str,
+    fleet: FleetTarget,
+    as_json: bool,
+) -> None:
+    """Show a run's status (exit 1 if no such run is known)."""
+    built, *_ = _adapter(fleet)
+    info = _run_with(built, lambda: built.get_status(run_id))
+    if as_json:
+        click.echo(
+            _to_json(
+                {
+                    "runId": info.run_id,
+                    "status": info.status,
+                    "errors": info.errors,
+                    "waiting": info.waiting,
+                },
+                indent=None,
+            )
+        )
+    else:
+        click.echo(f"run {info.run_id}: {info.status}")
+        for error in info.errors:
+            click.echo(f"  error: {error.get('nodeId') or 'run'}: {error.get('message', error)}")
+        if info.waiting:
+            click.echo(f"  waiting: {', '.join(info.waiting)}")
+    raise SystemExit(EXIT_FAILED if info.status == "unknown" else EXIT_COMPLETED)
+
+
+@click.command()
+@click.argument("run_id", metavar="RUN")
+@adapter_options()
+@_TIMEOUT
+@_JSON
+def wait(
+    run_id: str,
+    fleet: FleetTarget,
+    timeout: float | None,
+    as_json: bool,
+) -> None:
+    """Wait for a run to end and print its final context.
+
+    Exit status: 0 completed, 1 failed or cancelled, 4 --timeout passed.
+    """
+    built, *_ = _adapter(fleet)
+    result = _run_with(built, functools.partial(_wait, built, run_id, timeout))
+    _print_result(result, as_json)
+
+
+@click.command()
+@click.argument("run_id", metavar="RUN")
+@adapter_options()
+@click.option("--reason", default="cancelled by the operator", show_default=True)
+@_JSON
+def cancel(
+    run_id: str,
+    fleet: FleetTarget,
+    reason: str,
+    as_json: bool,
+) -> None:
+    """Cancel a run. A run that already ended is left alone; its status is printed.
+
+    Exit status: 0 the run is cancelled (now or before), 1 it had already completed
+    or failed.
+    """
+    built, *_ = _adapter(fleet)
+    final = _run_with(built, lambda: built.cancel_run(run_id, reason))
+    if as_json:
+        click.echo(_to_json({"runId": run_id, "status": final}, indent=None))
+    else:
+        click.echo(f"run {run_id}: {final}")
+    raise SystemExit(EXIT_COMPLETED if final == "cancelled" else EXIT_FAILED)
+
+
+def resume_distributed(
+    run_id: str,
+    fleet: FleetTarget,
+    node_id: str | None,
+    action: str | None,
+    output: str | None,
+    as_json: bool,
+) -> NoReturn:
+    """``flowcraft resume RUN --adapter ...``: resume a run paused at a wait node."""
+    value: Any = None
+    if output is not None:
+        try:
+            value = json.loads(output)
+        except json.JSONDecodeError as exc:
+            _bad(f"--output is not valid JSON ({exc}); quote strings, e.g. '\"yes\"'")
+    built, *_ = _adapter(fleet)
+    _run_with(built, lambda: built.resume_with_action(run_id, action, value, node_id=node_id))
+    if as_json:
+        click.echo(_to_json({"runId": run_id, "resumed": True}, indent=None))
+    else:
+        click.echo(f"run {run_id}: resumed")
+    raise SystemExit(EXIT_COMPLETED)
+
+
+@click.command()
+@click.argument("run_id", metavar="[RUN]", required=False)
+@adapter_options()
+@click.option("--stalled", is_flag=True, help="Every run without progress (the reconciler's pass).")
+@click.option(
+    "--older-than",
+    type=click.FloatRange(min=0),
+    metavar="SECONDS",
+    help="With --stalled: no progress for this long (default: the adapter's).",
+)
+@_JSON
+def reconcile(
+    run_id: str | None,
+    fleet: FleetTarget,
+    stalled: bool,
+    older_than: float | None,
+    as_json: bool,
+) -> None:
+    """Re-drive a run after crashes (or --stalled: every stalled run); prints the
+    jobs enqueued. Idempotent: safe to run at any time."""
+    if (run_id is None) == (not stalled):
+        _bad("give a RUN or --stalled (one of them)")
+    built, *_ = _adapter(fleet)
+
+    async def go() -> dict[str, int]:
+        if run_id is not None:
+            return {run_id: await built.reconcile(run_id)}
+        try:
+            return await built.reconcile_stalled(older_than)
+        except NotImplementedError as exc:
+            _bad(str(exc))
+
+    enqueued = _run_with(built, go)
+    if as_json:
+        click.echo(_to_json({"enqueued": enqueued}, indent=None))
+    elif not enqueued:
+        click.echo("no stalled runs")
+    else:
+        for rid, count in enqueued.items():
+            click.echo(f"run {rid}: {count} job(s) enqueued")
+
+
+@click.group("dead-letters")
+def dead_letters() -> None:
+    """Jobs the queue parked (undecodable, unknown blueprint, out of deliveries)."""
+
+
+@dead_letters.command("list")
+@adapter_options()
+@click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True)
+@_JSON
+def dead_letters_list(
+    fleet: FleetTarget,
+    limit: int,
+    as_json: bool,
+) -> None:
+    """List parked jobs with the reason each was parked (without removing them)."""
+    built, *_ = _adapter(fleet)
+
+    async def go() -> list[Any]:
+        try:
+            return await built.dead_letters(limit)
+        except NotImplementedError as exc:
+            _bad(str(exc))
+
+    letters = _run_with(built, go)
+    rows = [
+        {
+            "id": letter.id,
+            "reason": letter.reason,
+            "body": letter.body.decode("utf-8", "replace")
+            if isinstance(letter.body, bytes)
+            else letter.body,
+        }
+        for letter in letters
+    ]
+    if as_json:
+        click.echo(_to_json(rows, indent=None))
+        return
+    if not rows:
+        click.echo("no dead letters")
+    for row in rows:
+        body = row["body"] if len(row["body"]) <= 200 else row["body"][:200] + "..."
+        click.echo(f"{row['id'] or '-'}  {row['reason']}\n    {body}")
+
+
+def register(group: click.Group) -> None:
+    """Add the fleet commands to the ``flowcraft`` group."""
+    for command in (worker, start, status, wait, cancel, reconcile, dead_letters):
+        group.add_command(command)
