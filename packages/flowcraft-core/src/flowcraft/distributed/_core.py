@@ -30,7 +30,7 @@ JobHandler = Callable[[JobPayload], Awaitable[None]]
 RetryMode = Literal["in-process", "queue"]
 
 
-FINAL_STATUSES = frozenset({"completed", "failed", "cancelled"})
+FINAL_STATUSES = K.FINAL_STATUSES
 
 
 class _AdapterCore(ABC):

@@ -18,6 +18,9 @@ OUTPUTS_PREFIX = "_outputs."
 
 META = "_flowcraft.meta"  # {"blueprintId", "version"}: written by start_run
 STATUS = "_flowcraft.status"  # {"status", "errors"}: running/awaiting/completed/failed/cancelled
+
+FINAL_STATUSES = frozenset({"completed", "failed", "cancelled"})
+"""A run in one of these has ended: its jobs drop themselves."""
 REQUEST = "_flowcraft.request"  # str: fingerprint of the start request (blueprint, initial context)
 ENDED = "_flowcraft.end"
 """str: the run's final status, once it has one. Every commit, pause, resume and
