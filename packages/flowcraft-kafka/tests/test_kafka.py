@@ -201,3 +201,26 @@ async def test_a_busy_worker_stays_in_its_group(kafka_namespace: Namespace) -> N
         await task
     assert result.status == "completed"
     assert runs == [run_id]
+
+
+async def test_delivery_counters_live_while_their_message_is_in_flight(
+    kafka_namespace: Namespace,
+) -> None:
+    """A counter per message would pile up in Redis; each one is deleted with the next
+    poll's pipeline once its message is settled."""
+    adapter = kafka_namespace.adapter(_options())
+    prefix = f"{kafka_namespace.key_prefix}kafka:deliveries:{kafka_namespace.kafka.group_id}:"
+
+    async def counters() -> set[str]:
+        keys = [k async for k in adapter.redis.scan_iter(match=prefix + "*", count=1000)]
+        return {k.decode() if isinstance(k, bytes) else k for k in keys}
+
+    for i in range(3):
+        await adapter.enqueue_raw(f"c{i}".encode())
+    first = await _receive_all(adapter, 3)
+    assert len(await counters()) == 3
+    await adapter.ack(first[:2])
+    await adapter.dead_letter(first[2], "test")
+    await adapter.enqueue_raw(b"c3")
+    (last,) = await _receive_all(adapter, 1)
+    assert await counters() == {prefix + last.where}

@@ -69,7 +69,9 @@ if TYPE_CHECKING:
 
 __all__ = ["KafkaAdapter"]
 
-_DELIVERY_TTL_SECONDS = 7 * 24 * 3600
+#: A delivery counter outlives its message's settlement only if the DEL that follows
+#: it is lost (the worker stopped first): then it expires.
+_DELIVERY_TTL_SECONDS = 24 * 3600
 
 
 class KafkaAdapter(PullingAdapter[KafkaJob]):
@@ -165,6 +167,7 @@ class KafkaAdapter(PullingAdapter[KafkaJob]):
         self._producer: JobProducer | None = None
         self._consumer: JobConsumer | None = None
         self._deliveries_prefix = f"{self.key_prefix}kafka:deliveries:{kafka.group_id}:"
+        self._settled: list[str] = []
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(topic={self.kafka.topic!r}, worker_id={self.worker_id!r})"
@@ -234,20 +237,32 @@ class KafkaAdapter(PullingAdapter[KafkaJob]):
         return jobs
 
     async def _count_deliveries(self, jobs: Sequence[KafkaJob]) -> None:
-        """INCR a counter per offset, in one pipeline. Without Redis the count is
-        unknown (the job still runs)."""
+        """INCR a counter per offset, in one pipeline that also deletes the counters of
+        the messages settled since the last one (a counter lives while its message is
+        in flight). Without Redis the count is unknown (the job still runs)."""
+        settled, self._settled = self._settled, []
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
+                if settled:
+                    pipe.delete(*settled)
                 for job in jobs:
-                    key = f"{self._deliveries_prefix}{job.where}"
+                    key = self._delivery_key(job)
                     pipe.incr(key)
                     pipe.expire(key, _DELIVERY_TTL_SECONDS)
                 replies = await pipe.execute()
         except Exception as exc:
             self.logger.warning("counting deliveries failed: %r", exc)
             return
-        for job, count in zip(jobs, replies[::2], strict=True):
+        counts = replies[1::2] if settled else replies[::2]
+        for job, count in zip(jobs, counts, strict=True):
             job.deliveries = int(count)
+
+    def _delivery_key(self, job: KafkaJob) -> str:
+        return f"{self._deliveries_prefix}{job.where}"
+
+    def _settle(self, jobs: Sequence[KafkaJob]) -> None:
+        """Their delivery counters go with the next receive's pipeline."""
+        self._settled.extend(self._delivery_key(job) for job in jobs if job.deliveries is not None)
 
     def message_body(self, message: KafkaJob) -> bytes:
         return message.value
@@ -257,6 +272,7 @@ class KafkaAdapter(PullingAdapter[KafkaJob]):
 
     async def ack(self, messages: Sequence[KafkaJob]) -> None:
         await self.consumer.done(messages)
+        self._settle(messages)
 
     async def renew(self, message: KafkaJob, seconds: float) -> None:
         """Nothing to do: see the module docstring."""
@@ -281,6 +297,7 @@ class KafkaAdapter(PullingAdapter[KafkaJob]):
             self.consumer.hold(message, due / 1000)
             return
         await self.consumer.done([message])
+        self._settle([message])
 
     async def dead_letter(self, message: KafkaJob, reason: str) -> None:
         headers = [
@@ -289,6 +306,7 @@ class KafkaAdapter(PullingAdapter[KafkaJob]):
         ]
         await self.producer.send(self.kafka.dead_letters, message.value, headers)
         await self.consumer.done([message])
+        self._settle([message])
 
     async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
         """The dead-letter topic from its beginning (at most ``limit``; nothing removed).
