@@ -38,23 +38,6 @@ class TestCompatOnInMemoryAdapter(TypeScriptCompatTests):
 
         return build
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="adapter.py does not yet end a run at a terminal loop's last latch "
-        "(GraphAnalysis.terminal_loops; see the issue 18 report)",
-    )
-    async def test_ts_loop_controller_without_exit(self, adapter_factory: AdapterFactory) -> None:
-        await super().test_ts_loop_controller_without_exit(adapter_factory)
-
-    @pytest.mark.xfail(
-        strict=True,
-        reason="the adapter's _input does not yet pass the handed inputs (and "
-        "transformed_from) to resolve_input when a node declares inputs, nor _handover "
-        "the analysis Edge to apply_edge_transform (see the issue 18 report)",
-    )
-    async def test_ts_transform_over_inputs(self, adapter_factory: AdapterFactory) -> None:
-        await super().test_ts_transform_over_inputs(adapter_factory)
-
 
 async def test_edge_transform_wins_over_declared_inputs() -> None:
     from flowcraft import Flow, FlowRuntime

@@ -389,11 +389,9 @@ class JobHandling(Resolution):
         self, job: _Job, node: NodeDefinition, record: Mapping[str, Any], found: Mapping[str, Any]
     ) -> Any:
         spec = node.inputs
-        if spec is not None:
-            exprs = [spec] if isinstance(spec, str) else list(spec.values())
-            wanted = {k for e in exprs for k in (scope_keys(e) | {e})}
-            scope = await job.ctx.get_many(sorted(wanted))
-            return self.runtime.resolve_input(node, {}, scope)
+        transformed = job.analysis.transformed_from.get(job.node_id, frozenset())
+        if spec is not None and not transformed:
+            return self.runtime.resolve_input(node, {}, await _inputs_scope(job, spec))
         handed: dict[str, Any] = {}
         refs: dict[str, str] = {}
         for pred, item in (record.get("inputs") or {}).items():
@@ -405,7 +403,18 @@ class JobHandling(Resolution):
         extra = await job.ctx.get_many(missing) if missing else {}
         for pred, ref in refs.items():
             handed[pred] = found[ref] if ref in found else extra.get(ref)
+        if spec is not None:
+            # An edge transform replaces the declared ``inputs`` (as in memory).
+            scope = await _inputs_scope(job, spec)
+            return self.runtime.resolve_input(node, handed, scope, transformed=transformed)
         return self.runtime.resolve_input(node, handed, {}, gathered=bool(record.get("gathered")))
+
+
+async def _inputs_scope(job: _Job, spec: str | Mapping[str, str]) -> dict[str, Any]:
+    """The context keys a node's ``inputs`` expressions read."""
+    exprs = [spec] if isinstance(spec, str) else list(spec.values())
+    wanted = {k for e in exprs for k in (scope_keys(e) | {e})}
+    return await job.ctx.get_many(sorted(wanted))
 
 
 class _Heartbeat:

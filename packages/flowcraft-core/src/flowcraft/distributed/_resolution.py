@@ -104,7 +104,7 @@ class Resolution(_AdapterCore):
         holds the next iteration's output."""
         if edge.transform is None:
             return output if edge.intra and _has_any_join(analysis, edge.source) else _REF
-        return self.runtime.apply_edge_transform(edge.definition, output, scope)
+        return self.runtime.apply_edge_transform(edge, output, scope)
 
     async def _scope(
         self, job: _Job, result: NodeResult, deltas: list[PatchOperation]
@@ -115,6 +115,8 @@ class Resolution(_AdapterCore):
             for expr in (e.condition, e.transform):
                 if expr:
                     wanted |= scope_keys(expr)
+            if e.transform and e.target_inputs:
+                wanted |= scope_keys(e.target_inputs) | {e.target_inputs}
         if not wanted:
             return {}
         scope = await job.ctx.get_many(sorted(wanted))
@@ -350,6 +352,9 @@ class Resolution(_AdapterCore):
             stored = await job.ctx.get(exit_key)
             if stored != iteration:  # the loop stopped in another iteration: not ours
                 return
+        if loop.terminal:  # no exit edge: the loop's stop is one of the run's ends
+            await self._end(job)
+            return
         for t in loop.tails:
             dec = found[K.decision(t, iteration)]
             chosen = set(dec["chosen"])
@@ -369,13 +374,18 @@ class Resolution(_AdapterCore):
         count = await self.coordination_store.increment(
             K.end_counter(self.key_prefix, job.run_id), self.state_ttl_seconds
         )
-        if count < len(analysis.sinks):
+        ends = len(analysis.sinks) + len(analysis.terminal_loops)
+        if count < ends:
             return
         found = await job.ctx.get_many(
-            [*(K.resolved(s) for s in analysis.sinks), *(K.error(s) for s in analysis.sinks)]
+            [
+                *(K.resolved(s) for s in analysis.sinks),
+                *(K.loop_exit(lp.index) for lp in analysis.terminal_loops),
+                *(K.error(s) for s in analysis.sinks),
+            ]
         )
         # A sink that failed (or was poisoned) resolved too, but the run fails instead.
-        if len(found) != len(analysis.sinks) or any(k.startswith(K.error("")) for k in found):
+        if len(found) != ends or any(k.startswith(K.error("")) for k in found):
             return
         await self._finalize(job.run_id, "completed", job.ctx, analysis)
 

@@ -62,6 +62,7 @@ from flowcraft.events import CollectingEventBus, FlowEvent
 from flowcraft.flow import Flow
 from flowcraft.node import NodeContext, NodeResult, idempotency_key
 from flowcraft.runtime import RuntimeOptions
+from flowcraft.testing.compat import TypeScriptCompatTests
 from flowcraft.testing.fidelity import ValueFidelityTests
 from flowcraft.testing.store import _GUARD, _KIT_MODULE_PREFIX, _override_problems
 
@@ -514,7 +515,7 @@ def _boom(ctx: NodeContext) -> Any:
 
 
 @pytest.mark.asyncio
-class AdapterConformanceTests(ValueFidelityTests):
+class AdapterConformanceTests(ValueFidelityTests, TypeScriptCompatTests):
     """The distributed adapter contract, as tests (see the module docstring)."""
 
     supports_dead_letter: ClassVar[bool] = True
