@@ -14,7 +14,6 @@ exceeded ``--grace`` and abandoned its jobs in hand to the queue).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import json
 import logging
@@ -216,7 +215,7 @@ async def serve(
                 why,
             )
             running.cancel()
-            await asyncio.wait({running}, timeout=5.0)
+            await asyncio.wait({running}, timeout=2.0)
             code = EXIT_GAVE_UP
         elif running.exception() is not None:
             logger.error("the worker failed while stopping: %r", running.exception())
@@ -229,16 +228,14 @@ async def serve(
 
 
 async def _close_within(adapter: BaseDistributedAdapter, seconds: float) -> None:
-    """``aclose()`` (stop, wait for the jobs in hand, close the clients), bounded."""
-    try:
-        async with asyncio.timeout(seconds):
-            await adapter.aclose()
-    except TimeoutError:
-        logger.warning("closing the adapter took over %.0f s; closing its clients now", seconds)
-        with contextlib.suppress(Exception):
-            await adapter.close()
-    except Exception as exc:
-        logger.warning("closing the adapter failed: %r", exc)
+    """``aclose()`` (stop, wait for the jobs in hand, close the clients), bounded without
+    relying on cancellation (a client that swallows one would hang the exit)."""
+    closing = asyncio.ensure_future(adapter.aclose())
+    await asyncio.wait({closing}, timeout=seconds)
+    if not closing.done():
+        logger.warning("closing the adapter took over %.0f s; leaving it", seconds)
+    elif closing.exception() is not None:
+        logger.warning("closing the adapter failed: %r", closing.exception())
 
 
 def _exit_without_stuck_threads(code: int) -> NoReturn:
@@ -246,7 +243,7 @@ def _exit_without_stuck_threads(code: int) -> NoReturn:
     (a long poll, say): every job was settled or handed back, so nothing is lost, and
     a container's stop timeout is not spent waiting for it."""
     stuck = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
-    if not stuck:
+    if not stuck and code != EXIT_GAVE_UP:
         raise SystemExit(code)
     logger.debug("%d threads still in backend calls; not waiting for them", len(stuck))
     logging.shutdown()
@@ -313,13 +310,17 @@ def worker(
     summary = " ".join(f"{k}={v}" for k, v in facts.items())
     blueprints = _blueprints_line(runtime_options)
     began = time.monotonic()
-    code = asyncio.run(
+    runner = asyncio.Runner()
+    code = runner.run(
         serve(
             built,
             grace,
             started=lambda: logger.info("worker started: %s blueprints=%s", summary, blueprints),
         )
     )
+    if code != EXIT_GAVE_UP:
+        # otherwise the abandoned jobs' tasks are not waited for: the process exits
+        runner.close()
     logger.info(
         "worker stopped: %s after %.1f s (exit %d)", summary, time.monotonic() - began, code
     )

@@ -1,0 +1,218 @@
+"""The ``flowcraft`` command on a fleet, end to end: ``flowcraft worker`` processes on a
+real Redis with the bullmq adapter, driven by ``start --wait``, ``status``, ``cancel``,
+``wait`` and ``dead-letters list`` as a user types them; SIGTERM drains the jobs in
+hand (exit 0), or abandons them to the queue once ``--grace`` has passed (exit 4)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from flowcraft.cli import main
+from flowcraft.runtime import RuntimeOptions
+from flowcraft_backends import RunningService
+from flowcraft_bullmq import BullMQAdapter
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
+
+FLOWCRAFT = str(Path(sys.executable).with_name("flowcraft"))
+
+FLOWS = """
+    import asyncio
+    from pathlib import Path
+
+    from flowcraft import Flow
+
+    async def slow(ctx):
+        # one line per attempt, so the test sees whether a job ran again
+        marker = Path(await ctx.get("marker") or "/dev/null")
+        with marker.open("a") as f:
+            f.write("started\\n")
+        first = marker.name == "null" or len(marker.read_text().splitlines()) == 1
+        if first:
+            await asyncio.sleep(float(await ctx.get("sleep") or 0))
+        return "slept" if first else "again"
+
+    async def add(ctx):
+        return (await ctx.get("n") or 0) + 1
+
+    flow = Flow("demo").node("slow", slow).node("add", add).edge("slow", "add")
+"""
+
+
+class Fleet:
+    """The environment one test's commands share: its own queue and key prefix."""
+
+    def __init__(self, redis_url: str, flows: Path, tmp: Path) -> None:
+        ns = uuid.uuid4().hex[:8]
+        self.tmp = tmp
+        self.redis_url = redis_url
+        self.prefix = f"cli{ns}:"
+        self.queue = f"q{ns}"
+        self.env = {
+            **os.environ,
+            "FLOWCRAFT_ADAPTER": "bullmq",
+            "FLOWCRAFT_BULLMQ_URL": redis_url,
+            "FLOWCRAFT_BULLMQ_KEY_PREFIX": self.prefix,
+            "FLOWCRAFT_BULLMQ_QUEUE_NAME": self.queue,
+            "FLOWCRAFT_FLOWS": f"{flows}:flow",
+        }
+        self.workers: list[subprocess.Popen[bytes]] = []
+
+    def run(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [FLOWCRAFT, *args], env=self.env, capture_output=True, text=True, timeout=60
+        )
+
+    def worker(self, *args: str) -> tuple[subprocess.Popen[bytes], Path]:
+        log = self.tmp / f"worker{len(self.workers)}.log"
+        with log.open("wb") as out:
+            proc = subprocess.Popen([FLOWCRAFT, "worker", *args], env=self.env, stderr=out)
+        self.workers.append(proc)
+        wait_for(lambda: "worker started" in log.read_text(), f"worker start ({log})")
+        return proc, log
+
+    def close(self) -> None:
+        for proc in self.workers:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def wait_for(check: object, what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def fleet(redis_service: RunningService, tmp_path: Path) -> Iterator[Fleet]:
+    flows = tmp_path / "flows.py"
+    flows.write_text(textwrap.dedent(FLOWS), encoding="utf-8")
+    fleet = Fleet(redis_service.url, flows, tmp_path)
+    yield fleet
+    fleet.close()
+
+
+def test_start_wait_status_cancel_and_a_drained_sigterm(fleet: Fleet) -> None:
+    worker, log = fleet.worker("-c", "4", "--grace", "20")
+    started = log.read_text()
+    assert "adapter=bullmq" in started
+    assert f"queue={fleet.queue}" in started
+    assert "concurrency=4" in started
+    assert "blueprints=demo" in started
+
+    # start --wait: the result, exit 0
+    done = fleet.run("start", "demo", "--context", '{"n": 41}', "--wait", "--json")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["status"] == "completed"
+    assert result["context"]["_outputs.add"] == 42
+
+    # a long run: status, cancel, status, wait
+    context = fleet.tmp / "long.json"
+    context.write_text(json.dumps({"sleep": 60, "marker": str(fleet.tmp / "long.txt")}))
+    begun = fleet.run("start", "demo", "--context", f"@{context}")
+    assert begun.returncode == 0, begun.stderr
+    run_id = begun.stdout.strip()
+    wait_for(lambda: (fleet.tmp / "long.txt").exists(), "the long node to start")
+    status = fleet.run("status", run_id, "--json")
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout)["status"] == "running"
+    cancelled = fleet.run("cancel", run_id)
+    assert cancelled.returncode == 0, cancelled.stderr
+    assert cancelled.stdout.strip() == f"run {run_id}: cancelled"
+    assert json.loads(fleet.run("status", run_id, "--json").stdout)["status"] == "cancelled"
+    waited = fleet.run("wait", run_id, "--json")
+    assert waited.returncode == 1
+    assert json.loads(waited.stdout)["status"] == "cancelled"
+    again = fleet.run("cancel", run_id, "--json")
+    assert json.loads(again.stdout) == {"runId": run_id, "status": "cancelled"}
+
+    # SIGTERM while a node runs: the node finishes, the worker exits 0
+    marker = fleet.tmp / "drain.txt"
+    begun = fleet.run("start", "demo", "--context", json.dumps({"sleep": 2, "marker": str(marker)}))
+    run_id = begun.stdout.strip()
+    wait_for(marker.exists, "the node to start")
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(timeout=30) == 0
+    text = log.read_text()
+    assert "SIGTERM: stopping" in text
+    assert "worker stopped" in text
+    assert "(exit 0)" in text
+    # the drained node committed: a new worker runs only its successor
+    fleet.worker()
+    finished = fleet.run("wait", run_id, "--json", "--timeout", "30")
+    assert finished.returncode == 0, finished.stderr
+    assert json.loads(finished.stdout)["context"]["_outputs.slow"] == "slept"
+    assert marker.read_text().splitlines() == ["started"]
+
+
+def test_a_drain_past_the_grace_hands_the_job_back(fleet: Fleet) -> None:
+    worker, log = fleet.worker("--grace", "1")
+    marker = fleet.tmp / "abandoned.txt"
+    begun = fleet.run(
+        "start", "demo", "--context", json.dumps({"sleep": 120, "marker": str(marker)})
+    )
+    run_id = begun.stdout.strip()
+    wait_for(marker.exists, "the node to start")
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(timeout=30) == 4
+    assert "abandoning the jobs still in hand" in log.read_text()
+    # BullMQ gives the abandoned job to the next worker once its lock expires
+    fleet.worker()
+    finished = fleet.run("wait", run_id, "--json", "--timeout", "60")
+    assert finished.returncode == 0, finished.stderr
+    assert json.loads(finished.stdout)["context"]["_outputs.slow"] == "again"
+    assert marker.read_text().splitlines() == ["started", "started"]
+
+
+async def test_dead_letters_list_shows_a_parked_job(fleet: Fleet) -> None:
+    fleet.worker()
+    adapter = BullMQAdapter(
+        runtime_options=RuntimeOptions(),
+        connection=fleet.redis_url,
+        key_prefix=fleet.prefix,
+        queue_name=fleet.queue,
+    )
+    try:
+        await adapter.enqueue_raw(b"not a job")
+    finally:
+        await adapter.aclose()
+
+    def listed() -> bool:
+        shown = fleet.run("dead-letters", "list", "--json")
+        return shown.returncode == 0 and len(json.loads(shown.stdout)) == 1
+
+    wait_for(listed, "the garbage to be dead-lettered")
+    (letter,) = json.loads(fleet.run("dead-letters", "list", "--json").stdout)
+    assert letter["body"] == "not a job"
+    assert letter["reason"]
+
+
+def test_bad_adapter_and_settings_exit_2_without_echoing_values(fleet: Fleet) -> None:
+    unknown = fleet.run("status", "x", "--adapter", "nope")
+    assert unknown.returncode == 2
+    assert "no adapter named 'nope'" in unknown.stderr
+    assert "bullmq" in unknown.stderr
+    result = CliRunner().invoke(
+        main, ["status", "x", "--adapter", "bullmq", "-o", "concurrency=s3cr3t"]
+    )
+    assert result.exit_code == 2
+    assert "concurrency (FLOWCRAFT_BULLMQ_CONCURRENCY)" in result.stderr
+    assert "s3cr3t" not in result.output
+    no_flows = fleet.run("worker", "--flows", "")
+    assert no_flows.returncode == 2
