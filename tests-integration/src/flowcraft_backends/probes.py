@@ -2,11 +2,11 @@
 worker's runs take to move again with the adapter's DEFAULT settings, and a fleet
 whose workers run two versions of a blueprint.
 
-Recovery: an adapter's test keeps a small probe module (``tests/<adapter>/``) whose
-:class:`~flowcraft_backends.crash_fleet.FleetSettings` subclass builds its adapter
-leaving every setting that governs recovery (lease, visibility, lock, stall checks)
-at its default, and ends in ``if __name__ == "__main__": probe_main(Settings)``.
-:func:`measure_recovery` starts it by path as worker processes, lets one take jobs
+Recovery: an adapter's crash fleet module (``tests/<adapter>/``) ends in
+``if __name__ == "__main__": fleet_main(Settings)``, and its settings build the
+adapter leaving every setting that governs recovery (lease, visibility, lock, stall
+checks) at its default when ``recovery_defaults`` is set. :func:`measure_recovery`
+starts that module by path as probe worker processes, lets one take jobs
 that each hold their node until then, SIGKILLs it, and measures from
 the kill to the moment another worker starts each of those activations again.
 
@@ -33,11 +33,13 @@ from typing import Any, Protocol, cast
 from flowcraft import Flow, NodeContext, RuntimeOptions
 from flowcraft.distributed.adapter import BaseDistributedAdapter
 from flowcraft.events import FlowEvent
-from flowcraft_backends.crash_fleet import FleetSettings
+from flowcraft_backends.crash_fleet import FleetSettings, read_effects, worker_main
 
 __all__ = [
     "HOLD_SECONDS",
+    "PROBE_ENV",
     "check_version_skew",
+    "fleet_main",
     "hold_flow",
     "measure_recovery",
     "probe_main",
@@ -49,6 +51,9 @@ HOLD_SECONDS = 0.5
 node until its worker is killed."""
 
 _READY = "__ready__"
+
+PROBE_ENV = "FLOWCRAFT_PROBE"
+"""Set (to 1) in a fleet module's environment: it runs a probe worker, not the diamond."""
 
 
 class _Closable(Protocol):
@@ -75,16 +80,7 @@ class _Journal:
 
 
 def _read(path: str) -> list[dict[str, Any]]:
-    if not os.path.exists(path):
-        return []
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # torn by a SIGKILL
-    return rows
+    return read_effects(path) if os.path.exists(path) else []
 
 
 async def _probe_worker(settings: FleetSettings) -> None:
@@ -126,6 +122,15 @@ async def _probe_worker(settings: FleetSettings) -> None:
     finally:
         await cast(_Closable, adapter).aclose()
         journal.close()
+
+
+def fleet_main(settings_type: type[FleetSettings]) -> None:
+    """A fleet module's entry point: a probe worker under :data:`PROBE_ENV`, else the
+    crash fleet's worker."""
+    if os.environ.get(PROBE_ENV):
+        probe_main(settings_type)
+    else:
+        worker_main(settings_type)
 
 
 def probe_main(settings_type: type[FleetSettings]) -> None:
@@ -217,7 +222,7 @@ async def measure_recovery(
     worker starting each of them again (``rounds`` kills). The replacement is running
     and idle before the kill, so its start-up time is not counted; the first execution
     of each activation holds it until the kill."""
-    env = {**os.environ, **settings.to_env()}
+    env = {**os.environ, **settings.to_env(), PROBE_ENV: "1"}
     recoveries: list[float] = []
     for _ in range(rounds):
         one = _Round(script, env, settings.effects_path)
@@ -290,7 +295,16 @@ async def check_version_skew(make: AdapterMaker, *, runs: int = 10) -> None:
         for version, ids in started.items():
             nodes = "abc" if version == "2" else "ab"
             for run_id in ids:
-                result = await client_v2.wait_for_result(run_id, 90)
+                try:
+                    result = await client_v2.wait_for_result(run_id, 90)
+                except TimeoutError:
+                    status = await client_v2.get_status(run_id)
+                    letters = await client_v2.dead_letters()
+                    ran = {k: c for k, c in executions.items() if k[0] == run_id}
+                    raise AssertionError(
+                        f"run {run_id} (v{version}) is {status}; executions {ran}; "
+                        f"dead letters {letters}"
+                    ) from None
                 assert result.status == "completed", (version, result.errors)
                 expected = "".join(f"{n}{version}" for n in nodes)
                 assert result.context[f"_outputs.{nodes[-1]}"] == expected

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from flowcraft import RuntimeOptions
-from flowcraft_backends.crash_fleet import FleetSettings, worker_main
+from flowcraft_backends.crash_fleet import FleetSettings
+from flowcraft_backends.probes import fleet_main
 from flowcraft_rabbitmq import RabbitMQAdapter
 
 
@@ -25,6 +26,8 @@ class Settings(FleetSettings):
     key_prefix: str
     concurrency: int = 8
     lease_seconds: float = 2.0
+    recovery_defaults: bool = False
+    """Leave the lease at the adapter's default (the recovery test)."""
 
     # Branches sleep 0-120 ms (60 on average): 3,200 of them on 2 x 8 slots take 12 s
     # or more however fast the machine, long enough for the crash test's kill cycles.
@@ -40,12 +43,17 @@ class Settings(FleetSettings):
             table=self.table,
             key_prefix=self.key_prefix,
             concurrency=self.concurrency,
-            lease_seconds=self.lease_seconds,
-            retry_delay_seconds=0.2,
-            reconcile_interval_seconds=2.0,
-            stalled_after_seconds=10.0,
+            **({} if self.recovery_defaults else self._fast()),
         )
+
+    def _fast(self) -> dict[str, float]:
+        return {
+            "lease_seconds": self.lease_seconds,
+            "retry_delay_seconds": 0.2,
+            "reconcile_interval_seconds": 2.0,
+            "stalled_after_seconds": 10.0,
+        }
 
 
 if __name__ == "__main__":
-    worker_main(Settings)
+    fleet_main(Settings)

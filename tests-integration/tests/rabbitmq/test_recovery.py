@@ -22,11 +22,11 @@ from flowcraft_backends.probes import (
 )
 from flowcraft_rabbitmq.adapter import DEFAULT_LEASE_SECONDS
 
-from .rabbitmq_probe import ProbeSettings
+from .fleet import Settings
 
 pytestmark = pytest.mark.slow
 
-PROBE = Path(__file__).with_name("rabbitmq_probe.py")
+FLEET = Path(__file__).with_name("fleet.py")
 BOUND_SECONDS = 10.0
 """The documented bound (RabbitMQAdapter's docstring): every kill must recover in it."""
 
@@ -37,9 +37,9 @@ async def probe(
     postgres_service: RunningService,
     redis_service: RunningService,
     tmp_path: Path,
-) -> AsyncIterator[ProbeSettings]:
+) -> AsyncIterator[Settings]:
     tag = uuid.uuid4().hex[:10]
-    settings = ProbeSettings(
+    settings = Settings(
         effects_path=str(tmp_path / "journal.jsonl"),
         amqp_url=rabbitmq_service.url,
         postgres_dsn=postgres_service.url,
@@ -47,6 +47,7 @@ async def probe(
         queue_name=f"fc-probe-{tag}",
         table=f"fc_probe_{tag}",
         key_prefix=f"fc-probe:{tag}:",
+        recovery_defaults=True,
     )
     yield settings
     client = settings.adapter(RuntimeOptions())
@@ -60,24 +61,24 @@ async def probe(
         await client.aclose()
 
 
-async def test_sigkill_recovery_with_default_settings(probe: ProbeSettings) -> None:
+async def test_sigkill_recovery_with_default_settings(probe: Settings) -> None:
     bp = hold_flow().to_blueprint()
     client = probe.adapter(RuntimeOptions(blueprints={bp.id: bp}))
     try:
         await client.connect()  # the queues exist before the first worker starts
-        recoveries = await measure_recovery(PROBE, probe, client)
+        recoveries = await measure_recovery(FLEET, probe, client)
     finally:
         await client.aclose()
     print(report_recovery(f"rabbitmq (lease {DEFAULT_LEASE_SECONDS} s)", recoveries))
     assert max(recoveries) < BOUND_SECONDS, recoveries
 
 
-async def test_two_blueprint_versions_on_one_queue(probe: ProbeSettings) -> None:
+async def test_two_blueprint_versions_on_one_queue(probe: Settings) -> None:
     await check_version_skew(lambda options: probe.adapter(options))
 
 
 async def test_client_waits_across_a_postgres_restart(
-    probe: ProbeSettings, postgres_service: RunningService
+    probe: Settings, postgres_service: RunningService
 ) -> None:
     """A client waiting for a result while PostgreSQL restarts gets it, and every later
     ``wait_for_result`` works (each failed for good with "released back to the pool")."""

@@ -8,9 +8,11 @@ file and the worker loop are the shared ones of :mod:`flowcraft_backends.crash_f
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from flowcraft import RuntimeOptions
-from flowcraft_backends.crash_fleet import FleetSettings, worker_main
+from flowcraft_backends.crash_fleet import FleetSettings
+from flowcraft_backends.probes import fleet_main
 from flowcraft_sqs import AwsSettings, SqsAdapter
 
 
@@ -23,6 +25,8 @@ class Settings(FleetSettings):
     table: str
     namespace: str
     concurrency: int = 8
+    recovery_defaults: bool = False
+    """Leave visibility and lease at the adapter's defaults (the recovery test)."""
 
     branch_delay = 0.005
 
@@ -35,6 +39,14 @@ class Settings(FleetSettings):
         )
 
     def adapter(self, options: RuntimeOptions) -> SqsAdapter:
+        fast: dict[str, Any] = {
+            "wait_time_seconds": 1,
+            "visibility_timeout": 3,
+            "lease_seconds": 2.0,
+            "retry_delay_seconds": 0.2,
+            "reconcile_interval_seconds": 2.0,
+            "stalled_after_seconds": 10.0,
+        }
         return SqsAdapter(
             runtime_options=options,
             queue_url=self.queue_url,
@@ -43,14 +55,9 @@ class Settings(FleetSettings):
             key_prefix=f"{self.namespace}:",
             aws=self.aws(),
             concurrency=self.concurrency,
-            wait_time_seconds=1,
-            visibility_timeout=3,
-            lease_seconds=2.0,
-            retry_delay_seconds=0.2,
-            reconcile_interval_seconds=2.0,
-            stalled_after_seconds=10.0,
+            **({} if self.recovery_defaults else fast),
         )
 
 
 if __name__ == "__main__":
-    worker_main(Settings)
+    fleet_main(Settings)

@@ -61,6 +61,13 @@ from flowcraft_sqs.coordination import DynamoDbCoordinationStore
 
 __all__ = ["SqsAdapter"]
 
+DEFAULT_VISIBILITY_SECONDS = 4
+"""A received message's invisibility (renewed while its job runs): with the lease, how
+soon a killed worker's jobs are delivered again."""
+DEFAULT_LEASE_SECONDS = 3.0
+"""The activation lease (shorter than the visibility, so it has expired by the time a
+killed worker's message reappears)."""
+
 Message = dict[str, Any]
 MessageGroup = Literal["run", "node"]
 
@@ -81,7 +88,14 @@ class SqsAdapter(PullingAdapter[Message]):
         namespace: keeps apps sharing one table apart.
         wait_time_seconds: long-poll wait (0-20).
         visibility_timeout: seconds a received message stays hidden; renewed every
-            third of it while its job runs.
+            third of it while its job runs (one ``ChangeMessageVisibility`` per
+            running job every 1.3 s by default). With ``lease_seconds`` (default 3 s
+            here) it decides how soon a dead worker's jobs run again: its messages
+            reappear within ``visibility_timeout`` of its last renewal, when its
+            leases have expired too; a long poll the dead worker left in flight may
+            take them once more, for one more ``visibility_timeout``. Measured with
+            the defaults on moto: the runs move again after a median 4.7 s, at most
+            8.6 s after a SIGKILL (``tests-integration/tests/sqs/test_recovery.py``).
         max_backoff_seconds: ceiling of any delay before a released message returns.
         message_group: FIFO only: ``"run"`` (one group per run, the default) or
             ``"node"`` (one per run and node: more parallelism, no per-run order).
@@ -107,7 +121,7 @@ class SqsAdapter(PullingAdapter[Message]):
         coordination_table_name: str | None = None,
         namespace: str = "flowcraft",
         wait_time_seconds: int = 20,
-        visibility_timeout: int = 30,
+        visibility_timeout: int = DEFAULT_VISIBILITY_SECONDS,
         max_backoff_seconds: float = 900.0,
         message_group: MessageGroup = "run",
         max_state_bytes: int = DEFAULT_MAX_STATE_BYTES,
@@ -136,7 +150,7 @@ class SqsAdapter(PullingAdapter[Message]):
             event_bus=event_bus,
             visibility_seconds=visibility_timeout,
             ack_batch_size=BATCH,
-            **options,
+            **{"lease_seconds": DEFAULT_LEASE_SECONDS, **options},
         )
         self.queue_url = queue_url
         self.fifo = queue_url.endswith(".fifo")

@@ -46,7 +46,7 @@ from typing import Any
 from flowcraft.context import BaseAsyncContext, Guard, PatchOperation, check_guard, guard_holds
 from flowcraft.distributed import keys as K
 from flowcraft.errors import StateLimitError
-from flowcraft.serializer import JsonSerializer, Serializer
+from flowcraft.serializer import JsonSerializer, Serializer, check_key, encode_value
 from flowcraft_sqs._client import (
     AwsClients,
     error_code,
@@ -241,7 +241,8 @@ class DynamoDbContext(BaseAsyncContext):
         Raises:
             StateLimitError: the run's state would pass ``max_state_bytes``, or the
                 patch is too large for one DynamoDB expression.
-            SerializationError: a value is not JSON.
+            SerializationError: a key or value cannot be stored (not JSON, not valid
+                Unicode, nested deeper than ``MAX_DEPTH``); it names the key.
         """
         check_guard(guard)
         plan = _Plan.build(self, ops)
@@ -391,17 +392,20 @@ class _Plan:
         for op in ops:
             last.pop(op.key, None)
             last[op.key] = op
-        dumps = ctx.table.serializer.dumps
+        serializer = ctx.table.serializer
         sets: dict[str, dict[str, Any]] = {}
         removes: list[str] = []
         status: str | None = None
+        # Every key and value is checked and encoded (or refused, naming the key)
+        # before anything is sent.
         for key, op in last.items():
             name = ATTR_PREFIX + key
             if op.op == "set":
-                sets[name] = {"S": dumps(op.value)}
+                sets[name] = {"S": encode_value(key, op.value, serializer)}
                 if key == K.STATUS and isinstance(op.value, Mapping):
                     status = str(op.value.get("status"))
             else:
+                check_key(key)
                 removes.append(name)
         added = sum(attr_size(n, v) for n, v in sets.items())
         return cls(ctx, sets, removes, added, status)
