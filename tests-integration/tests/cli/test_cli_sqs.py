@@ -4,6 +4,7 @@ in flight: the poll is abandoned, not waited for."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -17,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from flowcraft_backends import RunningService
-from flowcraft_sqs import AwsClients, AwsSettings, create_queues, create_table
+from flowcraft_sqs import AwsClients, AwsSettings, QueueUrls, create_queues, create_table
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -31,7 +32,17 @@ FLOWS = """
 """
 
 
-async def test_sqs_worker_runs_a_run_and_stops_promptly_on_sigterm(
+async def _topology(aws: AwsSettings) -> tuple[str, QueueUrls]:
+    clients = AwsClients(aws)
+    try:
+        table = f"cli{uuid.uuid4().hex[:8]}"
+        await create_table(clients, table)
+        return table, await create_queues(clients, f"jobs-{uuid.uuid4().hex[:8]}")
+    finally:
+        clients.close()
+
+
+def test_sqs_worker_runs_a_run_and_stops_promptly_on_sigterm(
     moto_service: RunningService, tmp_path: Path
 ) -> None:
     extra = moto_service.extra
@@ -41,13 +52,7 @@ async def test_sqs_worker_runs_a_run_and_stops_promptly_on_sigterm(
         aws_access_key_id=extra["aws_access_key_id"],
         aws_secret_access_key=extra["aws_secret_access_key"],
     )
-    clients = AwsClients(aws)
-    try:
-        table = f"cli{uuid.uuid4().hex[:8]}"
-        await create_table(clients, table)
-        queues = await create_queues(clients, f"jobs-{uuid.uuid4().hex[:8]}")
-    finally:
-        clients.close()
+    table, queues = asyncio.run(_topology(aws))
     flows = tmp_path / "flows.py"
     flows.write_text(textwrap.dedent(FLOWS), encoding="utf-8")
     env = {
