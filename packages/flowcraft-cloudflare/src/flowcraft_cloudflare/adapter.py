@@ -36,13 +36,19 @@ from flowcraft.events import EventBus
 from flowcraft.runtime import RuntimeOptions
 from flowcraft.serializer import JsonSerializer, encode_value
 from flowcraft_cloudflare._client import WorkerClient, WorkerError, WorkerSettings
-from flowcraft_cloudflare.context import MAX_VALUE_BYTES, DurableObjectContext, run_object
+from flowcraft_cloudflare.context import (
+    MAX_VALUE_BYTES,
+    DurableObjectContext,
+    PendingOps,
+    run_object,
+)
 from flowcraft_cloudflare.coordination import DurableObjectCoordinationStore
 from flowcraft_cloudflare.inbox import Inbox, InboxMessage
 
 __all__ = ["CloudflareAdapter"]
 
 _WAIT_SECONDS = 20.0  # one long poll for a result; below the client's timeout
+_MARK_DELAY = 0.05  # how long a follow-up mark waits for a call to ride along with
 
 
 class CloudflareAdapter(PullingAdapter[InboxMessage]):
@@ -106,6 +112,9 @@ class CloudflareAdapter(PullingAdapter[InboxMessage]):
         self.max_value_bytes = max_value_bytes
         self.serializer = runtime_options.serializer or JsonSerializer()
         self._late: set[asyncio.Future[None]] = set()
+        self._marks = PendingOps()
+        self._marks_flush: asyncio.TimerHandle | None = None
+        self._flushing: set[asyncio.Future[None]] = set()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(queue={self.inbox.name!r}, worker_id={self.worker_id!r})"
@@ -125,7 +134,37 @@ class CloudflareAdapter(PullingAdapter[InboxMessage]):
             serializer=self.serializer,
             ttl_seconds=self.state_ttl_seconds,
             max_value_bytes=self.max_value_bytes,
+            pending=self._marks,
         )
+
+    async def mark_followed_up(self, run_id: str, node_id: str, generation: int) -> None:
+        """Written behind: the mark rides along with the next call to the run's object
+        (often the successor's admission), or goes within ``_MARK_DELAY`` in a call of
+        its own. A lost mark only makes a duplicate redo an idempotent follow-up."""
+        key = K.followed_up(self.key_prefix, run_id, node_id, generation)
+        op = {"op": "setnx", "key": key, "value": "1", "ttl": self.dedupe_window_seconds}
+        self._marks.add(run_object(self.namespace, run_id), {**op, "mark": True})
+        if self._marks_flush is None:
+            loop = asyncio.get_running_loop()
+            self._marks_flush = loop.call_later(_MARK_DELAY, self._flush_marks_soon)
+
+    def _flush_marks_soon(self) -> None:
+        self._marks_flush = None
+        flush = asyncio.ensure_future(self.flush_marks())
+        self._flushing.add(flush)
+        flush.add_done_callback(self._flushing.discard)
+
+    async def flush_marks(self) -> None:
+        """Send every waiting mark now (one call per object holding some)."""
+
+        async def send(name: str, ops: list[dict[str, Any]]) -> None:
+            try:
+                await self.client.call("do", {"object": name, "ops": ops}, label="marks")
+            except WorkerError as exc:
+                self.logger.debug("%d follow-up marks lost: %r", len(ops), exc)
+
+        taken = self._marks.take_all()
+        await asyncio.gather(*(send(name, ops) for name, ops in taken.items()))
 
     async def enqueue_job(self, job: JobPayload) -> None:
         await self.inbox.send([job.encode().decode()])
@@ -289,8 +328,14 @@ class CloudflareAdapter(PullingAdapter[InboxMessage]):
 
     async def close(self) -> None:
         """Close the Worker client if this adapter made it (after abandoned pulls
-        gave back what they took)."""
+        gave back what they took and waiting marks were sent)."""
         if self._late:
             await asyncio.gather(*self._late, return_exceptions=True)
+        if self._marks_flush is not None:
+            self._marks_flush.cancel()
+            self._marks_flush = None
+        await self.flush_marks()
+        if self._flushing:
+            await asyncio.gather(*self._flushing, return_exceptions=True)
         if self._owns_client:
             await self.client.aclose()

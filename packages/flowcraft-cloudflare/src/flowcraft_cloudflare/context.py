@@ -17,7 +17,7 @@ from flowcraft.errors import StateLimitError
 from flowcraft.serializer import JsonSerializer, Serializer, check_key, encode_value
 from flowcraft_cloudflare._client import WorkerClient, _TooLarge
 
-__all__ = ["MAX_VALUE_BYTES", "DurableObjectContext", "run_object"]
+__all__ = ["MAX_VALUE_BYTES", "DurableObjectContext", "PendingOps", "run_object"]
 
 logger = logging.getLogger("flowcraft.cloudflare")
 
@@ -44,10 +44,30 @@ def _guard_text(expected: int | str | None) -> str | None:
 
 
 def _repeatable(op: Mapping[str, Any]) -> bool:
-    """Whether sending ``op`` twice leaves what one send would (and answers the same)."""
+    """Whether sending ``op`` twice leaves what one send would (and answers the same).
+    A write-behind mark is: nobody reads its answer."""
+    if op.get("mark"):
+        return True
     return op["op"] not in {"incr", "setnx", "admit"} and not (
         op["op"] == "patch" and op.get("guard")
     )
+
+
+class PendingOps:
+    """Ops waiting to ride along with the next call to their object (write-behind)."""
+
+    def __init__(self) -> None:
+        self.by_object: dict[str, list[dict[str, Any]]] = {}
+
+    def add(self, object_name: str, op: dict[str, Any]) -> None:
+        self.by_object.setdefault(object_name, []).append(op)
+
+    def take(self, object_name: str) -> list[dict[str, Any]]:
+        return self.by_object.pop(object_name, [])
+
+    def take_all(self) -> dict[str, list[dict[str, Any]]]:
+        taken, self.by_object = self.by_object, {}
+        return taken
 
 
 class DurableObjectContext(BaseAsyncContext):
@@ -71,6 +91,7 @@ class DurableObjectContext(BaseAsyncContext):
         serializer: Serializer | None = None,
         ttl_seconds: float = 7 * 24 * 3600,
         max_value_bytes: int = MAX_VALUE_BYTES,
+        pending: PendingOps | None = None,
     ) -> None:
         self.client = client
         self.object_name = object_name
@@ -78,17 +99,21 @@ class DurableObjectContext(BaseAsyncContext):
         self.serializer = serializer or JsonSerializer()
         self.ttl_seconds = ttl_seconds
         self.max_value_bytes = max_value_bytes
+        self.pending = pending
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(run_id={self.run_id!r})"
 
     async def batch(self, ops: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-        """Run raw object ops as one atomic step (one round trip)."""
+        """Run raw object ops as one atomic step (one round trip). Write-behind ops
+        waiting for this object go first in the same call."""
+        riders = self.pending.take(self.object_name) if self.pending is not None else []
+        sent = [*riders, *ops]
         try:
             answer = await self.client.call(
                 "do",
-                {"object": self.object_name, "ttl": self.ttl_seconds, "ops": list(ops)},
-                retry=all(_repeatable(op) for op in ops),
+                {"object": self.object_name, "ttl": self.ttl_seconds, "ops": sent},
+                retry=all(_repeatable(op) for op in sent),
             )
         except _TooLarge as exc:
             raise StateLimitError(
@@ -96,7 +121,7 @@ class DurableObjectContext(BaseAsyncContext):
                 f"Durable Object row holds at most {self.max_value_bytes}"
             ) from exc
         results: list[dict[str, Any]] = answer["results"]
-        return results
+        return results[len(riders) :]
 
     async def get(self, key: str) -> Any:
         return (await self.get_many([key])).get(key)
