@@ -121,6 +121,13 @@ def test_start_wait_status_cancel_and_a_drained_sigterm(fleet: Fleet) -> None:
     result = json.loads(done.stdout)
     assert result["status"] == "completed"
     assert result["context"]["_outputs.add"] == 42
+    # for people: each node as it resolves, then the status, the context on stdout
+    shown = fleet.run("start", "demo", "--context", '{"n": 1}', "--wait")
+    assert shown.returncode == 0, shown.stderr
+    assert "resolved slow" in shown.stderr
+    assert "resolved add" in shown.stderr
+    assert ": completed" in shown.stderr
+    assert json.loads(shown.stdout)["_outputs.add"] == 2
 
     # a long run: status, cancel, status, wait
     context = fleet.tmp / "long.json"

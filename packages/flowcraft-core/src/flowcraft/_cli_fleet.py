@@ -14,6 +14,7 @@ exceeded ``--grace`` and abandoned its jobs in hand to the queue).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import logging
@@ -44,13 +45,15 @@ from flowcraft.cli import (
     _json_object,
     _to_json,
     adapter_options,
+    main,
 )
 from flowcraft.distributed import BaseDistributedAdapter, FinalResult
+from flowcraft.distributed import keys as K
 from flowcraft.errors import FlowcraftError, UnknownBlueprintError
 from flowcraft.flow import Flow
 from flowcraft.runtime import RuntimeOptions
 
-__all__ = ["EXIT_GAVE_UP", "register"]
+__all__ = ["EXIT_GAVE_UP", "load_flows", "serve"]
 
 logger = logging.getLogger("flowcraft.worker")
 
@@ -137,6 +140,17 @@ def _run_with(adapter: BaseDistributedAdapter, work: Callable[[], Awaitable[T]])
         _bad(f"{exc} (pass --flows MODULE:ATTR with the workflows)")
     except FlowcraftError as exc:
         _bad(str(exc))
+    except (OSError, ConnectionError, TimeoutError) as exc:
+        raise _BackendFailed(f"the backend failed: {type(exc).__name__}: {exc}") from None
+    except Exception as exc:
+        # clients raise their own error types (redis, botocore, aio-pika, ...)
+        raise _BackendFailed(f"the backend failed: {type(exc).__name__}: {exc}") from None
+
+
+class _BackendFailed(click.ClickException):
+    """The backend refused or could not be reached: one line, exit 1."""
+
+    exit_code = EXIT_FAILED
 
 
 def _context_arg(text: str | None) -> dict[str, Any]:
@@ -346,12 +360,58 @@ async def _wait(
     adapter: BaseDistributedAdapter,
     run_id: str,
     timeout: float | None,  # noqa: ASYNC109 (wait_for_result's own)
+    *,
+    progress: bool = False,
 ) -> FinalResult:
+    shown = _Progress(adapter, run_id) if progress else None
+    watcher = asyncio.ensure_future(shown.follow()) if shown is not None else None
     try:
-        return await adapter.wait_for_result(run_id, timeout)
+        result = await adapter.wait_for_result(run_id, timeout)
     except TimeoutError:
         click.echo(f"run {run_id}: still running after {timeout} s", err=True)
         raise SystemExit(EXIT_GAVE_UP) from None
+    finally:
+        if watcher is not None:
+            watcher.cancel()
+            await asyncio.gather(watcher, return_exceptions=True)
+    if shown is not None:
+        with contextlib.suppress(Exception):
+            await shown.poll()  # the nodes resolved since the last look
+    return result
+
+
+class _Progress:
+    """One line on stderr per node activation as the run's state records it resolved
+    (read every quarter second; needs the blueprint through --flows)."""
+
+    def __init__(self, adapter: BaseDistributedAdapter, run_id: str) -> None:
+        self.adapter = adapter
+        self.ctx = adapter.create_context(run_id)
+        self.keys: dict[str, str] = {}
+        self.seen: dict[str, int] = {}
+        self.began = time.monotonic()
+
+    async def follow(self) -> None:
+        meta = await self.ctx.get(K.META)
+        blueprint = self.adapter.runtime.blueprints.get(meta["blueprintId"]) if meta else None
+        if blueprint is None:
+            return
+        self.keys = {K.resolved(node.id): node.id for node in blueprint.nodes}
+        while True:
+            await self.poll()
+            await asyncio.sleep(0.25)
+
+    async def poll(self) -> None:
+        if not self.keys:
+            return
+        found = await self.ctx.get_many(list(self.keys))
+        for key, node_id in self.keys.items():
+            count = int(found.get(key) or 0)
+            if count > self.seen.get(node_id, 0):
+                self.seen[node_id] = count
+                times = f" ({count}x)" if count > 1 else ""
+                elapsed = time.monotonic() - self.began
+                click.echo(f"{elapsed:8.1f} s  resolved {node_id}{times}", err=True)
 
 
 _TIMEOUT = click.option(
@@ -390,7 +450,7 @@ def start(
             return started, None
         if not as_json:
             click.echo(f"started run {started}; waiting for its result", err=True)
-        return started, await _wait(built, started, timeout)
+        return started, await _wait(built, started, timeout, progress=not as_json)
 
     started, result = _run_with(built, go)
     if result is not None:
@@ -450,7 +510,9 @@ def wait(
     Exit status: 0 completed, 1 failed or cancelled, 4 --timeout passed.
     """
     built, *_ = _adapter(fleet)
-    result = _run_with(built, functools.partial(_wait, built, run_id, timeout))
+    result = _run_with(
+        built, functools.partial(_wait, built, run_id, timeout, progress=not as_json)
+    )
     _print_result(result, as_json)
 
 
@@ -589,7 +651,5 @@ def dead_letters_list(
         click.echo(f"{row['id'] or '-'}  {row['reason']}\n    {body}")
 
 
-def register(group: click.Group) -> None:
-    """Add the fleet commands to the ``flowcraft`` group."""
-    for command in (worker, start, status, wait, cancel, reconcile, dead_letters):
-        group.add_command(command)
+for _command in (worker, start, status, wait, cancel, reconcile, dead_letters):
+    main.add_command(_command)

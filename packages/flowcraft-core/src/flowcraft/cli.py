@@ -723,9 +723,8 @@ def schema() -> None:
     click.echo(json.dumps(blueprint_json_schema(), indent=2))
 
 
-from flowcraft._cli_fleet import register as _register_fleet  # noqa: E402 (needs the above)
-
-_register_fleet(main)
+# The fleet commands add themselves to ``main`` (they use the helpers above).
+import flowcraft._cli_fleet  # noqa: E402, F401
 
 if __name__ == "__main__":  # pragma: no cover
     main()
