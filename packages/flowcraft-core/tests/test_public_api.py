@@ -27,7 +27,7 @@ DISTRIBUTED = {
     "Admission", "BaseDistributedAdapter", "CoordinationStore", "DeadLetter", "FinalResult",
     "ICoordinationStore", "InMemoryCoordinationStore", "JobHandler", "JobPayload",
     "PullingAdapter", "RedisCoordinationStore", "ResultWaiters", "ResultWatch", "RetryJob",
-    "RunStatusInfo", "Settlement", "backoff_seconds",
+    "RunStatusInfo", "RunStore", "RunStoreContext", "Settlement", "backoff_seconds",
 }  # fmt: skip
 
 

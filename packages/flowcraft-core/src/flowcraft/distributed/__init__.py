@@ -12,6 +12,7 @@ calls. ``WRITING-AN-ADAPTER.md`` beside the package walks through one.
 from __future__ import annotations
 
 from flowcraft.distributed._handler import Admission
+from flowcraft.distributed._runstore import RunStore, RunStoreContext
 from flowcraft.distributed.adapter import (
     BaseDistributedAdapter,
     FinalResult,
@@ -46,6 +47,8 @@ __all__ = [
     "ResultWatch",
     "RetryJob",
     "RunStatusInfo",
+    "RunStore",
+    "RunStoreContext",
     "Settlement",
     "backoff_seconds",
 ]
