@@ -48,6 +48,20 @@ FLOWS = """
         return (await ctx.get("n") or 0) + 1
 
     flow = Flow("demo").node("slow", slow).node("add", add).edge("slow", "add")
+
+    async def ship(ctx):
+        return f"shipped ({ctx.input})"
+
+    approval = (
+        Flow("approval", version="2")
+        .wait("approve")
+        .node("ship", ship)
+        .node("drop", lambda ctx: "dropped")
+        .edge("approve", "ship", action="yes")
+        .edge("approve", "drop", action="no")
+    )
+
+    flows = [flow, approval]
 """
 
 
@@ -66,7 +80,7 @@ class Fleet:
             "FLOWCRAFT_BULLMQ_URL": redis_url,
             "FLOWCRAFT_BULLMQ_KEY_PREFIX": self.prefix,
             "FLOWCRAFT_BULLMQ_QUEUE_NAME": self.queue,
-            "FLOWCRAFT_FLOWS": f"{flows}:flow",
+            "FLOWCRAFT_FLOWS": f"{flows}:flows",
         }
         self.workers: list[subprocess.Popen[bytes]] = []
 
@@ -113,7 +127,7 @@ def test_start_wait_status_cancel_and_a_drained_sigterm(fleet: Fleet) -> None:
     assert "adapter=bullmq" in started
     assert f"queue={fleet.queue}" in started
     assert "concurrency=4" in started
-    assert "blueprints=demo" in started
+    assert "blueprints=demo, approval@2" in started
 
     # start --wait: the result, exit 0
     done = fleet.run("start", "demo", "--context", '{"n": 41}', "--wait", "--json")
@@ -223,3 +237,30 @@ def test_bad_adapter_and_settings_exit_2_without_echoing_values(fleet: Fleet) ->
     assert "s3cr3t" not in result.output
     no_flows = fleet.run("worker", "--flows", "")
     assert no_flows.returncode == 2
+
+
+def test_resume_a_waiting_run_and_reconcile_it(fleet: Fleet) -> None:
+    fleet.worker()
+    run_id = fleet.run("start", "approval").stdout.strip()
+
+    def awaiting() -> bool:
+        shown = json.loads(fleet.run("status", run_id, "--json").stdout)
+        return bool(shown["status"] == "awaiting" and shown["waiting"] == ["approve"])
+
+    wait_for(awaiting, "the run to pause at its wait node")
+    human = fleet.run("status", run_id)
+    assert human.stdout.splitlines() == [f"run {run_id}: awaiting", "  waiting: approve"]
+    reconciled = fleet.run("reconcile", run_id, "--json")
+    assert reconciled.returncode == 0, reconciled.stderr
+    assert json.loads(reconciled.stdout) == {"enqueued": {run_id: 0}}
+    resumed = fleet.run("resume", run_id, "--action", "yes", "--output", '"by Ada"')
+    assert resumed.returncode == 0, resumed.stderr
+    assert resumed.stdout.strip() == f"run {run_id}: resumed"
+    done = fleet.run("wait", run_id, "--json", "--timeout", "30")
+    assert done.returncode == 0, done.stderr
+    context = json.loads(done.stdout)["context"]
+    assert context["_outputs.ship"] == "shipped (by Ada)"
+    assert "_outputs.drop" not in context
+    twice = fleet.run("resume", run_id, "--action", "no")
+    assert twice.returncode == 2
+    assert "has ended (completed)" in twice.stderr
