@@ -372,8 +372,8 @@ class BaseDistributedAdapter(ABC):
         candidates = [node_id] if node_id else list(analysis.nodes)
         found = await ctx.get_many([K.waiting(n) for n in candidates])
         paused = {k[len(K.waiting("")) :]: int(v) for k, v in found.items()}
-        if not paused:
-            raise FlowcraftError(f"run {run_id!r} has no node waiting to resume")
+        if not paused:  # never paused, or resumed already (by a concurrent call, say)
+            raise RunConflictError(f"run {run_id!r} has no node waiting to resume")
         if len(paused) > 1:
             raise FlowcraftError(f"run {run_id!r}: several nodes wait ({sorted(paused)}); name one")
         ((waiting_id, generation),) = paused.items()
