@@ -10,8 +10,8 @@ inside script text, so any key, however hostile, round-trips exactly.
 ``get``      ``HGET``
 ``get_many`` ``HMGET`` (one round trip)
 ``has``      ``HEXISTS``
-``patch``    one ``EVALSHA``: check the guard (``HGET`` of each guard field,
-             compared as JSON text), then ``HSET`` the sets and ``HDEL`` the
+``patch``    one ``EVALSHA``: check the guard (one ``HMGET`` of the guard
+             fields, compared as JSON text), then ``HSET`` the sets and ``HDEL`` the
              deletes, ``PEXPIRE`` the hash (the state TTL) and, if the context
              keeps a progress index, ``ZADD``/``ZREM`` the run there. Atomic: a
              script runs alone on the server, so check and write are one step.
@@ -57,16 +57,20 @@ local nguard = tonumber(ARGV[8])
 local i = 9
 local ok = 1
 local glast = 8 + 2 * nguard
-while i <= glast do
-  local cur = redis.call('HGET', h, ARGV[i])
-  local want = ARGV[i + 1]
-  if want == '' then
-    if cur then ok = 0 end
-  elseif cur ~= want then
-    ok = 0
+if nguard > 0 then
+  local fields = {}
+  for g = 1, nguard do fields[g] = ARGV[7 + 2 * g] end
+  local cur = redis.call('HMGET', h, unpack(fields))
+  for g = 1, nguard do
+    local want = ARGV[8 + 2 * g]
+    if want == '' then
+      if cur[g] then ok = 0 end
+    elseif cur[g] ~= want then
+      ok = 0
+    end
   end
-  i = i + 2
 end
+i = glast + 1
 local last = glast + 2 * nset
 if ok == 0 then
   i = last + ndel + 1
