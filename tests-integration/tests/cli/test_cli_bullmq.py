@@ -138,8 +138,8 @@ def test_start_wait_status_cancel_and_a_drained_sigterm(fleet: Fleet) -> None:
     # for people: each node as it resolves, then the status, the context on stdout
     shown = fleet.run("start", "demo", "--context", '{"n": 1}', "--wait")
     assert shown.returncode == 0, shown.stderr
-    assert "resolved slow" in shown.stderr
-    assert "resolved add" in shown.stderr
+    assert "done    slow" in shown.stderr
+    assert "done    add" in shown.stderr
     assert ": completed" in shown.stderr
     assert json.loads(shown.stdout)["_outputs.add"] == 2
 

@@ -405,13 +405,23 @@ class _Progress:
         if not self.keys:
             return
         found = await self.ctx.get_many(list(self.keys))
+        new: dict[str, int] = {}
         for key, node_id in self.keys.items():
             count = int(found.get(key) or 0)
             if count > self.seen.get(node_id, 0):
-                self.seen[node_id] = count
-                times = f" ({count}x)" if count > 1 else ""
-                elapsed = time.monotonic() - self.began
-                click.echo(f"{elapsed:8.1f} s  resolved {node_id}{times}", err=True)
+                new[node_id] = count
+        if not new:
+            return
+        # an activation records whether it was skipped (a branch not taken)
+        how = await self.ctx.get_many([K.activation(n, c) for n, c in new.items()])
+        elapsed = time.monotonic() - self.began
+        for node_id, count in new.items():
+            self.seen[node_id] = count
+            record = how.get(K.activation(node_id, count))
+            skipped = isinstance(record, dict) and record.get("skip") is True
+            times = f" ({count}x)" if count > 1 else ""
+            verb = "skipped" if skipped else "done"
+            click.echo(f"{elapsed:8.1f} s  {verb:<8}{node_id}{times}", err=True)
 
 
 _TIMEOUT = click.option(
