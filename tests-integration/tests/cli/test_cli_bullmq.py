@@ -264,3 +264,23 @@ def test_resume_a_waiting_run_and_reconcile_it(fleet: Fleet) -> None:
     twice = fleet.run("resume", run_id, "--action", "no")
     assert twice.returncode == 2
     assert "has ended (completed)" in twice.stderr
+
+
+def test_processes_runs_several_workers_and_forwards_sigterm(fleet: Fleet) -> None:
+    supervisor, log = fleet.worker("--processes", "2", "-c", "2")
+    wait_for(lambda: log.read_text().count("worker started") == 2, "both worker processes")
+    pids = {
+        line.partition(" pid=")[2].split()[0]
+        for line in log.read_text().splitlines()
+        if "worker started" in line
+    }
+    assert len(pids) == 2
+    assert str(supervisor.pid) not in pids
+    done = fleet.run("start", "demo", "--context", '{"n": 1}', "--wait", "--json")
+    assert done.returncode == 0, done.stderr
+    supervisor.send_signal(signal.SIGTERM)
+    assert supervisor.wait(timeout=60) == 0
+    text = log.read_text()
+    assert text.count("SIGTERM: stopping") == 2
+    assert text.count("(exit 0)") == 2
+    assert "all 2 worker processes stopped (exit [0, 0])" in text

@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -169,12 +170,14 @@ def _context_arg(text: str | None) -> dict[str, Any]:
 # --------------------------------------------------------------------------- worker
 
 
-def _configure_worker_logging(level: str, adapter: BaseDistributedAdapter) -> None:
+def _configure_worker_logging(level: str, adapter: BaseDistributedAdapter | None) -> None:
     """Timestamped records of flowcraft's loggers (and the adapter package's own) on
     stderr at ``level``."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    names = {"flowcraft", type(adapter).__module__.partition(".")[0]}
+    names = {"flowcraft"}
+    if adapter is not None:
+        names.add(type(adapter).__module__.partition(".")[0])
     for name in names:
         log = logging.getLogger(name)
         for old in list(log.handlers):
@@ -293,11 +296,19 @@ def _blueprints_line(runtime_options: RuntimeOptions) -> str:
     show_default=True,
     envvar="FLOWCRAFT_LOG_LEVEL",
 )
+@click.option(
+    "--processes",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Worker processes to run on this machine (each drains on its own).",
+)
 def worker(
     fleet: FleetTarget,
     concurrency: int | None,
     grace: float,
     log_level: str,
+    processes: int,
 ) -> None:
     """Run a worker: take node jobs from the adapter's queue until SIGINT or SIGTERM.
 
@@ -310,6 +321,8 @@ def worker(
     """
     if fleet.flows is None:
         _bad("a worker needs --flows MODULE:ATTR (or FLOWCRAFT_FLOWS)")
+    if processes > 1:
+        _supervise(fleet, processes, concurrency, grace, log_level)
     built, plugin, settings, runtime_options = _adapter(fleet, concurrency=concurrency)
     _configure_worker_logging(log_level, built)
     where = plugin.describe(settings)
@@ -339,6 +352,72 @@ def worker(
         "worker stopped: %s after %.1f s (exit %d)", summary, time.monotonic() - began, code
     )
     _exit_without_stuck_threads(code)
+
+
+def _supervise(
+    fleet: FleetTarget, processes: int, concurrency: int | None, grace: float, log_level: str
+) -> NoReturn:
+    """``--processes N``: N worker processes with this one's settings, passed through
+    the environment (never on a command line, where ``ps`` would show credentials).
+    SIGINT/SIGTERM are forwarded to each (a second one too); when one exits by itself,
+    the others are stopped. Exits with the highest exit status."""
+    try:
+        plugin = load_adapter(fleet.adapter or "")
+        given = _overrides(plugin, fleet.url, fleet.queue, fleet.options)
+        if concurrency is not None:
+            given["concurrency"] = concurrency
+        read_settings(plugin, given)  # bad settings fail here, once
+        load_flows(fleet.flows)
+    except FlowcraftError as exc:
+        _bad(str(exc))
+    _configure_worker_logging(log_level, None)
+    env = {
+        **os.environ,
+        "FLOWCRAFT_ADAPTER": plugin.name,
+        "FLOWCRAFT_FLOWS": fleet.flows or "",
+        **{plugin.env_var(key): str(value) for key, value in given.items()},
+    }
+    argv = [
+        sys.executable,
+        "-c",
+        "from flowcraft.cli import main; main(prog_name='flowcraft')",
+        "worker",
+        "--grace",
+        str(grace),
+        "--log-level",
+        log_level,
+    ]
+    children = [
+        subprocess.Popen(argv, env=env, start_new_session=True)  # noqa: S603 (our own argv)
+        for _ in range(processes)
+    ]
+    logger.info("supervising %d worker processes: %s", processes, [c.pid for c in children])
+    signals: list[int] = []
+
+    def forward(signum: int, _frame: object) -> None:
+        signals.append(signum)
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM if len(signals) == 1 else signal.SIGINT)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, forward)
+    codes: dict[int, int] = {}
+    while len(codes) < len(children):
+        for child in children:
+            code = child.poll()
+            if code is None or child.pid in codes:
+                continue
+            codes[child.pid] = code if code >= 0 else EXIT_FAILED
+            if not signals:
+                logger.warning(
+                    "worker process %d exited (%d); stopping the others", child.pid, code
+                )
+                forward(signal.SIGTERM, None)
+        time.sleep(0.1)
+    worst = max(codes.values())
+    logger.info("all %d worker processes stopped (exit %s)", processes, sorted(codes.values()))
+    raise SystemExit(worst)
 
 
 # --------------------------------------------------------------------------- run commands
