@@ -163,7 +163,9 @@ async def test_the_reconciler_finds_and_finishes_a_run_whose_job_was_lost(
     running = asyncio.ensure_future(worker.worker())
     try:
         assert (await worker.wait_for_result(done, 30)).status == "completed"
-        await asyncio.sleep(1.2)  # _ts has a resolution of one second
+        # _ts and the cutoff are whole seconds: a run written at 10.1 s is older than
+        # 1 s only from 12.0 s on.
+        await asyncio.sleep(2.1)
         assert await worker.find_stalled_runs(1.0, 10) == [lost]
         assert await worker.find_stalled_runs(60.0, 10) == []
     finally:
