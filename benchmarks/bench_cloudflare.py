@@ -148,7 +148,7 @@ async def measure(
         calls.update(s["calls"])
     span = max(finished.values()) - min(started.values())
     latencies = sorted((finished[r] - started[r]) * 1000 for r in run_ids)
-    run = calls["do"]
+    run = calls["do"] + calls["marks"]  # write-behind follow-up marks go to run objects too
     inbox = sum(v for k, v in calls.items() if k.startswith("inbox:"))
     queue = calls["enqueue"]
     return {
