@@ -145,8 +145,6 @@ class AzureAdapter(PullingAdapter[AzureMessage]):
         event_bus: EventBus | None = None,
         **options: Any,
     ) -> None:
-        if (coordination_store is None) == (redis_url is None):
-            raise ValueError("pass exactly one of redis_url= or coordination_store=")
         if (storage_connection_string is None) == (storage_account_url is None):
             raise ValueError(
                 "pass exactly one of storage_connection_string= or storage_account_url="
@@ -155,13 +153,9 @@ class AzureAdapter(PullingAdapter[AzureMessage]):
             raise ValueError("pass exactly one of cosmos_url= or cosmos_client=")
         if not 0 < poll_interval <= max_poll_interval:
             raise ValueError("need 0 < poll_interval <= max_poll_interval")
-        owned_store: RedisCoordinationStore | None = None
-        if coordination_store is None:
-            # The base adapter prefixes every key (key_prefix); the store adds none.
-            owned_store = RedisCoordinationStore(
-                url=redis_url, key_prefix="", **dict(redis_options or {})
-            )
-            coordination_store = owned_store
+        coordination_store, owned_store = RedisCoordinationStore.owned_or_given(
+            url=redis_url, given=coordination_store, options=redis_options
+        )
         super().__init__(
             runtime_options=runtime_options,
             coordination_store=coordination_store,
