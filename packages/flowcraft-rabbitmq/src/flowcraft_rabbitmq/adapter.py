@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import random
 from collections.abc import AsyncIterator, Mapping
 from ssl import SSLContext
 from typing import Any
@@ -55,6 +56,8 @@ from flowcraft_rabbitmq._store import PostgresRunStore
 from flowcraft_rabbitmq.context import PostgresContext
 
 __all__ = ["RabbitMQAdapter"]
+
+_JITTER = random.Random()
 
 DEFAULT_LEASE_SECONDS = 4.0
 """The activation lease: a killed worker's runs move again within about this long."""
@@ -261,11 +264,18 @@ class RabbitMQAdapter(BaseDistributedAdapter):
             return
         new_headers = _own_headers(headers)
         new_headers[HEADER_RETRIES] = retries
+        delay = settlement.delay_seconds
+        if counted:
+            # Jitter (half to one and a half times the delay, so two delay buckets):
+            # messages handed back together come back in a new order. Without it, two
+            # jobs bouncing between workers of two blueprint versions could lock into
+            # RabbitMQ's round-robin, each always reaching the worker that hands it
+            # back, until max_redeliveries dead-lettered them (seen: 1 run in 5 of a
+            # mixed-version fleet).
+            delay *= 0.5 + _JITTER.random()
         try:
             await self.broker.publish(
-                message.body,
-                headers=new_headers,
-                delay_ms=delay_bucket_ms(settlement.delay_seconds * 1000),
+                message.body, headers=new_headers, delay_ms=delay_bucket_ms(delay * 1000)
             )
         except Exception as publish_error:
             logger.warning("cannot schedule a redelivery (%r); requeueing", publish_error)
