@@ -31,7 +31,7 @@ from azure.core import MatchConditions
 from azure.cosmos.aio import ContainerProxy
 from azure.cosmos.exceptions import CosmosHttpResponseError
 
-from flowcraft.context import BaseAsyncContext, PatchOperation
+from flowcraft.context import BatchReadContext, PatchOperation
 from flowcraft.distributed import keys as K
 from flowcraft.errors import RetryJob, SerializationError, StateLimitError
 from flowcraft.serializer import JsonSerializer, Serializer, check_key, encode_value
@@ -400,7 +400,7 @@ def _storable(key: str) -> bool:
     return True
 
 
-class CosmosContext(BaseAsyncContext):
+class CosmosContext(BatchReadContext):
     """One run's context, in its ``state`` item of a :class:`CosmosRunStore`."""
 
     __slots__ = ("run_id", "store")
@@ -412,14 +412,8 @@ class CosmosContext(BaseAsyncContext):
     def __repr__(self) -> str:
         return f"{type(self).__name__}(run_id={self.run_id!r})"
 
-    async def get(self, key: str) -> Any:
-        return (await self.store.read(self.run_id, [key])).get(key)
-
     async def get_many(self, keys: Sequence[str]) -> dict[str, Any]:
         return await self.store.read(self.run_id, keys)
-
-    async def has(self, key: str) -> bool:
-        return key in await self.store.read(self.run_id, [key])
 
     async def to_dict(self) -> dict[str, Any]:
         return await self.store.read_all(self.run_id)

@@ -12,7 +12,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from flowcraft.context import BaseAsyncContext, Guard, PatchOperation, check_guard
+from flowcraft.context import BatchReadContext, Guard, PatchOperation, check_guard
 from flowcraft.errors import StateLimitError
 from flowcraft.serializer import JsonSerializer, Serializer, check_key, encode_value
 from flowcraft_cloudflare._client import WorkerClient, _TooLarge
@@ -70,7 +70,7 @@ class PendingOps:
         return taken
 
 
-class DurableObjectContext(BaseAsyncContext):
+class DurableObjectContext(BatchReadContext):
     """The context of ``run_id``: rows of its run object, read and patched in batches.
 
     Args:
@@ -122,12 +122,6 @@ class DurableObjectContext(BaseAsyncContext):
             ) from exc
         results: list[dict[str, Any]] = answer["results"]
         return results[len(riders) :]
-
-    async def get(self, key: str) -> Any:
-        return (await self.get_many([key])).get(key)
-
-    async def has(self, key: str) -> bool:
-        return key in await self.get_many([key])
 
     async def get_many(self, keys: Sequence[str]) -> dict[str, Any]:
         if not keys:

@@ -16,6 +16,7 @@ from typing import Any, Literal, Protocol, TypeAlias, runtime_checkable
 __all__ = [
     "AsyncContext",
     "BaseAsyncContext",
+    "BatchReadContext",
     "Context",
     "Guard",
     "InMemoryContext",
@@ -143,6 +144,20 @@ class BaseAsyncContext(ABC):
 
     async def has(self, key: str) -> bool:
         return await self.get(key) is not None
+
+
+class BatchReadContext(BaseAsyncContext):
+    """Base for stores whose natural read is a batch of keys: write ``get_many`` (one
+    round trip), ``patch`` and ``to_dict``; ``get`` and ``has`` read one key with it."""
+
+    @abstractmethod
+    async def get_many(self, keys: Sequence[str]) -> dict[str, Any]: ...
+
+    async def get(self, key: str) -> Any:
+        return (await self.get_many([key])).get(key)
+
+    async def has(self, key: str) -> bool:
+        return key in await self.get_many([key])
 
 
 class Context:

@@ -56,7 +56,7 @@ from google.cloud.firestore_v1.async_document import AsyncDocumentReference
 from google.cloud.firestore_v1.base_query import FieldFilter
 from google.cloud.firestore_v1.field_path import FieldPath
 
-from flowcraft.context import BaseAsyncContext, Guard, PatchOperation, check_guard, guard_holds
+from flowcraft.context import BatchReadContext, Guard, PatchOperation, check_guard, guard_holds
 from flowcraft.distributed import keys as K
 from flowcraft.errors import RetryJob, StateLimitError
 from flowcraft.serializer import JsonSerializer, Serializer, check_key, encode_value
@@ -219,7 +219,7 @@ class RunCollection:
         return _now() + dt.timedelta(seconds=self.state_ttl_seconds)
 
 
-class FirestoreContext(BaseAsyncContext):
+class FirestoreContext(BatchReadContext):
     """The state of run ``run_id`` in a :class:`RunCollection` (see the module docs)."""
 
     __slots__ = ("_local", "_snapshot", "run_id", "runs")
@@ -234,12 +234,6 @@ class FirestoreContext(BaseAsyncContext):
         return f"{type(self).__name__}(run_id={self.run_id!r}, collection={self.runs.collection!r})"
 
     # ------------------------------------------------------------ reads
-
-    async def get(self, key: str) -> Any:
-        return (await self.get_many([key])).get(key)
-
-    async def has(self, key: str) -> bool:
-        return key in await self.get_many([key])
 
     async def get_many(self, keys: Sequence[str]) -> dict[str, Any]:
         """The keys present among ``keys``: one partial read of just their fields."""
