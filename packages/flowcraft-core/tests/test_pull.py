@@ -272,7 +272,9 @@ async def test_a_message_delivered_too_often_is_dead_lettered() -> None:
     assert "delivered 6 times" in queue.dead[0].reason
 
 
-async def test_stop_returns_while_a_poll_is_waiting() -> None:
+async def test_stop_waits_out_a_short_poll_only() -> None:
+    """A poll of the queue's own short length (the toy's: 0.2 s) is let finish, so
+    nothing it took is left hidden; stop() still returns within it."""
     flow = Flow("one").node("a", lambda ctx: 1)
     adapter = _worker(ToyQueue(), flow)
     worker = asyncio.ensure_future(adapter.worker())
@@ -280,7 +282,7 @@ async def test_stop_returns_while_a_poll_is_waiting() -> None:
     started = time.monotonic()
     await adapter.aclose()
     await worker
-    assert time.monotonic() - started < 0.15
+    assert time.monotonic() - started < 1.0
 
 
 async def test_a_cancelled_worker_settles_nothing() -> None:

@@ -34,6 +34,7 @@ logger = logging.getLogger("flowcraft.distributed.pull")
 M = TypeVar("M")
 
 _RECEIVE_ERROR_PAUSE = 1.0
+_STOP_RECEIVE_GRACE = 2.0
 
 
 class PullingAdapter(BaseDistributedAdapter, Generic[M]):
@@ -159,7 +160,11 @@ class PullingAdapter(BaseDistributedAdapter, Generic[M]):
         receiving = asyncio.ensure_future(self.receive(free))
         await asyncio.wait({receiving, stopping}, return_when=asyncio.FIRST_COMPLETED)
         if not receiving.done():
-            receiving.cancel()
+            # A short poll is let finish (what the server handed out meanwhile goes back
+            # at once); a long one is cancelled, and its receive hands back what it took.
+            await asyncio.wait({receiving}, timeout=_STOP_RECEIVE_GRACE)
+            if not receiving.done():
+                receiving.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 late = await receiving
                 await self._release_all(late)
