@@ -72,3 +72,15 @@ def test_waiters_wake_their_run_only_and_all_on_demand() -> None:
     b.clear()
     waiters.wake("b")
     assert not b.is_set()
+
+
+async def test_a_lone_surrogate_in_the_initial_context_is_a_clear_error() -> None:
+    import pytest
+
+    from flowcraft import Flow, RuntimeOptions, SerializationError
+    from flowcraft.distributed.memory import InMemoryAdapter
+
+    flow = Flow("s").node("a", lambda ctx: 1)
+    adapter = InMemoryAdapter(runtime_options=RuntimeOptions.from_flows(flow))
+    with pytest.raises(SerializationError, match="initial context"):
+        await adapter.start_run("s", {"k": "x\udc00y"})

@@ -306,6 +306,7 @@ def _fingerprint(blueprint: WorkflowBlueprint, initial: Mapping[str, Any]) -> st
             ensure_ascii=False,
             allow_nan=False,
         )
-    except (TypeError, ValueError) as exc:
+        data = text.encode()
+    except (TypeError, ValueError) as exc:  # UnicodeEncodeError: a lone surrogate
         raise SerializationError(f"initial context is not JSON-serializable: {exc}") from exc
-    return hashlib.sha256(text.encode()).hexdigest()
+    return hashlib.sha256(data).hexdigest()
