@@ -188,15 +188,6 @@ class CloudflareAdapter(PullingAdapter[InboxMessage]):
         ctx = self.run_context(run_id)
         await ctx.batch([{"op": "result_put", "value": self.serializer.dumps(stored)}])
 
-    async def get_final_result(self, run_id: str) -> FinalResult | None:
-        """The published result only. The base's fallback republishes from the state
-        when the final *claim* exists but no result does, which also happens in the
-        moment between a finalizer's claim and its publication: its republication
-        (errors not yet recorded) then wins the insert-if-absent and the real one is
-        lost. Here the result lives in the run's object beside the state and expires
-        with it, so there is nothing for a fallback to repair."""
-        return await self.read_final_result(run_id)
-
     async def read_final_result(self, run_id: str) -> FinalResult | None:
         """The published result: one call to the run object."""
         (answer,) = await self.run_context(run_id).batch([{"op": "result_get"}])
