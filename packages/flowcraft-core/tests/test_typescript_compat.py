@@ -269,3 +269,32 @@ async def test_all_join_with_one_transformed_edge_still_gathers_every_input() ->
     )
     result = await FlowRuntime().run(flow)
     assert result.output("j") == {"b": 20, "c": 3}
+
+
+async def test_the_distributed_path_emits_the_same_commit_events() -> None:
+    """``context:change`` per committed write and ``edge:evaluate`` per condition, as in
+    memory (issue 18 item 9), from a worker of the distributed protocol."""
+    from flowcraft import CollectingEventBus, Flow, NodeContext
+
+    async def write(ctx: NodeContext) -> int:
+        await ctx.context.set("seen", True)
+        return 5
+
+    flow = (
+        Flow("events")
+        .node("a", write)
+        .node("big", lambda c: "big")
+        .node("small", lambda c: "small")
+        .edge("a", "big", condition="result.output > 3")
+        .edge("a", "small", condition="result.output <= 3")
+    )
+    bus = CollectingEventBus()
+    adapter = InMemoryAdapter(runtime_options=RuntimeOptions.from_flows(flow), event_bus=bus)
+    run_id = await adapter.start_run("events")
+    await adapter.run_until_idle(10)
+    result = await adapter.wait_for_result(run_id, 5)
+    assert result.status == "completed"
+    changes = [e.data for e in bus.events if e.type == "context:change" and e.node_id == "a"]
+    assert changes == [{"key": "seen", "op": "set", "value": True, "sourceNode": "a"}]
+    edges = {(e.data["target"], e.data["result"]) for e in bus.events if e.type == "edge:evaluate"}
+    assert edges == {("big", True), ("small", False)}

@@ -496,7 +496,7 @@ class FlowRuntime:
         else:
             evaluated: list[tuple[Edge, bool]] = []
             ready = self._commit(run, act, result, deltas, evaluated)
-            await self._emit_commit(run.run_id, node_id, deltas, evaluated)
+            await self.emit_commit(run.run_id, node_id, deltas, evaluated)
         if bus is not None:
             await emit(
                 bus,
@@ -513,15 +513,18 @@ class FlowRuntime:
             )
         return ready
 
-    async def _emit_commit(
+    async def emit_commit(
         self,
         run_id: str,
         node_id: str,
         deltas: list[PatchOperation],
         evaluated: list[tuple[Edge, bool]],
+        *,
+        bus: EventBus | None = None,
     ) -> None:
-        """``context:change`` per committed write, ``edge:evaluate`` per condition."""
-        bus = self.event_bus
+        """``context:change`` per committed write, ``edge:evaluate`` per condition (on
+        ``bus``, by default this runtime's; a distributed adapter passes its own)."""
+        bus = bus if bus is not None else self.event_bus
         for op in deltas:
             await emit(
                 bus,

@@ -55,9 +55,10 @@ class Resolution(_AdapterCore):
         ops = list(deltas)
         ops.extend(protocol_ops)
         chosen: list[Edge] = []
+        evaluated: list[tuple[Edge, bool]] | None = [] if self.event_bus is not None else None
         if result is not None:
             scope = await self._scope(job, result, deltas)
-            chosen = route(analysis, node_id, result, scope, self.runtime.evaluator)
+            chosen = route(analysis, node_id, result, scope, self.runtime.evaluator, evaluated)
             handed = {e.index: self._handover(analysis, e, result.output, scope) for e in chosen}
             ops.append(PatchOperation("set", K.output(node_id), result.output))
         else:
@@ -86,6 +87,10 @@ class Resolution(_AdapterCore):
         if on_commit is not None:
             await on_commit()
         if self.event_bus is not None:
+            # The same events as in memory: each committed write, each edge condition.
+            await self.runtime.emit_commit(
+                job.run_id, node_id, list(deltas), evaluated or [], bus=self.event_bus
+            )
             event = "node:skipped" if result is None else "node:finish"
             await emit(
                 self.event_bus, FlowEvent(event, job.run_id, node_id, {"activation": generation})
