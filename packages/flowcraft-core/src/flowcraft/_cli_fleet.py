@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -108,14 +109,16 @@ def load_flows(spec: str | None) -> RuntimeOptions:
 
 
 def _adapter(
-    fleet: FleetTarget, **extra: Any
+    fleet: FleetTarget,
+    prepare: Callable[[RuntimeOptions], RuntimeOptions] = lambda options: options,
+    **extra: Any,
 ) -> tuple[BaseDistributedAdapter, AdapterPlugin[Any], AdapterSettings, RuntimeOptions]:
     adapter = fleet.adapter or ""
     try:
         plugin = load_adapter(adapter)
         given = _overrides(plugin, fleet.url, fleet.queue, fleet.options)
         given.update({k: v for k, v in extra.items() if v is not None})
-        runtime_options = load_flows(fleet.flows)
+        runtime_options = prepare(load_flows(fleet.flows))
         settings = read_settings(plugin, given)
         built = plugin.build(settings, runtime_options)
     except FlowcraftError as exc:
@@ -297,6 +300,13 @@ def _blueprints_line(runtime_options: RuntimeOptions) -> str:
     envvar="FLOWCRAFT_LOG_LEVEL",
 )
 @click.option(
+    "--telemetry",
+    is_flag=True,
+    envvar="FLOWCRAFT_TELEMETRY",
+    help="OpenTelemetry spans per node job and metrics (needs flowcraft-core[otel] and "
+    "an SDK configured, e.g. by opentelemetry-instrument).",
+)
+@click.option(
     "--processes",
     type=click.IntRange(min=1),
     default=1,
@@ -308,6 +318,7 @@ def worker(
     concurrency: int | None,
     grace: float,
     log_level: str,
+    telemetry: bool,
     processes: int,
 ) -> None:
     """Run a worker: take node jobs from the adapter's queue until SIGINT or SIGTERM.
@@ -322,8 +333,26 @@ def worker(
     if fleet.flows is None:
         _bad("a worker needs --flows MODULE:ATTR (or FLOWCRAFT_FLOWS)")
     if processes > 1:
-        _supervise(fleet, processes, concurrency, grace, log_level)
-    built, plugin, settings, runtime_options = _adapter(fleet, concurrency=concurrency)
+        _supervise(fleet, processes, concurrency, grace, log_level, telemetry)
+    if telemetry:
+        try:
+            import flowcraft.telemetry  # noqa: F401
+        except ImportError:
+            _bad("--telemetry needs OpenTelemetry: pip install 'flowcraft-core[otel]'")
+    buses: list[Any] = []
+
+    def prepare(options: RuntimeOptions) -> RuntimeOptions:
+        if not telemetry:
+            return options
+        from flowcraft.telemetry import Telemetry
+
+        buses.append(Telemetry(options.event_bus, adapter=fleet.adapter or ""))
+        return dataclasses.replace(options, event_bus=buses[0])
+
+    built, plugin, settings, runtime_options = _adapter(fleet, prepare, concurrency=concurrency)
+    for bus in buses:
+        bus.attributes["flowcraft.worker"] = built.worker_id
+        bus.instrument(built)
     _configure_worker_logging(log_level, built)
     where = plugin.describe(settings)
     facts = {
@@ -355,7 +384,12 @@ def worker(
 
 
 def _supervise(
-    fleet: FleetTarget, processes: int, concurrency: int | None, grace: float, log_level: str
+    fleet: FleetTarget,
+    processes: int,
+    concurrency: int | None,
+    grace: float,
+    log_level: str,
+    telemetry: bool,
 ) -> NoReturn:
     """``--processes N``: N worker processes with this one's settings, passed through
     the environment (never on a command line, where ``ps`` would show credentials).
@@ -386,6 +420,7 @@ def _supervise(
         str(grace),
         "--log-level",
         log_level,
+        *(["--telemetry"] if telemetry else []),
     ]
     children = [
         subprocess.Popen(argv, env=env, start_new_session=True)  # noqa: S603 (our own argv)
