@@ -75,14 +75,9 @@ class AutoPipelineRedis(Redis):
         name = name.decode() if isinstance(name, bytes) else str(name)
         if self.single_connection_client or name.split(" ", 1)[0].upper() in _DIRECT:
             return await super().execute_command(*args, **options)  # type: ignore[no-untyped-call]
-        # Each caller's arguments are encoded here, before they join a batch: an
-        # argument that cannot be encoded (a str that is not valid Unicode) fails
-        # only this caller, never the other commands packed with it.
-        encoder = self.get_encoder()  # type: ignore[no-untyped-call]
-        encoded = (args[0], *map(encoder.encode, args[1:]))
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
-        self._pending.append((encoded, options, future))
+        self._pending.append((args, options, future))
         if not self._flush_scheduled:
             self._flush_scheduled = True
             loop.call_soon(self._flush)
@@ -130,7 +125,11 @@ class AutoPipelineRedis(Redis):
         batch: list[tuple[tuple[Any, ...], dict[str, Any], asyncio.Future[Any]]],
     ) -> list[Any]:
         """Write the batch, read every reply (a command's error reply is its result)."""
-        await conn.send_packed_command(conn.pack_commands([args for args, _, _ in batch]))
+        try:
+            packed = conn.pack_commands([args for args, _, _ in batch])
+        except Exception:
+            packed = _pack_each(conn, batch)
+        await conn.send_packed_command(packed)
         results: list[Any] = []
         try:
             async with asyncio.timeout(conn.socket_timeout):
@@ -160,6 +159,27 @@ class AutoPipelineRedis(Redis):
         if self._senders:
             await asyncio.gather(*list(self._senders), return_exceptions=True)
         await super().aclose(close_connection_pool)
+
+
+def _pack_each(
+    conn: AbstractConnection,
+    batch: list[tuple[tuple[Any, ...], dict[str, Any], asyncio.Future[Any]]],
+) -> list[bytes]:
+    """The batch packed command by command, after packing it whole failed: a command
+    whose arguments cannot be encoded (a str that is not valid Unicode, a None) fails
+    its own caller only and leaves the batch, which the others still form."""
+    packed: list[bytes] = []
+    kept = []
+    for item in batch:
+        try:
+            packed += conn.pack_command(*item[0])
+        except Exception as exc:
+            if not item[2].done():
+                item[2].set_exception(exc)
+            continue
+        kept.append(item)
+    batch[:] = kept
+    return packed
 
 
 class _Lost(RedisConnectionError):
