@@ -1,6 +1,7 @@
 """``flowcraft worker --adapter sqs`` on moto: a run started from the CLI completes, and
-SIGTERM stops an idle worker at once (exit 0) although its long poll (20 s) is still
-in flight: the poll is abandoned, not waited for."""
+SIGTERM stops an idle worker promptly (exit 0) although its long poll (20 s) is still
+in flight: the poll gets the base's short grace, then is abandoned, and the process
+does not wait for the thread still blocked in it."""
 
 from __future__ import annotations
 
