@@ -26,12 +26,15 @@ except ImportError:  # the [hiredis] extra is not installed
 __all__ = ["with_c_packing"]
 
 _UTF8 = frozenset({"utf-8", "utf8"})
+# hiredis encodes text as strict UTF-8: the same bytes as these error handlers give
+# for any valid text; a str only they could encode (a lone surrogate) falls back.
+_ERRORS = frozenset({"strict", "surrogateescape"})
 
 
 class _CPacking(AbstractConnection):
     def pack_command(self, *args: Any) -> list[bytes]:
         encoder = self.encoder
-        if encoder.encoding.lower() not in _UTF8 or encoder.encoding_errors != "strict":
+        if encoder.encoding.lower() not in _UTF8 or encoder.encoding_errors not in _ERRORS:
             return super().pack_command(*args)
         first = args[0]
         if isinstance(first, str):
@@ -40,7 +43,7 @@ class _CPacking(AbstractConnection):
             args = (*first.split(), *args[1:])
         try:
             return [hiredis.pack_command(args)]  # type: ignore[union-attr]
-        except TypeError:
+        except (TypeError, UnicodeEncodeError):
             return super().pack_command(*args)
 
 
