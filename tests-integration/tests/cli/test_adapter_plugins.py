@@ -12,7 +12,9 @@ from flowcraft.runtime import RuntimeOptions
 OPTIONS = RuntimeOptions.from_flows(Flow("one").node("a", lambda ctx: 1))
 
 
-@pytest.mark.parametrize("name", ["bullmq", "rabbitmq", "sqs", "gcp", "kafka", "azure"])
+@pytest.mark.parametrize(
+    "name", ["bullmq", "rabbitmq", "sqs", "gcp", "kafka", "azure", "cloudflare"]
+)
 def test_installed_adapters_are_found_by_name(name: str) -> None:
     assert name in available_adapters()
     plugin = load_adapter(name)
@@ -58,12 +60,14 @@ def test_gcp_requires_redis(monkeypatch: pytest.MonkeyPatch) -> None:
         read_settings(load_adapter("gcp"))
 
 
-async def test_kafka_and_azure_are_built_from_the_environment(
+async def test_kafka_cloudflare_and_azure_are_built_from_the_environment(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     secret = "s3cr3t-v4lue"
     monkeypatch.setenv("FLOWCRAFT_KAFKA_REDIS_URL", f"redis://:{secret}@127.0.0.1:1/0")
     monkeypatch.setenv("FLOWCRAFT_KAFKA_KAFKA_CONFIG", f'{{"sasl.password": "{secret}"}}')
+    monkeypatch.setenv("FLOWCRAFT_CLOUDFLARE_URL", "http://127.0.0.1:1")
+    monkeypatch.setenv("FLOWCRAFT_CLOUDFLARE_SECRET", secret)
     monkeypatch.setenv(
         "FLOWCRAFT_AZURE_STORAGE_CONNECTION_STRING",
         f"DefaultEndpointsProtocol=http;AccountName=dev;AccountKey={AZURE_KEY};"
@@ -72,7 +76,7 @@ async def test_kafka_and_azure_are_built_from_the_environment(
     monkeypatch.setenv("FLOWCRAFT_AZURE_COSMOS_URL", "https://127.0.0.1:2")
     monkeypatch.setenv("FLOWCRAFT_AZURE_COSMOS_KEY", AZURE_KEY)
     monkeypatch.setenv("FLOWCRAFT_AZURE_REDIS_URL", "redis://127.0.0.1:1/0")
-    for name in ("kafka", "azure"):
+    for name in ("kafka", "cloudflare", "azure"):
         adapter, plugin, settings = build_adapter(name, OPTIONS, {"concurrency": "3"})
         try:
             assert adapter.concurrency == 3  # type: ignore[attr-defined]
