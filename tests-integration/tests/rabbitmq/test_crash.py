@@ -99,7 +99,8 @@ async def check_exactly_once(settings: Settings, client: RabbitMQAdapter, runs: 
     assert len(rows) == len(runs)
     for row in rows:
         assert row["published"], row["run_id"]
-        state = json.loads(row["state"])
+        # Each key holds its value's exact JSON text (schema version 2).
+        state = {k: json.loads(v) for k, v in json.loads(row["state"]).items()}
         resolved = {n: state.get(f"_flowcraft.n.{n}") for n in NODES}
         assert set(resolved.values()) == {1}, (row["run_id"], resolved)
         assert state["_flowcraft.status"]["status"] == "completed"

@@ -153,17 +153,15 @@ class AzureAdapter(PullingAdapter[AzureMessage]):
             raise ValueError("pass exactly one of cosmos_url= or cosmos_client=")
         if not 0 < poll_interval <= max_poll_interval:
             raise ValueError("need 0 < poll_interval <= max_poll_interval")
-        coordination_store, owned_store = RedisCoordinationStore.owned_or_given(
-            url=redis_url, given=coordination_store, options=redis_options
-        )
         super().__init__(
             runtime_options=runtime_options,
             coordination_store=coordination_store,
+            redis_url=redis_url,
+            redis_options=redis_options,
             event_bus=event_bus,
             max_deliveries=max_deliveries,
             **options,
         )
-        self._owned_store = owned_store
         self.queue_name = queue_name
         self.poll_interval = poll_interval
         self.max_poll_interval = max_poll_interval
@@ -210,9 +208,9 @@ class AzureAdapter(PullingAdapter[AzureMessage]):
             ready=self.connect,
         )
         self._redis_results: RedisResults | None = None
-        if isinstance(coordination_store, RedisCoordinationStore):
+        if isinstance(self.coordination_store, RedisCoordinationStore):
             self.results = self._redis_results = RedisResults(
-                coordination_store.client,
+                self.coordination_store.client,
                 key_prefix=self.key_prefix,
                 ttl_seconds=self.state_ttl_seconds,
             )
@@ -276,8 +274,6 @@ class AzureAdapter(PullingAdapter[AzureMessage]):
         await self.queue.poison.close()
         if self._owns_cosmos:
             await self.cosmos.close()
-        if self._owned_store is not None:
-            await self._owned_store.aclose()
 
     # ------------------------------------------------------------ the seed's primitives
 

@@ -30,7 +30,6 @@ from typing import TYPE_CHECKING, Any
 from google.pubsub_v1.types import ReceivedMessage
 
 from flowcraft.distributed.adapter import FinalResult
-from flowcraft.distributed.coordination import CoordinationStore
 from flowcraft.distributed.delivery import DeadLetter
 from flowcraft.distributed.payload import JobPayload
 from flowcraft.distributed.pull import PullingAdapter
@@ -113,27 +112,18 @@ class GcpAdapter(PullingAdapter[ReceivedMessage]):
         event_bus: EventBus | None = None,
         **options: Any,
     ) -> None:
-        if (coordination_store is None) == (redis_url is None):
-            raise ValueError("pass exactly one of redis_url= or coordination_store=")
         if clients is not None and (project or credentials or firestore_options or pubsub_options):
             raise ValueError("pass clients= or the settings to create them, not both")
-        owned_store: RedisCoordinationStore | None = None
-        if coordination_store is None:
-            # The base adapter prefixes every key (key_prefix); the store adds none.
-            owned_store = RedisCoordinationStore(
-                url=redis_url, key_prefix="", **dict(redis_options or {})
-            )
-            coordination_store = owned_store
-        store: CoordinationStore = coordination_store
         super().__init__(
             runtime_options=runtime_options,
-            coordination_store=store,
+            coordination_store=coordination_store,
+            redis_url=redis_url,
+            redis_options=redis_options,
             event_bus=event_bus,
             concurrency=concurrency,
             visibility_seconds=float(ack_deadline_seconds),
             **options,
         )
-        self._owned_store = owned_store
         self._owns_clients = clients is None
         self.clients = clients or GcpClients(
             project,
@@ -158,7 +148,9 @@ class GcpAdapter(PullingAdapter[ReceivedMessage]):
         )
         if not create_topology:
             self.queue.assume_created()
-        self.redis = coordination_store.client
+        store = self.coordination_store
+        assert isinstance(store, RedisCoordinationStore)  # given as one, or made from redis_url
+        self.redis = store.client
         """The Redis client of coordination and results (keys under ``key_prefix``)."""
         self._results = RedisResults(
             self.redis,
@@ -241,7 +233,5 @@ class GcpAdapter(PullingAdapter[ReceivedMessage]):
         """Close the result listener and what this adapter created (shared clients and
         a given coordination store stay open)."""
         await self._results.aclose()
-        if self._owned_store is not None:
-            await self._owned_store.aclose()
         if self._owns_clients:
             await self.clients.aclose()

@@ -42,7 +42,6 @@ from flowcraft.distributed import (
     Settlement,
 )
 from flowcraft.distributed.coordination import CoordinationStore
-from flowcraft.distributed.redis import RedisCoordinationStore
 from flowcraft.events import EventBus
 from flowcraft.runtime import RuntimeOptions
 from flowcraft_rabbitmq._broker import Broker
@@ -152,16 +151,14 @@ class RabbitMQAdapter(BaseDistributedAdapter):
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
-        coordination_store, owned_store = RedisCoordinationStore.owned_or_given(
-            url=redis_url, given=coordination_store, options=redis_options
-        )
         super().__init__(
             runtime_options=runtime_options,
             coordination_store=coordination_store,
+            redis_url=redis_url,
+            redis_options=redis_options,
             event_bus=event_bus,
             **{"stalled_after_seconds": 60.0, "lease_seconds": DEFAULT_LEASE_SECONDS, **options},
         )
-        self._owned_store = owned_store
         self.concurrency = concurrency
         self.max_redeliveries = max_redeliveries
         self.broker = Broker(
@@ -371,5 +368,3 @@ class RabbitMQAdapter(BaseDistributedAdapter):
         """Close what this adapter opened (a given connection, pool or store stays open)."""
         await self.broker.aclose()
         await self.store.aclose()
-        if self._owned_store is not None:
-            await self._owned_store.aclose()

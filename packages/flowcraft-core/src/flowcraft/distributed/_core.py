@@ -17,6 +17,7 @@ from flowcraft.context import AsyncContext
 from flowcraft.distributed import keys as K
 from flowcraft.distributed.coordination import CoordinationStore
 from flowcraft.distributed.payload import JobPayload
+from flowcraft.distributed.redis import RedisCoordinationStore
 from flowcraft.distributed.results import FinalResult, ResultStore, ResultWatch
 from flowcraft.events import EventBus, FlowEvent, emit
 from flowcraft.runtime import FlowRuntime, RuntimeOptions
@@ -41,7 +42,9 @@ class _AdapterCore(ABC):
         self,
         *,
         runtime_options: RuntimeOptions,
-        coordination_store: CoordinationStore,
+        coordination_store: CoordinationStore | None = None,
+        redis_url: str | None = None,
+        redis_options: Mapping[str, Any] | None = None,
         event_bus: EventBus | None = None,
         key_prefix: str = "flowcraft:",
         state_ttl_seconds: float = 7 * 24 * 3600,
@@ -57,7 +60,10 @@ class _AdapterCore(ABC):
             raise ValueError(f"retry_mode must be 'in-process' or 'queue', not {retry_mode!r}")
         self.retry_mode: RetryMode = retry_mode
         self.runtime = FlowRuntime(runtime_options)
-        self.coordination_store = coordination_store
+        # A store given is the caller's; one made from ``redis_url`` is closed by aclose().
+        self.coordination_store, self._owned_store = RedisCoordinationStore.owned_or_given(
+            url=redis_url, given=coordination_store, options=redis_options
+        )
         self.event_bus = event_bus if event_bus is not None else runtime_options.event_bus
         self.key_prefix = key_prefix
         self.state_ttl_seconds = state_ttl_seconds

@@ -62,6 +62,8 @@ class WorkerLifecycle(_AdapterCore):
         await self.stop()
         await self._idle.wait()
         await self.close()
+        if self._owned_store is not None:
+            await self._owned_store.aclose()
 
     async def close(self) -> None:
         """Close what the adapter opened (clients, connections, listeners). Override;
