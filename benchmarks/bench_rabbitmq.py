@@ -141,7 +141,7 @@ async def measure(
         await until(all_finished)
         rows = await pool.fetch(
             "SELECT extract(epoch FROM created_at)::float8 AS s, "
-            "extract(epoch FROM finished_at)::float8 AS e, result->>'status' AS st "
+            "extract(epoch FROM finished_at)::float8 AS e, result::jsonb->>'status' AS st "
             f"FROM {runs_table}"
         )
         bad = [r["st"] for r in rows if r["st"] != "completed"]
