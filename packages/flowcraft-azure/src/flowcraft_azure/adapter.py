@@ -45,13 +45,11 @@ from azure.cosmos.aio import CosmosClient
 from azure.storage.queue.aio import QueueClient
 
 from flowcraft.distributed.adapter import FinalResult
-from flowcraft.distributed.coordination import CoordinationStore
 from flowcraft.distributed.delivery import DeadLetter
 from flowcraft.distributed.payload import JobPayload
 from flowcraft.distributed.pull import PullingAdapter
 from flowcraft.distributed.redis import RedisCoordinationStore, RedisResults
 from flowcraft.errors import FlowcraftError
-from flowcraft.events import EventBus
 from flowcraft.runtime import RuntimeOptions
 from flowcraft.serializer import JsonSerializer
 from flowcraft_azure._cosmos import PARTITION_KEY_PATH
@@ -133,16 +131,12 @@ class AzureAdapter(PullingAdapter[AzureMessage]):
         database: str = "flowcraft",
         container: str = "runs",
         require_strong_consistency: bool = True,
-        redis_url: str | None = None,
-        redis_options: Mapping[str, Any] | None = None,
-        coordination_store: CoordinationStore | None = None,
         poll_interval: float = 0.05,
         max_poll_interval: float = 1.0,
         poll_window: float = 2.0,
         max_state_bytes: int = DEFAULT_MAX_STATE_BYTES,
         max_deliveries: int | None = 50,
         trust_env: bool = True,
-        event_bus: EventBus | None = None,
         **options: Any,
     ) -> None:
         if (storage_connection_string is None) == (storage_account_url is None):
@@ -155,10 +149,6 @@ class AzureAdapter(PullingAdapter[AzureMessage]):
             raise ValueError("need 0 < poll_interval <= max_poll_interval")
         super().__init__(
             runtime_options=runtime_options,
-            coordination_store=coordination_store,
-            redis_url=redis_url,
-            redis_options=redis_options,
-            event_bus=event_bus,
             max_deliveries=max_deliveries,
             **options,
         )

@@ -34,7 +34,6 @@ from flowcraft.distributed.delivery import DeadLetter
 from flowcraft.distributed.payload import JobPayload
 from flowcraft.distributed.pull import PullingAdapter
 from flowcraft.distributed.redis import RedisCoordinationStore, RedisResults
-from flowcraft.events import EventBus
 from flowcraft.runtime import RuntimeOptions
 from flowcraft.serializer import JsonSerializer
 from flowcraft_gcp._clients import GcpClients
@@ -97,9 +96,6 @@ class GcpAdapter(PullingAdapter[ReceivedMessage]):
         firestore_database: str | None = None,
         firestore_options: Mapping[str, Any] | None = None,
         pubsub_options: Mapping[str, Any] | None = None,
-        redis_url: str | None = None,
-        redis_options: Mapping[str, Any] | None = None,
-        coordination_store: RedisCoordinationStore | None = None,
         topic: str = "flowcraft-jobs",
         queue_names: QueueNames | None = None,
         collection: str = "flowcraft_runs",
@@ -109,17 +105,12 @@ class GcpAdapter(PullingAdapter[ReceivedMessage]):
         pull_timeout_seconds: float = 2.0,
         max_state_bytes: int = DEFAULT_MAX_STATE_BYTES,
         concurrency: int = 10,
-        event_bus: EventBus | None = None,
         **options: Any,
     ) -> None:
         if clients is not None and (project or credentials or firestore_options or pubsub_options):
             raise ValueError("pass clients= or the settings to create them, not both")
         super().__init__(
             runtime_options=runtime_options,
-            coordination_store=coordination_store,
-            redis_url=redis_url,
-            redis_options=redis_options,
-            event_bus=event_bus,
             concurrency=concurrency,
             visibility_seconds=float(ack_deadline_seconds),
             **options,

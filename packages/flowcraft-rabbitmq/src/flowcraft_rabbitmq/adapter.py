@@ -41,8 +41,6 @@ from flowcraft.distributed import (
     ResultWatch,
     Settlement,
 )
-from flowcraft.distributed.coordination import CoordinationStore
-from flowcraft.events import EventBus
 from flowcraft.runtime import RuntimeOptions
 from flowcraft_rabbitmq._broker import Broker
 from flowcraft_rabbitmq._settings import (
@@ -136,9 +134,6 @@ class RabbitMQAdapter(BaseDistributedAdapter):
         postgres_dsn: str | None = None,
         postgres_pool: Any = None,
         postgres_options: Mapping[str, Any] | None = None,
-        redis_url: str | None = None,
-        redis_options: Mapping[str, Any] | None = None,
-        coordination_store: CoordinationStore | None = None,
         queue_name: str = "flowcraft-jobs",
         table: str = "flowcraft_runs",
         schema: str | None = None,
@@ -146,17 +141,12 @@ class RabbitMQAdapter(BaseDistributedAdapter):
         max_redeliveries: int | None = 50,
         publish_timeout: float = 60.0,
         reconnect_interval: float = 1.0,
-        event_bus: EventBus | None = None,
         **options: Any,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
         super().__init__(
             runtime_options=runtime_options,
-            coordination_store=coordination_store,
-            redis_url=redis_url,
-            redis_options=redis_options,
-            event_bus=event_bus,
             **{"stalled_after_seconds": 60.0, "lease_seconds": DEFAULT_LEASE_SECONDS, **options},
         )
         self.concurrency = concurrency
