@@ -308,8 +308,8 @@ async def check_version_skew(make: AdapterMaker, *, runs: int = 10) -> None:
                 assert result.status == "completed", (version, result.errors)
                 expected = "".join(f"{n}{version}" for n in nodes)
                 assert result.context[f"_outputs.{nodes[-1]}"] == expected
-                ran = {(n, v): c for (r, n, v), c in executions.items() if r == run_id}
-                assert ran == {(n, version): 1 for n in nodes}, (run_id, ran)
+                per_node = {(n, v): c for (r, n, v), c in executions.items() if r == run_id}
+                assert per_node == {(n, version): 1 for n in nodes}, (run_id, per_node)
         assert [t for t in tasks if t.done()] == [], "a worker died"
         assert await client_v2.dead_letters() == []
     finally:
