@@ -62,7 +62,11 @@ class JobHandling(Resolution):
     async def handle_job(self, job: JobPayload) -> None:
         """Process one job. Returns normally when the job is done with (ack); raises
         ``RetryJob``/``VersionMismatchError`` to hand it back and bad-input errors to
-        dead-letter it (see ``job_disposition``)."""
+        dead-letter it (see ``job_disposition``). Runs inside ``job_scope(job)``."""
+        async with self.job_scope(job):
+            await self._handle_reporting(job)
+
+    async def _handle_reporting(self, job: JobPayload) -> None:
         try:
             await self._handle(job)
         except (RetryJob, VersionMismatchError) as exc:
