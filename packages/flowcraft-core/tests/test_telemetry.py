@@ -20,7 +20,6 @@ from flowcraft.distributed.memory import InMemoryAdapter, InMemoryBroker
 from flowcraft.runtime import RuntimeOptions
 from flowcraft.telemetry import Telemetry, run_trace_context
 
-
 _SEED_FIELDS = ("runId", "blueprintId", "nodeId", "attempt", "isLastAttempt")
 
 
