@@ -58,7 +58,7 @@ from flowcraft_azure.context import DEFAULT_MAX_STATE_BYTES, CosmosContext, Cosm
 
 __all__ = ["AzureAdapter", "ConsistencyError"]
 
-logger = logging.getLogger("flowcraft_azure")
+logger = logging.getLogger("flowcraft.azure")
 
 POISON_SUFFIX = "-poison"
 

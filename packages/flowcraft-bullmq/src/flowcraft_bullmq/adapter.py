@@ -56,7 +56,7 @@ if TYPE_CHECKING:
 
 __all__ = ["BullMQAdapter"]
 
-logger = logging.getLogger("flowcraft_bullmq")
+logger = logging.getLogger("flowcraft.bullmq")
 
 _MARK_FLUSH_DELAY = 0.05
 

@@ -49,7 +49,7 @@ from flowcraft_rabbitmq._settings import SqlNames
 
 __all__ = ["SCHEMA_VERSION", "PostgresRunStore"]
 
-logger = logging.getLogger("flowcraft_rabbitmq.store")
+logger = logging.getLogger("flowcraft.rabbitmq.store")
 
 READ_RETRY_SECONDS = 60.0
 """How long a read keeps trying while PostgreSQL is unreachable (a restart, a failover)."""

@@ -59,7 +59,7 @@ _JITTER = random.Random()
 DEFAULT_LEASE_SECONDS = 4.0
 """The activation lease: a killed worker's runs move again within about this long."""
 
-logger = logging.getLogger("flowcraft_rabbitmq")
+logger = logging.getLogger("flowcraft.rabbitmq")
 
 _MAX_ERROR_CHARS = 2000
 
