@@ -55,6 +55,7 @@ from flowcraft_sqs._messages import (
     retrieve,
     string_attribute,
 )
+from flowcraft_sqs._operations import Operations
 from flowcraft_sqs._setup import ACTIVE_RUNS_INDEX
 from flowcraft_sqs.context import DEFAULT_MAX_STATE_BYTES, DynamoDbContext, RunTable
 from flowcraft_sqs.coordination import DynamoDbCoordinationStore
@@ -72,7 +73,7 @@ Message = dict[str, Any]
 MessageGroup = Literal["run", "node"]
 
 
-class SqsAdapter(PullingAdapter[Message]):
+class SqsAdapter(Operations, PullingAdapter[Message]):
     """A flowcraft worker (and operator client) on SQS and DynamoDB.
 
     Args:
