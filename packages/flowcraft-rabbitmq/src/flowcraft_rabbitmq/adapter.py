@@ -43,6 +43,7 @@ from flowcraft.distributed import (
 )
 from flowcraft.runtime import RuntimeOptions
 from flowcraft_rabbitmq._broker import Broker
+from flowcraft_rabbitmq._operations import Operations
 from flowcraft_rabbitmq._settings import (
     HEADER_ERROR,
     HEADER_RETRIES,
@@ -80,7 +81,7 @@ def _shorten(text: str) -> str:
     return text if len(text) <= _MAX_ERROR_CHARS else text[: _MAX_ERROR_CHARS - 3] + "..."
 
 
-class RabbitMQAdapter(BaseDistributedAdapter):
+class RabbitMQAdapter(Operations, BaseDistributedAdapter):
     """A flowcraft worker (and client) on RabbitMQ, PostgreSQL and Redis.
 
     Args:
