@@ -13,10 +13,10 @@ from flowcraft import (
     WorkflowBlueprint,
     blueprint_json_schema,
 )
-from flowcraft.blueprint import UNCHECKED_REFERENCES, SourceLocation
 from flowcraft._analysis import analyse
+from flowcraft.blueprint import UNCHECKED_REFERENCES, SourceLocation
 
-# Written in the TypeScript flowcraft's JSON form (camelCase, ms durations, extra keys).
+# Written in the TypeScript flowcraft's JSON form (camelCase, ms durations, free-form metadata).
 TS_BLUEPRINT = {
     "id": "doc-pipeline",
     "metadata": {"version": "2", "owner": "docs-team"},
