@@ -37,6 +37,7 @@ from flowcraft.distributed.redis import RedisCoordinationStore, RedisResults
 from flowcraft.runtime import RuntimeOptions
 from flowcraft.serializer import JsonSerializer
 from flowcraft_gcp._clients import GcpClients
+from flowcraft_gcp._operations import Operations
 from flowcraft_gcp.context import DEFAULT_MAX_STATE_BYTES, FirestoreContext, RunCollection
 from flowcraft_gcp.queue import JobQueue, QueueNames
 
@@ -51,7 +52,7 @@ __all__ = ["GcpAdapter"]
 _REPUBLISH_MARGIN = 3
 
 
-class GcpAdapter(PullingAdapter[ReceivedMessage]):
+class GcpAdapter(Operations, PullingAdapter[ReceivedMessage]):
     """A flowcraft worker (and operator client) on Pub/Sub, Firestore and Redis.
 
     Args:
