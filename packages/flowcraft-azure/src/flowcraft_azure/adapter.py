@@ -53,6 +53,7 @@ from flowcraft.errors import FlowcraftError
 from flowcraft.runtime import RuntimeOptions
 from flowcraft.serializer import JsonSerializer
 from flowcraft_azure._cosmos import PARTITION_KEY_PATH
+from flowcraft_azure._operations import Operations
 from flowcraft_azure._queue import MAX_RECEIVE, AzureMessage, StorageQueue
 from flowcraft_azure.context import DEFAULT_MAX_STATE_BYTES, CosmosContext, CosmosRunStore
 
@@ -77,7 +78,7 @@ class ConsistencyError(FlowcraftError):
     """The Cosmos DB account's default consistency is weaker than Strong."""
 
 
-class AzureAdapter(PullingAdapter[AzureMessage]):
+class AzureAdapter(Operations, PullingAdapter[AzureMessage]):
     """A flowcraft worker (and operator client) on Azure Storage Queues, Cosmos DB and Redis.
 
     Args:
