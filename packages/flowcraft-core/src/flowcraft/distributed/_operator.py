@@ -83,7 +83,10 @@ class OperatorAPI(Resolution):
                 )
             self.logger.debug("run %s: the same start again; enqueueing its start nodes", run_id)
         await emit(
-            self.event_bus, FlowEvent("workflow:start", run_id, None, {"blueprintId": blueprint.id})
+            self.event_bus,
+            FlowEvent(
+                "workflow:start", run_id, None, {"blueprintId": blueprint.id, "context": initial}
+            ),
         )
         await self._enqueue(run_id, blueprint, *analysis.start_nodes)
         return run_id
@@ -216,7 +219,13 @@ class OperatorAPI(Resolution):
             ],
             guard={K.waiting(waiting_id): generation},
             on_commit=lambda: emit(
-                self.event_bus, FlowEvent("workflow:resume", run_id, waiting_id)
+                self.event_bus,
+                FlowEvent(
+                    "workflow:resume",
+                    run_id,
+                    waiting_id,
+                    {"activation": generation, "output": output, "action": action},
+                ),
             ),
         )
         if not applied:
