@@ -105,7 +105,7 @@ class AzureAdapter(Operations, PullingAdapter[AzureMessage]):
         poll_window: how long one ``receive`` keeps polling an empty queue.
         max_state_bytes: bytes one run's state may hold (below the 2 MB item limit).
         max_deliveries: dead-letter a message the queue delivered more often than this
-            (``dequeue_count``; hand-backs count too, hence the generous default).
+            (``dequeue_count``; hand-backs near it are re-sent, a fresh message).
         trust_env: read proxy settings and ``.netrc`` from the environment, as azure-core
             does by default, on every request (two thread hops each); False skips that
             (about a quarter of the worker's CPU per job, measured on the emulators).
@@ -344,6 +344,13 @@ class AzureAdapter(Operations, PullingAdapter[AzureMessage]):
 
     async def release(self, message: AzureMessage, delay_seconds: float) -> None:
         await self.queue.set_visibility(message, delay_seconds)
+
+    async def resend(self, message: AzureMessage, delay_seconds: float) -> bool:
+        """A fresh copy (dequeue count 0) hidden for the delay, then a delete: the
+        queue counts hand-backs as dequeues, which ``max_deliveries`` reads."""
+        await self.queue.send(message.body, delay_seconds=delay_seconds)
+        await self.queue.remove(message)
+        return True
 
     async def dead_letter(self, message: AzureMessage, reason: str) -> None:
         await self.queue.park(message, reason)
