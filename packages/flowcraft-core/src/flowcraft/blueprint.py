@@ -215,49 +215,22 @@ class WorkflowBlueprint(_Model):
         raise BlueprintError(f"blueprint {self.id!r} has no node {node_id!r}")
 
     def check(self) -> WorkflowBlueprint:
-        """Check references and expressions; raise ``BlueprintError`` naming every culprit."""
-        problems = self.problems()
-        if problems:
-            raise BlueprintError(f"blueprint {self.id!r}: " + "; ".join(m for _, m in problems))
-        return self
-
-    def problems(self) -> list[tuple[tuple[str | int, ...], str]]:
-        """Every reference and expression problem as (location, phrase), in order.
+        """Check references and expressions; raise ``BlueprintError`` naming every culprit.
 
         References are checked at load already; they are checked again here for a
         blueprint built without that check (``UNCHECKED_REFERENCES``)."""
-        from flowcraft.expressions import validate_expression
-
-        found: list[tuple[tuple[str | int, ...], str]] = []
-        if not self.nodes:
-            found.append((("nodes",), "has no nodes"))
+        found: list[str] = [] if self.nodes else ["has no nodes"]
         for problem in _reference_problems(self):
-            loc = tuple(problem["loc"])
-            found.append((loc, f"{_where(self, loc)}: {_custom_message(problem)}"))
-        for i, edge in enumerate(self.edges):
-            for field in ("condition", "transform"):
-                expr = getattr(edge, field)
-                if expr is not None:
-                    try:
-                        validate_expression(expr)
-                    except Exception as exc:
-                        where = _where(self, ("edges", i))
-                        found.append(
-                            (("edges", i, field), f"{where} has an invalid {field}: {exc}")
-                        )
-        for i, node in enumerate(self.nodes):
-            if isinstance(node.inputs, dict):
-                for target, expr in node.inputs.items():
-                    try:
-                        validate_expression(expr)
-                    except Exception as exc:
-                        found.append(
-                            (
-                                ("nodes", i, "inputs", target),
-                                f"node {node.id!r} input {target!r}: {exc}",
-                            )
-                        )
-        return found
+            found.append(f"{_where(self, problem['loc'])}: {_custom_message(problem)}")
+        for loc, what, detail in expression_problems(self):
+            where = _where(self, loc[:2])
+            if loc[0] == "edges":
+                found.append(f"{where} has an {what}: {detail}")
+            else:
+                found.append(f"{where} input {loc[-1]!r}: {detail}")
+        if found:
+            raise BlueprintError(f"blueprint {self.id!r}: " + "; ".join(found))
+        return self
 
     @classmethod
     def parse(cls, data: str | bytes | Mapping[str, Any]) -> WorkflowBlueprint:
@@ -361,6 +334,40 @@ def _reference_problems(data: Any) -> list[InitErrorDetails]:
     return found
 
 
+def expression_problems(
+    data: Any, *, loop_conditions: bool = False
+) -> list[tuple[tuple[str | int, ...], str, str]]:
+    """Expressions the default evaluator would refuse, as (location, what, why): edge
+    conditions and transforms, ``inputs`` mappings and, with ``loop_conditions``, a
+    loop controller's ``params.condition``. Works on raw JSON or a model."""
+    from flowcraft.expressions import validate_expression
+
+    found: list[tuple[tuple[str | int, ...], str, str]] = []
+
+    def check(loc: tuple[str | int, ...], what: str, expr: Any) -> None:
+        if isinstance(expr, str):
+            try:
+                validate_expression(expr)
+            except Exception as exc:
+                found.append((loc, what, str(exc)))
+
+    for i, edge in enumerate(_seq(_get(data, "edges"))):
+        for field in ("condition", "transform"):
+            check(("edges", i, field), f"invalid {field}", _get(edge, field))
+    for i, node in enumerate(_seq(_get(data, "nodes"))):
+        inputs = _get(node, "inputs")
+        if isinstance(inputs, Mapping):
+            for key, expr in inputs.items():
+                check(("nodes", i, "inputs", key), "invalid input expression", expr)
+        params = _get(node, "params")
+        if loop_conditions and _get(node, "uses") in _LOOP_USES and isinstance(params, Mapping):
+            check(("nodes", i, "params", "condition"), "invalid condition", params.get("condition"))
+    return found
+
+
+_LOOP_USES = frozenset({"loop-controller", "flowcraft:loop-controller"})
+
+
 def _details(exc: ValidationError) -> list[InitErrorDetails]:
     """A ValidationError's errors, ready to be raised again with others."""
     details: list[InitErrorDetails] = []
@@ -441,17 +448,56 @@ def error_path(loc: Sequence[str | int]) -> str:
     return text
 
 
+_PLAIN: Mapping[str, str] = {
+    "missing": "required",
+    "string_type": "must be a string",
+    "dict_type": "must be an object",
+    "model_type": "must be an object",
+    "model_attributes_type": "must be an object",
+    "tuple_type": "must be a list",
+    "list_type": "must be a list",
+    "int_type": "must be an integer",
+    "float_type": "must be a number",
+}
+
+_UNION_TAGS = frozenset({"str", "dict[str,str]"})  # the branches of ``inputs``
+
+
 def error_message(err: Mapping[str, Any]) -> str:
     """One pydantic error in words (unknown keys get their suggestion)."""
     if err["type"] == "extra_forbidden":
         return unknown_key_message(err["loc"])
-    return str(err["msg"])
+    return _PLAIN.get(str(err["type"]), str(err["msg"]))
+
+
+def load_errors(exc: ValidationError) -> list[tuple[tuple[str | int, ...], str, str]]:
+    """A failed load's errors as (location, code, message), one per problem: the
+    branches of ``inputs`` (a string or a mapping) are merged into one."""
+    found: list[tuple[tuple[str | int, ...], str, str]] = []
+    merged: dict[tuple[str | int, ...], int] = {}  # an inputs location: its one error
+    inside: set[tuple[str | int, ...]] = set()  # inputs locations with errors inside
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        code = "unknown_key" if err["type"] == "extra_forbidden" else str(err["type"])
+        tag = next(
+            (i for i, p in enumerate(loc) if p in _UNION_TAGS and loc[i - 1] == "inputs"), None
+        )
+        if tag is None:
+            found.append((loc, code, error_message(err)))
+        elif loc[tag + 1 :]:  # a value inside the mapping: the mapping was the intent
+            inside.add(loc[:tag])
+            found.append((loc[:tag] + loc[tag + 1 :], code, error_message(err)))
+        elif loc[:tag] not in merged:
+            merged[loc[:tag]] = len(found)
+            found.append((loc[:tag], "inputs_type", "must be a string or a mapping of strings"))
+    drop = {i for base, i in merged.items() if base in inside}
+    return [f for i, f in enumerate(found) if i not in drop]
 
 
 def describe_errors(data: Any, exc: ValidationError) -> str:
     """Every error of a failed load in one line, each where it is and what it is."""
     bp = _get(data, "id") or "?"
-    lines = [f"{_where(data, err['loc'])}: {error_message(err)}" for err in exc.errors()]
+    lines = [f"{_where(data, loc)}: {message}" for loc, _, message in load_errors(exc)]
     return f"invalid blueprint {bp!r}: " + "; ".join(lines)
 
 
