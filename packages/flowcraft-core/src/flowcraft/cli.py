@@ -201,6 +201,15 @@ def _load_registry(spec: str) -> dict[str, NodeImplementation]:
     return dict(value)
 
 
+def _blueprint_text(path: Path, flow_name: str | None) -> str:
+    if flow_name is not None:
+        _bad("--flow applies to Python files only")
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        _bad(f"cannot read {path}: {exc}")
+
+
 def _load(path_text: str, flow_name: str | None, registry_spec: str | None) -> Target:
     path = Path(path_text)
     if not path.is_file():
@@ -231,12 +240,7 @@ def _load(path_text: str, flow_name: str | None, registry_spec: str | None) -> T
             dict(default) if default is not None else None,
             from_python=True,
         )
-    if flow_name is not None:
-        _bad("--flow applies to Python files only")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        _bad(f"cannot read {path}: {exc}")
+    text = _blueprint_text(path, flow_name)
     try:
         blueprint = WorkflowBlueprint.parse(text)
     except FlowcraftError as exc:
@@ -700,12 +704,7 @@ def _validation_report(
         return validate_blueprint(
             blueprint, registry=keys, blueprints={f.id for f in flows.values()}
         )
-    if flow_name is not None:
-        _bad("--flow applies to Python files only")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        _bad(f"cannot read {path}: {exc}")
+    text = _blueprint_text(path, flow_name)
     report = ValidationReport(None)
     if not text.strip():
         report.add("error", (), "empty", "the file is empty (a blueprint is a JSON object)")
