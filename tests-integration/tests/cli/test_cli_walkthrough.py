@@ -28,8 +28,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 FLOWCRAFT = str(Path(sys.executable).with_name("flowcraft"))
 ROOT = Path(__file__).parents[3]
 ORDER = {"sku": "SSD-2TB-NVME", "quantity": 10, "max_days": 5}
-CLAIM = {"claim": {"id": "EXP-1", "employee": "sam@example.com", "amount": 486.2,
-                   "currency": "EUR", "purpose": "travel"}}  # fmt: skip
+CLAIM = {"claim": {"id": "EXP-1", "employee": "sam@example.com", "amount": 486.2}}
 
 
 def _free_port() -> int:
@@ -61,12 +60,11 @@ def test_the_readme_walk_through(redis_service: RunningService, tmp_path: Path) 
         )
 
     log = tmp_path / "worker.log"
+    command = [FLOWCRAFT, "worker", "--trace-file", str(spans)]
+    command += ["--metrics-port", str(port), "--metrics-host", "127.0.0.1"]
     with log.open("wb") as out:
         worker = subprocess.Popen(
-            [
-                FLOWCRAFT, "worker", "--trace-file", str(spans),
-                "--metrics-port", str(port), "--metrics-host", "127.0.0.1",
-            ],  # fmt: skip
+            command,
             cwd=ROOT,
             env=env,
             stderr=out,
@@ -80,10 +78,10 @@ def test_the_readme_walk_through(redis_service: RunningService, tmp_path: Path) 
         assert "blueprints=supplier-fan-out, expense-approval" in log.read_text()
 
         # terminal 2: a run that finishes, watched node by node
+        order = json.dumps(ORDER)
         done = flowcraft(
-            "start", "supplier-fan-out", "--context", json.dumps(ORDER), "--wait",
-            "--trace-file", str(spans),
-        )  # fmt: skip
+            "start", "supplier-fan-out", "--context", order, "--wait", "--trace-file", str(spans)
+        )
         assert done.returncode == 0, done.stderr
         assert json.loads(done.stdout)["quotes_received"] == 5
         assert "done    choose" in done.stderr
@@ -117,7 +115,7 @@ def test_the_readme_walk_through(redis_service: RunningService, tmp_path: Path) 
         assert processed, metrics
         assert sum(float(line.rsplit(" ", 1)[1]) for line in processed) >= 9
         assert "flowcraft_job_duration_seconds_count" in metrics
-        assert 'flowcraft_runs_finished_total{' in metrics
+        assert "flowcraft_runs_finished_total{" in metrics
         assert "flowcraft_queue_depth" in metrics
 
         worker.send_signal(signal.SIGTERM)
