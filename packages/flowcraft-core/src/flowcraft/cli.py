@@ -795,7 +795,8 @@ def schema() -> None:
 
 
 # The fleet commands add themselves to ``main`` (they use the helpers above).
-import flowcraft._cli_fleet  # noqa: E402, F401
+import flowcraft._cli_fleet  # noqa: E402
+import flowcraft._cli_history  # noqa: E402, F401
 
 if __name__ == "__main__":  # pragma: no cover
     main()
