@@ -911,6 +911,8 @@ def test_schema_is_the_blueprint_json_schema() -> None:
     node_schema = json.dumps(schema["$defs"])
     assert "joinStrategy" in node_schema
     assert "maxRetries" in node_schema
+    assert schema["additionalProperties"] is False
+    assert schema["$defs"]["NodeConfig"]["additionalProperties"] is False
 
 
 def test_help_lists_commands() -> None:
