@@ -165,6 +165,8 @@ def _run_with(adapter: BaseDistributedAdapter, work: Callable[[], Awaitable[T]])
 
     try:
         return asyncio.run(go())
+    except click.ClickException:
+        raise  # bad input found on the way (exit 2), already worded
     except UnknownBlueprintError as exc:
         _bad(f"{exc} (pass --flows MODULE:ATTR with the workflows)")
     except FlowcraftError as exc:
