@@ -161,6 +161,12 @@ class Inbox:
         items = [{"id": message.id, "lease": message.lease, "reason": reason}]
         return int((await self._call("dead", items=items))["parked"]) == 1
 
+    async def park(self, message: InboxMessage, reason: str) -> None:
+        """Keep a message pulled from elsewhere (the HTTP pull consumer) among this
+        inbox's dead letters, with ``reason``."""
+        item = {"id": message.id, "body": message.body, "reason": reason}
+        await self._call("park", items=[{**item, "attempts": message.attempts}])
+
     async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
         answer = await self._call("dead_letters", limit=limit)
         return [

@@ -687,6 +687,25 @@ export class FlowcraftInbox extends DurableObject {
     return { parked };
   }
 
+  /** Park messages pulled elsewhere ({id, body, reason, attempts}): the dead letters of
+   * the HTTP pull delivery, kept beside this inbox's own. */
+  park(items) {
+    const now = Date.now();
+    this.ctx.storage.transactionSync(() => {
+      for (const it of items) {
+        this.sql.exec(
+          "INSERT OR REPLACE INTO dead (id, body, reason, attempts, at) VALUES (?, ?, ?, ?, ?)",
+          str(it.id, "id"),
+          str(it.body, "body"),
+          str(it.reason, "reason"),
+          Math.max(Math.floor(Number(it.attempts) || 0), 0),
+          now,
+        );
+      }
+    });
+    return { parked: items.length };
+  }
+
   deadLetters(limit) {
     const rows = this.sql
       .exec("SELECT id, body, reason, attempts, at FROM dead ORDER BY at, id LIMIT ?", limit)
@@ -795,6 +814,8 @@ async function inboxCall(env, request) {
       return stub.release(request.items ?? []);
     case "dead":
       return stub.dead(request.items ?? []);
+    case "park":
+      return stub.park(request.items ?? []);
     case "dead_letters":
       return stub.deadLetters(Math.min(Math.max(request.limit ?? 100, 1), 1000));
     case "stats":
