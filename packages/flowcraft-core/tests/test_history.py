@@ -27,6 +27,7 @@ from flowcraft.history import (
     open_store,
     recent_runs,
 )
+from flowcraft.testing.replay import replay_run
 
 
 async def _load(ctx: NodeContext) -> dict[str, Any]:
@@ -367,3 +368,75 @@ def test_cli_prints_a_runs_timeline_and_lists_runs(tmp_path: Path) -> None:
     missing = runner.invoke(main, ["history", "nope", "--store", str(path)])
     assert missing.exit_code != 0
     assert "no history for run 'nope'" in missing.output
+
+
+async def _total_with_tax(ctx: NodeContext) -> int:
+    total = round(sum(ctx.input["items"]) * 1.2)
+    await ctx.set("total", total)
+    await ctx.set("tax", "20%")
+    return total
+
+
+async def test_replay_reports_what_new_node_code_changes(store: Any) -> None:
+    async with HistoryRecorder(store) as recorder:
+        await FlowRuntime(event_bus=recorder).run(invoice(), run_id="r1")
+    same = await replay_run(store, "r1", invoice())
+    assert not same.changed, same.summary()
+    assert same.replayed == [1, 2, 4]  # "big" was skipped in the recorded run
+    assert same.skipped == [(3, "big", "skipped in the recorded run")]
+
+    changed_flow = (
+        Flow("invoice")
+        .node("load", _load)
+        .node("total", _total_with_tax)
+        .node("small", lambda ctx: "approve")
+        .chain("load", "total")
+        .edge("total", "small", condition="result.output < 100")
+    )
+    report = await replay_run(store, "r1", changed_flow)
+    assert report.changed
+    found = {
+        node: [(c.what, c.key, c.recorded, c.replayed) for c in changes]
+        for node, changes in report.by_node().items()
+    }
+    assert found == {
+        "total": [
+            ("output", None, 7, 8),
+            ("context", "tax", None, "20%"),
+            ("context", "total", 7, 8),
+        ],
+        "big": [("missing", None, True, None)],
+    }
+    assert "step 2 total: output 7 -> 8" in report.summary()
+
+
+async def test_replay_sees_a_node_that_now_fails(store: Any) -> None:
+    async with HistoryRecorder(store) as recorder:
+        await FlowRuntime(event_bus=recorder).run(counter(), run_id="c1")
+
+    async def broken(ctx: NodeContext) -> int:
+        n = int(await ctx.get("n") or 0) + 1
+        if n == 2:
+            raise RuntimeError("no second iteration")
+        await ctx.set("n", n)
+        return n
+
+    flow = (
+        Flow("counter")
+        .node("begin", lambda ctx: 0)
+        .node("inc", broken)
+        .node("done", lambda ctx: ctx.input)
+        .edge("begin", "inc")
+        .loop("inc", "inc", while_="n < 3")
+        .edge("inc", "done", condition="n >= 3")
+    )
+    report = await replay_run(store, "c1", flow, nodes={"inc"})
+    assert report.replayed == [2, 3, 4]
+    ((change),) = report.changes
+    assert (change.node_id, change.activation, change.what, change.recorded) == (
+        "inc",
+        2,
+        "error",
+        None,
+    )
+    assert "no second iteration" in change.replayed

@@ -32,9 +32,11 @@ class HistoryRecorder:
     ``max_pending`` events and then new events are dropped (counted in
     ``dropped``, logged): history never stops a workflow.
 
-    Kinds in ``exclude`` are not recorded (say, ``{"job:enqueued"}`` on a busy
-    fleet). On a fleet, :meth:`instrument` the adapter as well so a job is
-    acknowledged only once its events are stored (see there).
+    Kinds in ``exclude`` are not recorded: by default ``job:enqueued`` and
+    ``job:processed``, a queue's plumbing that ``node:start``/``node:finish`` already
+    tell (half of a fleet's events; ``exclude=()`` keeps them). On a fleet,
+    :meth:`instrument` the adapter as well so a job is acknowledged only once its
+    events are stored (see there).
     """
 
     def __init__(
@@ -45,7 +47,7 @@ class HistoryRecorder:
         batch_size: int = 500,
         flush_interval: float = 0.2,
         max_pending: int = 100_000,
-        exclude: Collection[str] = (),
+        exclude: Collection[str] = ("job:enqueued", "job:processed"),
         worker_id: str | None = None,
     ) -> None:
         if batch_size < 1 or max_pending < batch_size:
