@@ -1,0 +1,108 @@
+"""Run history on a real fleet (BullMQ on Redis, SQLite history shared by the worker
+processes): a worker SIGKILLed mid-run loses the events still queued in its memory,
+the redelivered jobs emit them again, and every run's history ends complete and
+duplicate-free."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import redis.asyncio as redis_asyncio
+
+from flowcraft.history import History, SqliteHistoryStore
+from flowcraft_backends import RunningService
+from flowcraft_backends.crash_fleet import (
+    NODES,
+    WorkerProcesses,
+    blueprints,
+    check_effects,
+    check_results,
+    read_effects,
+)
+
+from .history_fleet import RecordingAdapter, Settings
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
+
+FLEET = Path(__file__).with_name("history_fleet.py")
+RUNS = 80
+
+
+@pytest.fixture
+async def fleet(redis_service: RunningService, tmp_path: Path) -> AsyncIterator[Settings]:
+    prefix = f"fc-history-{uuid.uuid4().hex[:10]}:"
+    yield Settings(
+        effects_path=str(tmp_path / "effects.jsonl"),
+        redis_url=redis_service.url,
+        key_prefix=prefix,
+        history_path=str(tmp_path / "history.db"),
+    )
+    client = redis_asyncio.Redis.from_url(redis_service.url)
+    try:
+        keys = [k async for k in client.scan_iter(match=f"{prefix}*", count=1000)]
+        for i in range(0, len(keys), 500):
+            await client.delete(*keys[i : i + 500])
+    finally:
+        await client.aclose()
+
+
+async def test_history_is_complete_and_duplicate_free_after_sigkills(fleet: Settings) -> None:
+    client: RecordingAdapter = fleet.adapter(blueprints())  # records the runs' starts
+    workers = WorkerProcesses(FLEET, fleet, count=2)
+    try:
+        runs = [await client.start_run("diamond") for _ in range(RUNS)]
+
+        async def all_done() -> None:
+            for run_id in runs:
+                await client.wait_for_result(run_id, 120)
+
+        kills = await workers.kill_one_repeatedly(all_done(), seed=19, max_kills=2)
+        await check_results(client, runs)
+    finally:
+        await workers.stop()
+        await client.aclose()
+    check_effects(fleet.effects_path, runs)
+    assert kills >= 1, "the runs ended before a worker could be killed"
+
+    # Executions the kills made the fleet redo (same activation, run twice).
+    executions = Counter(
+        (e["run"], e["node"]) for e in read_effects(fleet.effects_path) if e["node"] in NODES
+    )
+    redone = [k for k, n in executions.items() if n > 1]
+
+    async with SqliteHistoryStore(fleet.history_path) as store:
+        history = History(store)
+        workers_seen: set[str] = set()
+        for run_id in runs:
+            events = await history.events(run_id)
+            workers_seen |= {e.worker for e in events}
+            kinds = Counter(e.kind for e in events)
+            assert kinds["workflow:start"] == 1, run_id
+            assert kinds["workflow:finish"] == 1, (run_id, kinds)
+            finished = Counter(e.node_id for e in events if e.kind == "node:finish")
+            # Complete: every node's resolution, and each exactly once.
+            assert finished == dict.fromkeys(NODES, 1), (run_id, finished)
+            started = Counter(e.node_id for e in events if e.kind == "node:start")
+            assert set(started) == set(NODES), (run_id, started)
+            assert set(started.values()) == {1}, (run_id, started)  # a redo is the same start
+            assert [e.kind for e in events if e.kind.startswith("workflow:")] == [
+                "workflow:start",
+                "workflow:finish",
+            ]
+            steps = await history.steps(run_id)
+            assert sorted(s.node_id for s in steps) == sorted(NODES)
+            assert (await history.context_at(run_id))["_outputs.end"] == 136
+        runs_summary = await history.recent_runs(limit=RUNS + 10)
+    assert Counter(r.status for r in runs_summary) == {"completed": RUNS}
+    # The killed workers, their replacements and the client all recorded.
+    assert len(workers_seen) >= 4, workers_seen
+    print(
+        f"\nhistory crash test: {kills} SIGKILLs, {len(redone)} activations executed twice, "
+        f"every run's history complete and duplicate-free"
+    )
+    await asyncio.sleep(0)
