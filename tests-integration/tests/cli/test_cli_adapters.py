@@ -13,11 +13,13 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import textwrap
 import time
+import typing
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -26,8 +28,9 @@ from typing import Any
 import pytest
 from click.testing import CliRunner, Result
 
-from flowcraft.adapters import build_adapter
+from flowcraft.adapters import build_adapter, load_adapter
 from flowcraft.cli import main
+from flowcraft.distributed import BaseDistributedAdapter
 from flowcraft.runtime import RuntimeOptions
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
@@ -121,8 +124,6 @@ BACKENDS = {
     "kafka": _kafka,
     "cloudflare": _cloudflare,
 }
-LISTS_ACTIVE_RUNS = {"gcp", "azure"}
-REQUEUES_DEAD_LETTERS = {"rabbitmq", "gcp", "azure"}
 
 
 class Fleet:
@@ -168,22 +169,27 @@ class Fleet:
         """Run ``call(adapter)`` on an adapter built from the same settings."""
 
         async def go() -> Any:
-            saved = {k: os.environ.get(k) for k in self.env}
-            os.environ.update(self.env)
-            try:
-                adapter, _, _ = build_adapter(self.name, RuntimeOptions())
-            finally:
-                for key, value in saved.items():
-                    if value is None:
-                        os.environ.pop(key, None)
-                    else:
-                        os.environ[key] = value
+            adapter, _, _ = build_adapter(self.name, RuntimeOptions())
             try:
                 return await call(adapter)
             finally:
                 await adapter.aclose()
 
-        return asyncio.run(go())
+        saved = {k: os.environ.get(k) for k in self.env}
+        os.environ.update(self.env)  # clients made lazily read the emulators' variables
+        try:
+            return asyncio.run(go())
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+
+    def overrides(self, hook: str) -> bool:
+        """Whether the adapter implements the base's optional ``hook``."""
+        adapter_class = typing.get_type_hints(load_adapter(self.name).build)["return"]
+        return getattr(adapter_class, hook) is not getattr(BaseDistributedAdapter, hook)
 
 
 @pytest.fixture(params=sorted(BACKENDS))
@@ -196,7 +202,9 @@ def fleet(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Fleet]:
     env["FLOWCRAFT_FLOWS"] = f"{flows}:flows"
     made = Fleet(name, env, tmp_path)
     if name == "kafka":  # the keyspace's tables and the topics, as the README's worker does
-        made.adapter_call(lambda adapter: _kafka_topology(adapter))
+        made.adapter_call(_kafka_topology)
+    if name == "azure":  # the database, container and queues a worker makes at its start
+        made.adapter_call(lambda adapter: adapter.create_resources())
     yield made
     process = made.worker_process
     if process is not None and process.poll() is None:
@@ -214,7 +222,7 @@ def test_the_fleet_commands(fleet: Fleet) -> None:
     assert early.exit_code == 0, early.output
     early_run = early.stdout.strip()
     listed = fleet.cli("runs", "--json")
-    if fleet.name in LISTS_ACTIVE_RUNS:
+    if fleet.overrides("active_runs"):
         assert listed.exit_code == 0, listed.output
         assert {"runId": early_run, "status": "running", "blueprintId": "pair"}.items() <= next(
             row for row in json.loads(listed.stdout) if row["runId"] == early_run
@@ -237,7 +245,7 @@ def test_the_fleet_commands(fleet: Fleet) -> None:
     fleet.adapter_call(lambda adapter: adapter.enqueue_raw(b"not a job"))
     fleet.until(lambda: len(fleet.json("dead-letters", "list")) == 1, "the dead letter")
     requeued = fleet.cli("dead-letters", "requeue", "--json")
-    if fleet.name in REQUEUES_DEAD_LETTERS:
+    if fleet.overrides("requeue_dead_letters"):
         assert json.loads(requeued.stdout) == {"requeued": 1}
         # back on the queue, no better a job: the worker parks it again
         fleet.until(lambda: len(fleet.json("dead-letters", "list")) == 1, "the dead letter")
@@ -255,3 +263,89 @@ def test_the_fleet_commands(fleet: Fleet) -> None:
     fleet.worker_process.send_signal(signal.SIGTERM)
     assert fleet.worker_process.wait(timeout=60) == 0, log.read_text()
     assert "(exit 0)" in log.read_text()
+
+
+# --------------------------------------------------------------------------- READMEs
+
+README_FILE = re.compile(r"^`(\w+\.py)`[^\n]*\n\n```python\n(.*?)```", re.M | re.S)
+README_SHELL = re.compile(
+    r"^```bash\n(# (every terminal|terminal 1|terminal 2)[^\n]*\n.*?)```", re.M | re.S
+)
+
+
+def _readme_env(name: str, fixture: Callable[[str], Any], ns: str) -> dict[str, str]:
+    """The variables a README's reader sets: the backend's addresses (the CLI's own
+    ``FLOWCRAFT_<NAME>_*`` settings), and what keeps this test's keys apart."""
+    if name == "bullmq":
+        redis_url = fixture("redis_service").url.rsplit("/", 1)[0]
+        return {"FLOWCRAFT_BULLMQ_URL": f"{redis_url}/9"}  # a database of its own
+    if name == "sqs":
+        moto = fixture("moto_service")
+        return {
+            "FLOWCRAFT_SQS_ENDPOINT_URL": moto.url,
+            "FLOWCRAFT_SQS_REGION_NAME": moto.extra["region"],
+            "FLOWCRAFT_SQS_TABLE_NAME": f"readme{ns}",
+            "AWS_ACCESS_KEY_ID": moto.extra["aws_access_key_id"],
+            "AWS_SECRET_ACCESS_KEY": moto.extra["aws_secret_access_key"],
+        }
+    return BACKENDS[name](fixture, ns)
+
+
+README_OUTPUT = {"bullmq": "completed 84 EUR", "sqs": "completed 28.5 EUR"}
+
+
+@pytest.mark.parametrize("name", sorted(README_OUTPUT))
+def test_the_readme_quick_start_runs_as_written(
+    name: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """The adapter README's quick start: its files written out, its shell blocks run as
+    they are (``every terminal`` before each), a worker in terminal 1 and the run in
+    terminal 2, with only the backend's addresses in the environment."""
+    text = (Path(__file__).parents[3] / f"packages/flowcraft-{name}/README.md").read_text()
+    quick = text[text.index("## Quick start") :]
+    quick = quick[: quick.index("\n## ", 5)]
+    for file_name, code in README_FILE.findall(quick):
+        (tmp_path / file_name).write_text(code, encoding="utf-8")
+    shells = {tag: block for block, tag in README_SHELL.findall(quick)}
+    assert {"terminal 1", "terminal 2"} <= set(shells), shells
+    before = shells.get("every terminal", "")
+    bin_dir = str(Path(sys.executable).parent)
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",  # python and flowcraft
+        **_readme_env(name, request.getfixturevalue, uuid.uuid4().hex[:8]),
+    }
+    log = tmp_path / "worker.log"
+    with log.open("wb") as out:
+        worker = subprocess.Popen(
+            ["bash", "-ec", before + shells["terminal 1"]],
+            cwd=tmp_path,
+            env=env,
+            stderr=out,
+            start_new_session=True,  # SIGTERM to the shell and its worker
+        )
+    try:
+        deadline = time.monotonic() + 90
+        while "worker started" not in log.read_text():
+            assert worker.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        client = subprocess.run(
+            ["bash", "-ec", before + shells["terminal 2"]],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+        assert client.returncode == 0, client.stderr
+        lines = client.stdout.splitlines()
+        assert lines[0] == README_OUTPUT[name], client.stdout
+        if len(lines) > 1:  # the same run from the CLI: its final context as JSON
+            assert json.loads("\n".join(lines[1:]))
+        os.killpg(worker.pid, signal.SIGTERM)
+        assert worker.wait(timeout=60) == 0, log.read_text()
+    finally:
+        if worker.poll() is None:
+            os.killpg(worker.pid, signal.SIGKILL)
+            worker.wait()
