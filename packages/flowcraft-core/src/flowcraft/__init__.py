@@ -2,6 +2,8 @@
 
 import logging
 
+# First: fails at once, with the fix, if PyPI's unrelated `flowcraft` shares this package.
+from flowcraft import _distribution  # noqa: F401
 from flowcraft.blueprint import (
     EdgeDefinition,
     JoinStrategy,
