@@ -88,6 +88,10 @@ def check(out: Path) -> list[str]:
         assert isinstance(body, str)
         for target in relative_links(body):
             problems.append(f"{name}: README link {target!r} is relative (broken on PyPI)")
+        if name == "flowcraft-core":
+            init = archive.read("flowcraft/__init__.py").decode()
+            if f'__version__ = "{meta["Version"]}"' not in init:
+                problems.append(f"{name}: flowcraft.__version__ is not {meta['Version']}")
         with tarfile.open(sdists[0]) as sdist:
             members = sdist.getnames()
             top = members[0].split("/")[0]
