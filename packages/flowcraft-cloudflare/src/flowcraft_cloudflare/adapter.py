@@ -279,8 +279,10 @@ class CloudflareAdapter(PullingAdapter[InboxMessage]):
         )
         return [str(run) for run in answer["runs"]][:limit]
 
-    async def active_runs(self, limit: int = 1000) -> list[str]:
-        """The runs in the reconciler's index (running ones, oldest check first)."""
+    async def active_runs(self, limit: int = 100) -> list[str]:
+        """The runs in the reconciler's index (running ones, oldest check first), read
+        only (``flowcraft runs``). An entry whose removal was lost shows until the next
+        ``find_stalled_runs`` that reaches it drops it."""
         answer = await self.client.call(
             "registry",
             {"object": registry_object(self.namespace), "op": "list", "limit": limit},
@@ -373,10 +375,19 @@ class CloudflareAdapter(PullingAdapter[InboxMessage]):
         return message.attempts
 
     async def ack(self, messages: Sequence[InboxMessage]) -> None:
+        """Inbox: one call, which also carries every follow-up mark waiting to be
+        written (the Worker forwards them to their run objects): a job's mark is
+        registered just before its ack, so it rides along instead of costing a call."""
         if self.pull_consumer is not None:
             await self.pull_consumer.settle(acks=messages)
-        else:
-            await self.inbox.ack(messages)
+            return
+        riders = self._marks.take_all()
+        try:
+            await self.inbox.ack(messages, riders=riders)
+        except WorkerError as exc:
+            if riders:
+                self.logger.debug("follow-up marks lost with an ack: %r", exc)
+            raise
 
     async def renew(self, message: InboxMessage, seconds: float) -> None:
         """Inbox: hide the message ``seconds`` more. HTTP pull: nothing (Cloudflare's API

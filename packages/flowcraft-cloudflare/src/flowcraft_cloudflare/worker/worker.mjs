@@ -7,7 +7,7 @@
 //   POST /flowcraft/v1/do       {object, ttl, ops}        one atomic batch on a run's object
 //   POST /flowcraft/v1/wait     {object, timeout}         long poll for the run's final result
 //   POST /flowcraft/v1/enqueue  {inbox, direct, messages} send jobs (Cloudflare Queue or inbox)
-//   POST /flowcraft/v1/inbox    {inbox, op, ...}          pull / extend / ack / release / dead
+//   POST /flowcraft/v1/inbox    {inbox, op, ...}          pull / extend / ack (+ riders) / release / dead
 //   POST /flowcraft/v1/registry {object, op, ...}         stalled runs (the reconciler) / list
 //   POST /flowcraft/v1/raw      raw bytes                 put bytes on the queue as they are
 //   GET  /flowcraft/v1/health                             {"ok": true}
@@ -808,8 +808,22 @@ async function inboxCall(env, request) {
       return stub.pull(request.max ?? 1, request.visibility ?? 30, request.wait ?? 0);
     case "extend":
       return stub.extend(request.items ?? []);
-    case "ack":
-      return stub.ack(request.items ?? []);
+    case "ack": {
+      const answer = await stub.ack(request.items ?? []);
+      // Write-behind ops for run objects riding along with the ack (follow-up marks):
+      // forwarded after it; losing one is harmless, so a failure is only logged.
+      await Promise.all(
+        (request.riders ?? []).map(([name, ops]) =>
+          runObject(env, str(name, "rider object"))
+            .batch(ops, 0)
+            .then((result) => {
+              if (result.error) console.error(`riders for ${name}: ${result.message}`);
+            })
+            .catch((error) => console.error(`riders for ${name}: ${error}`)),
+        ),
+      );
+      return answer;
+    }
     case "release":
       return stub.release(request.items ?? []);
     case "dead":
