@@ -161,12 +161,17 @@ export class FlowcraftRun extends DurableObject {
     if (keepUntil) await this.scheduleAlarm(keepUntil);
     if (published) this.wake();
     for (const [i, op] of ops.entries()) {
-      if (op.op === "patch" && op.track && op.track.status !== "running" && results[i].applied) {
-        try {
-          await this.track(op.track, false, ttlMs);
-        } catch (error) {
-          console.error(`run ${op.track.run}: leaving the registry failed: ${error}`);
-        }
+      if (op.op !== "patch" || !op.track) continue;
+      // Leave the registry when the run stopped running: this write ended it, or (a
+      // refused "running" write, e.g. a repeated start of a finished run) it had ended.
+      const leaves = results[i].applied
+        ? op.track.status !== "running"
+        : op.track.status === "running" && this.statusOf(op.track.key) !== "running";
+      if (!leaves) continue;
+      try {
+        await this.track(op.track, false, ttlMs);
+      } catch (error) {
+        console.error(`run ${op.track.run}: leaving the registry failed: ${error}`);
       }
     }
     return { results };
@@ -179,20 +184,22 @@ export class FlowcraftRun extends DurableObject {
     await stub.track(str(track.run, "run"), this.ctx.id.toString(), active, ttlMs);
   }
 
+  /** The `status` field of the run's status record; null when there is none. */
+  statusOf(statusKey) {
+    const row = this.one("SELECT v FROM ctx WHERE k = ?", str(statusKey, "status key"));
+    if (row === null) return null;
+    try {
+      return JSON.parse(row.v)?.status ?? null;
+    } catch {
+      return null;
+    }
+  }
+
   /** The run's status (null when the object holds no run) and its last context write. */
   progress(statusKey) {
     this.schema();
-    const row = this.one("SELECT v FROM ctx WHERE k = ?", str(statusKey, "status key"));
-    let status = null;
-    if (row !== null) {
-      try {
-        status = JSON.parse(row.v)?.status ?? null;
-      } catch {
-        status = null;
-      }
-    }
     const touched = this.one("SELECT v FROM meta WHERE k = 'touched'");
-    return { status, touched: touched === null ? 0 : Number(touched.v) };
+    return { status: this.statusOf(statusKey), touched: touched === null ? 0 : Number(touched.v) };
   }
 
   apply(op, now, ttl) {
