@@ -14,6 +14,7 @@ EXPECTED = {
     "RuntimeOptions", "SafeEvaluator", "SerializationError", "Serializer", "StateLimitError",
     "TrackingContext", "UnknownBlueprintError", "UnknownNodeError", "VersionMismatchError",
     "WorkflowBlueprint", "WorkflowResult", "__version__", "blueprint_json_schema",
+    "sanitize_blueprint",
 }  # fmt: skip
 
 

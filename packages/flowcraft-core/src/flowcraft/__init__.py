@@ -11,6 +11,7 @@ from flowcraft.blueprint import (
     NodeDefinition,
     WorkflowBlueprint,
     blueprint_json_schema,
+    sanitize_blueprint,
 )
 from flowcraft.context import (
     AsyncContext,
@@ -95,6 +96,7 @@ __all__ = [
     "WorkflowResult",
     "__version__",
     "blueprint_json_schema",
+    "sanitize_blueprint",
 ]
 
 # A library stays quiet unless the application configures logging: every flowcraft
