@@ -522,7 +522,7 @@ def sanitize_blueprint(raw: Mapping[str, Any]) -> dict[str, Any]:
         known = _known(model)
         return {k: v for k, v in item.items() if k in known}
 
-    out = keep(raw, WorkflowBlueprint)
+    out: dict[str, Any] = keep(raw, WorkflowBlueprint)
     nodes = out.get("nodes")
     if isinstance(nodes, Sequence) and not isinstance(nodes, str):
         out["nodes"] = [keep(n, NodeDefinition) for n in nodes]
