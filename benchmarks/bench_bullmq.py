@@ -32,7 +32,7 @@ per active job, the stalled check every 2 s, the idle ``BZPOPMIN``) are included
 
 ``--history`` runs every throughput pass twice, interleaved: without run history and
 with it (each worker records every event into one SQLite file through a
-``HistoryRecorder``, its jobs acknowledged once their events are stored), and
+``HistoryRecorder`` with a spool beside it), and
 reports ``history_vs_off``: per shape and worker count, the median node jobs/s with
 history over without (the issue's bound: above 0.9).
 
@@ -139,13 +139,12 @@ async def worker_main(
     options = None
     if history:
         store = SqliteHistoryStore(history)
-        recorder = HistoryRecorder(store)
+        # The spool (beside the file) keeps what a killed worker had queued.
+        recorder = HistoryRecorder(store, spool=Path(history).with_suffix(".spool"))
         options = runtime_options(event_bus=recorder)
     worker = adapter(
         url, prefix, "fc-bench-worker", options, concurrency=concurrency, fast_path=fast_path
     )
-    if recorder is not None:
-        recorder.instrument(worker)
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, lambda: asyncio.ensure_future(worker.stop()))
     task = asyncio.ensure_future(worker.worker())

@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import signal
 import sqlite3
+import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -440,3 +442,42 @@ async def test_replay_sees_a_node_that_now_fails(store: Any) -> None:
         None,
     )
     assert "no second iteration" in change.replayed
+
+
+_DIES_WITH_EVENTS_QUEUED = """
+import asyncio, os, signal, sys
+from flowcraft import FlowEvent
+from flowcraft.history import HistoryRecorder, SqliteHistoryStore
+
+async def main():
+    recorder = HistoryRecorder(SqliteHistoryStore(sys.argv[1]), spool=sys.argv[2],
+                               flush_interval=3600, batch_size=1000)
+    for i in range(100):
+        recorder.emit(FlowEvent("node:finish", "spooled", f"n{i}", {"activation": 1, "output": i}))
+    os.kill(os.getpid(), signal.SIGKILL)  # with all 100 still queued
+
+asyncio.run(main())
+"""
+
+
+async def test_a_killed_processs_queued_events_are_recovered_from_its_spool(
+    tmp_path: Path,
+) -> None:
+    db, spool = tmp_path / "h.db", tmp_path / "spool"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _DIES_WITH_EVENTS_QUEUED, str(db), str(spool)
+    )
+    assert await proc.wait() == -signal.SIGKILL
+    async with SqliteHistoryStore(db) as store:
+        assert await store.events("spooled") == []  # lost from its memory ...
+        assert len(list(spool.glob("*.spool"))) == 1
+        recorder = HistoryRecorder(store, spool=spool)
+        assert await recorder.recover() == 100  # ... kept in its spool
+        assert sorted(e.data["output"] for e in await store.events("spooled")) == list(range(100))
+        assert list(spool.glob("*.spool")) == []
+        recorder.emit(FlowEvent("node:finish", "spooled", "n0", {"activation": 1, "output": 0}))
+        assert len(list(spool.glob("*.spool"))) == 1  # its own, alive: not an orphan
+        assert await recorder.recover() == 0
+        await recorder.aclose()
+        assert list(spool.glob("*.spool")) == []  # everything stored: its own file goes
+        assert len(await store.events("spooled")) == 100

@@ -1,5 +1,6 @@
-"""A BullMQ crash fleet whose workers record run history into one SQLite file
-(``python history_fleet.py``: one worker; see :mod:`flowcraft_backends.crash_fleet`)."""
+"""A BullMQ crash fleet whose workers record run history into one SQLite file, each
+spooling its events in one folder (``python history_fleet.py``: one worker; see
+:mod:`flowcraft_backends.crash_fleet`)."""
 
 from __future__ import annotations
 
@@ -29,12 +30,21 @@ class Settings(FleetSettings):
     redis_url: str
     key_prefix: str
     history_path: str
+    spool_path: str
 
     branch_delay: ClassVar[float] = 0.01
     """Branches take 0 to 30 ms: a pass lasts long enough to be killed in the middle."""
 
     def adapter(self, options: RuntimeOptions) -> RecordingAdapter:
-        recorder = HistoryRecorder(SqliteHistoryStore(self.history_path))
+        # Written every 3 s only: a worker killed in its first seconds has stored
+        # nothing itself, so its history can come only from its spool file.
+        recorder = HistoryRecorder(
+            SqliteHistoryStore(self.history_path),
+            spool=self.spool_path,
+            recover_interval=1.0,
+            flush_interval=3.0,
+            batch_size=20_000,
+        )
         made = RecordingAdapter(
             runtime_options=dataclasses.replace(options, event_bus=recorder),
             connection=self.redis_url,
@@ -42,7 +52,6 @@ class Settings(FleetSettings):
             reconcile_interval_seconds=None,
         )
         made.recorder = recorder
-        recorder.instrument(made)
         return made
 
 
