@@ -152,8 +152,7 @@ def _sqs(fixture: Callable[[str], Any], ns: str) -> dict[str, str]:
         "FLOWCRAFT_SQS_ENDPOINT_URL": moto.url,
         "FLOWCRAFT_SQS_REGION_NAME": extra["region"],
         "FLOWCRAFT_SQS_QUEUE_URL": asyncio.run(topology()),
-        "FLOWCRAFT_SQS_TABLE_NAME": f"cli{ns}",
-        "FLOWCRAFT_SQS_WAIT_TIME_SECONDS": "1",
+        "FLOWCRAFT_SQS_TABLE_NAME": f"cli{ns}",  # long polls of 20 s, the default
     }
 
 
@@ -304,9 +303,14 @@ def test_the_fleet_commands(fleet: Fleet) -> None:
         assert purged_result.exit_code == 2
         assert "cannot purge its dead letters" in purged_result.output
 
+    # idle now, with a receive in flight (SQS: a 20 s long poll): SIGTERM stops it
+    # promptly, past the base's short grace for a receive, without waiting for the poll
     assert fleet.worker_process is not None
+    began = time.monotonic()
     fleet.worker_process.send_signal(signal.SIGTERM)
     assert fleet.worker_process.wait(timeout=60) == 0, log.read_text()
+    print(f"{fleet.name}: the worker exited {time.monotonic() - began:.2f} s after SIGTERM")
+    assert "SIGTERM: stopping" in log.read_text()
     assert "(exit 0)" in log.read_text()
 
 
