@@ -367,6 +367,10 @@ def test_cli_prints_a_runs_timeline_and_lists_runs(tmp_path: Path) -> None:
     assert json.loads(at.stdout)["context"]["customer"] == "ada"
     listed = runner.invoke(main, ["history", "--store", str(path), "--json"])
     assert [r["runId"] for r in json.loads(listed.stdout)["runs"]] == ["cli-1"]
+    nowhere = runner.invoke(main, ["history", "--store", str(tmp_path / "none.db")])
+    assert nowhere.exit_code != 0
+    assert "no history at" in nowhere.output
+    assert not (tmp_path / "none.db").exists()
     missing = runner.invoke(main, ["history", "nope", "--store", str(path)])
     assert missing.exit_code != 0
     assert "no history for run 'nope'" in missing.output

@@ -29,9 +29,14 @@ class Spool:
     def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.path = self.folder / f"{uuid.uuid4().hex}{SUFFIX}"
-        self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        name = uuid.uuid4().hex
+        # Locked under another name first: a recorder looking for orphans never sees
+        # this file unlocked.
+        hidden = self.folder / f".{name}.new"
+        self.fd = os.open(hidden, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        self.path = self.folder / f"{name}{SUFFIX}"
+        hidden.rename(self.path)
         self.size = 0
 
     def append(self, e: HistoryEvent) -> None:
