@@ -47,7 +47,7 @@ __all__ = [
     "admission",
 ]
 
-logger = logging.getLogger("flowcraft_rabbitmq.coordination")
+logger = logging.getLogger("flowcraft.rabbitmq.coordination")
 
 _json = JsonSerializer()
 
