@@ -355,6 +355,20 @@ def _blueprints_line(runtime_options: RuntimeOptions) -> str:
     show_default=True,
     help="Worker processes to run on this machine (each drains on its own).",
 )
+@click.option(
+    "--history",
+    metavar="STORE",
+    envvar="FLOWCRAFT_HISTORY",
+    help="Record every run's events in this history store (a SQLite file, sqlite:///PATH "
+    "or postgresql://...), read back with `flowcraft history`.",
+)
+@click.option(
+    "--history-spool",
+    metavar="FOLDER",
+    envvar="FLOWCRAFT_HISTORY_SPOOL",
+    help="With --history: a folder on this machine where each event is appended as it "
+    "is emitted, so a killed worker's events are stored by the next one.",
+)
 def worker(
     fleet: FleetTarget,
     concurrency: int | None,
@@ -365,6 +379,8 @@ def worker(
     metrics_port: int | None,
     metrics_host: str,
     processes: int,
+    history: str | None,
+    history_spool: str | None,
 ) -> None:
     """Run a worker: take node jobs from the adapter's queue until SIGINT or SIGTERM.
 
@@ -388,12 +404,24 @@ def worker(
             trace_file,
             metrics_port,
             metrics_host,
+            history,
+            history_spool,
         )
+    if history_spool is not None and history is None:
+        _bad("--history-spool needs --history STORE")
     telemetry = telemetry or trace_file is not None or metrics_port is not None
     sdk = _telemetry_sdk(telemetry, trace_file, metrics_port, metrics_host, "flowcraft-worker")
     buses: list[Any] = []
+    recorders: list[Any] = []
 
     def prepare(options: RuntimeOptions) -> RuntimeOptions:
+        if history is not None:
+            from flowcraft.history import HistoryRecorder, open_store
+
+            recorders.append(
+                HistoryRecorder(open_store(history), inner=options.event_bus, spool=history_spool)
+            )
+            options = dataclasses.replace(options, event_bus=recorders[0])
         if not telemetry:
             return options
         from flowcraft.telemetry import Telemetry
@@ -441,6 +469,8 @@ def worker(
         finally:
             for task in watch:
                 task.cancel()
+            for recorder in recorders:  # the events still queued go to the store
+                await recorder.aclose()
 
     runner = asyncio.Runner()
     code = runner.run(run())
@@ -487,6 +517,8 @@ def _supervise(
     trace_file: str | None,
     metrics_port: int | None,
     metrics_host: str,
+    history: str | None,
+    history_spool: str | None,
 ) -> NoReturn:
     """``--processes N``: N worker processes with this one's settings, passed through
     the environment (never on a command line, where ``ps`` would show credentials).
@@ -522,6 +554,13 @@ def _supervise(
         "--metrics-host",
         metrics_host,
     ]
+    # The store's URL may hold a password: the environment, not the command line.
+    for variable, value in (
+        ("FLOWCRAFT_HISTORY", history),
+        ("FLOWCRAFT_HISTORY_SPOOL", history_spool),
+    ):
+        if value is not None:
+            env[variable] = value
     env.pop("FLOWCRAFT_METRICS_PORT", None)
     children = [
         subprocess.Popen(  # noqa: S603 (our own argv)

@@ -514,7 +514,13 @@ class Resolution(_AdapterCore):
         )
         await emit(
             self.event_bus,
-            FlowEvent("workflow:finish", run_id, None, {"status": status, "errors": errors}),
+            FlowEvent(
+                "workflow:finish",
+                run_id,
+                None,
+                # the blueprint too: a worker's run history never sees the client's start
+                {"status": status, "errors": errors, "blueprintId": analysis.blueprint.id},
+            ),
         )
 
     async def _tidy(self, run_id: str, ctx: AsyncContext, analysis: GraphAnalysis) -> None:

@@ -9,7 +9,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from flowcraft.history._records import HistoryEvent, HistoryStore, RunSummary, status_of
+from flowcraft.history._records import (
+    HistoryEvent,
+    HistoryStore,
+    RunSummary,
+    blueprint_of,
+    status_of,
+)
 
 __all__ = ["History", "Step", "open_store", "recent_runs"]
 
@@ -186,12 +192,11 @@ def format_timeline(run_id: str, events: list[HistoryEvent]) -> str:
     if not events:
         return f"run {run_id}: no history"
     t0 = events[0].at
-    start = next((e for e in events if e.kind == "workflow:start"), None)
     status = "running"
     for e in events:
         if e.kind == "workflow:finish":
             status = str(e.data.get("status", status))
-    blueprint = start.data.get("blueprintId") if start is not None else None
+    blueprint = next((b for e in events if (b := blueprint_of(e)) is not None), None)
     began = datetime.fromtimestamp(t0, UTC).isoformat(timespec="milliseconds")
     lines = [f"run {run_id}  blueprint {blueprint}  {status}  started {began}"]
     for e in events:
@@ -274,9 +279,7 @@ def summary_of(run_id: str, events: list[HistoryEvent]) -> RunSummary:
     blueprint = None
     status = "running"
     for e in events:
-        if e.kind == "workflow:start" and blueprint is None:
-            found = e.data.get("blueprintId")
-            blueprint = str(found) if found is not None else None
+        blueprint = blueprint or blueprint_of(e)
         given = status_of(e)
         if given is not None:
             status = given

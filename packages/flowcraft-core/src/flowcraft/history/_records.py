@@ -156,6 +156,15 @@ def record_of(event: FlowEvent, worker: str = "", at: float | None = None) -> Hi
     )
 
 
+def blueprint_of(event: HistoryEvent) -> str | None:
+    """The blueprint a run-level event names, if any (the start, recorded where the
+    run was started; the finish, recorded by the worker that finished it)."""
+    if event.kind not in ("workflow:start", "workflow:finish"):
+        return None
+    found = event.data.get("blueprintId")
+    return str(found) if found is not None else None
+
+
 def status_of(event: HistoryEvent) -> str | None:
     """The run status an event gives, if any."""
     kind = event.kind

@@ -15,6 +15,7 @@ from flowcraft.history._records import (
     HistoryEvent,
     RunSummary,
     Statements,
+    blueprint_of,
     check_name,
     clean,
     loads_data,
@@ -207,9 +208,7 @@ def _run_rows(events: list[HistoryEvent]) -> list[tuple[Any, ...]]:
         row = runs.get(e.run_id)
         if row is None:
             row = runs[e.run_id] = [e.run_id, None, "", -1.0, e.at, e.at]
-        if e.kind == "workflow:start":
-            blueprint = e.data.get("blueprintId")
-            row[1] = str(blueprint) if blueprint is not None else row[1]
+        row[1] = row[1] or blueprint_of(e)
         status = status_of(e)
         if status is not None and e.at >= row[3]:
             row[2], row[3] = status, e.at
