@@ -404,8 +404,9 @@ class JobHandling(Resolution):
             self._timer_pending(job, "the timeout", float(timer["due"]))
 
     async def _claim_token(self, job: _Job, token: str) -> bool:
-        """Map ``token`` to this run for ``signal``; a stale claim (its run ended or
-        is gone) is taken over. False: a live run's wait holds it."""
+        """Map ``token`` to this run for ``signal``. A claim of another run is taken
+        over once that run no longer waits with the token (its wait resolved, or the
+        run ended or is gone). False: a live wait of another run holds it."""
         store = self.coordination_store
         key = K.token(self.key_prefix, token)
         for _ in range(2):
@@ -414,13 +415,28 @@ class JobHandling(Resolution):
             holder = await store.get(key)
             if holder == job.run_id:
                 return True
-            if holder is None:
-                continue
-            other = await self.create_context(holder).get_many([K.META, K.ENDED])
-            if K.META in other and K.ENDED not in other:
+            if holder is not None and await self._waits_with(holder, token):
                 return False
             await store.delete(key)
         return False
+
+    async def _waits_with(self, run_id: str, token: str) -> bool:
+        """Whether run ``run_id`` has a wait paused with ``token``."""
+        ctx = self.create_context(run_id)
+        found = await ctx.get_many([K.META, K.ENDED])
+        meta = found.get(K.META)
+        if meta is None or K.ENDED in found:
+            return False
+        blueprint = self.runtime.blueprints.get(meta.get("blueprintId"))
+        if blueprint is None:
+            return True  # cannot tell: leave the claim alone
+        nodes = [n.id for n in blueprint.nodes]
+        state = await ctx.get_many([k for n in nodes for k in (K.waiting(n), K.timer(n))])
+        return any(
+            (state.get(K.timer(n)) or {}).get("token") == token
+            and state.get(K.waiting(n)) == (state.get(K.timer(n)) or {}).get("g")
+            for n in nodes
+        )
 
     async def _paused_job(self, job: _Job, generation: int) -> bool:
         """A job of a paused wait. Its timeout due: take the ``timeout`` edge (guarded

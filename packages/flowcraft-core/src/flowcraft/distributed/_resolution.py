@@ -528,7 +528,8 @@ class Resolution(_AdapterCore):
         """Resolve a paused wait (a resume, a signal or its timeout): one commit guarded
         on the wait still paused at ``generation``, so of a resume, signals and the
         timeout racing each other exactly one applies. It records what resolved it
-        (``sig.X``: a repeated signal is recognised) and frees the wait's token."""
+        (``sig.X``: a repeated signal is recognised). The token's claim stays (it expires
+        with the run's state): a repeat by token must still find the run."""
         node_id = job.node_id
         ops = [
             PatchOperation("delete", K.waiting(node_id)),
@@ -537,7 +538,7 @@ class Resolution(_AdapterCore):
         ]
         if timer is not None:
             ops.append(PatchOperation("delete", K.timer(node_id)))
-        applied = await self._commit(
+        return await self._commit(
             job,
             generation,
             result,
@@ -546,12 +547,6 @@ class Resolution(_AdapterCore):
             guard={K.waiting(node_id): generation},
             on_commit=lambda: emit(self.event_bus, event),
         )
-        token = (timer or {}).get("token")
-        if applied and token:
-            key = K.token(self.key_prefix, token)
-            if await self.coordination_store.get(key) == job.run_id:
-                await self.coordination_store.delete(key)
-        return applied
 
     async def _tidy(self, run_id: str, ctx: AsyncContext, analysis: GraphAnalysis) -> None:
         """Delete the run's counters (leases and follow-up marks expire by themselves)."""
