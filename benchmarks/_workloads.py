@@ -11,14 +11,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import inspect
 import json
 import os
+import resource
 import signal
 import statistics
 import subprocess
 import sys
 import tempfile
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
+import time
+import uuid
+from collections import Counter
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +69,158 @@ class JobCounter:
             await handle(job)
 
         adapter.handle_job = counted  # type: ignore[method-assign]
+
+
+COORDINATION_CALLS = ("increment", "set_if_not_exist", "extend_ttl", "delete", "get")
+
+
+def count_coordination(adapter: BaseDistributedAdapter, counts: Counter[str]) -> None:
+    """Count the coordination store's operations and the result publications (as
+    ``redis.<operation>``: the adapters that use it keep both in Redis)."""
+    store = adapter.coordination_store
+    for name in COORDINATION_CALLS:
+        method = getattr(store, name)
+
+        def counted(*args: Any, _method: Any = method, _name: str = name) -> Any:
+            counts[f"redis.{_name}"] += 1
+            return _method(*args)
+
+        setattr(store, name, counted)
+    results = adapter.results
+    assert results is not None
+    publish = results.publish
+
+    async def published(result: Any) -> None:
+        counts["redis.publish_result"] += 1
+        await publish(result)
+
+    results.publish = published  # type: ignore[method-assign]
+
+
+def cpu_seconds() -> float:
+    """This process's CPU time so far (user + system)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+async def work(
+    adapter: BaseDistributedAdapter,
+    config: Config,
+    calls: Callable[[], Mapping[str, int] | Awaitable[Mapping[str, int]]],
+) -> Result:
+    """A worker process's life: handle jobs until SIGTERM, then report its jobs, its
+    CPU time and ``calls()`` (the requests it made, by operation)."""
+    counter = JobCounter(adapter)
+    cpu = cpu_seconds()
+    try:
+        await serve(adapter, config)
+    finally:
+        cpu = cpu_seconds() - cpu
+        made = calls()
+        if inspect.isawaitable(made):
+            made = await made
+        stats = {"jobs": counter.jobs, "calls": dict(made), "cpu_s": cpu}
+        await adapter.aclose()
+    return stats
+
+
+async def start_runs(
+    client: BaseDistributedAdapter, shape: str, runs: int
+) -> tuple[list[str], dict[str, float]]:
+    """Start ``runs`` runs of ``shape`` at once: their ids and start times."""
+    run_ids = [uuid.uuid4().hex for _ in range(runs)]
+    started: dict[str, float] = {}
+
+    async def start(run_id: str) -> None:
+        started[run_id] = time.time()
+        await client.start_run(shape, run_id=run_id)
+
+    await asyncio.gather(*(start(r) for r in run_ids))
+    return run_ids, started
+
+
+async def wait_redis_results(redis: Any, keys: Mapping[str, str]) -> dict[str, float]:
+    """Poll the Redis result records (``{run_id: key}``) until every run has one: when
+    each was published. Raises if any run did not complete."""
+    finished: dict[str, float] = {}
+    failed = 0
+    runs = list(keys)
+    while len(finished) < len(runs):
+        await asyncio.sleep(0.1)
+        for run_id, raw in zip(runs, await redis.mget([keys[r] for r in runs]), strict=True):
+            if raw is not None and run_id not in finished:
+                record = json.loads(raw)
+                finished[run_id] = float(record["publishedAt"])
+                failed += record["status"] != "completed"
+    if failed:
+        raise RuntimeError(f"{failed} runs did not complete")
+    return finished
+
+
+def total(calls: Mapping[str, int], prefix: str, *, but: Iterable[str] = ()) -> int:
+    """Calls whose operation starts with ``prefix``, leaving out ``but``."""
+    left_out = set(but)
+    return sum(v for k, v in calls.items() if k.startswith(prefix) and k not in left_out)
+
+
+def summary(
+    shape: str,
+    workers: int,
+    started: Mapping[str, float],
+    finished: Mapping[str, float],
+    stats: list[Result],
+    requests: Callable[[Counter[str]], Mapping[str, int]],
+) -> Result:
+    """One row of results from the runs' start and publication times and the worker
+    processes' reports; ``requests(calls)`` groups the workers' calls into the columns
+    reported per node job."""
+    jobs = sum(s["jobs"] for s in stats)
+    calls: Counter[str] = Counter()
+    for s in stats:
+        calls.update(s["calls"])
+    runs = len(started)
+    span = max(finished.values()) - min(started.values())
+    latencies = sorted((finished[r] - started[r]) * 1000 for r in started)
+    result: Result = {
+        "shape": shape,
+        "workers": workers,
+        "runs": runs,
+        "node_jobs": jobs,
+        "expected_jobs": runs * JOBS_PER_RUN[shape],
+        "seconds": round(span, 3),
+        "jobs_per_s": round(jobs / span, 1),
+        "runs_per_s": round(runs / span, 2),
+        "latency_ms": latency_summary(latencies),
+    }
+    if all("cpu_s" in s for s in stats):
+        cpu = sum(s["cpu_s"] for s in stats)
+        result["worker_cpu_ms_per_node_job"] = round(1000 * cpu / jobs, 3)
+    result["requests_per_job"] = {k: round(v / jobs, 2) for k, v in requests(calls).items()}
+    result["worker_requests_by_operation"] = dict(sorted(calls.items()))
+    return result
+
+
+def table(columns: Mapping[str, str]) -> tuple[str, Callable[[Result], str]]:
+    """The header and row printer of a results table: the common columns, then
+    ``requests_per_job[key]`` under each ``{key: label}``."""
+    head = (
+        f"{'shape':<8} {'workers':>7} {'runs':>5} {'jobs':>6} {'jobs/s':>7} {'runs/s':>7} "
+        f"{'p50 ms':>8} {'p95 ms':>8} {'max ms':>8} {'cpu ms':>7}"
+    )
+    header = head + "".join(f" {label:>{max(len(label), 5)}}" for label in columns.values())
+
+    def row(r: Result) -> str:
+        lat, calls = r["latency_ms"], r["requests_per_job"]
+        line = (
+            f"{r['shape']:<8} {r['workers']:>7} {r['runs']:>5} {r['node_jobs']:>6} "
+            f"{r['jobs_per_s']:>7} {r['runs_per_s']:>7} {lat['p50']:>8} {lat['p95']:>8} "
+            f"{lat['max']:>8} {r.get('worker_cpu_ms_per_node_job', '-'):>7}"
+        )
+        return line + "".join(
+            f" {calls[key]:>{max(len(label), 5)}}" for key, label in columns.items()
+        )
+
+    return header, row
 
 
 async def serve(adapter: BaseDistributedAdapter, config: Config) -> None:

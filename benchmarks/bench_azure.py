@@ -27,10 +27,6 @@ Backends: ``FLOWCRAFT_TEST_{AZURITE,COSMOS,REDIS}_URL`` if set, else started her
 
 from __future__ import annotations
 
-import asyncio
-import json
-import resource
-import time
 import uuid
 from argparse import Namespace
 from collections import Counter
@@ -38,13 +34,16 @@ from typing import Any
 
 from _workloads import (
     CONCURRENCY,
-    JOBS_PER_RUN,
-    JobCounter,
     WorkerProcesses,
+    count_coordination,
     flows,
-    latency_summary,
     main,
-    serve,
+    start_runs,
+    summary,
+    table,
+    total,
+    wait_redis_results,
+    work,
 )
 
 from flowcraft_azure import AzureAdapter
@@ -56,7 +55,6 @@ AZURITE_KEY = (
 COSMOS_KEY = (
     "C2y6yDjf5/R+ob0N8A7Cgv30VRDJIWEHLM+4QDU5DE2nQ9nDuVTqobD4b8mGGyPMbIZnqyMsEcaGQy67XIw/Jw=="
 )
-STORE_CALLS = ("increment", "set_if_not_exist", "extend_ttl", "delete", "get")
 
 
 def make_adapter(config: dict[str, Any]) -> AzureAdapter:
@@ -81,140 +79,57 @@ def make_adapter(config: dict[str, Any]) -> AzureAdapter:
     )
 
 
-def redis_meter(adapter: AzureAdapter) -> Counter[str]:
-    """Wrap the coordination store's five operations and the result publication."""
-    seen: Counter[str] = Counter()
-    store = adapter.coordination_store
-    for name in STORE_CALLS:
-        inner = getattr(store, name)
-
-        async def call(*args: Any, _inner: Any = inner, _name: str = name) -> Any:
-            seen[_name] += 1
-            return await _inner(*args)
-
-        setattr(store, name, call)
-    results = adapter.results
-    assert results is not None
-    announce = results.publish
-
-    async def publish(result: Any) -> None:
-        seen["publish_result"] += 1
-        await announce(result)
-
-    results.publish = publish  # type: ignore[method-assign]
-    return seen
-
-
-def cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
 async def worker_main(config: dict[str, Any]) -> dict[str, Any]:
     """One worker process: handle jobs until SIGTERM; returns its counts."""
     adapter = make_adapter(config)
-    counter = JobCounter(adapter)
-    redis_calls = redis_meter(adapter)
-    cpu = cpu_seconds()
-    try:
-        await serve(adapter, config)
-    finally:
-        cpu = cpu_seconds() - cpu
-        calls = {f"queue.{k}": v for k, v in adapter.queue.requests.items()}
-        calls |= {f"cosmos.{k}": v for k, v in adapter.runs.requests.items()}
-        calls |= {f"redis.{k}": v for k, v in redis_calls.items()}
-        stats = {"jobs": counter.jobs, "calls": calls, "cpu_s": cpu}
-        await adapter.aclose()
-    return stats
+    redis_calls: Counter[str] = Counter()
+    count_coordination(adapter, redis_calls)
+
+    def calls() -> dict[str, int]:
+        made = {f"queue.{k}": v for k, v in adapter.queue.requests.items()}
+        made |= {f"cosmos.{k}": v for k, v in adapter.runs.requests.items()}
+        return made | redis_calls
+
+    return await work(adapter, config, calls)
+
+
+def requests(calls: Counter[str]) -> dict[str, int]:
+    receives = calls["queue.receive"]
+    found = {
+        "queue": total(calls, "queue.") - receives,
+        "receive": receives,
+        "cosmos": total(calls, "cosmos."),
+        "redis": total(calls, "redis."),
+    }
+    return found | {"total": sum(found.values())}
 
 
 async def measure(
     urls: dict[str, str], args: Namespace, shape: str, workers: int
 ) -> dict[str, Any]:
-    runs = args.runs
     base = {**urls, "tag": f"bench-{uuid.uuid4().hex[:10]}"}
     client = make_adapter(base)
     await client.create_resources()  # before the workers poll
     procs = WorkerProcesses(__file__, base, workers, prefix="bench-azure-")
     try:
         await procs.ready()
-        run_ids = [uuid.uuid4().hex for _ in range(runs)]
-        started: dict[str, float] = {}
-
-        async def start(run_id: str) -> None:
-            started[run_id] = time.time()
-            await client.start_run(shape, run_id=run_id)
-
-        await asyncio.gather(*(start(r) for r in run_ids))
+        run_ids, started = await start_runs(client, shape, args.runs)
         assert client.results is not None
-        keys = [client.results.key(r) for r in run_ids]
-        redis = client.results._client
-        finished: dict[str, float] = {}
-        failed = 0
-        while len(finished) < runs:
-            await asyncio.sleep(0.1)
-            for run_id, raw in zip(run_ids, await redis.mget(keys), strict=True):
-                if raw is not None and run_id not in finished:
-                    record = json.loads(raw)
-                    finished[run_id] = float(record["publishedAt"])
-                    failed += record["status"] != "completed"
-        if failed:
-            raise RuntimeError(f"{failed} runs did not complete")
+        finished = await wait_redis_results(
+            client.results._client, {r: client.results.key(r) for r in run_ids}
+        )
     finally:
         await procs.stop()
         await client.queue.delete()
         db = client.cosmos.get_database_client("flowcraft-bench")
         await db.delete_container(base["tag"])
         await client.aclose()
-    stats = procs.stats()
-    jobs = sum(s["jobs"] for s in stats)
-    calls: Counter[str] = Counter()
-    for s in stats:
-        calls.update(s["calls"])
-    span = max(finished.values()) - min(started.values())
-    latencies = sorted((finished[r] - started[r]) * 1000 for r in run_ids)
-    receives = calls.get("queue.receive", 0)
-    queue = sum(v for k, v in calls.items() if k.startswith("queue.")) - receives
-    cosmos = sum(v for k, v in calls.items() if k.startswith("cosmos."))
-    redis_ops = sum(v for k, v in calls.items() if k.startswith("redis."))
-    return {
-        "shape": shape,
-        "workers": workers,
-        "runs": runs,
-        "node_jobs": jobs,
-        "expected_jobs": runs * JOBS_PER_RUN[shape],
-        "seconds": round(span, 3),
-        "jobs_per_s": round(jobs / span, 1),
-        "runs_per_s": round(runs / span, 2),
-        "latency_ms": latency_summary(latencies),
-        "worker_cpu_ms_per_node_job": round(1000 * sum(s["cpu_s"] for s in stats) / jobs, 3),
-        "requests_per_job": {
-            "queue": round(queue / jobs, 2),
-            "receive": round(receives / jobs, 2),
-            "cosmos": round(cosmos / jobs, 2),
-            "redis": round(redis_ops / jobs, 2),
-            "total": round((queue + receives + cosmos + redis_ops) / jobs, 2),
-        },
-        "worker_requests_by_operation": dict(sorted(calls.items())),
-    }
+    return summary(shape, workers, started, finished, procs.stats(), requests)
 
 
-HEADER = (
-    f"{'shape':<8} {'workers':>7} {'runs':>5} {'jobs':>6} {'jobs/s':>7} {'runs/s':>7} "
-    f"{'p50 ms':>8} {'p95 ms':>8} {'max ms':>8} {'cpu ms':>7} {'queue':>6} {'recv':>5} "
-    f"{'cosmos':>6} {'redis':>5} {'total':>6}"
+HEADER, row = table(
+    {"queue": "queue", "receive": "recv", "cosmos": "cosmos", "redis": "redis", "total": "total"}
 )
-
-
-def row(r: dict[str, Any]) -> str:
-    lat, calls = r["latency_ms"], r["requests_per_job"]
-    return (
-        f"{r['shape']:<8} {r['workers']:>7} {r['runs']:>5} {r['node_jobs']:>6} "
-        f"{r['jobs_per_s']:>7} {r['runs_per_s']:>7} {lat['p50']:>8} {lat['p95']:>8} "
-        f"{lat['max']:>8} {r['worker_cpu_ms_per_node_job']:>7} {calls['queue']:>6} "
-        f"{calls['receive']:>5} {calls['cosmos']:>6} {calls['redis']:>5} {calls['total']:>6}"
-    )
-
 
 if __name__ == "__main__":
     main(

@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import resource
-import time
 import uuid
 from argparse import Namespace
 from collections import Counter
@@ -38,13 +36,15 @@ from typing import Any
 
 from _workloads import (
     CONCURRENCY,
-    JOBS_PER_RUN,
-    JobCounter,
     WorkerProcesses,
     flows,
-    latency_summary,
     main,
-    serve,
+    start_runs,
+    summary,
+    table,
+    total,
+    wait_redis_results,
+    work,
 )
 from redis.asyncio.client import Pipeline, Redis
 
@@ -136,44 +136,36 @@ def make_adapter(config: dict[str, Any], stats: KafkaStats | None = None) -> Kaf
     )
 
 
-def cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
 async def worker_main(config: dict[str, Any]) -> dict[str, Any]:
     """One worker process: handle jobs until SIGTERM; returns its counts."""
     stats = KafkaStats()
-    calls: Counter[str] = Counter()
-    count_redis(calls)
+    redis_calls: Counter[str] = Counter()
+    count_redis(redis_calls)
     adapter = make_adapter(config, stats)
-    counter = JobCounter(adapter)
-    cpu = cpu_seconds()
-    try:
-        await serve(adapter, config)
-    finally:
-        cpu = cpu_seconds() - cpu
+
+    async def calls() -> dict[str, int]:
         cql = adapter.cassandra_client.requests if adapter.cassandra_client else 0
         await asyncio.sleep(0.6)  # one more statistics report
-        kafka = stats.totals()
-        await adapter.aclose()
+        kafka = {f"kafka.{k}": v for k, v in stats.totals().items()}
+        return {"cql": cql, "redis": redis_calls["redis"], **kafka}
+
+    return await work(adapter, config, calls)
+
+
+def requests(calls: Counter[str]) -> dict[str, int]:
     return {
-        "jobs": counter.jobs,
-        "cpu_s": cpu,
-        "calls": {
-            "cql": cql,
-            "redis": calls["redis"],
-            **{f"kafka.{k}": v for k, v in kafka.items()},
-        },
+        "cassandra": calls["cql"],
+        "redis": calls["redis"],
+        "kafka_produce": calls["kafka.Produce"],
+        "kafka_messages": calls["kafka.messages"],
+        "kafka_all": total(calls, "kafka.", but=["kafka.messages"]),
     }
 
 
 async def measure(
     urls: dict[str, str], args: Namespace, shape: str, workers: int
 ) -> dict[str, Any]:
-    runs = args.runs
-    tag = uuid.uuid4().hex[:10]
-    base = {**urls, "topic": f"bench-{tag}", "keyspace": "flowcraft_bench"}
+    base = {**urls, "topic": f"bench-{uuid.uuid4().hex[:10]}", "keyspace": "flowcraft_bench"}
     setup = await CassandraClient.connect(cassandra(base))
     try:
         await create_schema(setup)
@@ -186,80 +178,25 @@ async def measure(
     procs = WorkerProcesses(__file__, base, workers, prefix="bench-kafka-")
     try:
         await procs.ready()
-        run_ids = [uuid.uuid4().hex for _ in range(runs)]
-        started: dict[str, float] = {}
-
-        async def start(run_id: str) -> None:
-            started[run_id] = time.time()
-            await client.start_run(shape, run_id=run_id)
-
-        await asyncio.gather(*(start(r) for r in run_ids))
-        keys = [client.results.key(r) for r in run_ids]
-        finished: dict[str, float] = {}
-        bad = 0
-        while len(finished) < runs:
-            await asyncio.sleep(0.1)
-            for run_id, raw in zip(run_ids, await client.redis.mget(keys), strict=True):
-                if raw is not None and run_id not in finished:
-                    record = json.loads(raw)
-                    finished[run_id] = float(record["publishedAt"])
-                    bad += record["status"] != "completed"
-        if bad:
-            raise RuntimeError(f"{bad} runs did not complete")
+        run_ids, started = await start_runs(client, shape, args.runs)
+        finished = await wait_redis_results(
+            client.redis, {r: client.results.key(r) for r in run_ids}
+        )
     finally:
         await procs.stop()
         await client.aclose()
-    stats = procs.stats()
-    jobs = sum(s["jobs"] for s in stats)
-    calls: Counter[str] = Counter()
-    for s in stats:
-        calls.update(s["calls"])
-    span = max(finished.values()) - min(started.values())
-    latencies = sorted((finished[r] - started[r]) * 1000 for r in run_ids)
-    kafka = sum(v for k, v in calls.items() if k.startswith("kafka.") and k != "kafka.messages")
+    return summary(shape, workers, started, finished, procs.stats(), requests)
 
-    def per_job(n: float) -> float:
-        return round(n / jobs, 2)
 
-    return {
-        "shape": shape,
-        "workers": workers,
-        "runs": runs,
-        "node_jobs": jobs,
-        "expected_jobs": runs * JOBS_PER_RUN[shape],
-        "seconds": round(span, 3),
-        "jobs_per_s": round(jobs / span, 1),
-        "runs_per_s": round(runs / span, 2),
-        "latency_ms": latency_summary(latencies),
-        "worker_cpu_ms_per_node_job": round(1000 * sum(s["cpu_s"] for s in stats) / jobs, 3),
-        "requests_per_job": {
-            "cassandra": per_job(calls["cql"]),
-            "redis": per_job(calls["redis"]),
-            "kafka_produce": per_job(calls["kafka.Produce"]),
-            "kafka_messages": per_job(calls["kafka.messages"]),
-            "kafka_all": per_job(kafka),
-        },
-        "worker_requests": dict(sorted(calls.items())),
+HEADER, row = table(
+    {
+        "cassandra": "cql",
+        "redis": "redis",
+        "kafka_produce": "produce",
+        "kafka_messages": "msgs",
+        "kafka_all": "kafka",
     }
-
-
-HEADER = (
-    f"{'shape':<8} {'workers':>7} {'runs':>5} {'jobs':>6} {'jobs/s':>7} {'runs/s':>7} "
-    f"{'p50 ms':>8} {'p95 ms':>8} {'max ms':>8} {'cpu ms':>7} {'cql':>5} {'redis':>5} "
-    f"{'produce':>7} {'msgs':>5} {'kafka':>6}"
 )
-
-
-def row(r: dict[str, Any]) -> str:
-    lat, calls = r["latency_ms"], r["requests_per_job"]
-    return (
-        f"{r['shape']:<8} {r['workers']:>7} {r['runs']:>5} {r['node_jobs']:>6} "
-        f"{r['jobs_per_s']:>7} {r['runs_per_s']:>7} {lat['p50']:>8} {lat['p95']:>8} "
-        f"{lat['max']:>8} {r['worker_cpu_ms_per_node_job']:>7} {calls['cassandra']:>5} "
-        f"{calls['redis']:>5} {calls['kafka_produce']:>7} {calls['kafka_messages']:>5} "
-        f"{calls['kafka_all']:>6}"
-    )
-
 
 if __name__ == "__main__":
     main(

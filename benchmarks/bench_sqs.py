@@ -11,7 +11,8 @@ the figures are the adapter's and the backend's cost.
 
 Columns: ``jobs/s`` node jobs handled per second and ``runs/s`` runs finished per
 second, over the span from the first start to the last published result; ``p50``/
-``p95``/``max`` run latency (start to published result, ms); ``sqs``, ``ddb``: AWS API
+``p95``/``max`` run latency (start to published result, ms); ``cpu ms`` the workers'
+CPU (user + system) per node job; ``sqs``, ``ddb``: AWS API
 calls per node job made by the workers (botocore's count of requests, retries not
 counted twice), with ``recv`` (ReceiveMessage, which depends on idle polling) shown
 apart from ``sqs``; ``client``: calls the client made per run (start + waiting).
@@ -27,7 +28,6 @@ Backend: ``FLOWCRAFT_TEST_MOTO_URL`` if set, else a moto server started here by
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
 from argparse import ArgumentParser, Namespace
 from collections import Counter
@@ -35,13 +35,15 @@ from typing import Any
 
 from _workloads import (
     CONCURRENCY,
-    JOBS_PER_RUN,
-    JobCounter,
+    Result,
     WorkerProcesses,
     flows,
-    latency_summary,
     main,
-    serve,
+    start_runs,
+    summary,
+    table,
+    total,
+    work,
 )
 
 from flowcraft_sqs import AwsClients, AwsSettings, SqsAdapter, create_queues, create_table
@@ -74,15 +76,20 @@ def settings(url: str) -> AwsSettings:
 async def worker_main(config: dict[str, Any]) -> dict[str, Any]:
     """One worker process: handle jobs until SIGTERM; returns its counts."""
     clients = AwsClients(settings(config["url"]))
-    adapter = make_adapter(config, clients)
-    counter = JobCounter(adapter)
     try:
-        await serve(adapter, config)
+        return await work(make_adapter(config, clients), config, lambda: dict(clients.api_calls))
     finally:
-        stats = {"jobs": counter.jobs, "calls": dict(clients.api_calls)}
-        await adapter.aclose()
         clients.close()
-    return stats
+
+
+def requests(calls: Counter[str]) -> dict[str, int]:
+    receives = calls["sqs.ReceiveMessage"]
+    found = {
+        "sqs": total(calls, "sqs.") - receives,
+        "receive": receives,
+        "dynamodb": total(calls, "dynamodb."),
+    }
+    return found | {"total": sum(found.values())}
 
 
 async def measure(
@@ -91,23 +98,16 @@ async def measure(
     url, runs, fifo = urls["url"], args.runs, args.fifo
     tag = uuid.uuid4().hex[:10]
     clients = AwsClients(settings(url))
-    table = f"bench-{tag}"
-    await create_table(clients, table)
+    table_name = f"bench-{tag}"
+    await create_table(clients, table_name)
     queues = await create_queues(clients, f"bench-{tag}", fifo=fifo)
-    base = {"url": url, "queue_url": queues.queue_url, "table": table, "namespace": tag}
+    base = {"url": url, "queue_url": queues.queue_url, "table": table_name, "namespace": tag}
     procs = WorkerProcesses(__file__, base, workers, prefix="bench-sqs-")
     client = make_adapter(base, clients)
     try:
         await procs.ready()
         clients.reset_api_calls()
-        run_ids = [uuid.uuid4().hex for _ in range(runs)]
-        started: dict[str, float] = {}
-
-        async def start(run_id: str) -> None:
-            started[run_id] = time.time()
-            await client.start_run(shape, run_id=run_id)
-
-        await asyncio.gather(*(start(r) for r in run_ids))
+        run_ids, started = await start_runs(client, shape, runs)
         finished: dict[str, float] = {}
         while len(finished) < runs:
             await asyncio.sleep(0.1)
@@ -121,38 +121,13 @@ async def measure(
             raise RuntimeError(f"{len(bad)} runs did not complete")
     finally:
         await procs.stop()
-        await clients.dynamodb_call("delete_table", TableName=table)
+        await clients.dynamodb_call("delete_table", TableName=table_name)
         for queue in (queues.queue_url, queues.dead_letter_queue_url):
             await clients.sqs_call("delete_queue", QueueUrl=queue)
         clients.close()
-    stats = procs.stats()
-    jobs = sum(s["jobs"] for s in stats)
-    calls: Counter[str] = Counter()
-    for s in stats:
-        calls.update(s["calls"])
-    span = max(finished.values()) - min(started.values())
-    latencies = sorted((finished[r] - started[r]) * 1000 for r in run_ids)
-    receives = calls.pop("sqs.ReceiveMessage", 0)
-    sqs = sum(v for k, v in calls.items() if k.startswith("sqs."))
-    ddb = sum(v for k, v in calls.items() if k.startswith("dynamodb."))
-    return {
-        "shape": shape,
+    result = summary(shape, workers, started, finished, procs.stats(), requests)
+    return result | {
         "queue": "fifo" if fifo else "standard",
-        "workers": workers,
-        "runs": runs,
-        "node_jobs": jobs,
-        "expected_jobs": runs * JOBS_PER_RUN[shape],
-        "seconds": round(span, 3),
-        "jobs_per_s": round(jobs / span, 1),
-        "runs_per_s": round(runs / span, 2),
-        "latency_ms": latency_summary(latencies),
-        "api_calls_per_job": {
-            "sqs": round(sqs / jobs, 2),
-            "receive": round(receives / jobs, 2),
-            "dynamodb": round(ddb / jobs, 2),
-            "total": round((sqs + ddb + receives) / jobs, 2),
-        },
-        "worker_calls_by_operation": dict(sorted(calls.items())),
         "client_calls_per_run": round(client_calls / runs, 2),
     }
 
@@ -171,21 +146,12 @@ async def read_published(client: SqsAdapter, run_id: str) -> float | None:
     return int(item["x"]["N"]) / 1000 - STATE_TTL
 
 
-HEADER = (
-    f"{'shape':<8} {'queue':<8} {'workers':>7} {'runs':>5} {'jobs':>6} {'jobs/s':>7} "
-    f"{'runs/s':>7} {'p50 ms':>8} {'p95 ms':>8} {'max ms':>8} {'sqs':>5} {'recv':>5} "
-    f"{'ddb':>5} {'total':>6} {'client':>7}"
-)
+_HEADER, _row = table({"sqs": "sqs", "receive": "recv", "dynamodb": "ddb", "total": "total"})
+HEADER = f"{_HEADER} {'client':>7} {'queue':<8}"
 
 
-def row(r: dict[str, Any]) -> str:
-    lat, calls = r["latency_ms"], r["api_calls_per_job"]
-    return (
-        f"{r['shape']:<8} {r['queue']:<8} {r['workers']:>7} {r['runs']:>5} {r['node_jobs']:>6} "
-        f"{r['jobs_per_s']:>7} {r['runs_per_s']:>7} {lat['p50']:>8} {lat['p95']:>8} "
-        f"{lat['max']:>8} {calls['sqs']:>5} {calls['receive']:>5} {calls['dynamodb']:>5} "
-        f"{calls['total']:>6} {r['client_calls_per_run']:>7}"
-    )
+def row(r: Result) -> str:
+    return f"{_row(r)} {r['client_calls_per_run']:>7} {r['queue']:<8}"
 
 
 def fifo_option(parser: ArgumentParser) -> None:

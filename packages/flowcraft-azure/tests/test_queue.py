@@ -123,3 +123,18 @@ async def test_a_dead_letter_of_a_full_size_body_still_fits(namespace: Namespace
     assert letter.reason.startswith("reason")
     assert body.startswith(letter.body)
     assert letter.body
+
+
+async def test_hand_backs_near_max_deliveries_are_resent(namespace: Namespace) -> None:
+    """The dequeue count includes hand-backs: near ``max_deliveries`` the loop's
+    hand-back sends a fresh copy, so a job handed back often is never parked."""
+    adapter = _adapter(namespace, max_deliveries=4, poll_window=0.3)
+    await adapter.enqueue_raw(b"busy elsewhere")
+    counts = []
+    for _ in range(10):
+        (message,) = await adapter.receive(1)
+        counts.append(message.dequeue_count)
+        await adapter._hand_back(message, adapter.delivery_count(message), 0)
+    assert max(counts) <= 4, counts
+    assert await _receive_all(adapter) == ["busy elsewhere"]
+    assert await adapter.dead_letters() == []

@@ -48,5 +48,5 @@ def test_quick_start_runs_as_written(settings: WorkerSettings, tmp_path: Path) -
         assert client.stdout.strip() == "completed ann: 3 items"
     finally:
         worker.send_signal(signal.SIGTERM)
-        code = worker.wait(timeout=60)
-    assert code == 0, "the worker did not stop gracefully on SIGTERM"
+        exit_code = worker.wait(timeout=60)
+    assert exit_code == 0, "the worker did not stop gracefully on SIGTERM"

@@ -560,12 +560,16 @@ def test_validate_reports_counts_starts_and_loops(tmp_path: Path) -> None:
     ]
 
 
-def test_validate_json_without_registry_lists_needed_implementations(tmp_path: Path) -> None:
+def test_validate_json_without_registry_warns_about_unchecked_uses(tmp_path: Path) -> None:
     path = shout_blueprint(tmp_path)
     result = invoke("validate", path)
     assert result.exit_code == 0
     assert "loops: none" in result.stdout
-    assert "needs a registry (--registry) for: shout" in result.stderr
+    assert (
+        "warning: nodes[0].uses: 'shout' is not a built-in and cannot be checked without "
+        "a registry (--registry)" in result.stderr
+    )
+    assert invoke("validate", path, "--strict").exit_code == 1
 
 
 def test_validate_rejects_a_cycle_without_exit(tmp_path: Path) -> None:
@@ -581,17 +585,322 @@ def test_validate_rejects_a_cycle_without_exit(tmp_path: Path) -> None:
             ],
         },
     )
-    line = one_line_error(invoke("validate", path))
-    assert "no exit" in line
+    result = invoke("validate", path)
+    assert result.exit_code == 1
+    assert "no exit" in result.stderr
+    assert result.stdout == "invalid: blueprint 'trap': 1 error, 0 warnings\n"
 
 
 def test_validate_with_registry_catches_unknown_uses(tmp_path: Path) -> None:
     reg = write(tmp_path, "reg_validate.py", REGISTRY_MODULE)
     path = blueprint_file(
-        tmp_path, {"id": "x", "nodes": [{"id": "a", "uses": "shout"}, {"id": "b", "uses": "nope"}]}
+        tmp_path,
+        {"id": "x", "nodes": [{"id": "a", "uses": "shout"}, {"id": "b", "uses": "shuot"}]},
     )
-    line = one_line_error(invoke("validate", path, "--registry", f"{reg}:REGISTRY"))
-    assert "'nope'" in line
+    result = invoke("validate", path, "--registry", f"{reg}:REGISTRY")
+    assert result.exit_code == 1
+    assert (
+        "error: nodes[1].uses: 'shuot' is not in the registry; did you mean shout?" in result.stderr
+    )
+
+
+def validate_json(*args: str, code: int = 1) -> dict[str, Any]:
+    result = invoke("validate", *args, "--json")
+    assert result.exit_code == code, result.output
+    report: dict[str, Any] = json.loads(result.stdout)
+    assert report["valid"] is (code == 0)
+    return report
+
+
+def paths(report: dict[str, Any], kind: str = "errors") -> list[str]:
+    return [p["path"] for p in report[kind]]
+
+
+BROKEN: dict[str, Any] = {
+    "id": "broken",
+    "nodes": [
+        {"id": "a", "uses": "flowcraft:doesnotexist"},
+        {"id": "b", "uses": "flowcraft:sleep", "config": {"maxRetrys": 3}},
+        {"id": "c", "uses": "flowcraft:sleep", "params": {"duration": "soon"}},
+        {"id": "c", "uses": "flowcraft:wait", "_sourceLocation": {"file": "f", "line": 1}},
+        {"id": "d", "uses": "flowcraft:subflow"},
+    ],
+    "edges": [
+        {"source": "a", "target": "b", "conditon": "x > 1"},
+        {"source": "b", "target": "ghost"},
+        {"source": "phantom", "target": "c", "transform": "input +"},
+    ],
+    "metadata": {"cycleEntryPoint": ["a"], "owner": "me"},
+    "verison": "1",
+}
+
+
+def test_validate_reports_every_error_at_once_with_paths(tmp_path: Path) -> None:
+    report = validate_json(blueprint_file(tmp_path, BROKEN))
+    assert report["blueprintId"] == "broken"
+    found = {(p["path"], p["code"]): p["message"] for p in report["errors"]}
+    assert found == {
+        ("nodes[0].uses", "unknown_builtin"): "unknown built-in 'flowcraft:doesnotexist'",
+        ("nodes[1].config.maxRetrys", "unknown_key"): "unknown key; did you mean maxRetries?",
+        ("nodes[2].params.duration", "invalid_param"): (
+            "sleep node 'c': invalid duration 'soon' (e.g. 500, '10s', '5m', '1h')"
+        ),
+        ("nodes[3].id", "duplicate_node_id"): "duplicate node id 'c' (also nodes[2])",
+        ("nodes[3]._sourceLocation.column", "missing"): "required",
+        ("nodes[4].params.blueprintId", "missing_param"): (
+            "flowcraft:subflow needs a string blueprintId"
+        ),
+        ("edges[0].conditon", "unknown_key"): "unknown key; did you mean condition?",
+        ("edges[1].target", "dangling_edge"): "edge target 'ghost' is not a node",
+        ("edges[2].source", "dangling_edge"): "edge source 'phantom' is not a node",
+        ("edges[2].transform", "invalid_expression"): report["errors"][-2]["message"],
+        ("verison", "unknown_key"): "unknown key (allowed: id, nodes, edges, metadata)",
+    }
+    assert paths(report) == [path for path, _ in found]  # document order
+    assert paths(report, "warnings") == ["metadata.cycleEntryPoint"]
+    assert report["warnings"][0]["message"].endswith("did you mean cycleEntryPoints?")
+    assert report["summary"] is None
+
+
+def test_validate_human_report_lists_each_problem_on_stderr(tmp_path: Path) -> None:
+    result = invoke("validate", blueprint_file(tmp_path, BROKEN))
+    assert result.exit_code == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 11
+    assert "error: nodes[1].config.maxRetrys: unknown key; did you mean maxRetries?" in errors
+    assert result.stdout == "invalid: blueprint 'broken': 11 errors, 1 warning\n"
+
+
+def test_unknown_builtin_is_an_error_even_without_registry(tmp_path: Path) -> None:
+    path = blueprint_file(tmp_path, {"id": "x", "nodes": [{"id": "a", "uses": "flowcraft:slep"}]})
+    report = validate_json(path)
+    assert report["errors"] == [
+        {
+            "path": "nodes[0].uses",
+            "code": "unknown_builtin",
+            "message": "unknown built-in 'flowcraft:slep'; did you mean flowcraft:sleep?",
+        }
+    ]
+
+
+def test_typescript_builtin_names_and_source_locations_are_valid(tmp_path: Path) -> None:
+    where = {"file": "flow.ts", "line": 3, "column": 1}
+    path = blueprint_file(
+        tmp_path,
+        {
+            "id": "ts",
+            "nodes": [
+                {"id": "w", "uses": "wait", "_sourceLocation": where},
+                {"id": "s", "uses": "sleep", "params": {"duration": "1s"}},
+                {"id": "sub", "uses": "subflow", "params": {"blueprintId": "ts"}},
+            ],
+            "edges": [
+                {"source": "w", "target": "s", "_sourceLocation": where},
+                {"source": "s", "target": "sub"},
+            ],
+            "metadata": {"version": "1", "anything": {"goes": True}},
+        },
+    )
+    report = validate_json(path, code=0)
+    assert report["errors"] == report["warnings"] == []
+    assert report["summary"] == {
+        "nodes": 3,
+        "edges": 2,
+        "startNodes": ["w"],
+        "endNodes": ["sub"],
+        "loops": [],
+    }
+
+
+def test_every_example_and_typescript_scenario_validates(tmp_path: Path) -> None:
+    from flowcraft.testing.compat import SCENARIOS
+
+    examples = Path(__file__).parents[3] / "examples"
+    for json_file in sorted(examples.glob("*.json")):
+        assert validate_json(str(json_file), code=0)["errors"] == []
+    for name, make in SCENARIOS.items():
+        scenario = make()
+        for i, bp in enumerate(scenario.blueprints):
+            path = blueprint_file(tmp_path, dict(bp), f"{name}-{i}.json")
+            report = validate_json(
+                path, "--registry", f"{_registry_file(tmp_path, scenario)}:R", code=0
+            )
+            assert report["errors"] == [], (name, report)
+
+
+def _registry_file(tmp_path: Path, scenario: Any) -> str:
+    """A registry module with the scenario's keys (the validate command needs names only)."""
+    path = tmp_path / f"reg_{abs(hash(tuple(scenario.registry)))}.py"
+    keys = sorted(scenario.registry)
+    path.write_text(f"R = {{k: (lambda ctx: None) for k in {keys!r}}}\n")
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("content", "code", "message"),
+    [
+        ("", "empty", "the file is empty (a blueprint is a JSON object)"),
+        ("   \n", "empty", "the file is empty (a blueprint is a JSON object)"),
+        ("[1, 2]", "not_object", "a blueprint is a JSON object, not a list"),
+        ("null", "not_object", "a blueprint is a JSON object, not null"),
+        ('"text"', "not_object", "a blueprint is a JSON object, not a str"),
+        ("{nope", "not_json", "not valid JSON: "),
+        ("[" * 100_000 + "]" * 100_000, "not_json", "the JSON is nested too deeply to read"),
+    ],
+)
+def test_validate_hostile_files(tmp_path: Path, content: str, code: str, message: str) -> None:
+    path = tmp_path / "bp.json"
+    path.write_text(content)
+    report = validate_json(str(path))
+    assert [e["code"] for e in report["errors"]] == [code]
+    assert report["errors"][0]["message"].startswith(message)
+    assert report["errors"][0]["path"] == ""
+
+
+def test_validate_exit_2_for_unreadable_input(tmp_path: Path) -> None:
+    assert "no such file" in one_line_error(invoke("validate", str(tmp_path / "none.json")))
+    binary = tmp_path / "bp.json"
+    binary.write_bytes(b"\xff\xfe{")
+    assert "cannot read" in one_line_error(invoke("validate", str(binary), "--json"))
+    bad_registry = invoke("validate", shout_blueprint(tmp_path), "--registry", "nope")
+    assert bad_registry.exit_code == 2
+
+
+def test_validate_missing_fields_and_wrong_types(tmp_path: Path) -> None:
+    path = blueprint_file(
+        tmp_path,
+        {
+            "nodes": [{"uses": "flowcraft:wait"}, {"id": "b", "uses": "", "inputs": 5}],
+            "edges": {"a": "b"},
+        },
+    )
+    report = validate_json(path)
+    assert {(e["path"], e["message"]) for e in report["errors"]} == {
+        ("id", "required"),
+        ("nodes[0].id", "required"),
+        ("nodes[1].uses", "String should have at least 1 character"),
+        ("nodes[1].inputs", "must be a string or a mapping of strings"),
+        ("edges", "must be a list"),
+    }
+    assert report["blueprintId"] is None
+
+
+def test_validate_ten_thousand_nodes(tmp_path: Path) -> None:
+    """A big blueprint is one report, not ten thousand warnings; the work is linear
+    (see benchmarks for timings, none asserted here)."""
+    n = 10_000
+    nodes = [{"id": f"n{i}", "uses": "step"} for i in range(n)]
+    edges = [{"source": f"n{i}", "target": f"n{i + 1}"} for i in range(n - 1)]
+    edges[4000] = {"source": "n4000", "target": "n4000x"}
+    nodes.append({"id": "n1", "uses": "step"})
+    report = validate_json(blueprint_file(tmp_path, {"id": "big", "nodes": nodes, "edges": edges}))
+    assert paths(report) == [f"nodes[{n}].id", "edges[4000].target"]
+    assert len(report["warnings"]) == 1  # one per unchecked uses key, not per node
+    assert "(and 10000 more)" in report["warnings"][0]["message"]
+
+
+def test_validate_unreachable_nodes_are_one_warning(tmp_path: Path) -> None:
+    path = blueprint_file(
+        tmp_path,
+        {
+            "id": "x",
+            "nodes": [{"id": n, "uses": "flowcraft:sleep"} for n in ("a", "b", "c", "d")],
+            "edges": [
+                {"source": "a", "target": "b"},
+                {"source": "c", "target": "d"},
+                {"source": "d", "target": "c"},
+            ],
+            "metadata": {"cycleEntryPoints": []},
+        },
+    )
+    report = validate_json(path, code=0)
+    assert report["warnings"] == [
+        {"path": "nodes[2]", "code": "unreachable", "message": "no start node reaches 'c', 'd'"}
+    ]
+
+
+def test_validate_self_loop_with_an_exit_is_valid(tmp_path: Path) -> None:
+    path = blueprint_file(
+        tmp_path,
+        {
+            "id": "poll",
+            "nodes": [{"id": n, "uses": "flowcraft:sleep"} for n in ("s", "p", "done")],
+            "edges": [
+                {"source": "s", "target": "p"},
+                {"source": "p", "target": "p", "condition": "result.output == null"},
+                {"source": "p", "target": "done"},
+            ],
+        },
+    )
+    report = validate_json(path, code=0)
+    assert report["summary"]["loops"] == [{"head": "p", "nodes": ["p"]}]
+
+
+def test_validate_loop_body_naming_missing_nodes(tmp_path: Path) -> None:
+    path = blueprint_file(
+        tmp_path,
+        {
+            "id": "loop",
+            "nodes": [
+                {"id": "start", "uses": "flowcraft:sleep"},
+                {"id": "ctl", "uses": "loop-controller", "params": {"condition": "n <"}},
+            ],
+            "edges": [
+                {"source": "start", "target": "ctl"},
+                {"source": "ctl", "target": "body", "action": "continue"},
+                {"source": "body-end", "target": "ctl"},
+            ],
+        },
+    )
+    report = validate_json(path)
+    assert paths(report) == [
+        "nodes[1].params.condition",
+        "edges[1].target",
+        "edges[2].source",
+    ]
+
+
+def test_validate_python_flow_reports_all_reference_errors(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "dangling.py",
+        """
+        from flowcraft import Flow
+
+        async def a(ctx):
+            return 1
+
+        flow = (
+            Flow("dangling").node("a", a).node("b", "elsewhere")
+            .edge("a", "nowhere").edge("void", "a")
+        )
+        """,
+    )
+    report = validate_json(path)
+    assert paths(report) == ["edges[0].target", "edges[1].source"]
+    ok = write(tmp_path, "ok_flow.py", CHAIN)
+    assert validate_json(ok, code=0)["summary"]["nodes"] == 2
+
+
+def test_validate_python_flow_checks_its_registry(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "elsewhere.py",
+        """
+        from flowcraft import Flow
+
+        flow = Flow("uses-elsewhere").node("a", lambda c: 1).node("b", "elsewhere").edge("a", "b")
+        """,
+    )
+    report = validate_json(path)
+    assert report["errors"][0]["message"] == "'elsewhere' is not in the registry"
+
+
+def test_validate_help_documents_exit_codes() -> None:
+    result = invoke("validate", "--help")
+    assert "0  valid" in result.stdout
+    assert "1  invalid" in result.stdout
+    assert "2  usage error or unreadable input" in result.stdout
 
 
 def test_schema_is_the_blueprint_json_schema() -> None:
@@ -602,6 +911,8 @@ def test_schema_is_the_blueprint_json_schema() -> None:
     node_schema = json.dumps(schema["$defs"])
     assert "joinStrategy" in node_schema
     assert "maxRetries" in node_schema
+    assert schema["additionalProperties"] is False
+    assert schema["$defs"]["NodeConfig"]["additionalProperties"] is False
 
 
 def test_help_lists_commands() -> None:
@@ -647,7 +958,8 @@ def test_batch_worker_must_be_in_the_registry(tmp_path: Path) -> None:
     )
     assert "'missing'" in one_line_error(invoke("run", path))
     checked = invoke("validate", path)
-    assert "needs a registry (--registry) for: missing" in checked.stderr
+    assert checked.exit_code == 0
+    assert "warning: nodes[0].params.worker: 'missing' is not a built-in" in checked.stderr
 
 
 def test_version() -> None:

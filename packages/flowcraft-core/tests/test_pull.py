@@ -305,3 +305,58 @@ async def test_a_cancelled_worker_settles_nothing() -> None:
         await asyncio.wait_for(worker, 5)
     assert len(queue.messages) == 1
     assert queue.calls["ack"] == 0
+
+
+class _ResendingToyAdapter(ToyAdapter):
+    """A queue that can put a fresh copy of a message (its count starting again)."""
+
+    async def resend(self, message: ToyMessage, delay_seconds: float) -> bool:
+        if self.queue.owned(message) is None:
+            return True  # already gone: nothing to hand back
+        del self.queue.messages[message.id]
+        self.queue.put(message.body)
+        self.queue.calls["resend"] = self.queue.calls.get("resend", 0) + 1
+        return True
+
+
+async def test_hand_backs_near_the_delivery_limit_are_resent_not_parked() -> None:
+    """A worker lacking the job's version hands it back again and again; near
+    ``max_deliveries`` the loop re-sends it instead of releasing it, so the job is
+    never parked as a poison message and runs once a worker that has it comes."""
+    old, new = Flow("v", version="1"), Flow("v", version="2")
+    old.node("a", lambda ctx: "done")
+    new.node("a", lambda ctx: "done")
+    queue, store, states = ToyQueue(), InMemoryCoordinationStore(), dict[str, Context]()
+
+    def build(flow: Flow) -> ToyAdapter:
+        return _ResendingToyAdapter(
+            runtime_options=RuntimeOptions.from_flows(flow),
+            coordination_store=store,
+            queue=queue,
+            states=states,
+            max_deliveries=4,
+        )
+
+    client, lacking = build(old), build(new)
+    run_id = await client.start_run("v")
+    worker = asyncio.ensure_future(lacking.worker())
+    try:
+        deadline = time.monotonic() + 10
+        while queue.calls.get("resend", 0) < 3 and not queue.dead:
+            assert time.monotonic() < deadline, "the lacking worker handed nothing back"
+            await asyncio.sleep(0.02)
+        assert queue.dead == []
+    finally:
+        await lacking.aclose()
+        await worker
+    assert queue.dead == []
+    good = build(old)
+    running = asyncio.ensure_future(good.worker())
+    try:
+        result = await client.wait_for_result(run_id, timeout=20)
+    finally:
+        await good.aclose()
+        await running
+        await client.aclose()
+    assert result.status == "completed"
+    assert queue.dead == []

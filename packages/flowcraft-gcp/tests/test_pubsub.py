@@ -130,7 +130,8 @@ async def test_the_subscription_policy_parks_a_job_delivered_too_often(queue: Jo
 
 
 async def test_hand_backs_never_get_a_job_parked(namespace: Namespace) -> None:
-    """Near the policy's limit a release publishes the job again (delivery count 1)."""
+    """Near the policy's limit the loop's hand-back publishes the job again (delivery
+    count 1) instead of releasing it."""
     flow = Flow("f").node("a", lambda ctx: 1)
     adapter = namespace.adapter(RuntimeOptions.from_flows(flow), max_delivery_attempts=5)
     job = JobPayload(run_id="r", blueprint_id="f", node_id="a")
@@ -138,7 +139,7 @@ async def test_hand_backs_never_get_a_job_parked(namespace: Namespace) -> None:
     for _ in range(12):  # a busy lease, handed back again and again
         (message,) = await _pull_all(adapter.queue, 1)
         assert (message.delivery_attempt or 0) <= 5
-        await adapter.release(message, 0)
+        await adapter._hand_back(message, adapter.delivery_count(message), 0)
     (message,) = await _pull_all(adapter.queue, 1)
     assert JobPayload.decode(adapter.message_body(message)) == job
     assert adapter.delivery_count(message) is not None

@@ -77,7 +77,7 @@ async def drop_namespace(backends: Backends, queue_name: str, table: str, prefix
     names = SqlNames.create(table)
     conn = await asyncpg.connect(backends.postgres_dsn)
     try:
-        await conn.execute(f"DROP TABLE IF EXISTS {names.runs}, {names.versions}")
+        await conn.execute(f"DROP TABLE IF EXISTS {names.runs}, {names.versions}, {names.leases}")
     finally:
         await conn.close()
     client = redis_asyncio.Redis.from_url(backends.redis_url)

@@ -67,7 +67,9 @@ async def store(backends: Backends, logged: QueryLog) -> AsyncIterator[PostgresR
     try:
         yield store
     finally:
-        await pool.execute(f"DROP TABLE IF EXISTS {store.names.runs}, {store.names.versions}")
+        await pool.execute(
+            f"DROP TABLE IF EXISTS {store.names.runs}, {store.names.versions}, {store.names.leases}"
+        )
         await store.aclose()
         await pool.close()
 
@@ -190,7 +192,8 @@ async def test_workers_starting_together_migrate_once(backends: Backends) -> Non
     finally:
         pool = await stores[0].pool()
         await pool.execute(
-            f"DROP TABLE IF EXISTS {stores[0].names.runs}, {stores[0].names.versions}"
+            f"DROP TABLE IF EXISTS {stores[0].names.runs}, {stores[0].names.versions}, "
+            f"{stores[0].names.leases}"
         )
         for s in stores:
             await s.aclose()

@@ -31,7 +31,9 @@ async def store(backends: Backends) -> AsyncIterator[PostgresRunStore]:
         yield store
     finally:
         pool = await store.pool()
-        await pool.execute(f"DROP TABLE IF EXISTS {store.names.runs}, {store.names.versions}")
+        await pool.execute(
+            f"DROP TABLE IF EXISTS {store.names.runs}, {store.names.versions}, {store.names.leases}"
+        )
         await store.aclose()
 
 
@@ -93,7 +95,8 @@ async def test_unstorable_values_are_refused_before_sending(store: PostgresRunSt
 
 async def test_version_1_table_is_upgraded(backends: Backends) -> None:
     """A table written by schema version 1 (values as jsonb) reads the same after the
-    upgrade to version 2, and a running run's status is still found by the reconciler."""
+    upgrade to version 2 (and on to the latest), and a running run's status is still
+    found by the reconciler."""
     table = f"fc_up_{uuid.uuid4().hex[:12]}"
     store = PostgresRunStore(dsn=backends.postgres_dsn, table=table, create_schema=False)
     sql = _Sql(store.names)
@@ -118,9 +121,9 @@ async def test_version_1_table_is_upgraded(backends: Backends) -> None:
             f"INSERT INTO {store.names.runs} (run_id, result) VALUES ('done', $1::text::jsonb)",
             json.dumps({"runId": "done", "status": "completed", "context": {"x": 1}}),
         )
-        assert len(_MIGRATIONS) == SCHEMA_VERSION == 2
+        assert len(_MIGRATIONS) == SCHEMA_VERSION == 3
         await store.pool()  # create_schema=False: the pool only
-        assert await store.migrate() == 2
+        assert await store.migrate() == SCHEMA_VERSION
         assert await store.to_dict("old") == old_state
         assert await store.get("old", "nested") == {"a": [1, 2.5, None, True]}
         published, _ = await store.result("done")
@@ -129,7 +132,8 @@ async def test_version_1_table_is_upgraded(backends: Backends) -> None:
         await store.patch("old", [PatchOperation("set", "f", 1e16)])
         assert same_value(await store.get("old", "f"), 1e16)
     finally:
-        await conn.execute(f"DROP TABLE IF EXISTS {store.names.runs}, {store.names.versions}")
+        names = store.names
+        await conn.execute(f"DROP TABLE IF EXISTS {names.runs}, {names.versions}, {names.leases}")
         await conn.close()
         await store.aclose()
 

@@ -53,12 +53,13 @@ from flowcraft.errors import FlowcraftError
 from flowcraft.runtime import RuntimeOptions
 from flowcraft.serializer import JsonSerializer
 from flowcraft_azure._cosmos import PARTITION_KEY_PATH
+from flowcraft_azure._operations import Operations
 from flowcraft_azure._queue import MAX_RECEIVE, AzureMessage, StorageQueue
 from flowcraft_azure.context import DEFAULT_MAX_STATE_BYTES, CosmosContext, CosmosRunStore
 
 __all__ = ["AzureAdapter", "ConsistencyError"]
 
-logger = logging.getLogger("flowcraft_azure")
+logger = logging.getLogger("flowcraft.azure")
 
 POISON_SUFFIX = "-poison"
 
@@ -77,7 +78,7 @@ class ConsistencyError(FlowcraftError):
     """The Cosmos DB account's default consistency is weaker than Strong."""
 
 
-class AzureAdapter(PullingAdapter[AzureMessage]):
+class AzureAdapter(Operations, PullingAdapter[AzureMessage]):
     """A flowcraft worker (and operator client) on Azure Storage Queues, Cosmos DB and Redis.
 
     Args:
@@ -104,7 +105,7 @@ class AzureAdapter(PullingAdapter[AzureMessage]):
         poll_window: how long one ``receive`` keeps polling an empty queue.
         max_state_bytes: bytes one run's state may hold (below the 2 MB item limit).
         max_deliveries: dead-letter a message the queue delivered more often than this
-            (``dequeue_count``; hand-backs count too, hence the generous default).
+            (``dequeue_count``; hand-backs near it are re-sent, a fresh message).
         trust_env: read proxy settings and ``.netrc`` from the environment, as azure-core
             does by default, on every request (two thread hops each); False skips that
             (about a quarter of the worker's CPU per job, measured on the emulators).
@@ -343,6 +344,13 @@ class AzureAdapter(PullingAdapter[AzureMessage]):
 
     async def release(self, message: AzureMessage, delay_seconds: float) -> None:
         await self.queue.set_visibility(message, delay_seconds)
+
+    async def resend(self, message: AzureMessage, delay_seconds: float) -> bool:
+        """A fresh copy (dequeue count 0) hidden for the delay, then a delete: the
+        queue counts hand-backs as dequeues, which ``max_deliveries`` reads."""
+        await self.queue.send(message.body, delay_seconds=delay_seconds)
+        await self.queue.remove(message)
+        return True
 
     async def dead_letter(self, message: AzureMessage, reason: str) -> None:
         await self.queue.park(message, reason)

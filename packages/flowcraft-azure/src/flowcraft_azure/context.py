@@ -51,7 +51,7 @@ STATUS_KEY = K.STATUS
 
 __all__ = ["DEFAULT_MAX_STATE_BYTES", "MAX_PATCH_OPERATIONS", "CosmosContext", "CosmosRunStore"]
 
-logger = logging.getLogger("flowcraft_azure")
+logger = logging.getLogger("flowcraft.azure")
 
 MAX_PATCH_OPERATIONS = 10
 """Cosmos DB's limit of operations in one ``patch_item``."""

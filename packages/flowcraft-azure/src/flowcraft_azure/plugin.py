@@ -28,6 +28,10 @@ class AzurePluginSettings(AdapterSettings):
     queue_name: str = "flowcraft-jobs"
     database: str = "flowcraft"
     container: str = "runs"
+    require_strong_consistency: bool = True
+    """False for a single-replica account or the emulator (see the README's *Consistency*)."""
+    cosmos_endpoint_discovery: bool = True
+    """False for the emulator (its advertised endpoints are not reachable from outside)."""
 
 
 def build(settings: AzurePluginSettings, runtime_options: RuntimeOptions) -> AzureAdapter:
@@ -41,6 +45,10 @@ def build(settings: AzurePluginSettings, runtime_options: RuntimeOptions) -> Azu
         queue_name=settings.queue_name,
         database=settings.database,
         container=settings.container,
+        require_strong_consistency=settings.require_strong_consistency,
+        cosmos_options=None
+        if settings.cosmos_endpoint_discovery
+        else {"enable_endpoint_discovery": False},
         **settings.base_options(),
     )
 

@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from redis.asyncio import Redis
     from redis.commands.core import AsyncScript
 
-logger = logging.getLogger("flowcraft_bullmq")
+logger = logging.getLogger("flowcraft.bullmq")
 
 # KEYS[1] the run's hash, KEYS[2..] write-behind mark keys.
 # ARGV: 1 meta field, 2 status field, 3 n field, 4/5 activation field around g,

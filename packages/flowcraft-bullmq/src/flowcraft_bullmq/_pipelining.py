@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 
 __all__ = ["AutoPipelineRedis"]
 
-logger = logging.getLogger("flowcraft_bullmq")
+logger = logging.getLogger("flowcraft.bullmq")
 
 _MAX_BATCH = 256
 # Commands that block a connection or change its state must not share a pipeline.

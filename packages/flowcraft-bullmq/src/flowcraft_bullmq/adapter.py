@@ -56,7 +56,7 @@ if TYPE_CHECKING:
 
 __all__ = ["BullMQAdapter"]
 
-logger = logging.getLogger("flowcraft_bullmq")
+logger = logging.getLogger("flowcraft.bullmq")
 
 _MARK_FLUSH_DELAY = 0.05
 
@@ -303,6 +303,29 @@ class BullMQAdapter(BaseDistributedAdapter):
                         body = body.encode("utf-8", "surrogateescape")
                 letters.append(DeadLetter(body, str(raw.get("failedReason") or ""), str(job_id)))
         return letters
+
+    async def requeue_dead_letters(self, limit: int = 100) -> int:
+        """Move up to ``limit`` jobs of BullMQ's failed set back to the wait list (one
+        server-side step per job: never lost, never doubled)."""
+        queue = self._get_queue()
+        parked = int(await queue.getFailedCount())
+        await queue.backend.retryJobs("failed", limit, round(time.time() * 1000))
+        return min(parked, limit)
+
+    async def purge_dead_letters(self, limit: int | None = None) -> int:
+        """Delete jobs of BullMQ's failed set (all of them when ``limit`` is None)."""
+        removed = await self._get_queue().clean(0, limit or 0, "failed")
+        return len(removed or [])
+
+    async def queue_depth(self) -> int:
+        """Jobs waiting, prioritized or delayed (a retry's backoff) in the queue."""
+        return int(await self._get_queue().getJobCountByTypes("wait", "prioritized", "delayed"))
+
+    async def active_runs(self, limit: int = 100) -> list[str]:
+        """The index of active runs the reconciler reads, least recent progress first
+        (read only; a run that ended may linger there until the reconciler's next pass)."""
+        members = await self.client.zrange(self.keys.active, 0, limit - 1)
+        return [m.decode("utf-8") if isinstance(m, bytes) else str(m) for m in members]
 
     async def enqueue_raw(self, body: bytes | Any) -> None:
         """Put ``body`` on the queue unchecked as a job's data (for tests and tools):

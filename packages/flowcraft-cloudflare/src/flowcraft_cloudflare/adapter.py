@@ -40,6 +40,7 @@ from flowcraft_cloudflare.context import (
     MAX_VALUE_BYTES,
     DurableObjectContext,
     PendingOps,
+    registry_object,
     run_object,
 )
 from flowcraft_cloudflare.coordination import DurableObjectCoordinationStore
@@ -135,6 +136,7 @@ class CloudflareAdapter(PullingAdapter[InboxMessage]):
             ttl_seconds=self.state_ttl_seconds,
             max_value_bytes=self.max_value_bytes,
             pending=self._marks,
+            registry=registry_object(self.namespace),
         )
 
     async def mark_followed_up(self, run_id: str, node_id: str, generation: int) -> None:
@@ -224,6 +226,34 @@ class CloudflareAdapter(PullingAdapter[InboxMessage]):
             if answer.get("value") is not None:
                 event.set()
                 return
+
+    # ------------------------------------------------------------ the reconciler
+
+    async def find_stalled_runs(self, older_than_seconds: float, limit: int) -> list[str]:
+        """Running runs whose context has not been written for ``older_than_seconds``:
+        one call to the namespace's registry object, which checks each candidate with
+        its run object. A run returned is not returned again before another
+        ``older_than_seconds`` without progress (so one stall is re-driven once per
+        period); runs that ended or wait for a resume leave the index."""
+        answer = await self.client.call(
+            "registry",
+            {
+                "object": registry_object(self.namespace),
+                "op": "stalled",
+                "older_than": max(float(older_than_seconds), 0.0),
+                "limit": max(int(limit), 1),
+                "status_key": K.STATUS,
+            },
+        )
+        return [str(run) for run in answer["runs"]][:limit]
+
+    async def active_runs(self, limit: int = 1000) -> list[str]:
+        """The runs in the reconciler's index (running ones, oldest check first)."""
+        answer = await self.client.call(
+            "registry",
+            {"object": registry_object(self.namespace), "op": "list", "limit": limit},
+        )
+        return [str(run) for run, _age in answer["runs"]]
 
     # ------------------------------------------------------------ the fast path
 

@@ -13,11 +13,18 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from flowcraft.context import BatchReadContext, Guard, PatchOperation, check_guard
+from flowcraft.distributed import keys as K
 from flowcraft.errors import StateLimitError
 from flowcraft.serializer import JsonSerializer, Serializer, check_key, encode_value
 from flowcraft_cloudflare._client import WorkerClient, _TooLarge
 
-__all__ = ["MAX_VALUE_BYTES", "DurableObjectContext", "PendingOps", "run_object"]
+__all__ = [
+    "MAX_VALUE_BYTES",
+    "DurableObjectContext",
+    "PendingOps",
+    "registry_object",
+    "run_object",
+]
 
 logger = logging.getLogger("flowcraft.cloudflare")
 
@@ -35,6 +42,11 @@ def escape_id(part: str) -> str:
 def run_object(namespace: str, run_id: str) -> str:
     """The name of a run's Durable Object (its context and coordination keys)."""
     return f"{namespace}/r:{escape_id(run_id)}"
+
+
+def registry_object(namespace: str) -> str:
+    """The name of a namespace's ``FlowcraftRegistry`` (its index of running runs)."""
+    return f"{namespace}/runs"
 
 
 def _guard_text(expected: int | str | None) -> str | None:
@@ -80,6 +92,10 @@ class DurableObjectContext(BatchReadContext):
         serializer: turns values into the JSON text the object stores.
         ttl_seconds: the object is deleted this long after its last write.
         max_value_bytes: the largest key + value one row may hold.
+        pending: write-behind ops that ride along with this context's next call.
+        registry: the registry object a patch writing the run's status enters the run
+            in (status "running") or removes it from (any other status): the
+            reconciler's index. None (a bare context store): no index.
     """
 
     def __init__(
@@ -92,6 +108,7 @@ class DurableObjectContext(BatchReadContext):
         ttl_seconds: float = 7 * 24 * 3600,
         max_value_bytes: int = MAX_VALUE_BYTES,
         pending: PendingOps | None = None,
+        registry: str | None = None,
     ) -> None:
         self.client = client
         self.object_name = object_name
@@ -100,6 +117,7 @@ class DurableObjectContext(BatchReadContext):
         self.ttl_seconds = ttl_seconds
         self.max_value_bytes = max_value_bytes
         self.pending = pending
+        self.registry = registry
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(run_id={self.run_id!r})"
@@ -144,8 +162,12 @@ class DurableObjectContext(BatchReadContext):
         """The object op for ``patch`` (the last operation on a key wins)."""
         check_guard(guard)
         final: dict[str, str | None] = {}
+        status: str | None = None
         for op in ops:
             check_key(op.key)
+            if op.key == K.STATUS:
+                value = op.value if op.op == "set" else None
+                status = value.get("status") if isinstance(value, dict) else None
             if op.op == "set":
                 text = encode_value(op.key, op.value, self.serializer)
                 size = len(op.key.encode("utf-8", "surrogatepass")) + len(
@@ -168,6 +190,12 @@ class DurableObjectContext(BatchReadContext):
         }
         if guard:
             body["guard"] = [[k, _guard_text(v)] for k, v in guard.items()]
+        if self.registry is not None and K.STATUS in final:
+            body["track"] = {
+                "registry": self.registry,
+                "run": self.run_id,
+                "status": str(status) if status is not None else "",
+            }
         return body
 
     async def patch(

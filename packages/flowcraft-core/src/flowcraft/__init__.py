@@ -1,5 +1,7 @@
 """flowcraft: workflows that run unchanged in one process or on a fleet of workers."""
 
+import logging
+
 from flowcraft.blueprint import (
     EdgeDefinition,
     JoinStrategy,
@@ -92,3 +94,7 @@ __all__ = [
     "__version__",
     "blueprint_json_schema",
 ]
+
+# A library stays quiet unless the application configures logging: every flowcraft
+# logger (adapters included: ``flowcraft.<adapter>``) is under this one.
+logging.getLogger("flowcraft").addHandler(logging.NullHandler())

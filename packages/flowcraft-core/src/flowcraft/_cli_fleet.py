@@ -31,6 +31,8 @@ from typing import Any, NoReturn, TypeVar
 
 import click
 
+from flowcraft._cli_telemetry import Sdk
+from flowcraft._cli_telemetry import configure as configure_sdk
 from flowcraft.adapters import (
     AdapterPlugin,
     AdapterSettings,
@@ -69,6 +71,14 @@ T = TypeVar("T")
 
 _JSON = click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout, for scripts.")
 
+_TRACE_FILE = click.option(
+    "--trace-file",
+    metavar="PATH",
+    envvar="FLOWCRAFT_TRACE_FILE",
+    help="Write OpenTelemetry spans as JSON lines to PATH ('-': stderr). Implies "
+    "--telemetry; needs flowcraft-core[prometheus] (the SDK).",
+)
+
 
 def _overrides(
     plugin: AdapterPlugin[Any], url: str | None, queue: str | None, options: Iterable[str]
@@ -92,9 +102,24 @@ def _overrides(
 
 
 def load_flows(spec: str | None) -> RuntimeOptions:
-    """``--flows``: a Flow, a list (or tuple) of flows, or RuntimeOptions."""
+    """``--flows``: a Flow, a list (or tuple) of flows, or RuntimeOptions; several
+    flows may be named separated by commas (``a.py:flow,b.py:flow``)."""
     if spec is None:
         return RuntimeOptions()
+    if "," in spec:
+        flows: list[Flow] = []
+        for part in filter(None, (p.strip() for p in spec.split(","))):
+            found = _import_attr(part, "--flows")
+            if isinstance(found, Flow):
+                flows.append(found)
+            elif isinstance(found, list | tuple) and all(isinstance(f, Flow) for f in found):
+                flows.extend(found)
+            else:
+                _bad(f"--flows {part}: with several specs, each must be a Flow or a list")
+        try:
+            return RuntimeOptions.from_flows(*flows)
+        except (FlowcraftError, ValueError) as exc:
+            _bad(f"--flows {spec}: {exc}")
     value = _import_attr(spec, "--flows")
     try:
         if isinstance(value, RuntimeOptions):
@@ -140,6 +165,8 @@ def _run_with(adapter: BaseDistributedAdapter, work: Callable[[], Awaitable[T]])
 
     try:
         return asyncio.run(go())
+    except click.ClickException:
+        raise  # bad input found on the way (exit 2), already worded
     except UnknownBlueprintError as exc:
         _bad(f"{exc} (pass --flows MODULE:ATTR with the workflows)")
     except FlowcraftError as exc:
@@ -306,6 +333,21 @@ def _blueprints_line(runtime_options: RuntimeOptions) -> str:
     help="OpenTelemetry spans per node job and metrics (needs flowcraft-core[otel] and "
     "an SDK configured, e.g. by opentelemetry-instrument).",
 )
+@_TRACE_FILE
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(min=0, max=65535),
+    envvar="FLOWCRAFT_METRICS_PORT",
+    help="Serve Prometheus metrics on this port (/metrics; with --processes N, the "
+    "processes take PORT..PORT+N-1). Implies --telemetry; needs flowcraft-core[prometheus].",
+)
+@click.option(
+    "--metrics-host",
+    default="0.0.0.0",  # noqa: S104 (a scrape endpoint; set 127.0.0.1 to keep it local)
+    show_default=True,
+    envvar="FLOWCRAFT_METRICS_HOST",
+    help="The address the metrics endpoint listens on.",
+)
 @click.option(
     "--processes",
     type=click.IntRange(min=1),
@@ -319,6 +361,9 @@ def worker(
     grace: float,
     log_level: str,
     telemetry: bool,
+    trace_file: str | None,
+    metrics_port: int | None,
+    metrics_host: str,
     processes: int,
 ) -> None:
     """Run a worker: take node jobs from the adapter's queue until SIGINT or SIGTERM.
@@ -333,12 +378,19 @@ def worker(
     if fleet.flows is None:
         _bad("a worker needs --flows MODULE:ATTR (or FLOWCRAFT_FLOWS)")
     if processes > 1:
-        _supervise(fleet, processes, concurrency, grace, log_level, telemetry)
-    if telemetry:
-        try:
-            import flowcraft.telemetry  # noqa: F401
-        except ImportError:
-            _bad("--telemetry needs OpenTelemetry: pip install 'flowcraft-core[otel]'")
+        _supervise(
+            fleet,
+            processes,
+            concurrency,
+            grace,
+            log_level,
+            telemetry,
+            trace_file,
+            metrics_port,
+            metrics_host,
+        )
+    telemetry = telemetry or trace_file is not None or metrics_port is not None
+    sdk = _telemetry_sdk(telemetry, trace_file, metrics_port, metrics_host, "flowcraft-worker")
     buses: list[Any] = []
 
     def prepare(options: RuntimeOptions) -> RuntimeOptions:
@@ -346,7 +398,14 @@ def worker(
             return options
         from flowcraft.telemetry import Telemetry
 
-        buses.append(Telemetry(options.event_bus, adapter=fleet.adapter or ""))
+        buses.append(
+            Telemetry(
+                options.event_bus,
+                adapter=fleet.adapter or "",
+                tracer_provider=sdk.tracer_provider,
+                meter_provider=sdk.meter_provider,
+            )
+        )
         return dataclasses.replace(options, event_bus=buses[0])
 
     built, plugin, settings, runtime_options = _adapter(fleet, prepare, concurrency=concurrency)
@@ -363,24 +422,59 @@ def worker(
         "worker": built.worker_id,
         "pid": os.getpid(),
     }
+    if metrics_port is not None:
+        facts["metrics"] = f"http://{metrics_host}:{metrics_port}/metrics"
     summary = " ".join(f"{k}={v}" for k, v in facts.items())
     blueprints = _blueprints_line(runtime_options)
     began = time.monotonic()
+
+    async def run() -> int:
+        watch = [asyncio.ensure_future(bus.watch_queue_depth()) for bus in buses]
+        try:
+            return await serve(
+                built,
+                grace,
+                started=lambda: logger.info(
+                    "worker started: %s blueprints=%s", summary, blueprints
+                ),
+            )
+        finally:
+            for task in watch:
+                task.cancel()
+
     runner = asyncio.Runner()
-    code = runner.run(
-        serve(
-            built,
-            grace,
-            started=lambda: logger.info("worker started: %s blueprints=%s", summary, blueprints),
-        )
-    )
+    code = runner.run(run())
     if code != EXIT_GAVE_UP:
         # otherwise the abandoned jobs' tasks are not waited for: the process exits
         runner.close()
+    sdk.shutdown()
     logger.info(
         "worker stopped: %s after %.1f s (exit %d)", summary, time.monotonic() - began, code
     )
     _exit_without_stuck_threads(code)
+
+
+def _telemetry_sdk(
+    telemetry: bool,
+    trace_file: str | None,
+    metrics_port: int | None,
+    metrics_host: str,
+    service: str,
+) -> Sdk:
+    """Check that OpenTelemetry is there when asked for, and set up the SDK for
+    ``--trace-file``/``--metrics-port`` (bad input, exit 2, when it is missing)."""
+    if not telemetry:
+        return Sdk()
+    try:
+        import flowcraft.telemetry  # noqa: F401
+    except ImportError:
+        _bad("--telemetry needs OpenTelemetry: pip install 'flowcraft-core[otel]'")
+    try:
+        return configure_sdk(trace_file, metrics_port, metrics_host, service)
+    except ImportError as exc:
+        _bad(str(exc))
+    except OSError as exc:
+        _bad(f"--trace-file/--metrics-port: {exc}")
 
 
 def _supervise(
@@ -390,6 +484,9 @@ def _supervise(
     grace: float,
     log_level: str,
     telemetry: bool,
+    trace_file: str | None,
+    metrics_port: int | None,
+    metrics_host: str,
 ) -> NoReturn:
     """``--processes N``: N worker processes with this one's settings, passed through
     the environment (never on a command line, where ``ps`` would show credentials).
@@ -421,10 +518,18 @@ def _supervise(
         "--log-level",
         log_level,
         *(["--telemetry"] if telemetry else []),
+        *(["--trace-file", trace_file] if trace_file is not None else []),
+        "--metrics-host",
+        metrics_host,
     ]
+    env.pop("FLOWCRAFT_METRICS_PORT", None)
     children = [
-        subprocess.Popen(argv, env=env, start_new_session=True)  # noqa: S603 (our own argv)
-        for _ in range(processes)
+        subprocess.Popen(  # noqa: S603 (our own argv)
+            argv + ([] if metrics_port is None else ["--metrics-port", str(metrics_port + i)]),
+            env=env,
+            start_new_session=True,
+        )
+        for i in range(processes)
     ]
     logger.info("supervising %d worker processes: %s", processes, [c.pid for c in children])
     signals: list[int] = []
@@ -550,6 +655,14 @@ _TIMEOUT = click.option(
 @click.option("--run-id", metavar="ID", help="The run's id (default: a new one).")
 @click.option("--wait", "wait_", is_flag=True, help="Wait for the run's result and print it.")
 @_TIMEOUT
+@click.option(
+    "--telemetry",
+    is_flag=True,
+    envvar="FLOWCRAFT_TELEMETRY",
+    help="Start the run in a span (flowcraft.start BLUEPRINT): the workers' node spans "
+    "join its trace (needs flowcraft-core[otel] and an SDK, or --trace-file).",
+)
+@_TRACE_FILE
 @_JSON
 def start(
     blueprint: str,
@@ -558,6 +671,8 @@ def start(
     run_id: str | None,
     wait_: bool,
     timeout: float | None,
+    telemetry: bool,
+    trace_file: str | None,
     as_json: bool,
 ) -> None:
     """Start a run of BLUEPRINT (an id known through --flows); prints the run id.
@@ -566,10 +681,23 @@ def start(
     4 --timeout passed.
     """
     initial = _context_arg(context)
+    telemetry = telemetry or trace_file is not None
+    sdk = _telemetry_sdk(telemetry, trace_file, None, "", "flowcraft-cli")
     built, *_ = _adapter(fleet)
+    span: Callable[[], contextlib.AbstractContextManager[object]] = contextlib.nullcontext
+    if telemetry:
+        from flowcraft.telemetry import Telemetry
+
+        tracing = Telemetry(adapter=fleet.adapter or "", tracer_provider=sdk.tracer_provider)
+        tracing.instrument(built)
+        span = functools.partial(tracing.start_span, blueprint)
 
     async def go() -> tuple[str, FinalResult | None]:
-        started = await built.start_run(blueprint, initial, run_id)
+        try:
+            with span():
+                started = await built.start_run(blueprint, initial, run_id)
+        finally:
+            sdk.shutdown()
         if not wait_:
             return started, None
         if not as_json:
@@ -731,6 +859,60 @@ def reconcile(
             click.echo(f"run {rid}: {count} job(s) enqueued")
 
 
+@click.command()
+@adapter_options()
+@click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True)
+@_JSON
+def runs(
+    fleet: FleetTarget,
+    limit: int,
+    as_json: bool,
+) -> None:
+    """List the active runs (not ended, not waiting for a resume) with their
+    blueprint and status, and the recent ones where a run history is kept."""
+    built, *_ = _adapter(fleet)
+
+    async def go() -> list[dict[str, Any]]:
+        try:
+            active = await built.active_runs(limit)
+        except NotImplementedError as exc:
+            _bad(f"{exc}: the adapter keeps no index of active runs")
+        rows = [await _run_row(built, run_id) for run_id in active]
+        # an index may still hold a run that just ended (it is cleaned lazily)
+        rows = [r for r in rows if r["status"] not in (*K.FINAL_STATUSES, "unknown")]
+        for source in RUN_LISTINGS:
+            rows.extend(await source(built, limit))
+        return rows
+
+    rows = _run_with(built, go)
+    if as_json:
+        click.echo(_to_json(rows, indent=None))
+        return
+    if not rows:
+        click.echo("no active runs")
+    for row in rows:
+        click.echo(f"{row['runId']}  {row['status']:<10} {row.get('blueprintId') or '-'}")
+
+
+async def _run_row(adapter: BaseDistributedAdapter, run_id: str) -> dict[str, Any]:
+    info = await adapter.get_status(run_id)
+    meta = await adapter.create_context(run_id).get(K.META)
+    return {
+        "runId": run_id,
+        "status": info.status,
+        "blueprintId": meta.get("blueprintId") if isinstance(meta, dict) else None,
+        "version": meta.get("version") if isinstance(meta, dict) else None,
+    }
+
+
+RunListing = Callable[[BaseDistributedAdapter, int], Awaitable[list[dict[str, Any]]]]
+
+RUN_LISTINGS: list[RunListing] = []
+"""More rows for ``flowcraft runs`` after the active runs: a run history (runs that
+ended) appends its listing here. Each returns rows with at least ``runId`` and
+``status`` (and ``blueprintId``, ``version`` where known), at most ``limit``."""
+
+
 @click.group("dead-letters")
 def dead_letters() -> None:
     """Jobs the queue parked (undecodable, unknown blueprint, out of deliveries)."""
@@ -775,5 +957,53 @@ def dead_letters_list(
         click.echo(f"{row['id'] or '-'}  {row['reason']}\n    {body}")
 
 
-for _command in (worker, start, status, wait, cancel, reconcile, dead_letters):
+@dead_letters.command("requeue")
+@adapter_options()
+@click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True)
+@_JSON
+def dead_letters_requeue(
+    fleet: FleetTarget,
+    limit: int,
+    as_json: bool,
+) -> None:
+    """Put parked jobs back on the job queue as they are (after fixing what parked
+    them: a missing blueprint deployed, say); each is enqueued before it is removed."""
+    built, *_ = _adapter(fleet)
+    count = _run_with(built, functools.partial(_dead_letter_op, built.requeue_dead_letters, limit))
+    if as_json:
+        click.echo(_to_json({"requeued": count}, indent=None))
+    else:
+        click.echo(f"{count} dead letter(s) requeued")
+
+
+@dead_letters.command("purge")
+@adapter_options()
+@click.option("--limit", type=click.IntRange(min=1), help="At most this many (default: all).")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@_JSON
+def dead_letters_purge(
+    fleet: FleetTarget,
+    limit: int | None,
+    yes: bool,
+    as_json: bool,
+) -> None:
+    """Delete parked jobs for good."""
+    if not yes and not click.confirm("Delete the dead letters for good?", err=True):
+        _bad("not confirmed (pass --yes)")
+    built, *_ = _adapter(fleet)
+    count = _run_with(built, functools.partial(_dead_letter_op, built.purge_dead_letters, limit))
+    if as_json:
+        click.echo(_to_json({"purged": count}, indent=None))
+    else:
+        click.echo(f"{count} dead letter(s) purged")
+
+
+async def _dead_letter_op(op: Callable[[Any], Awaitable[int]], limit: int | None) -> int:
+    try:
+        return await op(limit)
+    except NotImplementedError as exc:
+        _bad(str(exc))
+
+
+for _command in (worker, start, status, wait, cancel, reconcile, runs, dead_letters):
     main.add_command(_command)

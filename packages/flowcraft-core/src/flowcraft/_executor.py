@@ -208,7 +208,7 @@ class NodeExecutor:
                     "node:retry",
                     ctx.run_id,
                     node.id,
-                    {"attempt": ctx.attempt, "error": repr(exc)},
+                    {"attempt": ctx.attempt, "activation": ctx.activation, "error": repr(exc)},
                 ),
             )
 

@@ -18,7 +18,7 @@ from flowcraft._builtins import (
     TYPESCRIPT_NAMES,
     WAIT,
 )
-from flowcraft.blueprint import WorkflowBlueprint
+from flowcraft.blueprint import UNCHECKED_REFERENCES, WorkflowBlueprint
 from flowcraft.errors import FlowcraftError
 
 if TYPE_CHECKING:
@@ -47,7 +47,7 @@ def _blueprint(target: WorkflowBlueprint | Flow | Mapping[str, Any]) -> Workflow
         return target
     if isinstance(target, Flow):
         return target.to_blueprint()
-    return WorkflowBlueprint.model_validate(dict(target))
+    return WorkflowBlueprint.model_validate(dict(target), context=dict(UNCHECKED_REFERENCES))
 
 
 def _successors(blueprint: WorkflowBlueprint) -> dict[str, list[str]]:

@@ -31,21 +31,14 @@ from types import ModuleType
 from typing import Any, NoReturn
 
 import click
+from pydantic import ValidationError
 
 from flowcraft._analysis import GraphAnalysis, analyse
-from flowcraft._builtins import (
-    BATCH,
-    BATCH_GATHER,
-    BATCH_SCATTER,
-    LOOP_CONTROLLER,
-    SLEEP,
-    SUBFLOW,
-    TYPESCRIPT_NAMES,
-    WAIT,
-)
+from flowcraft._builtins import BATCH, BATCH_SCATTER, TYPESCRIPT_NAMES
+from flowcraft._validate import BUILTIN_USES, ValidationReport, validate_blueprint
 from flowcraft.analysis import generate_mermaid as mermaid
-from flowcraft.blueprint import WorkflowBlueprint, blueprint_json_schema
-from flowcraft.errors import FlowcraftError
+from flowcraft.blueprint import WorkflowBlueprint, blueprint_json_schema, load_errors
+from flowcraft.errors import BlueprintError, FlowcraftError
 from flowcraft.events import FlowEvent
 from flowcraft.flow import Flow
 from flowcraft.node import NodeImplementation
@@ -60,9 +53,6 @@ EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
 EXIT_AWAITING = 3
 
-BUILTIN_USES = frozenset(
-    {WAIT, SLEEP, SUBFLOW, BATCH, LOOP_CONTROLLER, BATCH_SCATTER, BATCH_GATHER, *TYPESCRIPT_NAMES}
-)
 DEFAULT_CONTEXT_NAME = "DEFAULT_CONTEXT"
 
 _module_counter = itertools.count()
@@ -211,6 +201,15 @@ def _load_registry(spec: str) -> dict[str, NodeImplementation]:
     return dict(value)
 
 
+def _blueprint_text(path: Path, flow_name: str | None) -> str:
+    if flow_name is not None:
+        _bad("--flow applies to Python files only")
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        _bad(f"cannot read {path}: {exc}")
+
+
 def _load(path_text: str, flow_name: str | None, registry_spec: str | None) -> Target:
     path = Path(path_text)
     if not path.is_file():
@@ -241,12 +240,7 @@ def _load(path_text: str, flow_name: str | None, registry_spec: str | None) -> T
             dict(default) if default is not None else None,
             from_python=True,
         )
-    if flow_name is not None:
-        _bad("--flow applies to Python files only")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        _bad(f"cannot read {path}: {exc}")
+    text = _blueprint_text(path, flow_name)
     try:
         blueprint = WorkflowBlueprint.parse(text)
     except FlowcraftError as exc:
@@ -682,36 +676,113 @@ def graph(file: str, flow_name: str | None) -> None:
 # --------------------------------------------------------------------------- validate
 
 
+def _validation_report(
+    path_text: str, flow_name: str | None, registry_spec: str | None
+) -> ValidationReport:
+    """Every problem of FILE; usage errors and unreadable files exit 2 instead."""
+    path = Path(path_text)
+    if not path.is_file():
+        _bad(f"no such file: {path_text}")
+    extra = _load_registry(registry_spec) if registry_spec else None
+    if path.suffix == ".py":
+        module = _import_file(path)
+        flows = _flows_of(module)
+        chosen = _pick_flow(path, flows, flow_name)
+        keys = set(extra or ())
+        for flow in flows.values():
+            keys.update(flow.registry())
+        try:
+            blueprint = chosen.to_blueprint()
+        except BlueprintError as exc:
+            report = ValidationReport(chosen.id)
+            if isinstance(exc.__cause__, ValidationError):
+                for loc, code, message in load_errors(exc.__cause__):
+                    report.add("error", loc, code, message)
+            else:
+                report.add("error", (), "invalid_blueprint", str(exc))
+            return report.sort()
+        return validate_blueprint(
+            blueprint, registry=keys, blueprints={f.id for f in flows.values()}
+        )
+    text = _blueprint_text(path, flow_name)
+    report = ValidationReport(None)
+    if not text.strip():
+        report.add("error", (), "empty", "the file is empty (a blueprint is a JSON object)")
+        return report
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        report.add("error", (), "not_json", f"not valid JSON: {exc}")
+        return report
+    except RecursionError:
+        report.add("error", (), "not_json", "the JSON is nested too deeply to read")
+        return report
+    return validate_blueprint(data, registry=set(extra) if extra is not None else None)
+
+
+def _print_report(path: str, report: ValidationReport, strict: bool) -> None:
+    for problem in report.errors:
+        click.echo(f"error: {problem}", err=True)
+    for problem in report.warnings:
+        click.echo(f"warning: {problem}", err=True)
+    bp, analysis = report.blueprint, report.analysis
+    if report.valid and not (strict and report.warnings) and bp and analysis:
+        click.echo(f"ok: blueprint {bp.id!r}: {len(bp.nodes)} nodes, {len(bp.edges)} edges")
+        click.echo(f"start nodes: {', '.join(analysis.start_nodes)}")
+        click.echo(f"end nodes: {', '.join(analysis.sinks) or 'none'}")
+        for loop in analysis.loops.values():
+            members = ", ".join(n.id for n in bp.nodes if n.id in loop.nodes)
+            click.echo(f"loop: head {loop.head!r} over {members}")
+        if not analysis.loops:
+            click.echo("loops: none")
+        return
+    what = f"blueprint {report.blueprint_id!r}" if report.blueprint_id else path
+    errors, warnings = len(report.errors), len(report.warnings)
+    counts = f"{errors} error{'s' * (errors != 1)}, {warnings} warning{'s' * (warnings != 1)}"
+    click.echo(f"invalid: {what}: {counts}{' (--strict)' if strict and not errors else ''}")
+
+
 @main.command()
 @_FILE
 @_FLOW
 @_REGISTRY
-def validate(file: str, flow_name: str | None, registry: str | None) -> None:
-    """Check a workflow: structure, loops, start nodes and (if known) implementations."""
-    target = _load(file, flow_name, registry)
-    analysis = _analyse(target)
-    bp = target.blueprint
-    if target.from_python or registry is not None:
-        _check_registry(target, target.registry)
-    click.echo(f"ok: blueprint {bp.id!r}: {len(bp.nodes)} nodes, {len(bp.edges)} edges")
-    click.echo(f"start nodes: {', '.join(analysis.start_nodes)}")
-    click.echo(f"end nodes: {', '.join(analysis.sinks) or 'none'}")
-    if analysis.loops:
-        for loop in analysis.loops.values():
-            members = ", ".join(n for n in (x.id for x in bp.nodes) if n in loop.nodes)
-            click.echo(f"loop: head {loop.head!r} over {members}")
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Print one JSON object {valid,blueprintId,errors,warnings,summary} on stdout; "
+    "each error and warning is {path,code,message}.",
+)
+@click.option("--strict", is_flag=True, help="Warnings count as errors (exit 1).")
+def validate(
+    file: str, flow_name: str | None, registry: str | None, as_json: bool, strict: bool
+) -> None:
+    """Check a workflow and report every problem at once, each with its path
+    (nodes[3].config.maxRetrys).
+
+    Errors: unknown keys (with a suggestion for near misses), wrong types, duplicate
+    node ids, edges, fallbacks and cycle entry points naming missing nodes, invalid
+    expressions, unknown flowcraft:* built-ins, built-ins missing their params,
+    loops without an exit or start node, and, when the implementations are known (a
+    Python file, or --registry), uses keys the registry lacks. Warnings: uses keys
+    that cannot be checked without a registry, sub-flow blueprints not in the file,
+    unreachable nodes, near misses of metadata keys.
+
+    \b
+    Exit status:
+      0  valid (warnings allowed unless --strict)
+      1  invalid: every error is reported (with --json, in the object)
+      2  usage error or unreadable input: no such file, not UTF-8, a Python
+         file that fails to import or has no such flow, a bad --registry
+         (one "Error:" line on stderr, no report)
+    """
+    report = _validation_report(file, flow_name, registry)
+    failed = not report.valid or (strict and bool(report.warnings))
+    if as_json:
+        click.echo(_to_json({**report.to_json_dict(), "valid": not failed}, indent=None))
     else:
-        click.echo("loops: none")
-    unreachable = [n.id for n in bp.nodes if n.id not in analysis.reachable]
-    unreachable = [n for n in unreachable if n not in analysis.fallback_only]
-    if unreachable:
-        click.echo(f"warning: unreachable nodes: {', '.join(unreachable)}", err=True)
-    needed = sorted(_implementations_needed(bp))
-    if not target.from_python and registry is None and needed:
-        click.echo(
-            f"needs a registry (--registry) for: {', '.join(needed)}",
-            err=True,
-        )
+        _print_report(file, report, strict)
+    raise SystemExit(EXIT_FAILED if failed else EXIT_COMPLETED)
 
 
 # --------------------------------------------------------------------------- schema
@@ -724,7 +795,8 @@ def schema() -> None:
 
 
 # The fleet commands add themselves to ``main`` (they use the helpers above).
-import flowcraft._cli_fleet  # noqa: E402, F401
+import flowcraft._cli_fleet  # noqa: E402
+import flowcraft._cli_history  # noqa: E402, F401
 
 if __name__ == "__main__":  # pragma: no cover
     main()

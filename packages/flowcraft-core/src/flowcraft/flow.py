@@ -6,8 +6,16 @@ import itertools
 from collections.abc import Mapping
 from typing import Any
 
+from pydantic import ValidationError
+
 from flowcraft._builtins import BATCH, SLEEP, SUBFLOW, WAIT
-from flowcraft.blueprint import EdgeDefinition, NodeConfig, NodeDefinition, WorkflowBlueprint
+from flowcraft.blueprint import (
+    EdgeDefinition,
+    NodeConfig,
+    NodeDefinition,
+    WorkflowBlueprint,
+    describe_errors,
+)
 from flowcraft.errors import BlueprintError
 from flowcraft.node import NodeImplementation
 
@@ -213,12 +221,17 @@ class Flow:
         return dict(self._registry)
 
     def to_blueprint(self) -> WorkflowBlueprint:
-        return WorkflowBlueprint(
-            id=self.id,
-            nodes=tuple(self._nodes.values()),
-            edges=tuple(self._edges),
-            metadata=self._metadata or None,
-        ).check()
+        data = {
+            "id": self.id,
+            "nodes": tuple(self._nodes.values()),
+            "edges": tuple(self._edges),
+            "metadata": self._metadata or None,
+        }
+        try:
+            blueprint = WorkflowBlueprint.model_validate(data)
+        except ValidationError as exc:
+            raise BlueprintError(describe_errors(data, exc)) from exc
+        return blueprint.check()
 
     def __repr__(self) -> str:
         return f"Flow({self.id!r}, nodes={len(self._nodes)}, edges={len(self._edges)})"

@@ -289,7 +289,12 @@ class FlowRuntime:
         if self.event_bus is not None:
             await emit(
                 self.event_bus,
-                FlowEvent("workflow:start", run.run_id, None, {"blueprintId": blueprint.id}),
+                FlowEvent(
+                    "workflow:start",
+                    run.run_id,
+                    None,
+                    {"blueprintId": blueprint.id, "context": run.context.to_dict()},
+                ),
             )
         self.logger.debug("run %s of %s started", run.run_id, blueprint.id)
         run.limit = _limit(concurrency)
@@ -325,7 +330,15 @@ class FlowRuntime:
         act = run.waiting.pop(node_id)
         run.timers.pop(node_id, None)
         run.limit = _limit(concurrency)
-        await emit(self.event_bus, FlowEvent("workflow:resume", run.run_id, node_id))
+        await emit(
+            self.event_bus,
+            FlowEvent(
+                "workflow:resume",
+                run.run_id,
+                node_id,
+                {"activation": act.generation, "output": output, "action": action},
+            ),
+        )
         result = NodeResult(output=output, action=action)
         ready = self._commit(run, act, result, [])
         return await self._drive(run, ready, watch_cancel=cancel is not None)
@@ -635,7 +648,10 @@ class FlowRuntime:
         bus = self.event_bus
         if act.skip:
             if bus is not None:
-                await emit(bus, FlowEvent("node:skipped", run.run_id, node_id))
+                await emit(
+                    bus,
+                    FlowEvent("node:skipped", run.run_id, node_id, {"activation": act.generation}),
+                )
             return run.traversal.resolve(node_id, act.generation, None, {})
         plan = run.analysis.plans[node_id]
         if plan.chain_link and bus is None and not self.executor.middleware and run.limit is None:
@@ -667,7 +683,15 @@ class FlowRuntime:
             node,
         )
         if bus is not None:
-            await emit(bus, FlowEvent("node:start", run.run_id, node_id, {"input": ctx.input}))
+            await emit(
+                bus,
+                FlowEvent(
+                    "node:start",
+                    run.run_id,
+                    node_id,
+                    {"input": ctx.input, "activation": act.generation, "attempt": 1},
+                ),
+            )
         try:
             if run.limit is None:
                 result = await self.executor.execute(node, ctx, fallback=plan.fallback)
@@ -677,7 +701,15 @@ class FlowRuntime:
         except NodeExecutionError as exc:
             self.logger.info("run %s: node %s failed: %s", run.run_id, node_id, exc)
             if bus is not None:
-                await emit(bus, FlowEvent("node:error", run.run_id, node_id, {"error": str(exc)}))
+                await emit(
+                    bus,
+                    FlowEvent(
+                        "node:error",
+                        run.run_id,
+                        node_id,
+                        {"error": str(exc), "activation": act.generation},
+                    ),
+                )
             raise
         return await self._finish_step(run, act, plan, result, tracking, ctx)
 
@@ -725,7 +757,9 @@ class FlowRuntime:
         else:
             evaluated: list[tuple[Edge, bool]] = []
             ready = self._commit(run, act, result, deltas, evaluated)
-            await self.emit_commit(run.run_id, node_id, deltas, evaluated)
+            await self.emit_commit(
+                run.run_id, node_id, deltas, evaluated, activation=act.generation
+            )
         if bus is not None:
             await emit(
                 bus,
@@ -737,6 +771,7 @@ class FlowRuntime:
                         "output": result.output,
                         "action": result.action,
                         "next": [a.node_id for a in ready],
+                        "activation": act.generation,
                     },
                 ),
             )
@@ -750,10 +785,13 @@ class FlowRuntime:
         evaluated: list[tuple[Edge, bool]],
         *,
         bus: EventBus | None = None,
+        activation: int | None = None,
     ) -> None:
         """``context:change`` per committed write, ``edge:evaluate`` per condition (on
-        ``bus``, by default this runtime's; a distributed adapter passes its own)."""
+        ``bus``, by default this runtime's; a distributed adapter passes its own). With
+        ``activation``, each event names it (run history tells loop iterations apart)."""
         bus = bus if bus is not None else self.event_bus
+        extra = {} if activation is None else {"activation": activation}
         for op in deltas:
             await emit(
                 bus,
@@ -761,7 +799,13 @@ class FlowRuntime:
                     "context:change",
                     run_id,
                     node_id,
-                    {"key": op.key, "op": op.op, "value": op.value, "sourceNode": node_id},
+                    {
+                        "key": op.key,
+                        "op": op.op,
+                        "value": op.value,
+                        "sourceNode": node_id,
+                        **extra,
+                    },
                 ),
             )
         for edge, outcome in evaluated:
@@ -776,6 +820,7 @@ class FlowRuntime:
                         "target": edge.target,
                         "condition": edge.condition,
                         "result": outcome,
+                        **extra,
                     },
                 ),
             )

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
 __all__ = ["GcpClients"]
 
-logger = logging.getLogger("flowcraft_gcp")
+logger = logging.getLogger("flowcraft.gcp")
 
 _PROJECT_VARIABLES = ("GOOGLE_CLOUD_PROJECT", "GCLOUD_PROJECT", "GCP_PROJECT")
 

@@ -37,6 +37,7 @@ from flowcraft.distributed.redis import RedisCoordinationStore, RedisResults
 from flowcraft.runtime import RuntimeOptions
 from flowcraft.serializer import JsonSerializer
 from flowcraft_gcp._clients import GcpClients
+from flowcraft_gcp._operations import Operations
 from flowcraft_gcp.context import DEFAULT_MAX_STATE_BYTES, FirestoreContext, RunCollection
 from flowcraft_gcp.queue import JobQueue, QueueNames
 
@@ -45,13 +46,8 @@ if TYPE_CHECKING:
 
 __all__ = ["GcpAdapter"]
 
-# A hand-back this close to the subscription's delivery limit is published again
-# (a fresh message, count 1) instead of delayed, so waiting for a busy lease or a
-# compatible worker never lets Pub/Sub's dead-letter policy park a healthy job.
-_REPUBLISH_MARGIN = 3
 
-
-class GcpAdapter(PullingAdapter[ReceivedMessage]):
+class GcpAdapter(Operations, PullingAdapter[ReceivedMessage]):
     """A flowcraft worker (and operator client) on Pub/Sub, Firestore and Redis.
 
     Args:
@@ -194,17 +190,18 @@ class GcpAdapter(PullingAdapter[ReceivedMessage]):
         await self.queue.modify([message], seconds)
 
     async def release(self, message: ReceivedMessage, delay_seconds: float) -> None:
-        """``ModifyAckDeadline(delay)`` (at most 600 s). Pub/Sub counts that delivery;
-        near the subscription's limit the job is published again and this copy acked,
-        so hand-backs never get a healthy job parked by the dead-letter policy."""
-        attempt = message.delivery_attempt or 0
-        if attempt and attempt >= self.queue.max_delivery_attempts - _REPUBLISH_MARGIN:
-            await self.queue.publish(
-                [bytes(message.message.data)], dict(message.message.attributes)
-            )
-            await self.queue.ack([message])
-            return
+        """``ModifyAckDeadline(delay)`` (at most 600 s)."""
         await self.queue.modify([message], delay_seconds)
+
+    async def redelivery_limit(self) -> int:
+        return self.queue.max_delivery_attempts
+
+    async def resend(self, message: ReceivedMessage, delay_seconds: float) -> bool:
+        """Publish the job again (at once: Pub/Sub cannot delay one message) and ack
+        this copy."""
+        await self.queue.publish([bytes(message.message.data)], dict(message.message.attributes))
+        await self.queue.ack([message])
+        return True
 
     async def dead_letter(self, message: ReceivedMessage, reason: str) -> None:
         await self.queue.dead_letter(message, reason)

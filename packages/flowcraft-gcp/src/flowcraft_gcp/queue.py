@@ -53,7 +53,7 @@ __all__ = [
     "QueueNames",
 ]
 
-logger = logging.getLogger("flowcraft_gcp")
+logger = logging.getLogger("flowcraft.gcp")
 
 MAX_ACK_DEADLINE_SECONDS = 600
 """Pub/Sub's ceiling for an ack deadline (``ModifyAckDeadline``)."""

@@ -38,7 +38,7 @@ from flowcraft_rabbitmq._settings import DELAY_BUCKETS_MS, HEADER_ERROR, Topolog
 
 __all__ = ["Broker"]
 
-logger = logging.getLogger("flowcraft_rabbitmq.broker")
+logger = logging.getLogger("flowcraft.rabbitmq.broker")
 
 Callback = Callable[[AbstractIncomingMessage], Awaitable[None]]
 

@@ -100,7 +100,8 @@ class Topology:
 
 @dataclass(frozen=True, slots=True)
 class SqlNames:
-    """Quoted SQL identifiers for the runs table, its index and its schema-version table."""
+    """Quoted SQL identifiers for the runs table, its index, its schema-version table and
+    its leases table."""
 
     schema: str | None
     table: str
@@ -124,6 +125,11 @@ class SqlNames:
     @property
     def versions(self) -> str:
         return self._qualified(f"{self.table}_schema")
+
+    @property
+    def leases(self) -> str:
+        """The unlogged table of activation leases (see ``_coordination``)."""
+        return self._qualified(f"{self.table}_leases")
 
     @property
     def active_index(self) -> str:

@@ -49,7 +49,7 @@ from flowcraft_rabbitmq._settings import SqlNames
 
 __all__ = ["SCHEMA_VERSION", "PostgresRunStore"]
 
-logger = logging.getLogger("flowcraft_rabbitmq.store")
+logger = logging.getLogger("flowcraft.rabbitmq.store")
 
 READ_RETRY_SECONDS = 60.0
 """How long a read keeps trying while PostgreSQL is unreachable (a restart, a failover)."""
@@ -67,8 +67,9 @@ _json = JsonSerializer()
 _outer = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 
 
-# Statement templates. The only substitutions are ``{runs}``, ``{versions}`` and
-# ``{index}``: identifiers from SqlNames, validated and quoted (see _settings).
+# Statement templates. The only substitutions are ``{runs}``, ``{versions}``,
+# ``{leases}`` and ``{index}``: identifiers from SqlNames, validated and quoted (see
+# _settings).
 # Run ids, keys and values are always $n parameters.
 
 # Schema versions: the statements of version n are _MIGRATIONS[n - 1]. Append, never edit.
@@ -91,6 +92,14 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE {runs} ALTER COLUMN result TYPE text USING result::text",
         "UPDATE {runs} SET state = (SELECT coalesce(jsonb_object_agg(e.key, "
         "to_jsonb(e.value::text)), '{{}}'::jsonb) FROM jsonb_each(state) AS e)",
+    ),
+    # 3: activation leases beside the runs, so a job's admission reads its run and
+    # takes its lease in one statement. Unlogged: no WAL, and a crash of the server
+    # empties it, which only forgets leases (they save work; correctness never rests
+    # on them). Keys and values are UTF-8 bytes (any text, NUL included).
+    (
+        "CREATE UNLOGGED TABLE IF NOT EXISTS {leases} ("
+        "key bytea PRIMARY KEY, value bytea NOT NULL, expires_at timestamptz NOT NULL)",
     ),
 )
 
@@ -144,6 +153,66 @@ _PUBLISH = (
     "WHERE r.result IS NULL RETURNING r.run_id) "
     "SELECT pg_notify($3, run_id) FROM published"
 )
+# A job's admission (the base's ``admit``, DISTRIBUTED.md steps 2-4) in one statement:
+# $2-$4 the first read's keys (meta, status, the node's resolved count n); g = n + 1
+# (NULL when n is not a small integer: the handler then reads by itself); the second
+# read: the activation record ($5 || g || $6), the wait mark $7 and the likely inputs
+# ($8 when g = 1, else $9); and, exactly when the run is of this blueprint version
+# ($10, compared as jsonb), not final, and g has a record without a wait mark, the
+# lease $11 || g for the holder $12 for $13 seconds, set-if-absent (an expired lease is
+# absent; the same holder may take it again, so a retried statement is harmless).
+# Keys are parameters; each value comes back as its JSON text.
+_ADMIT = (
+    "WITH s AS ("
+    "SELECT r.state, r.state ->> $2 AS meta, r.state ->> $3 AS status, r.state ->> $4 AS n "
+    "FROM {runs} AS r WHERE r.run_id = $1"
+    "), g AS ("
+    "SELECT s.*, CASE WHEN s.n IS NULL THEN 1 "
+    "WHEN s.n ~ '^[0-9]{{1,9}}$' THEN s.n::int + 1 END AS g FROM s"
+    "), a AS ("
+    "SELECT g.meta, g.status, g.n, g.g, g.state ->> ($5 || g.g::text || $6) AS record, "
+    "g.state ->> $7 AS waiting, "
+    "ARRAY(SELECT g.state ->> u.k FROM unnest(CASE WHEN g.g = 1 THEN $8::text[] "
+    "ELSE $9::text[] END) WITH ORDINALITY AS u(k, i) ORDER BY u.i) AS guesses, "
+    "(g.g IS NOT NULL AND g.state ? ($5 || g.g::text || $6) AND NOT g.state ? $7 "
+    "AND g.meta::jsonb = $10::jsonb "
+    "AND coalesce(g.status::jsonb ->> 'status', '') "
+    "NOT IN ('completed', 'failed', 'cancelled')) IS TRUE AS ok FROM g"
+    "), l AS ("
+    "INSERT INTO {leases} AS l (key, value, expires_at) "
+    "SELECT $11::bytea || convert_to(a.g::text, 'UTF8'), $12::bytea, "
+    "now() + make_interval(secs => $13) FROM a WHERE a.ok "
+    "ON CONFLICT (key) DO UPDATE SET value = excluded.value, expires_at = excluded.expires_at "
+    "WHERE l.expires_at <= now() OR l.value = excluded.value "
+    "RETURNING 1"
+    ") SELECT a.meta, a.status, a.n, a.g, a.record, a.waiting, a.guesses, "
+    "CASE WHEN a.ok THEN EXISTS (SELECT 1 FROM l) END FROM a"
+)
+# The coordination operations on the leases table (``_coordination.PostgresLeases``);
+# an expired row reads as absent everywhere.
+_LEASE_GET = "SELECT value FROM {leases} WHERE key = $1 AND expires_at > now()"
+_LEASE_SET_NX = (
+    "INSERT INTO {leases} AS l (key, value, expires_at) "
+    "VALUES ($1, $2, now() + make_interval(secs => $3)) "
+    "ON CONFLICT (key) DO UPDATE SET value = excluded.value, expires_at = excluded.expires_at "
+    "WHERE l.expires_at <= now() RETURNING 1"
+)
+_LEASE_EXTEND = (
+    "UPDATE {leases} SET expires_at = now() + make_interval(secs => $2) "
+    "WHERE key = $1 AND expires_at > now() RETURNING 1"
+)
+_LEASE_INCREMENT = (
+    "INSERT INTO {leases} AS l (key, value, expires_at) "
+    "VALUES ($1, '\\x31'::bytea, now() + make_interval(secs => $2)) "
+    "ON CONFLICT (key) DO UPDATE SET "
+    "value = CASE WHEN l.expires_at <= now() THEN excluded.value "
+    "ELSE convert_to((convert_from(l.value, 'UTF8')::bigint + 1)::text, 'UTF8') END, "
+    "expires_at = CASE WHEN l.expires_at <= now() THEN excluded.expires_at "
+    "ELSE l.expires_at END "
+    "RETURNING convert_from(l.value, 'UTF8')::bigint"
+)
+_LEASE_DELETE = "DELETE FROM {leases} WHERE key = $1"
+_LEASE_PURGE = "DELETE FROM {leases} WHERE expires_at <= now()"
 _RESULT = "SELECT result, state ->> $2 FROM {runs} WHERE run_id = $1"
 _CLAIM_STALLED = (
     "UPDATE {runs} AS r SET reconciled_at = now() WHERE r.run_id IN ("
@@ -172,7 +241,10 @@ class _Sql:
     def __init__(self, names: SqlNames) -> None:
         def bind(template: str) -> str:
             return template.format(
-                runs=names.runs, versions=names.versions, index=names.active_index
+                runs=names.runs,
+                versions=names.versions,
+                index=names.active_index,
+                leases=names.leases,
             )
 
         self.get = bind(_GET)
@@ -183,6 +255,13 @@ class _Sql:
         self.patch_guarded = bind(_PATCH_GUARDED)
         self.publish = bind(_PUBLISH)
         self.result = bind(_RESULT)
+        self.admit = bind(_ADMIT)
+        self.lease_get = bind(_LEASE_GET)
+        self.lease_set_nx = bind(_LEASE_SET_NX)
+        self.lease_extend = bind(_LEASE_EXTEND)
+        self.lease_increment = bind(_LEASE_INCREMENT)
+        self.lease_delete = bind(_LEASE_DELETE)
+        self.lease_purge = bind(_LEASE_PURGE)
         self.claim_stalled = bind(_CLAIM_STALLED)
         self.purge = bind(_PURGE)
         self.versions_table = bind(_VERSIONS_TABLE)
@@ -405,6 +484,19 @@ class PostgresRunStore:
                 self.sql.patch_guarded, run_id, deletes, payload, absent, equal
             )
         return applied is not None
+
+    async def admit(self, run_id: str, args: Sequence[Any]) -> Any:
+        """One admission statement (``_ADMIT``; ``args`` are its $2...$13): the row of
+        the run's first and second reads and whether the lease was taken, or None for a
+        run that does not exist. Retried like a read while PostgreSQL is unreachable
+        (the lease's holder may take it again)."""
+        return await self._fetchrow("admit", self.sql.admit, run_id, *args)
+
+    async def lease_call(self, kind: str, method: str, query: str, *args: Any) -> Any:
+        """One statement on the leases table (``_coordination.PostgresLeases``)."""
+        pool = await self.pool()
+        self.round_trips[kind] += 1
+        return await getattr(pool, method)(query, *args)
 
     async def publish(self, run_id: str, result: dict[str, Any]) -> None:
         """Store the final result once (a later publication of the run changes nothing)."""

@@ -32,7 +32,11 @@ from typing import Any
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 from aio_pika.exceptions import CONNECTION_EXCEPTIONS
 
+from flowcraft._analysis import analyse
+from flowcraft.blueprint import WorkflowBlueprint
+from flowcraft.context import AsyncContext
 from flowcraft.distributed import (
+    Admission,
     BaseDistributedAdapter,
     DeadLetter,
     FinalResult,
@@ -41,8 +45,18 @@ from flowcraft.distributed import (
     ResultWatch,
     Settlement,
 )
+from flowcraft.distributed import keys as K
 from flowcraft.runtime import RuntimeOptions
 from flowcraft_rabbitmq._broker import Broker
+from flowcraft_rabbitmq._coordination import (
+    AdmissionPlan,
+    LeaseRouting,
+    MarksBehind,
+    PostgresLeases,
+    admission,
+    admission_plan,
+)
+from flowcraft_rabbitmq._operations import Operations
 from flowcraft_rabbitmq._settings import (
     HEADER_ERROR,
     HEADER_RETRIES,
@@ -59,9 +73,12 @@ _JITTER = random.Random()
 DEFAULT_LEASE_SECONDS = 4.0
 """The activation lease: a killed worker's runs move again within about this long."""
 
-logger = logging.getLogger("flowcraft_rabbitmq")
+logger = logging.getLogger("flowcraft.rabbitmq")
 
 _MAX_ERROR_CHARS = 2000
+
+_LEASE_PURGE_SECONDS = 10.0
+"""How often a worker deletes expired leases from the leases table."""
 
 
 def _int_header(headers: Mapping[str, Any], name: str, default: int) -> int:
@@ -80,7 +97,7 @@ def _shorten(text: str) -> str:
     return text if len(text) <= _MAX_ERROR_CHARS else text[: _MAX_ERROR_CHARS - 3] + "..."
 
 
-class RabbitMQAdapter(BaseDistributedAdapter):
+class RabbitMQAdapter(Operations, BaseDistributedAdapter):
     """A flowcraft worker (and client) on RabbitMQ, PostgreSQL and Redis.
 
     Args:
@@ -167,6 +184,14 @@ class RabbitMQAdapter(BaseDistributedAdapter):
             self.store = PostgresRunStore(
                 dsn=postgres_dsn, table=table, schema=schema, **pg_options
             )
+        # Leases live beside the runs (one admission statement reads the run and takes
+        # the lease); every other coordination key stays where it was given (Redis).
+        self.leases = PostgresLeases(self.store)
+        self.coordination_store = LeaseRouting(
+            self.coordination_store, self.leases, self.key_prefix
+        )
+        self._marks = MarksBehind(self.coordination_store.inner)
+        self._plans: dict[tuple[str, Any, str], AdmissionPlan | None] = {}
         self._wake = asyncio.Event()
         self._in_hand: set[asyncio.Task[Any]] = set()
 
@@ -180,6 +205,49 @@ class RabbitMQAdapter(BaseDistributedAdapter):
 
     async def enqueue_job(self, job: JobPayload) -> None:
         await self.broker.publish(job.encode())
+
+    # ------------------------------------------------------------------ fewer round trips
+
+    async def admit(
+        self, ctx: AsyncContext, payload: JobPayload, blueprint: WorkflowBlueprint, holder: str
+    ) -> Admission:
+        """The job's reads and its lease in one statement (``_coordination``)."""
+        plan = self._plan(blueprint, payload.node_id)
+        if plan is None or type(ctx) is not PostgresContext or ctx.store is not self.store:
+            return await super().admit(ctx, payload, blueprint, holder)
+        return await admission(
+            self.store,
+            payload.run_id,
+            plan,
+            lease_stem=K.lease_stem(self.key_prefix, payload.run_id, payload.node_id),
+            holder=holder,
+            lease_seconds=self.lease_seconds,
+        )
+
+    def _plan(self, blueprint: WorkflowBlueprint, node_id: str) -> AdmissionPlan | None:
+        key = (blueprint.id, blueprint.version, node_id)
+        try:
+            return self._plans[key]
+        except KeyError:
+            pass
+        analysis = analyse(blueprint)
+        plan = None
+        if node_id in analysis.nodes:
+            plan = admission_plan(
+                self.first_read_keys(node_id),
+                node_id,
+                blueprint.id,
+                blueprint.version,
+                self.likely_input_keys(analysis, node_id, 1),
+                self.likely_input_keys(analysis, node_id, 2),
+            )
+        self._plans[key] = plan
+        return plan
+
+    async def mark_followed_up(self, run_id: str, node_id: str, generation: int) -> None:
+        """Written behind, with the other marks of the next few milliseconds."""
+        key = K.followed_up(self.key_prefix, run_id, node_id, generation)
+        self._marks.add(key, self.dedupe_window_seconds)
 
     async def publish_final_result(self, run_id: str, result: FinalResult) -> None:
         await self.store.publish(run_id, result.to_json_dict())
@@ -196,10 +264,15 @@ class RabbitMQAdapter(BaseDistributedAdapter):
             self.concurrency,
             self.retry_mode,
         )
+        loop = asyncio.get_running_loop()
+        purge_at = loop.time() + _LEASE_PURGE_SECONDS
         try:
             while not self.stopping:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), 1.0)
+                if loop.time() >= purge_at:
+                    purge_at = loop.time() + _LEASE_PURGE_SECONDS
+                    await self._purge_leases()
         except asyncio.CancelledError:
             for task in self._in_hand:
                 task.cancel()
@@ -354,7 +427,14 @@ class RabbitMQAdapter(BaseDistributedAdapter):
         await super().stop()
         self._wake.set()
 
+    async def _purge_leases(self) -> None:
+        try:
+            await self.leases.purge_expired()
+        except Exception as exc:
+            logger.warning("could not delete expired leases (%r); next time", exc)
+
     async def close(self) -> None:
         """Close what this adapter opened (a given connection, pool or store stays open)."""
+        await self._marks.flush()
         await self.broker.aclose()
         await self.store.aclose()

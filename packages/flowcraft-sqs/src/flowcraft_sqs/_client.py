@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 __all__ = ["AwsClients", "AwsSettings"]
 
-logger = logging.getLogger("flowcraft_sqs")
+logger = logging.getLogger("flowcraft.sqs")
 
 # DynamoDB's limit for a partition key value; longer ids are hashed (see item_key).
 MAX_KEY_BYTES = 2048

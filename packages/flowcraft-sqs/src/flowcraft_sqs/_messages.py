@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 MAX_VISIBILITY_SECONDS = 12 * 3600  # SQS's ceiling for ChangeMessageVisibility
+MAX_DELAY_SECONDS = 900  # SQS's ceiling for a message's DelaySeconds
 BATCH = 10  # SQS's batch size for receive, send and delete
 BATCH_BYTES = 200 * 1024  # below SQS's limit on a batch's total payload
 _GROUP_ID = re.compile(r"[!-~]{1,128}")
@@ -35,6 +36,11 @@ def retrieve(future: asyncio.Future[Any]) -> None:
 
 def receive_count(message: Mapping[str, Any]) -> int:
     return int(message.get("Attributes", {}).get("ApproximateReceiveCount", "1"))
+
+
+def message_group(message: Mapping[str, Any]) -> str:
+    """The FIFO group a received message came in (``flowcraft`` on standard queues)."""
+    return str(message.get("Attributes", {}).get("MessageGroupId", "flowcraft"))
 
 
 def group_id(value: str) -> str:

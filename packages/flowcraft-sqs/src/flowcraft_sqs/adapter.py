@@ -45,16 +45,19 @@ from flowcraft_sqs._client import AwsClients, AwsSettings, error_code
 from flowcraft_sqs._messages import (
     BATCH,
     ERROR_ATTRIBUTE,
+    MAX_DELAY_SECONDS,
     MAX_VISIBILITY_SECONDS,
     Poll,
     batches,
     clean,
     group_id,
+    message_group,
     number_attribute,
     receive_count,
     retrieve,
     string_attribute,
 )
+from flowcraft_sqs._operations import Operations
 from flowcraft_sqs._setup import ACTIVE_RUNS_INDEX
 from flowcraft_sqs.context import DEFAULT_MAX_STATE_BYTES, DynamoDbContext, RunTable
 from flowcraft_sqs.coordination import DynamoDbCoordinationStore
@@ -72,7 +75,7 @@ Message = dict[str, Any]
 MessageGroup = Literal["run", "node"]
 
 
-class SqsAdapter(PullingAdapter[Message]):
+class SqsAdapter(Operations, PullingAdapter[Message]):
     """A flowcraft worker (and operator client) on SQS and DynamoDB.
 
     Args:
@@ -169,6 +172,7 @@ class SqsAdapter(PullingAdapter[Message]):
         )
         self._dead_letter_url = dead_letter_queue_url
         self._dead_letter_resolved = dead_letter_queue_url is not None
+        self._redrive: dict[str, Any] | None = None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(queue_url={self.queue_url!r}, worker_id={self.worker_id!r})"
@@ -345,8 +349,7 @@ class SqsAdapter(PullingAdapter[Message]):
                 },
             }
             if url.endswith(".fifo"):
-                group = message.get("Attributes", {}).get("MessageGroupId", "flowcraft")
-                params["MessageGroupId"] = group
+                params["MessageGroupId"] = message_group(message)
                 params["MessageDeduplicationId"] = str(message.get("MessageId", uuid.uuid4().hex))
             await self.clients.sqs_call("send_message", **params)
         await self.ack([message])
@@ -357,19 +360,39 @@ class SqsAdapter(PullingAdapter[Message]):
         """The dead-letter queue: as given, else the job queue's redrive target."""
         if self._dead_letter_resolved:
             return self._dead_letter_url
-        response = await self.clients.sqs_call(
-            "get_queue_attributes", QueueUrl=self.queue_url, AttributeNames=["RedrivePolicy"]
-        )
-        policy = response.get("Attributes", {}).get("RedrivePolicy")
-        if policy:
-            arn = json.loads(policy)["deadLetterTargetArn"]
-            *_, account, name = arn.split(":")
+        policy = await self._redrive_policy()
+        if "deadLetterTargetArn" in policy:
+            *_, account, name = str(policy["deadLetterTargetArn"]).split(":")
             found = await self.clients.sqs_call(
                 "get_queue_url", QueueName=name, QueueOwnerAWSAccountId=account
             )
             self._dead_letter_url = found["QueueUrl"]
         self._dead_letter_resolved = True
         return self._dead_letter_url
+
+    async def _redrive_policy(self) -> dict[str, Any]:
+        """The job queue's redrive policy (read once; {} when it has none)."""
+        if self._redrive is None:
+            response = await self.clients.sqs_call(
+                "get_queue_attributes", QueueUrl=self.queue_url, AttributeNames=["RedrivePolicy"]
+            )
+            text = response.get("Attributes", {}).get("RedrivePolicy")
+            self._redrive = json.loads(text) if text else {}
+        return self._redrive
+
+    async def redelivery_limit(self) -> int | None:
+        """The redrive policy's ``maxReceiveCount``: SQS counts hand-backs as receives."""
+        limit = (await self._redrive_policy()).get("maxReceiveCount")
+        return int(limit) if limit is not None else self.max_deliveries
+
+    async def resend(self, message: Message, delay_seconds: float) -> bool:
+        """A fresh copy (receive count 0) due after the delay, then a delete."""
+        params = self._message(message["Body"], message_group(message))
+        if not self.fifo:  # FIFO queues delay whole queues only
+            params["DelaySeconds"] = max(0, min(math.ceil(delay_seconds), MAX_DELAY_SECONDS))
+        await self.clients.sqs_call("send_message", QueueUrl=self.queue_url, **params)
+        await self.ack([message])
+        return True
 
     async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
         """Look at dead-lettered messages without taking them (for operators and tests).

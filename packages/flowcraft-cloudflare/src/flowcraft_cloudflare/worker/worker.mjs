@@ -8,6 +8,7 @@
 //   POST /flowcraft/v1/wait     {object, timeout}         long poll for the run's final result
 //   POST /flowcraft/v1/enqueue  {inbox, direct, messages} send jobs (Cloudflare Queue or inbox)
 //   POST /flowcraft/v1/inbox    {inbox, op, ...}          pull / extend / ack / release / dead
+//   POST /flowcraft/v1/registry {object, op, ...}         stalled runs (the reconciler) / list
 //   POST /flowcraft/v1/raw      raw bytes                 put bytes on the queue as they are
 //   GET  /flowcraft/v1/health                             {"ok": true}
 //
@@ -30,6 +31,9 @@ const MAX_ROW_BYTES = 2 * 1024 * 1024; // SQLite-backed Durable Objects: 2 MB pe
 const MAX_DELAY_SECONDS = 12 * 3600; // Cloudflare Queues' delay ceiling, kept for hand-backs
 const MAX_PULL = 100;
 const MAX_WAIT_MS = 25_000;
+const DEFAULT_TRACK_MS = 7 * 24 * 3600 * 1000; // a registry entry's life without a state TTL
+const REGISTRY_GRACE_MS = 60_000; // a run entered but not yet written is not dropped before
+const MAX_STALLED_SCAN = 1000;
 const encoder = new TextEncoder();
 
 const json = (data, status = 200) =>
@@ -116,10 +120,21 @@ export class FlowcraftRun extends DurableObject {
     return row === null ? 0 : Number(row.v);
   }
 
-  /** Run `ops` as one atomic step; `ttl` (seconds) keeps the object alive after a write. */
+  /** Run `ops` as one atomic step; `ttl` (seconds) keeps the object alive after a write.
+   *
+   * A patch that writes the run's status carries `track` ({registry, run, status}): a
+   * run that becomes "running" enters its namespace's FlowcraftRegistry before the
+   * write (an entry for a write that then fails is dropped by the registry's own
+   * check), and one that stops running leaves it after the write applied (an entry
+   * whose removal was lost is dropped by that check too). */
   async batch(ops, ttl) {
     this.schema();
     const now = Date.now();
+    const ttlMs = ttl ? Math.ceil(positive(ttl, "ttl") * 1000) : DEFAULT_TRACK_MS;
+    const tracked = ops.filter((op) => op.op === "patch" && op.track);
+    for (const op of tracked) {
+      if (op.track.status === "running") await this.track(op.track, true, ttlMs);
+    }
     let keepUntil = 0;
     let published = false;
     let results;
@@ -145,7 +160,39 @@ export class FlowcraftRun extends DurableObject {
     }
     if (keepUntil) await this.scheduleAlarm(keepUntil);
     if (published) this.wake();
+    for (const [i, op] of ops.entries()) {
+      if (op.op === "patch" && op.track && op.track.status !== "running" && results[i].applied) {
+        try {
+          await this.track(op.track, false, ttlMs);
+        } catch (error) {
+          console.error(`run ${op.track.run}: leaving the registry failed: ${error}`);
+        }
+      }
+    }
     return { results };
+  }
+
+  /** Enter (`active`) or leave the namespace's index of running runs. */
+  async track(track, active, ttlMs) {
+    const registry = str(track.registry, "registry");
+    const stub = this.env.REGISTRY.get(this.env.REGISTRY.idFromName(registry));
+    await stub.track(str(track.run, "run"), this.ctx.id.toString(), active, ttlMs);
+  }
+
+  /** The run's status (null when the object holds no run) and its last context write. */
+  progress(statusKey) {
+    this.schema();
+    const row = this.one("SELECT v FROM ctx WHERE k = ?", str(statusKey, "status key"));
+    let status = null;
+    if (row !== null) {
+      try {
+        status = JSON.parse(row.v)?.status ?? null;
+      } catch {
+        status = null;
+      }
+    }
+    const touched = this.one("SELECT v FROM meta WHERE k = 'touched'");
+    return { status, touched: touched === null ? 0 : Number(touched.v) };
   }
 
   apply(op, now, ttl) {
@@ -180,6 +227,11 @@ export class FlowcraftRun extends DurableObject {
         for (const key of op.delete ?? []) {
           this.sql.exec("DELETE FROM ctx WHERE k = ?", str(key, "key"));
         }
+        // The run's last progress, which the registry's stall check reads.
+        this.sql.exec(
+          "INSERT INTO meta (k, v) VALUES ('touched', ?) ON CONFLICT (k) DO UPDATE SET v = excluded.v",
+          String(now),
+        );
         return [{ applied: true }, ttl ? now + ttlMs(ttl) : 0];
       }
       case "incr": {
@@ -338,6 +390,114 @@ export class FlowcraftRun extends DurableObject {
     await this.ctx.storage.deleteAll();
     this.schemaReady = false;
     this.alarmAt = null;
+  }
+}
+
+// ---------------------------------------------------------------- the index of running runs
+
+// FlowcraftRegistry: one per namespace (name "<namespace>/runs"), the reconciler's index
+// of running runs. Run objects enter a run when its status becomes "running" and remove
+// it when the status becomes anything else (awaiting, completed, failed, cancelled).
+// Each entry expires with the run's state TTL (an alarm purges it), so the index holds
+// at most the runs started within one TTL. `stalled` asks each candidate's run object
+// for its status and last context write, which corrects any entry a lost call left.
+export class FlowcraftRegistry extends DurableObject {
+  constructor(ctx, env) {
+    super(ctx, env);
+    this.sql = ctx.storage.sql;
+    this.sql.exec(
+      "CREATE TABLE IF NOT EXISTS active (run TEXT PRIMARY KEY, obj TEXT NOT NULL, " +
+        "since INTEGER NOT NULL, checked INTEGER NOT NULL, exp INTEGER NOT NULL)",
+    );
+    this.sql.exec("CREATE INDEX IF NOT EXISTS active_checked ON active (checked)");
+    this.sql.exec("CREATE INDEX IF NOT EXISTS active_exp ON active (exp)");
+    this.alarmAt = undefined;
+  }
+
+  /** Enter `run` (its object id `obj`) for `ttlMs`, or remove it. */
+  async track(run, obj, active, ttlMs) {
+    const now = Date.now();
+    if (!active) {
+      this.sql.exec("DELETE FROM active WHERE run = ?", run);
+      return {};
+    }
+    const exp = now + ttlMs;
+    this.sql.exec(
+      "INSERT INTO active (run, obj, since, checked, exp) VALUES (?, ?, ?, ?, ?) " +
+        "ON CONFLICT (run) DO UPDATE SET obj = excluded.obj, checked = excluded.checked, exp = excluded.exp",
+      run,
+      obj,
+      now,
+      now,
+      exp,
+    );
+    if (this.alarmAt === undefined) this.alarmAt = await this.ctx.storage.getAlarm();
+    if (this.alarmAt === null) {
+      await this.ctx.storage.setAlarm(exp);
+      this.alarmAt = exp;
+    }
+    return {};
+  }
+
+  /** Up to `limit` running runs whose last context write is at least `ageMs` old. A
+   * run returned moves to the back of the index (it is found again only after another
+   * `ageMs` without progress); entries of runs no longer running are removed. */
+  async stalled(ageMs, limit, statusKey) {
+    const now = Date.now();
+    const cutoff = now - Math.max(Number(ageMs) || 0, 0);
+    const scan = Math.min(Math.max(Math.floor(limit) || 1, 1), MAX_STALLED_SCAN);
+    const rows = this.sql
+      .exec(
+        "SELECT run, obj, since FROM active WHERE checked <= ? AND exp > ? ORDER BY checked LIMIT ?",
+        cutoff,
+        now,
+        scan,
+      )
+      .toArray();
+    const answers = await Promise.all(
+      rows.map((row) =>
+        this.env.RUNS.get(this.env.RUNS.idFromString(row.obj))
+          .progress(statusKey)
+          .catch((error) => {
+            console.error(`run ${row.run}: progress check failed: ${error}`);
+            return null;
+          }),
+      ),
+    );
+    const found = [];
+    this.ctx.storage.transactionSync(() => {
+      rows.forEach((row, i) => {
+        const answer = answers[i];
+        if (answer === null) return;
+        if (answer.status === null && now - row.since < REGISTRY_GRACE_MS) return;
+        if (answer.status !== "running") {
+          this.sql.exec("DELETE FROM active WHERE run = ?", row.run);
+        } else if (answer.touched <= cutoff) {
+          found.push(row.run);
+          this.sql.exec("UPDATE active SET checked = ? WHERE run = ?", now, row.run);
+        } else {
+          this.sql.exec("UPDATE active SET checked = ? WHERE run = ?", answer.touched, row.run);
+        }
+      });
+    });
+    return { runs: found };
+  }
+
+  /** The entries (tools and tests): [run, ms since its last check]. */
+  list(limit) {
+    const now = Date.now();
+    const rows = this.sql
+      .exec("SELECT run, checked FROM active WHERE exp > ? ORDER BY checked LIMIT ?", now, limit)
+      .toArray();
+    return { runs: rows.map((r) => [r.run, now - r.checked]) };
+  }
+
+  async alarm() {
+    const now = Date.now();
+    this.sql.exec("DELETE FROM active WHERE exp <= ?", now);
+    const next = this.sql.exec("SELECT MIN(exp) AS t FROM active").one().t;
+    this.alarmAt = next === null ? null : next;
+    if (next !== null) await this.ctx.storage.setAlarm(next);
   }
 }
 
@@ -568,6 +728,23 @@ async function authorized(request, env) {
 
 const runObject = (env, name) => env.RUNS.get(env.RUNS.idFromName(name));
 const inboxObject = (env, name) => env.INBOXES.get(env.INBOXES.idFromName(name));
+const registryObject = (env, name) => env.REGISTRY.get(env.REGISTRY.idFromName(name));
+
+async function registryCall(env, request) {
+  const stub = registryObject(env, str(request.object, "object"));
+  switch (request.op) {
+    case "stalled":
+      return stub.stalled(
+        Number(request.older_than ?? 300) * 1000,
+        request.limit ?? 100,
+        str(request.status_key, "status_key"),
+      );
+    case "list":
+      return stub.list(Math.min(Math.max(request.limit ?? 100, 1), 10_000));
+    default:
+      throw new BadRequest(`unknown registry op ${JSON.stringify(request.op)}`);
+  }
+}
 
 function envelope(inbox, body, delay) {
   const message = { body: { i: inbox, b: body }, contentType: "json" };
@@ -666,6 +843,8 @@ export default {
           return json(await enqueue(env, await request.json()));
         case "POST /flowcraft/v1/inbox":
           return json(await inboxCall(env, await request.json()));
+        case "POST /flowcraft/v1/registry":
+          return json(await registryCall(env, await request.json()));
         case "POST /flowcraft/v1/raw":
           // The queue as any producer uses it: the bytes, no envelope.
           await env.JOBS.send(new Uint8Array(await request.arrayBuffer()), { contentType: "bytes" });

@@ -9,8 +9,9 @@ import time
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, Protocol
 
 from flowcraft._analysis import GraphAnalysis, analyse
 from flowcraft.blueprint import NodeDefinition, WorkflowBlueprint
@@ -33,6 +34,18 @@ RetryMode = Literal["in-process", "queue"]
 
 
 FINAL_STATUSES = K.FINAL_STATUSES
+
+_NO_SCOPE: AbstractAsyncContextManager[object] = contextlib.nullcontext()
+
+
+class Instrumentation(Protocol):
+    """What observes an adapter from outside it (``flowcraft.telemetry.Telemetry``):
+    set as ``adapter.instrumentation``, it is asked for each job's scope and for the
+    origin ``start_run`` keeps in a run's state."""
+
+    def job_scope(self, job: JobPayload) -> AbstractAsyncContextManager[object]: ...
+
+    def run_origin(self) -> dict[str, str] | None: ...
 
 
 class _AdapterCore(ABC):
@@ -105,6 +118,23 @@ class _AdapterCore(ABC):
     results: ResultStore | None = None
     """Where this adapter keeps final results, if in a :class:`ResultStore` (such as
     ``RedisResults``): the base then reads and watches them there."""
+
+    instrumentation: Instrumentation | None = None
+    """Tracing or metrics around each job and each start (None: nothing, at no cost)."""
+
+    def job_scope(self, job: JobPayload) -> AbstractAsyncContextManager[object]:
+        """An async context manager entered around each job's handling, its events
+        included (a span, a timer): it sees the job's exception, if any. The default
+        is ``instrumentation``'s; override to add an adapter's own."""
+        if self.instrumentation is None:
+            return _NO_SCOPE
+        return self.instrumentation.job_scope(job)
+
+    def run_origin(self) -> dict[str, str] | None:
+        """What ``start_run`` keeps under ``_flowcraft.origin`` in a new run's state
+        (the caller's trace context, so every worker's spans join the caller's trace);
+        None keeps nothing. The default is ``instrumentation``'s."""
+        return None if self.instrumentation is None else self.instrumentation.run_origin()
 
     max_delay_seconds: float | None = None
     """The longest delay this adapter's queue can release a job for (SQS 900 s,

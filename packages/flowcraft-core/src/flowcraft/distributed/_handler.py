@@ -64,7 +64,11 @@ class JobHandling(Resolution):
     async def handle_job(self, job: JobPayload) -> None:
         """Process one job. Returns normally when the job is done with (ack); raises
         ``RetryJob``/``VersionMismatchError`` to hand it back and bad-input errors to
-        dead-letter it (see ``job_disposition``)."""
+        dead-letter it (see ``job_disposition``). Runs inside ``job_scope(job)``."""
+        async with self.job_scope(job):
+            await self._handle_reporting(job)
+
+    async def _handle_reporting(self, job: JobPayload) -> None:
         try:
             await self._handle(job)
         except (RetryJob, VersionMismatchError) as exc:
@@ -146,6 +150,8 @@ class JobHandling(Resolution):
                 self.event_bus,
                 FlowEvent("job:duplicate", job.run_id, node_id, {"resolved": resolved}),
             )
+            if resolved and record is None and self.event_bus is not None:
+                await self._emit_resolved(job, resolved)
             if resolved and record is None:
                 done = K.followed_up(self.key_prefix, job.run_id, node_id, resolved)
                 if await self.coordination_store.get(done) is None:
@@ -184,6 +190,30 @@ class JobHandling(Resolution):
                 await self._execute(job, payload, generation, record, found)
         finally:
             await heartbeat.stop()
+
+    async def _emit_resolved(self, job: _Job, generation: int) -> None:
+        """A redelivered job whose activation had resolved: emit that resolution again
+        from the run's state (the worker that resolved it may have died before its
+        events left it; run history keeps each once). Its context writes are not in
+        the state apart from the others', so they are not repeated."""
+        node_id = job.node_id
+        found = await job.ctx.get_many(
+            [K.decision(node_id, generation), K.output(node_id), K.error(node_id)]
+        )
+        decision = found.get(K.decision(node_id, generation))
+        if decision is None:
+            return
+        data: dict[str, Any] = {"activation": generation, "redelivered": True}
+        if decision.get("failed"):
+            error = found.get(K.error(node_id)) or {}
+            data["error"] = error.get("message", "")
+            event = "node:error"
+        elif decision.get("skip"):
+            event = "node:skipped"
+        else:
+            data["output"] = found.get(K.output(node_id))
+            event = "node:finish"
+        await emit(self.event_bus, FlowEvent(event, job.run_id, node_id, data))
 
     async def admit(
         self, ctx: AsyncContext, payload: JobPayload, blueprint: WorkflowBlueprint, holder: str
@@ -297,6 +327,16 @@ class JobHandling(Resolution):
             )
         )
         node_input = await self._input(job, node, record, found)
+        if self.event_bus is not None:
+            await emit(
+                self.event_bus,
+                FlowEvent(
+                    "node:start",
+                    job.run_id,
+                    job.node_id,
+                    {"input": node_input, "activation": generation, "attempt": attempt},
+                ),
+            )
         job.executing = True
         try:
             execution = await self.runtime.execute_node(

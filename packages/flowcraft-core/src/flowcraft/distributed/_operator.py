@@ -51,7 +51,8 @@ class OperatorAPI(Resolution):
         being absent, so a start never writes over a run. The same request again (same
         blueprint, version and initial context: a retry after a crash or a lost reply)
         writes nothing and enqueues the start nodes again (duplicates are harmless); any
-        other request for an existing ``run_id`` raises :class:`RunConflictError`."""
+        other request for an existing ``run_id`` raises :class:`RunConflictError`.
+        ``run_origin()`` (the caller's trace context) is kept with the state."""
         blueprint = self.blueprint_for(blueprint_id)
         analysis = analyse(blueprint)
         run_id = run_id or uuid.uuid4().hex
@@ -66,6 +67,9 @@ class OperatorAPI(Resolution):
         ops.append(PatchOperation("set", K.META, meta))
         ops.append(PatchOperation("set", K.REQUEST, request))
         ops.append(PatchOperation("set", K.STATUS, {"status": "running", "errors": []}))
+        origin = self.run_origin()
+        if origin:
+            ops.append(PatchOperation("set", K.ORIGIN, origin))
         for node_id in analysis.start_nodes:
             ops.append(PatchOperation("set", K.activation(node_id, 1), {"skip": False}))
         if not await ctx.patch(ops, guard={K.META: None}):
@@ -79,7 +83,10 @@ class OperatorAPI(Resolution):
                 )
             self.logger.debug("run %s: the same start again; enqueueing its start nodes", run_id)
         await emit(
-            self.event_bus, FlowEvent("workflow:start", run_id, None, {"blueprintId": blueprint.id})
+            self.event_bus,
+            FlowEvent(
+                "workflow:start", run_id, None, {"blueprintId": blueprint.id, "context": initial}
+            ),
         )
         await self._enqueue(run_id, blueprint, *analysis.start_nodes)
         return run_id
@@ -207,7 +214,12 @@ class OperatorAPI(Resolution):
             NodeResult(output=output, action=action),
             fingerprint="resume",
             timer=timer if timer is not None and timer.get("g") == generation else None,
-            event=FlowEvent("workflow:resume", run_id, waiting_id),
+            event=FlowEvent(
+                "workflow:resume",
+                run_id,
+                waiting_id,
+                {"activation": generation, "output": output, "action": action},
+            ),
         )
         if not applied:
             raise RunConflictError(

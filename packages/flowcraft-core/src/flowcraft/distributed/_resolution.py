@@ -90,12 +90,23 @@ class Resolution(_AdapterCore):
         if self.event_bus is not None:
             # The same events as in memory: each committed write, each edge condition.
             await self.runtime.emit_commit(
-                job.run_id, node_id, list(deltas), evaluated or [], bus=self.event_bus
+                job.run_id,
+                node_id,
+                list(deltas),
+                evaluated or [],
+                bus=self.event_bus,
+                activation=generation,
             )
-            event = "node:skipped" if result is None else "node:finish"
-            await emit(
-                self.event_bus, FlowEvent(event, job.run_id, node_id, {"activation": generation})
-            )
+            if result is None:
+                event = FlowEvent("node:skipped", job.run_id, node_id, {"activation": generation})
+            else:
+                event = FlowEvent(
+                    "node:finish",
+                    job.run_id,
+                    node_id,
+                    {"activation": generation, "output": result.output, "action": result.action},
+                )
+            await emit(self.event_bus, event)
         await self._follow_up(job, generation, redrive=False, decision=decision)
         return True
 
@@ -402,9 +413,6 @@ class Resolution(_AdapterCore):
         delivery resolved the activation first (or the run ended): this failure is
         stale and changes nothing."""
         self.logger.info("run %s: node %s failed: %s", job.run_id, job.node_id, exc)
-        await emit(
-            self.event_bus, FlowEvent("node:error", job.run_id, job.node_id, {"error": str(exc)})
-        )
         err = {
             "nodeId": job.node_id,
             "message": str(exc),
@@ -426,6 +434,16 @@ class Resolution(_AdapterCore):
         if not await job.ctx.patch(ops, guard=_fence(job.node_id, generation)):
             await self._refused(job, generation)
             return
+        # After the record applied: a stale failure refused above is no node error.
+        await emit(
+            self.event_bus,
+            FlowEvent(
+                "node:error",
+                job.run_id,
+                job.node_id,
+                {"error": str(exc), "activation": generation},
+            ),
+        )
         await self._follow_up(job, generation, redrive=False, decision=decision, errors=[err])
 
     async def _refused(self, job: _Job, generation: int) -> None:

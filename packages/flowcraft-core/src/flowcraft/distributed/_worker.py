@@ -79,6 +79,29 @@ class WorkerLifecycle(_AdapterCore):
         ``limit``, without removing them). Override."""
         raise NotImplementedError(f"{type(self).__name__} cannot list its dead letters")
 
+    async def requeue_dead_letters(self, limit: int = 100) -> int:
+        """Put up to ``limit`` parked jobs back on the job queue as they are, removing
+        them from the dead letters; returns how many. Each is enqueued before it is
+        removed: a crash between the two duplicates a job (which the protocol absorbs)
+        but never loses one. Override where the queue allows it."""
+        raise NotImplementedError(f"{type(self).__name__} cannot requeue its dead letters")
+
+    async def purge_dead_letters(self, limit: int | None = None) -> int:
+        """Delete up to ``limit`` parked jobs (None: all of them); returns how many.
+        Override where the queue allows it."""
+        raise NotImplementedError(f"{type(self).__name__} cannot purge its dead letters")
+
+    async def queue_depth(self) -> int | None:
+        """Jobs waiting in the job queue (ready or delayed; not those in hand), where
+        the queue can tell cheaply: for metrics. None: it cannot. Override."""
+        return None
+
+    async def active_runs(self, limit: int = 100) -> list[str]:
+        """Runs that have not ended and do not wait for a resume, without changing
+        anything (``flowcraft runs``). Override (the reconciler's index of active
+        runs, read only); the base cannot list runs."""
+        raise NotImplementedError(f"{type(self).__name__} cannot list its active runs")
+
     async def find_stalled_runs(self, older_than_seconds: float, limit: int) -> list[str]:
         """Runs not ended nor waiting for a resume whose state has not changed for
         ``older_than_seconds``: the reconciler's candidates. Override (an index of

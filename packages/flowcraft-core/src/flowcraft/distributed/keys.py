@@ -22,6 +22,9 @@ STATUS = "_flowcraft.status"  # {"status", "errors"}: running/awaiting/completed
 FINAL_STATUSES = frozenset({"completed", "failed", "cancelled"})
 """A run in one of these has ended: its jobs drop themselves."""
 REQUEST = "_flowcraft.request"  # str: fingerprint of the start request (blueprint, initial context)
+ORIGIN = "_flowcraft.origin"
+"""{str: str}: who started the run, as ``run_origin()`` described it at ``start_run``
+(the caller's trace context): every worker's spans of the run join that trace."""
 ENDED = "_flowcraft.end"
 """str: the run's final status, once it has one. Every commit, pause, resume and
 failure record is guarded on its absence, so nothing changes a run after it ended

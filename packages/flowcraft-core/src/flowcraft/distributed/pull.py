@@ -35,6 +35,8 @@ M = TypeVar("M")
 
 _RECEIVE_ERROR_PAUSE = 1.0
 _STOP_RECEIVE_GRACE = 2.0
+_RESEND_MARGIN = 3
+"""A message handed back this close to the queue's delivery limit is re-sent fresh."""
 
 
 class PullingAdapter(BaseDistributedAdapter, Generic[M]):
@@ -106,6 +108,18 @@ class PullingAdapter(BaseDistributedAdapter, Generic[M]):
     @abstractmethod
     async def dead_letter(self, message: M, reason: str) -> None:
         """Park ``message`` with ``reason`` and remove it from the queue."""
+
+    async def redelivery_limit(self) -> int | None:
+        """Deliveries after which the queue parks a message on its own (SQS's
+        ``maxReceiveCount``, Pub/Sub's ``max_delivery_attempts``); by default
+        ``max_deliveries``. Hand-backs count there too, so near it the loop re-sends."""
+        return self.max_deliveries
+
+    async def resend(self, message: M, delay_seconds: float) -> bool:
+        """Put a fresh copy of ``message`` (its delivery count starting again), due
+        after ``delay_seconds`` where the queue can delay, then remove ``message``.
+        False: this queue cannot, and the message is released as it is."""
+        return False
 
     # ------------------------------------------------------------ the loop
 
@@ -203,13 +217,27 @@ class PullingAdapter(BaseDistributedAdapter, Generic[M]):
                 assert self._acks is not None
                 await self._acks.ack(message)
             elif settlement.action == "release":
-                await self.release(message, settlement.delay_seconds)
+                await self._hand_back(message, count, settlement.delay_seconds)
             else:
                 logger.warning("dead-lettering a job: %s", settlement.reason)
                 await self.dead_letter(message, settlement.reason)
         except Exception as exc:
             # The queue delivers it again once its invisibility runs out.
             logger.warning("could not %s a message: %r", settlement.action, exc)
+
+    async def _hand_back(self, message: M, count: int | None, delay_seconds: float) -> None:
+        """Release a settled job; near the queue's own delivery limit, re-send it
+        instead: a busy lease or a version this worker lacks must never get a healthy
+        job parked, however often it comes back."""
+        if count is not None:
+            limit = await self.redelivery_limit()
+            if (
+                limit is not None
+                and count >= limit - _RESEND_MARGIN
+                and await self.resend(message, delay_seconds)
+            ):
+                return
+        await self.release(message, delay_seconds)
 
 
 class _Renewer:

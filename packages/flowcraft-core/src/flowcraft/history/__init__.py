@@ -1,0 +1,54 @@
+"""Run history: every event of every run, kept in a store, read back as a timeline,
+as steps, and as the run's context at any step (time travel).
+
+Record by giving a :class:`HistoryRecorder` as the event bus of a ``FlowRuntime`` or
+an adapter (and, on a fleet, ``recorder.instrument(adapter)``); read with
+:class:`History`. Stores: :class:`SqliteHistoryStore` (a file, no server) and
+:class:`PostgresHistoryStore` (the ``[postgres]`` extra, for fleets).
+``flowcraft history RUN`` prints a run's timeline.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from flowcraft.history._reader import History, Step, open_store, recent_runs
+from flowcraft.history._recorder import HistoryRecorder
+from flowcraft.history._records import (
+    SCHEMA_VERSION,
+    HistoryError,
+    HistoryEvent,
+    HistoryStore,
+    RunSummary,
+    event_key,
+)
+from flowcraft.history._sqlite import SqliteHistoryStore
+
+if TYPE_CHECKING:
+    from flowcraft.history._postgres import PostgresHistoryStore
+
+
+def __getattr__(name: str) -> object:
+    # Lazy: asyncpg is an optional extra.
+    if name == "PostgresHistoryStore":
+        from flowcraft.history._postgres import PostgresHistoryStore
+
+        return PostgresHistoryStore
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "History",
+    "HistoryError",
+    "HistoryEvent",
+    "HistoryRecorder",
+    "HistoryStore",
+    "PostgresHistoryStore",
+    "RunSummary",
+    "SqliteHistoryStore",
+    "Step",
+    "event_key",
+    "open_store",
+    "recent_runs",
+]

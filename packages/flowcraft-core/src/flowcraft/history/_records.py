@@ -1,0 +1,234 @@
+"""What a run's history holds: one row per event, each with an identity in its run."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+from flowcraft.events import FlowEvent
+
+SCHEMA_VERSION = 1
+"""The history tables' layout. A store refuses tables of another version instead of
+guessing (there is no migration yet)."""
+
+FINAL = frozenset({"completed", "failed", "cancelled"})
+
+
+class HistoryError(Exception):
+    """The history store cannot be used (another schema version, a bad name)."""
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryEvent:
+    """One recorded event. ``key`` is its identity within the run: the same event
+    emitted again (a redelivered job redoing a node) has the same key, and the store
+    keeps the first. ``at`` is the emitting process's clock (Unix seconds); ``seq``
+    the store's insertion order (0 until stored)."""
+
+    run_id: str
+    kind: str
+    key: str
+    node_id: str | None = None
+    activation: int | None = None
+    attempt: int | None = None
+    data: Mapping[str, Any] = field(default_factory=dict)
+    at: float = 0.0
+    worker: str = ""
+    seq: int = 0
+
+    def to_json_dict(self) -> dict[str, Any]:
+        return {
+            "seq": self.seq,
+            "at": self.at,
+            "kind": self.kind,
+            "nodeId": self.node_id,
+            "activation": self.activation,
+            "attempt": self.attempt,
+            "key": self.key,
+            "worker": self.worker,
+            "data": dict(self.data),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class RunSummary:
+    """A run as its history knows it: ``status`` is the latest status an event gave
+    (``running`` until one did)."""
+
+    run_id: str
+    blueprint_id: str | None
+    status: str
+    started_at: float
+    updated_at: float
+
+    def to_json_dict(self) -> dict[str, Any]:
+        return {
+            "runId": self.run_id,
+            "blueprintId": self.blueprint_id,
+            "status": self.status,
+            "startedAt": self.started_at,
+            "updatedAt": self.updated_at,
+        }
+
+
+@runtime_checkable
+class HistoryStore(Protocol):
+    """Where history is kept. ``write`` inserts each event unless its run already
+    holds one with the same key (insert-if-absent) and returns how many it inserted."""
+
+    async def write(self, events: list[HistoryEvent]) -> int: ...
+
+    async def events(self, run_id: str) -> list[HistoryEvent]: ...
+
+    async def runs(self, *, limit: int = 20, status: str | None = None) -> list[RunSummary]: ...
+
+    async def aclose(self) -> None: ...
+
+
+# Events that describe a run as a whole, once (or once per status): their key needs
+# no node or activation.
+_RUN_LEVEL = frozenset({"workflow:start", "workflow:finish", "workflow:stall", "workflow:pause"})
+# Events that happen once per attempt of an activation, not once per activation.
+_PER_ATTEMPT = frozenset({"node:start", "node:retry", "node:fallback"})
+
+
+def event_key(event: FlowEvent) -> str:
+    """The event's identity in its run.
+
+    * ``data["eventId"]`` (a str), if the emitter gives one;
+    * run-level events: the kind (``workflow:finish`` and ``workflow:pause`` with
+      their status or waiting nodes);
+    * events naming an ``activation``: kind, node, activation, the attempt for
+      per-attempt kinds, and what tells several of one activation apart (a
+      ``context:change``'s key, an ``edge:evaluate``'s target and condition);
+    * anything else (``job:*``, kinds this version does not know): unique, so each
+      is kept (a redelivery's job events are what happened to the job, not repeats).
+    """
+    data = event.data
+    explicit = data.get("eventId")
+    if isinstance(explicit, str):
+        return f"id\x1f{explicit}"
+    kind = event.type
+    if kind in _RUN_LEVEL:
+        if kind == "workflow:finish":
+            return f"{kind}\x1f{data.get('status', '')}"
+        if kind == "workflow:pause":
+            return f"{kind}\x1f{_dumps(data.get('awaiting'))}"
+        return kind
+    activation = data.get("activation")
+    if isinstance(activation, int) and not isinstance(activation, bool):
+        part = ""
+        if kind in _PER_ATTEMPT:
+            part = str(data.get("attempt", ""))
+        elif kind == "context:change":
+            part = str(data.get("key", ""))
+        elif kind == "edge:evaluate":
+            part = f"{data.get('target', '')}\x1f{data.get('condition', '')}"
+        return f"{kind}\x1f{event.node_id or ''}\x1f{activation}\x1f{part}"
+    return f"{kind}\x1f{uuid.uuid4().hex}"
+
+
+def record_of(event: FlowEvent, worker: str = "", at: float | None = None) -> HistoryEvent:
+    """The history row of ``event`` (stamped now unless ``at`` is given)."""
+    data = event.data
+    activation = data.get("activation")
+    attempt = data.get("attempt")
+    return HistoryEvent(
+        run_id=event.run_id,
+        kind=event.type,
+        key=event_key(event),
+        node_id=event.node_id,
+        activation=activation if type(activation) is int else None,
+        attempt=attempt if type(attempt) is int else None,
+        data=data,
+        at=time.time() if at is None else at,
+        worker=worker,
+    )
+
+
+def status_of(event: HistoryEvent) -> str | None:
+    """The run status an event gives, if any."""
+    kind = event.kind
+    if kind == "workflow:start" or kind == "workflow:resume":
+        return "running"
+    if kind == "workflow:pause":
+        return "awaiting"
+    if kind == "workflow:finish":
+        status = event.data.get("status")
+        return str(status) if status is not None else None
+    return None
+
+
+def _default(value: Any) -> Any:
+    """What JSON cannot hold is kept as its repr: history is for reading, not for
+    rebuilding objects."""
+    if isinstance(value, (set, frozenset, tuple)):
+        return list(value)
+    return repr(value)
+
+
+def _dumps(value: Any) -> str:
+    try:
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=_default)
+    except ValueError:  # a circular structure, or NaN where allow_nan would be refused
+        return json.dumps(repr(value))
+
+
+def dumps_data(data: Mapping[str, Any]) -> str:
+    """An event's data as JSON text (lone surrogates escaped, so any store takes it)."""
+    text = _dumps(data)
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        text = json.dumps(
+            json.loads(text), separators=(",", ":"), ensure_ascii=True, default=_default
+        )
+    return text
+
+
+def loads_data(text: str) -> dict[str, Any]:
+    value = json.loads(text)
+    return value if isinstance(value, dict) else {"value": value}
+
+
+def check_name(name: str) -> str:
+    """A table name prefix: letters, digits and underscores only (it is an identifier
+    in the SQL, never a parameter)."""
+    if (
+        not name
+        or not (name[0].isalpha() or name[0] == "_")
+        or not all(c.isascii() and (c.isalnum() or c == "_") for c in name)
+    ):
+        raise HistoryError(f"table prefix {name!r}: use letters, digits and underscores")
+    return name
+
+
+class Statements:
+    """A store's SQL, its table names filled in once (names checked by
+    :func:`check_name`; every value is a parameter)."""
+
+    def __init__(self, templates: Mapping[str, str], prefix: str) -> None:
+        names = {"events": f"{prefix}_events", "runs": f"{prefix}_runs", "meta": f"{prefix}_meta"}
+        self.tables = names
+        for name, template in templates.items():
+            setattr(self, name, template.format(**names))
+
+    def __getattr__(self, name: str) -> str:
+        raise AttributeError(name)  # pragma: no cover (only set names are read)
+
+
+def clean(text: str) -> str:
+    """Text any store takes: a NUL escaped as in JSON (PostgreSQL refuses it), a lone
+    surrogate as a backslash escape (UTF-8 cannot encode it). Ids and keys are stored,
+    and looked up, this way."""
+    if "\x00" in text:
+        text = text.replace("\x00", "\\u0000")
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        text = text.encode("utf-8", "backslashreplace").decode()
+    return text

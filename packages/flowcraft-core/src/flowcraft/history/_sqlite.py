@@ -1,0 +1,225 @@
+"""SQLite history: a file, no server, shared by the processes of one machine."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+from flowcraft.history._records import (
+    SCHEMA_VERSION,
+    HistoryError,
+    HistoryEvent,
+    RunSummary,
+    Statements,
+    check_name,
+    clean,
+    dumps_data,
+    loads_data,
+    status_of,
+)
+
+__all__ = ["SqliteHistoryStore"]
+
+_SQLITE = {
+    "meta_table": "CREATE TABLE IF NOT EXISTS {meta} (name TEXT PRIMARY KEY, value TEXT)",
+    "put_version": "INSERT INTO {meta} (name, value) VALUES ('schema_version', ?) "
+    "ON CONFLICT (name) DO NOTHING",
+    "get_version": "SELECT value FROM {meta} WHERE name = 'schema_version'",
+    "events_table": "CREATE TABLE IF NOT EXISTS {events} ("
+    "seq INTEGER PRIMARY KEY AUTOINCREMENT, run_id TEXT NOT NULL, "
+    "event_key TEXT NOT NULL, kind TEXT NOT NULL, node_id TEXT, activation INTEGER, "
+    "attempt INTEGER, at REAL NOT NULL, worker TEXT NOT NULL, data TEXT NOT NULL, "
+    "UNIQUE (run_id, event_key))",
+    "runs_table": "CREATE TABLE IF NOT EXISTS {runs} ("
+    "run_id TEXT PRIMARY KEY, blueprint_id TEXT, status TEXT NOT NULL, "
+    "status_at REAL NOT NULL, started_at REAL NOT NULL, updated_at REAL NOT NULL)",
+    "runs_index": "CREATE INDEX IF NOT EXISTS {runs}_started ON {runs} (started_at)",
+    "insert_events": "INSERT INTO {events} (run_id, event_key, kind, node_id, activation, "
+    "attempt, at, worker, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+    "ON CONFLICT (run_id, event_key) DO NOTHING",
+    "upsert_runs": "INSERT INTO {runs} AS r (run_id, blueprint_id, status, status_at, "
+    "started_at, updated_at) VALUES (?, ?, ?, ?, ?, ?) "
+    "ON CONFLICT (run_id) DO UPDATE SET "
+    "blueprint_id = COALESCE(r.blueprint_id, excluded.blueprint_id), "
+    "status = CASE WHEN excluded.status_at >= r.status_at AND excluded.status "
+    "<> '' THEN excluded.status ELSE r.status END, "
+    "status_at = MAX(r.status_at, excluded.status_at), "
+    "started_at = MIN(r.started_at, excluded.started_at), "
+    "updated_at = MAX(r.updated_at, excluded.updated_at)",
+    "select_events": "SELECT seq, run_id, event_key, kind, node_id, activation, attempt, at, "
+    "worker, data FROM {events} WHERE run_id = ? ORDER BY at, seq",
+    "select_runs": "SELECT run_id, blueprint_id, status, started_at, updated_at FROM {runs} "
+    "ORDER BY started_at DESC LIMIT ?",
+    "select_runs_of": "SELECT run_id, blueprint_id, status, started_at, updated_at FROM {runs} "
+    "WHERE status = ? ORDER BY started_at DESC LIMIT ?",
+}
+
+T = TypeVar("T")
+
+
+class SqliteHistoryStore:
+    """History in a SQLite file (``":memory:"`` for one process's own).
+
+    Every call runs on one thread of its own with one connection, off the event
+    loop. WAL mode and a busy timeout let several worker processes write one file.
+    """
+
+    def __init__(
+        self, path: str | Path, *, table_prefix: str = "flowcraft_history", timeout: float = 30.0
+    ) -> None:
+        self.path = str(path)
+        self._sql = Statements(_SQLITE, check_name(table_prefix))
+        self._timeout = timeout
+        self._conn: sqlite3.Connection | None = None
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flowcraft-history")
+        self._closed = False
+
+    async def __aenter__(self) -> SqliteHistoryStore:
+        await self._call(self._connection)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        if self._closed:
+            raise HistoryError("the history store is closed")
+        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
+
+    # ------------------------------------------------------------ on the store's thread
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._conn is not None:
+            return self._conn
+        sql = self._sql
+        conn = sqlite3.connect(self.path, timeout=self._timeout, isolation_level=None)
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute(sql.meta_table)
+            conn.execute(sql.put_version, (str(SCHEMA_VERSION),))
+            (found,) = conn.execute(sql.get_version).fetchone()
+            if found != str(SCHEMA_VERSION):
+                conn.execute("ROLLBACK")
+                raise HistoryError(
+                    f"{self.path}: history schema version {found}, this flowcraft reads "
+                    f"version {SCHEMA_VERSION}"
+                )
+            conn.execute(sql.events_table)
+            conn.execute(sql.runs_table)
+            conn.execute(sql.runs_index)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.close()
+            raise
+        self._conn = conn
+        return conn
+
+    def _write(self, events: list[HistoryEvent]) -> int:
+        conn = self._connection()
+        rows = [
+            (
+                clean(e.run_id),
+                clean(e.key),
+                clean(e.kind),
+                None if e.node_id is None else clean(e.node_id),
+                e.activation,
+                e.attempt,
+                e.at,
+                clean(e.worker),
+                dumps_data(e.data),
+            )
+            for e in events
+        ]
+        runs = [(clean(r[0]), *r[1:]) for r in _run_rows(events)]
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            before = conn.total_changes
+            conn.executemany(self._sql.insert_events, rows)
+            inserted = conn.total_changes - before
+            conn.executemany(self._sql.upsert_runs, runs)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        return inserted
+
+    def _events_of(self, run_id: str) -> list[HistoryEvent]:
+        rows = self._connection().execute(self._sql.select_events, (clean(run_id),)).fetchall()
+        return [
+            HistoryEvent(
+                run_id=r[1],
+                kind=r[3],
+                key=r[2],
+                node_id=r[4],
+                activation=r[5],
+                attempt=r[6],
+                data=loads_data(r[9]),
+                at=r[7],
+                worker=r[8],
+                seq=r[0],
+            )
+            for r in rows
+        ]
+
+    def _runs_of(self, limit: int, status: str | None) -> list[RunSummary]:
+        conn = self._connection()
+        if status is None:
+            rows = conn.execute(self._sql.select_runs, (limit,)).fetchall()
+        else:
+            rows = conn.execute(self._sql.select_runs_of, (status, limit)).fetchall()
+        return [RunSummary(r[0], r[1], r[2] or "running", r[3], r[4]) for r in rows]
+
+    def _close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    # ------------------------------------------------------------ the store's API
+
+    async def write(self, events: list[HistoryEvent]) -> int:
+        """Insert each event unless its run holds its key already; update the runs."""
+        if not events:
+            return 0
+        return await self._call(self._write, events)
+
+    async def events(self, run_id: str) -> list[HistoryEvent]:
+        """The run's events, oldest first (by the emitters' clocks, then store order)."""
+        return await self._call(self._events_of, run_id)
+
+    async def runs(self, *, limit: int = 20, status: str | None = None) -> list[RunSummary]:
+        """The most recently started runs (of a status, if given)."""
+        return await self._call(self._runs_of, limit, status)
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        try:
+            await self._call(self._close)
+        finally:
+            self._closed = True
+            self._thread.shutdown(wait=True)
+
+
+def _run_rows(events: list[HistoryEvent]) -> list[tuple[Any, ...]]:
+    """One row per run in ``events``: blueprint, its latest status (and when), its
+    first and last event time. A run without a status event here keeps its own."""
+    runs: dict[str, list[Any]] = {}
+    for e in events:
+        row = runs.get(e.run_id)
+        if row is None:
+            row = runs[e.run_id] = [e.run_id, None, "", -1.0, e.at, e.at]
+        if e.kind == "workflow:start":
+            blueprint = e.data.get("blueprintId")
+            row[1] = str(blueprint) if blueprint is not None else row[1]
+        status = status_of(e)
+        if status is not None and e.at >= row[3]:
+            row[2], row[3] = status, e.at
+        row[4] = min(row[4], e.at)
+        row[5] = max(row[5], e.at)
+    return [tuple(r) for r in runs.values()]

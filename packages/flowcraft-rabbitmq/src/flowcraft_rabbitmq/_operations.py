@@ -1,0 +1,66 @@
+"""What ``flowcraft`` operators do to a RabbitMQ fleet besides running it: requeue or
+purge the dead-letter queue, and read the depth of the work and delay queues."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, cast
+
+if TYPE_CHECKING:
+    from flowcraft_rabbitmq.adapter import RabbitMQAdapter
+
+
+class Operations:
+    """Mixed into :class:`~flowcraft_rabbitmq.RabbitMQAdapter` (the base's optional hooks)."""
+
+    async def requeue_dead_letters(self, limit: int = 100) -> int:
+        """Move up to ``limit`` dead letters back to the work queue: each is published
+        (and confirmed) before it is acked off the dead-letter queue, so a crash
+        between duplicates it but never loses it. Its headers are not carried over:
+        the job starts afresh."""
+        broker = _me(self).broker
+        connection = await broker.connection()
+        channel = await connection.channel(publisher_confirms=False)
+        moved = 0
+        try:
+            queue = await channel.declare_queue(broker.topology.dead_queue, durable=True)
+            while moved < limit:
+                message = await queue.get(no_ack=False, fail=False)
+                if message is None:
+                    break
+                await broker.publish(message.body)
+                await message.ack()
+                moved += 1
+        finally:
+            await channel.close()  # anything taken and not acked goes back
+        return moved
+
+    async def purge_dead_letters(self, limit: int | None = None) -> int:
+        """Delete dead letters: up to ``limit``, or the whole queue (None)."""
+        broker = _me(self).broker
+        connection = await broker.connection()
+        channel = await connection.channel(publisher_confirms=False)
+        deleted = 0
+        try:
+            queue = await channel.declare_queue(broker.topology.dead_queue, durable=True)
+            if limit is None:
+                result = await queue.purge()
+                return int(getattr(result, "message_count", 0) or 0)
+            while deleted < limit:
+                message = await queue.get(no_ack=False, fail=False)
+                if message is None:
+                    break
+                await message.ack()
+                deleted += 1
+        finally:
+            await channel.close()
+        return deleted
+
+    async def queue_depth(self) -> int:
+        """Messages ready in the work queue and waiting in the delay queues."""
+        broker = _me(self).broker
+        depths = await broker.depths()
+        return sum(n for name, n in depths.items() if name != broker.topology.dead_queue)
+
+
+def _me(mixin: Operations) -> RabbitMQAdapter:
+    return cast("RabbitMQAdapter", mixin)
