@@ -425,7 +425,7 @@ class FlowRuntime:
                 del live.sleeping[node_id]
                 woke = {"activation": act.generation, "until": due}
                 await emit(self.event_bus, FlowEvent("node:wake", live.run_id, node_id, woke))
-                ready += self._commit(live, act, NodeResult(output=out), [])
+                ready += await self._resolve_paused(live, act, NodeResult(output=out))
         for node_id, timer in list(live.timers.items()):
             timeout_at = timer.get("due")
             if timeout_at is not None and timeout_at <= now:
@@ -445,7 +445,8 @@ class FlowRuntime:
                         },
                     ),
                 )
-                ready += self._commit(live, act, NodeResult(output=None, action="timeout"), [])
+                timed_out = NodeResult(output=None, action="timeout")
+                ready += await self._resolve_paused(live, act, timed_out)
         return await self._drive(live, ready, watch_cancel=cancel is not None)
 
     async def signal(
@@ -517,8 +518,27 @@ class FlowRuntime:
                 },
             ),
         )
-        ready = self._commit(live, act, NodeResult(output=payload), [])
+        ready = await self._resolve_paused(live, act, NodeResult(output=payload))
         return await self._drive(live, ready, watch_cancel=cancel is not None)
+
+    async def _resolve_paused(
+        self, run: _Run, act: Activation, result: NodeResult
+    ) -> list[Activation]:
+        """Commit a sleep, a signalled wait or a timed-out one, with the events of any
+        commit (as the distributed base emits them)."""
+        if self.event_bus is None:
+            return self._commit(run, act, result, [])
+        evaluated: list[tuple[Edge, bool]] = []
+        ready = self._commit(run, act, result, [], evaluated)
+        await self.emit_commit(run.run_id, act.node_id, [], evaluated, activation=act.generation)
+        data = {
+            "output": result.output,
+            "action": result.action,
+            "next": [a.node_id for a in ready],
+            "activation": act.generation,
+        }
+        await emit(self.event_bus, FlowEvent("node:finish", run.run_id, act.node_id, data))
+        return ready
 
     async def _drive(
         self, run: _Run, ready: list[Activation], *, watch_cancel: bool = True
