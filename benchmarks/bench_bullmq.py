@@ -30,6 +30,12 @@ commands) / (runs x 10): what one more non-join node job costs, with start and
 finalization left out. BullMQ's own periodic commands (lock renewal every second
 per active job, the stalled check every 2 s, the idle ``BZPOPMIN``) are included.
 
+``--history`` runs every throughput pass twice, interleaved: without run history and
+with it (each worker records every event into one SQLite file through a
+``HistoryRecorder`` with a spool beside it), and
+reports ``history_vs_off``: per shape and worker count, the median node jobs/s with
+history over without (the issue's bound: above 0.9).
+
 ``--original`` runs the original TypeScript engine's bench (``benchmarks/original``,
 ``npm ci`` there first) right after each of our passes, same shape, workers, runs and
 concurrency, same Redis, and its cost pass after ours: ``vs_original`` gives the
@@ -50,6 +56,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections import Counter
@@ -60,6 +67,7 @@ import redis.asyncio as redis_asyncio
 from bullmq import Queue
 
 from flowcraft import Flow, RuntimeOptions
+from flowcraft.history import HistoryRecorder, SqliteHistoryStore
 from flowcraft_bullmq import BullMQAdapter
 
 TARGET_NODE_JOBS_PER_S = 1400
@@ -104,13 +112,15 @@ FLOWS = {"chain": chain(10), "chain20": chain(20), "diamond": diamond()}
 NODES = {"chain": 10, "chain20": 20, "diamond": 19}
 
 
-def runtime_options() -> RuntimeOptions:
-    return RuntimeOptions.from_flows(*FLOWS.values())
+def runtime_options(**options: Any) -> RuntimeOptions:
+    return RuntimeOptions.from_flows(*FLOWS.values(), **options)
 
 
-def adapter(url: str, prefix: str, name: str, **settings: Any) -> BullMQAdapter:
+def adapter(
+    url: str, prefix: str, name: str, options: RuntimeOptions | None = None, **settings: Any
+) -> BullMQAdapter:
     return BullMQAdapter(
-        runtime_options=runtime_options(),
+        runtime_options=options or runtime_options(),
         connection=url,
         key_prefix=prefix,
         redis_options={"client_name": name},
@@ -122,14 +132,28 @@ def adapter(url: str, prefix: str, name: str, **settings: Any) -> BullMQAdapter:
 # ---------------------------------------------------------------- worker process
 
 
-async def worker_main(url: str, prefix: str, concurrency: int, fast_path: bool) -> None:
-    worker = adapter(url, prefix, "fc-bench-worker", concurrency=concurrency, fast_path=fast_path)
+async def worker_main(
+    url: str, prefix: str, concurrency: int, fast_path: bool, history: str | None = None
+) -> None:
+    store = recorder = None
+    options = None
+    if history:
+        store = SqliteHistoryStore(history)
+        # The spool (beside the file) keeps what a killed worker had queued.
+        recorder = HistoryRecorder(store, spool=Path(history).with_suffix(".spool"))
+        options = runtime_options(event_bus=recorder)
+    worker = adapter(
+        url, prefix, "fc-bench-worker", options, concurrency=concurrency, fast_path=fast_path
+    )
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, lambda: asyncio.ensure_future(worker.stop()))
     task = asyncio.ensure_future(worker.worker())
     print("ready", flush=True)
     await task
     await worker.aclose()
+    if recorder is not None and store is not None:
+        await recorder.aclose()
+        await store.aclose()
 
 
 def profiled_worker(args: argparse.Namespace) -> None:
@@ -139,7 +163,11 @@ def profiled_worker(args: argparse.Namespace) -> None:
     profile = cProfile.Profile()
     profile.enable()
     try:
-        asyncio.run(worker_main(args.url, args.prefix, args.concurrency, not args.no_fast_path))
+        asyncio.run(
+            worker_main(
+                args.url, args.prefix, args.concurrency, not args.no_fast_path, args.history_db
+            )
+        )
     finally:
         profile.disable()
         profile.dump_stats(str(Path(args.profile) / f"worker-{os.getpid()}.prof"))
@@ -151,9 +179,19 @@ def profiled_worker(args: argparse.Namespace) -> None:
 class Workers:
     profile: str | None = None  # --profile: workers write cProfile statistics there
 
-    def __init__(self, url: str, prefix: str, count: int, concurrency: int, fast: bool) -> None:
+    def __init__(
+        self,
+        url: str,
+        prefix: str,
+        count: int,
+        concurrency: int,
+        fast: bool,
+        history: str | None = None,
+    ) -> None:
         argv = [sys.executable, __file__, "--worker", "--url", url, "--prefix", prefix]
         argv += ["--concurrency", str(concurrency)]
+        if history:
+            argv += ["--history-db", history]
         if not fast:
             argv.append("--no-fast-path")
         if self.profile:
@@ -238,12 +276,23 @@ async def drop(redis: Any, prefix: str) -> None:
 
 
 async def throughput(
-    url: str, shape: str, workers: int, runs: int, concurrency: int, fast: bool
+    url: str,
+    shape: str,
+    workers: int,
+    runs: int,
+    concurrency: int,
+    fast: bool,
+    history: str | None = None,
 ) -> dict[str, Any]:
     prefix = f"bench-{uuid.uuid4().hex[:8]}:"
     redis = redis_asyncio.Redis.from_url(url, client_name=DRIVER_NAME)
-    client = adapter(url, prefix, DRIVER_NAME)
-    procs = Workers(url, prefix, workers, concurrency, fast)
+    recording = None
+    if history:  # the driver's start_run records the runs' starts
+        recording = HistoryRecorder(SqliteHistoryStore(history))
+        client = adapter(url, prefix, DRIVER_NAME, runtime_options(event_bus=recording))
+    else:
+        client = adapter(url, prefix, DRIVER_NAME)
+    procs = Workers(url, prefix, workers, concurrency, fast, history)
     redis_pid = int((await redis.info("server"))["process_id"])
     queue = Queue(client.settings.queue_name, {"connection": url, "prefix": f"{prefix}bull"})
     try:
@@ -267,6 +316,9 @@ async def throughput(
         await client.aclose()
         await drop(redis, prefix)
         await redis.aclose()
+        if recording is not None:
+            await recording.aclose()
+            await recording.store.aclose()
     first = min(started.values())
     last = max(published.values())
     latencies = sorted(published[r] - started[r] for r in started)
@@ -274,7 +326,9 @@ async def throughput(
     elapsed = last - first
     ignored = {"info", "config|resetstat", "mget", "client|setname", "client|setinfo"}
     server_cmds = sum(v for k, v in stats.items() if k not in ignored)
+    recorded = await recorded_runs(history, started) if history else None
     return {
+        "history": recorded,
         "shape": shape,
         "nodes": NODES[shape],
         "workers": workers,
@@ -292,6 +346,32 @@ async def throughput(
         ),
         "redis_cpu_s": round(cpu_after[-1] - cpu_before[-1], 2),
     }
+
+
+async def recorded_runs(path: str, started: dict[str, float]) -> dict[str, int]:
+    """What the workers' history holds of this pass's runs: runs whose history has
+    their start, every node's finish and their completion."""
+    complete = 0
+    events = 0
+    async with SqliteHistoryStore(path) as store:
+        for run_id in started:
+            found = await store.events(run_id)
+            events += len(found)
+            kinds = [e.kind for e in found]
+            if (
+                "workflow:start" in kinds
+                and "workflow:finish" in kinds
+                and len({e.node_id for e in found if e.kind == "node:finish"})
+                == len(FLOWS[_shape_of(found)].to_blueprint().nodes)
+            ):
+                complete += 1
+    return {"complete_runs": complete, "events": events}
+
+
+def _shape_of(events: list[Any]) -> str:
+    start = next(e for e in events if e.kind == "workflow:start")
+    blueprint = start.data["blueprintId"]
+    return next(name for name, flow in FLOWS.items() if flow.to_blueprint().id == blueprint)
 
 
 _MONITOR_LINE = re.compile(r'^[\d.]+ \[\d+ ([^\]]+)\] "([^"]+)"')
@@ -387,6 +467,15 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                     report["throughput"].append(row)
                     if not args.json:
                         print(json.dumps(row), file=sys.stderr)
+                    if args.history:
+                        with tempfile.TemporaryDirectory() as folder:
+                            path = str(Path(folder) / "history.db")
+                            row = await throughput(
+                                url, shape, workers, args.runs, args.concurrency, fast, path
+                            )
+                        report["throughput"].append(row)
+                        if not args.json:
+                            print("history", json.dumps(row), file=sys.stderr)
                     if args.original:
                         theirs = original(url, args, shapes=shape, workers=workers)["throughput"]
                         report["original"]["throughput"] += theirs
@@ -413,6 +502,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                         report["original"][key] = theirs[key]
         if args.original:
             report["vs_original"] = compare(report)
+        if args.history:
+            report["history_vs_off"] = history_ratio(report["throughput"])
     finally:
         if pool is not None:
             pool.stop_all()
@@ -436,6 +527,33 @@ def original(url: str, args: argparse.Namespace, *, shapes: str, workers: int) -
         raise SystemExit(f"the original's bench failed:\n{done.stderr[-2000:]}")
     report: dict[str, Any] = json.loads(done.stdout)
     return report
+
+
+def history_ratio(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per shape and worker count: median node jobs/s with history, without, the ratio."""
+    out: list[dict[str, Any]] = []
+    for shape, workers in dict.fromkeys((r["shape"], r["workers"]) for r in rows):
+        same = [r for r in rows if (r["shape"], r["workers"]) == (shape, workers)]
+        on = statistics.median(r["node_jobs_per_s"] for r in same if r["history"])
+        off = statistics.median(r["node_jobs_per_s"] for r in same if not r["history"])
+        cpu_on = statistics.median(r["worker_cpu_ms_per_node_job"] for r in same if r["history"])
+        cpu_off = statistics.median(
+            r["worker_cpu_ms_per_node_job"] for r in same if not r["history"]
+        )
+        out.append(
+            {
+                "shape": shape,
+                "workers": workers,
+                "rounds": len(same) // 2,
+                "node_jobs_per_s": {"off": off, "on": on, "ratio": round(on / off, 3)},
+                "worker_cpu_ms_per_node_job": {
+                    "off": cpu_off,
+                    "on": cpu_on,
+                    "ratio": round(cpu_on / cpu_off, 3),
+                },
+            }
+        )
+    return out
 
 
 def compare(report: dict[str, Any]) -> list[dict[str, Any]]:
@@ -479,6 +597,10 @@ def cli() -> None:
     parser.add_argument("--profile", metavar="DIR", help="workers write cProfile stats to DIR")
     parser.add_argument("--original", action="store_true", help="also the original, interleaved")
     parser.add_argument("--rounds", type=int, default=1, help="repeat the throughput passes")
+    parser.add_argument(
+        "--history", action="store_true", help="each pass also with run history, interleaved"
+    )
+    parser.add_argument("--history-db", help=argparse.SUPPRESS)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--prefix", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -486,7 +608,11 @@ def cli() -> None:
         if args.profile:
             profiled_worker(args)
         else:
-            asyncio.run(worker_main(args.url, args.prefix, args.concurrency, not args.no_fast_path))
+            asyncio.run(
+                worker_main(
+                    args.url, args.prefix, args.concurrency, not args.no_fast_path, args.history_db
+                )
+            )
         return
     Workers.profile = args.profile
     report = asyncio.run(main(args))

@@ -148,7 +148,9 @@ async def measure(
         calls.update(s["calls"])
     span = max(finished.values()) - min(started.values())
     latencies = sorted((finished[r] - started[r]) * 1000 for r in run_ids)
-    run = calls["do"] + calls["marks"]  # write-behind follow-up marks go to run objects too
+    # Write-behind follow-up marks go to run objects too (in calls of their own when
+    # they do not ride along with an ack or an admission); the registry is the reconciler's.
+    run = calls["do"] + calls["marks"] + calls["registry"]
     inbox = sum(v for k, v in calls.items() if k.startswith("inbox:"))
     queue = calls["enqueue"]
     return {

@@ -115,3 +115,17 @@ async def test_admission_leaves_the_lease_when_the_base_would(
     admission = await adapter.admit(ctx, job, adapter.blueprint_for("chain5"), "me/1")
     assert admission.leased is leased
     assert await adapter.coordination_store.get(K.lease(adapter.key_prefix, run, "n0", 1)) is None
+
+
+async def test_follow_up_marks_ride_along_with_the_ack(adapter: CloudflareAdapter) -> None:
+    """A job's write-behind mark is registered just before its ack: the ack call carries
+    it and the Worker writes it to the run object, so it costs no call of its own."""
+    run = await adapter.start_run("chain5")
+    await adapter.mark_followed_up(run, "n0", 1)
+    before = adapter.client.requests.copy()
+    await adapter.ack([])  # nothing to ack here: the marks still go, in the ack call
+    key = K.followed_up(adapter.key_prefix, run, "n0", 1)
+    assert await adapter.coordination_store.get(key) == "1"
+    assert adapter.client.requests["inbox:ack"] - before["inbox:ack"] == 1
+    await asyncio.sleep(0.1)  # past the marks' own flush delay: nothing left to send
+    assert adapter.client.requests["marks"] == before["marks"]

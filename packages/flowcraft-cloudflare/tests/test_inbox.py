@@ -193,3 +193,19 @@ async def test_the_run_object_is_deleted_once_everything_expired(
     # The object works again after its purge (its tables are made anew).
     await ctx.patch([PatchOperation("set", "k", 2)])
     assert await ctx.get("k") == 2
+
+
+async def test_park_keeps_a_message_pulled_elsewhere_with_its_reason(inbox: Inbox) -> None:
+    """The HTTP pull delivery's dead letters: parked in the inbox object, listed with
+    the inbox's own."""
+    from flowcraft_cloudflare import InboxMessage
+
+    await inbox.park(InboxMessage("cf-1", '{"not": "a job"}', 3, "lease"), "bad payload")
+    (letter,) = await inbox.dead_letters()
+    assert (letter.message_id, letter.body, letter.error, letter.attempts) == (
+        "cf-1",
+        '{"not": "a job"}',
+        "bad payload",
+        3,
+    )
+    assert (await inbox.stats()).dead == 1

@@ -193,3 +193,18 @@ async def test_an_entry_whose_run_is_gone_is_dropped(
     assert run in await adapter.active_runs()
     assert await adapter.find_stalled_runs(0.0, 10) == []
     assert run not in await adapter.active_runs()
+
+
+async def test_a_repeated_start_of_a_finished_run_leaves_no_entry(
+    make: Callable[..., Any], running: list[CloudflareAdapter]
+) -> None:
+    """The start's patch enters the run before its guard is checked; when the guard
+    refuses it (the run exists) and the run is no longer running, it leaves again."""
+    flow = Flow("one").node("a", lambda c: 1)
+    client: CloudflareAdapter = make(flow)
+    start(make(flow), running)
+    run = await client.start_run("one")
+    assert (await client.wait_for_result(run, TIMEOUT)).status == "completed"
+    await until(lambda: _not_indexed(client, run), "the run to leave the index")
+    assert await client.start_run("one", run_id=run) == run  # the same start again
+    assert run not in await client.active_runs()

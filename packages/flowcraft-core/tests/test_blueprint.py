@@ -12,6 +12,7 @@ from flowcraft import (
     NodeDefinition,
     WorkflowBlueprint,
     blueprint_json_schema,
+    sanitize_blueprint,
 )
 from flowcraft._analysis import analyse
 from flowcraft.blueprint import UNCHECKED_REFERENCES, SourceLocation
@@ -364,3 +365,42 @@ def test_config_defaults() -> None:
     cfg = NodeConfig()
     assert cfg.max_retries == 1
     assert cfg.join_strategy is None
+
+
+def test_sanitize_blueprint_drops_what_ui_tools_add() -> None:
+    """A blueprint decorated by a UI tool is refused as it is; sanitized, it loads with
+    everything the model defines kept (camelCase and snake_case keys alike)."""
+    raw = {
+        "id": "ui",
+        "nodes": [
+            {
+                "id": "a",
+                "uses": "step",
+                "params": {"position": "kept: params are free-form"},
+                "config": {"maxRetries": 3, "color": "red"},
+                "position": {"x": 1, "y": 2},
+                "_sourceLocation": {"file": "f.ts", "line": 1, "column": 2},
+            },
+            {"id": "b", "uses": "step", "style": {"stroke": "blue"}},
+        ],
+        "edges": [{"source": "a", "target": "b", "action": "ok", "animated": True}],
+        "metadata": {"version": "2", "canvas": {"zoom": 1.5}},
+        "viewport": {"x": 0},
+    }
+    with pytest.raises(ValidationError):
+        WorkflowBlueprint.model_validate(raw)
+    clean = sanitize_blueprint(raw)
+    blueprint = WorkflowBlueprint.model_validate(clean)
+    assert [n.id for n in blueprint.nodes] == ["a", "b"]
+    assert blueprint.nodes[0].max_attempts == 3
+    assert blueprint.nodes[0].params == {"position": "kept: params are free-form"}
+    assert blueprint.nodes[0].source_location is not None
+    assert blueprint.edges[0].action == "ok"
+    assert blueprint.metadata == {"version": "2", "canvas": {"zoom": 1.5}}
+    assert "viewport" not in clean
+    assert "position" not in clean["nodes"][0]
+    assert raw["nodes"][0]["position"] == {"x": 1, "y": 2}, "the input is left as it was"
+    # Dangling references are not the sanitizer's business: loading still refuses them.
+    broken = sanitize_blueprint({**raw, "edges": [{"source": "a", "target": "zz"}]})
+    with pytest.raises(ValidationError, match="zz"):
+        WorkflowBlueprint.model_validate(broken)

@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import signal
 import sqlite3
+import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,7 @@ from flowcraft.history import (
     open_store,
     recent_runs,
 )
+from flowcraft.testing.replay import replay_run
 
 
 async def _load(ctx: NodeContext) -> dict[str, Any]:
@@ -364,6 +367,121 @@ def test_cli_prints_a_runs_timeline_and_lists_runs(tmp_path: Path) -> None:
     assert json.loads(at.stdout)["context"]["customer"] == "ada"
     listed = runner.invoke(main, ["history", "--store", str(path), "--json"])
     assert [r["runId"] for r in json.loads(listed.stdout)["runs"]] == ["cli-1"]
+    nowhere = runner.invoke(main, ["history", "--store", str(tmp_path / "none.db")])
+    assert nowhere.exit_code != 0
+    assert "no history at" in nowhere.output
+    assert not (tmp_path / "none.db").exists()
     missing = runner.invoke(main, ["history", "nope", "--store", str(path)])
     assert missing.exit_code != 0
     assert "no history for run 'nope'" in missing.output
+
+
+async def _total_with_tax(ctx: NodeContext) -> int:
+    total = round(sum(ctx.input["items"]) * 1.2)
+    await ctx.set("total", total)
+    await ctx.set("tax", "20%")
+    return total
+
+
+async def test_replay_reports_what_new_node_code_changes(store: Any) -> None:
+    async with HistoryRecorder(store) as recorder:
+        await FlowRuntime(event_bus=recorder).run(invoice(), run_id="r1")
+    same = await replay_run(store, "r1", invoice())
+    assert not same.changed, same.summary()
+    assert same.replayed == [1, 2, 4]  # "big" was skipped in the recorded run
+    assert same.skipped == [(3, "big", "skipped in the recorded run")]
+
+    changed_flow = (
+        Flow("invoice")
+        .node("load", _load)
+        .node("total", _total_with_tax)
+        .node("small", lambda ctx: "approve")
+        .chain("load", "total")
+        .edge("total", "small", condition="result.output < 100")
+    )
+    report = await replay_run(store, "r1", changed_flow)
+    assert report.changed
+    found = {
+        node: [(c.what, c.key, c.recorded, c.replayed) for c in changes]
+        for node, changes in report.by_node().items()
+    }
+    assert found == {
+        "total": [
+            ("output", None, 7, 8),
+            ("context", "tax", None, "20%"),
+            ("context", "total", 7, 8),
+        ],
+        "big": [("missing", None, True, None)],
+    }
+    assert "step 2 total: output 7 -> 8" in report.summary()
+
+
+async def test_replay_sees_a_node_that_now_fails(store: Any) -> None:
+    async with HistoryRecorder(store) as recorder:
+        await FlowRuntime(event_bus=recorder).run(counter(), run_id="c1")
+
+    async def broken(ctx: NodeContext) -> int:
+        n = int(await ctx.get("n") or 0) + 1
+        if n == 2:
+            raise RuntimeError("no second iteration")
+        await ctx.set("n", n)
+        return n
+
+    flow = (
+        Flow("counter")
+        .node("begin", lambda ctx: 0)
+        .node("inc", broken)
+        .node("done", lambda ctx: ctx.input)
+        .edge("begin", "inc")
+        .loop("inc", "inc", while_="n < 3")
+        .edge("inc", "done", condition="n >= 3")
+    )
+    report = await replay_run(store, "c1", flow, nodes={"inc"})
+    assert report.replayed == [2, 3, 4]
+    ((change),) = report.changes
+    assert (change.node_id, change.activation, change.what, change.recorded) == (
+        "inc",
+        2,
+        "error",
+        None,
+    )
+    assert "no second iteration" in change.replayed
+
+
+_DIES_WITH_EVENTS_QUEUED = """
+import asyncio, os, signal, sys
+from flowcraft import FlowEvent
+from flowcraft.history import HistoryRecorder, SqliteHistoryStore
+
+async def main():
+    recorder = HistoryRecorder(SqliteHistoryStore(sys.argv[1]), spool=sys.argv[2],
+                               flush_interval=3600, batch_size=1000)
+    for i in range(100):
+        recorder.emit(FlowEvent("node:finish", "spooled", f"n{i}", {"activation": 1, "output": i}))
+    os.kill(os.getpid(), signal.SIGKILL)  # with all 100 still queued
+
+asyncio.run(main())
+"""
+
+
+async def test_a_killed_processs_queued_events_are_recovered_from_its_spool(
+    tmp_path: Path,
+) -> None:
+    db, spool = tmp_path / "h.db", tmp_path / "spool"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _DIES_WITH_EVENTS_QUEUED, str(db), str(spool)
+    )
+    assert await proc.wait() == -signal.SIGKILL
+    async with SqliteHistoryStore(db) as store:
+        assert await store.events("spooled") == []  # lost from its memory ...
+        assert len(list(spool.glob("*.spool"))) == 1
+        recorder = HistoryRecorder(store, spool=spool)
+        assert await recorder.recover() == 100  # ... kept in its spool
+        assert sorted(e.data["output"] for e in await store.events("spooled")) == list(range(100))
+        assert list(spool.glob("*.spool")) == []
+        recorder.emit(FlowEvent("node:finish", "spooled", "n0", {"activation": 1, "output": 0}))
+        assert len(list(spool.glob("*.spool"))) == 1  # its own, alive: not an orphan
+        assert await recorder.recover() == 0
+        await recorder.aclose()
+        assert list(spool.glob("*.spool")) == []  # everything stored: its own file goes
+        assert len(await store.events("spooled")) == 100

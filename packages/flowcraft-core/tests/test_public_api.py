@@ -14,6 +14,7 @@ EXPECTED = {
     "RuntimeOptions", "SafeEvaluator", "SerializationError", "Serializer", "StateLimitError",
     "TrackingContext", "UnknownBlueprintError", "UnknownNodeError", "VersionMismatchError",
     "WorkflowBlueprint", "WorkflowResult", "__version__", "blueprint_json_schema",
+    "sanitize_blueprint",
 }  # fmt: skip
 
 
@@ -39,3 +40,22 @@ def test_distributed_exports_the_adapter_authors_surface() -> None:
 
 def test_testing_kit_exports_the_store_suite() -> None:
     assert "CoordinationStoreTests" in flowcraft.testing.__all__
+
+
+HISTORY = {
+    "SCHEMA_VERSION", "History", "HistoryError", "HistoryEvent", "HistoryRecorder",
+    "HistoryStore", "PostgresHistoryStore", "RunSummary", "SqliteHistoryStore", "Step",
+    "event_key", "open_store", "recent_runs",
+}  # fmt: skip
+
+
+def test_history_exports_its_names() -> None:
+    import flowcraft.history
+
+    assert set(flowcraft.history.__all__) == HISTORY
+    for name in flowcraft.history.__all__:
+        assert getattr(flowcraft.history, name) is not None, name
+
+
+def test_testing_kit_exports_the_replay_harness() -> None:
+    assert {"ReplayReport", "StepChange", "replay_run"} <= set(flowcraft.testing.__all__)

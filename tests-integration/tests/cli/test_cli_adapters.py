@@ -1,23 +1,26 @@
-"""The fleet commands end to end on five more adapters (rabbitmq, gcp, azure, kafka,
-cloudflare), one parametrised scenario on each real backend: a run started before any
+"""The fleet commands end to end on every adapter, one parametrised scenario on each
+real backend: a run started before any
 worker is listed by ``runs`` (where the adapter keeps an index of active runs); a
 ``flowcraft worker`` subprocess finishes it (``wait``), runs ``start --wait``, and a
 run paused at a wait node is cancelled (``status``, ``cancel``); a body that is no
 job is dead-lettered, then ``dead-letters requeue`` puts it back (it is parked
 again) and ``purge`` deletes it, or both say clearly that the queue cannot; SIGTERM
 stops the worker (exit 0). The operator commands run in-process (click's runner) to
-keep the scenario cheap; the worker is a real process."""
+keep the scenario cheap; the worker is a real process. Then each adapter README's quick
+start, run as written."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import textwrap
 import time
+import typing
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -26,8 +29,9 @@ from typing import Any
 import pytest
 from click.testing import CliRunner, Result
 
-from flowcraft.adapters import build_adapter
+from flowcraft.adapters import build_adapter, load_adapter
 from flowcraft.cli import main
+from flowcraft.distributed import BaseDistributedAdapter
 from flowcraft.runtime import RuntimeOptions
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
@@ -114,15 +118,53 @@ def _cloudflare(fixture: Callable[[str], Any], ns: str) -> dict[str, str]:
     }
 
 
+def _bullmq(fixture: Callable[[str], Any], ns: str) -> dict[str, str]:
+    return {
+        "FLOWCRAFT_BULLMQ_URL": fixture("redis_service").url,
+        "FLOWCRAFT_BULLMQ_KEY_PREFIX": f"cli{ns}:",
+        "FLOWCRAFT_BULLMQ_QUEUE_NAME": f"cli{ns}",
+    }
+
+
+def _sqs(fixture: Callable[[str], Any], ns: str) -> dict[str, str]:
+    from flowcraft_sqs import AwsClients, AwsSettings, create_queues, create_table
+
+    moto = fixture("moto_service")
+    extra = moto.extra
+    aws = AwsSettings(
+        endpoint_url=moto.url,
+        region_name=extra["region"],
+        aws_access_key_id=extra["aws_access_key_id"],
+        aws_secret_access_key=extra["aws_secret_access_key"],
+    )
+
+    async def topology() -> str:
+        clients = AwsClients(aws)
+        try:
+            await create_table(clients, f"cli{ns}")
+            return (await create_queues(clients, f"cli{ns}")).queue_url
+        finally:
+            clients.close()
+
+    return {
+        "AWS_ACCESS_KEY_ID": extra["aws_access_key_id"],
+        "AWS_SECRET_ACCESS_KEY": extra["aws_secret_access_key"],
+        "FLOWCRAFT_SQS_ENDPOINT_URL": moto.url,
+        "FLOWCRAFT_SQS_REGION_NAME": extra["region"],
+        "FLOWCRAFT_SQS_QUEUE_URL": asyncio.run(topology()),
+        "FLOWCRAFT_SQS_TABLE_NAME": f"cli{ns}",  # long polls of 20 s, the default
+    }
+
+
 BACKENDS = {
+    "bullmq": _bullmq,
+    "sqs": _sqs,
     "rabbitmq": _rabbitmq,
     "gcp": _gcp,
     "azure": _azure,
     "kafka": _kafka,
     "cloudflare": _cloudflare,
 }
-LISTS_ACTIVE_RUNS = {"gcp", "azure"}
-REQUEUES_DEAD_LETTERS = {"rabbitmq", "gcp", "azure"}
 
 
 class Fleet:
@@ -168,22 +210,27 @@ class Fleet:
         """Run ``call(adapter)`` on an adapter built from the same settings."""
 
         async def go() -> Any:
-            saved = {k: os.environ.get(k) for k in self.env}
-            os.environ.update(self.env)
-            try:
-                adapter, _, _ = build_adapter(self.name, RuntimeOptions())
-            finally:
-                for key, value in saved.items():
-                    if value is None:
-                        os.environ.pop(key, None)
-                    else:
-                        os.environ[key] = value
+            adapter, _, _ = build_adapter(self.name, RuntimeOptions())
             try:
                 return await call(adapter)
             finally:
                 await adapter.aclose()
 
-        return asyncio.run(go())
+        saved = {k: os.environ.get(k) for k in self.env}
+        os.environ.update(self.env)  # clients made lazily read the emulators' variables
+        try:
+            return asyncio.run(go())
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+
+    def overrides(self, hook: str) -> bool:
+        """Whether the adapter implements the base's optional ``hook``."""
+        adapter_class = typing.get_type_hints(load_adapter(self.name).build)["return"]
+        return getattr(adapter_class, hook) is not getattr(BaseDistributedAdapter, hook)
 
 
 @pytest.fixture(params=sorted(BACKENDS))
@@ -196,7 +243,9 @@ def fleet(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Fleet]:
     env["FLOWCRAFT_FLOWS"] = f"{flows}:flows"
     made = Fleet(name, env, tmp_path)
     if name == "kafka":  # the keyspace's tables and the topics, as the README's worker does
-        made.adapter_call(lambda adapter: _kafka_topology(adapter))
+        made.adapter_call(_kafka_topology)
+    if name == "azure":  # the database, container and queues a worker makes at its start
+        made.adapter_call(lambda adapter: adapter.create_resources())
     yield made
     process = made.worker_process
     if process is not None and process.poll() is None:
@@ -214,7 +263,7 @@ def test_the_fleet_commands(fleet: Fleet) -> None:
     assert early.exit_code == 0, early.output
     early_run = early.stdout.strip()
     listed = fleet.cli("runs", "--json")
-    if fleet.name in LISTS_ACTIVE_RUNS:
+    if fleet.overrides("active_runs"):
         assert listed.exit_code == 0, listed.output
         assert {"runId": early_run, "status": "running", "blueprintId": "pair"}.items() <= next(
             row for row in json.loads(listed.stdout) if row["runId"] == early_run
@@ -222,6 +271,9 @@ def test_the_fleet_commands(fleet: Fleet) -> None:
     else:
         assert listed.exit_code == 2
         assert "cannot list its active runs" in listed.output
+
+    if fleet.overrides("queue_depth"):  # the run's first job waits in the queue
+        assert fleet.adapter_call(lambda adapter: adapter.queue_depth()) >= 1
 
     log = fleet.start_worker()
     assert fleet.json("wait", early_run, "--timeout", "60")["status"] == "completed"
@@ -237,7 +289,7 @@ def test_the_fleet_commands(fleet: Fleet) -> None:
     fleet.adapter_call(lambda adapter: adapter.enqueue_raw(b"not a job"))
     fleet.until(lambda: len(fleet.json("dead-letters", "list")) == 1, "the dead letter")
     requeued = fleet.cli("dead-letters", "requeue", "--json")
-    if fleet.name in REQUEUES_DEAD_LETTERS:
+    if fleet.overrides("requeue_dead_letters"):
         assert json.loads(requeued.stdout) == {"requeued": 1}
         # back on the queue, no better a job: the worker parks it again
         fleet.until(lambda: len(fleet.json("dead-letters", "list")) == 1, "the dead letter")
@@ -251,7 +303,109 @@ def test_the_fleet_commands(fleet: Fleet) -> None:
         assert purged_result.exit_code == 2
         assert "cannot purge its dead letters" in purged_result.output
 
+    # idle now, with a receive in flight (SQS: a 20 s long poll): SIGTERM stops it
+    # promptly, past the base's short grace for a receive, without waiting for the poll
     assert fleet.worker_process is not None
+    began = time.monotonic()
     fleet.worker_process.send_signal(signal.SIGTERM)
     assert fleet.worker_process.wait(timeout=60) == 0, log.read_text()
+    print(f"{fleet.name}: the worker exited {time.monotonic() - began:.2f} s after SIGTERM")
+    assert "SIGTERM: stopping" in log.read_text()
     assert "(exit 0)" in log.read_text()
+
+
+# --------------------------------------------------------------------------- READMEs
+
+README_FILE = re.compile(r"^`(\w+\.py)`[^\n]*\n\n```python\n(.*?)```", re.M | re.S)
+README_SHELL = re.compile(
+    r"^```bash\n(# (once|every terminal|terminal 1|terminal 2)[^\n]*\n.*?)```", re.M | re.S
+)
+
+
+def _readme_env(name: str, fixture: Callable[[str], Any], ns: str) -> dict[str, str]:
+    """The variables a README's reader sets: the backend's addresses (the CLI's own
+    ``FLOWCRAFT_<NAME>_*`` settings), and what keeps this test's keys apart."""
+    if name == "bullmq":
+        redis_url = fixture("redis_service").url.rsplit("/", 1)[0]
+        return {"FLOWCRAFT_BULLMQ_URL": f"{redis_url}/9"}  # a database of its own
+    if name == "sqs":
+        moto = fixture("moto_service")
+        return {
+            "FLOWCRAFT_SQS_ENDPOINT_URL": moto.url,
+            "FLOWCRAFT_SQS_REGION_NAME": moto.extra["region"],
+            "FLOWCRAFT_SQS_TABLE_NAME": f"readme{ns}",
+            "AWS_ACCESS_KEY_ID": moto.extra["aws_access_key_id"],
+            "AWS_SECRET_ACCESS_KEY": moto.extra["aws_secret_access_key"],
+        }
+    return BACKENDS[name](fixture, ns)
+
+
+README_OUTPUT = {
+    "bullmq": "completed 84 EUR",
+    "sqs": "completed 28.5 EUR",
+    "rabbitmq": "completed ann: needs a human",
+    "gcp": "completed ann: needs a human",
+    "azure": "completed ann: needs a human",
+    "kafka": "completed ann: needs a human",
+    "cloudflare": "completed ann: 3 items",
+}
+
+
+@pytest.mark.parametrize("name", sorted(README_OUTPUT))
+def test_the_readme_quick_start_runs_as_written(
+    name: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """The adapter README's quick start: its files written out, its shell blocks run as
+    they are (``every terminal`` before each), a worker in terminal 1 and the run in
+    terminal 2, with only the backend's addresses in the environment."""
+    text = (Path(__file__).parents[3] / f"packages/flowcraft-{name}/README.md").read_text()
+    quick = text[text.index("## Quick start") :]
+    quick = quick[: quick.index("\n## ", 5)]
+    for file_name, code in README_FILE.findall(quick):
+        (tmp_path / file_name).write_text(code, encoding="utf-8")
+    shells = {tag: block for block, tag in README_SHELL.findall(quick)}
+    assert {"terminal 1", "terminal 2"} <= set(shells), shells
+    before = shells.get("every terminal", "")
+    bin_dir = str(Path(sys.executable).parent)
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",  # python and flowcraft
+        **_readme_env(name, request.getfixturevalue, uuid.uuid4().hex[:8]),
+    }
+
+    def run_block(tag: str) -> str:
+        done = subprocess.run(
+            ["bash", "-ec", before + shells[tag]],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    if "once" in shells:
+        run_block("once")
+    log = tmp_path / "worker.log"
+    with log.open("wb") as out:
+        worker = subprocess.Popen(
+            ["bash", "-ec", before + shells["terminal 1"]],
+            cwd=tmp_path,
+            env=env,
+            stderr=out,
+            start_new_session=True,  # SIGTERM to the shell and its worker
+        )
+    try:
+        deadline = time.monotonic() + 90
+        while "worker started" not in log.read_text():
+            assert worker.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        assert run_block("terminal 2").strip() == README_OUTPUT[name]
+        os.killpg(worker.pid, signal.SIGTERM)
+        assert worker.wait(timeout=60) == 0, log.read_text()
+    finally:
+        if worker.poll() is None:
+            os.killpg(worker.pid, signal.SIGKILL)
+            worker.wait()

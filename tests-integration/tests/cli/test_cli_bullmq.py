@@ -1,7 +1,8 @@
 """The ``flowcraft`` command on a fleet, end to end: ``flowcraft worker`` processes on a
 real Redis with the bullmq adapter, driven by ``start --wait``, ``status``, ``cancel``,
-``wait`` and ``dead-letters list`` as a user types them; SIGTERM drains the jobs in
-hand (exit 0), or abandons them to the queue once ``--grace`` has passed (exit 4)."""
+``wait``, ``resume`` and ``reconcile`` as a user types them (dead letters: see
+test_cli_adapters); SIGTERM drains the jobs in hand (exit 0), or abandons them to the
+queue once ``--grace`` has passed (exit 4)."""
 
 from __future__ import annotations
 
@@ -20,9 +21,7 @@ import pytest
 from click.testing import CliRunner
 
 from flowcraft.cli import main
-from flowcraft.runtime import RuntimeOptions
 from flowcraft_backends import RunningService
-from flowcraft_bullmq import BullMQAdapter
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -199,29 +198,6 @@ def test_a_drain_past_the_grace_hands_the_job_back(fleet: Fleet) -> None:
     assert finished.returncode == 0, finished.stderr
     assert json.loads(finished.stdout)["context"]["_outputs.slow"] == "again"
     assert marker.read_text().splitlines() == ["started", "started"]
-
-
-async def test_dead_letters_list_shows_a_parked_job(fleet: Fleet) -> None:
-    fleet.worker()
-    adapter = BullMQAdapter(
-        runtime_options=RuntimeOptions(),
-        connection=fleet.redis_url,
-        key_prefix=fleet.prefix,
-        queue_name=fleet.queue,
-    )
-    try:
-        await adapter.enqueue_raw(b"not a job")
-    finally:
-        await adapter.aclose()
-
-    def listed() -> bool:
-        shown = fleet.run("dead-letters", "list", "--json")
-        return shown.returncode == 0 and len(json.loads(shown.stdout)) == 1
-
-    wait_for(listed, "the garbage to be dead-lettered")
-    (letter,) = json.loads(fleet.run("dead-letters", "list", "--json").stdout)
-    assert letter["body"] == "not a job"
-    assert letter["reason"]
 
 
 def test_bad_adapter_and_settings_exit_2_without_echoing_values(fleet: Fleet) -> None:

@@ -121,6 +121,10 @@ async def check_nothing_left(client: CloudflareAdapter) -> None:
             await asyncio.sleep(0.5)
     assert stats.dead == 0
     assert await client.dead_letters() == []
+    # No run is stalled, and the index of running runs is empty once every run ended
+    # (the stall check also drops an entry whose removal a killed call lost).
+    assert await client.find_stalled_runs(0.0, 1000) == []
+    assert await client.active_runs() == []
 
 
 async def check_counters_gone(client: CloudflareAdapter, runs: list[str]) -> None:

@@ -7,8 +7,6 @@ counters. The time from each kill to the next node execution is printed."""
 from __future__ import annotations
 
 import asyncio
-import os
-import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -19,12 +17,11 @@ from confluent_kafka import Consumer, TopicPartition
 
 from flowcraft_backends import RunningService
 from flowcraft_backends.crash_fleet import (
-    NODES,
     WorkerProcesses,
+    all_published,
     blueprints,
-    check_effects,
-    check_results,
-    read_effects,
+    check_counters,
+    check_exactly_once,
 )
 from flowcraft_kafka import CassandraClient, KafkaAdapter, create_schema, create_topics
 
@@ -35,7 +32,6 @@ pytestmark = pytest.mark.slow
 RUNS = 200
 PARTITIONS = 8
 FLEET = Path(__file__).with_name("kafka_fleet.py")
-COUNTERS = ("join:", "end:", "latch:", "fired:")
 
 
 @pytest.fixture
@@ -83,34 +79,6 @@ async def fleet(
         await redis.aclose()
 
 
-def _executions(path: str) -> int:
-    return len(read_effects(path)) if os.path.exists(path) else 0
-
-
-async def _until_published(
-    client: KafkaAdapter, runs: list[str], path: str, samples: list[tuple[float, int]]
-) -> None:
-    keys = [client.results.key(r) for r in runs]
-    async with asyncio.timeout(420):
-        while True:
-            samples.append((time.monotonic(), _executions(path)))
-            found = await client.redis.mget(keys)
-            if all(f is not None for f in found):
-                return
-            await asyncio.sleep(0.1)
-
-
-def _recoveries(kills: list[float], samples: list[tuple[float, int]]) -> list[float]:
-    """Seconds from each kill to the next node execution recorded after it."""
-    out = []
-    for kill in kills:
-        before = max((n for t, n in samples if t <= kill), default=0)
-        later = [t for t, n in samples if t > kill and n > before]
-        if later:
-            out.append(later[0] - kill)
-    return out
-
-
 def _lag(settings: Settings) -> int:
     """Jobs on the topic the group has not committed past."""
     kafka = settings.kafka()
@@ -127,58 +95,23 @@ def _lag(settings: Settings) -> int:
         reader.close()
 
 
-async def check_exactly_once(settings: Settings, client: KafkaAdapter, runs: list[str]) -> None:
-    await check_results(client, runs)
-    for run in runs:
-        state = await client.create_context(run).get_many(
-            [f"_flowcraft.n.{n}" for n in NODES] + ["_flowcraft.status"]
-        )
-        assert state.pop("_flowcraft.status")["status"] == "completed"
-        assert set(state.values()) == {1}, (run, state)  # each node resolved exactly once
-        assert len(state) == len(NODES)
-    check_effects(settings.effects_path, runs)
-
-
 async def check_nothing_left(settings: Settings, client: KafkaAdapter) -> None:
     assert await asyncio.to_thread(_lag, settings) == 0, "jobs left unconsumed"
     assert await client.dead_letters() == []
-    keys = [k async for k in client.redis.scan_iter(match=settings.key_prefix + "*", count=1000)]
-    text = [k.decode() if isinstance(k, bytes) else k for k in keys]
-    counters = [k for k in text if k[len(settings.key_prefix) :].startswith(COUNTERS)]
-    # A worker killed inside the finalizer's clean-up may leave a counter of a finished
-    # run (a known core gap, see the rabbitmq crash test); it still expires.
-    ttls = [await client.redis.ttl(k) for k in counters]
-    assert all(0 < t <= client.state_ttl_seconds for t in ttls), (counters, ttls)
-    assert len(counters) <= 5, f"coordination counters left behind: {counters}"
+    await check_counters(settings.redis_url, settings.key_prefix, client.state_ttl_seconds)
 
 
 async def test_two_workers_one_sigkilled_repeatedly(fleet: Settings) -> None:
     workers = WorkerProcesses(FLEET, fleet)
     client = fleet.adapter(blueprints())
-    spawn = workers.spawn
-    kills_at: list[float] = []
-    samples: list[tuple[float, int]] = []
-
-    def respawn() -> object:  # right after each SIGKILL
-        kills_at.append(time.monotonic())
-        return spawn()
-
-    workers.spawn = respawn  # type: ignore[method-assign]
     codes: list[int | None] = []
     try:
-        started = time.monotonic()
         runs = [await client.start_run("diamond") for _ in range(RUNS)]
-        done = _until_published(client, runs, fleet.effects_path, samples)
+        done = all_published(client.redis, [client.results.key(r) for r in runs], 420)
         kills = await workers.kill_one_repeatedly(done, seed=11, max_kills=8)
-        elapsed = time.monotonic() - started
-        recoveries = _recoveries(kills_at, samples)
-        print(
-            f"\n{RUNS} diamond runs in {elapsed:.1f} s with {kills} kills; kill -> next node "
-            f"execution: {', '.join(f'{r:.2f}' for r in recoveries)} s "
-            f"(max {max(recoveries, default=0):.2f} s)"
-        )
+        print(workers.report(RUNS, kills))
         assert kills >= 3, f"the runs finished after {kills} kills; the test needs more work"
-        await check_exactly_once(fleet, client, runs)
+        await check_exactly_once(client, runs, fleet.effects_path)
         codes = await workers.stop()
         await check_nothing_left(fleet, client)
     finally:

@@ -23,7 +23,8 @@ class Operations:
         never loses it). A body cut to fit the poison queue's 64 KiB stays there."""
         azure = _me(self)
         moved = 0
-        async for message in _take(azure, limit):
+        # all taken first: a letter sent back and parked again is not taken twice
+        for message in [m async for m in _take(azure, limit)]:
             try:
                 record: Any = json.loads(str(message.content))
                 body, cut = str(record["body"]), bool(record.get("truncated"))
@@ -52,7 +53,8 @@ class Operations:
 
     async def active_runs(self, limit: int = 100) -> list[str]:
         """Running runs from the run store (the reconciler's query, read only)."""
-        return await _me(self).runs.stalled(0.0, limit)
+        # a cutoff a minute ahead: every running run, whatever the clocks say
+        return await _me(self).runs.stalled(-60.0, limit)
 
 
 async def _take(azure: AzureAdapter, limit: int | None) -> Any:

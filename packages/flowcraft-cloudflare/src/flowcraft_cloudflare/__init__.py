@@ -19,6 +19,7 @@ from flowcraft_cloudflare.inbox import (
     InboxMessage,
     InboxStats,
 )
+from flowcraft_cloudflare.pull_consumer import PullConsumer, QueuesApiError, QueuesApiSettings
 
 __all__ = [
     "MAX_DELAY_SECONDS",
@@ -31,6 +32,9 @@ __all__ = [
     "Inbox",
     "InboxMessage",
     "InboxStats",
+    "PullConsumer",
+    "QueuesApiError",
+    "QueuesApiSettings",
     "WorkerAuthError",
     "WorkerClient",
     "WorkerError",

@@ -14,7 +14,7 @@ import ssl
 from collections import Counter
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
@@ -98,7 +98,14 @@ def _encode(payload: Any) -> bytes:
         return json.dumps(payload, separators=(",", ":")).encode()
 
 
-def _ssl_context(settings: WorkerSettings) -> ssl.SSLContext | bool:
+class _TlsSettings(Protocol):
+    @property
+    def verify(self) -> bool | str | ssl.SSLContext: ...
+    @property
+    def cert(self) -> str | tuple[str, str] | None: ...
+
+
+def _ssl_context(settings: _TlsSettings) -> ssl.SSLContext | bool:
     """What aiohttp's ``ssl=`` gets: the settings' context, or one made from them."""
     verify = settings.verify
     if isinstance(verify, ssl.SSLContext):

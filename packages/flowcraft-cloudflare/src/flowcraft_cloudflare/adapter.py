@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from typing import Any, Literal
 
 from flowcraft._analysis import analyse
 from flowcraft.blueprint import WorkflowBlueprint
@@ -45,8 +45,16 @@ from flowcraft_cloudflare.context import (
 )
 from flowcraft_cloudflare.coordination import DurableObjectCoordinationStore
 from flowcraft_cloudflare.inbox import MAX_DELAY_SECONDS, Inbox, InboxMessage
+from flowcraft_cloudflare.pull_consumer import PullConsumer, QueuesApiSettings
 
-__all__ = ["CloudflareAdapter"]
+__all__ = ["DEFAULT_LEASE_SECONDS", "DEFAULT_VISIBILITY_SECONDS", "CloudflareAdapter"]
+
+DEFAULT_VISIBILITY_SECONDS = 6.0
+"""A pulled message's invisibility (renewed every third of it while its job runs): with
+the lease, how soon a killed worker's jobs are delivered again."""
+DEFAULT_LEASE_SECONDS = 5.0
+"""The activation lease, shorter than the visibility, so it has expired (or nearly)
+when a killed worker's message is pulled again."""
 
 _WAIT_SECONDS = 20.0  # one long poll for a result; below the client's timeout
 _MARK_DELAY = 0.05  # how long a follow-up mark waits for a call to ride along with
@@ -62,6 +70,12 @@ class CloudflareAdapter(PullingAdapter[InboxMessage]):
         queue_name: the inbox (logical queue) this worker consumes and sends to.
         namespace: keeps apps sharing one Worker apart (object names start with it).
         direct: send jobs straight into the inbox instead of through the Cloudflare Queue.
+        delivery: ``"inbox"`` (default: the Worker's ``queue()`` moves messages into the
+            inbox object, which Python pulls, renews and acks through the Worker) or
+            ``"http-pull"`` (Python pulls the Cloudflare Queue itself with Cloudflare's
+            HTTP pull consumer API; needs ``queues_api``; see
+            :mod:`flowcraft_cloudflare.pull_consumer` for what it cannot do).
+        queues_api: the account, queue id and API token for ``"http-pull"``.
         poll_seconds: how long one pull waits for a message (<= 25).
         max_value_bytes: the largest key + value a run object row takes (2 MB).
         event_bus: see ``BaseDistributedAdapter``.
@@ -82,6 +96,8 @@ class CloudflareAdapter(PullingAdapter[InboxMessage]):
         queue_name: str = "flowcraft-jobs",
         namespace: str = "flowcraft",
         direct: bool = False,
+        delivery: Literal["inbox", "http-pull"] = "inbox",
+        queues_api: QueuesApiSettings | None = None,
         poll_seconds: float = 2.0,
         max_value_bytes: int = MAX_VALUE_BYTES,
         event_bus: EventBus | None = None,
@@ -91,7 +107,13 @@ class CloudflareAdapter(PullingAdapter[InboxMessage]):
             raise ValueError("pass settings= or client=, exactly one")
         if not 0 <= poll_seconds <= 25:
             raise ValueError("poll_seconds must be 0..25")
-        if options.get("visibility_seconds", 30.0) > 12 * 3600:
+        if delivery not in ("inbox", "http-pull"):
+            raise ValueError('delivery must be "inbox" or "http-pull"')
+        if (delivery == "http-pull") != (queues_api is not None):
+            raise ValueError('queues_api= goes with delivery="http-pull", and only with it')
+        options.setdefault("visibility_seconds", DEFAULT_VISIBILITY_SECONDS)
+        options.setdefault("lease_seconds", DEFAULT_LEASE_SECONDS)
+        if options["visibility_seconds"] > 12 * 3600:
             raise ValueError("visibility_seconds must be at most 43200 (12 h)")
         self._owns_client = client is None
         if client is None:
@@ -111,6 +133,8 @@ class CloudflareAdapter(PullingAdapter[InboxMessage]):
         )
         self.namespace = namespace
         self.inbox = Inbox(client, queue_name, direct=direct)
+        self.delivery = delivery
+        self.pull_consumer = PullConsumer(queues_api) if queues_api is not None else None
         self.poll_seconds = poll_seconds
         self.max_value_bytes = max_value_bytes
         self.serializer = runtime_options.serializer or JsonSerializer()
@@ -170,18 +194,26 @@ class CloudflareAdapter(PullingAdapter[InboxMessage]):
         taken = self._marks.take_all()
         await asyncio.gather(*(send(name, ops) for name, ops in taken.items()))
 
+    async def _send(self, bodies: list[str], delay_seconds: float = 0) -> None:
+        if self.pull_consumer is None:
+            await self.inbox.send(bodies, delay_seconds=delay_seconds)
+            return
+        for body in bodies:
+            self.inbox.check_size(body)
+        await self.pull_consumer.send(bodies, delay_seconds=delay_seconds)
+
     async def enqueue_job(self, job: JobPayload) -> None:
-        await self.inbox.send([job.encode().decode()])
+        await self._send([job.encode().decode()])
 
     async def enqueue_jobs(self, jobs: Sequence[JobPayload]) -> None:
         """One call for the whole batch (the Worker sends 100 messages a ``sendBatch``)."""
-        await self.inbox.send([job.encode().decode() for job in jobs])
+        await self._send([job.encode().decode() for job in jobs])
 
     async def enqueue_raw(self, body: bytes) -> None:
         """Put ``body`` on this adapter's queue unchecked (bytes that are not UTF-8 are
         sent as their UTF-8 reading with replacement characters: inbox bodies are text).
         :meth:`Inbox.send_raw` sends bytes with no envelope at all."""
-        await self.inbox.send([body.decode("utf-8", "replace")])
+        await self._send([body.decode("utf-8", "replace")])
 
     async def publish_final_result(self, run_id: str, result: FinalResult) -> None:
         """Insert-if-absent in the run object: the first result published stays."""
@@ -249,8 +281,10 @@ class CloudflareAdapter(PullingAdapter[InboxMessage]):
         )
         return [str(run) for run in answer["runs"]][:limit]
 
-    async def active_runs(self, limit: int = 1000) -> list[str]:
-        """The runs in the reconciler's index (running ones, oldest check first)."""
+    async def active_runs(self, limit: int = 100) -> list[str]:
+        """The runs in the reconciler's index (running ones, oldest check first), read
+        only (``flowcraft runs``). An entry whose removal was lost shows until the next
+        ``find_stalled_runs`` that reaches it drops it."""
         answer = await self.client.call(
             "registry",
             {"object": registry_object(self.namespace), "op": "list", "limit": limit},
@@ -298,7 +332,19 @@ class CloudflareAdapter(PullingAdapter[InboxMessage]):
         A pull abandoned by ``stop()`` still runs in the inbox object (a dropped HTTP
         request does not cancel it there) and may take messages arriving meanwhile:
         it is left to finish, and what it took is released at once instead of staying
-        hidden for a whole visibility timeout."""
+        hidden for a whole visibility timeout.
+
+        With ``delivery="http-pull"``: one pull of the Cloudflare Queue, which answers at
+        once; when it is empty, a wait of ``poll_seconds`` (cut short by ``stop()``)."""
+        if self.pull_consumer is not None:
+            found = await self.pull_consumer.pull(
+                max_messages, visibility_seconds=self.visibility_seconds
+            )
+            if not found and not self.stopping:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.poll_seconds):
+                        await self._stopping.wait()
+            return found
         pull = asyncio.ensure_future(
             self.inbox.pull(
                 max_messages,
@@ -326,22 +372,65 @@ class CloudflareAdapter(PullingAdapter[InboxMessage]):
         return message.body
 
     def delivery_count(self, message: InboxMessage) -> int | None:
-        """Deliveries that were never settled, this one included (a release refunds)."""
+        """Inbox: deliveries that were never settled, this one included (a release
+        refunds). HTTP pull: Cloudflare's ``attempts`` (retries count there too)."""
         return message.attempts
 
     async def ack(self, messages: Sequence[InboxMessage]) -> None:
-        await self.inbox.ack(messages)
+        """Inbox: one call, which also carries every follow-up mark waiting to be
+        written (the Worker forwards them to their run objects): a job's mark is
+        registered just before its ack, so it rides along instead of costing a call."""
+        if self.pull_consumer is not None:
+            await self.pull_consumer.settle(acks=messages)
+            return
+        riders = self._marks.take_all()
+        try:
+            await self.inbox.ack(messages, riders=riders)
+        except WorkerError as exc:
+            if riders:
+                self.logger.debug("follow-up marks lost with an ack: %r", exc)
+            raise
 
     async def renew(self, message: InboxMessage, seconds: float) -> None:
-        await self.inbox.extend([message], seconds)
+        """Inbox: hide the message ``seconds`` more. HTTP pull: nothing (Cloudflare's API
+        cannot extend a lease; pull with a visibility above the longest node)."""
+        if self.pull_consumer is None:
+            await self.inbox.extend([message], seconds)
 
     async def release(self, message: InboxMessage, delay_seconds: float) -> None:
-        """Deliverable again after ``delay_seconds`` (<= 12 h), the delivery refunded: the
-        base counts failed attempts itself, so the inbox's count is left to crashes."""
-        await self.inbox.release([message], delay_seconds)
+        """Deliverable again after ``delay_seconds`` (<= 12 h). Inbox: the delivery is
+        refunded (the base counts failed attempts itself, so the inbox's count is left
+        to crashes). HTTP pull: a retry, which Cloudflare counts as an attempt; near
+        ``max_retries`` the base re-sends instead (:meth:`resend`)."""
+        if self.pull_consumer is not None:
+            await self.pull_consumer.settle(retries=[(message, delay_seconds)])
+        else:
+            await self.inbox.release([message], delay_seconds)
+
+    async def redelivery_limit(self) -> int | None:
+        """HTTP pull: the consumer's ``max_retries`` (Cloudflare drops or dead-letters
+        a message there on its own). Inbox: ``max_deliveries`` (releases refund)."""
+        if self.pull_consumer is not None:
+            return self.pull_consumer.settings.max_retries
+        return self.max_deliveries
+
+    async def resend(self, message: InboxMessage, delay_seconds: float) -> bool:
+        """HTTP pull: a fresh copy (its attempts start again), then the old one acked.
+        The inbox refunds hand-backs and never needs it."""
+        if self.pull_consumer is None:
+            return False
+        await self.pull_consumer.send([message.body], delay_seconds=delay_seconds)
+        await self.pull_consumer.settle(acks=[message])
+        return True
 
     async def dead_letter(self, message: InboxMessage, reason: str) -> None:
-        await self.inbox.dead_letter(message, reason)
+        """Inbox: parked in the inbox object with its reason. HTTP pull: parked there
+        too (through the Worker), then acked on the Cloudflare Queue."""
+        if self.pull_consumer is not None:
+            await self.inbox.park(message, reason)
+            await self.pull_consumer.settle(acks=[message])
+        else:
+            await self.inbox.dead_letter(message, reason)
 
     async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
         return [
@@ -362,3 +451,5 @@ class CloudflareAdapter(PullingAdapter[InboxMessage]):
             await asyncio.gather(*self._flushing, return_exceptions=True)
         if self._owns_client:
             await self.client.aclose()
+        if self.pull_consumer is not None:
+            await self.pull_consumer.aclose()

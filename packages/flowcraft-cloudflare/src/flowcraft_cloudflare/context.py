@@ -195,6 +195,7 @@ class DurableObjectContext(BatchReadContext):
                 "registry": self.registry,
                 "run": self.run_id,
                 "status": str(status) if status is not None else "",
+                "key": K.STATUS,
             }
         return body
 

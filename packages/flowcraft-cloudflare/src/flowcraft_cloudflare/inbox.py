@@ -14,7 +14,7 @@ token (a copy whose lease was lost changes nothing).
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -136,12 +136,20 @@ class Inbox:
         answer = await self._call("extend", items=items)
         return [bool(ok) for ok in answer["ok"]]
 
-    async def ack(self, messages: Sequence[InboxMessage]) -> int:
-        """Remove these messages for good (one call); returns how many were still held."""
-        if not messages:
+    async def ack(
+        self,
+        messages: Sequence[InboxMessage],
+        *,
+        riders: Mapping[str, list[dict[str, Any]]] | None = None,
+    ) -> int:
+        """Remove these messages for good (one call); returns how many were still held.
+        ``riders``: ops for run objects (by name) the Worker runs after the ack, in the
+        same call (write-behind marks, whose loss is harmless)."""
+        if not messages and not riders:
             return 0
         items = [{"id": m.id, "lease": m.lease} for m in messages]
-        return int((await self._call("ack", items=items))["removed"])
+        extra = {"riders": [[name, ops] for name, ops in riders.items()]} if riders else {}
+        return int((await self._call("ack", items=items, **extra))["removed"])
 
     async def release(
         self, messages: Sequence[InboxMessage], delay_seconds: float, *, counted: bool = False
@@ -160,6 +168,12 @@ class Inbox:
         """Park the message with ``reason`` and remove it from the queue."""
         items = [{"id": message.id, "lease": message.lease, "reason": reason}]
         return int((await self._call("dead", items=items))["parked"]) == 1
+
+    async def park(self, message: InboxMessage, reason: str) -> None:
+        """Keep a message pulled from elsewhere (the HTTP pull consumer) among this
+        inbox's dead letters, with ``reason``."""
+        item = {"id": message.id, "body": message.body, "reason": reason}
+        await self._call("park", items=[{**item, "attempts": message.attempts}])
 
     async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
         answer = await self._call("dead_letters", limit=limit)

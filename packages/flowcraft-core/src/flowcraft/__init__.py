@@ -2,6 +2,8 @@
 
 import logging
 
+# First: fails at once, with the fix, if PyPI's unrelated `flowcraft` shares this package.
+from flowcraft import _distribution  # noqa: F401
 from flowcraft.blueprint import (
     EdgeDefinition,
     JoinStrategy,
@@ -9,6 +11,7 @@ from flowcraft.blueprint import (
     NodeDefinition,
     WorkflowBlueprint,
     blueprint_json_schema,
+    sanitize_blueprint,
 )
 from flowcraft.context import (
     AsyncContext,
@@ -93,6 +96,7 @@ __all__ = [
     "WorkflowResult",
     "__version__",
     "blueprint_json_schema",
+    "sanitize_blueprint",
 ]
 
 # A library stays quiet unless the application configures logging: every flowcraft

@@ -6,6 +6,7 @@ import asyncio
 import json
 from collections.abc import Coroutine
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, TypeVar
 
 import click
@@ -17,6 +18,17 @@ from flowcraft.history._reader import format_timeline, steps_of, summary_of
 T = TypeVar("T")
 
 DEFAULT_STORE = "flowcraft-history.db"
+
+
+def _check_exists(where: str) -> None:
+    """A SQLite file that is not there: say so (instead of creating an empty one)."""
+    if where.startswith(("postgresql://", "postgres://")):
+        return
+    path = where.removeprefix("sqlite://")
+    if path != where:
+        path = path[1:] if path.startswith("//") else path.removeprefix("/")
+    if path not in ("", ":memory:") and not Path(path).exists():
+        raise click.ClickException(f"no history at {path} (--store, or FLOWCRAFT_HISTORY)")
 
 
 async def _with_store(where: str, work: Any) -> Any:
@@ -51,6 +63,7 @@ def history(
 ) -> None:
     """Print RUN's timeline (every recorded event), or its context at a step
     (--at); without RUN, list the most recently started runs with history."""
+    _check_exists(where)
     if run_id is None:
         runs = _run(_with_store(where, lambda s: s.runs(limit=limit, status=status)))
         if as_json:

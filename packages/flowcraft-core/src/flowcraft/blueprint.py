@@ -44,6 +44,7 @@ __all__ = [
     "SourceLocation",
     "WorkflowBlueprint",
     "blueprint_json_schema",
+    "sanitize_blueprint",
 ]
 
 JoinStrategy = Literal["all", "any"]
@@ -499,6 +500,39 @@ def describe_errors(data: Any, exc: ValidationError) -> str:
     bp = _get(data, "id") or "?"
     lines = [f"{_where(data, loc)}: {message}" for loc, _, message in load_errors(exc)]
     return f"invalid blueprint {bp!r}: " + "; ".join(lines)
+
+
+def _known(model: type[BaseModel]) -> frozenset[str]:
+    """The keys a model accepts: its camelCase aliases and its field names."""
+    return frozenset(
+        key
+        for name, field in model.model_fields.items()
+        for key in (name, field.alias or to_camel(name))
+    )
+
+
+def sanitize_blueprint(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of ``raw`` with only the keys a blueprint, its nodes, their ``config``
+    and its edges define: for blueprints decorated by UI tools (positions, styles),
+    which loading refuses. Nothing else is checked: load the result to validate it."""
+
+    def keep(item: Any, model: type[BaseModel]) -> Any:
+        if not isinstance(item, Mapping):
+            return item  # not an object: loading reports it
+        known = _known(model)
+        return {k: v for k, v in item.items() if k in known}
+
+    out: dict[str, Any] = keep(raw, WorkflowBlueprint)
+    nodes = out.get("nodes")
+    if isinstance(nodes, Sequence) and not isinstance(nodes, str):
+        out["nodes"] = [keep(n, NodeDefinition) for n in nodes]
+        for node in out["nodes"]:
+            if isinstance(node, dict) and isinstance(node.get("config"), Mapping):
+                node["config"] = keep(node["config"], NodeConfig)
+    edges = out.get("edges")
+    if isinstance(edges, Sequence) and not isinstance(edges, str):
+        out["edges"] = [keep(e, EdgeDefinition) for e in edges]
+    return out
 
 
 def blueprint_json_schema() -> dict[str, Any]:

@@ -16,11 +16,9 @@ import sys
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, TextIO
 
-from flowcraft._traversal import Activation, Traversal
-from flowcraft.context import Context, InMemoryContext
-from flowcraft.errors import FlowcraftError
+from flowcraft._traversal import Activation
 from flowcraft.events import CollectingEventBus, FlowEvent, emit
-from flowcraft.runtime import FlowRuntime, RunStatus, WorkflowResult, _Run
+from flowcraft.runtime import FlowRuntime, ManualRun, RunStatus, WorkflowResult
 
 if TYPE_CHECKING:
     from flowcraft.blueprint import WorkflowBlueprint
@@ -28,10 +26,6 @@ if TYPE_CHECKING:
     from flowcraft.flow import Flow
 
 __all__ = ["Stepper", "create_stepper", "format_trace", "run_with_trace"]
-
-_NO_FUSING = 1 << 30
-"""A semaphore this large never blocks; its presence stops the runtime fusing a
-chain into one step, so every node is a step of its own."""
 
 
 @dataclasses.dataclass(slots=True)
@@ -68,16 +62,10 @@ class Stepper:
 
     def reset(self) -> None:
         """Back to the start: the initial context, the start nodes ready."""
-        self.run = _Run(
-            self.blueprint,
-            self.analysis,
-            Context(copy.deepcopy(self._initial)),
-            self._run_id,
-            Traversal(self.analysis),
-            asyncio.Event(),
+        self.run = ManualRun(
+            self.runtime, self.blueprint, copy.deepcopy(self._initial), run_id=self._run_id
         )
-        self.run.limit = asyncio.Semaphore(_NO_FUSING)
-        self._ready = [Activation(n, 1) for n in self.analysis.start_nodes]
+        self._ready = self.run.start
         self._history.clear()
 
     @property
@@ -103,13 +91,7 @@ class Stepper:
         if not self._history:
             return None
         snap = self._history.pop()
-        run = self.run
-        run.context = Context(snap.data)
-        run.async_context = InMemoryContext(run.context)
-        run.traversal = Traversal.from_state(self.analysis, snap.traversal)
-        run.waiting = snap.waiting
-        run.errors = snap.errors
-        run.failed = snap.failed
+        self.run.restore(snap.data, snap.traversal, snap.waiting, snap.errors, snap.failed)
         self._ready = snap.ready
         return self.result()
 
@@ -131,11 +113,7 @@ class Stepper:
         )
 
     async def _one(self, act: Activation) -> list[Activation]:
-        try:
-            return await self.runtime._step(self.run, act)
-        except FlowcraftError as exc:
-            self.runtime._fail(self.run, act.node_id, exc)
-            return []
+        return await self.run.step(act)
 
     def _snapshot(self) -> _Snapshot:
         run = self.run

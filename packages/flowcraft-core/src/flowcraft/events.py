@@ -26,7 +26,9 @@ class FlowEvent:
     edge:evaluate (a condition and its outcome), context:change (a committed
     write), batch:start, batch:finish, job:enqueued, job:processed, job:failed,
     job:duplicate, job:requeued. The in-memory runtime emits the node, edge and
-    context events; a distributed adapter emits its own subset."""
+    context events; a distributed adapter emits its own subset. Events about one
+    activation of a node carry ``data["activation"]`` (and ``attempt`` where there
+    is one): run history tells loop iterations and repeats apart by them."""
 
     type: str
     run_id: str

@@ -50,6 +50,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "FlowRuntime",
+    "ManualRun",
     "NodeError",
     "NodeExecution",
     "RunStatus",
@@ -197,6 +198,90 @@ class _Run:
         self.done = asyncio.Event()
         self.failed = False
         self.limit: asyncio.Semaphore | None = None
+
+
+class ManualRun:
+    """A run driven by hand, one activation at a time (``flowcraft.debug``'s stepper):
+    the runtime's own bookkeeping behind a small public surface, so tools need none
+    of its private names. Every node is a step of its own (no chain is fused)."""
+
+    _UNBOUNDED = 1 << 30  # a semaphore that never blocks; its presence stops fusing
+
+    def __init__(
+        self,
+        runtime: FlowRuntime,
+        blueprint: WorkflowBlueprint,
+        initial_context: Mapping[str, Any] | None = None,
+        *,
+        run_id: str | None = None,
+    ) -> None:
+        analysis = runtime.analysis(blueprint)
+        self.runtime = runtime
+        self._run = _Run(
+            blueprint,
+            analysis,
+            Context(initial_context),
+            run_id or uuid.uuid4().hex,
+            Traversal(analysis),
+            asyncio.Event(),
+        )
+        self._run.limit = asyncio.Semaphore(self._UNBOUNDED)
+
+    @property
+    def run_id(self) -> str:
+        return self._run.run_id
+
+    @property
+    def start(self) -> list[Activation]:
+        """The first activations: every start node, ready."""
+        return [Activation(n, 1) for n in self._run.analysis.start_nodes]
+
+    @property
+    def context(self) -> Context:
+        return self._run.context
+
+    @property
+    def traversal(self) -> Traversal:
+        return self._run.traversal
+
+    @property
+    def waiting(self) -> dict[str, Activation]:
+        """Wait nodes that paused, by node id."""
+        return self._run.waiting
+
+    @property
+    def errors(self) -> list[NodeError]:
+        return self._run.errors
+
+    @property
+    def failed(self) -> bool:
+        return self._run.failed
+
+    async def step(self, activation: Activation) -> list[Activation]:
+        """Run (or skip) one ready activation; the activations it made ready. A node
+        that fails marks the run failed (see ``errors``) instead of raising."""
+        try:
+            return await self.runtime._step(self._run, activation)
+        except FlowcraftError as exc:
+            self.runtime._fail(self._run, activation.node_id, exc)
+            return []
+
+    def restore(
+        self,
+        context: Mapping[str, Any],
+        traversal: Mapping[str, Any],
+        waiting: Mapping[str, Activation],
+        errors: Sequence[NodeError],
+        failed: bool,
+    ) -> None:
+        """Put the run back where a snapshot of these parts says it was."""
+        run = self._run
+        run.context = Context(context)
+        run.async_context = InMemoryContext(run.context)
+        run.traversal = Traversal.from_state(run.analysis, traversal)
+        run.waiting = dict(waiting)
+        run.errors = list(errors)
+        run.failed = failed
 
 
 class FlowRuntime:

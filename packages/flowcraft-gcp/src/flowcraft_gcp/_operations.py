@@ -22,12 +22,12 @@ class Operations:
         the dead-letter subscription (a crash between duplicates a job, never loses
         it). Its attributes (the reason) stay behind: the job starts afresh."""
         gcp = _me(self)
-        moved = 0
-        async for batch in _take(gcp, limit):
-            await gcp.queue.publish([bytes(m.message.data) for m in batch])
-            await _ack(gcp, batch)
-            moved += len(batch)
-        return moved
+        # all taken first: a letter published again and parked again is not taken twice
+        taken = [m async for batch in _take(gcp, limit) for m in batch]
+        if taken:
+            await gcp.queue.publish([bytes(m.message.data) for m in taken])
+            await _ack(gcp, taken)
+        return len(taken)
 
     async def purge_dead_letters(self, limit: int | None = None) -> int:
         """Ack (delete) parked jobs: up to ``limit``, or all that can be pulled now."""
@@ -40,7 +40,8 @@ class Operations:
 
     async def active_runs(self, limit: int = 100) -> list[str]:
         """Runs not ended, from the run documents (the reconciler's query, read only)."""
-        return await _me(self).runs.stalled(0.0, limit)
+        # a cutoff a minute ahead: every running run, whatever the clocks say
+        return await _me(self).runs.stalled(-60.0, limit)
 
 
 async def _take(gcp: GcpAdapter, limit: int | None) -> AsyncIterator[Sequence[ReceivedMessage]]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, cast
 
+from aio_pika.abc import AbstractIncomingMessage
+
 if TYPE_CHECKING:
     from flowcraft_rabbitmq.adapter import RabbitMQAdapter
 
@@ -23,10 +25,14 @@ class Operations:
         moved = 0
         try:
             queue = await channel.declare_queue(broker.topology.dead_queue, durable=True)
-            while moved < limit:
+            # all taken first (held unacked): a letter parked again is not taken twice
+            taken: list[AbstractIncomingMessage] = []
+            while len(taken) < limit:
                 message = await queue.get(no_ack=False, fail=False)
                 if message is None:
                     break
+                taken.append(message)
+            for message in taken:
                 await broker.publish(message.body)
                 await message.ack()
                 moved += 1

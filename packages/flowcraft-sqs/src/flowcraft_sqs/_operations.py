@@ -22,7 +22,8 @@ class Operations:
         sqs = _me(self)
         url = await sqs.dead_letter_queue_url()
         moved = 0
-        async for message in _take(sqs, url, limit):
+        # all taken first: a letter sent back and parked again is not taken twice
+        for message in [m async for m in _take(sqs, url, limit)]:
             await sqs.send_body(message["Body"])
             await sqs.clients.sqs_call(
                 "delete_message", QueueUrl=url, ReceiptHandle=message["ReceiptHandle"]
@@ -59,7 +60,8 @@ class Operations:
     async def active_runs(self, limit: int = 100) -> list[str]:
         """The sparse index of active runs (the reconciler's, read only)."""
         sqs = _me(self)
-        return await sqs.find_stalled_runs(0.0, limit)
+        # a cutoff a minute ahead: every run not ended, whatever the clocks say
+        return await sqs.find_stalled_runs(-60.0, limit)
 
 
 async def _take(

@@ -7,7 +7,7 @@
 //   POST /flowcraft/v1/do       {object, ttl, ops}        one atomic batch on a run's object
 //   POST /flowcraft/v1/wait     {object, timeout}         long poll for the run's final result
 //   POST /flowcraft/v1/enqueue  {inbox, direct, messages} send jobs (Cloudflare Queue or inbox)
-//   POST /flowcraft/v1/inbox    {inbox, op, ...}          pull / extend / ack / release / dead
+//   POST /flowcraft/v1/inbox    {inbox, op, ...}          pull / extend / ack (+ riders) / release / dead
 //   POST /flowcraft/v1/registry {object, op, ...}         stalled runs (the reconciler) / list
 //   POST /flowcraft/v1/raw      raw bytes                 put bytes on the queue as they are
 //   GET  /flowcraft/v1/health                             {"ok": true}
@@ -161,12 +161,17 @@ export class FlowcraftRun extends DurableObject {
     if (keepUntil) await this.scheduleAlarm(keepUntil);
     if (published) this.wake();
     for (const [i, op] of ops.entries()) {
-      if (op.op === "patch" && op.track && op.track.status !== "running" && results[i].applied) {
-        try {
-          await this.track(op.track, false, ttlMs);
-        } catch (error) {
-          console.error(`run ${op.track.run}: leaving the registry failed: ${error}`);
-        }
+      if (op.op !== "patch" || !op.track) continue;
+      // Leave the registry when the run stopped running: this write ended it, or (a
+      // refused "running" write, e.g. a repeated start of a finished run) it had ended.
+      const leaves = results[i].applied
+        ? op.track.status !== "running"
+        : op.track.status === "running" && this.statusOf(op.track.key) !== "running";
+      if (!leaves) continue;
+      try {
+        await this.track(op.track, false, ttlMs);
+      } catch (error) {
+        console.error(`run ${op.track.run}: leaving the registry failed: ${error}`);
       }
     }
     return { results };
@@ -179,20 +184,22 @@ export class FlowcraftRun extends DurableObject {
     await stub.track(str(track.run, "run"), this.ctx.id.toString(), active, ttlMs);
   }
 
+  /** The `status` field of the run's status record; null when there is none. */
+  statusOf(statusKey) {
+    const row = this.one("SELECT v FROM ctx WHERE k = ?", str(statusKey, "status key"));
+    if (row === null) return null;
+    try {
+      return JSON.parse(row.v)?.status ?? null;
+    } catch {
+      return null;
+    }
+  }
+
   /** The run's status (null when the object holds no run) and its last context write. */
   progress(statusKey) {
     this.schema();
-    const row = this.one("SELECT v FROM ctx WHERE k = ?", str(statusKey, "status key"));
-    let status = null;
-    if (row !== null) {
-      try {
-        status = JSON.parse(row.v)?.status ?? null;
-      } catch {
-        status = null;
-      }
-    }
     const touched = this.one("SELECT v FROM meta WHERE k = 'touched'");
-    return { status, touched: touched === null ? 0 : Number(touched.v) };
+    return { status: this.statusOf(statusKey), touched: touched === null ? 0 : Number(touched.v) };
   }
 
   apply(op, now, ttl) {
@@ -687,6 +694,25 @@ export class FlowcraftInbox extends DurableObject {
     return { parked };
   }
 
+  /** Park messages pulled elsewhere ({id, body, reason, attempts}): the dead letters of
+   * the HTTP pull delivery, kept beside this inbox's own. */
+  park(items) {
+    const now = Date.now();
+    this.ctx.storage.transactionSync(() => {
+      for (const it of items) {
+        this.sql.exec(
+          "INSERT OR REPLACE INTO dead (id, body, reason, attempts, at) VALUES (?, ?, ?, ?, ?)",
+          str(it.id, "id"),
+          str(it.body, "body"),
+          str(it.reason, "reason"),
+          Math.max(Math.floor(Number(it.attempts) || 0), 0),
+          now,
+        );
+      }
+    });
+    return { parked: items.length };
+  }
+
   deadLetters(limit) {
     const rows = this.sql
       .exec("SELECT id, body, reason, attempts, at FROM dead ORDER BY at, id LIMIT ?", limit)
@@ -789,12 +815,28 @@ async function inboxCall(env, request) {
       return stub.pull(request.max ?? 1, request.visibility ?? 30, request.wait ?? 0);
     case "extend":
       return stub.extend(request.items ?? []);
-    case "ack":
-      return stub.ack(request.items ?? []);
+    case "ack": {
+      const answer = await stub.ack(request.items ?? []);
+      // Write-behind ops for run objects riding along with the ack (follow-up marks):
+      // forwarded after it; losing one is harmless, so a failure is only logged.
+      await Promise.all(
+        (request.riders ?? []).map(([name, ops]) =>
+          runObject(env, str(name, "rider object"))
+            .batch(ops, 0)
+            .then((result) => {
+              if (result.error) console.error(`riders for ${name}: ${result.message}`);
+            })
+            .catch((error) => console.error(`riders for ${name}: ${error}`)),
+        ),
+      );
+      return answer;
+    }
     case "release":
       return stub.release(request.items ?? []);
     case "dead":
       return stub.dead(request.items ?? []);
+    case "park":
+      return stub.park(request.items ?? []);
     case "dead_letters":
       return stub.deadLetters(Math.min(Math.max(request.limit ?? 100, 1), 1000));
     case "stats":

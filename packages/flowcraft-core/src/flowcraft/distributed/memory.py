@@ -32,8 +32,10 @@ from flowcraft.distributed.adapter import (
 )
 from flowcraft.distributed.coordination import CoordinationStore, InMemoryCoordinationStore
 from flowcraft.distributed.payload import JobPayload
+from flowcraft.errors import SerializationError
 from flowcraft.events import EventBus
 from flowcraft.runtime import RuntimeOptions
+from flowcraft.serializer import MAX_DEPTH
 
 __all__ = ["InMemoryAdapter", "InMemoryBroker", "InMemoryRunContext"]
 
@@ -76,7 +78,7 @@ class InMemoryRunContext(BaseAsyncContext):
         # Check and write with no await between them: one atomic step on the loop.
         applied = not guard or guard_holds(self._data.data, guard)
         if applied:
-            self._data.apply([PatchOperation(o.op, o.key, _copy(o.value)) for o in ops])
+            self._data.apply([PatchOperation(o.op, o.key, _copy(o.value, o.key)) for o in ops])
         if self._broker.after_fault is not None:
             await self._broker.after_fault("context.patch", self._run_id)
         return applied
@@ -87,13 +89,34 @@ class InMemoryRunContext(BaseAsyncContext):
         return copied
 
 
-def _copy(value: Any) -> Any:
-    """Values cross a store boundary as JSON would: no shared mutable objects."""
-    if isinstance(value, dict):
-        return {k: _copy(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_copy(v) for v in value]
-    return value
+def _copy(value: Any, key: str | None = None) -> Any:
+    """Values cross a store boundary as JSON would: no shared mutable objects.
+
+    Iterative. A value written under ``key`` that nests deeper than ``MAX_DEPTH`` is
+    refused as every store refuses it (a ``SerializationError`` naming the key, which
+    fails the node), not a RecursionError; reads copy whatever was stored."""
+    if not isinstance(value, dict | list):
+        return value
+    root: Any = {} if isinstance(value, dict) else []
+    stack: list[tuple[Any, Any, int]] = [(value, root, 1)]
+    while stack:
+        source, target, depth = stack.pop()
+        if depth > MAX_DEPTH and key is not None:
+            raise SerializationError(
+                f"context key {key!r}: cannot store the value: it nests deeper than "
+                f"{MAX_DEPTH} levels of lists and dicts (flowcraft.serializer.MAX_DEPTH)"
+            )
+        pairs = source.items() if isinstance(source, dict) else enumerate(source)
+        for name, item in pairs:
+            if isinstance(item, dict | list):
+                child: Any = {} if isinstance(item, dict) else []
+                stack.append((item, child, depth + 1))
+                item = child
+            if isinstance(target, dict):
+                target[name] = item
+            else:
+                target.append(item)
+    return root
 
 
 @dataclass

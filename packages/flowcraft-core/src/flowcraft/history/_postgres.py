@@ -13,8 +13,8 @@ from flowcraft.history._records import (
     Statements,
     check_name,
     clean,
-    dumps_data,
     loads_data,
+    rows_of,
 )
 from flowcraft.history._sqlite import _run_rows
 
@@ -139,21 +139,7 @@ class PostgresHistoryStore:
         if not events:
             return 0
         pool = await self._connection_pool()
-        columns: list[list[Any]] = [[] for _ in range(9)]
-        for e in events:
-            values = (
-                clean(e.run_id),
-                clean(e.key),
-                clean(e.kind),
-                None if e.node_id is None else clean(e.node_id),
-                e.activation,
-                e.attempt,
-                e.at,
-                clean(e.worker),
-                dumps_data(e.data),  # JSON text: its control characters are escaped
-            )
-            for column, value in zip(columns, values, strict=True):
-                column.append(value)
+        columns = [list(c) for c in zip(*rows_of(events, plain=False), strict=True)]
         runs = list(zip(*_run_rows(events), strict=True))
         runs[0] = tuple(clean(r) for r in runs[0])
         async with pool.acquire() as conn, conn.transaction():

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import os
 import socket
 from collections.abc import Awaitable, Collection
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from flowcraft.events import EventBus, FlowEvent, emit
 from flowcraft.history._records import HistoryEvent, HistoryStore, record_of
+from flowcraft.history._spool import Spool, orphans
+from flowcraft.history._spool import read as read_spool
 
 if TYPE_CHECKING:
     from flowcraft.distributed import BaseDistributedAdapter, JobPayload
@@ -19,6 +23,9 @@ if TYPE_CHECKING:
 __all__ = ["HistoryRecorder"]
 
 logger = logging.getLogger("flowcraft.history")
+
+_SPOOL_BYTES = 1 << 20
+"""A spool file is emptied once it holds more than this and everything is stored."""
 
 
 class HistoryRecorder:
@@ -30,11 +37,23 @@ class HistoryRecorder:
     :meth:`flush`, and on :meth:`aclose`. A failed write is tried again (with a
     growing pause); while the store is unreachable the queue fills up to
     ``max_pending`` events and then new events are dropped (counted in
-    ``dropped``, logged): history never stops a workflow.
+    ``dropped``, logged): history never stops a workflow. A :meth:`flush` is served
+    ``linger`` seconds later, with whatever else was emitted meanwhile.
 
-    Kinds in ``exclude`` are not recorded (say, ``{"job:enqueued"}`` on a busy
-    fleet). On a fleet, :meth:`instrument` the adapter as well so a job is
-    acknowledged only once its events are stored (see there).
+    Kinds in ``exclude`` are not recorded: by default ``job:enqueued`` and
+    ``job:processed``, a queue's plumbing that ``node:start``/``node:finish`` already
+    tell (half of a fleet's events; ``exclude=()`` keeps them).
+
+    On a fleet, a worker killed with events still queued would lose them, and a job
+    it had acknowledged is never delivered again to emit them anew. Either give a
+    ``spool`` folder on the worker's machine: each event is appended to this
+    process's file there as it is emitted (one write system call, no waiting for
+    the store), and a recorder finding the file of a process that died stores its
+    events (at start, every ``recover_interval`` seconds, and on close), so a
+    worker killed and restarted, or any other worker on that machine, recovers
+    them; or :meth:`instrument` the adapter, so a job is acknowledged only once its
+    events are stored (that also survives losing the machine, but holds each job's
+    slot until the next batch is written).
     """
 
     def __init__(
@@ -44,9 +63,12 @@ class HistoryRecorder:
         inner: EventBus | None = None,
         batch_size: int = 500,
         flush_interval: float = 0.2,
+        linger: float = 0.02,
         max_pending: int = 100_000,
-        exclude: Collection[str] = (),
+        exclude: Collection[str] = ("job:enqueued", "job:processed"),
         worker_id: str | None = None,
+        spool: str | Path | None = None,
+        recover_interval: float = 5.0,
     ) -> None:
         if batch_size < 1 or max_pending < batch_size:
             raise ValueError("batch_size must be at least 1 and at most max_pending")
@@ -54,6 +76,7 @@ class HistoryRecorder:
         self.inner = inner
         self.batch_size = batch_size
         self.flush_interval = flush_interval
+        self.linger = linger
         self.max_pending = max_pending
         self.exclude = frozenset(exclude)
         self.worker_id = (
@@ -71,6 +94,12 @@ class HistoryRecorder:
         self._timer: asyncio.TimerHandle | None = None
         self._task: asyncio.Task[None] | None = None
         self._closing = False
+        self.spool_folder = Path(spool) if spool is not None else None
+        self.recover_interval = recover_interval
+        self.recovered = 0
+        """Events this recorder stored from the spool files of processes that died."""
+        self._spool: Spool | None = None
+        self._recovery: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------ the event bus
 
@@ -93,10 +122,15 @@ class HistoryRecorder:
                     self.dropped,
                 )
             return
-        self._pending.append(record)
-        self._accepted += 1
         if self._task is None:
             self._start()
+        if self._spool is not None:
+            try:
+                self._spool.append(record)
+            except OSError as exc:  # a full disk: the event still goes to the store
+                logger.warning("history spool: %r", exc)
+        self._pending.append(record)
+        self._accepted += 1
         assert self._wake is not None
         if len(self._pending) >= self.batch_size:
             self._wake.set()
@@ -104,10 +138,49 @@ class HistoryRecorder:
             self._timer = asyncio.get_running_loop().call_later(self.flush_interval, self._wake.set)
 
     def _start(self) -> None:
+        loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
-        self._task = asyncio.get_running_loop().create_task(
-            self._writer(), name="flowcraft-history-writer"
-        )
+        self._task = loop.create_task(self._writer(), name="flowcraft-history-writer")
+        if self.spool_folder is not None:
+            self._spool = Spool(self.spool_folder)
+            self._recovery = loop.create_task(self._recover_loop(), name="flowcraft-history-spool")
+
+    async def start(self) -> None:
+        """Start now (else the first event starts the recorder): with a ``spool``,
+        this recovers what processes that died left there at once."""
+        if self._task is None:
+            self._start()
+
+    # ------------------------------------------------------------ the spool
+
+    async def _recover_loop(self) -> None:
+        while True:
+            await self.recover()
+            await asyncio.sleep(self.recover_interval)
+
+    async def recover(self) -> int:
+        """Store the events in spool files whose process died, then delete the files.
+        Returns how many (0 without a spool). Repeating an event is harmless: the
+        store keeps the first."""
+        folder = self.spool_folder
+        if folder is None:
+            return 0
+        own = self._spool.path if self._spool is not None else None
+        total = 0
+        for path in await asyncio.to_thread(orphans, folder, own):
+            events = await asyncio.to_thread(read_spool, path)
+            try:
+                for i in range(0, len(events), self.batch_size):
+                    await self.store.write(events[i : i + self.batch_size])
+            except Exception as exc:
+                logger.warning("history: spool %s not recovered yet: %r", path.name, exc)
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                await asyncio.to_thread(path.unlink)
+            total += len(events)
+            logger.info("history: %d events recovered from %s", len(events), path.name)
+        self.recovered += total
+        return total
 
     # ------------------------------------------------------------ the writer
 
@@ -116,29 +189,38 @@ class HistoryRecorder:
         while True:
             await self._wake.wait()
             self._wake.clear()
+            if self._waiters and len(self._pending) < self.batch_size and not self._closing:
+                # Someone waits (a job's acknowledgement): let the events of the jobs
+                # finishing meanwhile join this batch. One write per job would cost
+                # more than the job itself.
+                await asyncio.sleep(self.linger)
             if self._timer is not None:
                 self._timer.cancel()
                 self._timer = None
             while self._pending:
                 count = min(len(self._pending), self.batch_size)
                 batch = [self._pending[i] for i in range(count)]
-                await self._write(batch)
+                if not await self._write(batch):
+                    return  # closing with the store down: the spool keeps them
                 for _ in range(count):
                     self._pending.popleft()
                 self._done += count
                 self._wake_waiters()
+            if self._spool is not None and self._spool.size > _SPOOL_BYTES:
+                self._spool.empty()  # all it holds is stored (the queue is empty)
             if self._closing:
                 return
 
-    async def _write(self, batch: list[HistoryEvent]) -> None:
+    async def _write(self, batch: list[HistoryEvent]) -> bool:
         """Write ``batch``, trying again until it is stored; after three failed tries
-        event by event, giving up (logged) only on events the store refuses alone."""
+        event by event, giving up (logged) only on events the store refuses alone.
+        False: closing while the store is down (nothing more is tried)."""
         pause = 0.2
         for attempt in range(1, 4):
             try:
                 await self.store.write(batch)
                 self.written += len(batch)
-                return
+                return True
             except Exception as exc:
                 logger.warning(
                     "history write of %d events failed (try %d): %r", len(batch), attempt, exc
@@ -162,7 +244,14 @@ class HistoryRecorder:
                         exc,
                     )
             else:
-                return
+                return True
+            if self._closing:
+                logger.error(
+                    "history store down at close: %d events not stored%s",
+                    len(self._pending),
+                    " (kept in the spool)" if self._spool is not None else "",
+                )
+                return False
             await asyncio.sleep(5.0)  # the store is down: try the batch again
 
     def _wake_waiters(self) -> None:
@@ -189,7 +278,8 @@ class HistoryRecorder:
         await future
 
     async def aclose(self) -> None:
-        """Write what is queued and stop (the store stays open: it is the caller's)."""
+        """Write what is queued and stop (the store stays open: it is the caller's).
+        With a spool: this process's file goes, and orphaned ones are recovered."""
         self._closing = True
         task = self._task
         if task is None or task.done():
@@ -197,6 +287,15 @@ class HistoryRecorder:
         assert self._wake is not None
         self._wake.set()
         await task
+        if self._recovery is not None:
+            self._recovery.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._recovery
+        if self._spool is not None:
+            # Kept if some events could not be stored: the next recorder takes them.
+            self._spool.close(remove=self._done == self._accepted)
+            self._spool = None
+            await self.recover()
 
     async def __aenter__(self) -> HistoryRecorder:
         return self

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 import uuid
@@ -22,7 +23,7 @@ class HistoryError(Exception):
     """The history store cannot be used (another schema version, a bad name)."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class HistoryEvent:
     """One recorded event. ``key`` is its identity within the run: the same event
     emitted again (a redelivered job redoing a node) has the same key, and the store
@@ -89,6 +90,9 @@ class HistoryStore(Protocol):
     async def aclose(self) -> None: ...
 
 
+_UNIQUE = uuid.uuid4().hex[:16]  # this process's events: a prefix no other process has
+_COUNTER = itertools.count()
+
 # Events that describe a run as a whole, once (or once per status): their key needs
 # no node or activation.
 _RUN_LEVEL = frozenset({"workflow:start", "workflow:finish", "workflow:stall", "workflow:pause"})
@@ -129,7 +133,7 @@ def event_key(event: FlowEvent) -> str:
         elif kind == "edge:evaluate":
             part = f"{data.get('target', '')}\x1f{data.get('condition', '')}"
         return f"{kind}\x1f{event.node_id or ''}\x1f{activation}\x1f{part}"
-    return f"{kind}\x1f{uuid.uuid4().hex}"
+    return f"{kind}\x1f{_UNIQUE}{next(_COUNTER)}"
 
 
 def record_of(event: FlowEvent, worker: str = "", at: float | None = None) -> HistoryEvent:
@@ -171,23 +175,63 @@ def _default(value: Any) -> Any:
     return repr(value)
 
 
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, default=_default)
+
+
 def _dumps(value: Any) -> str:
     try:
-        return json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=_default)
+        return _ENCODER.encode(value)
     except ValueError:  # a circular structure, or NaN where allow_nan would be refused
         return json.dumps(repr(value))
 
 
-def dumps_data(data: Mapping[str, Any]) -> str:
-    """An event's data as JSON text (lone surrogates escaped, so any store takes it)."""
-    text = _dumps(data)
+_ASCII = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True, default=_default)
+
+
+def dumps_data(data: Mapping[str, Any], *, plain: bool = False) -> str:
+    """An event's data as JSON text; unless ``plain``, all ASCII (any store takes it,
+    lone surrogates included)."""
+    if plain:
+        return _dumps(data)
     try:
-        text.encode()
-    except UnicodeEncodeError:
-        text = json.dumps(
-            json.loads(text), separators=(",", ":"), ensure_ascii=True, default=_default
+        return _ASCII.encode(data)
+    except ValueError:
+        return json.dumps(repr(data))
+
+
+def rows_of(events: list[HistoryEvent], *, plain: bool) -> list[tuple[Any, ...]]:
+    """The events as rows: (run, key, kind, node, activation, attempt, at, worker,
+    data). ``plain``: as they are (fast; a store may refuse what UTF-8 cannot encode),
+    else every text made safe (:func:`clean`)."""
+    if plain:
+        return [
+            (
+                e.run_id,
+                e.key,
+                e.kind,
+                e.node_id,
+                e.activation,
+                e.attempt,
+                e.at,
+                e.worker,
+                _dumps(e.data),
+            )
+            for e in events
+        ]
+    return [
+        (
+            clean(e.run_id),
+            clean(e.key),
+            clean(e.kind),
+            None if e.node_id is None else clean(e.node_id),
+            e.activation,
+            e.attempt,
+            e.at,
+            clean(e.worker),
+            dumps_data(e.data),
         )
-    return text
+        for e in events
+    ]
 
 
 def loads_data(text: str) -> dict[str, Any]:

@@ -17,8 +17,8 @@ from flowcraft.history._records import (
     Statements,
     check_name,
     clean,
-    dumps_data,
     loads_data,
+    rows_of,
     status_of,
 )
 
@@ -121,21 +121,14 @@ class SqliteHistoryStore:
         return conn
 
     def _write(self, events: list[HistoryEvent]) -> int:
+        try:
+            return self._insert(events, rows_of(events, plain=True))
+        except (UnicodeEncodeError, ValueError):
+            # A lone surrogate (or a NUL) in an id, a key or the data: stored escaped.
+            return self._insert(events, rows_of(events, plain=False))
+
+    def _insert(self, events: list[HistoryEvent], rows: list[tuple[Any, ...]]) -> int:
         conn = self._connection()
-        rows = [
-            (
-                clean(e.run_id),
-                clean(e.key),
-                clean(e.kind),
-                None if e.node_id is None else clean(e.node_id),
-                e.activation,
-                e.attempt,
-                e.at,
-                clean(e.worker),
-                dumps_data(e.data),
-            )
-            for e in events
-        ]
         runs = [(clean(r[0]), *r[1:]) for r in _run_rows(events)]
         conn.execute("BEGIN IMMEDIATE")
         try:

@@ -1,5 +1,6 @@
-"""Conformance kit: abstract pytest classes each store and adapter must pass, and the
-deterministic crash simulation of the distributed protocol.
+"""Conformance kit: abstract pytest classes each store and adapter must pass, the
+deterministic crash simulation of the distributed protocol, and the replay of a
+recorded run against new node code (``replay_run``).
 
 Needs the ``[testing]`` extra (pytest, pytest-asyncio).
 """
@@ -25,6 +26,7 @@ from flowcraft.testing.adapter import (  # noqa: E402
     meter_contexts,
 )
 from flowcraft.testing.context import ContextStoreTests  # noqa: E402
+from flowcraft.testing.replay import ReplayReport, StepChange, replay_run  # noqa: E402
 from flowcraft.testing.store import CoordinationStoreTests, ManualClock  # noqa: E402
 
 _SIMULATION = frozenset({"SimulatedCrash", "SimulationReport", "VirtualTimeLoop", "run_seed"})
@@ -47,10 +49,13 @@ __all__ = [
     "CoordinationStoreTests",
     "Fleet",
     "ManualClock",
+    "ReplayReport",
     "SideEffects",
     "SimulatedCrash",
     "SimulationReport",
+    "StepChange",
     "VirtualTimeLoop",
     "meter_contexts",
+    "replay_run",
     "run_seed",
 ]

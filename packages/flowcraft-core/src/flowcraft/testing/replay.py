@@ -1,0 +1,186 @@
+"""Replay a recorded run against new node code and report what changes.
+
+Each recorded step (a node's resolved activation) runs again, alone, through the new
+code: with the input it was given and the context as it was right before it (both
+from the run's history). Its output, action, context writes and failure are compared
+with the recorded ones. Steps are independent: a changed output does not flow into
+the next step's input (the recorded input is used), so every difference is the
+node's own. Re-run the flow to see where the changes lead.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from flowcraft.blueprint import WorkflowBlueprint
+from flowcraft.context import Context, InMemoryContext
+from flowcraft.errors import NodeExecutionError
+from flowcraft.flow import Flow
+from flowcraft.history import History, HistoryStore
+from flowcraft.history._reader import apply_step, initial_context, steps_of
+from flowcraft.node import NodeImplementation
+from flowcraft.runtime import FlowRuntime, RuntimeOptions
+
+__all__ = ["ReplayReport", "StepChange", "replay_run"]
+
+
+@dataclass(frozen=True, slots=True)
+class StepChange:
+    """One difference at one step. ``what``: ``output``, ``action``, ``context`` (a
+    write: ``key`` names it; None stands for no write), ``error`` (the message, None
+    for none) or ``missing`` (the new blueprint has no such node)."""
+
+    step: int
+    node_id: str
+    activation: int
+    what: str
+    recorded: Any
+    replayed: Any
+    key: str | None = None
+
+    def describe(self) -> str:
+        where = f"step {self.step} {self.node_id}"
+        if self.activation != 1:
+            where += f"#{self.activation}"
+        what = f"context[{self.key!r}]" if self.key is not None else self.what
+        return f"{where}: {what} {_short(self.recorded)} -> {_short(self.replayed)}"
+
+
+@dataclass(slots=True)
+class ReplayReport:
+    """What replaying a run showed: ``changes`` (none: the new code behaves as the
+    recorded run did), ``replayed`` steps run again, ``skipped`` steps with why."""
+
+    run_id: str
+    replayed: list[int] = field(default_factory=list)
+    skipped: list[tuple[int, str, str]] = field(default_factory=list)
+    changes: list[StepChange] = field(default_factory=list)
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.changes)
+
+    def by_node(self) -> dict[str, list[StepChange]]:
+        out: dict[str, list[StepChange]] = {}
+        for change in self.changes:
+            out.setdefault(change.node_id, []).append(change)
+        return out
+
+    def summary(self) -> str:
+        head = (
+            f"run {self.run_id}: {len(self.replayed)} steps replayed, "
+            f"{len(self.skipped)} skipped, {len(self.changes)} changes"
+        )
+        return "\n".join([head, *(f"  {c.describe()}" for c in self.changes)])
+
+
+async def replay_run(
+    source: History | HistoryStore,
+    run_id: str,
+    target: Flow | WorkflowBlueprint,
+    *,
+    registry: Mapping[str, NodeImplementation] | None = None,
+    dependencies: Mapping[str, Any] | None = None,
+    nodes: Collection[str] | None = None,
+) -> ReplayReport:
+    """Replay run ``run_id`` (its history in ``source``) against ``target``: a Flow
+    (its callables are the new code) or a blueprint with ``registry``. ``nodes``
+    limits the replay to those nodes. One attempt per step, no retries."""
+    history = source if isinstance(source, History) else History(source)
+    events = await history.events(run_id)
+    if not events:
+        raise LookupError(f"no history for run {run_id!r}")
+    runtime = FlowRuntime(
+        RuntimeOptions(registry=dict(registry or {}), dependencies=dict(dependencies or {}))
+    )
+    blueprint = runtime.blueprint(target)
+    known = {n.id for n in blueprint.nodes}
+    report = ReplayReport(run_id)
+    context = initial_context(events)
+    for step in steps_of(events):
+        before = dict(context)
+        apply_step(context, step)
+        if nodes is not None and step.node_id not in nodes:
+            continue
+        if step.node_id not in known:
+            report.changes.append(
+                StepChange(step.index, step.node_id, step.activation, "missing", True, None)
+            )
+            continue
+        why = (
+            "skipped in the recorded run"
+            if step.status == "skipped"
+            else "a wait, resumed from outside"
+            if step.status == "resumed"
+            else "no start recorded"
+            if step.attempts == 0
+            else None
+        )
+        if why is not None:
+            report.skipped.append((step.index, step.node_id, why))
+            continue
+        error: str | None = None
+        output: Any = None
+        action: str | None = None
+        writes: dict[str, Any] = {}
+        try:
+            execution = await runtime.execute_node(
+                blueprint,
+                step.node_id,
+                InMemoryContext(Context(before)),
+                run_id=run_id,
+                input=step.input,
+                activation=step.activation,
+                max_attempts=1,
+            )
+        except NodeExecutionError as exc:
+            error = str(exc)
+        else:
+            if execution.awaiting:
+                report.skipped.append((step.index, step.node_id, "waits when replayed"))
+                continue
+            output = _as_recorded(execution.result.output)
+            action = execution.result.action
+            writes = {
+                op.key: _as_recorded(op.value) if op.op == "set" else _DELETED
+                for op in execution.deltas
+            }
+        report.replayed.append(step.index)
+        recorded_writes = {
+            str(c.get("key")): c.get("value") if c.get("op") != "delete" else _DELETED
+            for c in step.changes
+        }
+        differences: list[tuple[str, Any, Any, str | None]] = []
+        recorded_error = step.error if step.status == "failed" else None
+        if (recorded_error is None) != (error is None):
+            differences.append(("error", recorded_error, error, None))
+        if error is None and recorded_error is None:
+            if output != step.output:
+                differences.append(("output", step.output, output, None))
+            if action != step.action:
+                differences.append(("action", step.action, action, None))
+            for key in sorted(recorded_writes.keys() | writes.keys()):
+                old, new = recorded_writes.get(key), writes.get(key)
+                if old != new:
+                    differences.append(("context", old, new, key))
+        report.changes += [
+            StepChange(step.index, step.node_id, step.activation, what, old, new, key)
+            for what, old, new, key in differences
+        ]
+    return report
+
+
+_DELETED = {"deleted": True}
+
+
+def _as_recorded(value: Any) -> Any:
+    """The value as history holds it (JSON), so a tuple equals its recorded list."""
+    return json.loads(json.dumps(value, default=repr))
+
+
+def _short(value: Any, width: int = 60) -> str:
+    text = json.dumps(value, default=repr)
+    return text if len(text) <= width else text[: width - 3] + "..."
