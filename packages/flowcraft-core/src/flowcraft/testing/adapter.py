@@ -1889,7 +1889,7 @@ class AdapterConformanceTests(ValueFidelityTests, TypeScriptCompatTests):
         flow = (
             Flow("nap")
             .node("a", fx.step(lambda c: "rested"))
-            .sleep("nap", 1200)
+            .sleep("nap", 1000)
             .node("b", fx.step(lambda c: {"input": c.input, "at": time.time()}))
             .chain("a", "nap", "b")
         )
@@ -1988,7 +1988,7 @@ class AdapterConformanceTests(ValueFidelityTests, TypeScriptCompatTests):
         fx = SideEffects()
         flow = (
             Flow("expiry")
-            .wait_for("confirm", "confirmed", timeout=1000)
+            .wait_for("confirm", "confirmed", timeout=600)
             .node("done", fx.step(lambda c: "confirmed"))
             .node("expired", fx.step(lambda c: {"at": time.time()}))
             .edge("confirm", "done")
@@ -2016,7 +2016,7 @@ class AdapterConformanceTests(ValueFidelityTests, TypeScriptCompatTests):
         fx = SideEffects()
         flow = (
             Flow("photo")
-            .wait_for("w", "go", timeout=800)
+            .wait_for("w", "go", timeout=500)
             .node("signalled", fx.step())
             .node("timedout", fx.step())
             .edge("w", "signalled")
