@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import resource
 import time
 import uuid
 from argparse import ArgumentParser, Namespace
@@ -39,13 +38,14 @@ from typing import Any
 
 from _workloads import (
     CONCURRENCY,
-    JOBS_PER_RUN,
-    JobCounter,
+    Result,
     WorkerProcesses,
     flows,
-    latency_summary,
     main,
-    serve,
+    summary,
+    table,
+    total,
+    work,
 )
 
 from flowcraft_cloudflare import (
@@ -76,25 +76,24 @@ def make_adapter(config: dict[str, Any], client: WorkerClient) -> CloudflareAdap
     )
 
 
-def cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
 async def worker_main(config: dict[str, Any]) -> dict[str, Any]:
     """One worker process: handle jobs until SIGTERM; returns its counts."""
     client = WorkerClient(WorkerSettings(url=config["url"], secret=secret()))
-    adapter = make_adapter(config, client)
-    counter = JobCounter(adapter)
-    cpu = cpu_seconds()
     try:
-        await serve(adapter, config)
+        return await work(make_adapter(config, client), config, lambda: dict(client.requests))
     finally:
-        cpu = cpu_seconds() - cpu
-        stats = {"jobs": counter.jobs, "calls": dict(client.requests), "cpu_s": cpu}
-        await adapter.aclose()
         await client.aclose()
-    return stats
+
+
+def requests(calls: Counter[str]) -> dict[str, int]:
+    # Write-behind follow-up marks go to run objects too (in calls of their own when
+    # they do not ride along with an ack or an admission); the registry is the reconciler's.
+    found = {
+        "run": calls["do"] + calls["marks"] + calls["registry"],
+        "inbox": total(calls, "inbox:"),
+        "queue": calls["enqueue"],
+    }
+    return found | {"total": sum(found.values())}
 
 
 async def measure(
@@ -110,7 +109,7 @@ async def measure(
         await procs.ready()
         run_ids = [uuid.uuid4().hex for _ in range(runs)]
         started: dict[str, float] = {}
-        finished: dict[str, float] = {}
+        finished: dict[str, float] = {}  # seen by a long poll per run, started first
 
         async def watch(run_id: str) -> None:
             name = run_object(base["namespace"], run_id)
@@ -141,57 +140,19 @@ async def measure(
         await adapter.aclose()
         await client.aclose()
         await waits.aclose()
-    stats = procs.stats()
-    jobs = sum(s["jobs"] for s in stats)
-    calls: Counter[str] = Counter()
-    for s in stats:
-        calls.update(s["calls"])
-    span = max(finished.values()) - min(started.values())
-    latencies = sorted((finished[r] - started[r]) * 1000 for r in run_ids)
-    # Write-behind follow-up marks go to run objects too (in calls of their own when
-    # they do not ride along with an ack or an admission); the registry is the reconciler's.
-    run = calls["do"] + calls["marks"] + calls["registry"]
-    inbox = sum(v for k, v in calls.items() if k.startswith("inbox:"))
-    queue = calls["enqueue"]
-    return {
-        "shape": shape,
+    result = summary(shape, workers, started, finished, procs.stats(), requests)
+    return result | {
         "delivery": "direct" if args.direct else "queue",
-        "workers": workers,
-        "runs": runs,
-        "node_jobs": jobs,
-        "expected_jobs": runs * JOBS_PER_RUN[shape],
-        "seconds": round(span, 3),
-        "jobs_per_s": round(jobs / span, 1),
-        "runs_per_s": round(runs / span, 2),
-        "latency_ms": latency_summary(latencies),
-        "worker_cpu_ms_per_node_job": round(1000 * sum(s["cpu_s"] for s in stats) / jobs, 3),
-        "calls_per_job": {
-            "run": round(run / jobs, 2),
-            "inbox": round(inbox / jobs, 2),
-            "queue": round(queue / jobs, 2),
-            "total": round((run + inbox + queue) / jobs, 2),
-        },
-        "worker_calls_by_route": dict(sorted(calls.items())),
         "client_calls_per_run": round(client_calls / runs, 2),
     }
 
 
-HEADER = (
-    f"{'shape':<8} {'send':<7} {'workers':>7} {'runs':>5} {'jobs':>6} {'jobs/s':>7} "
-    f"{'runs/s':>7} {'p50 ms':>8} {'p95 ms':>8} {'max ms':>8} {'cpu ms':>7} {'run':>5} "
-    f"{'inbox':>5} {'queue':>5} {'total':>6} {'client':>7}"
-)
+_HEADER, _row = table({"run": "run", "inbox": "inbox", "queue": "queue", "total": "total"})
+HEADER = f"{_HEADER} {'client':>7} {'send':<7}"
 
 
-def row(r: dict[str, Any]) -> str:
-    lat, calls = r["latency_ms"], r["calls_per_job"]
-    return (
-        f"{r['shape']:<8} {r['delivery']:<7} {r['workers']:>7} {r['runs']:>5} "
-        f"{r['node_jobs']:>6} {r['jobs_per_s']:>7} {r['runs_per_s']:>7} {lat['p50']:>8} "
-        f"{lat['p95']:>8} {lat['max']:>8} {r['worker_cpu_ms_per_node_job']:>7} "
-        f"{calls['run']:>5} {calls['inbox']:>5} {calls['queue']:>5} {calls['total']:>6} "
-        f"{r['client_calls_per_run']:>7}"
-    )
+def row(r: Result) -> str:
+    return f"{_row(r)} {r['client_calls_per_run']:>7} {r['delivery']:<7}"
 
 
 def direct_option(parser: ArgumentParser) -> None:

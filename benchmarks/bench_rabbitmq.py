@@ -106,6 +106,7 @@ def adapter_options(config: dict[str, Any]) -> dict[str, Any]:
         "table": config["table"],
         "key_prefix": config["prefix"],
         "concurrency": CONCURRENCY,
+        **({"prefetch": config["prefetch"]} if config.get("prefetch") else {}),
     }
 
 
@@ -162,6 +163,7 @@ async def measure_ours(
     runs = args.runs
     tag = uuid.uuid4().hex[:10]
     base = {**urls, "queue": f"bench-{tag}", "table": f"bench_{tag}", "prefix": f"bench:{tag}:"}
+    base["prefetch"] = args.prefetch
     procs = WorkerProcesses(__file__, base, workers, prefix="bench-rabbitmq-")
     client = RabbitMQAdapter(
         runtime_options=flows(), redis_url=urls["redis_url"], **adapter_options(base)
@@ -282,9 +284,9 @@ class CeleryWorkers:
         for i in range(count):
             mine = {**config, "index": i, "ready": str(self.tmp / f"ready{i}")}
             env = {**os.environ, "BENCH_CELERY": json.dumps(mine)}
-            self.procs.append(
-                subprocess.Popen([sys.executable, __file__, "--celery-worker"], env=env)
-            )
+            argv = [sys.executable, __file__, "--celery-worker"]
+            # Celery's banner goes nowhere; its warnings and errors to stderr.
+            self.procs.append(subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL))
 
     def ready(self) -> bool:
         return all((self.tmp / f"ready{i}").exists() for i in range(self.count))
@@ -484,6 +486,7 @@ def arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--celery-results", choices=["rpc", "redis"], default="rpc")
     parser.add_argument("--rounds", type=int, default=1, help="passes per shape and workers")
     parser.add_argument("--no-solo", action="store_true", help="skip the solo-latency runs")
+    parser.add_argument("--prefetch", type=int, help="our workers' prefetch (default: concurrency)")
 
 
 if __name__ == "__main__":

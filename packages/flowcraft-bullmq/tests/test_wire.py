@@ -107,9 +107,13 @@ ARGS: list[tuple[Any, ...]] = [
 def test_c_packing_writes_the_bytes_redis_py_writes(args: tuple[Any, ...]) -> None:
     python = Connection()
     fast = with_c_packing(Connection)()
-    assert b"".join(fast.pack_command(*args)) == b"".join(
-        bytes(part) for part in python.pack_command(*args)
-    )
+    try:
+        expected = b"".join(bytes(part) for part in python.pack_command(*args))
+    except DataError:  # redis-py before 8 refuses a bytearray: then the C path must too
+        with pytest.raises(DataError):
+            fast.pack_command(*args)
+        return
+    assert b"".join(fast.pack_command(*args)) == expected
 
 
 @pytest.mark.parametrize("bad", [None, True, object()])

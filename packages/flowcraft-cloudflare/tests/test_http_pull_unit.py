@@ -282,3 +282,30 @@ def test_http_pull_needs_its_settings() -> None:
             runtime_options=options, settings=worker, queues_api=settings("https://a.example")
         )
     assert json.dumps(settings("https://a.example").model_dump(mode="json")).count("**") >= 3
+
+
+async def test_the_cli_plugin_builds_http_pull_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from flowcraft.adapters import build_adapter
+
+    monkeypatch.setenv("FLOWCRAFT_CLOUDFLARE_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("FLOWCRAFT_CLOUDFLARE_SECRET", "s")
+    monkeypatch.setenv("FLOWCRAFT_CLOUDFLARE_DELIVERY", "http-pull")
+    monkeypatch.setenv("FLOWCRAFT_CLOUDFLARE_ACCOUNT_ID", ACCOUNT)
+    monkeypatch.setenv("FLOWCRAFT_CLOUDFLARE_QUEUE_ID", QUEUE)
+    options = RuntimeOptions.from_flows(Flow("one").node("a", lambda c: 1))
+    with pytest.raises(ValueError, match="FLOWCRAFT_CLOUDFLARE_API_TOKEN"):
+        build_adapter("cloudflare", options)
+    monkeypatch.setenv("FLOWCRAFT_CLOUDFLARE_API_TOKEN", TOKEN)
+    monkeypatch.setenv("FLOWCRAFT_CLOUDFLARE_MAX_RETRIES", "100")
+    adapter, plugin, settings = build_adapter("cloudflare", options)
+    try:
+        assert isinstance(adapter, CloudflareAdapter)
+        assert adapter.pull_consumer is not None
+        assert await adapter.redelivery_limit() == 100
+        shown = f"{settings!r} {plugin.describe(settings)} {adapter!r}"
+        for secret in (ACCOUNT, QUEUE, TOKEN):
+            assert secret not in shown
+    finally:
+        await adapter.aclose()

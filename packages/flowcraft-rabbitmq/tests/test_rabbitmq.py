@@ -208,6 +208,57 @@ async def test_prefetch_is_the_concurrency(namespace: Namespace) -> None:
         await task
 
 
+async def test_prefetch_ahead_of_the_concurrency(namespace: Namespace) -> None:
+    """prefetch 4, concurrency 2: four messages leave the queue, two jobs run at once,
+    and the two not started go back to the queue when the worker stops."""
+    release = asyncio.Event()
+    running = 0
+    most = 0
+
+    async def held(ctx: NodeContext) -> int:
+        nonlocal running, most
+        running += 1
+        most = max(most, running)
+        await release.wait()
+        running -= 1
+        return 1
+
+    flow = Flow("ahead").node("a", held)
+    worker = namespace.adapter(options(flow), concurrency=2, prefetch=4)
+    queue = worker.broker.topology.queue
+    task = run_worker(worker)
+    try:
+        runs = [await worker.start_run("ahead") for _ in range(8)]
+
+        async def four_taken() -> bool:
+            return running == 2 and (await worker.broker.depths())[queue] == 4
+
+        await until(four_taken, "two jobs running and four messages taken")
+        await asyncio.sleep(0.3)  # a third job, if any, has started
+        assert most == 2
+        await worker.stop()
+        release.set()
+        await asyncio.wait_for(task, TIMEOUT)
+
+        async def requeued() -> bool:
+            return (await worker.broker.depths())[queue] == 6
+
+        await until(requeued, "the two prefetched jobs back in the queue")
+    finally:
+        release.set()
+        await worker.stop()
+        await task
+    second = namespace.adapter(options(flow), concurrency=2, prefetch=4)
+    second_task = run_worker(second)
+    try:
+        for run in runs:
+            assert (await second.wait_for_result(run, TIMEOUT)).status == "completed"
+        assert most == 2
+    finally:
+        await second.stop()
+        await second_task
+
+
 async def test_stop_finishes_the_jobs_in_hand(namespace: Namespace) -> None:
     started = asyncio.Event()
     release = asyncio.Event()

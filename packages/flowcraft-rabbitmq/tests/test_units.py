@@ -91,6 +91,7 @@ def test_constructing_an_adapter_connects_to_nothing() -> None:
     [
         ({"retry_mode": "bull"}, "retry_mode"),
         ({"concurrency": 0}, "concurrency"),
+        ({"concurrency": 4, "prefetch": 3}, "prefetch"),
         ({"redis_url": None}, "redis_url"),
         ({"amqp_url": None}, "amqp_url"),
         ({"postgres_dsn": None}, "pool= or dsn="),

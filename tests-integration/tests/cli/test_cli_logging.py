@@ -119,3 +119,21 @@ def test_a_library_is_quiet_until_logging_is_configured() -> None:
     assert done.returncode == 0, done.stderr
     assert "a warning from the library" not in done.stderr
     assert "configured now" in done.stderr
+
+
+def test_every_logger_is_under_flowcraft() -> None:
+    """Every module's logger, adapters' included, is ``flowcraft`` or under it (a new
+    module with its package's own name would escape the CLI's handler and levels)."""
+    root = Path(__file__).parents[3] / "packages"
+    call = re.compile(r"getLogger\(([^()]*)\)")
+    wrong = []
+    for path in sorted(root.glob("*/src/**/*.py")):
+        core = path.is_relative_to(root / "flowcraft-core")
+        for argument in call.findall(path.read_text(encoding="utf-8")):
+            name = argument.strip()
+            ok = re.fullmatch(r'f?"flowcraft(\.[\w.{}]+)?"', name) is not None or (
+                core and name in ("__name__", "name")  # flowcraft.*, or the CLI's own loop
+            )
+            if not ok:
+                wrong.append(f"{path.relative_to(root)}: getLogger({name})")
+    assert not wrong, wrong

@@ -7,6 +7,7 @@ Prometheus endpoint counts what happened."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -21,6 +22,9 @@ from typing import Any
 
 import pytest
 
+from flowcraft.events import FlowEvent
+from flowcraft.history import SqliteHistoryStore
+from flowcraft.history._records import record_of
 from flowcraft_backends import RunningService
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
@@ -103,6 +107,14 @@ def test_the_readme_walk_through(redis_service: RunningService, tmp_path: Path) 
         assert (cancelled.returncode, cancelled.stdout.strip()) == (0, f"run {run_id}: cancelled")
         assert json.loads(flowcraft("status", run_id, "--json").stdout)["status"] == "cancelled"
         assert flowcraft("runs").stdout.strip() == "no active runs"
+        # with a run history (here: the fan-out run's start and end, as a recorder
+        # stores them), runs lists the recent ones too
+        history = tmp_path / "history.db"
+        asyncio.run(_record(history, fan_out_run))
+        listed = json.loads(flowcraft("runs", "--history", str(history), "--json").stdout)
+        assert [(r["runId"], r["status"], r["blueprintId"]) for r in listed] == [
+            (fan_out_run, "completed", "supplier-fan-out")
+        ]
 
         # the metrics
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as page:
@@ -133,3 +145,21 @@ def test_the_readme_walk_through(redis_service: RunningService, tmp_path: Path) 
     assert len(nodes) == 7  # quote, five suppliers, choose
     assert {s["context"]["trace_id"] for s in nodes} == {root[0]["context"]["trace_id"]}
     assert {s["parent_id"] for s in nodes} == {root[0]["context"]["span_id"]}
+
+
+BLUEPRINT = "supplier-fan-out"
+
+
+async def _record(path: Path, run_id: str) -> None:
+    store = SqliteHistoryStore(path)
+    try:
+        await store.write(
+            [
+                record_of(
+                    FlowEvent("workflow:start", run_id, None, {"blueprintId": "supplier-fan-out"})
+                ),
+                record_of(FlowEvent("workflow:finish", run_id, None, {"status": "completed"})),
+            ]
+        )
+    finally:
+        await store.aclose()

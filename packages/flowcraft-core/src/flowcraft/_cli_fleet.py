@@ -862,26 +862,42 @@ def reconcile(
 @click.command()
 @adapter_options()
 @click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option(
+    "--history",
+    "history_store",
+    metavar="STORE",
+    envvar="FLOWCRAFT_HISTORY",
+    help="Also the recent runs recorded in this run history (flowcraft.history: a "
+    "SQLite file or postgresql://...), those that ended included.",
+)
 @_JSON
 def runs(
     fleet: FleetTarget,
     limit: int,
+    history_store: str | None,
     as_json: bool,
 ) -> None:
     """List the active runs (not ended, not waiting for a resume) with their
     blueprint and status, and the recent ones where a run history is kept."""
     built, *_ = _adapter(fleet)
+    listings = list(RUN_LISTINGS)
+    if history_store is not None:
+        listings.append(functools.partial(_recent_from_history, history_store))
 
     async def go() -> list[dict[str, Any]]:
         try:
             active = await built.active_runs(limit)
         except NotImplementedError as exc:
-            _bad(f"{exc}: the adapter keeps no index of active runs")
+            if not listings:
+                _bad(f"{exc}: the adapter keeps no index of active runs")
+            active = []
         rows = [await _run_row(built, run_id) for run_id in active]
         # an index may still hold a run that just ended (it is cleaned lazily)
         rows = [r for r in rows if r["status"] not in (*K.FINAL_STATUSES, "unknown")]
-        for source in RUN_LISTINGS:
-            rows.extend(await source(built, limit))
+        seen = {r["runId"] for r in rows}
+        for source in listings:
+            rows.extend(r for r in await source(built, limit) if r["runId"] not in seen)
+            seen |= {r["runId"] for r in rows}
         return rows
 
     rows = _run_with(built, go)
@@ -889,7 +905,7 @@ def runs(
         click.echo(_to_json(rows, indent=None))
         return
     if not rows:
-        click.echo("no active runs")
+        click.echo("no active runs" if not listings else "no runs")
     for row in rows:
         click.echo(f"{row['runId']}  {row['status']:<10} {row.get('blueprintId') or '-'}")
 
@@ -903,6 +919,24 @@ async def _run_row(adapter: BaseDistributedAdapter, run_id: str) -> dict[str, An
         "blueprintId": meta.get("blueprintId") if isinstance(meta, dict) else None,
         "version": meta.get("version") if isinstance(meta, dict) else None,
     }
+
+
+async def _recent_from_history(
+    where: str, _adapter: BaseDistributedAdapter, limit: int
+) -> list[dict[str, Any]]:
+    """The most recently started runs of a run history (``flowcraft history`` lists
+    the same), with the status their last recorded event gave."""
+    from flowcraft.history import open_store
+
+    store = open_store(where)
+    try:
+        found = await store.runs(limit=limit)
+    finally:
+        await store.aclose()
+    return [
+        {"runId": r.run_id, "status": r.status, "blueprintId": r.blueprint_id, "version": None}
+        for r in found
+    ]
 
 
 RunListing = Callable[[BaseDistributedAdapter, int], Awaitable[list[dict[str, Any]]]]

@@ -44,6 +44,7 @@ from opentelemetry.trace import (
 from flowcraft.distributed import BaseDistributedAdapter, JobPayload
 from flowcraft.distributed import keys as K
 from flowcraft.distributed.delivery import settlement_for
+from flowcraft.errors import VersionMismatchError
 from flowcraft.events import EventBus, FlowEvent, emit
 
 __all__ = ["Telemetry", "run_trace_context"]
@@ -84,7 +85,7 @@ def _hand_back_reason(exc: BaseException) -> str | None:
         return "retry"
     if settlement.busy:
         return "busy"
-    return "version" if type(exc).__name__ == "VersionMismatchError" else "error"
+    return "version" if isinstance(exc, VersionMismatchError) else "error"
 
 
 class Telemetry:
@@ -241,6 +242,15 @@ class Telemetry:
         if len(self._origins) > _ORIGINS_KEPT:
             self._origins.popitem(last=False)
         return parent
+
+    def start_span(self, blueprint_id: str) -> contextlib.AbstractContextManager[object]:
+        """A span to call ``start_run`` in (``flowcraft start``): the run's trace root
+        when the caller has no span of its own."""
+        return self.tracer.start_as_current_span(
+            f"flowcraft.start {blueprint_id}",
+            kind=SpanKind.PRODUCER,
+            attributes={**self.attributes, "flowcraft.blueprint": blueprint_id},
+        )
 
     # ------------------------------------------------------------ queue depth
 

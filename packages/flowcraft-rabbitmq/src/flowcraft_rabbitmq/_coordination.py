@@ -17,9 +17,9 @@ Through the two hooks the base adapter has for this (``admit`` and
   the base sends two reads and a lease.
 * **Follow-up marks written behind.** A mark only lets a duplicate skip a follow-up
   that is idempotent anyway: :class:`MarksBehind` collects them and writes them
-  together every few milliseconds (one Redis pipeline), instead of one round trip per
-  job. A crash loses at most those few milliseconds of marks, which only makes a
-  duplicate redo its follow-up.
+  together every 50 ms (one Redis pipeline), instead of one round trip per job. A
+  crash loses at most those 50 ms of marks, which only makes a duplicate redo its
+  follow-up.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ __all__ = [
     "admission",
 ]
 
-logger = logging.getLogger("flowcraft_rabbitmq.coordination")
+logger = logging.getLogger("flowcraft.rabbitmq.coordination")
 
 _json = JsonSerializer()
 
@@ -235,7 +235,7 @@ class MarksBehind:
     ``interval`` seconds: one pipeline on a ``RedisCoordinationStore``, else the
     store's calls all at once. :meth:`flush` writes what is left (on close)."""
 
-    def __init__(self, store: CoordinationStore, interval: float = 0.005) -> None:
+    def __init__(self, store: CoordinationStore, interval: float = 0.05) -> None:
         self._store = store
         self._interval = interval
         self._pending: dict[str, float] = {}

@@ -5,7 +5,8 @@ orchestration. This module writes its primitives:
 
 * ``enqueue_job``: a persistent message on the durable work queue, confirmed
   by the broker (publisher confirms).
-* ``process_jobs``: consume with ``prefetch = concurrency``; each delivery goes
+* ``process_jobs``: consume ``prefetch`` messages ahead, ``concurrency`` of them
+  handled at once; each delivery goes
   through the base's ``settle`` and its settlement is carried out: ``ack``;
   ``release`` publishes the message again through the delay queue of the wanted
   delay (per-message TTL, dead-lettered back to the work queue), then acks the
@@ -16,6 +17,9 @@ orchestration. This module writes its primitives:
 * ``publish_final_result``: the run row's ``result`` column, written once;
   ``read_final_result`` (and so ``wait_for_result``) reads it in one query.
 * ``find_stalled_runs``: the reconciler's candidates, claimed in one statement.
+* ``admit`` and ``mark_followed_up`` (the base's hooks for fewer round trips): a
+  job's reads and lease in one statement, leases in PostgreSQL beside the runs,
+  follow-up marks written behind (``_coordination``).
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from collections.abc import AsyncIterator, Mapping
 from ssl import SSLContext
 from typing import Any
 
-from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
+from aio_pika.abc import AbstractRobustConnection
 from aio_pika.exceptions import CONNECTION_EXCEPTIONS
 
 from flowcraft._analysis import analyse
@@ -47,7 +51,7 @@ from flowcraft.distributed import (
 )
 from flowcraft.distributed import keys as K
 from flowcraft.runtime import RuntimeOptions
-from flowcraft_rabbitmq._broker import Broker
+from flowcraft_rabbitmq._broker import Broker, Delivery
 from flowcraft_rabbitmq._coordination import (
     AdmissionPlan,
     LeaseRouting,
@@ -120,7 +124,11 @@ class RabbitMQAdapter(Operations, BaseDistributedAdapter):
         queue_name: the work queue; the delay queues, the dead-letter exchange and
             queue are named after it.
         table: the PostgreSQL runs table; ``schema`` its schema.
-        concurrency: jobs one worker handles at once (the consumer's prefetch).
+        concurrency: jobs one worker handles at once.
+        prefetch: messages RabbitMQ hands the worker ahead (unacked at most); at least
+            ``concurrency`` (its default). More than ``concurrency`` keeps the next jobs
+            at hand when one ends, instead of a round trip to the broker; those not
+            started when the worker stops go back to the queue.
         max_redeliveries: after this many redeliveries for errors (a version no
             worker here has, an unreachable store) a message is dead-lettered as
             exhausted (None: never). Waiting for a busy activation and failed
@@ -157,6 +165,7 @@ class RabbitMQAdapter(Operations, BaseDistributedAdapter):
         table: str = "flowcraft_runs",
         schema: str | None = None,
         concurrency: int = 8,
+        prefetch: int | None = None,
         max_redeliveries: int | None = 50,
         publish_timeout: float = 60.0,
         reconnect_interval: float = 1.0,
@@ -164,11 +173,15 @@ class RabbitMQAdapter(Operations, BaseDistributedAdapter):
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
+        if prefetch is not None and prefetch < concurrency:
+            raise ValueError("prefetch must be at least concurrency")
         super().__init__(
             runtime_options=runtime_options,
             **{"stalled_after_seconds": 60.0, "lease_seconds": DEFAULT_LEASE_SECONDS, **options},
         )
         self.concurrency = concurrency
+        self.prefetch = concurrency if prefetch is None else prefetch
+        self._slots = asyncio.Semaphore(concurrency) if self.prefetch > concurrency else None
         self.max_redeliveries = max_redeliveries
         self.broker = Broker(
             Topology.for_queue(queue_name),
@@ -257,13 +270,14 @@ class RabbitMQAdapter(Operations, BaseDistributedAdapter):
     async def process_jobs(self, handler: JobHandler) -> None:
         self._wake.clear()
         consumer = await self.broker.consume(
-            functools.partial(self._on_message, handler), self.concurrency
+            functools.partial(self._on_message, handler), self.prefetch
         )
         logger.info(
-            "worker %s consuming %r (concurrency %d, retry_mode %s)",
+            "worker %s consuming %r (concurrency %d, prefetch %d, retry_mode %s)",
             self.worker_id,
             self.broker.topology.queue,
             self.concurrency,
+            self.prefetch,
             self.retry_mode,
         )
         loop = asyncio.get_running_loop()
@@ -288,12 +302,19 @@ class RabbitMQAdapter(Operations, BaseDistributedAdapter):
 
     # ------------------------------------------------------------------ delivery
 
-    async def _on_message(self, handler: JobHandler, message: AbstractIncomingMessage) -> None:
+    async def _on_message(self, handler: JobHandler, message: Delivery) -> None:
         task = asyncio.current_task()
         if task is not None:
             self._in_hand.add(task)
         try:
-            await self._deliver(handler, message)
+            if self._slots is None:
+                await self._deliver(handler, message)
+            else:
+                async with self._slots:
+                    if self.stopping:  # prefetched, never started: back to the queue
+                        await self._settle(message, "requeue")
+                        return
+                    await self._deliver(handler, message)
         except Exception:
             # Never lose the consumer over one message: unacked, it comes back.
             logger.exception("delivery of a message from %r failed", self.broker.topology.queue)
@@ -301,7 +322,7 @@ class RabbitMQAdapter(Operations, BaseDistributedAdapter):
             if task is not None:
                 self._in_hand.discard(task)
 
-    async def _deliver(self, handler: JobHandler, message: AbstractIncomingMessage) -> None:
+    async def _deliver(self, handler: JobHandler, message: Delivery) -> None:
         headers: Mapping[str, Any] = message.headers or {}
         settlement = await self.settle(message.body, handler)
         if settlement.action == "ack":
@@ -312,7 +333,7 @@ class RabbitMQAdapter(Operations, BaseDistributedAdapter):
             await self._redeliver(message, headers, settlement)
 
     async def _redeliver(
-        self, message: AbstractIncomingMessage, headers: Mapping[str, Any], settlement: Settlement
+        self, message: Delivery, headers: Mapping[str, Any], settlement: Settlement
     ) -> None:
         """Send the job round again through the delay queue of the settlement's delay,
         then ack this delivery. ``max_redeliveries`` counts releases for errors; a busy
@@ -345,9 +366,7 @@ class RabbitMQAdapter(Operations, BaseDistributedAdapter):
             return
         await self._settle(message, "ack")
 
-    async def _dead_letter(
-        self, message: AbstractIncomingMessage, headers: Mapping[str, Any], error: str
-    ) -> None:
+    async def _dead_letter(self, message: Delivery, headers: Mapping[str, Any], error: str) -> None:
         """Publish the message with its error to the dead-letter exchange, then ack it;
         if that fails, reject it (the work queue dead-letters it, without the error)."""
         new_headers = _own_headers(headers)
@@ -360,7 +379,7 @@ class RabbitMQAdapter(Operations, BaseDistributedAdapter):
             return
         await self._settle(message, "ack")
 
-    async def _settle(self, message: AbstractIncomingMessage, how: str) -> None:
+    async def _settle(self, message: Delivery, how: str) -> None:
         """Ack, requeue or reject. On a channel lost meanwhile this fails, and the
         broker redelivers the message: a duplicate, which every job tolerates."""
         try:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import SecretStr
+from pydantic import Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
 from flowcraft.adapters import AdapterPlugin, AdapterSettings
@@ -20,6 +20,8 @@ class RabbitMQPluginSettings(AdapterSettings):
     queue_name: str = "flowcraft-jobs"
     table: str = "flowcraft_runs"
     schema_name: str | None = None
+    prefetch: int | None = Field(default=None, ge=1)
+    """Messages RabbitMQ hands a worker ahead (at least ``concurrency``; default equal)."""
 
 
 def build(settings: RabbitMQPluginSettings, runtime_options: RuntimeOptions) -> RabbitMQAdapter:
@@ -31,6 +33,7 @@ def build(settings: RabbitMQPluginSettings, runtime_options: RuntimeOptions) -> 
         queue_name=settings.queue_name,
         table=settings.table,
         schema=settings.schema_name,
+        prefetch=settings.prefetch,
         **settings.base_options(),
     )
 

@@ -40,6 +40,8 @@ class HistoryEvent:
     at: float = 0.0
     worker: str = ""
     seq: int = 0
+    text: str | None = field(default=None, compare=False, repr=False)
+    """``data`` as ASCII JSON, once something needed it (the spool): stores reuse it."""
 
     def to_json_dict(self) -> dict[str, Any]:
         return {
@@ -214,7 +216,7 @@ def rows_of(events: list[HistoryEvent], *, plain: bool) -> list[tuple[Any, ...]]
                 e.attempt,
                 e.at,
                 e.worker,
-                _dumps(e.data),
+                e.text if e.text is not None else _dumps(e.data),
             )
             for e in events
         ]
@@ -228,7 +230,7 @@ def rows_of(events: list[HistoryEvent], *, plain: bool) -> list[tuple[Any, ...]]
             e.attempt,
             e.at,
             clean(e.worker),
-            dumps_data(e.data),
+            e.text if e.text is not None else dumps_data(e.data),
         )
         for e in events
     ]

@@ -12,7 +12,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from flowcraft.history._records import _ASCII, HistoryEvent
+from flowcraft.history._records import _ASCII, HistoryEvent, dumps_data
 
 logger = logging.getLogger("flowcraft.history")
 
@@ -40,10 +40,11 @@ class Spool:
         self.size = 0
 
     def append(self, e: HistoryEvent) -> None:
-        line = _ASCII.encode(
-            [e.run_id, e.kind, e.key, e.node_id, e.activation, e.attempt, e.at, e.worker, e.data]
-        )
-        self.size += os.write(self.fd, (line + "\n").encode())
+        """Write the event's line (its data's JSON kept on it for the store)."""
+        text = e.text = dumps_data(e.data)
+        head = _ASCII.encode([e.run_id, e.kind, e.key, e.node_id, e.activation, e.attempt, e.at])
+        line = f"{head[:-1]},{_ASCII.encode(e.worker)},{text}]\n"
+        self.size += os.write(self.fd, line.encode())
 
     def empty(self) -> None:
         """Everything spooled is stored: start the file again."""
