@@ -31,6 +31,10 @@ last task has run (it records the time in Redis). ``--rounds N`` repeats the
 interleaved passes; the table then shows each side's median and range and the ratio
 of the medians (``x celery``).
 
+``--prefetch N`` sets our workers' prefetch (default: the concurrency); ``--uvloop``
+runs our workers on uvloop (``uv run --with uvloop``); ``--no-solo`` skips the solo
+runs.
+
 Backends: the ``FLOWCRAFT_TEST_{RABBITMQ,POSTGRES,REDIS}_URL`` variables if set,
 else started here by ``flowcraft_backends`` (and stopped at the end).
 """
@@ -164,6 +168,7 @@ async def measure_ours(
     tag = uuid.uuid4().hex[:10]
     base = {**urls, "queue": f"bench-{tag}", "table": f"bench_{tag}", "prefix": f"bench:{tag}:"}
     base["prefetch"] = args.prefetch
+    base["uvloop"] = args.uvloop
     procs = WorkerProcesses(__file__, base, workers, prefix="bench-rabbitmq-")
     client = RabbitMQAdapter(
         runtime_options=flows(), redis_url=urls["redis_url"], **adapter_options(base)
@@ -487,9 +492,16 @@ def arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rounds", type=int, default=1, help="passes per shape and workers")
     parser.add_argument("--no-solo", action="store_true", help="skip the solo-latency runs")
     parser.add_argument("--prefetch", type=int, help="our workers' prefetch (default: concurrency)")
+    parser.add_argument(
+        "--uvloop", action="store_true", help="our workers on uvloop (uv run --with uvloop)"
+    )
 
 
 if __name__ == "__main__":
+    if "--worker" in sys.argv and json.loads(os.environ["BENCH_WORKER"]).get("uvloop"):
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     if "--celery-worker" in sys.argv:
         celery_worker_main()
     else:

@@ -234,25 +234,45 @@ async def test_state_too_large_fails_the_run_with_the_reason(fleet: Fleet) -> No
     assert await client.dead_letters() == []
 
 
-async def test_redrive_moves_a_message_received_too_often(clients: AwsClients, table: str) -> None:
-    """A job no worker can take (version mismatch) bounces until SQS's redrive policy moves
-    it to the dead-letter queue."""
+async def test_redrive_parks_a_job_that_is_never_settled(clients: AwsClients, table: str) -> None:
+    """A job whose worker dies on it every time (received, never settled) is moved to
+    the dead-letter queue by SQS's redrive policy, with no reason of ours."""
     queues = await create_queues(clients, "bouncy", max_receive_count=2)
-
-    def versioned(version: str) -> Flow:
-        return Flow("v", version=version).node("a", lambda c: version)
-
     async with _fleet(clients, table, queues.queue_url) as fleet:
-        fleet.start(_options(versioned("2")), workers=1, retry_delay_seconds=0)
-        client = fleet.adapter(_options(versioned("1")))
-        run = await client.start_run("v")
+        client = fleet.adapter(_options(Flow("v").node("a", lambda c: 1)))
+        await client.send_body('{"runId":"r","blueprintId":"v","nodeId":"a"}')
+        for _ in range(2):  # two workers that crash before settling it
+            (message,) = await client.receive(1)
+            await client.release(message, 0)
+        assert await client.receive(1) == []  # the third receive moves it instead
 
         async def moved() -> bool:
-            return any(run in d.body for d in await client.dead_letters())
+            return bool(await client.dead_letters())
 
         await _until(moved, "the redrive to the dead-letter queue")
     (letter,) = await client.dead_letters()
     assert letter.reason == ""  # moved by SQS, not by the adapter
+
+
+async def test_hand_backs_never_reach_the_redrive(clients: AwsClients, table: str) -> None:
+    """A job no worker can take yet (version mismatch) bounces far past the redrive
+    bound without being parked: near it, the worker re-sends a fresh copy."""
+    queues = await create_queues(clients, "bouncy", max_receive_count=4)
+
+    def versioned(version: str) -> Flow:
+        return Flow("v", version=version).node("a", lambda c: version)
+
+    events = CollectingEventBus()
+    async with _fleet(clients, table, queues.queue_url) as fleet:
+        fleet.start(_options(versioned("2"), events=events), workers=1, retry_delay_seconds=0)
+        client = fleet.adapter(_options(versioned("1")))
+        run = await client.start_run("v")
+        await _until(lambda: events.types().count("job:requeued") >= 12, "a dozen hand-backs")
+        assert await client.dead_letters() == []
+        fleet.start(_options(versioned("1")), workers=1)
+        result = await client.wait_for_result(run, TIMEOUT)
+    assert result.status == "completed"
+    assert await client.dead_letters() == []
 
 
 # ------------------------------------------------------------------------- queue retries
