@@ -54,7 +54,7 @@ from flowcraft.runtime import RuntimeOptions
 from flowcraft.serializer import JsonSerializer
 from flowcraft_azure._cosmos import PARTITION_KEY_PATH
 from flowcraft_azure._operations import Operations
-from flowcraft_azure._queue import MAX_RECEIVE, AzureMessage, StorageQueue
+from flowcraft_azure._queue import MAX_RECEIVE, MAX_VISIBILITY_SECONDS, AzureMessage, StorageQueue
 from flowcraft_azure.context import DEFAULT_MAX_STATE_BYTES, CosmosContext, CosmosRunStore
 
 __all__ = ["AzureAdapter", "ConsistencyError"]
@@ -115,6 +115,7 @@ class AzureAdapter(Operations, PullingAdapter[AzureMessage]):
     """
 
     concurrent_enqueues = True  # no batch send: a fan-out's sends overlap instead
+    max_delay_seconds = float(MAX_VISIBILITY_SECONDS)  # a message's longest invisibility
 
     def __init__(
         self,

@@ -44,7 +44,7 @@ from flowcraft_cloudflare.context import (
     run_object,
 )
 from flowcraft_cloudflare.coordination import DurableObjectCoordinationStore
-from flowcraft_cloudflare.inbox import Inbox, InboxMessage
+from flowcraft_cloudflare.inbox import MAX_DELAY_SECONDS, Inbox, InboxMessage
 from flowcraft_cloudflare.pull_consumer import PullConsumer, QueuesApiSettings
 
 __all__ = ["DEFAULT_LEASE_SECONDS", "DEFAULT_VISIBILITY_SECONDS", "CloudflareAdapter"]
@@ -84,6 +84,8 @@ class CloudflareAdapter(PullingAdapter[InboxMessage]):
             ``retry_delay_seconds``, ``key_prefix``, ``state_ttl_seconds``,
             ``lease_seconds``, ``reconcile_interval_seconds``... (``BaseDistributedAdapter``).
     """
+
+    max_delay_seconds = float(MAX_DELAY_SECONDS)  # Cloudflare Queues' longest delay: 12 h
 
     def __init__(
         self,

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from flowcraft._analysis import analyse
-from flowcraft._executor import Awaiting, NodeExecutor
+from flowcraft._executor import Awaiting, NodeExecutor, Sleeping
 from flowcraft._traversal import OUTPUTS_PREFIX, Scope
 from flowcraft.blueprint import NodeDefinition
 from flowcraft.errors import NodeExecutionError
@@ -64,15 +64,12 @@ def duration_ms(value: Any, node_id: str) -> float:
     return float(value)
 
 
-async def wait_node(ctx: NodeContext) -> NodeResult:
-    """Pause here until ``resume`` (or ``resume_with_action``) supplies the result."""
-    return Awaiting(output=ctx.input)
-
-
-async def sleep_node(ctx: NodeContext) -> Any:
-    """Sleep ``params.duration`` (see :func:`duration_ms`), then pass the input on."""
-    await asyncio.sleep(duration_ms(ctx.params.get("duration", 0), ctx.node_id) / 1000)
-    return ctx.input
+def sleep_node(ctx: NodeContext) -> NodeResult:
+    """Sleep ``params.duration`` (see :func:`duration_ms`), then pass the input on. The
+    runtime keeps the time: in the process, or durably in the run's state."""
+    return Sleeping(
+        output=ctx.input, duration_ms=duration_ms(ctx.params.get("duration", 0), ctx.node_id)
+    )
 
 
 async def _read(ctx: NodeContext, key: str) -> Any:
@@ -85,6 +82,35 @@ async def _read(ctx: NodeContext, key: str) -> Any:
 
 def builtins(runtime: FlowRuntime) -> dict[str, NodeImplementation]:
     """The built-ins, bound to the runtime that runs sub-flows and batch items."""
+
+    async def wait_node(ctx: NodeContext) -> NodeResult:
+        """Pause here until ``resume`` (or ``resume_with_action``) supplies the result,
+        or, with ``params.event``, until ``signal`` names that event (correlated by
+        ``params.token``, a string, or ``params.tokenFrom``, an expression over the
+        context and ``input``); ``params.timeout`` (a duration) resolves it with the
+        action ``timeout`` instead. The human-approval wait is the one without params."""
+        params = ctx.params
+        event, token = params.get("event"), params.get("token")
+        timeout = params.get("timeout")
+        if event is None and token is None and timeout is None and "tokenFrom" not in params:
+            return Awaiting(output=ctx.input)
+        if event is not None and not isinstance(event, str):
+            raise ValueError(f"wait node {ctx.node_id!r}: params.event must be a string")
+        source = params.get("tokenFrom")
+        if isinstance(source, str):
+            from flowcraft.distributed._scope import scope_keys
+
+            found = await ctx.context.get_many(sorted(scope_keys(source)))
+            value = runtime.evaluator.evaluate(source, Scope(found, {"input": ctx.input}))
+            token = None if value is None else str(value)
+        if token is not None and (not isinstance(token, str) or not token):
+            raise ValueError(f"wait node {ctx.node_id!r}: the token must be a non-empty string")
+        return Awaiting(
+            output=ctx.input,
+            event=event,
+            token=token,
+            timeout_ms=None if timeout is None else duration_ms(timeout, ctx.node_id),
+        )
 
     async def subflow_node(ctx: NodeContext) -> Any:
         """Run ``params.blueprintId`` to completion. ``params.inputs`` maps child keys

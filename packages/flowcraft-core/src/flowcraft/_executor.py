@@ -11,6 +11,7 @@ import asyncio
 import inspect
 import logging
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from tenacity import (
@@ -35,10 +36,32 @@ if TYPE_CHECKING:
 logger = logging.getLogger("flowcraft.runtime")
 
 
+@dataclass(slots=True)
 class Awaiting(NodeResult):
-    """Returned by a wait node: the activation pauses until resumed."""
+    """Returned by a wait node: the activation pauses until resumed.
 
-    __slots__ = ()
+    ``event`` names what it waits for (``signal`` resumes it; None: only ``resume``
+    does, the human-approval wait), ``token`` correlates a signal to this wait without
+    the run's id, and after ``timeout_ms`` the wait resolves by itself with the action
+    ``timeout`` (None: it waits for ever)."""
+
+    event: str | None = None
+    token: str | None = None
+    timeout_ms: float | None = None
+
+    @property
+    def timed(self) -> bool:
+        """Whether the wait has anything beyond a plain pause (an event or a timeout)."""
+        return self.event is not None or self.token is not None or self.timeout_ms is not None
+
+
+@dataclass(slots=True)
+class Sleeping(NodeResult):
+    """Returned by a sleep node: resolve with ``output`` after ``duration_ms``. The
+    runtime decides where the time passes: in the process, or (distributed, or past
+    ``RuntimeOptions.max_inline_sleep_ms``) durably in the run's state."""
+
+    duration_ms: float = 0.0
 
 
 def _retryable(exc: BaseException) -> bool:

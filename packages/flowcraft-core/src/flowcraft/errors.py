@@ -106,6 +106,12 @@ class RetryJob(FlowcraftError):
         self.delay_seconds = delay_seconds
 
 
+class TimerPending(RetryJob):
+    """Deliver this job again when its timer is due (a durable sleep, a wait's
+    timeout): ``delay_seconds`` is the time left, capped at the longest delay the
+    queue can give. A wake-up before the due time simply sleeps again."""
+
+
 class RunConflictError(FlowcraftError, ValueError):
     """An operator call conflicts with the run as it is: a start with a run id already
     used by another request, or a resume that another call (or the run's end) beat."""

@@ -17,7 +17,12 @@ logger = logging.getLogger("flowcraft.events")
 class FlowEvent:
     """``type`` is one of: workflow:start, workflow:finish, workflow:stall,
     workflow:pause (awaiting or stalled), workflow:resume, node:start, node:finish,
-    node:retry, node:error, node:fallback, node:skipped, node:awaiting,
+    node:retry, node:error, node:fallback, node:skipped, node:awaiting (a wait paused:
+    activation, and event, token, timeoutAt for an event wait), node:sleep (a durable
+    sleep began: activation, until, durationMs), node:wake (it was due: activation,
+    until), node:signal (a signal resumed a wait: activation, event, token, payload),
+    node:timeout (a wait's timeout took its ``timeout`` edge: activation, event,
+    token, timeoutAt),
     edge:evaluate (a condition and its outcome), context:change (a committed
     write), batch:start, batch:finish, job:enqueued, job:processed, job:failed,
     job:duplicate, job:requeued. The in-memory runtime emits the node, edge and

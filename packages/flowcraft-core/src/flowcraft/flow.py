@@ -122,9 +122,34 @@ class Flow:
         """A pause for a human or another system; resume it with an output and/or action."""
         return self.node(node_id, WAIT, **config_fields)
 
-    def sleep(self, node_id: str, milliseconds: float) -> Flow:
-        """A timer: waits, then passes its input on."""
-        return self.node(node_id, SLEEP, params={"duration": milliseconds})
+    def wait_for(
+        self,
+        node_id: str,
+        event: str,
+        *,
+        token: str | None = None,
+        token_from: str | None = None,
+        timeout: float | str | None = None,
+        **config_fields: Any,
+    ) -> Flow:
+        """A wait for an external event: ``signal(run id or token, event, payload)``
+        resumes it with the payload as its output. ``token`` (or ``token_from``, an
+        expression over the context and ``input``) correlates a signal without the
+        run's id; after ``timeout`` (milliseconds or ``'30s'``, ``'2h'``...) it resolves
+        by itself with the action ``timeout`` (give it an edge with that action)."""
+        params: dict[str, Any] = {"event": event}
+        if token is not None:
+            params["token"] = token
+        if token_from is not None:
+            params["tokenFrom"] = token_from
+        if timeout is not None:
+            params["timeout"] = timeout
+        return self.node(node_id, WAIT, params=params, **config_fields)
+
+    def sleep(self, node_id: str, duration: float | str) -> Flow:
+        """A timer: waits ``duration`` (milliseconds, or ``'5s'``, ``'1h'``, ``'2d'``),
+        then passes its input on. Distributed, the wait is durable and costs nothing."""
+        return self.node(node_id, SLEEP, params={"duration": duration})
 
     def subflow(
         self,

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import logging
+import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -12,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from flowcraft._analysis import Edge, GraphAnalysis, NodePlan, analyse
 from flowcraft._builtins import builtins
-from flowcraft._executor import Awaiting, NodeExecutor
+from flowcraft._executor import Awaiting, NodeExecutor, Sleeping
 from flowcraft._traversal import (
     Activation,
     Scope,
@@ -27,6 +31,7 @@ from flowcraft.errors import (
     ExpressionError,
     FlowcraftError,
     NodeExecutionError,
+    RunConflictError,
     UnknownBlueprintError,
     UnknownNodeError,
 )
@@ -87,6 +92,10 @@ class RuntimeOptions:
     serializer: Serializer | None = None
     strict: bool = False
     """Check that every output and context value is JSON-serializable when committed."""
+    max_inline_sleep_ms: float | None = None
+    """In memory, a sleep up to this long waits in the process; a longer one pauses the
+    run (``awaiting``, with ``WorkflowResult.wake_at``) until :meth:`FlowRuntime.wake`.
+    None: every sleep waits in the process. (Distributed, every sleep is durable.)"""
 
     @classmethod
     def from_flows(cls, *flows: Flow, **options: Any) -> RuntimeOptions:
@@ -122,6 +131,11 @@ class WorkflowResult:
     errors: list[NodeError] = field(default_factory=list)
     awaiting: list[str] = field(default_factory=list)
     state: dict[str, Any] | None = None
+    sleeping: list[str] = field(default_factory=list)
+    """Nodes whose durable sleep paused the run (see ``RuntimeOptions.max_inline_sleep_ms``)."""
+    wake_at: float | None = None
+    """When the first sleep or wait timeout of a paused run is due (epoch seconds):
+    ``FlowRuntime.wake`` continues it then."""
 
     def output(self, node_id: str) -> Any:
         """The committed output of a node."""
@@ -150,7 +164,9 @@ class _Run:
         "limit",
         "outstanding",
         "run_id",
+        "sleeping",
         "tasks",
+        "timers",
         "traversal",
         "waiting",
     )
@@ -173,6 +189,10 @@ class _Run:
         self.cancel = cancel
         self.errors: list[NodeError] = []
         self.waiting: dict[str, Activation] = {}
+        self.timers: dict[str, dict[str, Any]] = {}
+        """Per waiting node with an event or a timeout: ``{"event", "token", "due"}``."""
+        self.sleeping: dict[str, tuple[Activation, float, Any]] = {}
+        """Per sleeping node: its activation, when it is due (epoch s), its output."""
         self.tasks: set[asyncio.Task[None]] = set()
         self.outstanding = 0
         self.done = asyncio.Event()
@@ -286,6 +306,11 @@ class FlowRuntime:
         self.executor = NodeExecutor(
             self.registry, middleware=tuple(options.middleware), event_bus=options.event_bus
         )
+        self.parked: dict[str, tuple[WorkflowBlueprint, WorkflowResult]] = {}
+        """Runs paused at a sleep, an event wait or a wait with a timeout, by run id:
+        what :meth:`signal` and :meth:`wake` continue (dropped when they do)."""
+        self._tokens: dict[str, str] = {}
+        self._signalled: OrderedDict[tuple[str, str], str] = OrderedDict()
 
     # ---------------------------------------------------------------- lookups
 
@@ -378,8 +403,6 @@ class FlowRuntime:
         if not state or "waiting" not in state:
             raise FlowcraftError("nothing to resume: the run is not awaiting")
         blueprint = self.blueprint(target)
-        analysis = self.analysis(blueprint)
-        self.check_registry(blueprint)
         waiting = {n: Activation(n, g, False, dict(i)) for n, g, i in state["waiting"]}
         if node_id is None:
             if len(waiting) != 1:
@@ -387,16 +410,10 @@ class FlowRuntime:
             node_id = next(iter(waiting))
         if node_id not in waiting:
             raise FlowcraftError(f"node {node_id!r} is not waiting (waiting: {sorted(waiting)})")
-        run = _Run(
-            blueprint,
-            analysis,
-            Context(state["context"]),
-            state["runId"],
-            Traversal.from_state(analysis, state["traversal"]),
-            cancel or asyncio.Event(),
-        )
-        act = waiting.pop(node_id)
-        run.waiting = waiting
+        self._unpark(state["runId"], state)
+        run = self._restore(blueprint, state, cancel)
+        act = run.waiting.pop(node_id)
+        run.timers.pop(node_id, None)
         run.limit = _limit(concurrency)
         await emit(
             self.event_bus,
@@ -410,6 +427,203 @@ class FlowRuntime:
         result = NodeResult(output=output, action=action)
         ready = self._commit(run, act, result, [])
         return await self._drive(run, ready, watch_cancel=cancel is not None)
+
+    def _restore(
+        self, blueprint: WorkflowBlueprint, state: Mapping[str, Any], cancel: asyncio.Event | None
+    ) -> _Run:
+        """A paused run, from its saved state."""
+        analysis = self.analysis(blueprint)
+        self.check_registry(blueprint)
+        run = _Run(
+            blueprint,
+            analysis,
+            Context(state["context"]),
+            state["runId"],
+            Traversal.from_state(analysis, state["traversal"]),
+            cancel or asyncio.Event(),
+        )
+        run.waiting = {n: Activation(n, g, False, dict(i)) for n, g, i in state["waiting"]}
+        run.timers = {n: dict(t) for n, t in (state.get("timers") or {}).items()}
+        run.sleeping = {
+            n: (Activation(n, g, False, dict(i)), float(due), out)
+            for n, g, i, due, out in state.get("sleeping") or []
+        }
+        return run
+
+    def _unpark(self, run_id: str, state: Mapping[str, Any] | None = None) -> None:
+        """Forget a parked run (it is being continued), only if ``state`` is its state."""
+        parked = self.parked.get(run_id)
+        if parked is None or (state is not None and parked[1].state is not state):
+            return
+        del self.parked[run_id]
+        for token in [t for t, r in self._tokens.items() if r == run_id]:
+            del self._tokens[token]
+
+    def _paused_state(
+        self, run: str | WorkflowResult | Mapping[str, Any], target: Any
+    ) -> tuple[WorkflowBlueprint, dict[str, Any]]:
+        if isinstance(run, str):
+            parked = self.parked.get(run)
+            if parked is None:
+                raise RunConflictError(f"run {run!r} is not paused in this runtime")
+            blueprint, result = parked
+            assert result.state is not None
+            return (self.blueprint(target) if target is not None else blueprint), result.state
+        state = run.state if isinstance(run, WorkflowResult) else dict(run)
+        if not state or "waiting" not in state:
+            raise FlowcraftError("the run is not paused")
+        blueprint = self.blueprint(target if target is not None else state["blueprintId"])
+        return blueprint, state
+
+    async def wake(
+        self,
+        run: str | WorkflowResult | Mapping[str, Any],
+        *,
+        target: Flow | WorkflowBlueprint | Mapping[str, Any] | str | None = None,
+        wait: bool = True,
+        cancel: asyncio.Event | None = None,
+    ) -> WorkflowResult:
+        """Continue a run paused by a durable sleep or a wait's timeout: every sleep due
+        by now resolves (passing its input on) and every due timeout takes its
+        ``timeout`` edge. With ``wait``, first sleep until the earliest is due.
+
+        ``run`` is a paused run's id (kept by this runtime), its result or its saved
+        ``state`` (then ``target`` names the blueprint if it is not registered)."""
+        blueprint, state = self._paused_state(run, target)
+        dues = [float(s[3]) for s in state.get("sleeping") or []] + [
+            float(t["due"]) for t in (state.get("timers") or {}).values() if t.get("due")
+        ]
+        if not dues:
+            raise FlowcraftError(f"run {state['runId']!r} has no sleep or timeout to wake")
+        if wait:
+            await asyncio.sleep(max(0.0, min(dues) - time.time()))
+            if isinstance(run, str) and (
+                run not in self.parked or self.parked[run][1].state is not state
+            ):
+                raise RunConflictError(f"run {run!r} was continued by another call meanwhile")
+        self._unpark(state["runId"], state)
+        live = self._restore(blueprint, state, cancel)
+        now = time.time()
+        ready: list[Activation] = []
+        for node_id, (act, due, out) in list(live.sleeping.items()):
+            if due <= now:
+                del live.sleeping[node_id]
+                woke = {"activation": act.generation, "until": due}
+                await emit(self.event_bus, FlowEvent("node:wake", live.run_id, node_id, woke))
+                ready += await self._resolve_paused(live, act, NodeResult(output=out))
+        for node_id, timer in list(live.timers.items()):
+            timeout_at = timer.get("due")
+            if timeout_at is not None and timeout_at <= now:
+                del live.timers[node_id]
+                act = live.waiting.pop(node_id)
+                await emit(
+                    self.event_bus,
+                    FlowEvent(
+                        "node:timeout",
+                        live.run_id,
+                        node_id,
+                        {
+                            "activation": act.generation,
+                            "event": timer.get("event"),
+                            "token": timer.get("token"),
+                            "timeoutAt": timeout_at,
+                        },
+                    ),
+                )
+                timed_out = NodeResult(output=None, action="timeout")
+                ready += await self._resolve_paused(live, act, timed_out)
+        return await self._drive(live, ready, watch_cancel=cancel is not None)
+
+    async def signal(
+        self,
+        run_or_token: str,
+        event: str,
+        payload: Any = None,
+        *,
+        paused: WorkflowResult | Mapping[str, Any] | None = None,
+        target: Flow | WorkflowBlueprint | Mapping[str, Any] | str | None = None,
+        cancel: asyncio.Event | None = None,
+    ) -> WorkflowResult | None:
+        """Deliver ``event`` to the wait for it in the run whose wait holds the token
+        ``run_or_token`` (or else the run with that id, paused in this runtime, or
+        ``paused``, a saved result or state): the wait resolves with ``payload`` as
+        its output and the run continues; returns its result.
+
+        None: the same signal (event and payload) already resumed that wait (signals
+        are idempotent). :class:`RunConflictError`: nothing waits for ``event`` (a
+        signal before its wait is refused, not buffered), or another signal or the
+        timeout came first."""
+        fingerprint = _signal_fingerprint(event, payload)
+        run_id = self._tokens.get(run_or_token, run_or_token)
+        by_token = run_or_token in self._tokens
+        if paused is not None:
+            blueprint, state = self._paused_state(paused, target)
+        elif run_id in self.parked:
+            blueprint, state = self._paused_state(run_id, target)
+        else:
+            if self._signalled.get((run_or_token, event)) == fingerprint:
+                return None
+            raise RunConflictError(
+                f"nothing waits for the event {event!r} with the token or run id "
+                f"{run_or_token!r} (a signal before its wait is refused)"
+            )
+        timers = state.get("timers") or {}
+        node_id = next(
+            (
+                n
+                for n, t in sorted(timers.items())
+                if t.get("event") == event and (not by_token or t.get("token") == run_or_token)
+            ),
+            None,
+        )
+        if node_id is None:
+            if self._signalled.get((run_or_token, event)) == fingerprint:
+                return None
+            raise RunConflictError(f"run {state['runId']!r}: nothing waits for the event {event!r}")
+        self._unpark(state["runId"], state)
+        live = self._restore(blueprint, state, cancel)
+        act = live.waiting.pop(node_id)
+        timer = live.timers.pop(node_id)
+        for key in (live.run_id, timer.get("token")):
+            if key:
+                self._signalled[(key, event)] = fingerprint
+                while len(self._signalled) > 4096:
+                    self._signalled.popitem(last=False)
+        await emit(
+            self.event_bus,
+            FlowEvent(
+                "node:signal",
+                live.run_id,
+                node_id,
+                {
+                    "activation": act.generation,
+                    "event": event,
+                    "token": timer.get("token"),
+                    "payload": payload,
+                },
+            ),
+        )
+        ready = await self._resolve_paused(live, act, NodeResult(output=payload))
+        return await self._drive(live, ready, watch_cancel=cancel is not None)
+
+    async def _resolve_paused(
+        self, run: _Run, act: Activation, result: NodeResult
+    ) -> list[Activation]:
+        """Commit a sleep, a signalled wait or a timed-out one, with the events of any
+        commit (as the distributed base emits them)."""
+        if self.event_bus is None:
+            return self._commit(run, act, result, [])
+        evaluated: list[tuple[Edge, bool]] = []
+        ready = self._commit(run, act, result, [], evaluated)
+        await self.emit_commit(run.run_id, act.node_id, [], evaluated, activation=act.generation)
+        data = {
+            "output": result.output,
+            "action": result.action,
+            "next": [a.node_id for a in ready],
+            "activation": act.generation,
+        }
+        await emit(self.event_bus, FlowEvent("node:finish", run.run_id, act.node_id, data))
+        return ready
 
     async def _drive(
         self, run: _Run, ready: list[Activation], *, watch_cancel: bool = True
@@ -446,7 +660,7 @@ class FlowRuntime:
             status = RunStatus.FAILED
         elif run.cancel.is_set():
             status = RunStatus.CANCELLED
-        elif run.waiting:
+        elif run.waiting or run.sleeping:
             status = RunStatus.AWAITING
         elif run.traversal.finished:
             status = RunStatus.COMPLETED
@@ -464,7 +678,23 @@ class FlowRuntime:
                 "traversal": run.traversal.to_state(),
                 "waiting": [[a.node_id, a.generation, a.inputs] for a in run.waiting.values()],
             }
+            if run.timers:
+                state["timers"] = run.timers
+            if run.sleeping:
+                state["sleeping"] = [
+                    [a.node_id, a.generation, a.inputs, due, out]
+                    for a, due, out in run.sleeping.values()
+                ]
         result = WorkflowResult(run.run_id, status, context, run.errors, sorted(run.waiting), state)
+        if state is not None and (run.timers or run.sleeping):
+            dues = [due for _, due, _ in run.sleeping.values()]
+            dues += [t["due"] for t in run.timers.values() if t.get("due") is not None]
+            result.sleeping = sorted(run.sleeping)
+            result.wake_at = min(dues) if dues else None
+            self.parked[run.run_id] = (run.blueprint, result)
+            for timer in run.timers.values():
+                if timer.get("token"):
+                    self._tokens[timer["token"]] = run.run_id
         self.logger.debug("run %s ended %s", run.run_id, status)
         if self.event_bus is not None and status in (RunStatus.AWAITING, RunStatus.STALLED):
             if status is RunStatus.STALLED:
@@ -602,13 +832,29 @@ class FlowRuntime:
         bus = self.event_bus
         if result.dynamic_nodes:
             await self.run_dynamic_nodes(result, ctx)
+        if isinstance(result, Sleeping):
+            limit = self.options.max_inline_sleep_ms
+            if limit is None or result.duration_ms <= limit:
+                await asyncio.sleep(result.duration_ms / 1000)
+                result = NodeResult(output=result.output)
+            else:
+                due = time.time() + result.duration_ms / 1000
+                run.sleeping[node_id] = (act, due, result.output)
+                ms = result.duration_ms
+                slept = {"activation": act.generation, "until": due, "durationMs": ms}
+                await emit(bus, FlowEvent("node:sleep", run.run_id, node_id, slept))
+                return []
         if isinstance(result, Awaiting):
             run.waiting[node_id] = act
+            data: dict[str, Any] = {"activation": act.generation}
+            if result.timed:
+                limit_ms = result.timeout_ms
+                timeout_at = None if limit_ms is None else time.time() + limit_ms / 1000
+                timer = {"event": result.event, "token": result.token, "due": timeout_at}
+                run.timers[node_id] = timer
+                data.update(event=result.event, token=result.token, timeoutAt=timeout_at)
             if bus is not None:
-                await emit(
-                    bus,
-                    FlowEvent("node:awaiting", run.run_id, node_id, {"activation": act.generation}),
-                )
+                await emit(bus, FlowEvent("node:awaiting", run.run_id, node_id, data))
             return []
         deltas = tracking.ops if tracking.dirty else []
         if bus is None:
@@ -730,7 +976,12 @@ class FlowRuntime:
             except NodeExecutionError as exc:
                 self.logger.info("run %s: node %s failed: %s", run.run_id, node_id, exc)
                 raise
-            if tracking.dirty or result.dynamic_nodes or isinstance(result, Awaiting) or strict:
+            if (
+                tracking.dirty
+                or result.dynamic_nodes
+                or isinstance(result, Awaiting | Sleeping)
+                or strict
+            ):
                 if previous is not None:
                     act = Activation(node_id, generation, inputs={previous: node_input})
                 return await self._finish_step(run, act, plan, result, tracking, ctx)
@@ -930,3 +1181,9 @@ class FlowRuntime:
                 f"transform of edge {edge.source!r} -> {edge.target!r} failed: {exc}",
                 expression=edge.transform,
             ) from exc
+
+
+def _signal_fingerprint(event: str, payload: Any) -> str:
+    """What identifies a signal: its event and payload (a repeat is the same signal)."""
+    text = json.dumps([event, payload], sort_keys=True, separators=(",", ":"), default=repr)
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()

@@ -39,7 +39,7 @@ from flowcraft.serializer import JsonSerializer
 from flowcraft_gcp._clients import GcpClients
 from flowcraft_gcp._operations import Operations
 from flowcraft_gcp.context import DEFAULT_MAX_STATE_BYTES, FirestoreContext, RunCollection
-from flowcraft_gcp.queue import JobQueue, QueueNames
+from flowcraft_gcp.queue import MAX_ACK_DEADLINE_SECONDS, JobQueue, QueueNames
 
 if TYPE_CHECKING:
     from google.auth.credentials import Credentials
@@ -81,6 +81,7 @@ class GcpAdapter(Operations, PullingAdapter[ReceivedMessage]):
     """
 
     concurrent_enqueues = True
+    max_delay_seconds = float(MAX_ACK_DEADLINE_SECONDS)  # release is ModifyAckDeadline
 
     def __init__(
         self,

@@ -99,6 +99,10 @@ class KafkaAdapter(PullingAdapter[KafkaJob]):
 
     concurrent_enqueues = True
     results: RedisResults
+    max_delay_seconds = 300.0
+    """A released copy is held by its consumer until due, and its partition's committed
+    offset cannot pass it meanwhile: a long sleep is re-sent every 5 minutes instead,
+    so a restart never redelivers more than that much of the partition."""
 
     def __init__(
         self,

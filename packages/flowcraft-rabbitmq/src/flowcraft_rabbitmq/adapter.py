@@ -62,6 +62,7 @@ from flowcraft_rabbitmq._coordination import (
 )
 from flowcraft_rabbitmq._operations import Operations
 from flowcraft_rabbitmq._settings import (
+    DELAY_BUCKETS_MS,
     HEADER_ERROR,
     HEADER_RETRIES,
     Topology,
@@ -147,6 +148,7 @@ class RabbitMQAdapter(Operations, BaseDistributedAdapter):
     """
 
     concurrent_enqueues = True  # a fan-out's publishes await their confirms together
+    max_delay_seconds = DELAY_BUCKETS_MS[-1] / 1000  # the longest delay bucket
 
     def __init__(
         self,

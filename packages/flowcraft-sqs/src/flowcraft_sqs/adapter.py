@@ -160,6 +160,7 @@ class SqsAdapter(Operations, PullingAdapter[Message]):
         self.wait_time_seconds = wait_time_seconds
         self.visibility_timeout = visibility_timeout
         self.max_backoff_seconds = max_backoff_seconds
+        self.max_delay_seconds = max_backoff_seconds  # what release() waits at most
         self.message_group: MessageGroup = message_group
         self.runs = RunTable(
             self.clients,

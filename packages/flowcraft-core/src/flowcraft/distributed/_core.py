@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
@@ -134,6 +135,19 @@ class _AdapterCore(ABC):
         (the caller's trace context, so every worker's spans join the caller's trace);
         None keeps nothing. The default is ``instrumentation``'s."""
         return None if self.instrumentation is None else self.instrumentation.run_origin()
+
+    max_delay_seconds: float | None = None
+    """The longest delay this adapter's queue can release a job for (SQS 900 s,
+    Pub/Sub 600 s, Cloudflare 12 h, ...; None: no limit). A durable sleep or a wait's
+    timeout is released for the time left, at most this long, and a wake-up before
+    its due time sleeps again. 0: the queue cannot delay; a pending timer's job is
+    then acked, and the reconciler (``reconcile_interval_seconds``) enqueues it again
+    once it is due."""
+
+    def clock(self) -> float:
+        """Wall-clock time (epoch seconds) of the run's timers: due times are kept in
+        the run's state and read by other workers, so never the event loop's clock."""
+        return time.time()
 
     concurrent_enqueues: ClassVar[bool] = False
     """Set True when ``enqueue_job`` may run concurrently and its round trips then

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from flowcraft._analysis import GraphAnalysis, analyse
+from flowcraft._executor import Awaiting, Sleeping
 from flowcraft.blueprint import NodeDefinition, WorkflowBlueprint
 from flowcraft.context import AsyncContext, PatchOperation
 from flowcraft.distributed import keys as K
@@ -39,6 +40,7 @@ from flowcraft.errors import (
     VersionMismatchError,
 )
 from flowcraft.events import FlowEvent, emit
+from flowcraft.node import NodeResult
 
 logger = logging.getLogger("flowcraft.distributed")
 
@@ -136,6 +138,11 @@ class JobHandling(Resolution):
             guess = self.likely_input_keys(analysis, node_id, generation)
             found = await ctx.get_many([record_key, K.waiting(node_id), *guess])
         record = found.get(record_key)
+        # Paused: a wait's timer job (due: take the timeout edge; else sleep on), or a
+        # duplicate of the paused job.
+        paused = record is not None and K.waiting(node_id) in found
+        if paused and await self._paused_job(job, generation):
+            return
         if record is None or K.waiting(node_id) in found:
             # Already done (a duplicate or a redelivery) or paused. Unless the
             # follow-up is known complete, redo it (idempotent), then ack.
@@ -358,21 +365,11 @@ class JobHandling(Resolution):
             return
         finally:
             job.executing = False
+        if isinstance(execution.result, Sleeping):
+            await self._sleep(job, generation, execution.result, execution.deltas)
+            return
         if execution.awaiting:
-            paused = await job.ctx.patch(
-                [
-                    PatchOperation("set", K.waiting(job.node_id), generation),
-                    PatchOperation("set", K.STATUS, {"status": "awaiting", "errors": []}),
-                ],
-                guard={**_fence(job.node_id, generation), K.waiting(job.node_id): None},
-            )
-            if not paused:  # resumed or resolved by another delivery, or the run ended
-                await self._refused(job, generation)
-                return
-            await emit(
-                self.event_bus,
-                FlowEvent("node:awaiting", job.run_id, job.node_id, {"activation": generation}),
-            )
+            await self._pause(job, generation, execution.result)
             return
         reserved = [op.key for op in execution.deltas if K.is_reserved(op.key)]
         if reserved:
@@ -396,6 +393,173 @@ class JobHandling(Resolution):
                 job, generation, NodeExecutionError(str(exc), node_id=job.node_id, cause=exc)
             )
             return
+        if not committed:
+            await self._refused(job, generation)
+
+    async def _pause(self, job: _Job, generation: int, result: NodeResult) -> None:
+        """Pause a wait node: ``w.X = g`` (and, for an event wait or one with a timeout,
+        its timer record ``t.X`` and its token's claim), guarded like a commit plus the
+        mark absent. A wait with a timeout keeps its job as the timer: released until
+        the timeout is due (DISTRIBUTED.md, "Timers and signals")."""
+        node_id = job.node_id
+        ops = [
+            PatchOperation("set", K.waiting(node_id), generation),
+            PatchOperation("set", K.STATUS, {"status": "awaiting", "errors": []}),
+        ]
+        timer: dict[str, Any] | None = None
+        if isinstance(result, Awaiting) and result.timed:
+            due = None
+            if result.timeout_ms is not None:
+                due = self.clock() + result.timeout_ms / 1000
+            timer = {"g": generation, "due": due, "event": result.event, "token": result.token}
+            if result.token is not None and not await self._claim_token(job, result.token):
+                error = NodeExecutionError(
+                    f"wait node {node_id!r}: the token {result.token!r} is held by another "
+                    "run's wait; tokens must be unique among waiting runs",
+                    node_id=node_id,
+                )
+                await self._fail(job, generation, error)
+                return
+            ops.append(PatchOperation("set", K.timer(node_id), timer))
+        paused = await job.ctx.patch(
+            ops, guard={**_fence(node_id, generation), K.waiting(node_id): None}
+        )
+        if not paused:
+            # Resumed or resolved by another delivery, or the run ended; or a duplicate
+            # paused it first (its timer stands: this job may be the timer).
+            stored = await job.ctx.get_many([K.waiting(node_id), K.timer(node_id)])
+            if stored.get(K.waiting(node_id)) == generation:
+                timer = stored.get(K.timer(node_id))
+                if timer is not None and timer.get("due") is not None:
+                    self._timer_pending(job, "the timeout", float(timer["due"]))
+                return
+            await self._refused(job, generation)
+            return
+        data: dict[str, Any] = {"activation": generation}
+        if timer is not None:
+            data.update(event=timer["event"], token=timer["token"], timeoutAt=timer["due"])
+        await emit(self.event_bus, FlowEvent("node:awaiting", job.run_id, node_id, data))
+        if timer is not None and timer["due"] is not None:
+            await self._release_lease(job)
+            self._timer_pending(job, "the timeout", float(timer["due"]))
+
+    async def _claim_token(self, job: _Job, token: str) -> bool:
+        """Map ``token`` to this run for ``signal``. A claim of another run is taken
+        over once that run no longer waits with the token (its wait resolved, or the
+        run ended or is gone). False: a live wait of another run holds it."""
+        store = self.coordination_store
+        key = K.token(self.key_prefix, token)
+        for _ in range(2):
+            if await store.set_if_not_exist(key, job.run_id, self.state_ttl_seconds):
+                return True
+            holder = await store.get(key)
+            if holder == job.run_id:
+                return True
+            if holder is not None and await self._waits_with(holder, token):
+                return False
+            await store.delete(key)
+        return False
+
+    async def _waits_with(self, run_id: str, token: str) -> bool:
+        """Whether run ``run_id`` has a wait paused with ``token``."""
+        ctx = self.create_context(run_id)
+        found = await ctx.get_many([K.META, K.ENDED])
+        meta = found.get(K.META)
+        if meta is None or K.ENDED in found:
+            return False
+        blueprint = self.runtime.blueprints.get(meta.get("blueprintId"))
+        if blueprint is None:
+            return True  # cannot tell: leave the claim alone
+        nodes = [n.id for n in blueprint.nodes]
+        state = await ctx.get_many([k for n in nodes for k in (K.waiting(n), K.timer(n))])
+        return any(
+            (state.get(K.timer(n)) or {}).get("token") == token
+            and state.get(K.waiting(n)) == (state.get(K.timer(n)) or {}).get("g")
+            for n in nodes
+        )
+
+    async def _paused_job(self, job: _Job, generation: int) -> bool:
+        """A job of a paused wait. Its timeout due: take the ``timeout`` edge (guarded
+        like a resume: a signal and the timeout, exactly one wins). Not yet due: hand
+        it back until then. False: a wait without a timeout (a duplicate: ack)."""
+        timer = await job.ctx.get(K.timer(job.node_id))
+        if timer is None or timer.get("g") != generation or timer.get("due") is None:
+            return False
+        due = float(timer["due"])
+        if self.clock() < due:
+            self._timer_pending(job, "the timeout", due)
+            return True
+        event = FlowEvent(
+            "node:timeout",
+            job.run_id,
+            job.node_id,
+            {
+                "activation": generation,
+                "event": timer.get("event"),
+                "token": timer.get("token"),
+                "timeoutAt": due,
+            },
+        )
+        applied = await self._resolve_wait(
+            job,
+            generation,
+            NodeResult(output=None, action="timeout"),
+            fingerprint="timeout",
+            timer=timer,
+            event=event,
+        )
+        if not applied:
+            await self._refused(job, generation)
+        return True
+
+    async def _sleep(
+        self, job: _Job, generation: int, result: Sleeping, deltas: list[PatchOperation]
+    ) -> None:
+        """A durable sleep: the first delivery records the wake-up time (``t.X``, guarded
+        like a commit plus the record absent, so every delivery agrees on it) and hands
+        the job back until then; the delivery that finds it due commits the node."""
+        node_id = job.node_id
+        key = K.timer(node_id)
+        timer = await job.ctx.get(key)
+        if timer is None and result.duration_ms > 0:
+            due = self.clock() + result.duration_ms / 1000
+            timer = {"g": generation, "due": due, "event": None, "token": None}
+            if await job.ctx.patch(
+                [PatchOperation("set", key, timer)],
+                guard={**_fence(node_id, generation), key: None},
+            ):
+                await emit(
+                    self.event_bus,
+                    FlowEvent(
+                        "node:sleep",
+                        job.run_id,
+                        node_id,
+                        {"activation": generation, "until": due, "durationMs": result.duration_ms},
+                    ),
+                )
+            else:
+                state = await job.ctx.get_many([K.resolved(node_id), K.ENDED, key])
+                if K.ENDED in state or int(state.get(K.resolved(node_id), 0)) >= generation:
+                    await self._refused(job, generation)
+                    return
+                timer = state.get(key)  # another delivery recorded it first
+        if timer is not None and self.clock() < float(timer["due"]):
+            await self._release_lease(job)
+            self._timer_pending(job, "the sleep", float(timer["due"]))
+            return
+        ops = [] if timer is None else [PatchOperation("delete", key)]
+        until = None if timer is None else timer["due"]
+        woke = FlowEvent(
+            "node:wake", job.run_id, node_id, {"activation": generation, "until": until}
+        )
+        committed = await self._commit(
+            job,
+            generation,
+            NodeResult(output=result.output),
+            deltas,
+            protocol_ops=ops,
+            on_commit=lambda: emit(self.event_bus, woke),
+        )
         if not committed:
             await self._refused(job, generation)
 

@@ -207,25 +207,18 @@ class OperatorAPI(Resolution):
         if len(paused) > 1:
             raise FlowcraftError(f"run {run_id!r}: several nodes wait ({sorted(paused)}); name one")
         ((waiting_id, generation),) = paused.items()
-        result = NodeResult(output=output, action=action)
-        applied = await self._commit(
+        timer = await ctx.get(K.timer(waiting_id))
+        applied = await self._resolve_wait(
             _Job(run_id, blueprint, analysis, waiting_id, ctx),
             generation,
-            result,
-            [],
-            protocol_ops=[
-                PatchOperation("delete", K.waiting(waiting_id)),
-                PatchOperation("set", K.STATUS, {"status": "running", "errors": []}),
-            ],
-            guard={K.waiting(waiting_id): generation},
-            on_commit=lambda: emit(
-                self.event_bus,
-                FlowEvent(
-                    "workflow:resume",
-                    run_id,
-                    waiting_id,
-                    {"activation": generation, "output": output, "action": action},
-                ),
+            NodeResult(output=output, action=action),
+            fingerprint="resume",
+            timer=timer if timer is not None and timer.get("g") == generation else None,
+            event=FlowEvent(
+                "workflow:resume",
+                run_id,
+                waiting_id,
+                {"activation": generation, "output": output, "action": action},
             ),
         )
         if not applied:
@@ -233,6 +226,80 @@ class OperatorAPI(Resolution):
                 f"run {run_id!r}: {waiting_id!r} (activation {generation}) was resumed by "
                 "another call, or the run ended, meanwhile; this resume was not applied"
             )
+
+    async def signal(self, target: str, event: str, payload: Any = None) -> bool:
+        """Deliver the external event ``event`` to the wait that waits for it, in the
+        run whose wait holds the correlation token ``target`` or else the run with the
+        id ``target``: the wait resolves with ``payload`` as its output.
+
+        Returns True when this call resumed the wait, False when the same signal (same
+        event and payload) already did: signals are idempotent, so a sender may repeat
+        one until it is accepted. Refused with :class:`RunConflictError`: nothing waits
+        for ``event`` (a signal before its wait is refused, not buffered), or another
+        signal, a resume or the wait's timeout came first (one commit guarded on the
+        wait still paused decides). :class:`FlowcraftError`: no such run or token."""
+        store = self.coordination_store
+        run_id = await store.get(K.token(self.key_prefix, target))
+        by_token = run_id is not None
+        run_id = run_id or target
+        ctx = self.create_context(run_id)
+        meta = await ctx.get(K.META)
+        if meta is None:
+            raise FlowcraftError(f"no waiting run has the token or id {target!r}")
+        blueprint = self.blueprint_for(meta["blueprintId"])
+        analysis = analyse(blueprint)
+        nodes = list(analysis.nodes)
+        found = await ctx.get_many(
+            [k for n in nodes for k in (K.waiting(n), K.timer(n), K.signalled(n))]
+        )
+        fingerprint = signal_fingerprint(event, payload)
+        matches: list[tuple[str, int, dict[str, Any]]] = []
+        for n in nodes:
+            generation = found.get(K.waiting(n))
+            timer = found.get(K.timer(n))
+            if generation is None or timer is None or timer.get("g") != generation:
+                continue
+            if timer.get("event") == event and (not by_token or timer.get("token") == target):
+                matches.append((n, int(generation), timer))
+        if not matches:
+            if any((found.get(K.signalled(n)) or {}).get("fp") == fingerprint for n in nodes):
+                return False
+            raise RunConflictError(
+                f"run {run_id!r}: nothing waits for the event {event!r} (a signal before "
+                "its wait is refused; the wait may also have been resolved by another "
+                "signal, a resume or its timeout)"
+            )
+        node_id, generation, timer = matches[0]
+        job = _Job(run_id, blueprint, analysis, node_id, ctx)
+        received = FlowEvent(
+            "node:signal",
+            run_id,
+            node_id,
+            {
+                "activation": generation,
+                "event": event,
+                "token": timer.get("token"),
+                "payload": payload,
+            },
+        )
+        applied = await self._resolve_wait(
+            job,
+            generation,
+            NodeResult(output=payload),
+            fingerprint=fingerprint,
+            timer=timer,
+            event=received,
+        )
+        if applied:
+            return True
+        won = await ctx.get(K.signalled(node_id))
+        if won is not None and won.get("g") == generation and won.get("fp") == fingerprint:
+            return False
+        raise RunConflictError(
+            f"run {run_id!r}: the wait {node_id!r} (activation {generation}) was resolved "
+            "by another signal, a resume or its timeout, or the run ended; this signal "
+            "was not applied"
+        )
 
     async def cancel_run(self, run_id: str, reason: str = "cancelled by the operator") -> str:
         """End the run as ``cancelled`` and return its final status.
@@ -292,7 +359,8 @@ class OperatorAPI(Resolution):
         analysis = analyse(blueprint)
         job = _Job(run_id, blueprint, analysis, "", ctx)
         counts = await ctx.get_many([K.resolved(n) for n in analysis.nodes])
-        waits = await ctx.get_many([K.waiting(n) for n in analysis.nodes])
+        waits = await ctx.get_many([k for n in analysis.nodes for k in (K.waiting(n), K.timer(n))])
+        now = self.clock()
         pending_keys = [
             K.activation(n, int(counts.get(K.resolved(n), 0)) + 1) for n in analysis.nodes
         ]
@@ -300,13 +368,35 @@ class OperatorAPI(Resolution):
         enqueued = 0
         for n in analysis.nodes:
             resolved = int(counts.get(K.resolved(n), 0))
-            if K.activation(n, resolved + 1) in pending and K.waiting(n) not in waits:
+            timer = waits.get(K.timer(n))
+            if timer is not None and timer.get("g") != resolved + 1:
+                timer = None
+            due = None if timer is None else timer.get("due")
+            if K.waiting(n) in waits:
+                # Paused: only a wait whose timeout is due needs its job (the timer job
+                # was lost, or the queue cannot delay).
+                wanted = due is not None and due <= now
+            else:
+                # A sleep not yet due has its job in the queue, released until then.
+                wanted = due is None or due <= now
+            if K.activation(n, resolved + 1) in pending and wanted:
                 await self._enqueue(run_id, blueprint, n)
                 enqueued += 1
             if resolved:
                 job.node_id = n
                 await self._follow_up(job, resolved, redrive=True)
         return enqueued
+
+
+def signal_fingerprint(event: str, payload: Any) -> str:
+    """What identifies a signal: its event and payload (a repeat is the same signal)."""
+    try:
+        text = json.dumps(
+            [event, payload], sort_keys=True, separators=(",", ":"), ensure_ascii=False
+        )
+    except (TypeError, ValueError) as exc:
+        raise SerializationError(f"a signal's payload is not JSON-serializable: {exc}") from exc
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def _fingerprint(blueprint: WorkflowBlueprint, initial: Mapping[str, Any]) -> str:

@@ -20,6 +20,7 @@ from flowcraft.distributed.results import FinalResult
 from flowcraft.errors import (
     NodeExecutionError,
     StateLimitError,
+    TimerPending,
 )
 from flowcraft.events import FlowEvent, emit
 from flowcraft.node import NodeResult
@@ -521,6 +522,54 @@ class Resolution(_AdapterCore):
                 # the blueprint too: a worker's run history never sees the client's start
                 {"status": status, "errors": errors, "blueprintId": analysis.blueprint.id},
             ),
+        )
+
+    # ------------------------------------------------------------ timers and waits
+
+    def _timer_pending(self, job: _Job, what: str, due: float) -> None:
+        """Hand the job back until ``due`` (epoch seconds): released for the time left,
+        at most ``max_delay_seconds`` (a wake-up before the due time sleeps again). A
+        queue that cannot delay (0) acks it: the reconciler enqueues it when due."""
+        left = max(0.0, due - self.clock())
+        limit = self.max_delay_seconds
+        if limit is not None and limit <= 0:
+            return
+        raise TimerPending(
+            f"{what} of {job.node_id!r} in run {job.run_id!r} is due in {left:.3f} s",
+            delay_seconds=left if limit is None else min(left, limit),
+        )
+
+    async def _resolve_wait(
+        self,
+        job: _Job,
+        generation: int,
+        result: NodeResult,
+        *,
+        fingerprint: str,
+        timer: Mapping[str, Any] | None,
+        event: FlowEvent,
+    ) -> bool:
+        """Resolve a paused wait (a resume, a signal or its timeout): one commit guarded
+        on the wait still paused at ``generation``, so of a resume, signals and the
+        timeout racing each other exactly one applies. It records what resolved it
+        (``sig.X``: a repeated signal is recognised). The token's claim stays (it expires
+        with the run's state): a repeat by token must still find the run."""
+        node_id = job.node_id
+        ops = [
+            PatchOperation("delete", K.waiting(node_id)),
+            PatchOperation("set", K.STATUS, {"status": "running", "errors": []}),
+            PatchOperation("set", K.signalled(node_id), {"g": generation, "fp": fingerprint}),
+        ]
+        if timer is not None:
+            ops.append(PatchOperation("delete", K.timer(node_id)))
+        return await self._commit(
+            job,
+            generation,
+            result,
+            [],
+            protocol_ops=ops,
+            guard={K.waiting(node_id): generation},
+            on_commit=lambda: emit(self.event_bus, event),
         )
 
     async def _tidy(self, run_id: str, ctx: AsyncContext, analysis: GraphAnalysis) -> None:

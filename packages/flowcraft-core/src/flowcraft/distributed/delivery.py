@@ -22,6 +22,7 @@ from flowcraft.errors import (
     PayloadDecodeError,
     RetryJob,
     StateLimitError,
+    TimerPending,
     UnknownBlueprintError,
     UnknownNodeError,
     VersionMismatchError,
@@ -71,8 +72,12 @@ class Settlement:
     reason: str = ""
     failed_attempt: bool = False
     busy: bool = False
-    """Released because the activation is running elsewhere: expected, so it never
-    counts toward a limit on redeliveries."""
+    """Released because the activation is running elsewhere (or waits for its timer):
+    expected, so it never counts toward a limit on redeliveries."""
+    timer: bool = False
+    """Released until a timer is due (a durable sleep, a wait's timeout): the delay is
+    the time left, to be honoured as closely as the queue can (never shortened to
+    spin faster, never jittered)."""
 
     @classmethod
     def ack(cls) -> Settlement:
@@ -116,6 +121,10 @@ def settlement_for(exc: BaseException | None, *, infrastructure_delay: float = 1
         return _ACK
     if isinstance(exc, _BAD_INPUT):
         return Settlement("dead-letter", reason=describe(exc))
+    if isinstance(exc, TimerPending):
+        return Settlement(
+            "release", delay_seconds=exc.delay_seconds, reason=describe(exc), busy=True, timer=True
+        )
     if isinstance(exc, RetryJob):
         failed = isinstance(exc.__cause__, NodeExecutionError)
         return Settlement(

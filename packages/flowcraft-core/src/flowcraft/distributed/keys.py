@@ -62,6 +62,19 @@ def waiting(node_id: str) -> str:
     return f"_flowcraft.w.{node_id}"
 
 
+def timer(node_id: str) -> str:
+    """A suspended activation that resumes by itself or by a signal:
+    ``{"g", "due", "event", "token"}`` (``due``: epoch seconds or None). Written with
+    a sleep's first delivery or a wait's pause; deleted by the resolution."""
+    return f"_flowcraft.t.{node_id}"
+
+
+def signalled(node_id: str) -> str:
+    """What resolved the node's last wait: ``{"g", "fp"}`` (``fp``: the fingerprint of
+    the signal, or ``timeout``), so a repeated signal is told apart from a rival."""
+    return f"_flowcraft.sig.{node_id}"
+
+
 def loop_exit(loop_index: int) -> str:
     """The iteration in which a loop stopped (its exit edges signal from it)."""
     return f"_flowcraft.x.{loop_index}"
@@ -128,6 +141,11 @@ def results_channel(prefix: str) -> str:
 def reconciler(prefix: str) -> str:
     """Held for one reconciler interval by the worker that reconciles the fleet's runs."""
     return f"{prefix}reconciler"
+
+
+def token(prefix: str, token: str) -> str:
+    """The run whose wait carries this correlation token (``signal`` by token)."""
+    return f"{prefix}token:{_esc(token)}"
 
 
 def attempts(prefix: str, run_id: str, node_id: str, generation: int) -> str:

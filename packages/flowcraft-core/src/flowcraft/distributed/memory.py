@@ -261,7 +261,12 @@ class InMemoryAdapter(BaseDistributedAdapter):
         if settlement.action == "release":
             # Never at once, which would spin a job between a worker that cannot take
             # it (another version, a busy activation) and the queue.
-            delay = min(settlement.delay_seconds, self.broker.max_redelivery_delay)
+            # A timer's delay is kept (it is the time left, not a back-off to shorten).
+            delay = (
+                settlement.delay_seconds
+                if settlement.timer
+                else min(settlement.delay_seconds, self.broker.max_redelivery_delay)
+            )
             asyncio.get_running_loop().call_later(delay, self.broker.queue.put_nowait, delivery)
             return
         if settlement.action == "dead-letter":

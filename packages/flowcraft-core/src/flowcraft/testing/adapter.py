@@ -46,6 +46,8 @@ import dataclasses
 import functools
 import inspect
 import json
+import time
+import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -376,6 +378,16 @@ class Fleet:
         if tasks:
             async with asyncio.timeout(self.timeout):
                 await asyncio.gather(*tasks)
+
+    async def restart(self) -> None:
+        """Stop and close every worker (as if every worker process ended: what a
+        closed adapter held, a consumer group's partitions say, is given up), then
+        start as many new ones. A worker that died raises."""
+        old = [a for a, _ in self._workers]
+        await self.stop(old)
+        for adapter in old:
+            await adapter.aclose()
+        await self.start(len(old))
 
     def dead_workers(self) -> list[BaseException | None]:
         """Workers whose ``worker()`` ended before ``stop()`` (with their error)."""
@@ -1864,6 +1876,173 @@ class AdapterConformanceTests(ValueFidelityTests, TypeScriptCompatTests):
             assert len(fleet.published(result.run_id)) == published
             with pytest.raises(FlowcraftError):
                 await fleet.client.cancel_run("no-such-run")
+
+    # ---------------------------------------------------------------- timers and signals
+
+    async def test_sleep_survives_a_restart_of_every_worker(
+        self, adapter_factory: AdapterFactory
+    ) -> None:
+        """A durable sleep holds no worker: its due time is in the run's state and its
+        job waits in the queue. Every worker stops while it sleeps; new ones finish the
+        run, after the due time, with the sleep resolved once."""
+        fx = SideEffects()
+        flow = (
+            Flow("nap")
+            .node("a", fx.step(lambda c: "rested"))
+            .sleep("nap", 1000)
+            .node("b", fx.step(lambda c: {"input": c.input, "at": time.time()}))
+            .chain("a", "nap", "b")
+        )
+        async with self.fleet(adapter_factory, flow) as fleet:
+            run = await fleet.client.start_run("nap")
+            await fleet.until(lambda: fleet.events_of("node:sleep", run), "the sleep to start")
+            until = fleet.events_of("node:sleep", run)[0].data["until"]
+            assert fx.ran(run, "b") == 0, "the sleep ended before its due time"
+            await fleet.restart()
+            result = await fleet.client.wait_for_result(run, self.timeout_seconds)
+            assert result.status == "completed", result.errors
+            out = _outputs(result)["b"]
+            assert out["input"] == "rested"
+            assert out["at"] >= until, "the run went on before the sleep was due"
+            assert fx.ran(run, "b") == 1
+            assert len(fleet.events_of("node:sleep", run)) == 1
+            assert len(fleet.events_of("node:wake", run)) == 1
+            assert not any(k.startswith(K.timer("")) for k in await _state(fleet, run))
+            _assert_one_final_result(fleet, result)
+
+    async def test_signal_racing_its_wait(self, adapter_factory: AdapterFactory) -> None:
+        """A signal sent while the run is still on its way to the wait is refused
+        (``RunConflictError``: signals are not buffered); the sender repeats it until
+        it is accepted, exactly once, and every repeat after that is a duplicate."""
+        from flowcraft.distributed.adapter import RunConflictError
+
+        fx = SideEffects()
+        order = f"o-{uuid.uuid4().hex}"
+        flow = (
+            Flow("pay")
+            .node("order", fx.step(lambda c: {"id": order}))
+            .wait_for("payment", "paid", token_from="input.id")  # noqa: S106
+            .node("ship", fx.step(lambda c: f"shipped with {c.input['ref']}"))
+            .chain("order", "payment", "ship")
+        )
+        async with self.fleet(adapter_factory, flow) as fleet:
+            run = await fleet.client.start_run("pay", run_id=f"pay-{uuid.uuid4().hex}")
+            accepted, refused = 0, 0
+            async with asyncio.timeout(self.timeout_seconds):
+                while True:
+                    try:
+                        if await fleet.client.signal(run, "paid", {"ref": "tx-1"}):
+                            accepted += 1
+                            break
+                    except RunConflictError:
+                        refused += 1
+                    await asyncio.sleep(0.005)
+            assert accepted == 1
+            assert await fleet.client.signal(run, "paid", {"ref": "tx-1"}) is False
+            assert await fleet.client.signal(order, "paid", {"ref": "tx-1"}) is False
+            result = await fleet.client.wait_for_result(run, self.timeout_seconds)
+            assert result.status == "completed", result.errors
+            assert _outputs(result)["ship"] == "shipped with tx-1"
+            assert fx.ran(run, "ship") == 1
+            assert len(fleet.events_of("node:signal", run)) == 1
+            _assert_one_final_result(fleet, result)
+
+    async def test_duplicate_signals_resume_once(self, adapter_factory: AdapterFactory) -> None:
+        """The same signal sent twice at once (by token and by run id): one resumes the
+        wait, the other is told it is a duplicate; a different signal after it is
+        refused. The wait's successor runs once, with the payload."""
+        from flowcraft.distributed.adapter import RunConflictError
+
+        fx = SideEffects()
+        token = f"order-{uuid.uuid4().hex}"
+        flow = (
+            Flow("dupsig")
+            .wait_for("hook", "webhook", token=token)
+            .node("handle", fx.step(lambda c: c.input["n"]))
+            .chain("hook", "handle")
+        )
+        async with self.fleet(adapter_factory, flow) as fleet:
+            run = await fleet.client.start_run("dupsig")
+            await fleet.until(lambda: fleet.events_of("node:awaiting", run), "the wait")
+            outcomes = await asyncio.gather(
+                fleet.client.signal(token, "webhook", {"n": 1}),
+                fleet.client.signal(run, "webhook", {"n": 1}),
+            )
+            assert sorted(outcomes) == [False, True], outcomes
+            with pytest.raises(RunConflictError):
+                await fleet.client.signal(run, "webhook", {"n": 2})
+            result = await fleet.client.wait_for_result(run, self.timeout_seconds)
+            assert result.status == "completed", result.errors
+            assert _outputs(result)["handle"] == 1
+            assert fx.ran(run, "handle") == 1
+            assert len(fleet.events_of("node:signal", run)) == 1
+
+    async def test_wait_timeout_takes_the_timeout_edge(
+        self, adapter_factory: AdapterFactory
+    ) -> None:
+        """An event wait that nobody signals resolves by itself once its timeout is due,
+        with the action ``timeout``: the timeout edge is taken, the other is not, and a
+        signal after it is refused."""
+        from flowcraft.distributed.adapter import RunConflictError
+
+        fx = SideEffects()
+        flow = (
+            Flow("expiry")
+            .wait_for("confirm", "confirmed", timeout=600)
+            .node("done", fx.step(lambda c: "confirmed"))
+            .node("expired", fx.step(lambda c: {"at": time.time()}))
+            .edge("confirm", "done")
+            .edge("confirm", "expired", action="timeout")
+        )
+        async with self.fleet(adapter_factory, flow) as fleet:
+            run = await fleet.client.start_run("expiry")
+            result = await fleet.client.wait_for_result(run, self.timeout_seconds)
+            assert result.status == "completed", result.errors
+            (paused,) = fleet.events_of("node:awaiting", run)
+            assert _outputs(result)["expired"]["at"] >= paused.data["timeoutAt"]
+            assert fx.ran(run, "done") == 0
+            assert fx.ran(run, "expired") == 1
+            assert len(fleet.events_of("node:timeout", run)) == 1
+            with pytest.raises(RunConflictError):
+                await fleet.client.signal(run, "confirmed", None)
+
+    async def test_signal_racing_the_timeout_one_wins(
+        self, adapter_factory: AdapterFactory
+    ) -> None:
+        """A signal sent right when the wait's timeout is due: exactly one of them
+        resolves the wait (the loser is refused), and only its branch runs."""
+        from flowcraft.distributed.adapter import RunConflictError
+
+        fx = SideEffects()
+        flow = (
+            Flow("photo")
+            .wait_for("w", "go", timeout=500)
+            .node("signalled", fx.step())
+            .node("timedout", fx.step())
+            .edge("w", "signalled")
+            .edge("w", "timedout", action="timeout")
+        )
+        async with self.fleet(adapter_factory, flow) as fleet:
+            run = await fleet.client.start_run("photo")
+            await fleet.until(lambda: fleet.events_of("node:awaiting", run), "the wait")
+            due = fleet.events_of("node:awaiting", run)[0].data["timeoutAt"]
+            await asyncio.sleep(max(0.0, due - time.time()))
+            try:
+                won = await fleet.client.signal(run, "go", "now")
+            except RunConflictError:
+                won = False
+            result = await fleet.client.wait_for_result(run, self.timeout_seconds)
+            assert result.status == "completed", result.errors
+            assert fx.ran(run, "signalled") == (1 if won else 0)
+            assert fx.ran(run, "timedout") == (0 if won else 1)
+            assert (
+                len(fleet.events_of("node:signal", run)) + len(fleet.events_of("node:timeout", run))
+                == 1
+            )
+
+
+async def _state(fleet: Fleet, run_id: str) -> dict[str, Any]:
+    return await fleet.client.create_context(run_id).to_dict()
 
 
 async def _is(status: Awaitable[str], expected: str) -> bool:

@@ -142,6 +142,13 @@ class _LossyBroker(InMemoryBroker):
         super().put(job)
 
 
+class _VirtualClockAdapter(InMemoryAdapter):
+    """Timers on the simulation's virtual clock."""
+
+    def clock(self) -> float:
+        return asyncio.get_running_loop().time()
+
+
 class SimulatedCrash(BaseException):
     """The worker process dies here. Not an ``Exception``: no adapter code may catch it."""
 
@@ -215,6 +222,8 @@ class _Expect:
     failing: set[str] = field(default_factory=set)
     resume: str | None = None  # the action a wait is resumed with
     wait_node: str | None = None
+    signal: Any = None  # the payload an event wait is signalled with
+    token: str | None = None  # the event wait's correlation token
 
 
 @dataclass
@@ -391,6 +400,37 @@ def _wait(s: _Shape, rng: random.Random) -> None:
     s.expect.wait_node = wait
 
 
+def _sleep(s: _Shape, rng: random.Random) -> None:
+    """A durable sleep between two nodes: the job is handed back until it is due."""
+    start = s.node("s", 1)
+    nap = s.n("nap")
+    s.flow.sleep(nap, rng.choice((0.0, 0.3, 1.0, 3.0)) * s.sim.lease_seconds * 1000)
+    end = s.node("end", 1, after=start)  # the sleep passes its input on
+    s.flow.chain(start, nap, end)
+
+
+def _event(s: _Shape, rng: random.Random) -> None:
+    """An event wait, signalled by its token (maybe twice at once), or left to its
+    timeout, which takes the timeout edge."""
+    timeout = rng.random() < 0.4
+    start = s.node("s", 1)
+    wait = s.n("w")
+    token = f"{s.flow.id}.{s.sim.seed}"
+    limit = rng.choice((0.5, 2.0)) * s.sim.lease_seconds * 1000 if timeout else None
+    s.flow.wait_for(wait, "evt", token=token, timeout=limit)
+    got = s.node("got", 0 if timeout else 1)
+    late = s.node("late", 1 if timeout else 0)
+    end = s.node("end", 1)
+    s.flow.chain(start, wait).edge(wait, got).edge(wait, late, action="timeout")
+    s.flow.edge(got, end).edge(late, end)
+    chosen = late if timeout else got
+    s.expect.joins[end] = ("all", lambda g: [(chosen, 1)])
+    s.expect.wait_node = wait
+    if not timeout:
+        s.expect.signal = {"from": s.flow.id}
+        s.expect.token = token
+
+
 def _failure(s: _Shape, rng: random.Random) -> None:
     count = rng.randint(2, 4)
     failing = set(rng.sample(range(count), rng.randint(1, min(2, count))))
@@ -415,6 +455,8 @@ SHAPES: dict[str, Callable[[_Shape, random.Random], None]] = {
     "loop-in-diamond": _loop_in_diamond,
     "wait": _wait,
     "failure": _failure,
+    "sleep": _sleep,
+    "event": _event,
 }
 """Graph shapes a seed picks from, by name."""
 
@@ -517,7 +559,8 @@ class Simulation:
             run = _Run(f"run-{seed}-{i}", shape)
             if rng.random() < cancel_rate:
                 run.cancel_at = rng.uniform(0.0, 3.0 * self.lease_seconds)
-            run.double_resume = shape.expect.resume is not None and rng.random() < 0.5
+            waits = shape.expect.resume is not None or shape.expect.signal is not None
+            run.double_resume = waits and rng.random() < 0.5
             run.collide = rng.random() < 0.1
             self.runs.append(run)
         self.double_start = rng.random() < 0.2  # every start is sent twice at once
@@ -735,7 +778,7 @@ class Simulation:
     # ------------------------------------------------------------------ fleet
 
     def _adapter(self, name: str) -> InMemoryAdapter:
-        return InMemoryAdapter(
+        return _VirtualClockAdapter(
             runtime_options=self.options,
             broker=self.broker,
             worker_id=name,
@@ -854,6 +897,12 @@ class Simulation:
                 await self._cancel(run)
                 progressed = True
                 continue
+            if status == "awaiting" and expect.signal is not None and not run.resumed:
+                run.resumed = True
+                self.log(f"signal {run.run_id} by its token {expect.token!r}")
+                await self._signal(run)
+                progressed = True
+                continue
             if status == "awaiting" and expect.resume and not run.resumed:
                 run.resumed = True
                 self.log(f"resume {run.run_id} with {expect.resume!r}")
@@ -923,6 +972,42 @@ class Simulation:
             self.log(f"late resume refused: {exc}")
         else:
             self.failures.append(f"run {run.run_id}: a late resume ({other}) was accepted")
+
+    async def _signal(self, run: _Run) -> None:
+        """Signal an event wait by its token: once, or twice at once (one resumes it,
+        the other is told it is a duplicate); then the same signal again (a duplicate)
+        and another one (refused)."""
+        expect = run.shape.expect
+        assert expect.token is not None
+        send = functools.partial(self.client.signal, expect.token, "evt", expect.signal)
+        if not run.double_resume:
+            try:
+                self.log(f"signal returned {await self._as_operator(run.run_id, send)}")
+            except FlowcraftError as exc:
+                self.log(f"signal refused: {exc}")
+            return
+        self.operator_races += 1
+        self.operator_crashed = False
+        outcomes = await asyncio.gather(
+            self._as_operator(run.run_id, send),
+            self._as_operator(run.run_id, send),
+            return_exceptions=True,
+        )
+        self.log(f"two signals of {run.run_id}: {outcomes}")
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException) and not isinstance(outcome, FlowcraftError):
+                raise outcome
+        applied = sum(1 for o in outcomes if o is True)
+        if applied > 1 or (applied == 0 and not self.operator_crashed):
+            self.failures.append(f"run {run.run_id}: {applied} of two identical signals applied")
+        if await self.client.signal(expect.token, "evt", expect.signal) is not False:
+            self.failures.append(f"run {run.run_id}: a repeated signal was not a duplicate")
+        try:
+            await self.client.signal(expect.token, "evt", {"other": True})
+        except FlowcraftError as exc:
+            self.log(f"late signal refused: {exc}")
+        else:
+            self.failures.append(f"run {run.run_id}: a different late signal was accepted")
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
