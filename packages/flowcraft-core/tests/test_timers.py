@@ -212,6 +212,12 @@ async def test_reconcile_leaves_a_sleep_in_the_queue_alone_until_it_is_due() -> 
         run = await adapter.start_run("nap")
         ctx = adapter.create_context(run)
         await _until(lambda: K.timer("nap") in broker.contexts.get(run, {}).data)
+        info = await adapter.get_status(run)
+        assert info.status == "running"
+        assert [(t["nodeId"], t["kind"], t["event"]) for t in info.timers] == [
+            ("nap", "sleep", None)
+        ]
+        assert time.time() < info.timers[0]["until"] <= time.time() + 0.4
         assert await adapter.reconcile(run) == 0
         result = await adapter.wait_for_result(run, 10)
         assert result.status == "completed"
@@ -234,6 +240,11 @@ async def test_a_token_held_by_a_live_wait_fails_the_second_run_until_it_is_free
     try:
         first = await adapter.start_run("hook")
         await _until(lambda: K.waiting("w") in broker.contexts.get(first, Any).data)
+        info = await adapter.get_status(first)
+        assert (info.status, info.waiting) == ("awaiting", ["w"])
+        assert info.timers == [
+            {"nodeId": "w", "kind": "wait", "until": None, "event": "ping", "token": "shared-token"}
+        ]
         second = await adapter.start_run("hook")
         failed = await adapter.wait_for_result(second, 10)
         assert failed.status == "failed"

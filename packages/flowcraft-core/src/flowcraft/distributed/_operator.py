@@ -99,13 +99,29 @@ class OperatorAPI(Resolution):
         final = _claimed_status(await self.coordination_store.get(K.final(self.key_prefix, run_id)))
         status = final or record.get("status", "running")
         waiting: list[str] = []
+        timers: list[dict[str, Any]] = []
         meta = await ctx.get(K.META)
-        if status == "awaiting" and meta:
+        if status in ("running", "awaiting") and meta:
             bp = self.runtime.blueprints.get(meta["blueprintId"])
             if bp is not None:
-                found = await ctx.get_many([K.waiting(n.id) for n in bp.nodes])
-                waiting = sorted(k[len(K.waiting("")) :] for k in found)
-        return RunStatusInfo(run_id, status, list(record.get("errors", [])), waiting)
+                # a sleeping run is running (its job waits in the queue); a paused
+                # event wait is awaiting: both keep their timer in ``t.X``
+                keys = [k for n in bp.nodes for k in (K.waiting(n.id), K.timer(n.id))]
+                found = await ctx.get_many(keys)
+                waiting = sorted(n.id for n in bp.nodes if K.waiting(n.id) in found)
+                for n in bp.nodes:
+                    timer = found.get(K.timer(n.id))
+                    if isinstance(timer, dict):
+                        timers.append(
+                            {
+                                "nodeId": n.id,
+                                "kind": "wait" if K.waiting(n.id) in found else "sleep",
+                                "until": timer.get("due"),
+                                "event": timer.get("event"),
+                                "token": timer.get("token"),
+                            }
+                        )
+        return RunStatusInfo(run_id, status, list(record.get("errors", [])), waiting, timers)
 
     async def get_final_result(self, run_id: str) -> FinalResult | None:
         """The run's published result, or None while it runs.

@@ -41,6 +41,10 @@ class RunStatusInfo:
     status: str  # running | awaiting | completed | failed | cancelled | unknown
     errors: list[dict[str, Any]] = field(default_factory=list)
     waiting: list[str] = field(default_factory=list)
+    # suspended activations, each {"nodeId", "kind" ("sleep" or "wait"), "until"
+    # (epoch seconds or None), "event", "token"}: a durable sleep, a paused wait
+    # for an event or with a timeout
+    timers: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass(slots=True)
