@@ -10,6 +10,12 @@ installed ``flowcraft_backends``, so it works in both places.
 Every node execution and every publication is appended to an effects file (one
 JSON line each), so the test also sees executions whose commit a SIGKILL lost.
 
+Every worker process, and the test's client (:func:`client_options`), records run
+history into one SQLite file next to the effects file, spooling its events in one
+folder there; :func:`check_history` then asks that every run's history be complete
+and duplicate-free: what a SIGKILLed worker had not stored yet must come back from
+its spool file or from its redelivered jobs.
+
 Unlike the rest of ``flowcraft_backends`` this module imports flowcraft-core (a
 dependency of the package for this module); nothing else here imports it.
 """
@@ -17,6 +23,7 @@ dependency of the package for this module); nothing else here imports it.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -36,6 +43,7 @@ import pytest
 
 from flowcraft import Flow, NodeContext, RuntimeOptions
 from flowcraft.distributed.adapter import BaseDistributedAdapter, FinalResult
+from flowcraft.history import History, HistoryRecorder, SqliteHistoryStore
 from flowcraft_backends._service import RunningService
 
 __all__ = [
@@ -51,8 +59,11 @@ __all__ = [
     "check_counters",
     "check_effects",
     "check_exactly_once",
+    "check_history",
     "check_results",
+    "client_options",
     "diamond",
+    "history_recorder",
     "read_effects",
     "registry",
     "restarter",
@@ -84,6 +95,28 @@ def blueprints() -> RuntimeOptions:
     """The diamond's blueprint, without implementations: enough for a client adapter."""
     bp = diamond().to_blueprint()
     return RuntimeOptions(blueprints={bp.id: bp})
+
+
+def history_files(effects_path: str) -> tuple[str, str]:
+    """The fleet's history store (a SQLite file) and spool folder, beside its effects."""
+    effects = Path(effects_path)
+    return (
+        str(effects.with_name(effects.name + ".history.db")),
+        str(effects.with_name(effects.name + ".spool")),
+    )
+
+
+def history_recorder(effects_path: str) -> HistoryRecorder:
+    """A recorder into the fleet's history, spooling in the fleet's folder (a killed
+    worker's file is stored by a recorder that outlives it, within a second)."""
+    store, spool = history_files(effects_path)
+    return HistoryRecorder(SqliteHistoryStore(store), spool=spool, recover_interval=1.0)
+
+
+def client_options(settings: FleetSettings) -> RuntimeOptions:
+    """:func:`blueprints` for the test's client, recording history too (the client
+    emits each run's ``workflow:start``); :func:`check_history` closes its recorder."""
+    return dataclasses.replace(blueprints(), event_bus=history_recorder(settings.effects_path))
 
 
 class _Closable(Protocol):
@@ -167,8 +200,12 @@ def registry(effects: Effects, branch_delay: float) -> dict[str, Any]:
 async def run_worker(settings: FleetSettings, *, handle_sigterm: bool = False) -> None:
     """One worker until stopped (or cancelled); every publication is recorded too."""
     effects = Effects(settings.effects_path)
+    recorder = history_recorder(settings.effects_path)
+    await recorder.start()  # recovers the spool files of workers killed before
     options = RuntimeOptions(
-        registry=registry(effects, settings.branch_delay), blueprints=blueprints().blueprints
+        registry=registry(effects, settings.branch_delay),
+        blueprints=blueprints().blueprints,
+        event_bus=recorder,
     )
     adapter = settings.adapter(options)
     publish = adapter.publish_final_result
@@ -185,8 +222,12 @@ async def run_worker(settings: FleetSettings, *, handle_sigterm: bool = False) -
     try:
         await adapter.worker()
     finally:
-        await cast(_Closable, adapter).aclose()  # every adapter has one; the base does not say
-        effects.close()
+        try:
+            await cast(_Closable, adapter).aclose()  # every adapter has one; the base does not say
+        finally:
+            await recorder.aclose()  # stores what is queued, and orphaned spool files
+            await recorder.store.aclose()
+            effects.close()
 
 
 def worker_main(settings_type: type[FleetSettings]) -> None:
@@ -297,6 +338,51 @@ async def check_exactly_once(
         assert set(state.values()) == {1}, (run, state)  # each node resolved exactly once
         assert len(state) == len(NODES)
     check_effects(effects_path, runs)
+    await check_history(client, runs, effects_path)
+
+
+async def check_history(
+    client: BaseDistributedAdapter, runs: Sequence[str], effects_path: str, seconds: float = 60
+) -> None:
+    """Every run's history (as the store de-duplicates it) is complete and has no
+    duplicate: one ``workflow:start``, one ``workflow:finish`` (completed), each node
+    started and finished once, and its context rebuilt at the last step has the
+    outputs the run published. Closes the client's recorder (from
+    :func:`client_options`) first; waits up to ``seconds`` for the workers' recorders
+    (each writes within 0.2 s, and stores a killed worker's spool file within 1 s)."""
+    bus = client.event_bus
+    assert isinstance(bus, HistoryRecorder), "the client must record: use client_options()"
+    await bus.aclose()
+    await bus.store.aclose()
+    final = {r: (await client.wait_for_result(r, 5)).context for r in runs}
+    store, _ = history_files(effects_path)
+    async with SqliteHistoryStore(store) as opened:
+        history = History(opened)
+        deadline = time.monotonic() + seconds
+        for run in runs:
+            while True:
+                try:
+                    await _check_run_history(history, run, final[run])
+                    break
+                except AssertionError:
+                    if time.monotonic() > deadline:
+                        raise
+                    await asyncio.sleep(0.5)
+
+
+async def _check_run_history(history: History, run: str, final: dict[str, Any]) -> None:
+    events = await history.events(run)
+    kinds = Counter(e.kind for e in events)
+    assert kinds["workflow:start"] == 1, (run, kinds)
+    finishes = [e.data.get("status") for e in events if e.kind == "workflow:finish"]
+    assert finishes == ["completed"], (run, finishes)
+    finished = Counter((e.node_id, e.activation) for e in events if e.kind == "node:finish")
+    assert finished == {(n, 1): 1 for n in NODES}, (run, finished)
+    started = {e.node_id for e in events if e.kind == "node:start"}
+    assert started == set(NODES), (run, started)
+    rebuilt = await history.context_at(run)
+    outputs = {k: v for k, v in final.items() if k.startswith("_outputs.")}
+    assert {k: v for k, v in rebuilt.items() if k.startswith("_outputs.")} == outputs, run
 
 
 async def all_published(redis: Any, keys: Sequence[str], seconds: float) -> None:

@@ -15,9 +15,9 @@ from flowcraft_azure import AzureAdapter
 from flowcraft_backends.crash_fleet import (
     WorkerProcesses,
     all_published,
-    blueprints,
     check_counters,
     check_exactly_once,
+    client_options,
 )
 
 from .azure_fleet import Settings
@@ -41,7 +41,7 @@ async def check_nothing_left(settings: Settings, client: AzureAdapter) -> None:
 
 async def test_two_workers_one_sigkilled_repeatedly(settings: Settings) -> None:
     workers = WorkerProcesses(FLEET, settings)
-    client = settings.adapter(blueprints())
+    client = settings.adapter(client_options(settings))
     try:
         runs = [await client.start_run("diamond") for _ in range(RUNS)]
         assert client.results is not None

@@ -20,9 +20,10 @@ from flowcraft_backends.crash_fleet import (
     NODES,
     READY,
     WorkerProcesses,
-    blueprints,
     check_effects,
+    check_history,
     check_results,
+    client_options,
     read_effects,
     restarter,
 )
@@ -76,6 +77,7 @@ async def check_exactly_once(
         assert set(state.values()) == {1}, (run, state)  # each node resolved exactly once
         assert len(state) == len(NODES)
     check_effects(settings.effects_path, runs)
+    await check_history(client, runs, settings.effects_path)
 
 
 async def effect_lines(path: str) -> int:
@@ -146,7 +148,7 @@ async def test_two_workers_one_sigkilled_repeatedly(
 ) -> None:
     settings = fleet_settings(miniflare_service, tmp_path, direct=False)
     workers = WorkerProcesses(FLEET, settings)
-    client = settings.adapter(blueprints())
+    client = settings.adapter(client_options(settings))
     killed_at: list[float] = []
     recoveries: list[float] = []
     spawn = workers.spawn
@@ -188,7 +190,7 @@ async def test_miniflare_restarted_mid_run(
     restart = restarter(miniflare_service)
     settings = fleet_settings(miniflare_service, tmp_path, direct=True)
     workers = WorkerProcesses(FLEET, settings)
-    client = settings.adapter(blueprints())
+    client = settings.adapter(client_options(settings))
     try:
         runs = list(await asyncio.gather(*(client.start_run("diamond") for _ in range(40))))
         await asyncio.sleep(1.0)

@@ -20,9 +20,9 @@ from flowcraft_backends import RunningService
 from flowcraft_backends.crash_fleet import (
     WorkerProcesses,
     all_published,
-    blueprints,
     check_counters,
     check_exactly_once,
+    client_options,
     restarter,
 )
 from flowcraft_gcp import GcpAdapter
@@ -83,7 +83,7 @@ async def check_nothing_left(settings: Settings, client: GcpAdapter) -> None:
 
 async def test_two_workers_one_sigkilled_repeatedly(fleet: Settings) -> None:
     workers = WorkerProcesses(FLEET, fleet)
-    client = fleet.adapter(blueprints())
+    client = fleet.adapter(client_options(fleet))
     try:
         runs = [await client.start_run("diamond") for _ in range(RUNS)]
         kills = await workers.kill_one_repeatedly(published(client, runs), seed=5, max_kills=8)
@@ -105,7 +105,7 @@ async def test_redis_restart_mid_run_loses_nothing(
     back and delivered again by Pub/Sub) and every run completes once."""
     restart = restarter(redis_service)
     workers = WorkerProcesses(FLEET, fleet)
-    client = fleet.adapter(blueprints())
+    client = fleet.adapter(client_options(fleet))
     try:
         runs = [await client.start_run("diamond") for _ in range(RUNS)]
         await asyncio.sleep(2.0)

@@ -19,9 +19,9 @@ from flowcraft_backends import RunningService
 from flowcraft_backends.crash_fleet import (
     WorkerProcesses,
     all_published,
-    blueprints,
     check_counters,
     check_exactly_once,
+    client_options,
 )
 from flowcraft_kafka import CassandraClient, KafkaAdapter, create_schema, create_topics
 
@@ -103,7 +103,7 @@ async def check_nothing_left(settings: Settings, client: KafkaAdapter) -> None:
 
 async def test_two_workers_one_sigkilled_repeatedly(fleet: Settings) -> None:
     workers = WorkerProcesses(FLEET, fleet)
-    client = fleet.adapter(blueprints())
+    client = fleet.adapter(client_options(fleet))
     codes: list[int | None] = []
     try:
         runs = [await client.start_run("diamond") for _ in range(RUNS)]

@@ -20,7 +20,9 @@ from flowcraft_backends.crash_fleet import (
     WorkerProcesses,
     blueprints,
     check_effects,
+    check_history,
     check_results,
+    client_options,
     restarter,
     run_worker,
 )
@@ -105,6 +107,7 @@ async def check_exactly_once(settings: Settings, client: RabbitMQAdapter, runs: 
         assert set(resolved.values()) == {1}, (row["run_id"], resolved)
         assert state["_flowcraft.status"]["status"] == "completed"
     check_effects(settings.effects_path, runs)
+    await check_history(client, runs, settings.effects_path)
 
 
 async def check_nothing_left(settings: Settings, client: RabbitMQAdapter) -> None:
@@ -139,7 +142,7 @@ async def check_nothing_left(settings: Settings, client: RabbitMQAdapter) -> Non
 
 async def test_two_workers_one_sigkilled_repeatedly(fleet: Settings) -> None:
     workers = WorkerProcesses(FLEET, fleet)
-    client = fleet.adapter(blueprints())
+    client = fleet.adapter(client_options(fleet))
     try:
         runs = [await client.start_run("diamond") for _ in range(RUNS)]
         done = wait_all(client, runs, 240)
@@ -156,7 +159,7 @@ async def test_broker_restart_mid_run_loses_nothing(
     fleet: Settings, rabbitmq_service: RunningService
 ) -> None:
     restart = restarter(rabbitmq_service)
-    client = fleet.adapter(blueprints())
+    client = fleet.adapter(client_options(fleet))
     worker_tasks = [asyncio.ensure_future(run_worker(fleet)) for _ in range(2)]
     try:
         runs = [await client.start_run("diamond") for _ in range(RUNS // 2)]

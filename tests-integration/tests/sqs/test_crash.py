@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from flowcraft_backends import RunningService
-from flowcraft_backends.crash_fleet import WorkerProcesses, blueprints, check_exactly_once
+from flowcraft_backends.crash_fleet import WorkerProcesses, check_exactly_once, client_options
 from flowcraft_sqs import AwsClients, SqsAdapter, create_queues, create_table
 
 from .sqs_fleet import Settings
@@ -89,7 +89,7 @@ async def check_nothing_left(client: SqsAdapter) -> None:
 
 async def test_two_workers_one_sigkilled_repeatedly(fleet: Settings) -> None:
     workers = WorkerProcesses(FLEET, fleet)
-    client = fleet.adapter(blueprints())
+    client = fleet.adapter(client_options(fleet))
     try:
         runs = [await client.start_run("diamond") for _ in range(RUNS)]
         done = wait_all(client, runs, 240)
