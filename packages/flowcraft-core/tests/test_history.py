@@ -485,3 +485,44 @@ async def test_a_killed_processs_queued_events_are_recovered_from_its_spool(
         await recorder.aclose()
         assert list(spool.glob("*.spool")) == []  # everything stored: its own file goes
         assert len(await store.events("spooled")) == 100
+
+
+def test_a_spool_line_reads_back_as_its_event(tmp_path: Path) -> None:
+    """The spool builds its lines by hand (the job path's cost): whatever an event
+    holds, the line reads back as the same event, its data's text the store's."""
+    from flowcraft.history._records import dumps_data, loads_data, record_of
+    from flowcraft.history._spool import Spool
+    from flowcraft.history._spool import read as read_spool
+
+    circular: dict[str, Any] = {}
+    circular["self"] = circular
+    events = [
+        FlowEvent("workflow:start", "r\"\\'\u2603\ud800\x00", None, {"context": {"a": 1}}),
+        FlowEvent(
+            "context:change",
+            "r1",
+            "n\x1f\u00e9",
+            {"activation": 2, "key": "k\ud800", "value": float("nan"), "op": "set"},
+        ),
+        FlowEvent("node:start", "r1", "n", {"activation": 1, "attempt": 3, "input": {1, 2}}),
+        FlowEvent("node:finish", "r1", "n", {"activation": 1, "output": circular}),
+    ]
+    spool = Spool(tmp_path)
+    records = [record_of(e, "host\u2603:1") for e in events]
+    for r in records:
+        spool.append(r)
+    spool.close(remove=False)
+    back = read_spool(spool.path)
+    assert len(back) == len(records)
+    for r, b in zip(records, back, strict=True):
+        assert (b.run_id, b.kind, b.key, b.node_id) == (r.run_id, r.kind, r.key, r.node_id)
+        assert (b.activation, b.attempt, b.at, b.worker) == (
+            r.activation,
+            r.attempt,
+            r.at,
+            r.worker,
+        )
+        assert r.text == dumps_data(r.data)
+        assert loads_data(r.text) == b.data or r.kind == "context:change"  # NaN != NaN
+    assert back[2].data["input"] == [1, 2]
+    assert isinstance(back[3].data, dict)

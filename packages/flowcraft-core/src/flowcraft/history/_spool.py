@@ -9,10 +9,11 @@ import json
 import logging
 import os
 import uuid
+from json.encoder import encode_basestring_ascii as _string
 from pathlib import Path
 from typing import Any
 
-from flowcraft.history._records import _ASCII, HistoryEvent, dumps_data
+from flowcraft.history._records import HistoryEvent, dumps_data
 
 logger = logging.getLogger("flowcraft.history")
 
@@ -38,12 +39,23 @@ class Spool:
         self.path = self.folder / f"{name}{SUFFIX}"
         hidden.rename(self.path)
         self.size = 0
+        self._workers: dict[str, str] = {}  # a worker name's JSON (one name, usually)
 
     def append(self, e: HistoryEvent) -> None:
-        """Write the event's line (its data's JSON kept on it for the store)."""
+        """Write the event's line (its data's JSON kept on it for the store). The line
+        is the JSON array :func:`read` takes, built by hand: on the job path, a
+        general encoder's set-up per event cost more than the write."""
         text = e.text = dumps_data(e.data)
-        head = _ASCII.encode([e.run_id, e.kind, e.key, e.node_id, e.activation, e.attempt, e.at])
-        line = f"{head[:-1]},{_ASCII.encode(e.worker)},{text}]\n"
+        worker = self._workers.get(e.worker)
+        if worker is None:
+            worker = self._workers[e.worker] = _string(e.worker)
+        node = "null" if e.node_id is None else _string(e.node_id)
+        activation = "null" if e.activation is None else str(int(e.activation))
+        attempt = "null" if e.attempt is None else str(int(e.attempt))
+        line = (
+            f"[{_string(e.run_id)},{_string(e.kind)},{_string(e.key)},{node},{activation},"
+            f"{attempt},{float(e.at)!r},{worker},{text}]\n"
+        )
         self.size += os.write(self.fd, line.encode())
 
     def empty(self) -> None:
@@ -98,7 +110,7 @@ def read(path: Path) -> list[HistoryEvent]:
                     attempt=r[5],
                     at=r[6],
                     worker=r[7],
-                    data=r[8],
+                    data=r[8] if isinstance(r[8], dict) else {"value": r[8]},  # as stored
                 )
             )
         except (ValueError, TypeError, IndexError, KeyError):
