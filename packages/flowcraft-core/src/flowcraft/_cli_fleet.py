@@ -8,7 +8,8 @@ package's entry point, see :mod:`flowcraft.adapters`), ``--url``/``--queue``/
 Exit codes: 0 done (a run completed; a worker stopped after draining), 1 failed (a run
 failed or was cancelled; a worker's backend failed), 2 bad input or settings,
 3 the run waits for a resume, 4 gave up (``--timeout`` passed; a worker's drain
-exceeded ``--grace`` and abandoned its jobs in hand to the queue).
+exceeded ``--grace`` and abandoned its jobs in hand to the queue), 5 a signal was
+refused (no wait for its event took it).
 """
 
 from __future__ import annotations
@@ -53,11 +54,11 @@ from flowcraft.cli import (
 )
 from flowcraft.distributed import BaseDistributedAdapter, FinalResult
 from flowcraft.distributed import keys as K
-from flowcraft.errors import FlowcraftError, UnknownBlueprintError
+from flowcraft.errors import FlowcraftError, RunConflictError, UnknownBlueprintError
 from flowcraft.flow import Flow
 from flowcraft.runtime import RuntimeOptions
 
-__all__ = ["EXIT_GAVE_UP", "load_flows", "serve"]
+__all__ = ["EXIT_GAVE_UP", "EXIT_REFUSED", "load_flows", "serve"]
 
 logger = logging.getLogger("flowcraft.worker")
 
@@ -772,6 +773,7 @@ def status(
                     "status": info.status,
                     "errors": info.errors,
                     "waiting": info.waiting,
+                    "timers": info.timers,
                 },
                 indent=None,
             )
@@ -782,7 +784,30 @@ def status(
             click.echo(f"  error: {error.get('nodeId') or 'run'}: {error.get('message', error)}")
         if info.waiting:
             click.echo(f"  waiting: {', '.join(info.waiting)}")
+        for timer in info.timers:
+            click.echo(f"  {_timer_line(timer)}")
     raise SystemExit(EXIT_FAILED if info.status == "unknown" else EXIT_COMPLETED)
+
+
+def _when(epoch: Any) -> str:
+    """An epoch time for people: UTC, to the second, and how far away it is."""
+    if not isinstance(epoch, int | float):
+        return "?"
+    at = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(epoch))
+    left = epoch - time.time()
+    return f"{at} (in {left:.0f} s)" if left >= 0 else f"{at} (due {-left:.0f} s ago)"
+
+
+def _timer_line(timer: dict[str, Any]) -> str:
+    node = timer.get("nodeId")
+    if timer.get("kind") == "sleep":
+        return f"sleeping: {node} until {_when(timer.get('until'))}"
+    event = timer.get("event")
+    line = f"waiting for event: {event} at {node}" if event else f"waiting: {node}"
+    if timer.get("token") is not None:
+        line += f", token {timer['token']}"
+    until = timer.get("until")
+    return line + (f", timeout at {_when(until)}" if until is not None else ", no timeout")
 
 
 @click.command()
@@ -853,6 +878,91 @@ def resume_distributed(
         click.echo(_to_json({"runId": run_id, "resumed": True}, indent=None))
     else:
         click.echo(f"run {run_id}: resumed")
+    raise SystemExit(EXIT_COMPLETED)
+
+
+EXIT_REFUSED = 5
+
+
+class _Refused(click.ClickException):
+    """A signal no wait took: one line, exit 5 (a sender may try again later)."""
+
+    exit_code = EXIT_REFUSED
+
+
+def _payload_arg(text: str | None) -> Any:
+    """``--payload``: any JSON value, or ``@file`` holding one."""
+    if text is None:
+        return None
+    where = "--payload"
+    if text.startswith("@"):
+        where = f"--payload {text}"
+        try:
+            text = Path(text[1:]).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            _bad(f"cannot read --payload file: {exc}")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        _bad(f"{where} is not valid JSON ({exc}); quote strings, e.g. '\"yes\"'")
+
+
+@click.command("signal")
+@click.argument("target", metavar="RUN_OR_TOKEN")
+@click.argument("event")
+@adapter_options()
+@click.option("--payload", metavar="JSON|@FILE", help="The wait's output: a JSON value.")
+@click.option(
+    "--token",
+    "by_token",
+    is_flag=True,
+    help="RUN_OR_TOKEN is a correlation token: never take it as a run id.",
+)
+@_JSON
+def signal_(
+    target: str,
+    event: str,
+    fleet: FleetTarget,
+    payload: str | None,
+    by_token: bool,
+    as_json: bool,
+) -> None:
+    """Deliver the external EVENT to the wait that waits for it (Flow.wait_for), in
+    the run whose wait holds the token RUN_OR_TOKEN, or else the run with that id.
+
+    Idempotent: the same signal (event and payload) again is told it was already
+    applied. Exit status: 0 resumed (or already resumed by this same signal), 2 bad
+    input, 5 refused: nothing waits for EVENT there (not yet, or another signal, a
+    resume or the timeout resolved the wait, or the run ended), or no run has that
+    token (with --token) or id.
+    """
+    value = _payload_arg(payload)
+    built, *_ = _adapter(fleet)
+
+    async def go() -> bool:
+        claimed = await built.coordination_store.get(K.token(built.key_prefix, target))
+        if claimed is None:
+            if by_token:
+                raise _Refused(f"no waiting run holds the token {target!r} (not yet, or gone)")
+            if await built.create_context(target).get(K.META) is None:
+                raise _Refused(f"no run has the id or a wait with the token {target!r}")
+        try:
+            return await built.signal(target, event, value)
+        except RunConflictError as exc:
+            raise _Refused(str(exc)) from None
+
+    applied = _run_with(built, go)
+    if as_json:
+        click.echo(
+            _to_json(
+                {"target": target, "event": event, "resumed": applied, "duplicate": not applied},
+                indent=None,
+            )
+        )
+    elif applied:
+        click.echo(f"{target}: {event}: resumed")
+    else:
+        click.echo(f"{target}: {event}: already resumed by this same signal (nothing done)")
     raise SystemExit(EXIT_COMPLETED)
 
 
@@ -1078,5 +1188,5 @@ async def _dead_letter_op(op: Callable[[Any], Awaitable[int]], limit: int | None
         _bad(str(exc))
 
 
-for _command in (worker, start, status, wait, cancel, reconcile, runs, dead_letters):
+for _command in (worker, start, status, wait, cancel, signal_, reconcile, runs, dead_letters):
     main.add_command(_command)
