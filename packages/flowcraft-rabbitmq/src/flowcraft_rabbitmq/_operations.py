@@ -1,5 +1,6 @@
 """What ``flowcraft`` operators do to a RabbitMQ fleet besides running it: requeue or
-purge the dead-letter queue, and read the depth of the work and delay queues."""
+purge the dead-letter queue, read the depth of the work and delay queues, and list
+the active runs."""
 
 from __future__ import annotations
 
@@ -7,8 +8,19 @@ from typing import TYPE_CHECKING, cast
 
 from aio_pika.abc import AbstractIncomingMessage
 
+from flowcraft.distributed import keys as K
+
 if TYPE_CHECKING:
     from flowcraft_rabbitmq.adapter import RabbitMQAdapter
+
+# Read only (the reconciler's claim writes reconciled_at; this does not), on the
+# partial index of unfinished runs (updated_at WHERE result IS NULL). ``{runs}`` is
+# the validated, quoted table name; the status key and the limit are parameters.
+_ACTIVE_RUNS = (
+    "SELECT run_id FROM {runs} WHERE result IS NULL "
+    "AND coalesce((state ->> $1)::jsonb ->> 'status', '') <> 'awaiting' "
+    "ORDER BY updated_at LIMIT $2"
+)
 
 
 class Operations:
@@ -66,6 +78,15 @@ class Operations:
         broker = _me(self).broker
         depths = await broker.depths()
         return sum(n for name, n in depths.items() if name != broker.topology.dead_queue)
+
+    async def active_runs(self, limit: int = 100) -> list[str]:
+        """Unfinished runs that do not wait for a resume, least recently changed first,
+        from the runs table (``flowcraft runs``); claims and changes nothing."""
+        store = _me(self).store
+        pool = await store.pool()
+        query = _ACTIVE_RUNS.format(runs=store.names.runs)
+        rows = await pool.fetch(query, K.STATUS, int(limit))
+        return [str(row[0]) for row in rows]
 
 
 def _me(mixin: Operations) -> RabbitMQAdapter:
