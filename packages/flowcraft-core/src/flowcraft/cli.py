@@ -9,7 +9,8 @@ Exit codes: 0 completed, 1 failed (or cancelled/stalled), 2 bad input or usage,
 3 awaiting (a wait node paused the run; ``flowcraft resume`` continues it).
 
 ``flowcraft worker`` and the run commands on a fleet (``start``, ``status``, ``wait``,
-``cancel``, ``resume RUN``, ``reconcile``, ``dead-letters``) live in ``_cli_fleet.py``.
+``cancel``, ``resume RUN``, ``signal``, ``reconcile``, ``runs``, ``dead-letters``) live
+in ``_cli_fleet.py``.
 """
 
 from __future__ import annotations
