@@ -238,7 +238,7 @@ def test_resume_a_waiting_run_and_reconcile_it(fleet: Fleet) -> None:
     assert context["_outputs.ship"] == "shipped (by Ada)"
     assert "_outputs.drop" not in context
     twice = fleet.run("resume", run_id, "--action", "no")
-    assert twice.returncode == 2
+    assert twice.returncode == 5  # refused: the run has ended
     assert "has ended (completed)" in twice.stderr
 
 

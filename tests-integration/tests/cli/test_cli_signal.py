@@ -192,6 +192,10 @@ def test_signal_resumes_a_wait_once_and_refuses_what_no_wait_takes(
     rival = fleet.cli("signal", order, "paid", "--payload", '{"tx": "T-2"}')
     assert rival.returncode == 5
     assert "nothing waits" in rival.stderr
+    # so is a resume of the wait the signal resolved (exit 5, as signal's refusals)
+    late_resume = fleet.cli("resume", run_id, "--action", "paid")
+    assert late_resume.returncode == 5, late_resume.stderr
+    assert "nothing to resume" in late_resume.stderr
 
     # a wait whose timeout fired (it took the timeout edge) refuses a late signal
     timed_out = fleet.cli("wait", late_run, "--json", "--timeout", "30")

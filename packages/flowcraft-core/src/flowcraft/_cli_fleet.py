@@ -857,6 +857,16 @@ def cancel(
     raise SystemExit(EXIT_COMPLETED if final == "cancelled" else EXIT_FAILED)
 
 
+EXIT_REFUSED = 5
+
+
+class _Refused(click.ClickException):
+    """A resume or signal the run did not take (another resolved the wait first, or
+    no wait is there yet): one line, exit 5 (a sender may try again later)."""
+
+    exit_code = EXIT_REFUSED
+
+
 def resume_distributed(
     run_id: str,
     fleet: FleetTarget,
@@ -873,21 +883,19 @@ def resume_distributed(
         except json.JSONDecodeError as exc:
             _bad(f"--output is not valid JSON ({exc}); quote strings, e.g. '\"yes\"'")
     built, *_ = _adapter(fleet)
-    _run_with(built, lambda: built.resume_with_action(run_id, action, value, node_id=node_id))
+
+    async def go() -> None:
+        try:
+            await built.resume_with_action(run_id, action, value, node_id=node_id)
+        except RunConflictError as exc:
+            raise _Refused(str(exc)) from None
+
+    _run_with(built, go)
     if as_json:
         click.echo(_to_json({"runId": run_id, "resumed": True}, indent=None))
     else:
         click.echo(f"run {run_id}: resumed")
     raise SystemExit(EXIT_COMPLETED)
-
-
-EXIT_REFUSED = 5
-
-
-class _Refused(click.ClickException):
-    """A signal no wait took: one line, exit 5 (a sender may try again later)."""
-
-    exit_code = EXIT_REFUSED
 
 
 def _payload_arg(text: str | None) -> Any:
