@@ -93,7 +93,8 @@ async def test_two_workers_one_sigkilled_repeatedly(fleet: Settings) -> None:
     try:
         runs = [await client.start_run("diamond") for _ in range(RUNS)]
         done = wait_all(client, runs, 240)
-        kills = await workers.kill_one_repeatedly(done, seed=7, max_kills=6)
+        # Its 8 runs are too few to wait for each new worker to work before its kill.
+        kills = await workers.kill_one_repeatedly(done, seed=7, max_kills=6, until_working=False)
         print(workers.report(RUNS, kills))
         assert kills >= 3, f"the runs finished after {kills} kills; the test needs more work"
         await check_exactly_once(client, runs, fleet.effects_path)
