@@ -137,6 +137,28 @@ async def test_dead_letters_keep_the_reason(inbox: Inbox) -> None:
     assert (stats.ready, stats.hidden, stats.dead) == (0, 0, 1)
 
 
+async def test_dead_letters_are_requeued_and_purged(inbox: Inbox) -> None:
+    """Requeue moves the oldest letters back among the messages (new ids, one atomic
+    step); purge deletes by ids, by count, or all."""
+    await inbox.send(["a", "b", "c", "d"])
+    for message in await pull_all(inbox, 4):
+        assert await inbox.dead_letter(message, f"bad {message.body}")
+    parked = {letter.body: letter.message_id for letter in await inbox.dead_letters()}
+    assert set(parked) == {"a", "b", "c", "d"}
+    assert await inbox.requeue_dead(2) == 2
+    back = await inbox.pull(10, visibility_seconds=30)
+    assert len(back) == 2
+    assert {m.id for m in back}.isdisjoint(parked.values()), "requeued under new ids"
+    assert {m.attempts for m in back} == {1}, "a requeued job starts its count again"
+    left = {letter.body for letter in await inbox.dead_letters()}
+    assert left == {"a", "b", "c", "d"} - {m.body for m in back}
+    assert await inbox.purge_dead(ids=[parked[next(iter(left))]]) == 1
+    assert await inbox.purge_dead(ids=["no-such-letter"]) == 0
+    assert await inbox.purge_dead() == 1
+    assert await inbox.dead_letters() == []
+    assert await inbox.requeue_dead(5) == 0
+
+
 async def test_a_message_over_128_kb_is_refused_before_sending(inbox: Inbox) -> None:
     with pytest.raises(WorkerError, match=r"128000"):
         await inbox.send(["x" * MAX_MESSAGE_BYTES])

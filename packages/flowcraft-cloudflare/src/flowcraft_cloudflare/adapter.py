@@ -438,6 +438,28 @@ class CloudflareAdapter(PullingAdapter[InboxMessage]):
             for letter in await self.inbox.dead_letters(limit)
         ]
 
+    async def requeue_dead_letters(self, limit: int = 100) -> int:
+        """Inbox: moved back among the inbox's messages in one atomic step. HTTP pull:
+        each sent to the Cloudflare Queue, then removed (a crash in between duplicates
+        a job, never loses one)."""
+        if self.pull_consumer is None:
+            return await self.inbox.requeue_dead(limit)
+        letters = await self.inbox.dead_letters(limit)
+        if letters:
+            await self.pull_consumer.send([letter.body for letter in letters])
+            await self.inbox.purge_dead(ids=[letter.message_id for letter in letters])
+        return len(letters)
+
+    async def purge_dead_letters(self, limit: int | None = None) -> int:
+        return await self.inbox.purge_dead(limit)
+
+    async def queue_depth(self) -> int | None:
+        """Inbox: the messages ready to be pulled (delayed ones and those in hand are not
+        told apart). HTTP pull: None (Cloudflare's API gives no backlog here)."""
+        if self.pull_consumer is not None:
+            return None
+        return (await self.inbox.stats()).ready
+
     async def close(self) -> None:
         """Close the Worker client if this adapter made it (after abandoned pulls
         gave back what they took and waiting marks were sent)."""

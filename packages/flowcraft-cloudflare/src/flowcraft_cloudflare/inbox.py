@@ -182,6 +182,16 @@ class Inbox:
             for row in answer["letters"]
         ]
 
+    async def requeue_dead(self, limit: int) -> int:
+        """Move up to ``limit`` dead letters back among the messages (one atomic step)."""
+        answer = await self._call("requeue_dead", limit=limit)
+        return int(answer["requeued"])
+
+    async def purge_dead(self, limit: int | None = None, ids: list[str] | None = None) -> int:
+        """Delete the dead letters named by ``ids``, else up to ``limit`` (None: all)."""
+        answer = await self._call("purge_dead", limit=limit, ids=ids)
+        return int(answer["purged"])
+
     async def stats(self) -> InboxStats:
         answer = await self._call("stats")
         return InboxStats(int(answer["ready"]), int(answer["hidden"]), int(answer["dead"]))

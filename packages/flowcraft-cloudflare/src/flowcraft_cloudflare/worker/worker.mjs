@@ -713,6 +713,48 @@ export class FlowcraftInbox extends DurableObject {
     return { parked: items.length };
   }
 
+  /** Put up to `limit` dead letters (the oldest first) back among the messages, under
+   * new ids, in one transaction: a letter is parked or queued again, never both or
+   * neither. */
+  requeueDead(limit) {
+    const now = Date.now();
+    const requeued = this.ctx.storage.transactionSync(() => {
+      const rows = this.sql
+        .exec("SELECT id, body FROM dead ORDER BY at, id LIMIT ?", limit)
+        .toArray();
+      for (const row of rows) {
+        this.sql.exec(
+          "INSERT INTO msgs (id, body, visible, sent) VALUES (?, ?, ?, ?)",
+          crypto.randomUUID(),
+          row.body,
+          now,
+          now,
+        );
+        this.sql.exec("DELETE FROM dead WHERE id = ?", row.id);
+      }
+      return rows.length;
+    });
+    if (requeued) this.wake();
+    return { requeued };
+  }
+
+  /** Delete dead letters: those named by `ids`, else up to `limit` of the oldest (all
+   * when `limit` is null). */
+  purgeDead(limit, ids) {
+    return this.ctx.storage.transactionSync(() => {
+      const rows = Array.isArray(ids)
+        ? ids.map((id) => ({ id: str(id, "id") }))
+        : limit === null
+          ? this.sql.exec("SELECT id FROM dead").toArray()
+          : this.sql.exec("SELECT id FROM dead ORDER BY at, id LIMIT ?", limit).toArray();
+      let purged = 0;
+      for (const row of rows) {
+        purged += this.sql.exec("DELETE FROM dead WHERE id = ?", row.id).rowsWritten > 0 ? 1 : 0;
+      }
+      return { purged };
+    });
+  }
+
   deadLetters(limit) {
     const rows = this.sql
       .exec("SELECT id, body, reason, attempts, at FROM dead ORDER BY at, id LIMIT ?", limit)
@@ -839,6 +881,13 @@ async function inboxCall(env, request) {
       return stub.park(request.items ?? []);
     case "dead_letters":
       return stub.deadLetters(Math.min(Math.max(request.limit ?? 100, 1), 1000));
+    case "requeue_dead":
+      return stub.requeueDead(Math.min(Math.max(request.limit ?? 100, 1), 1000));
+    case "purge_dead":
+      return stub.purgeDead(
+        request.limit === null || request.limit === undefined ? null : Math.max(request.limit, 0),
+        request.ids ?? null,
+      );
     case "stats":
       return stub.stats();
     case "purge":
