@@ -388,6 +388,14 @@ async def check_history(
                     if time.monotonic() > deadline:
                         raise
                     await asyncio.sleep(0.5)
+        emitters: Counter[str] = Counter()
+        for run in runs:
+            emitters.update(e.worker for e in await history.events(run))
+    print(
+        f"\nhistory of {len(runs)} runs complete and duplicate-free: "
+        f"{sum(emitters.values())} events from {len(emitters)} processes "
+        f"(events per process: {sorted(emitters.values())})"
+    )
 
 
 async def _check_run_history(history: History, run: str, final: dict[str, Any]) -> None:
