@@ -12,10 +12,15 @@ from pathlib import Path
 import pytest
 
 from flowcraft_backends import RunningService
-from flowcraft_backends.crash_fleet import WorkerProcesses, blueprints, restarter
+from flowcraft_backends.crash_fleet import (
+    WorkerProcesses,
+    all_published,
+    check_exactly_once,
+    client_options,
+    restarter,
+)
 
 from .azure_fleet import Settings
-from .test_crash import all_published, check_exactly_once
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -28,15 +33,17 @@ async def test_redis_restart_mid_run_loses_nothing(
 ) -> None:
     restart = restarter(redis_service)
     workers = WorkerProcesses(FLEET, settings)
-    client = settings.adapter(blueprints())
+    client = settings.adapter(client_options(settings))
     try:
         runs = [await client.start_run("diamond") for _ in range(RUNS)]
         await asyncio.sleep(3.0)
         assert await client.get_final_result(runs[-1]) is None, "the runs finished too soon"
         await asyncio.to_thread(restart)
         more = [await client.start_run("diamond") for _ in range(5)]
-        await all_published(client, runs + more, 300)
-        await check_exactly_once(settings, client, runs + more)
+        assert client.results is not None
+        keys = [client.results.key(r) for r in runs + more]
+        await all_published(client.results._client, keys, 300)
+        await check_exactly_once(client, runs + more, settings.effects_path)
     finally:
         codes = await workers.stop()
         await client.aclose()

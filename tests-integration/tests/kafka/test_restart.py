@@ -13,11 +13,17 @@ from pathlib import Path
 import pytest
 
 from flowcraft_backends import RunningService
-from flowcraft_backends.crash_fleet import WorkerProcesses, blueprints, restarter
+from flowcraft_backends.crash_fleet import (
+    WorkerProcesses,
+    all_published,
+    check_exactly_once,
+    client_options,
+    restarter,
+)
 from flowcraft_kafka import KafkaAdapter
 
 from .kafka_fleet import Settings
-from .test_crash import _until_published, check_exactly_once, fleet  # noqa: F401 (fixture)
+from .test_crash import fleet  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.slow
 
@@ -46,15 +52,16 @@ async def test_backend_restart_mid_run_loses_nothing(
     service: RunningService = request.getfixturevalue(f"{backend}_service")
     restart = restarter(service)
     workers = WorkerProcesses(FLEET, fleet)
-    client = fleet.adapter(blueprints())
+    client = fleet.adapter(client_options(fleet))
     try:
         runs = [await client.start_run("diamond") for _ in range(RUNS)]
         await asyncio.sleep(2.0)
         assert await client.get_final_result(runs[-1]) is None, "the runs finished too soon"
         await asyncio.to_thread(restart)
         more = [await start_retrying(client) for _ in range(5)]
-        await _until_published(client, runs + more, fleet.effects_path, [])
-        await check_exactly_once(fleet, client, runs + more)
+        keys = [client.results.key(r) for r in runs + more]
+        await all_published(client.redis, keys, 420)
+        await check_exactly_once(client, runs + more, fleet.effects_path)
     finally:
         codes = await workers.stop()
         await client.aclose()
