@@ -18,6 +18,7 @@ from flowcraft_backends._service import (
     RestartUnsupported,
     RunningService,
     Service,
+    wait_for,
 )
 
-__all__ = ["BackendUnavailable", "RestartUnsupported", "RunningService", "Service"]
+__all__ = ["BackendUnavailable", "RestartUnsupported", "RunningService", "Service", "wait_for"]

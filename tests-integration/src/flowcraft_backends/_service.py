@@ -511,3 +511,13 @@ class ToolService(Service):
 
     def is_installed(self) -> bool:
         return self.executable().is_file()
+
+
+def wait_for(check: Callable[[], object], what: str, timeout: float = 30.0) -> None:
+    """Poll ``check`` until it is truthy (for tests driving subprocesses, which write
+    files or answer commands); fail naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)

@@ -20,7 +20,7 @@ import pytest
 from click.testing import CliRunner
 
 from flowcraft.cli import main
-from flowcraft_backends import RunningService
+from flowcraft_backends import RunningService, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -104,14 +104,6 @@ class Fleet:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
-
-
-def wait_for(check: object, what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():  # type: ignore[operator]
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
 
 
 @pytest.fixture
