@@ -141,9 +141,15 @@ async def kafka_namespace(
 
 
 async def delete_topics(config: dict[str, Any], topics: list[str]) -> None:
+    """The admin client must outlive its futures: a client collected while a request
+    is out purges the answers, and the futures never resolve (a teardown once hung
+    for 300 s on that)."""
     from confluent_kafka.admin import AdminClient
 
-    futures = AdminClient(config).delete_topics(topics, request_timeout=30)
-    for future in futures.values():
-        with contextlib.suppress(Exception):
-            await asyncio.wrap_future(future)
+    admin = AdminClient(config)
+    futures = admin.delete_topics(topics, request_timeout=30)
+    async with asyncio.timeout(40):
+        for future in futures.values():
+            with contextlib.suppress(Exception):
+                await asyncio.wrap_future(future)
+    del admin

@@ -99,6 +99,7 @@ async def create_topics(
 
     settings: dict[str, Any] = {**config, "logger": _client_logger("admin")}
     admin = AdminClient(settings)
+    names = list(dict.fromkeys(topics))
     wanted = [
         NewTopic(
             name,
@@ -106,17 +107,27 @@ async def create_topics(
             replication_factor=replication_factor,
             config=dict(topic_config or {}),
         )
-        for name in dict.fromkeys(topics)
+        for name in names
     ]
     futures = admin.create_topics(wanted, request_timeout=request_seconds)
-    for name, future in futures.items():
-        try:
-            await asyncio.wrap_future(future)
-        except KafkaException as exc:
-            error = exc.args[0] if exc.args else None
-            if getattr(error, "code", lambda: None)() != KafkaError.TOPIC_ALREADY_EXISTS:
-                raise
-        logger.debug("topic %s ready", name)
+    # ``admin`` stays referenced until every answer is in: a collected client purges
+    # them and its futures never resolve. The deadline covers a lost answer too.
+    try:
+        async with asyncio.timeout(request_seconds + 10):
+            for name, future in futures.items():
+                try:
+                    await asyncio.wrap_future(future)
+                except KafkaException as exc:
+                    error = exc.args[0] if exc.args else None
+                    if getattr(error, "code", lambda: None)() != KafkaError.TOPIC_ALREADY_EXISTS:
+                        raise
+                logger.debug("topic %s ready", name)
+    except TimeoutError:
+        raise TimeoutError(
+            f"creating topics {names}: no answer from Kafka in {request_seconds + 10:g} s"
+        ) from None
+    finally:
+        del admin
 
 
 class JobProducer:
