@@ -45,7 +45,8 @@ def test_testing_kit_exports_the_store_suite() -> None:
 HISTORY = {
     "SCHEMA_VERSION", "History", "HistoryError", "HistoryEvent", "HistoryRecorder",
     "HistoryStore", "PostgresHistoryStore", "RunSummary", "SqliteHistoryStore", "Step",
-    "event_key", "open_store", "recent_runs",
+    "event_key", "open_store", "recent_runs", "DEFAULT_MAX_VALUE_BYTES", "TRUNCATED_KEY",
+    "PurgeResult", "RebuiltContext", "Truncated", "truncated",
 }  # fmt: skip
 
 

@@ -5,14 +5,18 @@ Record by giving a :class:`HistoryRecorder` as the event bus of a ``FlowRuntime`
 an adapter (and, on a fleet, ``recorder.instrument(adapter)``); read with
 :class:`History`. Stores: :class:`SqliteHistoryStore` (a file, no server) and
 :class:`PostgresHistoryStore` (the ``[postgres]`` extra, for fleets).
-``flowcraft history RUN`` prints a run's timeline.
+``flowcraft history RUN`` prints a run's timeline. Stores cap each stored value at
+``max_value_bytes`` (a :class:`Truncated` marker stands for a larger one) and
+``purge`` old or given runs (``flowcraft history purge``).
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from flowcraft.history._reader import History, Step, open_store, recent_runs
+from flowcraft.history._cap import DEFAULT_MAX_VALUE_BYTES, TRUNCATED_KEY, Truncated, truncated
+from flowcraft.history._purge import PurgeResult
+from flowcraft.history._reader import History, RebuiltContext, Step, open_store, recent_runs
 from flowcraft.history._recorder import HistoryRecorder
 from flowcraft.history._records import (
     SCHEMA_VERSION,
@@ -38,17 +42,23 @@ def __getattr__(name: str) -> object:
 
 
 __all__ = [
+    "DEFAULT_MAX_VALUE_BYTES",
     "SCHEMA_VERSION",
+    "TRUNCATED_KEY",
     "History",
     "HistoryError",
     "HistoryEvent",
     "HistoryRecorder",
     "HistoryStore",
     "PostgresHistoryStore",
+    "PurgeResult",
+    "RebuiltContext",
     "RunSummary",
     "SqliteHistoryStore",
     "Step",
+    "Truncated",
     "event_key",
     "open_store",
     "recent_runs",
+    "truncated",
 ]

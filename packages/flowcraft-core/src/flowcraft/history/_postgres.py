@@ -3,8 +3,13 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Collection
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
+from flowcraft.history._cap import DEFAULT_MAX_VALUE_BYTES, cap_events
+from flowcraft.history._purge import Dialect, PurgeResult, Selection, purge_statements
 from flowcraft.history._records import (
     SCHEMA_VERSION,
     HistoryError,
@@ -23,6 +28,8 @@ if TYPE_CHECKING:
 
 __all__ = ["PostgresHistoryStore"]
 
+logger = logging.getLogger("flowcraft.history")
+
 _POSTGRES = {
     "lock": "SELECT pg_advisory_xact_lock(hashtext($1))",
     "meta_table": "CREATE TABLE IF NOT EXISTS {meta} (name TEXT PRIMARY KEY, value TEXT)",
@@ -39,6 +46,8 @@ _POSTGRES = {
     "status_at DOUBLE PRECISION NOT NULL, started_at DOUBLE PRECISION NOT NULL, "
     "updated_at DOUBLE PRECISION NOT NULL)",
     "runs_index": "CREATE INDEX IF NOT EXISTS {runs}_started ON {runs} (started_at)",
+    # A purge picks runs by their last event's time.
+    "runs_updated_index": "CREATE INDEX IF NOT EXISTS {runs}_updated ON {runs} (updated_at)",
     # One statement per batch: each column an array parameter.
     "insert_events": "INSERT INTO {events} (run_id, event_key, kind, node_id, activation, "
     "attempt, at, worker, data) SELECT * FROM unnest($1::text[], $2::text[], $3::text[], "
@@ -64,6 +73,14 @@ _POSTGRES = {
 }
 
 
+_DIALECT = Dialect(param=lambda n: f"${n}", in_ids="run_id = ANY({p}::text[])", ids=list)
+
+
+def _count(status: str) -> int:
+    """The row count of a command's status (``DELETE 12``)."""
+    return int(status.rsplit(" ", 1)[-1])
+
+
 def _asyncpg() -> Any:
     try:
         import asyncpg
@@ -77,7 +94,8 @@ def _asyncpg() -> Any:
 class PostgresHistoryStore:
     """History in PostgreSQL tables (``<prefix>_events``, ``_runs``, ``_meta``),
     created on first use. ``pool_options`` go to ``asyncpg.create_pool`` unchanged
-    (``ssl`` and the rest of the TLS settings among them); or give a ``pool``."""
+    (``ssl`` and the rest of the TLS settings among them); or give a ``pool``.
+    ``max_value_bytes`` caps each stored value as :class:`SqliteHistoryStore` does."""
 
     def __init__(
         self,
@@ -85,10 +103,14 @@ class PostgresHistoryStore:
         *,
         pool: asyncpg.Pool | None = None,
         table_prefix: str = "flowcraft_history",
+        max_value_bytes: int | None = DEFAULT_MAX_VALUE_BYTES,
         **pool_options: Any,
     ) -> None:
         if (dsn is None) == (pool is None):
             raise ValueError("give a dsn or a pool")
+        if max_value_bytes is not None and max_value_bytes < 1:
+            raise ValueError("max_value_bytes must be at least 1 (or None: no cap)")
+        self.max_value_bytes = max_value_bytes
         self._dsn = dsn
         self._pool: Any = pool
         self._owned = pool is None
@@ -132,6 +154,7 @@ class PostgresHistoryStore:
             await conn.execute(sql.events_table)
             await conn.execute(sql.runs_table)
             await conn.execute(sql.runs_index)
+            await conn.execute(sql.runs_updated_index)
 
     async def write(self, events: list[HistoryEvent]) -> int:
         """Insert each event unless its run holds its key already (one statement for
@@ -139,13 +162,14 @@ class PostgresHistoryStore:
         if not events:
             return 0
         pool = await self._connection_pool()
+        events = cap_events(events, self.max_value_bytes)
         columns = [list(c) for c in zip(*rows_of(events, plain=False), strict=True)]
         runs = list(zip(*_run_rows(events), strict=True))
         runs[0] = tuple(clean(r) for r in runs[0])
         async with pool.acquire() as conn, conn.transaction():
             status = await conn.execute(self._sql.insert_events, *columns)
             await conn.execute(self._sql.upsert_runs, *(list(c) for c in runs))
-        return int(status.rsplit(" ", 1)[-1])
+        return _count(status)
 
     async def events(self, run_id: str) -> list[HistoryEvent]:
         """The run's events, oldest first (by the emitters' clocks, then store order)."""
@@ -178,6 +202,50 @@ class PostgresHistoryStore:
             RunSummary(r["run_id"], r["blueprint_id"], r["status"] or "running", r[3], r[4])
             for r in rows
         ]
+
+    async def purge(
+        self,
+        *,
+        older_than: timedelta | float | None = None,
+        run_ids: Collection[str] | None = None,
+        include_unfinished: bool = False,
+        dry_run: bool = False,
+        batch_size: int = 1000,
+        now: float | None = None,
+    ) -> PurgeResult:
+        """Delete the history of old runs, of given runs, or of given runs that are
+        old, as :meth:`SqliteHistoryStore.purge` does: finished runs only unless
+        ``include_unfinished``, at most ``batch_size`` rows per transaction."""
+        if batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+        selection = Selection.of(older_than, run_ids, include_unfinished, now)
+        pool = await self._connection_pool()
+        st = purge_statements(_DIALECT, self._sql.tables, selection)
+        kept = 0
+        if not selection.include_unfinished:
+            kept = await pool.fetchval(st.count_unfinished, *st.unfinished_args)
+        if dry_run:
+            runs = await pool.fetchval(st.count_runs, *st.args)
+            events = await pool.fetchval(st.count_events, *st.args)
+            return PurgeResult(runs, events, kept, dry_run=True)
+        runs = events = 0
+        while True:
+            batch = [r[0] for r in await pool.fetch(st.batch, *st.args, batch_size)]
+            if not batch:
+                break
+            while True:  # the batch's events, a chunk per transaction
+                deleted = _count(await pool.execute(st.delete_chunk, batch, batch_size))
+                events += deleted
+                if deleted < batch_size:
+                    break
+            async with pool.acquire() as conn, conn.transaction():
+                gone = [r[0] for r in await conn.fetch(st.delete_runs, batch, *st.args)]
+                events += _count(await conn.execute(st.delete_rest, gone))
+            runs += len(gone)
+            if not gone:  # selected, then no longer selected: changed meanwhile
+                logger.warning("history purge: %d runs changed while purged; kept", len(batch))
+                break
+        return PurgeResult(runs, events, kept)
 
     async def drop(self) -> None:
         """Drop the history tables (tests; a fresh start)."""

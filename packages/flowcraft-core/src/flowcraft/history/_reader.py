@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from flowcraft.history._cap import DEFAULT_MAX_VALUE_BYTES, Truncated, truncated
 from flowcraft.history._records import (
     HistoryEvent,
     HistoryStore,
@@ -17,7 +18,7 @@ from flowcraft.history._records import (
     status_of,
 )
 
-__all__ = ["History", "Step", "open_store", "recent_runs"]
+__all__ = ["History", "RebuiltContext", "Step", "open_store", "recent_runs"]
 
 OUTPUTS_PREFIX = "_outputs."
 
@@ -30,7 +31,10 @@ class Step:
 
     ``status`` is ``finished``, ``skipped``, ``failed`` or ``resumed`` (a wait node
     given its result). ``changes`` are its committed context writes, ``input`` what
-    its last recorded attempt was given (None if no start was recorded)."""
+    its last recorded attempt was given (None if no start was recorded).
+    ``truncated`` names what the history did not keep (over the store's
+    ``max_value_bytes``; that value is a marker): ``input``, ``output``,
+    ``context['KEY']``."""
 
     index: int
     node_id: str
@@ -43,6 +47,7 @@ class Step:
     attempts: int = 0
     changes: list[dict[str, Any]] = field(default_factory=list)
     at: float = 0.0
+    truncated: list[str] = field(default_factory=list)
 
     def to_json_dict(self) -> dict[str, Any]:
         return {
@@ -57,6 +62,7 @@ class Step:
             "attempts": self.attempts,
             "changes": self.changes,
             "at": self.at,
+            "truncated": self.truncated,
         }
 
 
@@ -125,6 +131,11 @@ def steps_of(events: Iterable[HistoryEvent]) -> list[Step]:
             step.input = start.data.get("input")
         step.attempts = attempts.get(ident, 0)
         step.changes = changes.get(ident, [])
+        step.truncated = [
+            *(["input"] if truncated(step.input) else []),
+            *(["output"] if truncated(step.output) else []),
+            *(f"context[{c['key']!r}]" for c in step.changes if truncated(c["value"])),
+        ]
         steps.append(step)
     return steps
 
@@ -149,6 +160,20 @@ def apply_step(context: dict[str, Any], step: Step) -> None:
         context[OUTPUTS_PREFIX + step.node_id] = step.output
 
 
+class RebuiltContext(dict[str, Any]):
+    """A run's context rebuilt from its history. ``truncated``: the keys whose value
+    the history did not keep (each holds the marker; its size and hash here), so
+    their value here is not the run's."""
+
+    __slots__ = ("truncated",)
+
+    def __init__(self, values: dict[str, Any]) -> None:
+        super().__init__(values)
+        self.truncated: dict[str, Truncated] = {
+            k: t for k, v in values.items() if (t := truncated(v)) is not None
+        }
+
+
 class History:
     """Read a store's history: a run's events, steps, context at a step, timeline."""
 
@@ -162,10 +187,12 @@ class History:
         """The run's resolved activations in order: step 1 is the first."""
         return steps_of(await self.store.events(run_id))
 
-    async def context_at(self, run_id: str, step: int | None = None) -> dict[str, Any]:
+    async def context_at(self, run_id: str, step: int | None = None) -> RebuiltContext:
         """The run's context right after ``step`` (0: its initial context; None: after
         its last step), rebuilt from its history: time travel. Raises ``ValueError``
-        for a step the run does not have (or ``LookupError`` for a run with no history)."""
+        for a step the run does not have (or ``LookupError`` for a run with no history).
+        A value the store did not keep (too large) is its marker, and its key is in
+        the result's ``truncated``."""
         events = await self.store.events(run_id)
         if not events:
             raise LookupError(f"no history for run {run_id!r}")
@@ -177,7 +204,7 @@ class History:
         context = initial_context(events)
         for s in steps[:step]:
             apply_step(context, s)
-        return context
+        return RebuiltContext(context)
 
     async def recent_runs(self, limit: int = 20, *, status: str | None = None) -> list[RunSummary]:
         """The most recently started runs with history (of ``status``, if given)."""
@@ -236,18 +263,26 @@ def _detail(e: HistoryEvent) -> str:
 
 
 def _short(value: Any, width: int = 60) -> str:
+    marker = truncated(value)
+    if marker is not None:
+        return str(marker)
+    if isinstance(value, dict) and any(truncated(v) for v in value.values()):
+        value = {k: str(t) if (t := truncated(v)) else v for k, v in value.items()}
     text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=repr)
     return text if len(text) <= width else text[: width - 3] + "..."
 
 
-def open_store(where: str | Path) -> HistoryStore:
+def open_store(
+    where: str | Path, *, max_value_bytes: int | None = DEFAULT_MAX_VALUE_BYTES
+) -> HistoryStore:
     """The store at ``where``: a ``postgresql://`` (or ``postgres://``) URL, a
-    ``sqlite:///path`` URL, or a file path (SQLite)."""
+    ``sqlite:///path`` URL, or a file path (SQLite); ``max_value_bytes`` as the
+    stores take it."""
     text = str(where)
     if text.startswith(("postgresql://", "postgres://")):
         from flowcraft.history._postgres import PostgresHistoryStore
 
-        return PostgresHistoryStore(text)
+        return PostgresHistoryStore(text, max_value_bytes=max_value_bytes)
     from flowcraft.history._sqlite import SqliteHistoryStore
 
     if text.startswith("sqlite://"):
@@ -256,7 +291,7 @@ def open_store(where: str | Path) -> HistoryStore:
             text = text[1:] or ":memory:"  # sqlite:///relative.db, sqlite:////abs/path.db
         else:
             text = text[1:]
-    return SqliteHistoryStore(text)
+    return SqliteHistoryStore(text, max_value_bytes=max_value_bytes)
 
 
 async def recent_runs(

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
+from flowcraft.history._cap import DEFAULT_MAX_VALUE_BYTES, cap_events
+from flowcraft.history._purge import Dialect, PurgeResult, Selection, purge_statements
 from flowcraft.history._records import (
     SCHEMA_VERSION,
     HistoryError,
@@ -25,6 +30,8 @@ from flowcraft.history._records import (
 
 __all__ = ["SqliteHistoryStore"]
 
+logger = logging.getLogger("flowcraft.history")
+
 _SQLITE = {
     "meta_table": "CREATE TABLE IF NOT EXISTS {meta} (name TEXT PRIMARY KEY, value TEXT)",
     "put_version": "INSERT INTO {meta} (name, value) VALUES ('schema_version', ?) "
@@ -39,6 +46,8 @@ _SQLITE = {
     "run_id TEXT PRIMARY KEY, blueprint_id TEXT, status TEXT NOT NULL, "
     "status_at REAL NOT NULL, started_at REAL NOT NULL, updated_at REAL NOT NULL)",
     "runs_index": "CREATE INDEX IF NOT EXISTS {runs}_started ON {runs} (started_at)",
+    # A purge picks runs by their last event's time.
+    "runs_updated_index": "CREATE INDEX IF NOT EXISTS {runs}_updated ON {runs} (updated_at)",
     "insert_events": "INSERT INTO {events} (run_id, event_key, kind, node_id, activation, "
     "attempt, at, worker, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
     "ON CONFLICT (run_id, event_key) DO NOTHING",
@@ -59,6 +68,10 @@ _SQLITE = {
     "WHERE status = ? ORDER BY started_at DESC LIMIT ?",
 }
 
+_DIALECT = Dialect(
+    param=lambda n: "?", in_ids="run_id IN (SELECT value FROM json_each({p}))", ids=json.dumps
+)
+
 T = TypeVar("T")
 
 
@@ -67,12 +80,23 @@ class SqliteHistoryStore:
 
     Every call runs on one thread of its own with one connection, off the event
     loop. WAL mode and a busy timeout let several worker processes write one file.
+    A value (a node's input or output, a context write, ...) whose JSON is longer
+    than ``max_value_bytes`` is stored as a marker with its size and hash (None: no
+    cap; see :class:`~flowcraft.history.Truncated`).
     """
 
     def __init__(
-        self, path: str | Path, *, table_prefix: str = "flowcraft_history", timeout: float = 30.0
+        self,
+        path: str | Path,
+        *,
+        table_prefix: str = "flowcraft_history",
+        timeout: float = 30.0,
+        max_value_bytes: int | None = DEFAULT_MAX_VALUE_BYTES,
     ) -> None:
+        if max_value_bytes is not None and max_value_bytes < 1:
+            raise ValueError("max_value_bytes must be at least 1 (or None: no cap)")
         self.path = str(path)
+        self.max_value_bytes = max_value_bytes
         self._sql = Statements(_SQLITE, check_name(table_prefix))
         self._timeout = timeout
         self._conn: sqlite3.Connection | None = None
@@ -114,6 +138,7 @@ class SqliteHistoryStore:
             conn.execute(sql.events_table)
             conn.execute(sql.runs_table)
             conn.execute(sql.runs_index)
+            conn.execute(sql.runs_updated_index)
             conn.execute("COMMIT")
         except BaseException:
             conn.close()
@@ -122,6 +147,7 @@ class SqliteHistoryStore:
         return conn
 
     def _write(self, events: list[HistoryEvent]) -> int:
+        events = cap_events(events, self.max_value_bytes)
         try:
             return self._insert(events, rows_of(events, plain=True))
         except (UnicodeEncodeError, ValueError):
@@ -169,6 +195,47 @@ class SqliteHistoryStore:
             rows = conn.execute(self._sql.select_runs_of, (status, limit)).fetchall()
         return [RunSummary(r[0], r[1], r[2] or "running", r[3], r[4]) for r in rows]
 
+    def _purge(self, selection: Selection, dry_run: bool, batch_size: int) -> PurgeResult:
+        conn = self._connection()
+        st = purge_statements(_DIALECT, self._sql.tables, selection)
+        kept = 0
+        if not selection.include_unfinished:
+            (kept,) = conn.execute(st.count_unfinished, st.unfinished_args).fetchone()
+        if dry_run:
+            (runs,) = conn.execute(st.count_runs, st.args).fetchone()
+            (events,) = conn.execute(st.count_events, st.args).fetchone()
+            return PurgeResult(runs, events, kept, dry_run=True)
+        runs = events = 0
+        while True:
+            batch = [r[0] for r in conn.execute(st.batch, (*st.args, batch_size)).fetchall()]
+            if not batch:
+                break
+            ids = json.dumps(batch)
+            while True:  # the batch's events, a chunk per transaction
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    deleted = conn.execute(st.delete_chunk, (ids, batch_size)).rowcount
+                    conn.execute("COMMIT")
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    raise
+                events += deleted
+                if deleted < batch_size:
+                    break
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                gone = [r[0] for r in conn.execute(st.delete_runs, (ids, *st.args)).fetchall()]
+                events += conn.execute(st.delete_rest, (json.dumps(gone),)).rowcount
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            runs += len(gone)
+            if not gone:  # selected, then no longer selected: changed meanwhile
+                logger.warning("history purge: %d runs changed while purged; kept", len(batch))
+                break
+        return PurgeResult(runs, events, kept)
+
     def _close(self) -> None:
         if self._conn is not None:
             self._conn.close()
@@ -189,6 +256,28 @@ class SqliteHistoryStore:
     async def runs(self, *, limit: int = 20, status: str | None = None) -> list[RunSummary]:
         """The most recently started runs (of a status, if given)."""
         return await self._call(self._runs_of, limit, status)
+
+    async def purge(
+        self,
+        *,
+        older_than: timedelta | float | None = None,
+        run_ids: Collection[str] | None = None,
+        include_unfinished: bool = False,
+        dry_run: bool = False,
+        batch_size: int = 1000,
+        now: float | None = None,
+    ) -> PurgeResult:
+        """Delete the history of runs whose last event is older than ``older_than`` (a
+        timedelta or seconds), of the runs ``run_ids``, or of those of ``run_ids`` that
+        are that old. Only finished runs (completed, failed, cancelled) unless
+        ``include_unfinished``: a running, awaiting or stalled run keeps its events.
+        ``dry_run`` counts without deleting. At most ``batch_size`` rows are deleted
+        per transaction, so writers wait at most one batch. The file does not shrink
+        (SQLite reuses the pages; ``VACUUM`` returns them)."""
+        if batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+        selection = Selection.of(older_than, run_ids, include_unfinished, now)
+        return await self._call(self._purge, selection, dry_run, batch_size)
 
     async def aclose(self) -> None:
         if self._closed:

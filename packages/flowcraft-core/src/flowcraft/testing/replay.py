@@ -6,12 +6,17 @@ from the run's history). Its output, action, context writes and failure are comp
 with the recorded ones. Steps are independent: a changed output does not flow into
 the next step's input (the recorded input is used), so every difference is the
 node's own. Re-run the flow to see where the changes lead.
+
+A value the history did not keep (over the store's ``max_value_bytes``) is never
+replayed as if it were the run's: a step whose input was not kept, or whose node
+reads a context key that was not kept, is skipped (saying so); a recorded output or
+write that was not kept is compared with the new one by its size and hash.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,7 +24,7 @@ from flowcraft.blueprint import WorkflowBlueprint
 from flowcraft.context import Context, InMemoryContext
 from flowcraft.errors import NodeExecutionError
 from flowcraft.flow import Flow
-from flowcraft.history import History, HistoryStore
+from flowcraft.history import History, HistoryStore, truncated
 from flowcraft.history._reader import apply_step, initial_context, steps_of
 from flowcraft.node import NodeImplementation
 from flowcraft.runtime import FlowRuntime, RuntimeOptions
@@ -117,11 +122,14 @@ async def replay_run(
             if step.status == "resumed"
             else "no start recorded"
             if step.attempts == 0
+            else f"its input was not kept in the history ({truncated(step.input)})"
+            if "input" in step.truncated
             else None
         )
         if why is not None:
             report.skipped.append((step.index, step.node_id, why))
             continue
+        given = _Watched(before)
         error: str | None = None
         output: Any = None
         action: str | None = None
@@ -130,7 +138,7 @@ async def replay_run(
             execution = await runtime.execute_node(
                 blueprint,
                 step.node_id,
-                InMemoryContext(Context(before)),
+                given,
                 run_id=run_id,
                 input=step.input,
                 activation=step.activation,
@@ -138,16 +146,19 @@ async def replay_run(
             )
         except NodeExecutionError as exc:
             error = str(exc)
-        else:
+        if given.read_lost:
+            lost = ", ".join(repr(k) for k in sorted(given.read_lost))
+            report.skipped.append(
+                (step.index, step.node_id, f"read context {lost}, not kept in the history")
+            )
+            continue
+        if error is None:
             if execution.awaiting:
                 report.skipped.append((step.index, step.node_id, "waits when replayed"))
                 continue
-            output = _as_recorded(execution.result.output)
+            output = execution.result.output
             action = execution.result.action
-            writes = {
-                op.key: _as_recorded(op.value) if op.op == "set" else _DELETED
-                for op in execution.deltas
-            }
+            writes = {op.key: op.value if op.op == "set" else _DELETED for op in execution.deltas}
         report.replayed.append(step.index)
         recorded_writes = {
             str(c.get("key")): c.get("value") if c.get("op") != "delete" else _DELETED
@@ -158,14 +169,14 @@ async def replay_run(
         if (recorded_error is None) != (error is None):
             differences.append(("error", recorded_error, error, None))
         if error is None and recorded_error is None:
-            if output != step.output:
-                differences.append(("output", step.output, output, None))
+            if not _same(step.output, output):
+                differences.append(("output", step.output, _as_recorded(output), None))
             if action != step.action:
                 differences.append(("action", step.action, action, None))
             for key in sorted(recorded_writes.keys() | writes.keys()):
                 old, new = recorded_writes.get(key), writes.get(key)
-                if old != new:
-                    differences.append(("context", old, new, key))
+                if not _same(old, new):
+                    differences.append(("context", old, _as_recorded(new), key))
         report.changes += [
             StepChange(step.index, step.node_id, step.activation, what, old, new, key)
             for what, old, new, key in differences
@@ -174,6 +185,41 @@ async def replay_run(
 
 
 _DELETED = {"deleted": True}
+
+
+class _Watched(InMemoryContext):
+    """The context a replayed node sees: notes each read of a key whose value the
+    history did not keep (that value is a marker, not the run's)."""
+
+    __slots__ = ("lost", "read_lost")
+
+    def __init__(self, values: dict[str, Any]) -> None:
+        super().__init__(Context(values))
+        self.lost = {k for k, v in values.items() if truncated(v) is not None}
+        self.read_lost: set[str] = set()
+
+    async def get(self, key: str) -> Any:
+        if key in self.lost:
+            self.read_lost.add(key)
+        return await super().get(key)
+
+    async def get_many(self, keys: Sequence[str]) -> dict[str, Any]:
+        self.read_lost.update(self.lost.intersection(keys))
+        return await super().get_many(keys)
+
+    async def to_dict(self) -> dict[str, Any]:
+        self.read_lost.update(self.lost)
+        return await super().to_dict()
+
+
+def _same(recorded: Any, replayed: Any) -> bool:
+    """A recorded value (as history holds it: JSON, or a marker) and a new one."""
+    if recorded is _DELETED or replayed is _DELETED:
+        return recorded is replayed
+    marker = truncated(recorded)
+    if marker is not None:
+        return marker.matches(replayed)
+    return bool(recorded == _as_recorded(replayed))
 
 
 def _as_recorded(value: Any) -> Any:
