@@ -17,12 +17,9 @@ import pytest
 
 from flowcraft_backends import RunningService
 from flowcraft_backends.crash_fleet import (
-    NODES,
     READY,
     WorkerProcesses,
-    check_effects,
-    check_history,
-    check_results,
+    check_exactly_once,
     client_options,
     read_effects,
     restarter,
@@ -63,21 +60,6 @@ async def wait_all(client: CloudflareAdapter, runs: list[str], seconds: float) -
             if await published(client, runs) == len(runs):
                 return
             await asyncio.sleep(0.5)
-
-
-async def check_exactly_once(
-    settings: Settings, client: CloudflareAdapter, runs: list[str]
-) -> None:
-    await check_results(client, runs)
-    for run in runs:
-        state = await client.create_context(run).get_many(
-            [f"_flowcraft.n.{n}" for n in NODES] + ["_flowcraft.status"]
-        )
-        assert state.pop("_flowcraft.status")["status"] == "completed"
-        assert set(state.values()) == {1}, (run, state)  # each node resolved exactly once
-        assert len(state) == len(NODES)
-    check_effects(settings.effects_path, runs)
-    await check_history(client, runs, settings.effects_path)
 
 
 async def effect_lines(path: str) -> int:
@@ -174,7 +156,7 @@ async def test_two_workers_one_sigkilled_repeatedly(
             f"kill -> next node execution: {', '.join(f'{r:.2f}' for r in recoveries)} s"
         )
         assert kills >= 3, f"the runs finished after {kills} kills; the test needs more work"
-        await check_exactly_once(settings, client, runs)
+        await check_exactly_once(client, runs, settings.effects_path)
         await check_nothing_left(client)
         await check_counters_gone(client, runs)
     finally:
@@ -200,7 +182,7 @@ async def test_miniflare_restarted_mid_run(
         print(f"Miniflare restarted in {time.monotonic() - stopped:.1f} s")
         await wait_all(client, runs, 300)
         print(f"all runs done {time.monotonic() - stopped:.1f} s after the restart began")
-        await check_exactly_once(settings, client, runs)
+        await check_exactly_once(client, runs, settings.effects_path)
         await check_nothing_left(client)
     finally:
         codes = await workers.stop()
