@@ -1,4 +1,5 @@
-"""The README's timer examples, run as written: each prints what its comments say."""
+"""The README's named examples (timers, history retention), run as written: each
+prints what its comments say."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 
 README = Path(__file__).parents[1] / "README.md"
+NAMES = ["timers_in_memory.py", "timers_distributed.py", "history_retention.py"]
 
 
 def examples() -> dict[str, str]:
@@ -19,10 +21,10 @@ def examples() -> dict[str, str]:
 
 
 def test_the_readme_names_its_examples() -> None:
-    assert set(examples()) == {"timers_in_memory.py", "timers_distributed.py"}
+    assert set(examples()) == set(NAMES)
 
 
-@pytest.mark.parametrize("name", ["timers_in_memory.py", "timers_distributed.py"])
+@pytest.mark.parametrize("name", NAMES)
 def test_example_prints_what_it_says(name: str, tmp_path: Path) -> None:
     code = examples()[name]
     expected = [m.strip() for m in re.findall(r"print\(.*\)  # (.*)$", code, re.M)]
