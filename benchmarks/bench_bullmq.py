@@ -17,7 +17,9 @@ compete with the workers. The pass ends when every run's result is published.
 publication time (stamped by the worker that published it) - t0.
 ``worker_cpu_s``/``redis_cpu_s``: CPU seconds each process used in the pass;
 ``worker_cpu_ms_per_node_job``: all workers' CPU per node job, the figure that moves
-least with the machine's load (throughput also waits on Redis and the scheduler).
+least with the machine's load (throughput also waits on Redis and the scheduler);
+``worker_main_thread_cpu_ms_per_node_job``: the part of it the workers' event-loop
+threads used (the rest is other threads: run history's store writer, say).
 ``server_cmds_per_node_job``: every command Redis executed in the pass (INFO
 commandstats: what clients sent plus what scripts ran), divided by node jobs.
 
@@ -60,6 +62,7 @@ import tempfile
 import time
 import uuid
 from collections import Counter
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -132,15 +135,50 @@ def adapter(
 # ---------------------------------------------------------------- worker process
 
 
+class _DropBus:
+    """A bus that keeps nothing: what the base's event building costs by itself."""
+
+    def emit(self, event: Any) -> None:
+        return None
+
+
+class _NoStore:
+    """A history store that keeps nothing: the recorder's cost without SQLite's."""
+
+    async def write(self, events: list[Any]) -> int:
+        return len(events)
+
+    async def events(self, run_id: str) -> list[Any]:
+        return []
+
+    async def runs(self, *, limit: int = 20, status: str | None = None) -> list[Any]:
+        return []
+
+    async def aclose(self) -> None:
+        return None
+
+
+HISTORY_BUSES = ("recorder", "drop", "nostore", "nospool")
+
+
 async def worker_main(
-    url: str, prefix: str, concurrency: int, fast_path: bool, history: str | None = None
+    url: str,
+    prefix: str,
+    concurrency: int,
+    fast_path: bool,
+    history: str | None = None,
+    bus: str = "recorder",
 ) -> None:
-    store = recorder = None
+    store: Any = None
+    recorder: HistoryRecorder | None = None
     options = None
-    if history:
-        store = SqliteHistoryStore(history)
+    if history and bus == "drop":
+        options = runtime_options(event_bus=_DropBus())
+    elif history:
+        store = _NoStore() if bus == "nostore" else SqliteHistoryStore(history)
         # The spool (beside the file) keeps what a killed worker had queued.
-        recorder = HistoryRecorder(store, spool=Path(history).with_suffix(".spool"))
+        spool = None if bus == "nospool" else Path(history).with_suffix(".spool")
+        recorder = HistoryRecorder(store, spool=spool)
         options = runtime_options(event_bus=recorder)
     worker = adapter(
         url, prefix, "fc-bench-worker", options, concurrency=concurrency, fast_path=fast_path
@@ -156,6 +194,18 @@ async def worker_main(
         await store.aclose()
 
 
+def worker_of(args: argparse.Namespace) -> Coroutine[Any, Any, None]:
+    """A worker process's main coroutine, from its command line."""
+    return worker_main(
+        args.url,
+        args.prefix,
+        args.concurrency,
+        not args.no_fast_path,
+        args.history_db,
+        args.history_bus,
+    )
+
+
 def profiled_worker(args: argparse.Namespace) -> None:
     """The worker under cProfile, its statistics written to ``--profile DIR`` on exit."""
     import cProfile
@@ -163,11 +213,7 @@ def profiled_worker(args: argparse.Namespace) -> None:
     profile = cProfile.Profile()
     profile.enable()
     try:
-        asyncio.run(
-            worker_main(
-                args.url, args.prefix, args.concurrency, not args.no_fast_path, args.history_db
-            )
-        )
+        asyncio.run(worker_of(args))
     finally:
         profile.disable()
         profile.dump_stats(str(Path(args.profile) / f"worker-{os.getpid()}.prof"))
@@ -178,6 +224,7 @@ def profiled_worker(args: argparse.Namespace) -> None:
 
 class Workers:
     profile: str | None = None  # --profile: workers write cProfile statistics there
+    history_bus = "recorder"  # --history-bus: what "history on" runs in the workers
 
     def __init__(
         self,
@@ -191,7 +238,7 @@ class Workers:
         argv = [sys.executable, __file__, "--worker", "--url", url, "--prefix", prefix]
         argv += ["--concurrency", str(concurrency)]
         if history:
-            argv += ["--history-db", history]
+            argv += ["--history-db", history, "--history-bus", self.history_bus]
         if not fast:
             argv.append("--no-fast-path")
         if self.profile:
@@ -252,10 +299,12 @@ async def wait_published(
     return published
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a local process (0 if it is not local)."""
+def cpu_seconds(pid: int, thread: int | None = None) -> float:
+    """User + system CPU time of a local process, or of one of its threads (0 if it is
+    not local)."""
+    where = f"/proc/{pid}/stat" if thread is None else f"/proc/{pid}/task/{thread}/stat"
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        fields = Path(where).read_text().rsplit(")", 1)[1].split()
     except OSError:
         return 0.0
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -304,11 +353,13 @@ async def throughput(
         await asyncio.sleep(0.5)
         await redis.config_resetstat()
         cpu_before = [cpu_seconds(p.pid) for p in procs.procs] + [cpu_seconds(redis_pid)]
+        main_before = sum(cpu_seconds(p.pid, p.pid) for p in procs.procs)
         t0 = time.time()
         await queue.resume()
         started = dict.fromkeys(started, t0)
         published = await wait_published(redis, client, started, seconds=300)
         cpu_after = [cpu_seconds(p.pid) for p in procs.procs] + [cpu_seconds(redis_pid)]
+        main_cpu = sum(cpu_seconds(p.pid, p.pid) for p in procs.procs) - main_before
         stats = commandstats(await redis.info("commandstats"))
     finally:
         procs.stop()
@@ -326,7 +377,11 @@ async def throughput(
     elapsed = last - first
     ignored = {"info", "config|resetstat", "mget", "client|setname", "client|setinfo"}
     server_cmds = sum(v for k, v in stats.items() if k not in ignored)
-    recorded = await recorded_runs(history, started) if history else None
+    recorded = None
+    if history and Workers.history_bus in ("recorder", "nospool"):
+        recorded = await recorded_runs(history, started)
+    elif history:
+        recorded = {"bus": Workers.history_bus}
     return {
         "history": recorded,
         "shape": shape,
@@ -344,6 +399,7 @@ async def throughput(
         "worker_cpu_ms_per_node_job": round(
             1000 * sum(a - b for a, b in zip(cpu_after[:-1], cpu_before, strict=False)) / jobs, 3
         ),
+        "worker_main_thread_cpu_ms_per_node_job": round(1000 * main_cpu / jobs, 3),
         "redis_cpu_s": round(cpu_after[-1] - cpu_before[-1], 2),
     }
 
@@ -540,6 +596,12 @@ def history_ratio(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         cpu_off = statistics.median(
             r["worker_cpu_ms_per_node_job"] for r in same if not r["history"]
         )
+        main_on = statistics.median(
+            r["worker_main_thread_cpu_ms_per_node_job"] for r in same if r["history"]
+        )
+        main_off = statistics.median(
+            r["worker_main_thread_cpu_ms_per_node_job"] for r in same if not r["history"]
+        )
         out.append(
             {
                 "shape": shape,
@@ -551,6 +613,15 @@ def history_ratio(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     "on": cpu_on,
                     "ratio": round(cpu_on / cpu_off, 3),
                 },
+                "worker_main_thread_cpu_ms_per_node_job": {"off": main_off, "on": main_on},
+                "ratios_per_round": [
+                    round(a["node_jobs_per_s"] / b["node_jobs_per_s"], 3)
+                    for a, b in zip(
+                        (r for r in same if r["history"]),
+                        (r for r in same if not r["history"]),
+                        strict=False,
+                    )
+                ],
             }
         )
     return out
@@ -600,6 +671,14 @@ def cli() -> None:
     parser.add_argument(
         "--history", action="store_true", help="each pass also with run history, interleaved"
     )
+    parser.add_argument(
+        "--history-bus",
+        choices=HISTORY_BUSES,
+        default="recorder",
+        help="what --history runs in the workers: the recorder (SQLite, spool); drop: a bus "
+        "that keeps nothing (the base's events alone); nostore: the recorder with a store "
+        "that keeps nothing; nospool: the recorder without its spool",
+    )
     parser.add_argument("--history-db", help=argparse.SUPPRESS)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--prefix", help=argparse.SUPPRESS)
@@ -608,13 +687,10 @@ def cli() -> None:
         if args.profile:
             profiled_worker(args)
         else:
-            asyncio.run(
-                worker_main(
-                    args.url, args.prefix, args.concurrency, not args.no_fast_path, args.history_db
-                )
-            )
+            asyncio.run(worker_of(args))
         return
     Workers.profile = args.profile
+    Workers.history_bus = args.history_bus
     report = asyncio.run(main(args))
     print(json.dumps(report, indent=None if args.json else 2))
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-__all__ = ["CollectingEventBus", "EventBus", "FlowEvent"]
+__all__ = ["CollectingEventBus", "EventBus", "FlowEvent", "ignored_kinds", "wants"]
 
 logger = logging.getLogger("flowcraft.events")
 
@@ -38,7 +38,29 @@ class FlowEvent:
 
 @runtime_checkable
 class EventBus(Protocol):
+    """Takes every event. A bus may also have an ``ignored_kinds`` attribute (a
+    collection of event types it does nothing with): emitters that check
+    :func:`wants` then skip building those events."""
+
     def emit(self, event: FlowEvent) -> Awaitable[None] | None: ...
+
+
+_NONE: frozenset[str] = frozenset()
+
+
+def ignored_kinds(bus: EventBus | None) -> Collection[str]:
+    """The event types ``bus`` says it ignores (none unless it says so)."""
+    found = getattr(bus, "ignored_kinds", None)
+    return found if found is not None else _NONE
+
+
+def wants(bus: EventBus | None, kind: str) -> bool:
+    """Whether an event of ``kind`` is worth building for ``bus``: there is a bus and
+    it does not list the kind in its ``ignored_kinds``."""
+    if bus is None:
+        return False
+    found = getattr(bus, "ignored_kinds", None)
+    return found is None or kind not in found
 
 
 class CollectingEventBus:
@@ -63,7 +85,7 @@ async def emit(bus: EventBus | None, event: FlowEvent) -> None:
         return
     try:
         result = bus.emit(event)
-        if inspect.isawaitable(result):
+        if result is not None and inspect.isawaitable(result):
             await result
     except Exception:
         logger.exception("event bus failed on %s", event.type)

@@ -21,7 +21,7 @@ from flowcraft.distributed.coordination import CoordinationStore
 from flowcraft.distributed.payload import JobPayload
 from flowcraft.distributed.redis import RedisCoordinationStore
 from flowcraft.distributed.results import FinalResult, ResultStore, ResultWatch
-from flowcraft.events import EventBus, FlowEvent, emit
+from flowcraft.events import EventBus, FlowEvent, emit, wants
 from flowcraft.runtime import FlowRuntime, RuntimeOptions
 
 logger = logging.getLogger("flowcraft.distributed")
@@ -215,7 +215,7 @@ class _AdapterCore(ABC):
             await self.enqueue_job(jobs[0])
         else:
             await self.enqueue_jobs(jobs)
-        if self.event_bus is not None:
+        if wants(self.event_bus, "job:enqueued"):
             for node_id in node_ids:
                 await emit(self.event_bus, FlowEvent("job:enqueued", run_id, node_id))
 

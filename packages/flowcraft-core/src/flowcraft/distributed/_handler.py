@@ -39,7 +39,7 @@ from flowcraft.errors import (
     UnknownNodeError,
     VersionMismatchError,
 )
-from flowcraft.events import FlowEvent, emit
+from flowcraft.events import FlowEvent, emit, wants
 from flowcraft.node import NodeResult
 
 logger = logging.getLogger("flowcraft.distributed")
@@ -83,7 +83,8 @@ class JobHandling(Resolution):
                 FlowEvent("job:failed", job.run_id, job.node_id, {"error": repr(exc)}),
             )
             raise
-        await emit(self.event_bus, FlowEvent("job:processed", job.run_id, job.node_id))
+        if wants(self.event_bus, "job:processed"):
+            await emit(self.event_bus, FlowEvent("job:processed", job.run_id, job.node_id))
 
     async def _handle(self, payload: JobPayload) -> None:
         blueprint = self.runtime.blueprints.get(payload.blueprint_id)

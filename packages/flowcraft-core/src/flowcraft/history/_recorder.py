@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import itertools
 import logging
 import os
 import socket
@@ -12,9 +13,9 @@ from collections.abc import Awaitable, Collection
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from flowcraft.events import EventBus, FlowEvent, emit
+from flowcraft.events import EventBus, FlowEvent, emit, ignored_kinds
 from flowcraft.history._records import HistoryEvent, HistoryStore, record_of
-from flowcraft.history._spool import Spool, orphans
+from flowcraft.history._spool import Spool, SpoolFull, orphans
 from flowcraft.history._spool import read as read_spool
 
 if TYPE_CHECKING:
@@ -25,7 +26,8 @@ __all__ = ["HistoryRecorder"]
 logger = logging.getLogger("flowcraft.history")
 
 _SPOOL_BYTES = 1 << 20
-"""A spool file is emptied once it holds more than this and everything is stored."""
+"""A spool file's size: once full, it is set aside for a new one, and deleted once
+every event in it is stored."""
 
 
 class HistoryRecorder:
@@ -38,7 +40,10 @@ class HistoryRecorder:
     growing pause); while the store is unreachable the queue fills up to
     ``max_pending`` events and then new events are dropped (counted in
     ``dropped``, logged): history never stops a workflow. A :meth:`flush` is served
-    ``linger`` seconds later, with whatever else was emitted meanwhile.
+    ``linger`` seconds later, with whatever else was emitted meanwhile. Events
+    emitted while a batch is being written wait for their own batch (or the timer):
+    under a steady stream, writing on until the queue is empty would store a few
+    events per transaction, at many times the cost per event.
 
     Kinds in ``exclude`` are not recorded: by default ``job:enqueued`` and
     ``job:processed``, a queue's plumbing that ``node:start``/``node:finish`` already
@@ -47,11 +52,11 @@ class HistoryRecorder:
     On a fleet, a worker killed with events still queued would lose them, and a job
     it had acknowledged is never delivered again to emit them anew. Either give a
     ``spool`` folder on the worker's machine: each event is appended to this
-    process's file there as it is emitted (one write system call, no waiting for
-    the store), and a recorder finding the file of a process that died stores its
-    events (at start, every ``recover_interval`` seconds, and on close), so a
-    worker killed and restarted, or any other worker on that machine, recovers
-    them; or :meth:`instrument` the adapter, so a job is acknowledged only once its
+    process's file there as it is emitted (copied into the file, mapped in memory;
+    no waiting for the store), and a recorder finding the file of a process that
+    died stores its events (at start, every ``recover_interval`` seconds, and on
+    close), so a worker killed and restarted, or any other worker on that machine,
+    recovers them; or :meth:`instrument` the adapter, so a job is acknowledged only once its
     events are stored (that also survives losing the machine, but holds each job's
     slot until the next batch is written).
     """
@@ -87,6 +92,7 @@ class HistoryRecorder:
         self.written = 0
         """Events this recorder stored (a duplicate of a stored event counts too)."""
         self._pending: collections.deque[HistoryEvent] = collections.deque()
+        self._writing = 0  # events at the head of _pending being written now
         self._accepted = 0  # events ever queued
         self._done = 0  # of those, written (or given up on)
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
@@ -99,9 +105,20 @@ class HistoryRecorder:
         self.recovered = 0
         """Events this recorder stored from the spool files of processes that died."""
         self._spool: Spool | None = None
+        # Full spool files set aside: (events accepted when it was, the file). Each
+        # goes once that many events are stored.
+        self._retired: list[tuple[int, Spool]] = []
         self._recovery: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------ the event bus
+
+    @property
+    def ignored_kinds(self) -> frozenset[str]:
+        """Kinds this bus does nothing with (see :func:`flowcraft.events.wants`): the
+        excluded ones, unless ``inner`` takes them."""
+        if self.inner is None:
+            return self.exclude
+        return self.exclude.intersection(ignored_kinds(self.inner))
 
     def emit(self, event: FlowEvent) -> Awaitable[None] | None:
         """Queue the event for writing (never waits for the store)."""
@@ -127,12 +144,14 @@ class HistoryRecorder:
         if self._spool is not None:
             try:
                 self._spool.append(record)
+            except SpoolFull as full:
+                self._next_spool(full.needed, record)
             except OSError as exc:  # a full disk: the event still goes to the store
                 logger.warning("history spool: %r", exc)
         self._pending.append(record)
         self._accepted += 1
         assert self._wake is not None
-        if len(self._pending) >= self.batch_size:
+        if len(self._pending) - self._writing >= self.batch_size:
             self._wake.set()
         elif self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(self.flush_interval, self._wake.set)
@@ -142,7 +161,7 @@ class HistoryRecorder:
         self._wake = asyncio.Event()
         self._task = loop.create_task(self._writer(), name="flowcraft-history-writer")
         if self.spool_folder is not None:
-            self._spool = Spool(self.spool_folder)
+            self._spool = Spool(self.spool_folder, _SPOOL_BYTES)
             self._recovery = loop.create_task(self._recover_loop(), name="flowcraft-history-spool")
 
     async def start(self) -> None:
@@ -165,7 +184,9 @@ class HistoryRecorder:
         folder = self.spool_folder
         if folder is None:
             return 0
-        own = self._spool.path if self._spool is not None else None
+        own = {s.path for _, s in self._retired}
+        if self._spool is not None:
+            own.add(self._spool.path)
         total = 0
         for path in await asyncio.to_thread(orphans, folder, own):
             events = await asyncio.to_thread(read_spool, path)
@@ -197,19 +218,42 @@ class HistoryRecorder:
             if self._timer is not None:
                 self._timer.cancel()
                 self._timer = None
-            while self._pending:
-                count = min(len(self._pending), self.batch_size)
-                batch = [self._pending[i] for i in range(count)]
-                if not await self._write(batch):
+            # What is queued now (all of it when closing): what comes meanwhile waits
+            # for a batch of its own or the timer.
+            pending = self._pending
+            left = len(pending)
+            while left or (self._closing and pending):
+                count = min(left or len(pending), self.batch_size)
+                batch = list(itertools.islice(pending, count))
+                self._writing = count
+                stored = await self._write(batch)
+                self._writing = 0
+                if not stored:
                     return  # closing with the store down: the spool keeps them
                 for _ in range(count):
-                    self._pending.popleft()
+                    pending.popleft()
+                left = max(0, left - count)
                 self._done += count
                 self._wake_waiters()
-            if self._spool is not None and self._spool.size > _SPOOL_BYTES:
-                self._spool.empty()  # all it holds is stored (the queue is empty)
+            if self._retired:
+                self._tidy_spool()
             if self._closing:
                 return
+
+    def _next_spool(self, needed: int, record: HistoryEvent) -> None:
+        """The spool file is full: set it aside (it goes once all its events are
+        stored) and append ``record`` to a new one."""
+        assert self._spool is not None
+        assert self.spool_folder is not None
+        made = Spool(self.spool_folder, max(_SPOOL_BYTES, needed))  # OSError: as before
+        self._retired.append((self._accepted, self._spool))
+        self._spool = made
+        made.append(record)
+
+    def _tidy_spool(self) -> None:
+        """Delete the spool files set aside whose events are all stored."""
+        while self._retired and self._retired[0][0] <= self._done:
+            self._retired.pop(0)[1].close(remove=True)
 
     async def _write(self, batch: list[HistoryEvent]) -> bool:
         """Write ``batch``, trying again until it is stored; after three failed tries
@@ -293,6 +337,9 @@ class HistoryRecorder:
                 await self._recovery
         if self._spool is not None:
             # Kept if some events could not be stored: the next recorder takes them.
+            for accepted, old in self._retired:
+                old.close(remove=accepted <= self._done)
+            self._retired = []
             self._spool.close(remove=self._done == self._accepted)
             self._spool = None
             await self.recover()

@@ -7,8 +7,10 @@ import contextlib
 import fcntl
 import json
 import logging
+import mmap
 import os
 import uuid
+from collections.abc import Collection
 from json.encoder import encode_basestring_ascii as _string
 from pathlib import Path
 from typing import Any
@@ -20,61 +22,106 @@ logger = logging.getLogger("flowcraft.history")
 SUFFIX = ".spool"
 
 
+class SpoolFull(Exception):
+    """The line does not fit in what is left of the spool file (nothing written)."""
+
+    def __init__(self, needed: int) -> None:
+        super().__init__(f"a spool line of {needed} bytes does not fit")
+        self.needed = needed
+
+
 class Spool:
     """This process's spool file in ``folder``, locked (``flock``) while it lives: a
     file nobody holds the lock of belongs to a process that died.
 
-    One ``write`` system call per event: once it returns, the operating system has
-    the line, whatever then happens to the process (not to the machine)."""
+    The file is ``capacity`` bytes, mapped into memory (shared): appending a line
+    copies it into the operating system's page cache, with no system call. Once
+    :meth:`append` returns, the line is the file's, whatever then happens to the
+    process (not to the machine), as after a ``write`` call. A ``write`` per event
+    cost the job path more than the rest of recording it (the file's size and times
+    change each time, and the file system's journal can hold the call when other
+    processes write). The unused rest of the file reads as NUL bytes."""
 
-    def __init__(self, folder: str | Path) -> None:
+    def __init__(self, folder: str | Path, capacity: int = 1 << 20) -> None:
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         name = uuid.uuid4().hex
         # Locked under another name first: a recorder looking for orphans never sees
         # this file unlocked.
         hidden = self.folder / f".{name}.new"
-        self.fd = os.open(hidden, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        self.fd = os.open(hidden, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _allocate(self.fd, capacity)
+            self._map = mmap.mmap(self.fd, capacity)
+        except BaseException:
+            os.close(self.fd)
+            with contextlib.suppress(FileNotFoundError):
+                hidden.unlink()
+            raise
         self.path = self.folder / f"{name}{SUFFIX}"
         hidden.rename(self.path)
+        self.capacity = capacity
         self.size = 0
-        self._workers: dict[str, str] = {}  # a worker name's JSON (one name, usually)
+        """Bytes written."""
+        self._strings: dict[str, str] = {}  # JSON of a worker name or a kind, made once
 
     def append(self, e: HistoryEvent) -> None:
-        """Write the event's line (its data's JSON kept on it for the store). The line
-        is the JSON array :func:`read` takes, built by hand: on the job path, a
-        general encoder's set-up per event cost more than the write."""
+        """Write the event's line (its data's JSON kept on it for the store), or raise
+        :class:`SpoolFull`. The line is the JSON array :func:`read` takes, built by
+        hand: on the job path, a general encoder's set-up per event cost more than
+        the write."""
         text = e.text = dumps_data(e.data)
-        worker = self._workers.get(e.worker)
-        if worker is None:
-            worker = self._workers[e.worker] = _string(e.worker)
+        strings = self._strings
+        worker = strings.get(e.worker) or self._remember(e.worker)
+        kind = strings.get(e.kind) or self._remember(e.kind)
         node = "null" if e.node_id is None else _string(e.node_id)
         activation = "null" if e.activation is None else str(int(e.activation))
         attempt = "null" if e.attempt is None else str(int(e.attempt))
         line = (
-            f"[{_string(e.run_id)},{_string(e.kind)},{_string(e.key)},{node},{activation},"
+            f"[{_string(e.run_id)},{kind},{_string(e.key)},{node},{activation},"
             f"{attempt},{float(e.at)!r},{worker},{text}]\n"
-        )
-        self.size += os.write(self.fd, line.encode())
+        ).encode()
+        start = self.size
+        end = start + len(line)
+        if end > self.capacity:
+            raise SpoolFull(len(line))
+        self._map[start:end] = line
+        self.size = end
 
-    def empty(self) -> None:
-        """Everything spooled is stored: start the file again."""
-        os.ftruncate(self.fd, 0)
-        self.size = 0
+    def _remember(self, text: str) -> str:
+        made = _string(text)
+        if len(self._strings) < 256:  # a few names and kinds, usually
+            self._strings[text] = made
+        return made
 
     def close(self, *, remove: bool) -> None:
         if remove:
             with contextlib.suppress(FileNotFoundError):
                 self.path.unlink()
+        self._map.close()
         os.close(self.fd)
 
 
-def orphans(folder: Path, own: Path | None) -> list[Path]:
-    """Spool files in ``folder`` whose process died (nobody holds their lock)."""
+def _allocate(fd: int, size: int) -> None:
+    """Give the file its disk blocks now: a page of a mapped file without one would,
+    on a full disk, kill the process (SIGBUS) at the copy instead of failing here."""
+    allocate = getattr(os, "posix_fallocate", None)
+    if allocate is not None:
+        allocate(fd, 0, size)  # the C library writes zeros where the file system cannot
+        return
+    zeros = bytes(min(size, 1 << 16))
+    done = 0
+    while done < size:
+        done += os.write(fd, zeros[: size - done])
+
+
+def orphans(folder: Path, own: Collection[Path] = ()) -> list[Path]:
+    """Spool files in ``folder`` whose process died (nobody holds their lock), but
+    not this process's ``own``."""
     found = []
     for path in sorted(folder.glob(f"*{SUFFIX}")):
-        if path == own:
+        if path in own:
             continue
         try:
             fd = os.open(path, os.O_RDONLY)
@@ -94,9 +141,11 @@ def read(path: Path) -> list[HistoryEvent]:
     """A spool file's events (a line that is not a whole event is skipped)."""
     events = []
     try:
-        text = path.read_text(encoding="ascii", errors="replace")
+        raw = path.read_bytes()
     except FileNotFoundError:
         return []
+    end = raw.find(b"\0")  # where the writing stopped (no line holds a NUL byte)
+    text = (raw if end < 0 else raw[:end]).decode("ascii", errors="replace")
     for line in text.splitlines():
         try:
             r: Any = json.loads(line)
