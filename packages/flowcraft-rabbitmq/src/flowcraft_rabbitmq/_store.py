@@ -31,6 +31,7 @@ table recording the applied schema version for future migrations.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from collections import Counter
@@ -341,6 +342,11 @@ class PostgresRunStore:
         table: the runs table (the schema-version table is ``<table>_schema``).
         schema: the PostgreSQL schema of both tables (default: the search path).
         create_schema: create or migrate the tables on first use.
+        lanes: with ``dsn``, up to this many of the pool's connections (leaving it
+            two) are kept out of it as *lanes*, each used by one statement at a
+            time: a statement on an idle lane costs a quarter of the Python calls of
+            one through the pool (whose acquire and release start a task and a timer
+            each). When every lane is busy, statements go through the pool. 0: none.
         **pool_kwargs: with ``dsn``, passed to ``asyncpg.create_pool`` (``ssl`` for
             TLS, ``min_size``, ``max_size``, ``statement_cache_size``, ...). The
             store's own pool skips asyncpg's reset query on release (nothing to
@@ -355,6 +361,7 @@ class PostgresRunStore:
         table: str = "flowcraft_runs",
         schema: str | None = None,
         create_schema: bool = True,
+        lanes: int = 0,
         **pool_kwargs: Any,
     ) -> None:
         if (pool is None) == (dsn is None):
@@ -366,6 +373,12 @@ class PostgresRunStore:
         self._dsn = dsn
         self._pool_kwargs = pool_kwargs
         self._create_schema = create_schema
+        self._lanes_wanted = lanes if pool is None else 0  # a given pool stays shared
+        self._lanes_max = 0
+        self._lanes_taken = 0
+        self._lanes: list[Any] = []
+        """Every lane (connections taken out of the pool); ``_idle`` those free now."""
+        self._idle: list[Any] = []
         self._ready = False
         self._lock = asyncio.Lock()
         self.notifications = _Notifications(self)
@@ -389,6 +402,7 @@ class PostgresRunStore:
                         **self._pool_kwargs,
                     }
                     self._pool = await asyncpg.create_pool(self._dsn, **kwargs)
+                    self._lanes_max = max(0, min(self._lanes_wanted, kwargs["max_size"] - 2))
                 if self._create_schema:
                     await self.migrate()
                 self._ready = True
@@ -417,6 +431,55 @@ class PostgresRunStore:
                 logger.info("table %s migrated to schema version %d", self.names.runs, version)
         return SCHEMA_VERSION
 
+    async def _call(self, method: str, query: str, *args: Any) -> Any:
+        """``connection.<method>(query, *args)`` on an idle lane (see ``lanes``), else
+        through the pool. A lane whose statement ended in anything but PostgreSQL's
+        refusal (a lost connection, a cancellation) goes back to the pool, which
+        cleans it up or drops it; a new lane replaces it later."""
+        if self._idle:
+            conn = self._idle.pop()
+        elif self._lanes_taken < self._lanes_max:
+            conn = await self._new_lane()
+        else:
+            pool = await self.pool()
+            return await getattr(pool, method)(query, *args)
+        healthy = False
+        try:
+            result = await getattr(conn, method)(query, *args)
+            healthy = True
+            return result
+        except asyncpg.PostgresError:
+            healthy = True  # the server refused the statement; the connection is fine
+            raise
+        finally:
+            if conn not in self._lanes:
+                pass  # closed meanwhile (aclose gave it back)
+            elif healthy and not conn.is_closed():
+                self._idle.append(conn)
+            else:
+                await self._drop_lane(conn)
+
+    async def _new_lane(self) -> Any:
+        self._lanes_taken += 1  # before awaiting: callers at once never take more
+        try:
+            pool = await self.pool()
+            conn = await pool.acquire()
+        except BaseException:
+            self._lanes_taken -= 1
+            raise
+        self._lanes.append(conn)
+        return conn
+
+    async def _drop_lane(self, conn: Any) -> None:
+        self._lanes.remove(conn)
+        self._lanes_taken -= 1
+        pool = self._pool
+        if pool is not None:
+            try:
+                await pool.release(conn)
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                logger.debug("releasing a broken lane: %r", exc)
+
     async def _fetchval(self, kind: str, query: str, *args: Any) -> Any:
         return await self._read(kind, "fetchval", query, *args)
 
@@ -432,9 +495,8 @@ class PostgresRunStore:
         pause = 0.1
         while True:
             try:
-                pool = await self.pool()
                 self.round_trips[kind] += 1
-                return await getattr(pool, method)(query, *args)
+                return await self._call(method, query, *args)
             except _UNREACHABLE as exc:
                 if loop.time() + pause > deadline:
                     raise
@@ -476,16 +538,15 @@ class PostgresRunStore:
             texts[key] = encode_value(key, value)
             _check_pg_key(key)
         payload = _outer.encode(texts)
-        pool = await self.pool()
         self.round_trips["patch"] += 1
         with _translated(run_id):
             if not guard:
-                await pool.execute(self.sql.patch, run_id, deletes, payload)
+                await self._call("execute", self.sql.patch, run_id, deletes, payload)
                 return True
             absent = [k for k, v in guard.items() if v is None]
             equal = _outer.encode({k: _json.dumps(v) for k, v in guard.items() if v is not None})
-            applied = await pool.fetchval(
-                self.sql.patch_guarded, run_id, deletes, payload, absent, equal
+            applied = await self._call(
+                "fetchval", self.sql.patch_guarded, run_id, deletes, payload, absent, equal
             )
         return applied is not None
 
@@ -498,16 +559,16 @@ class PostgresRunStore:
 
     async def lease_call(self, kind: str, method: str, query: str, *args: Any) -> Any:
         """One statement on the leases table (``_coordination.PostgresLeases``)."""
-        pool = await self.pool()
         self.round_trips[kind] += 1
-        return await getattr(pool, method)(query, *args)
+        return await self._call(method, query, *args)
 
     async def publish(self, run_id: str, result: dict[str, Any]) -> None:
         """Store the final result once (a later publication of the run changes nothing)."""
-        pool = await self.pool()
         self.round_trips["publish"] += 1
         with _translated(run_id):
-            await pool.execute(self.sql.publish, run_id, _json.dumps(result), self.names.channel)
+            await self._call(
+                "execute", self.sql.publish, run_id, _json.dumps(result), self.names.channel
+            )
 
     async def result(self, run_id: str) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
         """(the published result, the run's status record); each None if absent."""
@@ -540,6 +601,12 @@ class PostgresRunStore:
     async def aclose(self) -> None:
         """Close the pool this store created; a given pool stays open."""
         await self.notifications.close()
+        lanes, self._lanes, self._idle = self._lanes, [], []
+        self._lanes_taken = 0
+        for conn in lanes:  # the pool closes only once every connection is back
+            if self._pool is not None:
+                with contextlib.suppress(OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                    await self._pool.release(conn)
         if self._owns_pool and self._pool is not None:
             await self._pool.close()
             self._pool = None

@@ -115,7 +115,8 @@ class RabbitMQAdapter(Operations, BaseDistributedAdapter):
         postgres_pool: an asyncpg pool to share (not closed by ``aclose``).
         postgres_options: ``asyncpg.create_pool`` options for ``postgres_dsn``
             (``ssl`` for TLS, ``max_size``, ...; ``max_size`` defaults to
-            ``concurrency + 2``).
+            ``concurrency + 2``, of which up to ``concurrency`` serve as the store's
+            lanes: see ``PostgresRunStore``).
         redis_url: ``redis://`` or ``rediss://`` URL for the coordination store (or
             ``coordination_store``).
         redis_options: ``RedisCoordinationStore`` client options for ``redis_url``
@@ -197,7 +198,7 @@ class RabbitMQAdapter(Operations, BaseDistributedAdapter):
             self.store = PostgresRunStore(pool=postgres_pool, table=table, schema=schema)
         else:
             self.store = PostgresRunStore(
-                dsn=postgres_dsn, table=table, schema=schema, **pg_options
+                dsn=postgres_dsn, table=table, schema=schema, lanes=concurrency, **pg_options
             )
         # Leases live beside the runs (one admission statement reads the run and takes
         # the lease); every other coordination key stays where it was given (Redis).
