@@ -297,6 +297,15 @@ async def _no_reset(connection: Any) -> None:
     """
 
 
+def _alive(conn: Any) -> bool:
+    """Whether a lane's connection is open. A lost one is taken back by asyncpg's
+    pool, and its proxy then raises ``InterfaceError`` on every call."""
+    try:
+        return not conn.is_closed()
+    except asyncpg.InterfaceError:
+        return False
+
+
 def _check_pg_key(key: str) -> None:
     """A key PostgreSQL can hold: valid Unicode, and no NUL (jsonb keys cannot have one)."""
     check_key(key)
@@ -436,13 +445,18 @@ class PostgresRunStore:
         through the pool. A lane whose statement ended in anything but PostgreSQL's
         refusal (a lost connection, a cancellation) goes back to the pool, which
         cleans it up or drops it; a new lane replaces it later."""
-        if self._idle:
-            conn = self._idle.pop()
-        elif self._lanes_taken < self._lanes_max:
+        conn = None
+        while self._idle:
+            idle = self._idle.pop()
+            if _alive(idle):
+                conn = idle
+                break
+            await self._drop_lane(idle)  # lost while idle (a server restart)
+        if conn is None:
+            if self._lanes_taken >= self._lanes_max:
+                pool = await self.pool()
+                return await getattr(pool, method)(query, *args)
             conn = await self._new_lane()
-        else:
-            pool = await self.pool()
-            return await getattr(pool, method)(query, *args)
         healthy = False
         try:
             result = await getattr(conn, method)(query, *args)
@@ -454,7 +468,7 @@ class PostgresRunStore:
         finally:
             if conn not in self._lanes:
                 pass  # closed meanwhile (aclose gave it back)
-            elif healthy and not conn.is_closed():
+            elif healthy and _alive(conn):
                 self._idle.append(conn)
             else:
                 await self._drop_lane(conn)
