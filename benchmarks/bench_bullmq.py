@@ -180,6 +180,10 @@ async def worker_main(
         spool = None if bus == "nospool" else Path(history).with_suffix(".spool")
         recorder = HistoryRecorder(store, spool=spool)
         options = runtime_options(event_bus=recorder)
+        # Started, and the store opened, before the first job: a long-lived worker's
+        # start-up (the store's tables, the spool file) is not the job path's cost.
+        await store.runs(limit=1)
+        await recorder.start()
     worker = adapter(
         url, prefix, "fc-bench-worker", options, concurrency=concurrency, fast_path=fast_path
     )

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import sqlite3
 import sys
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from flowcraft.distributed.memory import InMemoryAdapter
 from flowcraft.events import ignored_kinds, wants
 from flowcraft.history import HistoryEvent, HistoryRecorder, SqliteHistoryStore
 from flowcraft.history import _recorder as recorder_module
-from flowcraft.history._records import record_of
+from flowcraft.history._records import execute_rows, record_of
 from flowcraft.history._spool import Spool, SpoolFull
 from flowcraft.history._spool import read as read_spool
 
@@ -209,3 +210,16 @@ async def test_a_recorder_ignores_what_it_excludes_unless_its_inner_bus_takes_it
     assert ignored_kinds(HistoryRecorder(store, inner=Ignoring(), exclude=("job:enqueued",))) == {
         "job:enqueued"
     }
+
+
+@pytest.mark.parametrize("count", [0, 1, 5, 63, 64, 65, 200])
+def test_rows_in_chunks_are_inserted_in_order_as_row_by_row(count: int) -> None:
+    conn = sqlite3.connect(":memory:", isolation_level=None)
+    conn.execute("CREATE TABLE t (seq INTEGER PRIMARY KEY AUTOINCREMENT, k TEXT UNIQUE, v)")
+    insert = "INSERT INTO t (k, v) VALUES (?, ?) ON CONFLICT (k) DO NOTHING"
+    rows = [(f"k{i}", i) for i in range(count)] + [("k0", "again")] * min(count, 2)
+    before = conn.total_changes
+    execute_rows(conn, insert, rows)
+    assert conn.total_changes - before == count  # the repeats changed nothing
+    assert conn.execute("SELECT k, v FROM t ORDER BY seq").fetchall() == rows[:count]
+    conn.close()

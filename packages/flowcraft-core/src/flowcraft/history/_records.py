@@ -7,7 +7,7 @@ import json
 import json.encoder
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -300,6 +300,37 @@ class Statements:
 
     def __getattr__(self, name: str) -> str:
         raise AttributeError(name)  # pragma: no cover (only set names are read)
+
+
+_CHUNK = 64
+"""Rows per statement of :func:`execute_rows` (64 rows of 9 values: below the 999
+parameters old SQLite builds allow)."""
+_CHUNKED: dict[tuple[str, int], str] = {}
+
+
+def execute_rows(conn: Any, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+    """``conn.executemany(sql, rows)`` on SQLite, in statements of 64, 32, ... 1 rows
+    (``sql``: an INSERT with one ``VALUES (?, ...)`` row). The sqlite3 module lets go
+    of the GIL around each statement's step: row by row, the store's thread and the
+    event loop's passed the GIL back and forth twice per row, hundreds of times a
+    batch (on a busy machine each time waiting to be scheduled); so, a few times."""
+    done, total = 0, len(rows)
+    size = _CHUNK
+    while done < total:
+        while size > total - done:
+            size //= 2
+        statement = _CHUNKED.get((sql, size)) or _chunked(sql, size)
+        end = done + size
+        while end <= total:
+            conn.execute(statement, [value for row in rows[done:end] for value in row])
+            done, end = end, end + size
+
+
+def _chunked(sql: str, size: int) -> str:
+    start = sql.index("VALUES (") + len("VALUES ")
+    end = sql.index(")", start) + 1
+    made = _CHUNKED[(sql, size)] = sql[:start] + ",".join([sql[start:end]] * size) + sql[end:]
+    return made
 
 
 def clean(text: str) -> str:

@@ -23,6 +23,7 @@ from flowcraft.history._records import (
     blueprint_of,
     check_name,
     clean,
+    execute_rows,
     loads_data,
     rows_of,
     status_of,
@@ -160,9 +161,9 @@ class SqliteHistoryStore:
         conn.execute("BEGIN IMMEDIATE")
         try:
             before = conn.total_changes
-            conn.executemany(self._sql.insert_events, rows)
+            execute_rows(conn, self._sql.insert_events, rows)
             inserted = conn.total_changes - before
-            conn.executemany(self._sql.upsert_runs, runs)
+            execute_rows(conn, self._sql.upsert_runs, runs)
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
