@@ -223,3 +223,24 @@ def test_rows_in_chunks_are_inserted_in_order_as_row_by_row(count: int) -> None:
     assert conn.total_changes - before == count  # the repeats changed nothing
     assert conn.execute("SELECT k, v FROM t ORDER BY seq").fetchall() == rows[:count]
     conn.close()
+
+
+async def test_an_event_the_spool_cannot_take_still_goes_to_the_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A new spool file that cannot be made (a full disk, say) costs the spool that
+    event, never the event: history never stops a workflow."""
+    monkeypatch.setattr(recorder_module, "_SPOOL_BYTES", 300)
+    store = GatedStore()
+    recorder = HistoryRecorder(store, spool=tmp_path, flush_interval=3600)
+    await recorder.start()
+
+    def no_space(*args: Any, **kwargs: Any) -> Spool:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(recorder_module, "Spool", no_space)
+    for i in range(5):  # more than one 300-byte file holds
+        recorder.emit(finish(i))
+    store.gate.set()
+    await recorder.aclose()
+    assert [e.node_id for b in store.batches for e in b] == [f"n{i}" for i in range(5)]

@@ -143,9 +143,10 @@ class HistoryRecorder:
             self._start()
         if self._spool is not None:
             try:
-                self._spool.append(record)
-            except SpoolFull as full:
-                self._next_spool(full.needed, record)
+                try:
+                    self._spool.append(record)
+                except SpoolFull as full:
+                    self._next_spool(full.needed, record)
             except OSError as exc:  # a full disk: the event still goes to the store
                 logger.warning("history spool: %r", exc)
         self._pending.append(record)
