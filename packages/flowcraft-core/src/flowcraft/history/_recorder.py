@@ -56,9 +56,9 @@ class HistoryRecorder:
     no waiting for the store), and a recorder finding the file of a process that
     died stores its events (at start, every ``recover_interval`` seconds, and on
     close), so a worker killed and restarted, or any other worker on that machine,
-    recovers them; or :meth:`instrument` the adapter, so a job is acknowledged only once its
-    events are stored (that also survives losing the machine, but holds each job's
-    slot until the next batch is written).
+    recovers them; or :meth:`instrument` the adapter, so a job is acknowledged only
+    once its events are stored (that also survives losing the machine, but holds
+    each job's slot until the next batch is written).
     """
 
     def __init__(
