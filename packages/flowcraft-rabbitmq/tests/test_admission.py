@@ -261,3 +261,34 @@ async def test_a_non_join_node_job_is_two_statements(namespace: Namespace) -> No
     extra = long - short
     assert extra == Counter({"admit": RUNS * 4, "patch_guarded": RUNS * 4}), (short, long)
     assert short["admit"] == RUNS * 4  # every job admitted in one statement
+
+
+async def test_statements_share_a_few_lanes_and_a_lost_lane_is_replaced(
+    backends: Backends, lease_table: str
+) -> None:
+    """More statements at once than lanes: the lanes serve some and the pool the rest,
+    never more lanes than asked; a lane whose server connection died is dropped and
+    the next statement runs on a new one."""
+    store = PostgresRunStore(dsn=backends.postgres_dsn, table=lease_table, max_size=5, lanes=2)
+    try:
+        ctx = PostgresContext(store, f"lanes-{uuid.uuid4().hex}")
+        await ctx.patch([PatchOperation("set", "k", 1)])
+        values = await asyncio.gather(*(ctx.get("k") for _ in range(12)))
+        assert values == [1] * 12
+        assert len(store._lanes) == 2
+        pids = {lane.get_server_pid() for lane in store._lanes}
+        pool = await store.pool()
+        async with pool.acquire() as other:
+            killed = await other.fetchval(
+                "SELECT count(*) FROM (SELECT pg_terminate_backend(p) "
+                "FROM unnest($1::int[]) AS p) AS t",
+                list(pids),
+            )
+        assert killed == 2
+        assert await ctx.get("k") == 1  # on a new lane (a read rides out a lost one)
+        await ctx.patch([PatchOperation("set", "k", 2)])
+        assert await ctx.get("k") == 2
+        assert len(store._lanes) <= 2
+        assert not pids & {lane.get_server_pid() for lane in store._lanes}
+    finally:
+        await store.aclose()
