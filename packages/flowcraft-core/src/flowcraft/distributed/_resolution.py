@@ -504,15 +504,9 @@ class Resolution(_AdapterCore):
         result = FinalResult(run_id, status, _user_view(await ctx.to_dict()), errors)
         await self.publish_final_result(run_id, result)
         await self._tidy(run_id, ctx, analysis)
-        # Recorded last: a job (or reconcile) that finds the run final in its context
-        # drops it, so a crash before this line (while publishing or tidying) must
-        # leave the run looking unfinished for its redelivery to finish the job.
-        await ctx.patch(
-            [
-                PatchOperation("set", K.STATUS, {"status": status, "errors": errors}),
-                PatchOperation("set", K.ENDED, status),
-            ]
-        )
+        # Emitted before the status is recorded: a crash between the two redelivers
+        # the job, which finalizes (and emits) again; after the record nothing would
+        # (a history keeps one ``workflow:finish`` per status).
         await emit(
             self.event_bus,
             FlowEvent(
@@ -522,6 +516,15 @@ class Resolution(_AdapterCore):
                 # the blueprint too: a worker's run history never sees the client's start
                 {"status": status, "errors": errors, "blueprintId": analysis.blueprint.id},
             ),
+        )
+        # Recorded last: a job (or reconcile) that finds the run final in its context
+        # drops it, so a crash before this line (while publishing or tidying) must
+        # leave the run looking unfinished for its redelivery to finish the job.
+        await ctx.patch(
+            [
+                PatchOperation("set", K.STATUS, {"status": status, "errors": errors}),
+                PatchOperation("set", K.ENDED, status),
+            ]
         )
 
     # ------------------------------------------------------------ timers and waits
