@@ -127,11 +127,16 @@ class JobHandling(Resolution):
                 f"{blueprint.version!r} has no node {node_id!r}"
             )
         status = (state.get(K.STATUS) or {}).get("status")
+        resolved = int(state.get(K.resolved(node_id), 0))
+        job = _Job(payload.run_id, blueprint, analysis, node_id, ctx)
         if status in FINAL_STATUSES:
+            if resolved and self.event_bus is not None:
+                # The worker that resolved it may have died before its events left it
+                # while another path ended the run: emit them from the state (history
+                # keeps each once).
+                await self._emit_resolved(job, resolved)
             self.logger.debug("run %s is %s; dropping job for %s", payload.run_id, status, node_id)
             return
-        job = _Job(payload.run_id, blueprint, analysis, node_id, ctx)
-        resolved = int(state.get(K.resolved(node_id), 0))
         generation = resolved + 1
         record_key = K.activation(node_id, generation)
         found = admission.found
