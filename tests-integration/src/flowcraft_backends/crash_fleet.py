@@ -256,6 +256,22 @@ class WorkerProcesses:
         ready = {e["pid"] for e in rows if e["node"] == READY}
         return all(p.pid in ready or p.poll() is not None for p in self.procs)
 
+    async def start_mid_run(self, client: BaseDistributedAdapter, count: int) -> list[str]:
+        """Start ``count`` diamond runs and return when the fleet is working on them with
+        the last one just started: the moment a backend restart must come to land
+        mid-run. (A fixed sleep did not: on a quiet machine 30 runs finished inside
+        2 s, on a loaded one the workers had not started yet.)"""
+        async with asyncio.timeout(60):
+            while not self._all_ready():  # noqa: ASYNC110 (the workers write a file)
+                await asyncio.sleep(0.05)
+            runs = [await client.start_run("diamond") for _ in range(count)]
+            working = _WorkingPids(self.effects_path)
+            while not working.pids():  # noqa: ASYNC110 (the workers write a file)
+                await asyncio.sleep(0.02)
+        runs.append(await client.start_run("diamond"))
+        assert await client.get_final_result(runs[-1]) is None, "the runs finished too soon"
+        return runs
+
     async def kill_one_repeatedly(
         self, done: Awaitable[None], *, seed: int, max_kills: int, until_working: bool = True
     ) -> int:

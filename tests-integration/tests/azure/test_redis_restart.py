@@ -35,9 +35,7 @@ async def test_redis_restart_mid_run_loses_nothing(
     workers = WorkerProcesses(FLEET, settings)
     client = settings.adapter(client_options(settings))
     try:
-        runs = [await client.start_run("diamond") for _ in range(RUNS)]
-        await asyncio.sleep(3.0)
-        assert await client.get_final_result(runs[-1]) is None, "the runs finished too soon"
+        runs = await workers.start_mid_run(client, RUNS)
         await asyncio.to_thread(restart)
         more = [await client.start_run("diamond") for _ in range(5)]
         assert client.results is not None

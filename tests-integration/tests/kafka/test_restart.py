@@ -54,9 +54,7 @@ async def test_backend_restart_mid_run_loses_nothing(
     workers = WorkerProcesses(FLEET, fleet)
     client = fleet.adapter(client_options(fleet))
     try:
-        runs = [await client.start_run("diamond") for _ in range(RUNS)]
-        await asyncio.sleep(2.0)
-        assert await client.get_final_result(runs[-1]) is None, "the runs finished too soon"
+        runs = await workers.start_mid_run(client, RUNS)
         await asyncio.to_thread(restart)
         more = [await start_retrying(client) for _ in range(5)]
         keys = [client.results.key(r) for r in runs + more]
