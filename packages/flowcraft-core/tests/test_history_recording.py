@@ -244,3 +244,80 @@ async def test_an_event_the_spool_cannot_take_still_goes_to_the_store(
     store.gate.set()
     await recorder.aclose()
     assert [e.node_id for b in store.batches for e in b] == [f"n{i}" for i in range(5)]
+
+
+def batch(run_id: str, count: int, start: int = 0) -> list[HistoryEvent]:
+    return [record_of(finish(i, run_id), "w") for i in range(start, start + count)]
+
+
+async def test_a_write_waits_on_the_thread_while_another_connection_holds_the_file(
+    tmp_path: Path,
+) -> None:
+    """The loop's connection never waits: while another process writes, the batch goes
+    to the store's thread (which waits for the file) and the event loop runs on."""
+    path = tmp_path / "h.db"
+    async with SqliteHistoryStore(path) as store:
+        await store.write(batch("a", 3))  # the first write makes the loop's connection
+        assert store._here is not None
+        holder = sqlite3.connect(path, isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")
+        writing = asyncio.ensure_future(store.write(batch("b", 5)))
+        ticks = 0
+        for _ in range(20):  # the loop is free while the write waits
+            await asyncio.sleep(0.01)
+            ticks += 1
+        assert not writing.done()
+        holder.execute("COMMIT")
+        holder.close()
+        assert await asyncio.wait_for(writing, 10) == 5
+        assert ticks == 20
+        assert [e.node_id for e in await store.events("b")] == [f"n{i}" for i in range(5)]
+        assert await store.write(batch("b", 2, start=5)) == 2  # the loop's connection again
+        assert len(await store.events("b")) == 7
+
+
+def file_sizes(path: Path) -> tuple[int, int]:
+    """The database file's size and its WAL's."""
+    return path.stat().st_size, Path(f"{path}-wal").stat().st_size
+
+
+async def test_writes_on_the_loop_yield_and_keep_the_wal_small(tmp_path: Path) -> None:
+    """Each write is a suspension point (a loop of writes lets other tasks run), and
+    the thread's checkpoints keep the WAL from growing with everything written."""
+    path = tmp_path / "h.db"
+    ran = 0
+
+    async def other() -> None:
+        nonlocal ran
+        while True:
+            ran += 1
+            await asyncio.sleep(0)
+
+    task = asyncio.ensure_future(other())
+    try:
+        async with SqliteHistoryStore(path) as store:
+            for i in range(80):
+                await store.write(batch(f"r{i}", 500))
+            assert ran >= 70
+            size, wal = file_sizes(path)
+            assert len(await store.events("r79")) == 500
+    finally:
+        task.cancel()
+    assert size > 4 * wal, (size, wal)  # without the checkpoints: wal > size
+
+
+@pytest.mark.parametrize("on_loop", [True, False])
+async def test_the_store_holds_the_same_either_way(tmp_path: Path, on_loop: bool) -> None:
+    async with SqliteHistoryStore(tmp_path / "h.db", write_on_loop=on_loop) as store:
+        assert await store.write(batch("r", 10)) == 10
+        assert await store.write(batch("r", 12)) == 2  # 10 of them stored already
+        assert (store._here is not None) is on_loop
+        assert [e.node_id for e in await store.events("r")] == [f"n{i}" for i in range(12)]
+
+
+async def test_an_in_memory_store_keeps_one_connection() -> None:
+    async with SqliteHistoryStore(":memory:") as store:
+        await store.write(batch("r", 3))
+        await store.write(batch("r", 3, start=3))
+        assert store._here is None
+        assert len(await store.events("r")) == 6

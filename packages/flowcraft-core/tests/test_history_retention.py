@@ -134,8 +134,9 @@ async def test_writers_go_on_while_a_purge_runs(store: Any, tmp_path: Path) -> N
     try:
         purge = asyncio.ensure_future(store.purge(older_than=DAY, batch_size=7, now=NOW))
         written = 0
-        while not purge.done():
+        while not purge.done():  # a batch every few ms, as a busy recorder writes
             written += await other.write(run_events(f"w{written}", NOW, "completed", nodes=0))
+            await asyncio.sleep(0.002)
         result = await purge
     finally:
         await other.aclose()

@@ -79,8 +79,13 @@ T = TypeVar("T")
 class SqliteHistoryStore:
     """History in a SQLite file (``":memory:"`` for one process's own).
 
-    Every call runs on one thread of its own with one connection, off the event
-    loop. WAL mode and a busy timeout let several worker processes write one file.
+    Reads, purges and writes that must wait for the file run on one thread of its
+    own. A write first tries the event loop itself, on a second connection that never
+    waits: a batch takes a few milliseconds there, while the thread hop cost the loop
+    more (the writer thread took the GIL from the loop, holding it up to the switch
+    interval each time); when another process holds the file it goes to the thread,
+    which waits up to ``timeout`` seconds. ``write_on_loop=False`` always uses the
+    thread. WAL mode lets several worker processes write one file.
     A value (a node's input or output, a context write, ...) whose JSON is longer
     than ``max_value_bytes`` is stored as a marker with its size and hash (None: no
     cap; see :class:`~flowcraft.history.Truncated`).
@@ -93,6 +98,7 @@ class SqliteHistoryStore:
         table_prefix: str = "flowcraft_history",
         timeout: float = 30.0,
         max_value_bytes: int | None = DEFAULT_MAX_VALUE_BYTES,
+        write_on_loop: bool = True,
     ) -> None:
         if max_value_bytes is not None and max_value_bytes < 1:
             raise ValueError("max_value_bytes must be at least 1 (or None: no cap)")
@@ -101,6 +107,11 @@ class SqliteHistoryStore:
         self._sql = Statements(_SQLITE, check_name(table_prefix))
         self._timeout = timeout
         self._conn: sqlite3.Connection | None = None
+        # The event loop's own connection (busy timeout 0), once the schema exists;
+        # never for an in-memory database (a second connection would be another one).
+        self.write_on_loop = write_on_loop and _is_file(self.path)
+        self._here: sqlite3.Connection | None = None
+        self._unchecked = 0  # rows written on the loop since the last checkpoint
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flowcraft-history")
         self._closed = False
 
@@ -147,16 +158,18 @@ class SqliteHistoryStore:
         self._conn = conn
         return conn
 
-    def _write(self, events: list[HistoryEvent]) -> int:
+    def _write(self, events: list[HistoryEvent], conn: sqlite3.Connection | None = None) -> int:
+        conn = conn or self._connection()
         events = cap_events(events, self.max_value_bytes)
         try:
-            return self._insert(events, rows_of(events, plain=True))
+            return self._insert(conn, events, rows_of(events, plain=True))
         except (UnicodeEncodeError, ValueError):
             # A lone surrogate (or a NUL) in an id, a key or the data: stored escaped.
-            return self._insert(events, rows_of(events, plain=False))
+            return self._insert(conn, events, rows_of(events, plain=False))
 
-    def _insert(self, events: list[HistoryEvent], rows: list[tuple[Any, ...]]) -> int:
-        conn = self._connection()
+    def _insert(
+        self, conn: sqlite3.Connection, events: list[HistoryEvent], rows: list[tuple[Any, ...]]
+    ) -> int:
         runs = [(clean(r[0]), *r[1:]) for r in _run_rows(events)]
         conn.execute("BEGIN IMMEDIATE")
         try:
@@ -237,6 +250,16 @@ class SqliteHistoryStore:
                 break
         return PurgeResult(runs, events, kept)
 
+    def _write_and_checkpoint(self, events: list[HistoryEvent]) -> int:
+        """A write on the thread, then a checkpoint if the loop's connection (which
+        never checkpoints: that may take long) wrote enough since the last one; done
+        before the loop writes again, so the WAL starts over instead of growing."""
+        inserted = self._write(events)
+        if self._unchecked >= _CHECKPOINT_ROWS:
+            self._connection().execute("PRAGMA wal_checkpoint(PASSIVE)")
+            self._unchecked = 0
+        return inserted
+
     def _close(self) -> None:
         if self._conn is not None:
             self._conn.close()
@@ -248,7 +271,20 @@ class SqliteHistoryStore:
         """Insert each event unless its run holds its key already; update the runs."""
         if not events:
             return 0
-        return await self._call(self._write, events)
+        if self._here is not None and not self._closed and self._unchecked < _CHECKPOINT_ROWS:
+            try:
+                inserted = self._write(events, self._here)
+            except sqlite3.OperationalError as exc:
+                if not _busy(exc):
+                    raise
+            else:
+                self._unchecked += len(events)
+                await asyncio.sleep(0)  # a suspension point, as every other write has
+                return inserted
+        inserted = await self._call(self._write_and_checkpoint, events)
+        if self.write_on_loop and self._here is None:
+            self._here = _loop_connection(self.path)
+        return inserted
 
     async def events(self, run_id: str) -> list[HistoryEvent]:
         """The run's events, oldest first (by the emitters' clocks, then store order)."""
@@ -283,11 +319,40 @@ class SqliteHistoryStore:
     async def aclose(self) -> None:
         if self._closed:
             return
+        if self._here is not None:
+            self._here.close()
+            self._here = None
         try:
             await self._call(self._close)
         finally:
             self._closed = True
             self._thread.shutdown(wait=True)
+
+
+_CHECKPOINT_ROWS = 2000
+"""Rows the loop's connection writes before a write goes to the thread to checkpoint
+(about the 1000 pages of SQLite's own automatic checkpoint)."""
+
+
+def _is_file(path: str) -> bool:
+    return path not in ("", ":memory:") and "mode=memory" not in path
+
+
+def _loop_connection(path: str) -> sqlite3.Connection:
+    """The event loop's connection: it never waits for the file (timeout 0) and never
+    checkpoints (the thread does)."""
+    conn = sqlite3.connect(path, timeout=0, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute("PRAGMA wal_autocheckpoint=0")
+    return conn
+
+
+def _busy(exc: sqlite3.OperationalError) -> bool:
+    """Another connection holds the file (SQLITE_BUSY or SQLITE_LOCKED)."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+    return "locked" in str(exc) or "busy" in str(exc)
 
 
 def _run_rows(events: list[HistoryEvent]) -> list[tuple[Any, ...]]:
