@@ -292,3 +292,36 @@ async def test_statements_share_a_few_lanes_and_a_lost_lane_is_replaced(
         assert not pids & {lane.get_server_pid() for lane in store._lanes}
     finally:
         await store.aclose()
+
+
+@pytest.mark.parametrize("lanes", [None, 0], ids=["lanes", "client"])
+async def test_marks_are_written_behind_in_one_round_trip(
+    backends: Backends, lanes: int | None
+) -> None:
+    """Follow-up marks reach Redis with their TTL, in one batch, without overwriting a
+    mark already there; on the store's lanes and through its client alike."""
+    import redis.asyncio as redis_asyncio
+
+    from flowcraft.distributed import RedisCoordinationStore
+    from flowcraft_rabbitmq._coordination import MarksBehind
+
+    prefix = f"fc-marks-{uuid.uuid4().hex[:8]}:"
+    store = RedisCoordinationStore(url=backends.redis_url, key_prefix=prefix, lanes=lanes)
+    raw = redis_asyncio.Redis.from_url(backends.redis_url, decode_responses=True)
+    try:
+        await raw.set(prefix + "m0", "kept")
+        marks = MarksBehind(store, interval=0.01)
+        for i in range(5):
+            marks.add(f"m{i}", 30)
+        await marks.flush()
+        assert (marks.written, marks.batches) == (5, 1)
+        assert await raw.mget([prefix + f"m{i}" for i in range(5)]) == ["kept"] + ["1"] * 4
+        assert 0 < await raw.pttl(prefix + "m4") <= 30_000
+        await store.set_if_not_exist("after", "v", 30)  # the lane still answers in order
+        assert await store.get("after") == "v"
+    finally:
+        keys = [key async for key in raw.scan_iter(match=prefix + "*")]
+        if keys:
+            await raw.delete(*keys)
+        await raw.aclose()
+        await store.aclose()

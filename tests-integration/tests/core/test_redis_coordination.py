@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import uuid
@@ -122,29 +123,95 @@ async def test_increment_keeps_an_existing_ttl(
     assert await raw.pttl(store.key_prefix + "n") > 5_000
 
 
+@pytest.mark.parametrize("lanes", [None, 0], ids=["lanes", "client"])
 async def test_each_method_is_one_round_trip(
-    store: RedisCoordinationStore, monkeypatch: pytest.MonkeyPatch
+    redis_service: RunningService, lanes: int | None
 ) -> None:
+    """Counted by the server (MONITOR: the commands of this store's keys, not those a
+    script runs), on lanes (the default for a store made from a URL) and through the
+    client (``lanes=0``)."""
+    prefix = _prefix()
+    store = RedisCoordinationStore(url=redis_service.url, key_prefix=prefix, lanes=lanes)
+    watcher = redis_asyncio.Redis.from_url(redis_service.url)
+    seen: list[str] = []
+    ready = asyncio.Event()
+    last = asyncio.Event()
+
+    async def watch() -> None:
+        async with watcher.monitor() as monitor:
+            ready.set()
+            async for command in monitor.listen():
+                if command["client_type"] != "lua" and prefix in command["command"]:
+                    seen.append(command["command"].split(" ", 1)[0].strip('"').upper())
+                    if f"{prefix}end" in command["command"]:
+                        last.set()
+
     await store.increment("warm-up", 30)  # loads the script into the server's cache
-    calls: list[str] = []
-    original: Callable[..., Awaitable[Any]] = store.client.execute_command
+    watching = asyncio.ensure_future(watch())
+    try:
+        await asyncio.wait_for(ready.wait(), 10)
+        operations: list[Callable[[], Awaitable[object]]] = [
+            lambda: store.increment("n", 30),
+            lambda: store.set_if_not_exist("k", "v", 30),
+            lambda: store.extend_ttl("k", 30),
+            lambda: store.get("k"),
+            lambda: store.delete("k"),
+        ]
+        for operation in operations:
+            await operation()
+        await store.set_if_not_exist("end", "1", 30)  # the last one MONITOR shows
+        await asyncio.wait_for(last.wait(), 10)
+        assert seen == ["EVALSHA", "SET", "PEXPIRE", "GET", "DEL", "SET"]
+    finally:
+        watching.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watching
+        await watcher.aclose()
+        await store.aclose()
+        await _drop_namespace(redis_service.url, prefix)
 
-    async def counting(*args: Any, **kwargs: Any) -> Any:
-        calls.append(str(args[0]))
-        return await original(*args, **kwargs)
 
-    monkeypatch.setattr(store.client, "execute_command", counting)
-    operations: list[tuple[str, Callable[[], Awaitable[object]]]] = [
-        ("EVALSHA", lambda: store.increment("n", 30)),
-        ("SET", lambda: store.set_if_not_exist("k", "v", 30)),
-        ("PEXPIRE", lambda: store.extend_ttl("k", 30)),
-        ("GET", lambda: store.get("k")),
-        ("DEL", lambda: store.delete("k")),
-    ]
-    for command, operation in operations:
-        calls.clear()
-        await operation()
-        assert calls == [command]
+@pytest.mark.parametrize("lanes", [None, 0], ids=["lanes", "client"])
+async def test_set_all_if_not_exist_writes_together(
+    redis_service: RunningService, raw: redis_asyncio.Redis, lanes: int | None
+) -> None:
+    """Each key set with its TTL unless present; the store's next command reads its own
+    reply (the batch's replies were all consumed)."""
+    prefix = _prefix()
+    store = RedisCoordinationStore(url=redis_service.url, key_prefix=prefix, lanes=lanes)
+    try:
+        await raw.set(prefix + "a", "kept")
+        await store.set_all_if_not_exist([("a", "1", 30), ("b", "2", 30), ("c", "3", 0.5)])
+        assert await raw.mget([prefix + k for k in "abc"]) == ["kept", "2", "3"]
+        assert 0 < await raw.pttl(prefix + "c") <= 500
+        assert await store.increment("n", 30) == 1
+        await store.set_all_if_not_exist([])
+    finally:
+        await store.aclose()
+        await _drop_namespace(redis_service.url, prefix)
+
+
+async def test_lost_lanes_are_replaced(
+    store: RedisCoordinationStore, raw: redis_asyncio.Redis
+) -> None:
+    """The server drops the store's connections: a command on a lost lane is sent
+    again through the client (the lane dropped); those that met a lost pooled
+    connection fail as they did before lanes; the next commands all run, on new lanes."""
+    assert sorted(await asyncio.gather(*(store.increment("n", 30) for _ in range(12)))) == list(
+        range(1, 13)
+    )
+    me = await raw.client_id()
+    for client in await raw.client_list():
+        if int(client["id"]) != me and client["cmd"] in ("evalsha", "get"):
+            await raw.client_kill_filter(_id=client["id"])
+    first = await asyncio.gather(
+        *(store.increment("n", 30) for _ in range(12)), return_exceptions=True
+    )
+    ran = [x for x in first if isinstance(x, int)]
+    assert ran, "commands on lost lanes run through the client"
+    after = await asyncio.gather(*(store.increment("n", 30) for _ in range(12)))
+    assert max(after) == 12 + len(ran) + 12
+    assert await raw.get(store.key_prefix + "n") == str(max(after))
 
 
 async def test_script_cache_flush_is_survived(

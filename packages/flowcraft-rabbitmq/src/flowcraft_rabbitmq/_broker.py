@@ -22,7 +22,7 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
 from ssl import SSLContext
-from typing import Any
+from typing import Any, cast
 
 import aio_pika
 import aiormq
@@ -210,8 +210,12 @@ class Broker:
             # A job (the hot path): straight to the aiormq channel underneath aio-pika's
             # robust one (aio-pika's own API for it), without building an
             # aio_pika.Message. The same frames, confirm and mandatory flag; an
-            # unroutable message raises PublishError here too.
-            underlay = await channel.get_underlay_channel()
+            # unroutable message raises PublishError here too. wait=False: the frames
+            # are queued for the socket without a second future awaiting their write
+            # (the confirm awaited next comes after it anyway; a connection lost before
+            # the write rejects the confirm, and the publish is retried).
+            # (aiormq's abstract channel lacks basic_publish's ``wait``; its channel has it.)
+            underlay = cast(aiormq.Channel, await channel.get_underlay_channel())
             properties = aiormq.spec.Basic.Properties(
                 content_type="application/json", delivery_mode=2
             )
@@ -222,6 +226,7 @@ class Broker:
                 properties=properties,
                 mandatory=True,
                 timeout=self.publish_timeout,
+                wait=False,
             )
             return
         message = aio_pika.Message(

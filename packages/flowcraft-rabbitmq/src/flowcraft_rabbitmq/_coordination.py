@@ -17,7 +17,7 @@ Through the two hooks the base adapter has for this (``admit`` and
   the base sends two reads and a lease.
 * **Follow-up marks written behind.** A mark only lets a duplicate skip a follow-up
   that is idempotent anyway: :class:`MarksBehind` collects them and writes them
-  together every 50 ms (one Redis pipeline), instead of one round trip per job. A
+  together every 50 ms (one Redis round trip), instead of one round trip per job. A
   crash loses at most those 50 ms of marks, which only makes a duplicate redo its
   follow-up.
 """
@@ -28,7 +28,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import math
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -232,7 +231,7 @@ Mark = tuple[str, float]
 
 class MarksBehind:
     """Follow-up marks (``set_if_not_exist(key, "1", ttl)``), written together every
-    ``interval`` seconds: one pipeline on a ``RedisCoordinationStore``, else the
+    ``interval`` seconds: one round trip on a ``RedisCoordinationStore``, else the
     store's calls all at once. :meth:`flush` writes what is left (on close)."""
 
     def __init__(self, store: CoordinationStore, interval: float = 0.05) -> None:
@@ -281,11 +280,7 @@ class MarksBehind:
 
 async def _write_marks(store: CoordinationStore, marks: Sequence[Mark]) -> None:
     if isinstance(store, RedisCoordinationStore):
-        async with store.client.pipeline(transaction=False) as pipe:
-            for key, ttl in marks:
-                px = max(1, math.ceil(validate_ttl_seconds(ttl) * 1000))
-                pipe.set(store.key_prefix + key, "1", nx=True, px=px)
-            await pipe.execute()
+        await store.set_all_if_not_exist([(key, "1", ttl) for key, ttl in marks])
         return
     calls: list[Awaitable[bool]] = [store.set_if_not_exist(k, "1", ttl) for k, ttl in marks]
     outcomes = await asyncio.gather(*calls, return_exceptions=True)
