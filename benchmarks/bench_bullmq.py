@@ -158,7 +158,7 @@ class _NoStore:
         return None
 
 
-HISTORY_BUSES = ("recorder", "drop", "nostore", "nospool")
+HISTORY_BUSES = ("recorder", "drop", "nostore", "nospool", "thread")
 
 
 async def worker_main(
@@ -175,7 +175,11 @@ async def worker_main(
     if history and bus == "drop":
         options = runtime_options(event_bus=_DropBus())
     elif history:
-        store = _NoStore() if bus == "nostore" else SqliteHistoryStore(history)
+        store = (
+            _NoStore()
+            if bus == "nostore"
+            else SqliteHistoryStore(history, write_on_loop=bus != "thread")
+        )
         # The spool (beside the file) keeps what a killed worker had queued.
         spool = None if bus == "nospool" else Path(history).with_suffix(".spool")
         recorder = HistoryRecorder(store, spool=spool)
@@ -382,7 +386,7 @@ async def throughput(
     ignored = {"info", "config|resetstat", "mget", "client|setname", "client|setinfo"}
     server_cmds = sum(v for k, v in stats.items() if k not in ignored)
     recorded = None
-    if history and Workers.history_bus in ("recorder", "nospool"):
+    if history and Workers.history_bus in ("recorder", "nospool", "thread"):
         recorded = await recorded_runs(history, started)
     elif history:
         recorded = {"bus": Workers.history_bus}
@@ -681,7 +685,8 @@ def cli() -> None:
         default="recorder",
         help="what --history runs in the workers: the recorder (SQLite, spool); drop: a bus "
         "that keeps nothing (the base's events alone); nostore: the recorder with a store "
-        "that keeps nothing; nospool: the recorder without its spool",
+        "that keeps nothing; nospool: the recorder without its spool; thread: the recorder "
+        "writing SQLite on the store's thread only",
     )
     parser.add_argument("--history-db", help=argparse.SUPPRESS)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
