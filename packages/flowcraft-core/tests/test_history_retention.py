@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from flowcraft import Flow, FlowRuntime, NodeContext
+from flowcraft import Flow, FlowRuntime, NodeContext, NodeResult
 from flowcraft.cli import main
 from flowcraft.history import (
     TRUNCATED_KEY,
@@ -165,6 +165,29 @@ def big_flow() -> Flow:
         .node("blob_size", read_blob)
         .chain("load", "size", "blob_size")
     )
+
+
+async def test_a_tiny_cap_keeps_what_names_the_run_and_its_steps(tmp_path: Path) -> None:
+    """Values are capped; a run's blueprint, status, activations and actions are not
+    (a 4-byte cap once recorded the status "completed" as a marker)."""
+    flow = (
+        Flow("tiny-cap")
+        .node("load", lambda c: NodeResult("a long output", action="onwards"))
+        .node("end", lambda c: 1)
+        .edge("load", "end", action="onwards")
+    )
+    async with SqliteHistoryStore(tmp_path / "h.db", max_value_bytes=4) as store:
+        async with HistoryRecorder(store) as recorder:
+            await FlowRuntime(event_bus=recorder).run(flow, {"user": "ada"}, run_id="t1")
+        (run,) = await store.runs()
+        assert (run.run_id, run.blueprint_id, run.status) == ("t1", "tiny-cap", "completed")
+        steps = await History(store).steps("t1")
+        assert [(s.node_id, s.activation, s.status, s.action) for s in steps] == [
+            ("load", 1, "finished", "onwards"),
+            ("end", 1, "finished", None),
+        ]
+        assert steps[0].truncated == ["output"]
+        assert steps[1].output == 1
 
 
 async def test_a_value_over_the_cap_is_kept_as_a_marker(tmp_path: Path) -> None:

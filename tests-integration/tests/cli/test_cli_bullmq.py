@@ -234,7 +234,11 @@ def test_resume_a_waiting_run_and_reconcile_it(fleet: Fleet) -> None:
 
 
 def test_processes_runs_several_workers_and_forwards_sigterm(fleet: Fleet) -> None:
-    supervisor, log = fleet.worker("--processes", "2", "-c", "2")
+    """Also: the children record history with the supervisor's size cap."""
+    history = fleet.tmp / "history.db"
+    supervisor, log = fleet.worker(
+        "--processes", "2", "-c", "2", "--history", str(history), "--history-max-value-bytes", "4"
+    )
     wait_for(lambda: log.read_text().count("worker started") == 2, "both worker processes")
     pids = {
         line.partition(" pid=")[2].split()[0]
@@ -243,10 +247,21 @@ def test_processes_runs_several_workers_and_forwards_sigterm(fleet: Fleet) -> No
     }
     assert len(pids) == 2
     assert str(supervisor.pid) not in pids
-    done = fleet.run("start", "demo", "--context", '{"n": 1}', "--wait", "--json")
+    run_id = uuid.uuid4().hex
+    done = fleet.run(
+        "start", "demo", "--context", '{"n": 1}', "--run-id", run_id, "--wait", "--json"
+    )
     assert done.returncode == 0, done.stderr
     supervisor.send_signal(signal.SIGTERM)
     assert supervisor.wait(timeout=60) == 0
+    shown = fleet.run("history", run_id, "--store", str(history), "--json")
+    assert shown.returncode == 0, shown.stderr
+    recorded = json.loads(shown.stdout)
+    assert recorded["run"]["status"] == "completed"
+    outputs = {s["nodeId"]: (s["output"], s["truncated"]) for s in recorded["steps"]}
+    assert outputs["add"] == (2, ["input"])  # "2" fits in 4 bytes, '"slept"' does not
+    assert outputs["slow"][1] == ["output"]
+    assert outputs["slow"][0]["$flowcraft.truncated"]["bytes"] == len('"slept"')
     text = log.read_text()
     assert text.count("SIGTERM: stopping") == 2
     assert text.count("(exit 0)") == 2

@@ -370,6 +370,15 @@ def _blueprints_line(runtime_options: RuntimeOptions) -> str:
     help="With --history: a folder on this machine where each event is appended as it "
     "is emitted, so a killed worker's events are stored by the next one.",
 )
+@click.option(
+    "--history-max-value-bytes",
+    metavar="BYTES",
+    type=click.IntRange(min=0),
+    envvar="FLOWCRAFT_HISTORY_MAX_VALUE_BYTES",
+    help="With --history: a value (a node's input or output, a context write) whose JSON "
+    "is longer is recorded as its size and SHA-256 only (default 1048576); 0 keeps every "
+    "value whole.",
+)
 def worker(
     fleet: FleetTarget,
     concurrency: int | None,
@@ -382,6 +391,7 @@ def worker(
     processes: int,
     history: str | None,
     history_spool: str | None,
+    history_max_value_bytes: int | None,
 ) -> None:
     """Run a worker: take node jobs from the adapter's queue until SIGINT or SIGTERM.
 
@@ -407,9 +417,10 @@ def worker(
             metrics_host,
             history,
             history_spool,
+            history_max_value_bytes,
         )
-    if history_spool is not None and history is None:
-        _bad("--history-spool needs --history STORE")
+    if history is None and (history_spool is not None or history_max_value_bytes is not None):
+        _bad("--history-spool and --history-max-value-bytes need --history STORE")
     telemetry = telemetry or trace_file is not None or metrics_port is not None
     sdk = _telemetry_sdk(telemetry, trace_file, metrics_port, metrics_host, "flowcraft-worker")
     buses: list[Any] = []
@@ -417,11 +428,13 @@ def worker(
 
     def prepare(options: RuntimeOptions) -> RuntimeOptions:
         if history is not None:
-            from flowcraft.history import HistoryRecorder, open_store
+            from flowcraft.history import DEFAULT_MAX_VALUE_BYTES, HistoryRecorder, open_store
 
-            recorders.append(
-                HistoryRecorder(open_store(history), inner=options.event_bus, spool=history_spool)
+            cap = history_max_value_bytes
+            store = open_store(
+                history, max_value_bytes=DEFAULT_MAX_VALUE_BYTES if cap is None else cap or None
             )
+            recorders.append(HistoryRecorder(store, inner=options.event_bus, spool=history_spool))
             options = dataclasses.replace(options, event_bus=recorders[0])
         if not telemetry:
             return options
@@ -520,6 +533,7 @@ def _supervise(
     metrics_host: str,
     history: str | None,
     history_spool: str | None,
+    history_max_value_bytes: int | None,
 ) -> NoReturn:
     """``--processes N``: N worker processes with this one's settings, passed through
     the environment (never on a command line, where ``ps`` would show credentials).
@@ -559,6 +573,10 @@ def _supervise(
     for variable, value in (
         ("FLOWCRAFT_HISTORY", history),
         ("FLOWCRAFT_HISTORY_SPOOL", history_spool),
+        (
+            "FLOWCRAFT_HISTORY_MAX_VALUE_BYTES",
+            None if history_max_value_bytes is None else str(history_max_value_bytes),
+        ),
     ):
         if value is not None:
             env[variable] = value

@@ -22,6 +22,23 @@ TRUNCATED_KEY = "$flowcraft.truncated"
 
 # Keys of an event's data whose value is a mapping of context keys: each capped alone.
 _PER_KEY = frozenset({"context"})
+# What identifies an event, its run's blueprint and status, or an edge: always kept
+# (a marker there would make the run unreadable), whatever the cap.
+_NEVER = frozenset(
+    {
+        "action",
+        "activation",
+        "attempt",
+        "blueprintId",
+        "condition",
+        "event",
+        "eventId",
+        "key",
+        "status",
+        "target",
+        "token",
+    }
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,7 +96,8 @@ def _capped(value: Any, limit: int) -> tuple[Any, bool]:
 def cap_events(events: list[HistoryEvent], limit: int | None) -> list[HistoryEvent]:
     """``events`` with each value of their data (a node's input or output, a context
     write's value, each key of an initial context, an error) longer than ``limit``
-    as JSON replaced by a marker. Each event's JSON (``text``) is made here, where
+    as JSON replaced by a marker; never what names the run's blueprint and status or
+    the event itself. Each event's JSON (``text``) is made here, where
     the store would make it: an event whose whole data fits is left as it is."""
     if limit is None:
         return events
@@ -93,7 +111,9 @@ def cap_events(events: list[HistoryEvent], limit: int | None) -> list[HistoryEve
         data: dict[str, Any] = {}
         changed = False
         for key, value in e.data.items():
-            if key in _PER_KEY and isinstance(value, Mapping):
+            if key in _NEVER:
+                data[key] = value
+            elif key in _PER_KEY and isinstance(value, Mapping):
                 inner = {}
                 for k, v in value.items():
                     inner[k], was = _capped(v, limit)
