@@ -214,6 +214,24 @@ async def test_lost_lanes_are_replaced(
     assert await raw.get(store.key_prefix + "n") == str(max(after))
 
 
+@pytest.mark.parametrize("max_connections", [1, 2, 4])
+async def test_a_small_pool_leaves_the_client_a_connection(
+    redis_service: RunningService, max_connections: int
+) -> None:
+    """Lanes keep their connections: with a pool of N, at most N - 1 lanes, so the
+    commands that find every lane busy still get a connection (they waited for the
+    pool's timeout, then failed, when lanes held them all)."""
+    store = RedisCoordinationStore(
+        url=redis_service.url, key_prefix=_prefix(), max_connections=max_connections, timeout=5
+    )
+    try:
+        async with asyncio.timeout(20):
+            counts = await asyncio.gather(*(store.increment("n", 30) for _ in range(20)))
+        assert sorted(counts) == list(range(1, 21))
+    finally:
+        await store.aclose()
+
+
 async def test_script_cache_flush_is_survived(
     store: RedisCoordinationStore, raw: redis_asyncio.Redis
 ) -> None:

@@ -238,6 +238,11 @@ class RedisCoordinationStore:
             lanes = DEFAULT_LANES if self._owns_client else 0
         if lanes < 0:
             raise ValueError("lanes must be at least 0")
+        # Lanes keep their connections: leave the pool at least one for the client
+        # (a pool of N connections all held by lanes would make the fallback wait).
+        ceiling = getattr(client.connection_pool, "max_connections", None)
+        if isinstance(ceiling, int):
+            lanes = min(lanes, max(0, ceiling - 1))
         self._lanes = _Lanes(client, lanes) if lanes else None
         # The URL may hold a password: log only the prefix.
         logger.debug("Redis coordination store ready (key_prefix=%r)", key_prefix)
