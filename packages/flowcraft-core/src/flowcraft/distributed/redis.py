@@ -71,8 +71,8 @@ def _ttl_ms(ttl_seconds: float) -> int:
 
 class _Lanes:
     """Up to ``size`` connections held out of ``client``'s pool, each running one
-    command at a time; :meth:`call` returns ``_BUSY`` when none is free or can be
-    taken (the caller then uses the client).
+    command (or batch) at a time; :meth:`run` returns None when none is free or can
+    be taken (the caller then uses the client).
 
     A command is packed by hiredis when it is installed and the connections encode
     as strict UTF-8 (the same bytes; redis-py packs argument by argument in Python),
@@ -93,40 +93,33 @@ class _Lanes:
             _hiredis_pack() if utf8 and strict else None
         )
 
-    async def call(self, *args: Any) -> Any:
-        """The raw reply of one command on a lane (``ResponseError`` raised as is)."""
+    async def run(self, commands: Sequence[tuple[Any, ...]]) -> list[Any] | None:
+        """The raw replies of ``commands``, sent together on one lane; None when no
+        lane is free. Every reply is read before the first error reply is raised
+        (``ResponseError``: the connection stays in step and is kept); any other
+        failure drops the lane."""
         from redis.exceptions import ResponseError
 
         conn = await self._take()
         if conn is None:
-            return _BUSY
-        try:
-            await self._send(conn, (args,))
-            reply = await conn.read_response()
-        except ResponseError:
-            await self._give_back(conn)  # the server refused it; the connection is fine
-            raise
-        except BaseException:
-            await self._drop(conn)
-            raise
-        await self._give_back(conn)
-        return reply
-
-    async def call_many(self, commands: Sequence[tuple[Any, ...]]) -> bool:
-        """Send ``commands`` together on a lane and read their replies (any error
-        reply raised, the lane dropped); False when no lane is free."""
-        conn = await self._take()
-        if conn is None:
-            return False
+            return None
+        replies: list[Any] = []
+        refused: ResponseError | None = None
         try:
             await self._send(conn, commands)
             for _ in commands:
-                await conn.read_response()
+                try:
+                    replies.append(await conn.read_response())
+                except ResponseError as exc:
+                    refused = refused or exc
+                    replies.append(exc)
         except BaseException:
             await self._drop(conn)  # replies may be left unread: never reuse it
             raise
         await self._give_back(conn)
-        return True
+        if refused is not None:
+            raise refused
+        return replies
 
     async def _send(self, conn: AbstractConnection, commands: Sequence[tuple[Any, ...]]) -> None:
         writer = getattr(conn, "_writer", None)
@@ -179,9 +172,6 @@ def _hiredis_pack() -> Callable[[tuple[Any, ...]], bytes] | None:
         return None
     pack: Callable[[tuple[Any, ...]], bytes] = hiredis.pack_command
     return pack
-
-
-_BUSY = object()
 
 
 class RedisCoordinationStore:
@@ -277,22 +267,27 @@ class RedisCoordinationStore:
     def _key(self, key: str) -> str:
         return self.key_prefix + key
 
-    async def _command(self, *args: Any) -> Any:
-        """One command's raw reply: on a lane if one is free, else through the client
-        (also after a lane failed: the lane is dropped, the command sent again)."""
-        lanes = self._lanes
-        if lanes is not None:
-            try:
-                reply = await lanes.call(*args)
-            except Exception as exc:
-                from redis.exceptions import ResponseError
+    async def _on_lane(self, commands: Sequence[tuple[Any, ...]]) -> list[Any] | None:
+        """The replies of ``commands`` run together on a lane; None when there is no
+        free lane or the lane failed (dropped: the caller sends them through the
+        client). Redis refusing a command is raised."""
+        if self._lanes is None:
+            return None
+        try:
+            return await self._lanes.run(commands)
+        except Exception as exc:
+            from redis.exceptions import ResponseError
 
-                if isinstance(exc, ResponseError):
-                    raise
-                logger.debug("a Redis lane failed (%r); sending through the client", exc)
-            else:
-                if reply is not _BUSY:
-                    return reply
+            if isinstance(exc, ResponseError):
+                raise
+            logger.debug("a Redis lane failed (%r); sending through the client", exc)
+            return None
+
+    async def _command(self, *args: Any) -> Any:
+        """One command's raw reply: on a lane if one is free, else through the client."""
+        replies = await self._on_lane((args,))
+        if replies is not None:
+            return replies[0]
         return await self._client.execute_command(*args)  # type: ignore[no-untyped-call]
 
     async def increment(self, key: str, ttl_seconds: float) -> int:
@@ -338,17 +333,8 @@ class RedisCoordinationStore:
         ]
         if not commands:
             return
-        lanes = self._lanes
-        if lanes is not None:
-            try:
-                if await lanes.call_many(commands):
-                    return
-            except Exception as exc:
-                from redis.exceptions import ResponseError
-
-                if isinstance(exc, ResponseError):
-                    raise
-                logger.debug("a Redis lane failed (%r); sending through the client", exc)
+        if await self._on_lane(commands) is not None:
+            return
         async with self._client.pipeline(transaction=False) as pipe:
             for command in commands:
                 pipe.execute_command(*command)
