@@ -59,6 +59,7 @@ def make_adapter(config: dict[str, Any]) -> GcpAdapter:
         redis_url=config["redis"],
         key_prefix=f"bench:{config['project']}:",
         concurrency=CONCURRENCY,
+        pull_timeout_seconds=1.0,
     )
 
 

@@ -91,6 +91,7 @@ class Namespace:
             "lease_seconds": 3.0,
             "retry_delay_seconds": 0.2,
             "ack_deadline_seconds": 10,
+            "pull_timeout_seconds": 1.0,
         }
         options.update(overrides)
         return options

@@ -232,23 +232,3 @@ async def test_create_topology_false_creates_nothing(namespace: Namespace) -> No
     (message,) = await _pull_all(adapter.queue, 1)
     assert adapter.message_body(message) == b"now it exists"
     await adapter.ack([message])
-
-
-async def test_an_idle_pull_takes_a_job_published_while_it_waits(clients: GcpClients) -> None:
-    """The default pull waits up to a minute (a client giving up on pulls strands the
-    jobs Pub/Sub hands one just then): it returns with a job as soon as one comes."""
-    queue = JobQueue(clients, QueueNames.for_topic(f"idle-{uuid.uuid4().hex[:8]}"))
-    await queue.ensure()
-    try:
-        assert queue.pull_timeout_seconds >= 30
-        pulling = asyncio.ensure_future(queue.pull(5))
-        await asyncio.sleep(1.0)
-        assert not pulling.done()
-        await queue.publish([b"job"])
-        async with asyncio.timeout(30):
-            got = await pulling
-        assert [bytes(m.message.data) for m in got] == [b"job"]
-        await queue.ack(got)
-        assert await queue.pull(5, deadline=1.0) == []
-    finally:
-        await queue.delete()

@@ -41,6 +41,7 @@ class Settings(FleetSettings):
             concurrency=self.concurrency,
             lease_seconds=self.lease_seconds,
             ack_deadline_seconds=10,
+            pull_timeout_seconds=1.0,
             retry_delay_seconds=0.2,
             reconcile_interval_seconds=2.0,
             stalled_after_seconds=10.0,

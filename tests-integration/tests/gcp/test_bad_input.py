@@ -48,6 +48,7 @@ async def adapter(
         redis_url=redis_service.url,
         key_prefix=f"fc-bad:{tag}:",
         ack_deadline_seconds=10,
+        pull_timeout_seconds=1.0,
     )
     yield made
     await made.aclose()

@@ -55,7 +55,7 @@ async def _take(gcp: GcpAdapter, limit: int | None) -> AsyncIterator[Sequence[Re
             response = await subscriber.pull(
                 subscription=queue.dead_letter_subscription_path,
                 max_messages=want,
-                timeout=queue.peek_timeout_seconds,
+                timeout=queue.pull_timeout_seconds,
                 retry=None,
             )
         except google_errors.DeadlineExceeded:

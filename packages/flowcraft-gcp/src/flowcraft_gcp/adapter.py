@@ -73,9 +73,7 @@ class GcpAdapter(Operations, PullingAdapter[ReceivedMessage]):
         max_delivery_attempts: the subscription's dead-letter limit (5-100): a job
             delivered this often without being settled (it kills its worker) is
             parked by Pub/Sub.
-        pull_timeout_seconds: the deadline of one pull; only an idle worker waits it
-            out. Keep it long (see ``JobQueue``: a pull given up on as jobs arrive
-            strands them until their ack deadline).
+        pull_timeout_seconds: how long a pull waits when no job is ready.
         max_state_bytes: what one run's context may hold (under Firestore's 1 MiB).
         concurrency: jobs in hand at once.
         event_bus, key_prefix, state_ttl_seconds, lease_seconds, dedupe_window_seconds,
@@ -101,7 +99,7 @@ class GcpAdapter(Operations, PullingAdapter[ReceivedMessage]):
         create_topology: bool = True,
         ack_deadline_seconds: int = 30,
         max_delivery_attempts: int = 100,
-        pull_timeout_seconds: float = 60.0,
+        pull_timeout_seconds: float = 2.0,
         max_state_bytes: int = DEFAULT_MAX_STATE_BYTES,
         concurrency: int = 10,
         **options: Any,

@@ -110,13 +110,7 @@ class JobQueue:
             Pub/Sub delivers it again (renewed while its job runs; 10-600).
         max_delivery_attempts: the dead-letter policy's limit (5-100): a message
             delivered this often without an ack is parked by Pub/Sub itself.
-        pull_timeout_seconds: the deadline of one job pull. Pub/Sub answers as soon as
-            a job is ready, so only an idle worker waits it out. Keep it long: a pull
-            the client gives up on just as Pub/Sub hands it jobs strands them until
-            their ack deadline (googleapis/google-cloud-python#8087); a worker that
-            stops cancels its pull.
-        peek_timeout_seconds: the deadline of one pull of dead letters (listing them
-            must return when none is parked).
+        pull_timeout_seconds: how long one pull waits for messages when none is ready.
     """
 
     def __init__(
@@ -126,8 +120,7 @@ class JobQueue:
         *,
         ack_deadline_seconds: int = 30,
         max_delivery_attempts: int = 100,
-        pull_timeout_seconds: float = 60.0,
-        peek_timeout_seconds: float = 2.0,
+        pull_timeout_seconds: float = 2.0,
     ) -> None:
         if not 10 <= ack_deadline_seconds <= MAX_ACK_DEADLINE_SECONDS:
             raise ValueError("ack_deadline_seconds must be 10..600 (Pub/Sub's range)")
@@ -138,7 +131,6 @@ class JobQueue:
         self.ack_deadline_seconds = ack_deadline_seconds
         self.max_delivery_attempts = max_delivery_attempts
         self.pull_timeout_seconds = pull_timeout_seconds
-        self.peek_timeout_seconds = peek_timeout_seconds
         project = f"projects/{clients.project}"
         self.topic_path = f"{project}/topics/{names.topic}"
         self.subscription_path = f"{project}/subscriptions/{names.subscription}"
@@ -239,11 +231,9 @@ class JobQueue:
 
     # ------------------------------------------------------------ receiving
 
-    async def pull(
-        self, max_messages: int, *, deadline: float | None = None
-    ) -> list[ReceivedMessage]:
-        """At most ``max_messages`` messages; [] when none arrived before the pull's
-        deadline (``deadline`` seconds, else ``pull_timeout_seconds``)."""
+    async def pull(self, max_messages: int) -> list[ReceivedMessage]:
+        """At most ``max_messages`` messages; [] when none arrived within the pull's
+        short deadline."""
         if max_messages < 1:
             return []
         await self.ensure()
@@ -252,7 +242,7 @@ class JobQueue:
             response = await self.clients.subscriber().pull(
                 subscription=self.subscription_path,
                 max_messages=max_messages,
-                timeout=self.pull_timeout_seconds if deadline is None else deadline,
+                timeout=self.pull_timeout_seconds,
                 retry=None,
             )
         except google_errors.DeadlineExceeded:
@@ -313,7 +303,7 @@ class JobQueue:
                     response = await subscriber.pull(
                         subscription=self.dead_letter_subscription_path,
                         max_messages=min(limit - len(found), 1000),
-                        timeout=self.peek_timeout_seconds,
+                        timeout=self.pull_timeout_seconds,
                         retry=None,
                     )
                 except google_errors.DeadlineExceeded:
