@@ -158,7 +158,7 @@ class _NoStore:
         return None
 
 
-HISTORY_BUSES = ("recorder", "drop", "nostore", "nospool", "thread")
+HISTORY_BUSES = ("recorder", "drop", "nostore", "nospool", "thread", "drainer")
 
 
 async def worker_main(
@@ -174,6 +174,10 @@ async def worker_main(
     options = None
     if history and bus == "drop":
         options = runtime_options(event_bus=_DropBus())
+    elif history and bus == "drainer":  # the spool only: the pass's drainer stores it
+        recorder = HistoryRecorder(None, spool=Path(history).with_suffix(".spool"))
+        options = runtime_options(event_bus=recorder)
+        await recorder.start()
     elif history:
         store = (
             _NoStore()
@@ -197,8 +201,9 @@ async def worker_main(
     print("ready", flush=True)
     await task
     await worker.aclose()
-    if recorder is not None and store is not None:
+    if recorder is not None:
         await recorder.aclose()
+    if store is not None:
         await store.aclose()
 
 
@@ -267,6 +272,14 @@ class Workers:
                 proc.wait(30)
             except subprocess.TimeoutExpired:
                 proc.kill()
+
+
+def start_drainer(history: str) -> subprocess.Popen[bytes]:
+    """The machine's one history writer: stores what the workers spool."""
+    spool = str(Path(history).with_suffix(".spool"))
+    code = "from flowcraft.cli import main; main()"
+    argv = [sys.executable, "-c", code, "history", "drain", "--store", history, "--spool", spool]
+    return subprocess.Popen(argv, stderr=subprocess.DEVNULL)
 
 
 async def start_runs(client: BullMQAdapter, shape: str, runs: int) -> dict[str, float]:
@@ -350,6 +363,7 @@ async def throughput(
     else:
         client = adapter(url, prefix, DRIVER_NAME)
     procs = Workers(url, prefix, workers, concurrency, fast, history)
+    drainer = start_drainer(history) if history and Workers.history_bus == "drainer" else None
     redis_pid = int((await redis.info("server"))["process_id"])
     queue = Queue(client.settings.queue_name, {"connection": url, "prefix": f"{prefix}bull"})
     try:
@@ -361,16 +375,21 @@ async def throughput(
         await asyncio.sleep(0.5)
         await redis.config_resetstat()
         cpu_before = [cpu_seconds(p.pid) for p in procs.procs] + [cpu_seconds(redis_pid)]
+        drainer_before = cpu_seconds(drainer.pid) if drainer is not None else 0.0
         main_before = sum(cpu_seconds(p.pid, p.pid) for p in procs.procs)
         t0 = time.time()
         await queue.resume()
         started = dict.fromkeys(started, t0)
         published = await wait_published(redis, client, started, seconds=300)
         cpu_after = [cpu_seconds(p.pid) for p in procs.procs] + [cpu_seconds(redis_pid)]
+        drainer_cpu = cpu_seconds(drainer.pid) - drainer_before if drainer is not None else 0.0
         main_cpu = sum(cpu_seconds(p.pid, p.pid) for p in procs.procs) - main_before
         stats = commandstats(await redis.info("commandstats"))
     finally:
         procs.stop()
+        if drainer is not None:  # a last pass, then it exits
+            drainer.send_signal(signal.SIGTERM)
+            drainer.wait(60)
         await queue.close()
         await client.aclose()
         await drop(redis, prefix)
@@ -386,7 +405,7 @@ async def throughput(
     ignored = {"info", "config|resetstat", "mget", "client|setname", "client|setinfo"}
     server_cmds = sum(v for k, v in stats.items() if k not in ignored)
     recorded = None
-    if history and Workers.history_bus in ("recorder", "nospool", "thread"):
+    if history and Workers.history_bus in ("recorder", "nospool", "thread", "drainer"):
         recorded = await recorded_runs(history, started)
     elif history:
         recorded = {"bus": Workers.history_bus}
@@ -409,6 +428,7 @@ async def throughput(
         ),
         "worker_main_thread_cpu_ms_per_node_job": round(1000 * main_cpu / jobs, 3),
         "redis_cpu_s": round(cpu_after[-1] - cpu_before[-1], 2),
+        **({"drainer_cpu_ms_per_node_job": round(1000 * drainer_cpu / jobs, 3)} if drainer else {}),
     }
 
 
@@ -686,7 +706,8 @@ def cli() -> None:
         help="what --history runs in the workers: the recorder (SQLite, spool); drop: a bus "
         "that keeps nothing (the base's events alone); nostore: the recorder with a store "
         "that keeps nothing; nospool: the recorder without its spool; thread: the recorder "
-        "writing SQLite on the store's thread only",
+        "writing SQLite on the store's thread only; drainer: the workers only spool, one "
+        "`flowcraft history drain` process stores",
     )
     parser.add_argument("--history-db", help=argparse.SUPPRESS)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)

@@ -227,7 +227,8 @@ async def run_worker(settings: FleetSettings, *, handle_sigterm: bool = False) -
             await cast(_Closable, adapter).aclose()  # every adapter has one; the base does not say
         finally:
             await recorder.aclose()  # stores what is queued, and orphaned spool files
-            await recorder.store.aclose()
+            if recorder.store is not None:
+                await recorder.store.aclose()
             effects.close()
 
 
@@ -389,7 +390,8 @@ async def check_history(
     bus = client.event_bus
     assert isinstance(bus, HistoryRecorder), "the client must record: use client_options()"
     await bus.aclose()
-    await bus.store.aclose()
+    if bus.store is not None:
+        await bus.store.aclose()
     final = {r: (await client.wait_for_result(r, 5)).context for r in runs}
     store, _ = history_files(effects_path)
     async with SqliteHistoryStore(store) as opened:

@@ -1,11 +1,14 @@
 """``flowcraft history``: a run's timeline from its recorded history, or recent runs;
-``flowcraft history purge``: delete the history of old or given runs."""
+``flowcraft history purge``: delete the history of old or given runs;
+``flowcraft history drain``: store what a machine's workers spool."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
+import signal
 from collections.abc import Coroutine
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -83,7 +86,7 @@ def _inherited(ctx: click.Context, name: str, given: Any) -> Any:
     "history",
     cls=_RunOrCommand,
     invoke_without_command=True,
-    subcommand_metavar="[RUN] | purge [ARGS]...",
+    subcommand_metavar="[RUN] | purge [ARGS]... | drain [ARGS]...",
 )
 @click.option(
     "--store",
@@ -108,7 +111,8 @@ def history(
 ) -> None:
     """Print RUN's timeline (every recorded event), or its context at a step
     (--at); without RUN, list the most recently started runs with history.
-    `history purge` deletes the history of old or given runs."""
+    `history purge` deletes the history of old or given runs; `history drain`
+    stores the events a machine's workers append to their spool."""
     if ctx.invoked_subcommand is not None:
         return
     _check_exists(where)
@@ -286,3 +290,76 @@ def _describe(age: timedelta | None, run_ids: tuple[str, ...], include_unfinishe
     if age is not None:
         parts.append(f"whose last event is older than {age}")
     return " ".join([which, *parts])
+
+
+@history.command("drain")
+@click.option("--store", "where", help=_STORE_HELP)
+@click.option(
+    "--spool",
+    "folder",
+    required=True,
+    metavar="FOLDER",
+    envvar="FLOWCRAFT_HISTORY_SPOOL",
+    help="The spool folder of this machine's workers (their --history-spool).",
+)
+@click.option(
+    "--interval",
+    type=click.FloatRange(min=0.01),
+    default=0.1,
+    show_default=True,
+    help="Seconds between looks at the folder.",
+)
+@click.option(
+    "--max-value-bytes",
+    metavar="BYTES",
+    type=click.IntRange(min=0),
+    envvar="FLOWCRAFT_HISTORY_MAX_VALUE_BYTES",
+    help="A value whose JSON is longer is stored as its size and SHA-256 only "
+    "(default 1048576); 0 keeps every value whole.",
+)
+@click.option("--once", is_flag=True, help="One pass, then exit (else until SIGINT/SIGTERM).")
+@click.pass_context
+def drain(
+    ctx: click.Context,
+    where: str | None,
+    folder: str,
+    interval: float,
+    max_value_bytes: int | None,
+    once: bool,
+) -> None:
+    """Store the events that workers started with --history-drained append to
+    their spool files in FOLDER, until SIGINT or SIGTERM (then a last pass). The
+    workers then spend no time on the store. One drainer per folder; events stay
+    in the files until stored, so a drainer stopped or killed loses nothing."""
+    from flowcraft.history import DEFAULT_MAX_VALUE_BYTES, SpoolDrainer
+
+    store_at: str = _inherited(ctx, "where", where)
+    cap = DEFAULT_MAX_VALUE_BYTES if max_value_bytes is None else max_value_bytes or None
+    log = logging.getLogger("flowcraft.history")
+    if not logging.getLogger().handlers and not log.handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+
+    async def go() -> int:
+        store = open_store(store_at, max_value_bytes=cap)
+        drainer = SpoolDrainer(store, folder, interval=interval)
+        try:
+            if once:
+                return await drainer.drain()
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, stop.set)
+            log.info("history drain: %s -> %s", folder, type(store).__name__)
+            await drainer.run(stop)
+            return drainer.stored
+        finally:
+            drainer.close()
+            await store.aclose()
+
+    try:
+        stored = _run(go())
+    except click.ClickException:
+        raise
+    except Exception as exc:  # the store's own errors (sqlite3, asyncpg, OSError, ...)
+        raise _StoreFailed(f"the history store failed: {type(exc).__name__}: {exc}") from None
+    log.info("history drain stopped: %d events stored", stored)

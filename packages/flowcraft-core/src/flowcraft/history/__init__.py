@@ -5,9 +5,11 @@ Record by giving a :class:`HistoryRecorder` as the event bus of a ``FlowRuntime`
 an adapter (and, on a fleet, ``recorder.instrument(adapter)``); read with
 :class:`History`. Stores: :class:`SqliteHistoryStore` (a file, no server) and
 :class:`PostgresHistoryStore` (the ``[postgres]`` extra, for fleets).
-``flowcraft history RUN`` prints a run's timeline. Stores cap each stored value at
-``max_value_bytes`` (a :class:`Truncated` marker stands for a larger one) and
-``purge`` old or given runs (``flowcraft history purge``).
+A machine's workers can leave the store's work to one :class:`SpoolDrainer`
+(``flowcraft history drain``). ``flowcraft history RUN`` prints a run's timeline.
+Stores cap each stored value at ``max_value_bytes`` (a :class:`Truncated` marker
+stands for a larger one) and ``purge`` old or given runs (``flowcraft history
+purge``).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from flowcraft.history._cap import DEFAULT_MAX_VALUE_BYTES, TRUNCATED_KEY, Truncated, truncated
+from flowcraft.history._drain import SpoolDrainer
 from flowcraft.history._purge import PurgeResult
 from flowcraft.history._reader import History, RebuiltContext, Step, open_store, recent_runs
 from flowcraft.history._recorder import HistoryRecorder
@@ -54,6 +57,7 @@ __all__ = [
     "PurgeResult",
     "RebuiltContext",
     "RunSummary",
+    "SpoolDrainer",
     "SqliteHistoryStore",
     "Step",
     "Truncated",

@@ -59,11 +59,17 @@ class HistoryRecorder:
     recovers them; or :meth:`instrument` the adapter, so a job is acknowledged only
     once its events are stored (that also survives losing the machine, but holds
     each job's slot until the next batch is written).
+
+    With ``store=None`` (and a ``spool``) the recorder only appends each event to its
+    spool file: a :class:`SpoolDrainer` on that folder (``flowcraft history drain``,
+    or the one ``flowcraft worker --history-drainer`` starts) stores them. The
+    store's work then costs the worker nothing; :meth:`flush` returns at once (what
+    was emitted is in the file) and :meth:`instrument` is refused.
     """
 
     def __init__(
         self,
-        store: HistoryStore,
+        store: HistoryStore | None,
         *,
         inner: EventBus | None = None,
         batch_size: int = 500,
@@ -77,6 +83,8 @@ class HistoryRecorder:
     ) -> None:
         if batch_size < 1 or max_pending < batch_size:
             raise ValueError("batch_size must be at least 1 and at most max_pending")
+        if store is None and spool is None:
+            raise ValueError("a recorder without a store needs a spool (its drainer stores it)")
         self.store = store
         self.inner = inner
         self.batch_size = batch_size
@@ -123,7 +131,10 @@ class HistoryRecorder:
     def emit(self, event: FlowEvent) -> Awaitable[None] | None:
         """Queue the event for writing (never waits for the store)."""
         if event.type not in self.exclude and not self._closing:
-            self._queue(record_of(event, self.worker_id))
+            if self.store is None:
+                self._spool_only(record_of(event, self.worker_id))
+            else:
+                self._queue(record_of(event, self.worker_id))
         if self.inner is not None:
             return emit(self.inner, event)
         return None
@@ -157,7 +168,34 @@ class HistoryRecorder:
         elif self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(self.flush_interval, self._wake.set)
 
+    def _spool_only(self, record: HistoryEvent) -> None:
+        """No store here: the event goes to the spool file only, where the drainer
+        finds it. A full file is let go of (its lock released), for the drainer to
+        read to its end and delete."""
+        folder = self.spool_folder
+        assert folder is not None
+        try:
+            spool = self._spool
+            if spool is None:
+                spool = self._spool = Spool(folder, _SPOOL_BYTES)
+            try:
+                spool.append(record)
+            except SpoolFull as full:
+                made = Spool(folder, max(_SPOOL_BYTES, full.needed))
+                spool.close(remove=False)
+                self._spool = made
+                made.append(record)
+        except OSError as exc:  # a full disk: history never stops a workflow
+            self.dropped += 1
+            if self.dropped == 1 or self.dropped % 10_000 == 0:
+                logger.error("history spool: %r; %d events dropped so far", exc, self.dropped)
+            return
+        self._accepted += 1
+        self._done += 1
+
     def _start(self) -> None:
+        if self.store is None:
+            return
         loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
         self._task = loop.create_task(self._writer(), name="flowcraft-history-writer")
@@ -170,6 +208,8 @@ class HistoryRecorder:
         this recovers what processes that died left there at once."""
         if self._task is None:
             self._start()
+        if self.store is None and self._spool is None and self.spool_folder is not None:
+            self._spool = Spool(self.spool_folder, _SPOOL_BYTES)
 
     # ------------------------------------------------------------ the spool
 
@@ -185,6 +225,9 @@ class HistoryRecorder:
         folder = self.spool_folder
         if folder is None:
             return 0
+        store = self.store
+        if store is None:
+            return 0  # the drainer's work
         own = {s.path for _, s in self._retired}
         if self._spool is not None:
             own.add(self._spool.path)
@@ -193,7 +236,7 @@ class HistoryRecorder:
             events = await asyncio.to_thread(read_spool, path)
             try:
                 for i in range(0, len(events), self.batch_size):
-                    await self.store.write(events[i : i + self.batch_size])
+                    await store.write(events[i : i + self.batch_size])
             except Exception as exc:
                 logger.warning("history: spool %s not recovered yet: %r", path.name, exc)
                 continue
@@ -260,10 +303,12 @@ class HistoryRecorder:
         """Write ``batch``, trying again until it is stored; after three failed tries
         event by event, giving up (logged) only on events the store refuses alone.
         False: closing while the store is down (nothing more is tried)."""
+        store = self.store
+        assert store is not None
         pause = 0.2
         for attempt in range(1, 4):
             try:
-                await self.store.write(batch)
+                await store.write(batch)
                 self.written += len(batch)
                 return True
             except Exception as exc:
@@ -276,7 +321,7 @@ class HistoryRecorder:
             refused = 0
             for event in batch:
                 try:
-                    await self.store.write([event])
+                    await store.write([event])
                     self.written += 1
                 except Exception as exc:
                     refused += 1
@@ -326,6 +371,11 @@ class HistoryRecorder:
         """Write what is queued and stop (the store stays open: it is the caller's).
         With a spool: this process's file goes, and orphaned ones are recovered."""
         self._closing = True
+        if self.store is None:
+            if self._spool is not None:  # every event is in it: the drainer takes it
+                self._spool.close(remove=self._spool.size == 0)
+                self._spool = None
+            return
         task = self._task
         if task is None or task.done():
             return
@@ -361,6 +411,8 @@ class HistoryRecorder:
         (up to ``ack_timeout`` seconds, then it acknowledges anyway, logged: history
         must not stop a fleet whose history store is down). A job handed back or
         failed is not waited for: its redelivery emits its events again."""
+        if self.store is None:
+            raise ValueError("a recorder without a store cannot wait for its events to be stored")
         handle = adapter.handle_job
 
         async def handle_job(job: JobPayload) -> None:

@@ -139,13 +139,17 @@ def orphans(folder: Path, own: Collection[Path] = ()) -> list[Path]:
 
 def read(path: Path) -> list[HistoryEvent]:
     """A spool file's events (a line that is not a whole event is skipped)."""
-    events = []
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
         return []
     end = raw.find(b"\0")  # where the writing stopped (no line holds a NUL byte)
-    text = (raw if end < 0 else raw[:end]).decode("ascii", errors="replace")
+    return parse_lines((raw if end < 0 else raw[:end]).decode("ascii", errors="replace"), path.name)
+
+
+def parse_lines(text: str, name: str) -> list[HistoryEvent]:
+    """The events of spool lines (a line that is not a whole event is skipped)."""
+    events = []
     for line in text.splitlines():
         try:
             r: Any = json.loads(line)
@@ -163,5 +167,5 @@ def read(path: Path) -> list[HistoryEvent]:
                 )
             )
         except (ValueError, TypeError, IndexError, KeyError):
-            logger.warning("history spool %s: a line that is no event skipped", path.name)
+            logger.warning("history spool %s: a line that is no event skipped", name)
     return events
