@@ -46,7 +46,7 @@ HISTORY = {
     "SCHEMA_VERSION", "History", "HistoryError", "HistoryEvent", "HistoryRecorder",
     "HistoryStore", "PostgresHistoryStore", "RunSummary", "SqliteHistoryStore", "Step",
     "event_key", "open_store", "recent_runs", "DEFAULT_MAX_VALUE_BYTES", "TRUNCATED_KEY",
-    "PurgeResult", "RebuiltContext", "Truncated", "truncated",
+    "PurgeResult", "RebuiltContext", "Truncated", "truncated", "SpoolDrainer",
 }  # fmt: skip
 
 

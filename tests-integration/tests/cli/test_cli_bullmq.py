@@ -234,11 +234,14 @@ def test_resume_a_waiting_run_and_reconcile_it(fleet: Fleet) -> None:
 
 
 def test_processes_runs_several_workers_and_forwards_sigterm(fleet: Fleet) -> None:
-    """Also: the children record history with the supervisor's size cap."""
+    """Also: the children spool history, and the one drain process the supervisor
+    starts beside them stores it with the supervisor's size cap."""
     history = fleet.tmp / "history.db"
+    spool = fleet.tmp / "spool"
     supervisor, log = fleet.worker(
-        "--processes", "2", "-c", "2", "--history", str(history), "--history-max-value-bytes", "4"
-    )
+        "--processes", "2", "-c", "2", "--history", str(history), "--history-max-value-bytes", "4",
+        "--history-spool", str(spool), "--history-drainer",
+    )  # fmt: skip
     wait_for(lambda: log.read_text().count("worker started") == 2, "both worker processes")
     pids = {
         line.partition(" pid=")[2].split()[0]
@@ -266,3 +269,5 @@ def test_processes_runs_several_workers_and_forwards_sigterm(fleet: Fleet) -> No
     assert text.count("SIGTERM: stopping") == 2
     assert text.count("(exit 0)") == 2
     assert "all 2 worker processes stopped (exit [0, 0])" in text
+    assert "history drain stopped" in text
+    assert list(spool.glob("*.spool")) == []  # stored, then deleted

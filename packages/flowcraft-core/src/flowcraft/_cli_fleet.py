@@ -367,8 +367,17 @@ def _blueprints_line(runtime_options: RuntimeOptions) -> str:
     "--history-spool",
     metavar="FOLDER",
     envvar="FLOWCRAFT_HISTORY_SPOOL",
-    help="With --history: a folder on this machine where each event is appended as it "
-    "is emitted, so a killed worker's events are stored by the next one.",
+    help="A folder on this machine where each event is appended as it is emitted, so a "
+    "killed worker's events are stored by the next one. Without --history: the events "
+    "only go there, for `flowcraft history drain` to store.",
+)
+@click.option(
+    "--history-drainer",
+    is_flag=True,
+    envvar="FLOWCRAFT_HISTORY_DRAINER",
+    help="With --history and --history-spool: the worker processes only append events to "
+    "the spool, and one `flowcraft history drain` process started beside them stores "
+    "them (the workers spend no time on the store).",
 )
 @click.option(
     "--history-max-value-bytes",
@@ -391,6 +400,7 @@ def worker(
     processes: int,
     history: str | None,
     history_spool: str | None,
+    history_drainer: bool,
     history_max_value_bytes: int | None,
 ) -> None:
     """Run a worker: take node jobs from the adapter's queue until SIGINT or SIGTERM.
@@ -404,7 +414,9 @@ def worker(
     """
     if fleet.flows is None:
         _bad("a worker needs --flows MODULE:ATTR (or FLOWCRAFT_FLOWS)")
-    if processes > 1:
+    if history_drainer and (history is None or history_spool is None):
+        _bad("--history-drainer needs --history STORE and --history-spool FOLDER")
+    if processes > 1 or history_drainer:
         _supervise(
             fleet,
             processes,
@@ -417,22 +429,27 @@ def worker(
             metrics_host,
             history,
             history_spool,
+            history_drainer,
             history_max_value_bytes,
         )
-    if history is None and (history_spool is not None or history_max_value_bytes is not None):
-        _bad("--history-spool and --history-max-value-bytes need --history STORE")
+    if history is None and history_max_value_bytes is not None:
+        _bad("--history-max-value-bytes needs --history STORE (or `flowcraft history drain`)")
     telemetry = telemetry or trace_file is not None or metrics_port is not None
     sdk = _telemetry_sdk(telemetry, trace_file, metrics_port, metrics_host, "flowcraft-worker")
     buses: list[Any] = []
     recorders: list[Any] = []
 
     def prepare(options: RuntimeOptions) -> RuntimeOptions:
-        if history is not None:
+        if history is not None or history_spool is not None:
             from flowcraft.history import DEFAULT_MAX_VALUE_BYTES, HistoryRecorder, open_store
 
             cap = history_max_value_bytes
-            store = open_store(
-                history, max_value_bytes=DEFAULT_MAX_VALUE_BYTES if cap is None else cap or None
+            store = (
+                None
+                if history is None  # spool only: a drainer on this machine stores it
+                else open_store(
+                    history, max_value_bytes=DEFAULT_MAX_VALUE_BYTES if cap is None else cap or None
+                )
             )
             recorders.append(HistoryRecorder(store, inner=options.event_bus, spool=history_spool))
             options = dataclasses.replace(options, event_bus=recorders[0])
@@ -521,6 +538,14 @@ def _telemetry_sdk(
         _bad(f"--trace-file/--metrics-port: {exc}")
 
 
+_DRAINER_RESTART_SECONDS = 5.0
+"""A history drain process that exits is started again, at most this often."""
+
+
+def _start_drainer(argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(argv, env=env, start_new_session=True)  # noqa: S603 (our own argv)
+
+
 def _supervise(
     fleet: FleetTarget,
     processes: int,
@@ -533,12 +558,17 @@ def _supervise(
     metrics_host: str,
     history: str | None,
     history_spool: str | None,
+    history_drainer: bool,
     history_max_value_bytes: int | None,
 ) -> NoReturn:
     """``--processes N``: N worker processes with this one's settings, passed through
     the environment (never on a command line, where ``ps`` would show credentials).
     SIGINT/SIGTERM are forwarded to each (a second one too); when one exits by itself,
-    the others are stopped. Exits with the highest exit status."""
+    the others are stopped. Exits with the highest exit status.
+
+    ``--history-drainer``: the workers only spool, and a ``flowcraft history drain``
+    process stores the folder (started again if it dies: the events wait in the
+    files); stopped, for a last pass, once every worker has exited."""
     try:
         plugin = load_adapter(fleet.adapter or "")
         given = _overrides(plugin, fleet.url, fleet.queue, fleet.options)
@@ -581,6 +611,15 @@ def _supervise(
         if value is not None:
             env[variable] = value
     env.pop("FLOWCRAFT_METRICS_PORT", None)
+    env.pop("FLOWCRAFT_HISTORY_DRAINER", None)
+    drain_argv: list[str] = []
+    drain_env = dict(env)
+    if history_drainer:
+        drain_argv = [*argv[:3], "history", "drain"]
+        env.pop("FLOWCRAFT_HISTORY", None)  # the workers: the spool only
+        env.pop("FLOWCRAFT_HISTORY_MAX_VALUE_BYTES", None)
+    drainer = _start_drainer(drain_argv, drain_env) if drain_argv else None
+    drainer_started = time.monotonic()
     children = [
         subprocess.Popen(  # noqa: S603 (our own argv)
             argv + ([] if metrics_port is None else ["--metrics-port", str(metrics_port + i)]),
@@ -602,6 +641,14 @@ def _supervise(
         signal.signal(sig, forward)
     codes: dict[int, int] = {}
     while len(codes) < len(children):
+        if (
+            drainer is not None
+            and drainer.poll() is not None
+            and time.monotonic() - drainer_started > _DRAINER_RESTART_SECONDS
+        ):
+            logger.warning("history drain exited (%d); started again", drainer.returncode)
+            drainer = _start_drainer(drain_argv, drain_env)
+            drainer_started = time.monotonic()
         for child in children:
             code = child.poll()
             if code is None or child.pid in codes:
@@ -615,6 +662,16 @@ def _supervise(
         time.sleep(0.1)
     worst = max(codes.values())
     logger.info("all %d worker processes stopped (exit %s)", processes, sorted(codes.values()))
+    if drainer is not None:  # every event is spooled now: its last pass stores them
+        drainer.send_signal(signal.SIGTERM)
+        try:
+            drained = drainer.wait(grace + 60)
+        except subprocess.TimeoutExpired:
+            drainer.kill()
+            drained = EXIT_FAILED
+        if drained != 0:
+            logger.error("history drain process exited (%d): the spool keeps the rest", drained)
+            worst = max(worst, EXIT_FAILED)
     raise SystemExit(worst)
 
 

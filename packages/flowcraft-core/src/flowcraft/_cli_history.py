@@ -335,9 +335,10 @@ def drain(
 
     store_at: str = _inherited(ctx, "where", where)
     cap = DEFAULT_MAX_VALUE_BYTES if max_value_bytes is None else max_value_bytes or None
+    from flowcraft._cli_fleet import _configure_worker_logging
+
+    _configure_worker_logging("INFO", None)  # a long-running process, as a worker
     log = logging.getLogger("flowcraft.history")
-    if not logging.getLogger().handlers and not log.handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
 
     async def go() -> int:
         store = open_store(store_at, max_value_bytes=cap)
