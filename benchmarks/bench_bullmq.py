@@ -237,7 +237,6 @@ def profiled_worker(args: argparse.Namespace) -> None:
 
 class Workers:
     profile: str | None = None  # --profile: workers write cProfile statistics there
-    history_bus = "recorder"  # --history-bus: what "history on" runs in the workers
 
     def __init__(
         self,
@@ -247,11 +246,12 @@ class Workers:
         concurrency: int,
         fast: bool,
         history: str | None = None,
+        bus: str = "recorder",
     ) -> None:
         argv = [sys.executable, __file__, "--worker", "--url", url, "--prefix", prefix]
         argv += ["--concurrency", str(concurrency)]
         if history:
-            argv += ["--history-db", history, "--history-bus", self.history_bus]
+            argv += ["--history-db", history, "--history-bus", bus]
         if not fast:
             argv.append("--no-fast-path")
         if self.profile:
@@ -353,7 +353,10 @@ async def throughput(
     concurrency: int,
     fast: bool,
     history: str | None = None,
+    bus: str = "recorder",
 ) -> dict[str, Any]:
+    """One pass; with ``history`` (a SQLite file), the workers record through ``bus``
+    (one of HISTORY_BUSES)."""
     prefix = f"bench-{uuid.uuid4().hex[:8]}:"
     redis = redis_asyncio.Redis.from_url(url, client_name=DRIVER_NAME)
     recording = None
@@ -362,8 +365,8 @@ async def throughput(
         client = adapter(url, prefix, DRIVER_NAME, runtime_options(event_bus=recording))
     else:
         client = adapter(url, prefix, DRIVER_NAME)
-    procs = Workers(url, prefix, workers, concurrency, fast, history)
-    drainer = start_drainer(history) if history and Workers.history_bus == "drainer" else None
+    procs = Workers(url, prefix, workers, concurrency, fast, history, bus)
+    drainer = start_drainer(history) if history and bus == "drainer" else None
     redis_pid = int((await redis.info("server"))["process_id"])
     queue = Queue(client.settings.queue_name, {"connection": url, "prefix": f"{prefix}bull"})
     try:
@@ -405,12 +408,13 @@ async def throughput(
     ignored = {"info", "config|resetstat", "mget", "client|setname", "client|setinfo"}
     server_cmds = sum(v for k, v in stats.items() if k not in ignored)
     recorded = None
-    if history and Workers.history_bus in ("recorder", "nospool", "thread", "drainer"):
+    if history and bus in ("recorder", "nospool", "thread", "drainer"):
         recorded = await recorded_runs(history, started)
     elif history:
-        recorded = {"bus": Workers.history_bus}
+        recorded = {}
     return {
         "history": recorded,
+        "bus": bus if history else None,
         "shape": shape,
         "nodes": NODES[shape],
         "workers": workers,
@@ -551,11 +555,11 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                     report["throughput"].append(row)
                     if not args.json:
                         print(json.dumps(row), file=sys.stderr)
-                    if args.history:
+                    for bus in args.history_bus.split(",") if args.history else ():
                         with tempfile.TemporaryDirectory() as folder:
                             path = str(Path(folder) / "history.db")
                             row = await throughput(
-                                url, shape, workers, args.runs, args.concurrency, fast, path
+                                url, shape, workers, args.runs, args.concurrency, fast, path, bus
                             )
                         report["throughput"].append(row)
                         if not args.json:
@@ -614,44 +618,45 @@ def original(url: str, args: argparse.Namespace, *, shapes: str, workers: int) -
 
 
 def history_ratio(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per shape and worker count: median node jobs/s with history, without, the ratio."""
+    """Per shape, worker count and history bus: median node jobs/s with history over
+    without (the passes without history of the same shape and worker count)."""
     out: list[dict[str, Any]] = []
-    for shape, workers in dict.fromkeys((r["shape"], r["workers"]) for r in rows):
-        same = [r for r in rows if (r["shape"], r["workers"]) == (shape, workers)]
-        on = statistics.median(r["node_jobs_per_s"] for r in same if r["history"])
-        off = statistics.median(r["node_jobs_per_s"] for r in same if not r["history"])
-        cpu_on = statistics.median(r["worker_cpu_ms_per_node_job"] for r in same if r["history"])
-        cpu_off = statistics.median(
-            r["worker_cpu_ms_per_node_job"] for r in same if not r["history"]
-        )
-        main_on = statistics.median(
-            r["worker_main_thread_cpu_ms_per_node_job"] for r in same if r["history"]
-        )
-        main_off = statistics.median(
-            r["worker_main_thread_cpu_ms_per_node_job"] for r in same if not r["history"]
-        )
-        out.append(
-            {
-                "shape": shape,
-                "workers": workers,
-                "rounds": len(same) // 2,
-                "node_jobs_per_s": {"off": off, "on": on, "ratio": round(on / off, 3)},
-                "worker_cpu_ms_per_node_job": {
-                    "off": cpu_off,
-                    "on": cpu_on,
-                    "ratio": round(cpu_on / cpu_off, 3),
-                },
-                "worker_main_thread_cpu_ms_per_node_job": {"off": main_off, "on": main_on},
-                "ratios_per_round": [
-                    round(a["node_jobs_per_s"] / b["node_jobs_per_s"], 3)
-                    for a, b in zip(
-                        (r for r in same if r["history"]),
-                        (r for r in same if not r["history"]),
-                        strict=False,
-                    )
-                ],
-            }
-        )
+    cells = dict.fromkeys((r["shape"], r["workers"], r["bus"]) for r in rows if r["bus"])
+    for shape, workers, bus in cells:
+        off_rows = [
+            r for r in rows if (r["shape"], r["workers"]) == (shape, workers) and not r["bus"]
+        ]
+        on_rows = [r for r in rows if (r["shape"], r["workers"], r["bus"]) == (shape, workers, bus)]
+
+        def median(key: str, of: list[dict[str, Any]]) -> float:
+            return float(statistics.median(r[key] for r in of))
+
+        on, off = median("node_jobs_per_s", on_rows), median("node_jobs_per_s", off_rows)
+        cpu_on = median("worker_cpu_ms_per_node_job", on_rows)
+        cpu_off = median("worker_cpu_ms_per_node_job", off_rows)
+        cell: dict[str, Any] = {
+            "shape": shape,
+            "workers": workers,
+            "bus": bus,
+            "rounds": len(on_rows),
+            "node_jobs_per_s": {"off": off, "on": on, "ratio": round(on / off, 3)},
+            "worker_cpu_ms_per_node_job": {
+                "off": cpu_off,
+                "on": cpu_on,
+                "ratio": round(cpu_on / cpu_off, 3),
+            },
+            "worker_main_thread_cpu_ms_per_node_job": {
+                "off": median("worker_main_thread_cpu_ms_per_node_job", off_rows),
+                "on": median("worker_main_thread_cpu_ms_per_node_job", on_rows),
+            },
+            "ratios_per_round": [
+                round(a["node_jobs_per_s"] / b["node_jobs_per_s"], 3)
+                for a, b in zip(on_rows, off_rows, strict=False)
+            ],
+        }
+        if bus == "drainer":
+            cell["drainer_cpu_ms_per_node_job"] = median("drainer_cpu_ms_per_node_job", on_rows)
+        out.append(cell)
     return out
 
 
@@ -701,9 +706,9 @@ def cli() -> None:
     )
     parser.add_argument(
         "--history-bus",
-        choices=HISTORY_BUSES,
         default="recorder",
-        help="what --history runs in the workers: the recorder (SQLite, spool); drop: a bus "
+        help="what --history runs in the workers (several, comma-separated: each a pass of "
+        "its own per round, interleaved): the recorder (SQLite, spool); drop: a bus "
         "that keeps nothing (the base's events alone); nostore: the recorder with a store "
         "that keeps nothing; nospool: the recorder without its spool; thread: the recorder "
         "writing SQLite on the store's thread only; drainer: the workers only spool, one "
@@ -720,7 +725,9 @@ def cli() -> None:
             asyncio.run(worker_of(args))
         return
     Workers.profile = args.profile
-    Workers.history_bus = args.history_bus
+    buses = args.history_bus.split(",")
+    if not set(buses) <= set(HISTORY_BUSES):
+        parser.error(f"--history-bus: each of {', '.join(HISTORY_BUSES)}")
     report = asyncio.run(main(args))
     print(json.dumps(report, indent=None if args.json else 2))
 

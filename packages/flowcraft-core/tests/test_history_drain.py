@@ -16,7 +16,13 @@ import pytest
 
 from flowcraft import Flow, FlowEvent, RuntimeOptions
 from flowcraft.distributed.memory import InMemoryAdapter
-from flowcraft.history import HistoryEvent, HistoryRecorder, SpoolDrainer, SqliteHistoryStore
+from flowcraft.history import (
+    HistoryEvent,
+    HistoryRecorder,
+    SpoolDrainer,
+    SqliteHistoryStore,
+    event_key,
+)
 from flowcraft.history import _recorder as recorder_module
 from flowcraft.history._records import record_of
 from flowcraft.history._spool import Spool
@@ -265,3 +271,38 @@ def test_flowcraft_history_drain_once_stores_a_folder(tmp_path: Path) -> None:
     )
     events = json.loads(shown.stdout)["events"]
     assert sorted(e["data"]["output"] for e in events) == list(range(100))
+
+
+async def test_drained_events_have_the_keys_a_recorder_gives_and_unique_ones_stay_once(
+    tmp_path: Path,
+) -> None:
+    """The worker's short spool line carries no key: the drainer gives the one
+    ``event_key`` gives, and an event unique each time (``job:*``) a key from its place
+    in the file, so a file read twice (a drainer restarted) stores it once."""
+    folder = tmp_path / "spool"
+    emitted = [
+        FlowEvent("node:start", "r", "a", {"activation": 2, "attempt": 3, "input": [1]}),
+        FlowEvent("context:change", "r", "a", {"activation": 2, "key": "k", "value": {"x": 1}}),
+        FlowEvent("job:enqueued", "r", "a", {}),  # no activation: unique each time
+        FlowEvent("job:enqueued", "r", "a", {}),  # the same, again
+        FlowEvent("workflow:finish", "r", None, {"status": "completed"}),
+        FlowEvent("custom", "r", None, {"eventId": "e-1", "n": float("nan")}),
+    ]
+    recorder = HistoryRecorder(None, spool=folder, exclude=(), worker_id="w-1")
+    for event in emitted:
+        recorder.emit(event)
+    async with SqliteHistoryStore(tmp_path / "h.db") as store:
+        for _ in range(2):  # a drainer, then another reading the same file again
+            drainer = SpoolDrainer(store, folder)
+            await drainer.drain()
+            drainer.close()
+        stored = await store.events("r")
+        assert [e.kind for e in stored] == [e.type for e in emitted]
+        assert [e.worker for e in stored] == ["w-1"] * len(emitted)
+        for got, event in zip(stored, emitted, strict=True):
+            if not event.type.startswith("job:"):
+                assert got.key == event_key(event)
+        assert stored[2].key != stored[3].key
+        assert (stored[0].activation, stored[0].attempt) == (2, 3)
+        assert stored[1].data == {"activation": 2, "key": "k", "value": {"x": 1}}
+    await recorder.aclose()

@@ -139,7 +139,8 @@ class SpoolDrainer:
             last = end >= 0 or len(raw) < _CHUNK  # up to where the writer is
             cut = raw.rfind(b"\n", 0, None if end < 0 else end) + 1
             if cut:
-                events = parse_lines(raw[:cut].decode("ascii", errors="replace"), path.name)
+                text = raw[:cut].decode("ascii", errors="replace")
+                events = parse_lines(text, path.stem, followed.offset)
                 for i in range(0, len(events), self.batch_size):
                     await self._write(events[i : i + self.batch_size])
                 followed.offset += cut

@@ -132,7 +132,11 @@ class HistoryRecorder:
         """Queue the event for writing (never waits for the store)."""
         if event.type not in self.exclude and not self._closing:
             if self.store is None:
-                self._spool_only(record_of(event, self.worker_id))
+                spool = self._spool
+                try:
+                    spool.append_event(event, self.worker_id)  # type: ignore[union-attr]
+                except (AttributeError, SpoolFull, OSError):  # none yet, full, or failed
+                    self._spool_only(event)
             else:
                 self._queue(record_of(event, self.worker_id))
         if self.inner is not None:
@@ -168,7 +172,7 @@ class HistoryRecorder:
         elif self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(self.flush_interval, self._wake.set)
 
-    def _spool_only(self, record: HistoryEvent) -> None:
+    def _spool_only(self, event: FlowEvent) -> None:
         """No store here: the event goes to the spool file only, where the drainer
         finds it. A full file is let go of (its lock released), for the drainer to
         read to its end and delete."""
@@ -179,19 +183,16 @@ class HistoryRecorder:
             if spool is None:
                 spool = self._spool = Spool(folder, _SPOOL_BYTES)
             try:
-                spool.append(record)
+                spool.append_event(event, self.worker_id)
             except SpoolFull as full:
                 made = Spool(folder, max(_SPOOL_BYTES, full.needed))
                 spool.close(remove=False)
                 self._spool = made
-                made.append(record)
+                made.append_event(event, self.worker_id)
         except OSError as exc:  # a full disk: history never stops a workflow
             self.dropped += 1
             if self.dropped == 1 or self.dropped % 10_000 == 0:
                 logger.error("history spool: %r; %d events dropped so far", exc, self.dropped)
-            return
-        self._accepted += 1
-        self._done += 1
 
     def _start(self) -> None:
         if self.store is None:

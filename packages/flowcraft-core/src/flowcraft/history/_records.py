@@ -115,11 +115,16 @@ def event_key(event: FlowEvent) -> str:
     * anything else (``job:*``, kinds this version does not know): unique, so each
       is kept (a redelivery's job events are what happened to the job, not repeats).
     """
-    data = event.data
+    found = stable_key(event.type, event.node_id, event.data)
+    return found if found is not None else f"{event.type}\x1f{_UNIQUE}{next(_COUNTER)}"
+
+
+def stable_key(kind: str, node_id: str | None, data: Mapping[str, Any]) -> str | None:
+    """:func:`event_key` when the event itself gives its identity; None for an event
+    that is unique each time it is emitted (the caller makes a unique key)."""
     explicit = data.get("eventId")
     if isinstance(explicit, str):
         return f"id\x1f{explicit}"
-    kind = event.type
     if kind in _RUN_LEVEL:
         if kind == "workflow:finish":
             return f"{kind}\x1f{data.get('status', '')}"
@@ -135,8 +140,8 @@ def event_key(event: FlowEvent) -> str:
             part = str(data.get("key", ""))
         elif kind == "edge:evaluate":
             part = f"{data.get('target', '')}\x1f{data.get('condition', '')}"
-        return f"{kind}\x1f{event.node_id or ''}\x1f{activation}\x1f{part}"
-    return f"{kind}\x1f{_UNIQUE}{next(_COUNTER)}"
+        return f"{kind}\x1f{node_id or ''}\x1f{activation}\x1f{part}"
+    return None
 
 
 def record_of(event: FlowEvent, worker: str = "", at: float | None = None) -> HistoryEvent:

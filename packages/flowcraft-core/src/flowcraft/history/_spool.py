@@ -9,13 +9,15 @@ import json
 import logging
 import mmap
 import os
+import time
 import uuid
 from collections.abc import Collection
 from json.encoder import encode_basestring_ascii as _string
 from pathlib import Path
 from typing import Any
 
-from flowcraft.history._records import HistoryEvent, dumps_data
+from flowcraft.events import FlowEvent
+from flowcraft.history._records import HistoryEvent, dumps_data, stable_key
 
 logger = logging.getLogger("flowcraft.history")
 
@@ -89,6 +91,24 @@ class Spool:
         self._map[start:end] = line
         self.size = end
 
+    def append_event(self, event: FlowEvent, worker: str) -> None:
+        """:meth:`append` for a recorder with no store: a shorter line, made straight
+        from the event (no record, no key: the drainer works them out, off the job
+        path), or :class:`SpoolFull`."""
+        strings = self._strings
+        node = event.node_id
+        line = (
+            f"[{_string(event.run_id)},{strings.get(event.type) or self._remember(event.type)},"
+            f"{'null' if node is None else _string(node)},{time.time()!r},"
+            f"{strings.get(worker) or self._remember(worker)},{dumps_data(event.data)}]\n"
+        ).encode()
+        start = self.size
+        end = start + len(line)
+        if end > self.capacity:
+            raise SpoolFull(len(line))
+        self._map[start:end] = line
+        self.size = end
+
     def _remember(self, text: str) -> str:
         made = _string(text)
         if len(self._strings) < 256:  # a few names and kinds, usually
@@ -144,15 +164,42 @@ def read(path: Path) -> list[HistoryEvent]:
     except FileNotFoundError:
         return []
     end = raw.find(b"\0")  # where the writing stopped (no line holds a NUL byte)
-    return parse_lines((raw if end < 0 else raw[:end]).decode("ascii", errors="replace"), path.name)
+    text = (raw if end < 0 else raw[:end]).decode("ascii", errors="replace")
+    return parse_lines(text, path.stem)
 
 
-def parse_lines(text: str, name: str) -> list[HistoryEvent]:
-    """The events of spool lines (a line that is not a whole event is skipped)."""
+def parse_lines(text: str, name: str, offset: int = 0) -> list[HistoryEvent]:
+    """The events of the lines ``text`` read at ``offset`` of spool file ``name`` (a
+    line that is not a whole event is skipped). A short line (:meth:`Spool.append_event`)
+    gets its key here; one unique each time it was emitted is named by its place in
+    the file, so reading the file again gives the same key."""
     events = []
-    for line in text.splitlines():
+    at = offset
+    for line in text.split("\n"):
+        here, at = at, at + len(line) + 1
+        if not line:
+            continue
         try:
             r: Any = json.loads(line)
+            if len(r) == 6:  # run, kind, node, at, worker, data
+                data = r[5] if isinstance(r[5], dict) else {"value": r[5]}
+                kind, node = r[1], r[2]
+                key = stable_key(kind, node, data) or f"{kind}\x1f{name}:{here}"
+                activation, attempt = data.get("activation"), data.get("attempt")
+                events.append(
+                    HistoryEvent(
+                        run_id=r[0],
+                        kind=kind,
+                        key=key,
+                        node_id=node,
+                        activation=activation if type(activation) is int else None,
+                        attempt=attempt if type(attempt) is int else None,
+                        at=r[3],
+                        worker=r[4],
+                        data=data,
+                    )
+                )
+                continue
             events.append(
                 HistoryEvent(
                     run_id=r[0],
@@ -166,6 +213,6 @@ def parse_lines(text: str, name: str) -> list[HistoryEvent]:
                     data=r[8] if isinstance(r[8], dict) else {"value": r[8]},  # as stored
                 )
             )
-        except (ValueError, TypeError, IndexError, KeyError):
+        except (ValueError, TypeError, IndexError, KeyError, AttributeError):
             logger.warning("history spool %s: a line that is no event skipped", name)
     return events
