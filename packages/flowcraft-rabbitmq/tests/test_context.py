@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -231,3 +232,24 @@ class TestPostgresContextKit(ContextStoreTests):
     async def same_run(self, context: AsyncContext) -> AsyncContext:
         assert isinstance(context, PostgresContext)
         return PostgresContext(context.store, context.run_id)
+
+
+async def test_a_patch_updates_the_row_in_place(store: PostgresRunStore) -> None:
+    """Schema version 4: no index covers ``updated_at`` (which every patch bumps), so
+    PostgreSQL updates a run's row on its page without new index entries (a HOT
+    update), and a state of a few KB stays uncompressed in the row."""
+    ctx = PostgresContext(store, "hot")
+    await ctx.set("start", 1)
+    pool = await store.pool()
+    async with pool.acquire() as conn, conn.transaction():
+        for i in range(5):
+            await conn.execute(store.sql.patch, "hot", [], json.dumps({"k": json.dumps(i)}))
+        hot = await conn.fetchval(
+            "SELECT pg_stat_get_xact_tuples_hot_updated($1::regclass)", store.names.runs
+        )
+    assert hot == 5
+    await ctx.set("big", "x" * 4000)  # compressible to a few bytes
+    size = await pool.fetchval(
+        f"SELECT pg_column_size(state) FROM {store.names.runs} WHERE run_id = 'hot'"
+    )
+    assert size > 4000  # stored as is

@@ -121,7 +121,7 @@ async def test_version_1_table_is_upgraded(backends: Backends) -> None:
             f"INSERT INTO {store.names.runs} (run_id, result) VALUES ('done', $1::text::jsonb)",
             json.dumps({"runId": "done", "status": "completed", "context": {"x": 1}}),
         )
-        assert len(_MIGRATIONS) == SCHEMA_VERSION == 3
+        assert len(_MIGRATIONS) == SCHEMA_VERSION == 4
         await store.pool()  # create_schema=False: the pool only
         assert await store.migrate() == SCHEMA_VERSION
         assert await store.to_dict("old") == old_state

@@ -133,7 +133,17 @@ class SqlNames:
 
     @property
     def active_index(self) -> str:
+        """The index of unfinished runs on ``updated_at`` (schema versions 1 to 3)."""
         return f'"{self.table}_active"'
+
+    @property
+    def active_index_qualified(self) -> str:
+        return self._qualified(f"{self.table}_active")
+
+    @property
+    def unfinished_index(self) -> str:
+        """The index of unfinished runs on ``created_at`` (schema version 4)."""
+        return f'"{self.table}_unfinished"'
 
     @property
     def channel(self) -> str:
