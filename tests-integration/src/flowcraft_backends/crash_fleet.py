@@ -35,7 +35,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, Self, cast
@@ -44,7 +44,7 @@ import pytest
 
 from flowcraft import Flow, NodeContext, RuntimeOptions
 from flowcraft.distributed.adapter import BaseDistributedAdapter, FinalResult
-from flowcraft.history import History, HistoryRecorder, SqliteHistoryStore
+from flowcraft.history import History, HistoryRecorder, SpoolDrainer, SqliteHistoryStore
 from flowcraft_backends._service import RunningService
 
 __all__ = [
@@ -107,11 +107,34 @@ def history_files(effects_path: str) -> tuple[str, str]:
     )
 
 
-def history_recorder(effects_path: str) -> HistoryRecorder:
+def history_recorder(effects_path: str, *, spool_only: bool = False) -> HistoryRecorder:
     """A recorder into the fleet's history, spooling in the fleet's folder (a killed
-    worker's file is stored by a recorder that outlives it, within a second)."""
+    worker's file is stored by a recorder that outlives it, within a second). With
+    ``spool_only``, it only spools: :func:`history_drainer` stores."""
     store, spool = history_files(effects_path)
+    if spool_only:
+        return HistoryRecorder(None, spool=spool)
     return HistoryRecorder(SqliteHistoryStore(store), spool=spool, recover_interval=1.0)
+
+
+@contextlib.asynccontextmanager
+async def history_drainer(effects_path: str) -> AsyncIterator[SpoolDrainer]:
+    """The fleet's one history writer while the block runs (for workers whose settings
+    say ``history_drainer``), a last pass at its end."""
+    store, spool = history_files(effects_path)
+    opened = SqliteHistoryStore(store)
+    drainer = SpoolDrainer(opened, spool, interval=0.1)
+    stop = asyncio.Event()
+    task = asyncio.ensure_future(drainer.run(stop))
+    try:
+        yield drainer
+    finally:
+        stop.set()
+        try:
+            await task
+        finally:
+            drainer.close()
+            await opened.aclose()
 
 
 def client_options(settings: FleetSettings) -> RuntimeOptions:
@@ -132,6 +155,8 @@ class FleetSettings:
     """
 
     effects_path: str
+    history_drainer: bool = dataclasses.field(default=False, kw_only=True)
+    """The workers only spool their history; the test runs :func:`history_drainer`."""
 
     branch_delay: ClassVar[float] = 0.001
     """Each branch sleeps ``branch_delay * (i % 4)`` seconds."""
@@ -201,7 +226,7 @@ def registry(effects: Effects, branch_delay: float) -> dict[str, Any]:
 async def run_worker(settings: FleetSettings, *, handle_sigterm: bool = False) -> None:
     """One worker until stopped (or cancelled); every publication is recorded too."""
     effects = Effects(settings.effects_path)
-    recorder = history_recorder(settings.effects_path)
+    recorder = history_recorder(settings.effects_path, spool_only=settings.history_drainer)
     await recorder.start()  # recovers the spool files of workers killed before
     options = RuntimeOptions(
         registry=registry(effects, settings.branch_delay),

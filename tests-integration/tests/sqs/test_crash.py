@@ -13,7 +13,12 @@ from pathlib import Path
 import pytest
 
 from flowcraft_backends import RunningService
-from flowcraft_backends.crash_fleet import WorkerProcesses, check_exactly_once, client_options
+from flowcraft_backends.crash_fleet import (
+    WorkerProcesses,
+    check_exactly_once,
+    client_options,
+    history_drainer,
+)
 from flowcraft_sqs import AwsClients, SqsAdapter, create_queues, create_table
 
 from .sqs_fleet import Settings
@@ -88,16 +93,23 @@ async def check_nothing_left(client: SqsAdapter) -> None:
 
 
 async def test_two_workers_one_sigkilled_repeatedly(fleet: Settings) -> None:
+    """The workers only spool history here, and one drainer stores it (as
+    ``flowcraft worker --history-drainer`` runs them): a killed worker's spool is
+    stored whole and nothing twice."""
+    fleet.history_drainer = True
     workers = WorkerProcesses(FLEET, fleet)
     client = fleet.adapter(client_options(fleet))
     try:
-        runs = [await client.start_run("diamond") for _ in range(RUNS)]
-        done = wait_all(client, runs, 240)
-        # Its 8 runs are too few to wait for each new worker to work before its kill.
-        kills = await workers.kill_one_repeatedly(done, seed=7, max_kills=6, until_working=False)
-        print(workers.report(RUNS, kills))
-        assert kills >= 3, f"the runs finished after {kills} kills; the test needs more work"
-        await check_exactly_once(client, runs, fleet.effects_path)
+        async with history_drainer(fleet.effects_path):
+            runs = [await client.start_run("diamond") for _ in range(RUNS)]
+            done = wait_all(client, runs, 240)
+            # Its 8 runs are too few to wait for each new worker to work before its kill.
+            kills = await workers.kill_one_repeatedly(
+                done, seed=7, max_kills=6, until_working=False
+            )
+            print(workers.report(RUNS, kills))
+            assert kills >= 3, f"the runs finished after {kills} kills; the test needs more work"
+            await check_exactly_once(client, runs, fleet.effects_path)
         await check_nothing_left(client)
     finally:
         codes = await workers.stop()
