@@ -32,11 +32,14 @@ commands) / (runs x 10): what one more non-join node job costs, with start and
 finalization left out. BullMQ's own periodic commands (lock renewal every second
 per active job, the stalled check every 2 s, the idle ``BZPOPMIN``) are included.
 
-``--history`` runs every throughput pass twice, interleaved: without run history and
-with it (each worker records every event into one SQLite file through a
-``HistoryRecorder`` with a spool beside it), and
-reports ``history_vs_off``: per shape and worker count, the median node jobs/s with
-history over without (the issue's bound: above 0.9).
+``--history`` runs every throughput pass again with run history, interleaved, once
+per ``--history-bus`` (default ``drainer,recorder``): ``drainer``, the workers only
+append each event to a spool file and one ``flowcraft history drain`` process stores
+them in one SQLite file (``flowcraft worker --history-drainer``); ``recorder``, each
+worker writes the SQLite file itself through a ``HistoryRecorder`` with a spool. It
+reports ``history_vs_off``: per shape, worker count and bus, the median node jobs/s
+with history over without (the bound: above 0.9), the workers' CPU per node job, and
+the drainer's own.
 
 ``--original`` runs the original TypeScript engine's bench (``benchmarks/original``,
 ``npm ci`` there first) right after each of our passes, same shape, workers, runs and
@@ -706,7 +709,7 @@ def cli() -> None:
     )
     parser.add_argument(
         "--history-bus",
-        default="recorder",
+        default="drainer,recorder",
         help="what --history runs in the workers (several, comma-separated: each a pass of "
         "its own per round, interleaved): the recorder (SQLite, spool); drop: a bus "
         "that keeps nothing (the base's events alone); nostore: the recorder with a store "
