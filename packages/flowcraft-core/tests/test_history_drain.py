@@ -306,3 +306,45 @@ async def test_drained_events_have_the_keys_a_recorder_gives_and_unique_ones_sta
         assert (stored[0].activation, stored[0].attempt) == (2, 3)
         assert stored[1].data == {"activation": 2, "key": "k", "value": {"x": 1}}
     await recorder.aclose()
+
+
+async def test_an_event_larger_than_a_read_is_stored(tmp_path: Path) -> None:
+    """A line longer than the drainer reads at once (a 3 MB value) is read whole."""
+    folder = tmp_path / "spool"
+    recorder = HistoryRecorder(None, spool=folder)
+    big = "x" * (3 << 20)
+    recorder.emit(finish(0))
+    recorder.emit(FlowEvent("node:finish", "r", "big", {"activation": 1, "output": big}))
+    recorder.emit(finish(2))
+    async with SqliteHistoryStore(tmp_path / "h.db", max_value_bytes=None) as store:
+        drainer = SpoolDrainer(store, folder)
+        assert await drainer.drain() == 3
+        assert await outputs(store) == [0, big, 2]
+        await recorder.aclose()
+        await drainer.drain()
+        drainer.close()
+    assert spool_files(folder) == []
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["history", "drain", "--spool", "s", "--once", "--store", "mysql://ada:s3cr3t@db/h"],
+        ["history", "--store", "mysql://ada:s3cr3t@db/h"],
+        ["history", "purge", "--older-than", "1d", "--yes", "--store", "mysql://ada:s3cr3t@db/h"],
+        ["worker", "--adapter", "memory", "--flows", "x:y", "--history", "mysql://ada:s3cr3t@db"],
+    ],
+)
+def test_a_history_store_url_no_store_takes_is_bad_input_without_its_password(
+    args: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from click.testing import CliRunner
+
+    from flowcraft.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2, result.output
+    assert "mysql://..." in result.output
+    assert "s3cr3t" not in result.output
+    assert list(tmp_path.iterdir()) == []  # no file made for it

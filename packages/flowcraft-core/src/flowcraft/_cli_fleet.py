@@ -414,6 +414,14 @@ def worker(
     """
     if fleet.flows is None:
         _bad("a worker needs --flows MODULE:ATTR (or FLOWCRAFT_FLOWS)")
+    if history is not None:
+        from flowcraft.history import HistoryError
+        from flowcraft.history._reader import check_where
+
+        try:
+            check_where(history)
+        except HistoryError as exc:
+            _bad(f"--history: {exc}")
     if history_drainer and (history is None or history_spool is None):
         _bad("--history-drainer needs --history STORE and --history-spool FOLDER")
     if processes > 1 or history_drainer:

@@ -17,7 +17,14 @@ from typing import Any, TypeVar
 import click
 
 from flowcraft.cli import EXIT_FAILED, BadInput, main
-from flowcraft.history import History, HistoryStore, PurgeResult, open_store
+from flowcraft.history import (
+    DEFAULT_MAX_VALUE_BYTES,
+    History,
+    HistoryError,
+    HistoryStore,
+    PurgeResult,
+    open_store,
+)
 from flowcraft.history._reader import RebuiltContext, format_timeline, steps_of, summary_of
 
 T = TypeVar("T")
@@ -29,6 +36,7 @@ def _check_exists(where: str) -> None:
     """A SQLite file that is not there: say so (instead of creating an empty one)."""
     if where.startswith(("postgresql://", "postgres://")):
         return
+    _open(where)  # an unknown URL scheme: bad input (never echoing the URL)
     path = where.removeprefix("sqlite://")
     if path != where:
         path = path[1:] if path.startswith("//") else path.removeprefix("/")
@@ -36,8 +44,16 @@ def _check_exists(where: str) -> None:
         raise click.ClickException(f"no history at {path} (--store, or FLOWCRAFT_HISTORY)")
 
 
+def _open(where: str, max_value_bytes: int | None = DEFAULT_MAX_VALUE_BYTES) -> HistoryStore:
+    """The store at ``where``; a URL no store takes is bad input (exit 2)."""
+    try:
+        return open_store(where, max_value_bytes=max_value_bytes)
+    except HistoryError as exc:
+        raise BadInput(str(exc)) from None
+
+
 async def _with_store(where: str, work: Any) -> Any:
-    store = open_store(where)
+    store = _open(where)
     try:
         return await work(store)
     finally:
@@ -327,11 +343,13 @@ def drain(
     max_value_bytes: int | None,
     once: bool,
 ) -> None:
-    """Store the events that workers started with --history-drained append to
-    their spool files in FOLDER, until SIGINT or SIGTERM (then a last pass). The
-    workers then spend no time on the store. One drainer per folder; events stay
-    in the files until stored, so a drainer stopped or killed loses nothing."""
-    from flowcraft.history import DEFAULT_MAX_VALUE_BYTES, SpoolDrainer
+    """Store the events that workers append to their spool files in FOLDER
+    (`flowcraft worker --history-spool FOLDER` without --history), until SIGINT
+    or SIGTERM, then a last pass. The workers then spend no time on the store.
+    One drainer per folder; events stay in the files until stored, so a drainer
+    stopped or killed loses nothing. (`flowcraft worker --history-drainer` runs
+    one itself.)"""
+    from flowcraft.history import SpoolDrainer
 
     store_at: str = _inherited(ctx, "where", where)
     cap = DEFAULT_MAX_VALUE_BYTES if max_value_bytes is None else max_value_bytes or None
@@ -340,10 +358,12 @@ def drain(
     _configure_worker_logging("INFO", None)  # a long-running process, as a worker
     log = logging.getLogger("flowcraft.history")
 
+    store = _open(store_at, cap)
+
     async def go() -> int:
-        store = open_store(store_at, max_value_bytes=cap)
         drainer = SpoolDrainer(store, folder, interval=interval)
         try:
+            await store.runs(limit=1)  # a store that cannot be used fails here, at once
             if once:
                 return await drainer.drain()
             stop = asyncio.Event()

@@ -133,11 +133,16 @@ class SpoolDrainer:
     async def _drain_file(self, path: Path) -> int:
         followed = self._files[path]
         stored = 0
+        size = _CHUNK
         while True:
-            raw = await asyncio.to_thread(os.pread, followed.fd, _CHUNK, followed.offset)
+            raw = await asyncio.to_thread(os.pread, followed.fd, size, followed.offset)
             end = raw.find(b"\0")
-            last = end >= 0 or len(raw) < _CHUNK  # up to where the writer is
+            last = end >= 0 or len(raw) < size  # up to where the writer is
             cut = raw.rfind(b"\n", 0, None if end < 0 else end) + 1
+            if not cut and not last:
+                size *= 2  # a line longer than what was read (a large value)
+                continue
+            size = _CHUNK
             if cut:
                 text = raw[:cut].decode("ascii", errors="replace")
                 events = parse_lines(text, path.stem, followed.offset)

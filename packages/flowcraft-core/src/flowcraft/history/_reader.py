@@ -11,6 +11,7 @@ from typing import Any
 
 from flowcraft.history._cap import DEFAULT_MAX_VALUE_BYTES, Truncated, truncated
 from flowcraft.history._records import (
+    HistoryError,
     HistoryEvent,
     HistoryStore,
     RunSummary,
@@ -272,6 +273,16 @@ def _short(value: Any, width: int = 60) -> str:
     return text if len(text) <= width else text[: width - 3] + "..."
 
 
+def check_where(where: str) -> None:
+    """Refuse a URL that no store takes (:class:`HistoryError`, naming only its
+    scheme: the rest may hold a password)."""
+    scheme, found, _ = where.partition("://")
+    if found and scheme not in ("sqlite", "postgresql", "postgres") and scheme.isalnum():
+        raise HistoryError(
+            f"history store {scheme}://...: give a SQLite file, sqlite:///PATH or postgresql://"
+        )
+
+
 def open_store(
     where: str | Path, *, max_value_bytes: int | None = DEFAULT_MAX_VALUE_BYTES
 ) -> HistoryStore:
@@ -285,6 +296,7 @@ def open_store(
         return PostgresHistoryStore(text, max_value_bytes=max_value_bytes)
     from flowcraft.history._sqlite import SqliteHistoryStore
 
+    check_where(text)
     if text.startswith("sqlite://"):
         text = text[len("sqlite://") :]
         if text.startswith("/") and not text.startswith("//"):

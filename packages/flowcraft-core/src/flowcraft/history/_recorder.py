@@ -185,7 +185,9 @@ class HistoryRecorder:
             try:
                 spool.append_event(event, self.worker_id)
             except SpoolFull as full:
-                made = Spool(folder, max(_SPOOL_BYTES, full.needed))
+                # Room to spare: the line is made again, with a new time (its repr
+                # may be longer).
+                made = Spool(folder, max(_SPOOL_BYTES, full.needed + 64))
                 spool.close(remove=False)
                 self._spool = made
                 made.append_event(event, self.worker_id)
