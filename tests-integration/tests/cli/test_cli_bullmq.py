@@ -243,6 +243,10 @@ def test_processes_runs_several_workers_and_forwards_sigterm(fleet: Fleet) -> No
         "--history-spool", str(spool), "--history-drainer",
     )  # fmt: skip
     wait_for(lambda: log.read_text().count("worker started") == 2, "both worker processes")
+    # A drain process killed is started again (the events wait in the spool meanwhile).
+    drainer = int(log.read_text().split("history drain process started: pid ")[1].split()[0])
+    os.kill(drainer, signal.SIGKILL)
+    wait_for(lambda: "history drain exited (-9); started again" in log.read_text(), "a new drainer")
     pids = {
         line.partition(" pid=")[2].split()[0]
         for line in log.read_text().splitlines()
@@ -270,4 +274,5 @@ def test_processes_runs_several_workers_and_forwards_sigterm(fleet: Fleet) -> No
     assert text.count("(exit 0)") == 2
     assert "all 2 worker processes stopped (exit [0, 0])" in text
     assert "history drain stopped" in text
+    assert text.count("history drain process started") == 2
     assert list(spool.glob("*.spool")) == []  # stored, then deleted

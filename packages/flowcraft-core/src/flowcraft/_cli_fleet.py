@@ -551,7 +551,9 @@ _DRAINER_RESTART_SECONDS = 5.0
 
 
 def _start_drainer(argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(argv, env=env, start_new_session=True)  # noqa: S603 (our own argv)
+    started = subprocess.Popen(argv, env=env, start_new_session=True)  # noqa: S603 (our argv)
+    logger.info("history drain process started: pid %d", started.pid)
+    return started
 
 
 def _supervise(
