@@ -348,3 +348,18 @@ def test_a_history_store_url_no_store_takes_is_bad_input_without_its_password(
     assert "mysql://..." in result.output
     assert "s3cr3t" not in result.output
     assert list(tmp_path.iterdir()) == []  # no file made for it
+
+
+async def test_a_spool_only_recorder_warns_when_nothing_drains_its_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(recorder_module, "_SPOOL_BYTES", 300)
+    monkeypatch.setattr(recorder_module, "_PILED_UP", 3)
+    recorder = HistoryRecorder(None, spool=tmp_path)
+    with caplog.at_level("WARNING", logger="flowcraft.history"):
+        for i in range(30):
+            recorder.emit(finish(i))
+    warned = [r for r in caplog.records if "is `flowcraft history drain` running" in r.message]
+    assert len(warned) == 1  # once a minute at most
+    assert len(spool_files(tmp_path)) > 3
+    await recorder.aclose()

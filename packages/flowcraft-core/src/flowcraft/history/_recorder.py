@@ -9,6 +9,7 @@ import itertools
 import logging
 import os
 import socket
+import time
 from collections.abc import Awaitable, Collection
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -24,6 +25,9 @@ if TYPE_CHECKING:
 __all__ = ["HistoryRecorder"]
 
 logger = logging.getLogger("flowcraft.history")
+
+_PILED_UP = 64
+"""Spool files waiting in a spool-only recorder's folder past which it warns."""
 
 _SPOOL_BYTES = 1 << 20
 """A spool file's size: once full, it is set aside for a new one, and deleted once
@@ -117,6 +121,7 @@ class HistoryRecorder:
         # goes once that many events are stored.
         self._retired: list[tuple[int, Spool]] = []
         self._recovery: asyncio.Task[None] | None = None
+        self._warned_at = -60.0
 
     # ------------------------------------------------------------ the event bus
 
@@ -191,10 +196,27 @@ class HistoryRecorder:
                 spool.close(remove=False)
                 self._spool = made
                 made.append_event(event, self.worker_id)
+                self._check_drained(folder)
         except OSError as exc:  # a full disk: history never stops a workflow
             self.dropped += 1
             if self.dropped == 1 or self.dropped % 10_000 == 0:
                 logger.error("history spool: %r; %d events dropped so far", exc, self.dropped)
+
+    def _check_drained(self, folder: Path) -> None:
+        """Files piling up in the folder: nothing drains it (said at most once a
+        minute; the worker goes on, the disk fills)."""
+        now = time.monotonic()
+        if now - self._warned_at < 60:
+            return
+        waiting = sum(1 for _ in folder.glob("*.spool"))
+        if waiting > _PILED_UP:
+            self._warned_at = now
+            logger.warning(
+                "history spool %s holds %d files waiting to be stored: is `flowcraft "
+                "history drain` running on it?",
+                folder,
+                waiting,
+            )
 
     def _start(self) -> None:
         if self.store is None:
