@@ -84,12 +84,7 @@ class Spool:
             f"[{_string(e.run_id)},{kind},{_string(e.key)},{node},{activation},"
             f"{attempt},{float(e.at)!r},{worker},{text}]\n"
         ).encode()
-        start = self.size
-        end = start + len(line)
-        if end > self.capacity:
-            raise SpoolFull(len(line))
-        self._map[start:end] = line
-        self.size = end
+        self._write(line)
 
     def append_event(self, event: FlowEvent, worker: str) -> None:
         """:meth:`append` for a recorder with no store: a shorter line, made straight
@@ -102,6 +97,9 @@ class Spool:
             f"{'null' if node is None else _string(node)},{time.time()!r},"
             f"{strings.get(worker) or self._remember(worker)},{dumps_data(event.data)}]\n"
         ).encode()
+        self._write(line)
+
+    def _write(self, line: bytes) -> None:
         start = self.size
         end = start + len(line)
         if end > self.capacity:
