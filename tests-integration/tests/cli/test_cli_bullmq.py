@@ -220,8 +220,16 @@ def test_resume_a_waiting_run_and_reconcile_it(fleet: Fleet) -> None:
     reconciled = fleet.run("reconcile", run_id, "--json")
     assert reconciled.returncode == 0, reconciled.stderr
     assert json.loads(reconciled.stdout) == {"enqueued": {run_id: 0}}
-    resumed = fleet.run("resume", run_id, "--action", "yes", "--output", '"by Ada"')
+    recorded = fleet.tmp / "resumes.db"  # the command records what it did (--history)
+    resumed = fleet.run(
+        "resume", run_id, "--action", "yes", "--output", '"by Ada"', "--history", str(recorded)
+    )
     assert resumed.returncode == 0, resumed.stderr
+    shown = json.loads(fleet.run("history", run_id, "--store", str(recorded), "--json").stdout)
+    assert [(e["kind"], e["data"]["output"]) for e in shown["events"]] == [
+        ("workflow:resume", "by Ada"),
+        ("node:finish", "by Ada"),  # the waiting node's, resolved by the resume
+    ]
     assert resumed.stdout.strip() == f"run {run_id}: resumed"
     done = fleet.run("wait", run_id, "--json", "--timeout", "30")
     assert done.returncode == 0, done.stderr

@@ -50,6 +50,7 @@ def test_the_readme_walk_through(redis_service: RunningService, tmp_path: Path) 
         "FLOWCRAFT_BULLMQ_KEY_PREFIX": f"walk{ns}:",
         "FLOWCRAFT_BULLMQ_QUEUE_NAME": f"walk{ns}",
         "FLOWCRAFT_FLOWS": "examples/fan_out.py:flow,examples/human_approval.py:flow",
+        "FLOWCRAFT_HISTORY": str(tmp_path / "history.db"),
     }
     spans = tmp_path / "spans.jsonl"
     port = _free_port()
@@ -61,7 +62,8 @@ def test_the_readme_walk_through(redis_service: RunningService, tmp_path: Path) 
 
     log = tmp_path / "worker.log"
     history = tmp_path / "history.db"
-    command = [FLOWCRAFT, "worker", "--trace-file", str(spans), "--history", str(history)]
+    command = [FLOWCRAFT, "worker", "--trace-file", str(spans)]
+    command += ["--history-spool", str(tmp_path / "spool"), "--history-drainer"]
     command += ["--metrics-port", str(port), "--metrics-host", "127.0.0.1"]
     with log.open("wb") as out:
         worker = subprocess.Popen(
@@ -103,20 +105,39 @@ def test_the_readme_walk_through(redis_service: RunningService, tmp_path: Path) 
         cancelled = flowcraft("cancel", run_id)
         assert (cancelled.returncode, cancelled.stdout.strip()) == (0, f"run {run_id}: cancelled")
         assert json.loads(flowcraft("status", run_id, "--json").stdout)["status"] == "cancelled"
-        assert flowcraft("runs").stdout.strip() == "no active runs"
-        # the worker keeps a run history (--history): runs lists the recent ones too,
-        # and history prints a run's timeline
+        active = subprocess.run(
+            [FLOWCRAFT, "runs"],
+            cwd=ROOT,
+            env={k: v for k, v in env.items() if k != "FLOWCRAFT_HISTORY"},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert active.stdout.strip() == "no active runs"
+        # with a run history (FLOWCRAFT_HISTORY), runs lists the recent ones too, and
+        # history prints a run's timeline
         deadline = time.monotonic() + 30
         while True:
-            listed = json.loads(flowcraft("runs", "--history", str(history), "--json").stdout)
+            listed = json.loads(flowcraft("runs", "--json").stdout)
             recent = {r["runId"]: (r["status"], r["blueprintId"]) for r in listed}
             if recent.get(fan_out_run) == ("completed", "supplier-fan-out"):
                 break
             assert time.monotonic() < deadline, listed
             time.sleep(0.2)
+        assert recent[run_id] == ("cancelled", "expense-approval")
+        shown = flowcraft("runs").stdout.splitlines()
+        assert f"{run_id}  cancelled  expense-approval" in shown
         timeline = flowcraft("history", fan_out_run, "--store", str(history))
         assert timeline.returncode == 0, timeline.stderr
         assert "choose" in timeline.stdout, timeline.stdout
+        # the commands recorded what they did: the starts, the cancel's final status
+        cancelled_history = json.loads(flowcraft("history", run_id, "--json").stdout)
+        assert cancelled_history["run"]["status"] == "cancelled"
+        assert cancelled_history["run"]["blueprintId"] == "expense-approval"
+        kinds = [e["kind"] for e in cancelled_history["events"]]
+        assert kinds[0] == "workflow:start"
+        assert kinds[-1] == "workflow:finish"
+        assert "node:awaiting" in kinds  # the approval it waited for
 
         # the metrics
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as page:

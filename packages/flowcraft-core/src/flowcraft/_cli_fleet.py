@@ -155,14 +155,66 @@ def _adapter(
     return built, plugin, settings, runtime_options
 
 
-def _run_with(adapter: BaseDistributedAdapter, work: Callable[[], Awaitable[T]]) -> T:
-    """Run one operator call and close the adapter's clients, whatever happens."""
+HISTORY_OPTION = click.option(
+    "--history",
+    metavar="STORE",
+    envvar="FLOWCRAFT_HISTORY",
+    help="Record what this command does to the run (its start, a cancel's final status, "
+    "a resume or signal) in this run history, as the workers record the rest (a SQLite "
+    "file, sqlite:///PATH or postgresql://...).",
+)
+
+
+class _Recording:
+    """``--history`` for an operator command: its adapter's events go to a recorder,
+    written when the command ends (a store that fails is logged, never the command's
+    failure)."""
+
+    def __init__(self, where: str | None) -> None:
+        self.where = where
+        self.recorder: Any = None
+        if where is not None:
+            from flowcraft.history import HistoryError
+            from flowcraft.history._reader import check_where
+
+            try:
+                check_where(where)
+            except HistoryError as exc:
+                _bad(f"--history: {exc}")
+
+    def prepare(self, options: RuntimeOptions) -> RuntimeOptions:
+        if self.where is None:
+            return options
+        from flowcraft.history import HistoryRecorder, open_store
+
+        self.recorder = HistoryRecorder(open_store(self.where), inner=options.event_bus)
+        return dataclasses.replace(options, event_bus=self.recorder)
+
+    async def aclose(self) -> None:
+        if self.recorder is not None:
+            try:
+                await self.recorder.aclose()
+            finally:
+                await self.recorder.store.aclose()
+
+
+def _run_with(
+    adapter: BaseDistributedAdapter,
+    work: Callable[[], Awaitable[T]],
+    recording: _Recording | None = None,
+) -> T:
+    """Run one operator call and close the adapter's clients (and write what it
+    recorded), whatever happens."""
 
     async def go() -> T:
         try:
             return await work()
         finally:
-            await adapter.aclose()
+            try:
+                await adapter.aclose()
+            finally:
+                if recording is not None:
+                    await recording.aclose()
 
     try:
         return asyncio.run(go())
@@ -788,6 +840,7 @@ _TIMEOUT = click.option(
     "join its trace (needs flowcraft-core[otel] and an SDK, or --trace-file).",
 )
 @_TRACE_FILE
+@HISTORY_OPTION
 @_JSON
 def start(
     blueprint: str,
@@ -798,6 +851,7 @@ def start(
     timeout: float | None,
     telemetry: bool,
     trace_file: str | None,
+    history: str | None,
     as_json: bool,
 ) -> None:
     """Start a run of BLUEPRINT (an id known through --flows); prints the run id.
@@ -808,7 +862,8 @@ def start(
     initial = _context_arg(context)
     telemetry = telemetry or trace_file is not None
     sdk = _telemetry_sdk(telemetry, trace_file, None, "", "flowcraft-cli")
-    built, *_ = _adapter(fleet)
+    recording = _Recording(history)
+    built, *_ = _adapter(fleet, recording.prepare)
     span: Callable[[], contextlib.AbstractContextManager[object]] = contextlib.nullcontext
     if telemetry:
         from flowcraft.telemetry import Telemetry
@@ -829,7 +884,7 @@ def start(
             click.echo(f"started run {started}; waiting for its result", err=True)
         return started, await _wait(built, started, timeout, progress=not as_json)
 
-    started, result = _run_with(built, go)
+    started, result = _run_with(built, go, recording)
     if result is not None:
         _print_result(result, as_json)
     if as_json:
@@ -921,11 +976,13 @@ def wait(
 @click.argument("run_id", metavar="RUN")
 @adapter_options()
 @click.option("--reason", default="cancelled by the operator", show_default=True)
+@HISTORY_OPTION
 @_JSON
 def cancel(
     run_id: str,
     fleet: FleetTarget,
     reason: str,
+    history: str | None,
     as_json: bool,
 ) -> None:
     """Cancel a run. A run that already ended is left alone; its status is printed.
@@ -933,8 +990,9 @@ def cancel(
     Exit status: 0 the run is cancelled (now or before), 1 it had already completed
     or failed.
     """
-    built, *_ = _adapter(fleet)
-    final = _run_with(built, lambda: built.cancel_run(run_id, reason))
+    recording = _Recording(history)
+    built, *_ = _adapter(fleet, recording.prepare)
+    final = _run_with(built, lambda: built.cancel_run(run_id, reason), recording)
     if as_json:
         click.echo(_to_json({"runId": run_id, "status": final}, indent=None))
     else:
@@ -959,6 +1017,7 @@ def resume_distributed(
     action: str | None,
     output: str | None,
     as_json: bool,
+    history: str | None = None,
 ) -> NoReturn:
     """``flowcraft resume RUN --adapter ...``: resume a run paused at a wait node."""
     value: Any = None
@@ -967,7 +1026,8 @@ def resume_distributed(
             value = json.loads(output)
         except json.JSONDecodeError as exc:
             _bad(f"--output is not valid JSON ({exc}); quote strings, e.g. '\"yes\"'")
-    built, *_ = _adapter(fleet)
+    recording = _Recording(history)
+    built, *_ = _adapter(fleet, recording.prepare)
 
     async def go() -> None:
         try:
@@ -975,7 +1035,7 @@ def resume_distributed(
         except RunConflictError as exc:
             raise _Refused(str(exc)) from None
 
-    _run_with(built, go)
+    _run_with(built, go, recording)
     if as_json:
         click.echo(_to_json({"runId": run_id, "resumed": True}, indent=None))
     else:
@@ -1011,6 +1071,7 @@ def _payload_arg(text: str | None) -> Any:
     is_flag=True,
     help="RUN_OR_TOKEN is a correlation token: never take it as a run id.",
 )
+@HISTORY_OPTION
 @_JSON
 def signal_(
     target: str,
@@ -1018,6 +1079,7 @@ def signal_(
     fleet: FleetTarget,
     payload: str | None,
     by_token: bool,
+    history: str | None,
     as_json: bool,
 ) -> None:
     """Deliver the external EVENT to the wait that waits for it (Flow.wait_for), in
@@ -1030,7 +1092,8 @@ def signal_(
     token (with --token) or id.
     """
     value = _payload_arg(payload)
-    built, *_ = _adapter(fleet)
+    recording = _Recording(history)
+    built, *_ = _adapter(fleet, recording.prepare)
 
     async def go() -> bool:
         claimed = await built.coordination_store.get(K.token(built.key_prefix, target))
@@ -1044,7 +1107,7 @@ def signal_(
         except RunConflictError as exc:
             raise _Refused(str(exc)) from None
 
-    applied = _run_with(built, go)
+    applied = _run_with(built, go, recording)
     if as_json:
         click.echo(
             _to_json(
@@ -1069,19 +1132,22 @@ def signal_(
     metavar="SECONDS",
     help="With --stalled: no progress for this long (default: the adapter's).",
 )
+@HISTORY_OPTION
 @_JSON
 def reconcile(
     run_id: str | None,
     fleet: FleetTarget,
     stalled: bool,
     older_than: float | None,
+    history: str | None,
     as_json: bool,
 ) -> None:
     """Re-drive a run after crashes (or --stalled: every stalled run); prints the
     jobs enqueued. Idempotent: safe to run at any time."""
     if (run_id is None) == (not stalled):
         _bad("give a RUN or --stalled (one of them)")
-    built, *_ = _adapter(fleet)
+    recording = _Recording(history)
+    built, *_ = _adapter(fleet, recording.prepare)
 
     async def go() -> dict[str, int]:
         if run_id is not None:
@@ -1091,7 +1157,7 @@ def reconcile(
         except NotImplementedError as exc:
             _bad(str(exc))
 
-    enqueued = _run_with(built, go)
+    enqueued = _run_with(built, go, recording)
     if as_json:
         click.echo(_to_json({"enqueued": enqueued}, indent=None))
     elif not enqueued:

@@ -594,6 +594,12 @@ def run(
 @_JSON
 @_SAVE
 @adapter_options(required=False)
+@click.option(
+    "--history",
+    metavar="STORE",
+    envvar="FLOWCRAFT_HISTORY",
+    help="On a fleet: record the resume in this run history (see `flowcraft start`).",
+)
 def resume(
     file: str,
     state_file: str | None,
@@ -606,6 +612,7 @@ def resume(
     as_json: bool,
     save_state: str | None,
     fleet: FleetTarget,
+    history: str | None,
 ) -> None:
     """Resume a run that waits, giving the waiting node its result.
 
@@ -618,7 +625,7 @@ def resume(
             _bad("give --state FILE (a run in memory) or --adapter NAME (a run on a fleet)")
         from flowcraft._cli_fleet import resume_distributed
 
-        resume_distributed(file, fleet, node_id, action, output, as_json)
+        resume_distributed(file, fleet, node_id, action, output, as_json, history)
     target = _load(file, flow_name, registry)
     analysis = _analyse(target)
     try:
