@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
@@ -98,6 +99,8 @@ class Broker:
         self._channel: AbstractChannel | None = None
         self._declared: set[str] = set()
         self._lock = asyncio.Lock()
+        self._id_prefix = f"{secrets.token_hex(8)}-"
+        self._published = 0
         self.round_trips: Counter[str] = Counter()
         """Confirmed publishes and declarations (one round trip each) and acks (one frame)."""
 
@@ -216,8 +219,13 @@ class Broker:
             # the write rejects the confirm, and the publish is retried).
             # (aiormq's abstract channel lacks basic_publish's ``wait``; its channel has it.)
             underlay = cast(aiormq.Channel, await channel.get_underlay_channel())
+            # A message id of our own (aiormq maps a returned message to its publish by
+            # it): a counter is cheaper than the random UUID aiormq would make.
+            self._published += 1
             properties = aiormq.spec.Basic.Properties(
-                content_type="application/json", delivery_mode=2
+                content_type="application/json",
+                delivery_mode=2,
+                message_id=f"{self._id_prefix}{self._published}",
             )
             self.round_trips["publish"] += 1
             await underlay.basic_publish(
