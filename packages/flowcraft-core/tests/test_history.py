@@ -24,11 +24,13 @@ from flowcraft.history import (
     HistoryError,
     HistoryEvent,
     HistoryRecorder,
+    HistoryStore,
     SqliteHistoryStore,
     event_key,
     open_store,
     recent_runs,
 )
+from flowcraft.history._reader import summary_of
 from flowcraft.testing.replay import replay_run
 
 
@@ -526,3 +528,51 @@ def test_a_spool_line_reads_back_as_its_event(tmp_path: Path) -> None:
         assert loads_data(r.text) == b.data or r.kind == "context:change"  # NaN != NaN
     assert back[2].data["input"] == [1, 2]
     assert isinstance(back[3].data, dict)
+
+
+def _status_event(run_id: str, kind: str, at: float, **data: object) -> HistoryEvent:
+    return HistoryEvent(run_id, kind, f"{kind}@{at}", "n", 1, 1, dict(data), at)
+
+
+# (kind, emitter's clock, status data) in the order they reach the store, one batch
+# each, and the run's status after each.
+_STATUS_STEPS = [
+    ("workflow:start", 1.0, {}, "running"),
+    ("node:awaiting", 2.0, {}, "awaiting"),  # a fleet's run says it waits through a node
+    ("workflow:resume", 3.0, {}, "running"),
+    ("node:sleep", 4.0, {}, "awaiting"),
+    ("node:wake", 5.0, {}, "running"),
+    ("workflow:finish", 6.0, {"status": "completed"}, "completed"),
+    ("node:wake", 9.0, {}, "completed"),  # a duplicate job after the end: the end stays
+    ("node:awaiting", 10.0, {}, "completed"),
+]
+
+
+async def check_status_steps(store: HistoryStore, run_id: str) -> None:
+    seen = []
+    for kind, at, data, _ in _STATUS_STEPS:
+        await store.write([_status_event(run_id, kind, at, **data)])
+        (summary,) = [r for r in await store.runs(limit=100) if r.run_id == run_id]
+        seen.append(summary.status)
+    assert seen == [step[3] for step in _STATUS_STEPS]
+    assert summary_of(run_id, await store.events(run_id)).status == "completed"
+    # A final status reaching the store with an older clock than the last wait still
+    # ends the run (processes' clocks differ), in one batch and across batches.
+    late = f"{run_id}-late"
+    await store.write([_status_event(late, "node:awaiting", 50.0)])
+    await store.write([_status_event(late, "workflow:finish", 40.0, status="cancelled")])
+    together = f"{run_id}-together"
+    await store.write(
+        [
+            _status_event(together, "workflow:finish", 40.0, status="failed"),
+            _status_event(together, "node:awaiting", 50.0),
+        ]
+    )
+    statuses = {r.run_id: r.status for r in await store.runs(limit=100)}
+    assert (statuses[late], statuses[together]) == ("cancelled", "failed")
+    assert summary_of(late, await store.events(late)).status == "cancelled"
+
+
+async def test_a_run_s_status_follows_its_waits_and_its_end_stays(tmp_path: Path) -> None:
+    async with SqliteHistoryStore(tmp_path / "h.db") as store:
+        await check_status_steps(store, "s1")

@@ -94,3 +94,30 @@ async def test_another_schema_version_is_refused(
         await other.aclose()
     assert "postgres" not in repr(other)  # the DSN (with its password) is never shown
     assert isinstance(open_store(postgres_service.url), PostgresHistoryStore)
+
+
+def _event(run_id: str, kind: str, at: float, **data: object) -> HistoryEvent:
+    return HistoryEvent(run_id, kind, f"{kind}@{at}", "n", 1, 1, dict(data), at)
+
+
+async def test_a_run_s_status_follows_its_waits_and_its_end_stays(
+    store: PostgresHistoryStore,
+) -> None:
+    """The runs table's upsert: a fleet's wait (node:awaiting) reads awaiting, a wake
+    running; once ended, a later event (a duplicate job's) leaves the end; an end
+    with an older clock than a wait still ends the run."""
+    steps = [
+        ("workflow:start", 1.0, {}, "running"),
+        ("node:awaiting", 2.0, {}, "awaiting"),
+        ("node:wake", 3.0, {}, "running"),
+        ("workflow:finish", 4.0, {"status": "completed"}, "completed"),
+        ("node:awaiting", 9.0, {}, "completed"),
+    ]
+    seen = []
+    for kind, at, data, _ in steps:
+        await store.write([_event("pg-s", kind, at, **data)])
+        seen.append({r.run_id: r.status for r in await store.runs()}["pg-s"])
+    assert seen == [step[3] for step in steps]
+    await store.write([_event("pg-late", "node:awaiting", 50.0)])
+    await store.write([_event("pg-late", "workflow:finish", 40.0, status="cancelled")])
+    assert {r.run_id: r.status for r in await store.runs()}["pg-late"] == "cancelled"

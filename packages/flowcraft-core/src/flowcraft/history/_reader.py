@@ -16,6 +16,7 @@ from flowcraft.history._records import (
     HistoryStore,
     RunSummary,
     blueprint_of,
+    later_status,
     status_of,
 )
 
@@ -324,12 +325,12 @@ async def recent_runs(
 def summary_of(run_id: str, events: list[HistoryEvent]) -> RunSummary:
     """A run's summary from its events (what the store's runs table says of it)."""
     blueprint = None
-    status = "running"
+    status, status_at = "running", -1.0
     for e in events:
         blueprint = blueprint or blueprint_of(e)
         given = status_of(e)
-        if given is not None:
-            status = given
+        if given is not None and later_status(status, status_at, given, e.at):
+            status, status_at = given, max(status_at, e.at)
     started = events[0].at if events else 0.0
     updated = events[-1].at if events else 0.0
     return RunSummary(run_id, blueprint, status, started, updated)

@@ -171,17 +171,37 @@ def blueprint_of(event: HistoryEvent) -> str | None:
     return str(found) if found is not None else None
 
 
+_RUNNING = frozenset(
+    {"workflow:start", "workflow:resume", "node:wake", "node:signal", "node:timeout"}
+)
+# A run on a fleet says it waits through its nodes (the in-process runtime also
+# emits workflow:pause).
+_AWAITING = frozenset({"workflow:pause", "node:awaiting", "node:sleep"})
+
+
 def status_of(event: HistoryEvent) -> str | None:
     """The run status an event gives, if any."""
     kind = event.kind
-    if kind == "workflow:start" or kind == "workflow:resume":
+    if kind in _RUNNING:
         return "running"
-    if kind == "workflow:pause":
+    if kind in _AWAITING:
         return "awaiting"
     if kind == "workflow:finish":
         status = event.data.get("status")
         return str(status) if status is not None else None
     return None
+
+
+def later_status(old: str, old_at: float, new: str, new_at: float) -> bool:
+    """Whether ``new`` (given at ``new_at``) replaces a run's ``old`` status: the
+    later one, but a final status stays (an event of a duplicate job after the end)
+    and wins over any other (whatever the clocks of the processes say). The stores'
+    runs-table upserts say the same in SQL."""
+    if old in FINAL and new not in FINAL:
+        return False
+    if new in FINAL and old not in FINAL:
+        return True
+    return new_at >= old_at
 
 
 def _default(value: Any) -> Any:

@@ -24,6 +24,7 @@ from flowcraft.history._records import (
     check_name,
     clean,
     execute_rows,
+    later_status,
     loads_data,
     rows_of,
     status_of,
@@ -56,8 +57,12 @@ _SQLITE = {
     "started_at, updated_at) VALUES (?, ?, ?, ?, ?, ?) "
     "ON CONFLICT (run_id) DO UPDATE SET "
     "blueprint_id = COALESCE(r.blueprint_id, excluded.blueprint_id), "
-    "status = CASE WHEN excluded.status_at >= r.status_at AND excluded.status "
-    "<> '' THEN excluded.status ELSE r.status END, "
+    "status = CASE WHEN excluded.status = '' THEN r.status "
+    "WHEN r.status IN ('completed', 'failed', 'cancelled') "
+    "AND excluded.status NOT IN ('completed', 'failed', 'cancelled') THEN r.status "
+    "WHEN excluded.status IN ('completed', 'failed', 'cancelled') "
+    "AND r.status NOT IN ('completed', 'failed', 'cancelled') THEN excluded.status "
+    "WHEN excluded.status_at >= r.status_at THEN excluded.status ELSE r.status END, "
     "status_at = MAX(r.status_at, excluded.status_at), "
     "started_at = MIN(r.started_at, excluded.started_at), "
     "updated_at = MAX(r.updated_at, excluded.updated_at)",
@@ -365,8 +370,8 @@ def _run_rows(events: list[HistoryEvent]) -> list[tuple[Any, ...]]:
             row = runs[e.run_id] = [e.run_id, None, "", -1.0, e.at, e.at]
         row[1] = row[1] or blueprint_of(e)
         status = status_of(e)
-        if status is not None and e.at >= row[3]:
-            row[2], row[3] = status, e.at
+        if status is not None and (not row[2] or later_status(row[2], row[3], status, e.at)):
+            row[2], row[3] = status, max(row[3], e.at)
         row[4] = min(row[4], e.at)
         row[5] = max(row[5], e.at)
     return [tuple(r) for r in runs.values()]
