@@ -41,13 +41,15 @@ async def outputs(store: SqliteHistoryStore, run_id: str = "r") -> list[Any]:
 
 
 class FlakyStore:
-    """A SQLite store that refuses writes while ``down``."""
+    """A SQLite store that refuses every call while ``down`` (and counts writes)."""
 
     def __init__(self, inner: SqliteHistoryStore) -> None:
         self.inner = inner
         self.down = False
+        self.writes = 0
 
     async def write(self, events: list[HistoryEvent]) -> int:
+        self.writes += 1
         if self.down:
             raise ConnectionError("history store unreachable")
         return await self.inner.write(events)
@@ -56,6 +58,8 @@ class FlakyStore:
         return await self.inner.events(run_id)
 
     async def runs(self, *, limit: int = 20, status: str | None = None) -> list[Any]:
+        if self.down:
+            raise ConnectionError("history store unreachable")
         return await self.inner.runs(limit=limit, status=status)
 
     async def aclose(self) -> None:
@@ -157,6 +161,7 @@ async def test_while_the_store_is_down_events_wait_in_the_files(
     store.down = True
     with pytest.raises(ConnectionError):
         await drainer.drain()
+    assert store.writes <= 5  # found down in a few calls, not one per event
     assert len(spool_files(folder)) > 1  # nothing deleted unstored
     await recorder.aclose()
     store.down = False
@@ -363,3 +368,34 @@ async def test_a_spool_only_recorder_warns_when_nothing_drains_its_folder(
     assert len(warned) == 1  # once a minute at most
     assert len(spool_files(tmp_path)) > 3
     await recorder.aclose()
+
+
+class Refusing(FlakyStore):
+    """Refuses any batch holding an event of run ``bad`` (as a store refuses a value)."""
+
+    async def write(self, events: list[HistoryEvent]) -> int:
+        if any(e.run_id == "bad" for e in events):
+            raise ValueError("refused")
+        return await super().write(events)
+
+
+async def test_an_event_the_store_refuses_does_not_hold_back_the_rest(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    folder = tmp_path / "spool"
+    recorder = HistoryRecorder(None, spool=folder)
+    recorder.emit(finish(0))
+    recorder.emit(finish(1, run_id="bad"))
+    for i in range(2, 40):
+        recorder.emit(finish(i))
+    await recorder.aclose()
+    store = Refusing(SqliteHistoryStore(tmp_path / "h.db"))
+    drainer = SpoolDrainer(store, folder)
+    with caplog.at_level("ERROR", logger="flowcraft.history"):
+        assert await drainer.drain() == 40  # read: all stored but one, given up on (logged)
+    assert await outputs(store.inner) == [0, *range(2, 40)]
+    assert store.writes < 20  # halving to the bad one, not one write per event
+    assert "node:finish event of run bad not recorded" in caplog.text
+    assert spool_files(folder) == []
+    drainer.close()
+    await store.aclose()

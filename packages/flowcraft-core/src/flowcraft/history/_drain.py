@@ -158,8 +158,29 @@ class SpoolDrainer:
         return stored
 
     async def _write(self, events: list[HistoryEvent]) -> None:
-        await self.store.write(events)
-        self.stored += len(events)
+        """Store ``events``. A refused batch is halved until the event the store refuses
+        alone is found; that one is given up on (logged) if the store still answers a
+        read (so one bad event never holds back the file behind it), else the store
+        is down: raised, and read again next pass (a few calls, not one per event)."""
+        try:
+            await self.store.write(events)
+            self.stored += len(events)
+            return
+        except Exception as exc:
+            if len(events) > 1:
+                half = len(events) // 2
+                await self._write(events[:half])
+                await self._write(events[half:])
+                return
+            refused = exc
+        try:
+            await self.store.runs(limit=1)
+        except Exception:
+            raise refused from None
+        event = events[0]
+        logger.error(
+            "history: %s event of run %s not recorded: %r", event.kind, event.run_id, refused
+        )
 
 
 def _remove(path: Path) -> None:
