@@ -58,12 +58,7 @@ _POSTGRES = {
     "$4::float8[], $5::float8[], $6::float8[]) "
     "ON CONFLICT (run_id) DO UPDATE SET "
     "blueprint_id = COALESCE(r.blueprint_id, excluded.blueprint_id), "
-    "status = CASE WHEN excluded.status = '' THEN r.status "
-    "WHEN r.status IN ('completed', 'failed', 'cancelled') "
-    "AND excluded.status NOT IN ('completed', 'failed', 'cancelled') THEN r.status "
-    "WHEN excluded.status IN ('completed', 'failed', 'cancelled') "
-    "AND r.status NOT IN ('completed', 'failed', 'cancelled') THEN excluded.status "
-    "WHEN excluded.status_at >= r.status_at THEN excluded.status ELSE r.status END, "
+    "{status_case}, "
     "status_at = GREATEST(r.status_at, excluded.status_at), "
     "started_at = LEAST(r.started_at, excluded.started_at), "
     "updated_at = GREATEST(r.updated_at, excluded.updated_at)",

@@ -192,11 +192,23 @@ def status_of(event: HistoryEvent) -> str | None:
     return None
 
 
+_STATUS_CASE = (
+    "status = CASE WHEN excluded.status = '' THEN r.status "
+    "WHEN r.status IN ('completed', 'failed', 'cancelled') "
+    "AND excluded.status NOT IN ('completed', 'failed', 'cancelled') THEN r.status "
+    "WHEN excluded.status IN ('completed', 'failed', 'cancelled') "
+    "AND r.status NOT IN ('completed', 'failed', 'cancelled') THEN excluded.status "
+    "WHEN excluded.status_at >= r.status_at THEN excluded.status ELSE r.status END"
+)
+"""A runs-table upsert's new status (``{status_case}`` in a store's SQL): the rule of
+:func:`later_status`, the same text on SQLite and PostgreSQL."""
+
+
 def later_status(old: str, old_at: float, new: str, new_at: float) -> bool:
     """Whether ``new`` (given at ``new_at``) replaces a run's ``old`` status: the
     later one, but a final status stays (an event of a duplicate job after the end)
-    and wins over any other (whatever the clocks of the processes say). The stores'
-    runs-table upserts say the same in SQL."""
+    and wins over any other (whatever the clocks of the processes say); in SQL,
+    ``_STATUS_CASE``."""
     if old in FINAL and new not in FINAL:
         return False
     if new in FINAL and old not in FINAL:
@@ -321,7 +333,7 @@ class Statements:
         names = {"events": f"{prefix}_events", "runs": f"{prefix}_runs", "meta": f"{prefix}_meta"}
         self.tables = names
         for name, template in templates.items():
-            setattr(self, name, template.format(**names))
+            setattr(self, name, template.format(**names, status_case=_STATUS_CASE))
 
     def __getattr__(self, name: str) -> str:
         raise AttributeError(name)  # pragma: no cover (only set names are read)
