@@ -549,6 +549,7 @@ def worker(
 
     async def run() -> int:
         watch = [asyncio.ensure_future(bus.watch_queue_depth()) for bus in buses]
+        watch.append(asyncio.ensure_future(watch_supervisor()))
         try:
             return await serve(
                 built,
@@ -596,6 +597,26 @@ def _telemetry_sdk(
         _bad(str(exc))
     except OSError as exc:
         _bad(f"--trace-file/--metrics-port: {exc}")
+
+
+SUPERVISOR_ENV = "FLOWCRAFT_SUPERVISOR"
+"""Set by ``--processes`` in its children: the supervisor's pid."""
+
+
+async def watch_supervisor(interval: float = 1.0) -> None:
+    """In a process started by ``--processes`` (or ``--history-drainer``): once the
+    supervisor is gone (killed: SIGKILL, the OOM killer), stop as on SIGTERM, so no
+    worker or drainer runs on unsupervised (each runs in a session of its own, where
+    no terminal's signal reaches it)."""
+    given = os.environ.get(SUPERVISOR_ENV, "")
+    if not given.isdigit():
+        return
+    while True:  # no event tells a process its parent died: look every second
+        await asyncio.sleep(interval)
+        if os.getppid() != int(given):
+            break
+    logger.warning("supervisor %s gone: stopping as on SIGTERM", given)
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 _DRAINER_RESTART_SECONDS = 5.0
@@ -674,6 +695,7 @@ def _supervise(
             env[variable] = value
     env.pop("FLOWCRAFT_METRICS_PORT", None)
     env.pop("FLOWCRAFT_HISTORY_DRAINER", None)
+    env[SUPERVISOR_ENV] = str(os.getpid())
     drain_argv: list[str] = []
     drain_env = dict(env)
     if history_drainer:

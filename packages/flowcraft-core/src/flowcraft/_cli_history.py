@@ -353,7 +353,7 @@ def drain(
 
     store_at: str = _inherited(ctx, "where", where)
     cap = DEFAULT_MAX_VALUE_BYTES if max_value_bytes is None else max_value_bytes or None
-    from flowcraft._cli_fleet import _configure_worker_logging
+    from flowcraft._cli_fleet import _configure_worker_logging, watch_supervisor
 
     _configure_worker_logging("INFO", None)  # a long-running process, as a worker
     log = logging.getLogger("flowcraft.history")
@@ -371,7 +371,11 @@ def drain(
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, stop.set)
             log.info("history drain: %s -> %s", folder, type(store).__name__)
-            await drainer.run(stop)
+            watch = asyncio.ensure_future(watch_supervisor())
+            try:
+                await drainer.run(stop)
+            finally:
+                watch.cancel()
             return drainer.stored
         finally:
             drainer.close()
