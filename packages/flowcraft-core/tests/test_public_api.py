@@ -47,6 +47,7 @@ HISTORY = {
     "HistoryStore", "PostgresHistoryStore", "RunSummary", "SqliteHistoryStore", "Step",
     "event_key", "open_store", "recent_runs", "DEFAULT_MAX_VALUE_BYTES", "TRUNCATED_KEY",
     "PurgeResult", "RebuiltContext", "Truncated", "truncated", "SpoolDrainer",
+    "validate_store_url",
 }  # fmt: skip
 
 

@@ -165,6 +165,18 @@ HISTORY_OPTION = click.option(
 )
 
 
+def _check_history(where: str | None) -> None:
+    """``--history``: a URL no history store takes is bad input (exit 2)."""
+    if where is None:
+        return
+    from flowcraft.history import HistoryError, validate_store_url
+
+    try:
+        validate_store_url(where)
+    except HistoryError as exc:
+        _bad(f"--history: {exc}")
+
+
 class _Recording:
     """``--history`` for an operator command: its adapter's events go to a recorder,
     written when the command ends (a store that fails is logged, never the command's
@@ -173,14 +185,7 @@ class _Recording:
     def __init__(self, where: str | None) -> None:
         self.where = where
         self.recorder: Any = None
-        if where is not None:
-            from flowcraft.history import HistoryError
-            from flowcraft.history._reader import check_where
-
-            try:
-                check_where(where)
-            except HistoryError as exc:
-                _bad(f"--history: {exc}")
+        _check_history(where)
 
     def prepare(self, options: RuntimeOptions) -> RuntimeOptions:
         if self.where is None:
@@ -253,7 +258,7 @@ def _context_arg(text: str | None) -> dict[str, Any]:
 # --------------------------------------------------------------------------- worker
 
 
-def _configure_worker_logging(level: str, adapter: BaseDistributedAdapter | None) -> None:
+def configure_worker_logging(level: str, adapter: BaseDistributedAdapter | None) -> None:
     """Timestamped records of flowcraft's loggers (and the adapter package's own) on
     stderr at ``level``."""
     handler = logging.StreamHandler(sys.stderr)
@@ -466,14 +471,7 @@ def worker(
     """
     if fleet.flows is None:
         _bad("a worker needs --flows MODULE:ATTR (or FLOWCRAFT_FLOWS)")
-    if history is not None:
-        from flowcraft.history import HistoryError
-        from flowcraft.history._reader import check_where
-
-        try:
-            check_where(history)
-        except HistoryError as exc:
-            _bad(f"--history: {exc}")
+    _check_history(history)
     if history_drainer and (history is None or history_spool is None):
         _bad("--history-drainer needs --history STORE and --history-spool FOLDER")
     if processes > 1 or history_drainer:
@@ -531,7 +529,7 @@ def worker(
     for bus in buses:
         bus.attributes["flowcraft.worker"] = built.worker_id
         bus.instrument(built)
-    _configure_worker_logging(log_level, built)
+    configure_worker_logging(log_level, built)
     where = plugin.describe(settings)
     facts = {
         "adapter": plugin.name,
@@ -661,7 +659,7 @@ def _supervise(
         load_flows(fleet.flows)
     except FlowcraftError as exc:
         _bad(str(exc))
-    _configure_worker_logging(log_level, None)
+    configure_worker_logging(log_level, None)
     env = {
         **os.environ,
         "FLOWCRAFT_ADAPTER": plugin.name,

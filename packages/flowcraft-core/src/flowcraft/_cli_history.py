@@ -349,15 +349,13 @@ def drain(
     One drainer per folder; events stay in the files until stored, so a drainer
     stopped or killed loses nothing. (`flowcraft worker --history-drainer` runs
     one itself.)"""
+    from flowcraft._cli_fleet import configure_worker_logging, watch_supervisor
     from flowcraft.history import SpoolDrainer
 
     store_at: str = _inherited(ctx, "where", where)
     cap = DEFAULT_MAX_VALUE_BYTES if max_value_bytes is None else max_value_bytes or None
-    from flowcraft._cli_fleet import _configure_worker_logging, watch_supervisor
-
-    _configure_worker_logging("INFO", None)  # a long-running process, as a worker
+    configure_worker_logging("INFO", None)  # a long-running process, as a worker
     log = logging.getLogger("flowcraft.history")
-
     store = _open(store_at, cap)
 
     async def go() -> int:

@@ -19,7 +19,14 @@ from typing import TYPE_CHECKING
 from flowcraft.history._cap import DEFAULT_MAX_VALUE_BYTES, TRUNCATED_KEY, Truncated, truncated
 from flowcraft.history._drain import SpoolDrainer
 from flowcraft.history._purge import PurgeResult
-from flowcraft.history._reader import History, RebuiltContext, Step, open_store, recent_runs
+from flowcraft.history._reader import (
+    History,
+    RebuiltContext,
+    Step,
+    open_store,
+    recent_runs,
+    validate_store_url,
+)
 from flowcraft.history._recorder import HistoryRecorder
 from flowcraft.history._records import (
     SCHEMA_VERSION,
@@ -65,4 +72,5 @@ __all__ = [
     "open_store",
     "recent_runs",
     "truncated",
+    "validate_store_url",
 ]

@@ -67,7 +67,8 @@ class SpoolDrainer:
 
     async def drain(self) -> int:
         """One pass over the folder: store what every file gained, delete the files
-        their writers let go of once stored. Returns how many events it stored;
+        their writers let go of once stored. Returns how many events it read and
+        handed to the store (an event the store refused alone is counted, logged);
         raises what the store raised (what was not stored is read again next time)."""
         total = 0
         for path in await asyncio.to_thread(self._look):

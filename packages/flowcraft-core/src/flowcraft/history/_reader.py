@@ -20,7 +20,7 @@ from flowcraft.history._records import (
     status_of,
 )
 
-__all__ = ["History", "RebuiltContext", "Step", "open_store", "recent_runs"]
+__all__ = ["History", "RebuiltContext", "Step", "open_store", "recent_runs", "validate_store_url"]
 
 OUTPUTS_PREFIX = "_outputs."
 
@@ -274,9 +274,10 @@ def _short(value: Any, width: int = 60) -> str:
     return text if len(text) <= width else text[: width - 3] + "..."
 
 
-def check_where(where: str) -> None:
-    """Refuse a URL that no store takes (:class:`HistoryError`, naming only its
-    scheme: the rest may hold a password)."""
+def validate_store_url(where: str) -> None:
+    """Refuse a URL that no store takes, without opening anything (:class:`HistoryError`,
+    naming only its scheme: the rest may hold a password); :func:`open_store` checks
+    the same, so settings can be checked before a store is wanted."""
     scheme, found, _ = where.partition("://")
     if found and scheme not in ("sqlite", "postgresql", "postgres") and scheme.isalnum():
         raise HistoryError(
@@ -297,7 +298,7 @@ def open_store(
         return PostgresHistoryStore(text, max_value_bytes=max_value_bytes)
     from flowcraft.history._sqlite import SqliteHistoryStore
 
-    check_where(text)
+    validate_store_url(text)
     if text.startswith("sqlite://"):
         text = text[len("sqlite://") :]
         if text.startswith("/") and not text.startswith("//"):

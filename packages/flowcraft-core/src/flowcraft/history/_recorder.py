@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from flowcraft.events import EventBus, FlowEvent, emit, ignored_kinds
 from flowcraft.history._records import HistoryEvent, HistoryStore, record_of
+from flowcraft.history._spool import SUFFIX as SPOOL_SUFFIX
 from flowcraft.history._spool import Spool, SpoolFull, orphans
 from flowcraft.history._spool import read as read_spool
 
@@ -138,10 +139,13 @@ class HistoryRecorder:
         if event.type not in self.exclude and not self._closing:
             if self.store is None:
                 spool = self._spool
-                try:
-                    spool.append_event(event, self.worker_id)  # type: ignore[union-attr]
-                except (AttributeError, SpoolFull, OSError):  # none yet, full, or failed
-                    self._spool_only(event)
+                if spool is None:
+                    self._spool_only(event)  # the first event makes the file
+                else:
+                    try:
+                        spool.append_event(event, self.worker_id)
+                    except (SpoolFull, OSError):
+                        self._spool_only(event)  # a new file, or the failure said
             else:
                 self._queue(record_of(event, self.worker_id))
         if self.inner is not None:
@@ -208,7 +212,7 @@ class HistoryRecorder:
         now = time.monotonic()
         if now - self._warned_at < 60:
             return
-        waiting = sum(1 for _ in folder.glob("*.spool"))
+        waiting = sum(1 for _ in folder.glob(f"*{SPOOL_SUFFIX}"))
         if waiting > _PILED_UP:
             self._warned_at = now
             logger.warning(
