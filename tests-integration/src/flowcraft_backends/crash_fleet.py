@@ -456,20 +456,41 @@ async def _check_run_history(history: History, run: str, final: dict[str, Any]) 
     assert {k: v for k, v in rebuilt.items() if k.startswith("_outputs.")} == outputs, run
 
 
-async def all_published(redis: Any, keys: Sequence[str], seconds: float) -> None:
+async def all_published(
+    redis: Any,
+    keys: Sequence[str],
+    seconds: float,
+    *,
+    client: BaseDistributedAdapter | None = None,
+    runs: Sequence[str] = (),
+) -> None:
     """Wait until every Redis result record in ``keys`` exists (a Redis restarting
-    meanwhile is looked at again)."""
+    meanwhile is looked at again). Past ``seconds`` the failure says how many are
+    missing and, given the ``client`` and the ``runs`` (in the order of ``keys``),
+    what the first few unfinished runs' state holds: where a run stopped."""
     from redis.exceptions import ConnectionError as RedisConnectionError
 
-    async with asyncio.timeout(seconds):
-        while True:
-            try:
-                found = await redis.mget(list(keys))
-            except RedisConnectionError:
-                found = []
-            if sum(1 for v in found if v is not None) == len(keys):
-                return
-            await asyncio.sleep(0.1)
+    found: list[Any] = []
+    try:
+        async with asyncio.timeout(seconds):
+            while True:
+                try:
+                    found = await redis.mget(list(keys))
+                except RedisConnectionError:
+                    found = []
+                if sum(1 for v in found if v is not None) == len(keys):
+                    return
+                await asyncio.sleep(0.1)
+    except TimeoutError:
+        missing = [i for i in range(len(keys)) if not found or found[i] is None]
+        report = [f"{len(missing)} of {len(keys)} results missing after {seconds:.0f} s"]
+        if client is not None and runs:
+            for i in missing[:3]:
+                state = await client.create_context(runs[i]).to_dict()
+                done = sorted(k[9:] for k in state if k.startswith("_outputs."))
+                status = await client.get_status(runs[i])
+                report.append(f"run {runs[i]}: {status.status}, outputs of {done}")
+        raise AssertionError("; ".join(report)) from None
 
 
 COUNTERS = ("join:", "end:", "latch:", "fired:")

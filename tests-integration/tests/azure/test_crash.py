@@ -46,7 +46,7 @@ async def test_two_workers_one_sigkilled_repeatedly(settings: Settings) -> None:
         runs = [await client.start_run("diamond") for _ in range(RUNS)]
         assert client.results is not None
         keys = [client.results.key(r) for r in runs]
-        done = all_published(client.results._client, keys, 800)
+        done = all_published(client.results._client, keys, 800, client=client, runs=runs)
         kills = await workers.kill_one_repeatedly(done, seed=11, max_kills=8)
         print(workers.report(RUNS, kills))
         assert kills >= 3, f"the runs finished after {kills} kills; the test needs more work"

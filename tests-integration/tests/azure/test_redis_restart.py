@@ -40,7 +40,7 @@ async def test_redis_restart_mid_run_loses_nothing(
         more = [await client.start_run("diamond") for _ in range(5)]
         assert client.results is not None
         keys = [client.results.key(r) for r in runs + more]
-        await all_published(client.results._client, keys, 300)
+        await all_published(client.results._client, keys, 300, client=client, runs=runs + more)
         await check_exactly_once(client, runs + more, settings.effects_path)
     finally:
         codes = await workers.stop()

@@ -70,7 +70,9 @@ async def fleet(
 
 
 def published(client: GcpAdapter, runs: list[str]) -> Awaitable[None]:
-    return all_published(client.redis, [client.results.key(r) for r in runs], 300)
+    return all_published(
+        client.redis, [client.results.key(r) for r in runs], 300, client=client, runs=runs
+    )
 
 
 async def check_nothing_left(settings: Settings, client: GcpAdapter) -> None:

@@ -133,7 +133,8 @@ async def test_two_workers_one_sigkilled_repeatedly(fleet: Settings) -> None:
     codes: list[int | None] = []
     try:
         runs = [await client.start_run("diamond") for _ in range(RUNS)]
-        done = all_published(client.redis, [client.results.key(r) for r in runs], 420)
+        keys = [client.results.key(r) for r in runs]
+        done = all_published(client.redis, keys, 420, client=client, runs=runs)
         kills = await workers.kill_one_repeatedly(done, seed=11, max_kills=8)
         print(workers.report(RUNS, kills))
         assert kills >= 3, f"the runs finished after {kills} kills; the test needs more work"

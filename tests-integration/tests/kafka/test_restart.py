@@ -25,7 +25,7 @@ from flowcraft_kafka import KafkaAdapter
 from .kafka_fleet import Settings
 from .test_crash import fleet  # noqa: F401 (fixture)
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(540)]
 
 RUNS = 30
 FLEET = Path(__file__).with_name("kafka_fleet.py")
@@ -58,7 +58,7 @@ async def test_backend_restart_mid_run_loses_nothing(
         await asyncio.to_thread(restart)
         more = [await start_retrying(client) for _ in range(5)]
         keys = [client.results.key(r) for r in runs + more]
-        await all_published(client.redis, keys, 420)
+        await all_published(client.redis, keys, 240, client=client, runs=runs + more)
         await check_exactly_once(client, runs + more, fleet.effects_path)
     finally:
         codes = await workers.stop()
