@@ -259,7 +259,7 @@ async def test_a_non_join_node_job_is_two_statements(namespace: Namespace) -> No
     short = await _worker_statements(namespace, _chain(4))
     long = await _worker_statements(namespace, _chain(8))
     extra = long - short
-    assert extra == Counter({"admit": RUNS * 4, "patch_guarded": RUNS * 4}), (short, long)
+    assert extra == Counter({"admit": RUNS * 4, "patch_guarded_row": RUNS * 4}), (short, long)
     assert short["admit"] == RUNS * 4  # every job admitted in one statement
 
 
