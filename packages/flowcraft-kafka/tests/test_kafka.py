@@ -224,3 +224,47 @@ async def test_delivery_counters_live_while_their_message_is_in_flight(
     await adapter.enqueue_raw(b"c3")
     (last,) = await _receive_all(adapter, 1)
     assert await counters() == {prefix + last.where}
+
+
+async def test_a_partition_paused_by_the_keep_alive_comes_back_fetching(
+    kafka_namespace: Namespace,
+) -> None:
+    """librdkafka keeps a pause on the partition, beyond the assignment: partitions the
+    keep-alive paused, moved to another member, then assigned back came back paused,
+    and their jobs were never fetched (runs stranded in CI after a Kafka restart)."""
+    from confluent_kafka import Producer
+
+    owner = kafka_namespace.adapter(_options())
+    first = owner.consumer
+    other = kafka_namespace.adapter(_options())
+    second = other.consumer
+
+    async def until(check: Any, *polls: Any) -> None:
+        async with asyncio.timeout(60):
+            while not check():
+                for poll in polls:
+                    await poll()
+
+    async def keep_alive() -> None:
+        await first._call(first._keep_alive_sync)
+        await asyncio.sleep(0.05)
+
+    async def receive(consumer: Any) -> None:
+        assert await consumer.receive(10) == []  # nothing produced yet
+
+    await until(lambda: len(first._partitions) == 4, lambda: receive(first))
+    # Every slot busy: the keep-alive pauses all four; a second member takes two.
+    await until(lambda: len(second._partitions) == 2, keep_alive, lambda: receive(second))
+    moved = sorted(second._partitions)
+    await receive(first)  # resumes what it still has
+    await other.aclose()  # leaves the group: the two come back to the first member
+    await until(lambda: len(first._partitions) == 4, lambda: receive(first))
+
+    producer = Producer({"bootstrap.servers": kafka_namespace.kafka.bootstrap_servers})
+    for partition in range(4):
+        for i in range(3):
+            producer.produce(kafka_namespace.kafka.topic, f"p{partition}-{i}", partition=partition)
+    assert producer.flush(30) == 0
+    got = await _receive_all(owner, 12)
+    by_partition = {p: sorted(j.value.decode() for j in got if j.partition == p) for p in range(4)}
+    assert all(len(v) == 3 for v in by_partition.values()), (moved, by_partition)

@@ -329,6 +329,7 @@ class JobConsumer:
         self._partitions: dict[int, _Partition] = {}
         self._epochs = itertools.count(1)
         self._paused = False
+        self._resume_all = False
         self._last_poll = time.monotonic()
         self._deferred: list[tuple[float, int, KafkaJob]] = []
         self._tiebreak = itertools.count()
@@ -370,11 +371,24 @@ class JobConsumer:
         logger.info("assigned %s", sorted(tp.partition for tp in partitions))
         if self._paused:
             consumer.pause(partitions)
+        else:  # see _unpause: the next poll resumes the whole assignment
+            self._resume_all = True
+
+    def _unpause(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """Resume partitions that are leaving this member. librdkafka keeps a pause on
+        the partition itself, beyond its assignment: one paused by the keep-alive,
+        revoked or lost, and assigned to this member again later came back paused and
+        was never fetched again (its jobs stranded; seen when Kafka restarted)."""
+        try:
+            consumer.resume(partitions)
+        except Exception as exc:
+            logger.debug("resuming partitions that leave failed: %r", exc)
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         """Commit what is done of the revoked partitions, then forget them."""
         from confluent_kafka import TopicPartition
 
+        self._unpause(consumer, partitions)
         offsets = []
         with self._lock:
             for tp in partitions:
@@ -395,6 +409,7 @@ class JobConsumer:
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         """Another member owns them now: commit nothing, forget them."""
+        self._unpause(consumer, partitions)
         with self._lock:
             for tp in partitions:
                 self._partitions.pop(tp.partition, None)
@@ -407,9 +422,11 @@ class JobConsumer:
 
     def _poll_sync(self, max_messages: int, timeout: float) -> list[KafkaJob]:
         self._subscribe()
-        if self._paused:
+        if self._paused or self._resume_all:
+            # Also after an assignment made while not paused: a partition this member
+            # paused once may come back paused (see _unpause); resuming is idempotent.
             self._consumer.resume(self._consumer.assignment())
-            self._paused = False
+            self._paused = self._resume_all = False
         jobs: list[KafkaJob] = []
         wait = timeout
         while len(jobs) < max_messages:
