@@ -29,7 +29,8 @@ from flowcraft_gcp import GcpAdapter
 
 from .gcp_fleet import Settings
 
-pytestmark = pytest.mark.slow
+# Past all_published's wait, its report of the unfinished runs (not a thread dump).
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(540)]
 
 RUNS = 200
 FLEET = Path(__file__).with_name("gcp_fleet.py")

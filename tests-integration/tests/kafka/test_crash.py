@@ -29,7 +29,8 @@ from flowcraft_kafka._kafka import _skipped
 
 from .kafka_fleet import Settings
 
-pytestmark = pytest.mark.slow
+# Past all_published's wait, its report of the unfinished runs (not a thread dump).
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(540)]
 
 RUNS = 200
 PARTITIONS = 8
