@@ -61,3 +61,33 @@ def test_history_exports_its_names() -> None:
 
 def test_testing_kit_exports_the_replay_harness() -> None:
     assert {"ReplayReport", "StepChange", "replay_run"} <= set(flowcraft.testing.__all__)
+
+
+def test_adapter_packages_use_only_public_core_names() -> None:
+    """An adapter reaches the core through its public names and hooks: an import of a
+    private module (``flowcraft._analysis``, ``flowcraft.history._spool``) would break
+    on any refactor of the core."""
+    import ast
+    from pathlib import Path
+
+    packages = Path(__file__).resolve().parents[2]
+    sources = [
+        path
+        for package in packages.glob("flowcraft-*")
+        if package.name != "flowcraft-core"
+        for path in (package / "src").rglob("*.py")
+    ]
+    assert len(sources) > 20  # the seven adapters were found
+    private = []
+    for path in sources:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            for name in names:
+                parts = name.split(".")
+                if parts[0] == "flowcraft" and any(p.startswith("_") for p in parts[1:]):
+                    private.append(f"{path.relative_to(packages)}:{node.lineno} {name}")
+    assert private == []

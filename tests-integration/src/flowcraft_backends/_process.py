@@ -188,14 +188,14 @@ class LocalProcess:
         return f"{self.name} {state}; last lines of {self.log_path}:\n{tail(self.log_path)}"
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether ``pid`` runs (Linux /proc): a zombie, exited but not reaped yet, is gone."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
         return False
-    except PermissionError:
-        return True
-    return True
+    fields = stat.rsplit(")", 1)[-1].split()  # the name in parentheses may hold spaces
+    return bool(fields) and fields[0] not in ("Z", "X")
 
 
 def processes_of(run_dir: Path) -> list[int]:
@@ -239,7 +239,7 @@ def reap_orphans(run_root: Path) -> int:
             owner = int(owner_file.read_text().strip())
         except (OSError, ValueError):
             continue
-        if _pid_alive(owner):
+        if pid_alive(owner):
             continue
         for pid in processes_of(run_dir):
             with contextlib.suppress(ProcessLookupError):

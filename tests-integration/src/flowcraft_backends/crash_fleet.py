@@ -260,8 +260,6 @@ async def run_worker(settings: FleetSettings, *, handle_sigterm: bool = False) -
 def worker_main(settings_type: type[FleetSettings]) -> None:
     """A worker process: settings from :data:`ENV`; SIGTERM stops it gracefully."""
     logging.basicConfig(level=logging.WARNING, format="%(process)d %(name)s %(message)s")
-    # Kafka's partition moves (assigned/revoked, INFO): a failure's output shows them.
-    logging.getLogger("flowcraft.kafka").setLevel(logging.INFO)
     asyncio.run(run_worker(settings_type.from_env(), handle_sigterm=True))
 
 

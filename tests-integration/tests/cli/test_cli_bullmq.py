@@ -21,6 +21,7 @@ from click.testing import CliRunner
 
 from flowcraft.cli import main
 from flowcraft_backends import RunningService, wait_for
+from flowcraft_backends._process import pid_alive
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -286,15 +287,6 @@ def test_processes_runs_several_workers_and_forwards_sigterm(fleet: Fleet) -> No
     assert list(spool.glob("*.spool")) == []  # stored, then deleted
 
 
-def _alive(pid: int) -> bool:
-    """Whether ``pid`` runs (a zombie nobody reaped yet counts as gone)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, IndexError):
-        return False
-    return state not in ("Z", "X")
-
-
 def test_a_supervisor_killed_takes_its_workers_and_drainer_with_it(fleet: Fleet) -> None:
     """SIGKILL (the OOM killer, say) reaches no child of ``--processes``: each sees its
     supervisor gone within a second and stops as on SIGTERM, the drainer after a
@@ -308,11 +300,11 @@ def test_a_supervisor_killed_takes_its_workers_and_drainer_with_it(fleet: Fleet)
     text = log.read_text()
     child = int(text.split("supervising 1 worker processes: [")[1].split("]")[0])
     drainer = int(text.split("history drain process started: pid ")[1].split()[0])
-    assert _alive(child)
-    assert _alive(drainer)
+    assert pid_alive(child)
+    assert pid_alive(drainer)
     supervisor.kill()
     supervisor.wait()
-    wait_for(lambda: not _alive(child) and not _alive(drainer), "the children to stop")
+    wait_for(lambda: not pid_alive(child) and not pid_alive(drainer), "the children to stop")
     text = log.read_text()
     assert text.count(f"supervisor {supervisor.pid} gone: stopping as on SIGTERM") == 2
     assert "history drain stopped" in text

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from flowcraft import RuntimeOptions
@@ -61,4 +62,6 @@ class Settings(FleetSettings):
 
 
 if __name__ == "__main__":
+    # The partition moves (assigned/revoked/lost, INFO) in a failing test's output.
+    logging.getLogger("flowcraft.kafka").setLevel(logging.INFO)
     worker_main(Settings)

@@ -12,16 +12,14 @@ from pathlib import Path
 import pytest
 
 from flowcraft_backends import BackendUnavailable, RestartUnsupported, RunningService, services
-from flowcraft_backends._process import PORT_RANGE, LocalProcess, free_port, processes_of
+from flowcraft_backends._process import (
+    PORT_RANGE,
+    LocalProcess,
+    free_port,
+    pid_alive,
+    processes_of,
+)
 from flowcraft_backends.cli import main
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().split()[2]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 def test_free_port_is_below_the_ephemeral_range() -> None:
@@ -42,7 +40,7 @@ def test_stop_ends_the_whole_process_group(tmp_path: Path) -> None:
 
     proc.stop(timeout=5)
 
-    assert not any(_alive(pid) for pid in members)
+    assert not any(pid_alive(pid) for pid in members)
 
 
 def test_unknown_service_names_the_missing_module() -> None:

@@ -22,7 +22,6 @@ import contextlib
 from collections.abc import AsyncIterator, Sequence
 from typing import Any, Literal
 
-from flowcraft._analysis import analyse
 from flowcraft.blueprint import WorkflowBlueprint
 from flowcraft.context import AsyncContext
 from flowcraft.distributed import Admission
@@ -298,7 +297,7 @@ class CloudflareAdapter(PullingAdapter[InboxMessage]):
     ) -> Admission:
         """The first reads, the second read and the lease as one call: one transaction
         in the run object, which holds the context and the lease alike."""
-        analysis = analyse(blueprint)
+        analysis = self.runtime.analysis(blueprint)
         node_id = payload.node_id
         if node_id not in analysis.nodes or not isinstance(ctx, DurableObjectContext):
             # A wrapped context (a test's probe) sees the base's reads one by one.

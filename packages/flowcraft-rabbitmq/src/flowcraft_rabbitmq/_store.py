@@ -589,10 +589,10 @@ class PostgresRunStore:
                 await self._call("execute", self.sql.patch, run_id, deletes, payload)
                 return True
             absent = [k for k, v in guard.items() if v is None]
-            equal = _outer.encode({k: _json.dumps(v) for k, v in guard.items() if v is not None})
-            args = (run_id, deletes, payload, absent, equal)
+            equal = {k: _json.dumps(v) for k, v in guard.items() if v is not None}
+            args = (run_id, deletes, payload, absent, _outer.encode(equal))
             applied = await self._call("fetchval", self.sql.patch_guarded_row, *args)
-            if applied is None and equal == "{}":
+            if applied is None and not equal:
                 # No row, or the guard failed: only the INSERT form may insert the
                 # row (an absent key equals no value). A second statement only here.
                 self.round_trips["patch"] += 1

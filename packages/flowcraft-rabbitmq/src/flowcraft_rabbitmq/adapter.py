@@ -36,7 +36,6 @@ from typing import Any
 from aio_pika.abc import AbstractRobustConnection
 from aio_pika.exceptions import CONNECTION_EXCEPTIONS
 
-from flowcraft._analysis import analyse
 from flowcraft.blueprint import WorkflowBlueprint
 from flowcraft.context import AsyncContext
 from flowcraft.distributed import (
@@ -246,7 +245,7 @@ class RabbitMQAdapter(Operations, BaseDistributedAdapter):
             return self._plans[key]
         except KeyError:
             pass
-        analysis = analyse(blueprint)
+        analysis = self.runtime.analysis(blueprint)
         plan = None
         if node_id in analysis.nodes:
             plan = admission_plan(

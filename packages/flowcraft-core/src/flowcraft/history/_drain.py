@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from flowcraft.history._records import HistoryEvent, HistoryStore
-from flowcraft.history._spool import SUFFIX, parse_lines
+from flowcraft.history._spool import parse_lines, spool_files
 
 __all__ = ["SpoolDrainer"]
 
@@ -109,10 +109,7 @@ class SpoolDrainer:
         """The files to read this pass (opening the new ones), noting which of them
         their writer let go of: checked before reading, so what a writer appended
         before letting go is in this pass's read."""
-        try:
-            present = set(self.folder.glob(f"*{SUFFIX}"))
-        except FileNotFoundError:
-            present = set()
+        present = set(spool_files(self.folder))
         for gone in [p for p in self._files if p not in present]:
             os.close(self._files.pop(gone).fd)  # deleted by someone else
         for path in sorted(present):

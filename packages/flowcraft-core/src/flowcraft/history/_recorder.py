@@ -16,8 +16,7 @@ from typing import TYPE_CHECKING
 
 from flowcraft.events import EventBus, FlowEvent, emit, ignored_kinds
 from flowcraft.history._records import HistoryEvent, HistoryStore, record_of
-from flowcraft.history._spool import SUFFIX as SPOOL_SUFFIX
-from flowcraft.history._spool import Spool, SpoolFull, orphans
+from flowcraft.history._spool import Spool, SpoolFull, orphans, spool_files
 from flowcraft.history._spool import read as read_spool
 
 if TYPE_CHECKING:
@@ -212,7 +211,7 @@ class HistoryRecorder:
         now = time.monotonic()
         if now - self._warned_at < 60:
             return
-        waiting = sum(1 for _ in folder.glob(f"*{SPOOL_SUFFIX}"))
+        waiting = len(spool_files(folder))
         if waiting > _PILED_UP:
             self._warned_at = now
             logger.warning(

@@ -134,11 +134,19 @@ def _allocate(fd: int, size: int) -> None:
         done += os.write(fd, zeros[: size - done])
 
 
+def spool_files(folder: Path) -> list[Path]:
+    """The spool files in ``folder``, oldest name first (none if it does not exist)."""
+    try:
+        return sorted(folder.glob(f"*{SUFFIX}"))
+    except FileNotFoundError:
+        return []
+
+
 def orphans(folder: Path, own: Collection[Path] = ()) -> list[Path]:
     """Spool files in ``folder`` whose process died (nobody holds their lock), but
     not this process's ``own``."""
     found = []
-    for path in sorted(folder.glob(f"*{SUFFIX}")):
+    for path in spool_files(folder):
         if path in own:
             continue
         try:
