@@ -6,9 +6,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, cast
 
-from aio_pika.abc import AbstractIncomingMessage
+from pamqp import commands as amqp
 
 from flowcraft.distributed import keys as K
+from flowcraft_rabbitmq._amqp import Message
 
 if TYPE_CHECKING:
     from flowcraft_rabbitmq.adapter import RabbitMQAdapter
@@ -32,15 +33,13 @@ class Operations:
         between duplicates it but never loses it. Its headers are not carried over:
         the job starts afresh."""
         broker = _me(self).broker
-        connection = await broker.connection()
-        channel = await connection.channel(publisher_confirms=False)
+        await broker.declare()
         moved = 0
-        try:
-            queue = await channel.declare_queue(broker.topology.dead_queue, durable=True)
+        async with broker.channel() as channel:  # anything taken and not acked goes back
             # all taken first (held unacked): a letter parked again is not taken twice
-            taken: list[AbstractIncomingMessage] = []
+            taken: list[Message] = []
             while len(taken) < limit:
-                message = await queue.get(no_ack=False, fail=False)
+                message = await channel.get(broker.topology.dead_queue)
                 if message is None:
                     break
                 taken.append(message)
@@ -48,29 +47,23 @@ class Operations:
                 await broker.publish(message.body)
                 await message.ack()
                 moved += 1
-        finally:
-            await channel.close()  # anything taken and not acked goes back
         return moved
 
     async def purge_dead_letters(self, limit: int | None = None) -> int:
         """Delete dead letters: up to ``limit``, or the whole queue (None)."""
         broker = _me(self).broker
-        connection = await broker.connection()
-        channel = await connection.channel(publisher_confirms=False)
+        await broker.declare()
         deleted = 0
-        try:
-            queue = await channel.declare_queue(broker.topology.dead_queue, durable=True)
+        async with broker.channel() as channel:
             if limit is None:
-                result = await queue.purge()
-                return int(getattr(result, "message_count", 0) or 0)
+                ok = await channel.call(amqp.Queue.Purge(queue=broker.topology.dead_queue))
+                return int(ok.message_count or 0)
             while deleted < limit:
-                message = await queue.get(no_ack=False, fail=False)
+                message = await channel.get(broker.topology.dead_queue)
                 if message is None:
                     break
                 await message.ack()
                 deleted += 1
-        finally:
-            await channel.close()
         return deleted
 
     async def queue_depth(self) -> int:

@@ -33,9 +33,6 @@ from collections.abc import AsyncIterator, Mapping
 from ssl import SSLContext
 from typing import Any
 
-from aio_pika.abc import AbstractRobustConnection
-from aio_pika.exceptions import CONNECTION_EXCEPTIONS
-
 from flowcraft.blueprint import WorkflowBlueprint
 from flowcraft.context import AsyncContext
 from flowcraft.distributed import (
@@ -50,6 +47,7 @@ from flowcraft.distributed import (
 )
 from flowcraft.distributed import keys as K
 from flowcraft.runtime import RuntimeOptions
+from flowcraft_rabbitmq._amqp import ERRORS
 from flowcraft_rabbitmq._broker import Broker, Delivery
 from flowcraft_rabbitmq._coordination import (
     AdmissionPlan,
@@ -106,10 +104,13 @@ class RabbitMQAdapter(Operations, BaseDistributedAdapter):
 
     Args:
         runtime_options: blueprints, registry and the rest of the runtime's setup.
-        amqp_url: ``amqp://`` or ``amqps://`` URL of RabbitMQ (or ``amqp_connection``).
-        amqp_connection: a robust aio-pika connection to share (not closed by ``aclose``).
-        amqp_ssl_context: TLS for ``amqp_url``.
-        amqp_options: more ``aio_pika.connect_robust`` options.
+        amqp_url: ``amqp://`` or ``amqps://`` URL of RabbitMQ (``?heartbeat=S`` and
+            ``?connection_timeout=MS`` are read too).
+        amqp_ssl_context: TLS for ``amqp_url`` (``amqps://`` without one uses the
+            system's default context and checks the host name).
+        amqp_options: ``heartbeat`` (seconds, default 60: a RabbitMQ silent for two
+            intervals is taken for gone), ``connect_timeout`` (seconds, default 10),
+            ``client_properties`` (shown in RabbitMQ's connection list).
         postgres_dsn: ``postgresql://`` URL (or ``postgres_pool``).
         postgres_pool: an asyncpg pool to share (not closed by ``aclose``).
         postgres_options: ``asyncpg.create_pool`` options for ``postgres_dsn``
@@ -155,7 +156,6 @@ class RabbitMQAdapter(Operations, BaseDistributedAdapter):
         *,
         runtime_options: RuntimeOptions,
         amqp_url: str | None = None,
-        amqp_connection: AbstractRobustConnection | None = None,
         amqp_ssl_context: SSLContext | None = None,
         amqp_options: Mapping[str, Any] | None = None,
         postgres_dsn: str | None = None,
@@ -171,6 +171,8 @@ class RabbitMQAdapter(Operations, BaseDistributedAdapter):
         reconnect_interval: float = 1.0,
         **options: Any,
     ) -> None:
+        if not amqp_url:
+            raise ValueError("amqp_url is required (amqp:// or amqps://)")
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
         if prefetch is not None and prefetch < concurrency:
@@ -186,7 +188,6 @@ class RabbitMQAdapter(Operations, BaseDistributedAdapter):
         self.broker = Broker(
             Topology.for_queue(queue_name),
             url=amqp_url,
-            connection=amqp_connection,
             ssl_context=amqp_ssl_context,
             reconnect_interval=reconnect_interval,
             publish_timeout=publish_timeout,
@@ -390,7 +391,7 @@ class RabbitMQAdapter(Operations, BaseDistributedAdapter):
             else:
                 await message.reject(requeue=False)
             self.broker.round_trips[how] += 1
-        except CONNECTION_EXCEPTIONS as exc:
+        except ERRORS as exc:
             logger.info("could not %s a message (%r); it will be redelivered", how, exc)
 
     # ------------------------------------------------------------------ results
