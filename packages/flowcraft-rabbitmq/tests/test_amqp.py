@@ -328,7 +328,7 @@ async def test_a_publish_waits_through_an_outage_until_its_timeout(
         publish_timeout=1.0,
     )
     began = asyncio.get_running_loop().time()
-    with pytest.raises(ConnectionRefusedError):
+    with pytest.raises((ConnectionRefusedError, TimeoutError)):  # refused, or cut mid-attempt
         await broker.publish(b"x")
     assert 0.9 < asyncio.get_running_loop().time() - began < 5
     await broker.aclose()

@@ -447,6 +447,7 @@ class Connection(asyncio.Protocol):
         self._beat: asyncio.TimerHandle | None = None
         self._error: AMQPError | None = None
         self._next_channel = 1
+        self._outgoing: list[bytes] = []
 
     @property
     def is_open(self) -> bool:
@@ -522,9 +523,22 @@ class Connection(asyncio.Protocol):
             self._control._frame(frame)
 
     def write(self, data: bytes) -> None:
+        """Queue frames for the socket: what the tasks of one loop pass write (acks and
+        publishes of several jobs) goes out in one send at the start of the next pass.
+        A send costs about as much CPU as a job's own AMQP work on loopback."""
         if self._error is not None:
             raise self._error
-        assert self.transport is not None
+        self._outgoing.append(data)
+        if len(self._outgoing) == 1:
+            self.loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        outgoing = self._outgoing
+        if not outgoing or self.transport is None or self._error is not None:
+            outgoing.clear()
+            return
+        data = outgoing[0] if len(outgoing) == 1 else b"".join(outgoing)
+        outgoing.clear()
         self.transport.write(data)
 
     async def _handshake(self) -> None:
