@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import random
 import ssl
 import uuid
 from collections.abc import AsyncIterator
@@ -20,9 +21,13 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from pamqp import body as amqp_body
 from pamqp import commands as amqp
+from pamqp import frame as amqp_frame
+from pamqp import header as amqp_header
 
 from flowcraft_backends import RunningService
+from flowcraft_rabbitmq import _hotframes as hot
 from flowcraft_rabbitmq._amqp import (
     ChannelClosed,
     Connection,
@@ -422,3 +427,53 @@ async def test_tls_is_used_and_verified(
             await connect(Parameters.from_url(url))
     finally:
         await proxy.stop()
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_the_hand_packed_frames_equal_pamqps(seed: int) -> None:
+    """_hotframes packs and reads the job path's frames without pamqp: byte for byte
+    what pamqp writes, and what pamqp reads."""
+    rng = random.Random(seed)
+    for _ in range(200):
+        channel = rng.randrange(1, 2048)
+        tag = rng.randrange(1, 2**63)
+        assert hot.ack_frame(channel, tag) == amqp_frame.marshal(amqp.Basic.Ack(tag), channel)
+        multiple = rng.random() < 0.5
+        ack = amqp_frame.marshal(amqp.Basic.Ack(tag, multiple), channel)
+        assert hot.read_ack(ack[7:-1]) == (tag, multiple)
+        assert hot.class_method(ack[7:-1]) == hot.BASIC_ACK
+
+        def text(n: int, alphabet: str = "abcxyz.-_é☃") -> str:
+            return "".join(rng.choice(alphabet) for _ in range(n))
+
+        deliver = amqp.Basic.Deliver(
+            consumer_tag=text(rng.randrange(0, 40)),
+            delivery_tag=tag,
+            redelivered=multiple,
+            exchange=text(rng.randrange(0, 20), "abcXYZ019.-_:"),  # pamqp's exchange rule
+            routing_key=text(rng.randrange(0, 60)),
+        )
+        packed = amqp_frame.marshal(deliver, channel)
+        assert hot.class_method(packed[7:-1]) == hot.BASIC_DELIVER
+        read = hot.read_deliver(packed[7:-1])
+        for name in ("consumer_tag", "delivery_tag", "redelivered", "exchange", "routing_key"):
+            assert getattr(read, name) == getattr(deliver, name)
+
+        size = rng.randrange(0, 2**40)
+        message_id = text(rng.randrange(1, 40))
+        ours = hot.job_header_frame(channel, size, "application/json", message_id)
+        properties = amqp.Basic.Properties(
+            content_type="application/json", delivery_mode=2, message_id=message_id
+        )
+        theirs = amqp_frame.marshal(amqp_header.ContentHeader(0, size, properties), channel)
+        assert ours == theirs
+        read_size, read_properties = hot.read_job_header(theirs[7:-1]) or (None, None)
+        assert read_size == size
+        assert read_properties == properties
+        chunk = rng.randbytes(rng.randrange(1, 300))
+        assert hot.body_frame(channel, chunk) == amqp_frame.marshal(
+            amqp_body.ContentBody(chunk), channel
+        )
+    other = amqp.Basic.Properties(content_type="application/json", delivery_mode=2, headers={})
+    frame = amqp_frame.marshal(amqp_header.ContentHeader(0, 5, other), 1)
+    assert hot.read_job_header(frame[7:-1]) is None  # left to pamqp

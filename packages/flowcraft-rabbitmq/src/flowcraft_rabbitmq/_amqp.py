@@ -24,15 +24,16 @@ import struct
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
-from typing import Any
+from typing import Any, cast
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from pamqp import body as amqp_body
 from pamqp import commands as amqp
 from pamqp import frame as amqp_frame
 from pamqp import header as amqp_header
 from pamqp import heartbeat as amqp_heartbeat
 from pamqp.exceptions import UnmarshalingException
+
+from flowcraft_rabbitmq import _hotframes as hot
 
 __all__ = [
     "ERRORS",
@@ -166,7 +167,10 @@ class Message:
 
     async def ack(self) -> None:
         """Ack (written without waiting: a lost ack is a redelivery)."""
-        self.channel.send(amqp.Basic.Ack(self.delivery_tag))
+        channel = self.channel
+        if channel._error is not None:
+            raise channel._error
+        channel.connection.write(hot.ack_frame(channel.number, self.delivery_tag))
 
     async def nack(self, *, requeue: bool) -> None:
         self.channel.send(amqp.Basic.Nack(self.delivery_tag, requeue=requeue))
@@ -198,10 +202,13 @@ class Channel:
         self._id_prefix = f"{id(self):x}.{number}."
         self._consumers: dict[str, OnMessage] = {}
         self._cancelled: Callable[[str], None] | None = None
-        self._incoming: tuple[Any, Any] | None = None  # (method, header) awaiting body
+        self._incoming: Any = None  # Deliver, Return or GetOk awaiting its content
+        self._properties: Any = None
+        self._body_size = -1  # -1: the content header has not come yet
         self._chunks: list[bytes] = []
         self._received = 0
         self._tasks: set[asyncio.Task[None]] = set()  # the loop keeps only weak references
+        self._publish_frames: dict[tuple[str, str, bool], bytes] = {}
 
     @property
     def is_open(self) -> bool:
@@ -240,33 +247,43 @@ class Channel:
         *,
         exchange: str = "",
         routing_key: str,
-        properties: amqp.Basic.Properties,
+        properties: amqp.Basic.Properties | None = None,
         mandatory: bool = True,
     ) -> asyncio.Future[None] | None:
         """Write a message in one go; on a confirm channel, the future of its confirm
         (it raises :class:`Unroutable` for a returned ``mandatory`` message and
-        :class:`Nacked` if the broker refuses it)."""
+        :class:`Nacked` if the broker refuses it). Without ``properties``: a
+        persistent JSON message (a job), packed without pamqp."""
         if self._error is not None:
             raise self._error
+        self._published += 1
+        tag = self._published
+        message_id = f"{self._id_prefix}{tag}"
         confirm: asyncio.Future[None] | None = None
         if self._confirming:
-            self._published += 1
-            tag = self._published
-            properties.message_id = f"{self._id_prefix}{tag}"
             confirm = self.connection.loop.create_future()
             self._confirms[tag] = confirm
-        parts = [
-            amqp_frame.marshal(
-                amqp.Basic.Publish(exchange=exchange, routing_key=routing_key, mandatory=mandatory),
-                self.number,
-            ),
-            amqp_frame.marshal(amqp_header.ContentHeader(0, len(body), properties), self.number),
-        ]
-        step = self.connection.frame_max - 8
-        for start in range(0, len(body), step):
-            parts.append(
-                amqp_frame.marshal(amqp_body.ContentBody(body[start : start + step]), self.number)
+        number = self.number
+        key = (exchange, routing_key, mandatory)
+        method = self._publish_frames.get(key)
+        if method is None:
+            publish = amqp.Basic.Publish(
+                exchange=exchange, routing_key=routing_key, mandatory=mandatory
             )
+            method = self._publish_frames[key] = amqp_frame.marshal(publish, number)
+        if properties is None:
+            header = hot.job_header_frame(number, len(body), "application/json", message_id)
+        else:
+            properties.message_id = message_id
+            content = amqp_header.ContentHeader(0, len(body), properties)
+            header = amqp_frame.marshal(content, number)
+        step = self.connection.frame_max - 8
+        if 0 < len(body) <= step:
+            parts = [method, header, hot.body_frame(number, body)]
+        else:  # no body frame for an empty body
+            parts = [method, header]
+            for start in range(0, len(body), step):
+                parts.append(hot.body_frame(number, body[start : start + step]))
         self.connection.write(b"".join(parts))
         return confirm
 
@@ -315,13 +332,13 @@ class Channel:
 
     # ------------------------------------------------------------------ reading
 
-    def _frame(self, frame: Any) -> None:
+    def _method(self, frame: Any) -> None:
         if self._incoming is not None:
-            self._content(frame)
-            return
+            raise UnmarshalingException("Content", f"expected content, got {frame.name}")
         name = frame.name
         if name == "Basic.Deliver" or name == "Basic.Return" or name == "Basic.GetOk":
-            self._incoming = (frame, None)
+            self._incoming = frame
+            self._body_size = -1
         elif name == "Basic.Ack":
             self._settle_confirms(frame.delivery_tag, frame.multiple, None)
         elif name == "Basic.Nack":
@@ -343,48 +360,45 @@ class Channel:
             if reply is not None and not reply.done():
                 reply.set_result(frame)
 
-    def _content(self, frame: Any) -> None:
-        assert self._incoming is not None
-        method, header = self._incoming
-        if header is None:
-            if not isinstance(frame, amqp_header.ContentHeader):
-                raise UnmarshalingException("Content", f"expected a content header, got {frame}")
-            self._incoming = (method, frame)
-            self._chunks = []
-            self._received = 0
-            if frame.body_size == 0:
-                self._delivered(method, frame, b"")
-            return
-        if not isinstance(frame, amqp_body.ContentBody):
-            raise UnmarshalingException("Content", f"expected a content body, got {frame}")
-        self._chunks.append(frame.value)
-        self._received += len(frame.value)
-        if self._received >= header.body_size:
-            chunks = self._chunks
-            self._delivered(method, header, chunks[0] if len(chunks) == 1 else b"".join(chunks))
+    def _header(self, body_size: int, properties: Any) -> None:
+        if self._incoming is None or self._body_size >= 0:
+            raise UnmarshalingException("Content", "a content header out of place")
+        self._properties = properties
+        self._body_size = body_size
+        self._chunks = []
+        self._received = 0
+        if body_size == 0:
+            self._delivered(self._incoming, properties, b"")
 
-    def _delivered(self, method: Any, header: Any, body: bytes) -> None:
+    def _body(self, chunk: bytes) -> None:
+        if self._incoming is None or self._body_size < 0:
+            raise UnmarshalingException("Content", "a content body out of place")
+        self._chunks.append(chunk)
+        self._received += len(chunk)
+        if self._received >= self._body_size:
+            chunks = self._chunks
+            body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            self._delivered(self._incoming, self._properties, body)
+
+    def _delivered(self, method: Any, properties: Any, body: bytes) -> None:
         self._incoming = None
+        self._properties = None
         self._chunks = []
         name = method.name
         if name == "Basic.Deliver":
             callback = self._consumers.get(method.consumer_tag)
             if callback is not None:
-                message = Message(
-                    self, method.delivery_tag, method.redelivered, header.properties, body
-                )
+                message = Message(self, method.delivery_tag, method.redelivered, properties, body)
                 task = self.connection.loop.create_task(callback(message))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
         elif name == "Basic.GetOk":
             reply = self._reply
-            message = Message(
-                self, method.delivery_tag, method.redelivered, header.properties, body
-            )
+            message = Message(self, method.delivery_tag, method.redelivered, properties, body)
             if reply is not None and not reply.done():
                 reply.set_result(message)
         else:  # Basic.Return: the confirm that follows it reports the message unroutable
-            message_id = header.properties.message_id or ""
+            message_id = properties.message_id or ""
             if message_id.startswith(self._id_prefix):
                 tag = int(message_id[len(self._id_prefix) :])
                 self._returned[tag] = f"{method.reply_code} {method.reply_text}"
@@ -460,8 +474,8 @@ class Connection(asyncio.Protocol):
     # ------------------------------------------------------------------ asyncio.Protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # (uvloop's transports are not asyncio.Transport subclasses, but behave as one)
+        self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         self._last_read = self.loop.time()
@@ -477,17 +491,34 @@ class Connection(asyncio.Protocol):
                     break
                 if buffer[end - 1] != _FRAME_END:
                     raise UnmarshalingException("Frame", "no frame-end byte")
+                start, offset = offset, end
                 if kind == 8:  # heartbeat
-                    offset = end
                     continue
-                _, _, frame = amqp_frame.unmarshal(bytes(buffer[offset:end]))
-                offset = end
-                channel = self._control if number == 0 else self.channels.get(number)
                 if number == 0:
-                    self._control_frame(frame)
-                elif channel is not None:
-                    channel._frame(frame)
-        except (UnmarshalingException, ValueError, struct.error) as exc:
+                    self._control_frame(amqp_frame.unmarshal(bytes(buffer[start:end]))[2])
+                    continue
+                channel = self.channels.get(number)
+                if channel is None:
+                    continue
+                payload = bytes(buffer[start + 7 : end - 1])
+                if kind == 3:  # content body
+                    channel._body(payload)
+                elif kind == 2:  # content header: a job's read here, others by pamqp
+                    job = hot.read_job_header(payload)
+                    if job is None:
+                        header: Any = amqp_frame.unmarshal(bytes(buffer[start:end]))[2]
+                        job = (header.body_size, header.properties)
+                    channel._header(*job)
+                else:
+                    ids = hot.class_method(payload)
+                    if ids == hot.BASIC_ACK:
+                        tag, multiple = hot.read_ack(payload)
+                        channel._settle_confirms(tag, multiple, None)
+                    elif ids == hot.BASIC_DELIVER:
+                        channel._method(hot.read_deliver(payload))
+                    else:
+                        channel._method(amqp_frame.unmarshal(bytes(buffer[start:end]))[2])
+        except (UnmarshalingException, ValueError, IndexError, struct.error) as exc:
             logger.error("RabbitMQ sent a frame this client cannot read (%s); disconnecting", exc)
             self._lose(ConnectionLost(f"unreadable frame: {exc}"))
             return
@@ -520,7 +551,7 @@ class Connection(asyncio.Protocol):
         elif name == "Connection.Unblocked":
             logger.info("RabbitMQ unblocked publishing on this connection")
         else:
-            self._control._frame(frame)
+            self._control._method(frame)
 
     def write(self, data: bytes) -> None:
         """Queue frames for the socket: what the tasks of one loop pass write (acks and

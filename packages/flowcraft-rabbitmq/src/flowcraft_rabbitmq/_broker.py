@@ -246,12 +246,14 @@ class Broker:
             exchange, routing_key = "", await self._ensure_delay_queue(channel, delay_ms)
         else:
             exchange, routing_key = "", self.topology.queue
-        properties = amqp.Basic.Properties(
-            content_type="application/json",
-            delivery_mode=2,
-            headers=dict(headers) if headers else None,
-            expiration=str(delay_ms) if delay_ms > 0 else None,
-        )
+        properties = None  # a job: the channel packs its header itself
+        if headers or delay_ms > 0:
+            properties = amqp.Basic.Properties(
+                content_type="application/json",
+                delivery_mode=2,
+                headers=dict(headers) if headers else None,
+                expiration=str(delay_ms) if delay_ms > 0 else None,
+            )
         self.round_trips["publish"] += 1
         confirm = channel.publish(
             body, exchange=exchange, routing_key=routing_key, properties=properties
