@@ -1,5 +1,5 @@
-"""The AMQP part of a job alone: how much worker CPU aio-pika/aiormq cost, against a
-lean prototype client (issue 23: what a leaner job path could save).
+"""The AMQP part of a job alone: how much worker CPU flowcraft-rabbitmq's own client
+costs, against aio-pika (issue 23: the client it replaced).
 
     uv run python benchmarks/amqp_floor.py                  # 8,000 messages, 3 rounds
     uv run python benchmarks/amqp_floor.py --messages 4000 --rounds 5
@@ -10,12 +10,11 @@ publish the next message persistently with publisher confirms and ``mandatory``,
 wait for the confirm, and ack the delivery, until ``--messages`` were consumed. Two
 clients take turns on one RabbitMQ:
 
-* ``aio-pika``: flowcraft-rabbitmq's own ``Broker`` (aio-pika's robust connection,
-  publishes and consumes on the aiormq channels underneath, as the adapter does);
-* ``lean``: one ``asyncio.Protocol`` that parses and writes the frames with pamqp
-  (aiormq's own frame codec) with no task, queue or lock per frame: consuming on
-  channel 1, publishing on channel 2 (a confirm channel). A prototype for the
-  measurement only: no reconnection, heartbeats, returns or flow control.
+* ``broker``: flowcraft-rabbitmq's ``Broker`` (its ``_amqp`` client), as the adapter
+  uses it;
+* ``aio-pika``: aio-pika's robust connection, a confirm channel, ``queue.consume``,
+  ``default_exchange.publish(..., mandatory=True)`` and ``message.ack()`` (aio-pika
+  is in the workspace for the tests; the package does not use it).
 
 Printed per client: CPU ms per message (this process's user + system time) and
 messages per second, medians over the rounds. Backends: ``FLOWCRAFT_TEST_RABBITMQ_URL``
@@ -26,18 +25,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import statistics
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
-from urllib.parse import unquote, urlparse
 
+import aio_pika
 from _workloads import backends
-from pamqp import body as amqp_body
-from pamqp import commands as amqp
-from pamqp import frame as amqp_frame
-from pamqp import header as amqp_header
 
 from flowcraft_rabbitmq._broker import Broker, Delivery
 from flowcraft_rabbitmq._settings import Topology
@@ -46,83 +42,6 @@ BODY = b'{"x":1}' * 20
 PRIMED = 64
 
 OnMessage = Callable[[int], Coroutine[Any, Any, None]]
-
-
-class LeanProtocol(asyncio.Protocol):
-    """A minimal AMQP 0-9-1 client: frames parsed in ``data_received``, one task per
-    delivery, publisher confirms resolved from ``Basic.Ack`` (``multiple`` included)."""
-
-    def __init__(self) -> None:
-        self.transport: asyncio.Transport | None = None
-        self.buffer = bytearray()
-        self.reply: asyncio.Future[Any] | None = None
-        self.confirms: dict[int, asyncio.Future[None]] = {}
-        self.published = 0
-        self.delivery_tag = 0
-        self.on_message: OnMessage | None = None
-        self.properties = amqp.Basic.Properties(content_type="application/json", delivery_mode=2)
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-
-    def data_received(self, data: bytes) -> None:
-        self.buffer += data
-        while len(self.buffer) >= 7:
-            size = int.from_bytes(self.buffer[3:7], "big") + 8  # header 7, end byte 1
-            if len(self.buffer) < size:
-                return
-            _, _, frame = amqp_frame.unmarshal(bytes(self.buffer[:size]))
-            del self.buffer[:size]
-            self._frame(frame)
-
-    def _frame(self, frame: Any) -> None:
-        name = frame.name
-        if name == "Basic.Deliver":
-            self.delivery_tag = frame.delivery_tag
-        elif name == "ContentBody" or (name == "ContentHeader" and frame.body_size == 0):
-            assert self.on_message is not None
-            asyncio.get_running_loop().create_task(self.on_message(self.delivery_tag))
-        elif name == "ContentHeader" or name == "Heartbeat":
-            pass
-        elif name == "Basic.Ack":
-            tags = [t for t in self.confirms if t <= frame.delivery_tag] if frame.multiple else []
-            for tag in tags or [frame.delivery_tag]:
-                waiter = self.confirms.pop(tag, None)
-                if waiter is not None:
-                    waiter.set_result(None)
-        else:
-            if name == "Connection.Tune":
-                self.write(0, amqp.Connection.TuneOk(frame.channel_max, frame.frame_max, 0))
-            if self.reply is not None and not self.reply.done():
-                self.reply.set_result(frame)
-
-    def write(self, channel: int, frame: Any) -> None:
-        assert self.transport is not None
-        self.transport.write(amqp_frame.marshal(frame, channel))
-
-    async def call(self, channel: int, frame: Any | None) -> Any:
-        """Send ``frame`` (or nothing) and return the next reply frame."""
-        self.reply = asyncio.get_running_loop().create_future()
-        if frame is not None:
-            self.write(channel, frame)
-        return await self.reply
-
-    async def publish(self, routing_key: str) -> None:
-        assert self.transport is not None
-        self.published += 1
-        confirm = asyncio.get_running_loop().create_future()
-        self.confirms[self.published] = confirm
-        frames = (
-            amqp.Basic.Publish(exchange="", routing_key=routing_key, mandatory=True),
-            amqp_header.ContentHeader(0, len(BODY), self.properties),
-            amqp_body.ContentBody(BODY),
-        )
-        self.transport.write(b"".join(amqp_frame.marshal(f, 2) for f in frames))
-        await confirm
-
-    def ack(self, delivery_tag: int) -> None:
-        self.write(1, amqp.Basic.Ack(delivery_tag))
 
 
 async def _pass(
@@ -152,7 +71,7 @@ async def _pass(
     return {"cpu_ms": 1000 * cpu / messages, "per_s": messages / seconds}
 
 
-async def measure_aio_pika(url: str, messages: int, concurrency: int) -> dict[str, float]:
+async def measure_broker(url: str, messages: int, concurrency: int) -> dict[str, float]:
     broker = Broker(Topology.for_queue(f"floor-{uuid.uuid4().hex[:10]}"), url=url)
     await broker.declare()
     for _ in range(PRIMED):
@@ -181,39 +100,43 @@ async def measure_aio_pika(url: str, messages: int, concurrency: int) -> dict[st
         await broker.aclose()
 
 
-async def measure_lean(url: str, messages: int, concurrency: int) -> dict[str, float]:
-    broker = Broker(Topology.for_queue(f"floor-{uuid.uuid4().hex[:10]}"), url=url)
-    await broker.declare()  # the queues, through the real client
-    for _ in range(PRIMED):
-        await broker.publish(BODY)
-    parts = urlparse(url)
-    loop = asyncio.get_running_loop()
-    transport, lean = await loop.create_connection(
-        LeanProtocol, parts.hostname or "127.0.0.1", parts.port or 5672
-    )
+async def measure_aio_pika(url: str, messages: int, concurrency: int) -> dict[str, float]:
+    name = f"floor-{uuid.uuid4().hex[:10]}"
+    connection = await aio_pika.connect_robust(url)
     try:
-        started = lean.call(0, None)
-        transport.write(b"AMQP\x00\x00\x09\x01")
-        await started
-        login = f"\0{unquote(parts.username or 'guest')}\0{unquote(parts.password or 'guest')}"
-        await lean.call(0, amqp.Connection.StartOk(client_properties={}, response=login))
-        vhost = unquote(parts.path[1:]) if len(parts.path) > 1 else "/"
-        await lean.call(0, amqp.Connection.Open(virtual_host=vhost))
-        await lean.call(1, amqp.Channel.Open())
-        await lean.call(2, amqp.Channel.Open())
-        await lean.call(2, amqp.Confirm.Select())
-        await lean.call(1, amqp.Basic.Qos(prefetch_count=concurrency))
-        queue = broker.topology.queue
+        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        await channel.set_qos(prefetch_count=concurrency)
+        queue = await channel.declare_queue(name, durable=True)
+
+        async def publish() -> None:
+            message = aio_pika.Message(
+                BODY,
+                content_type="application/json",
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            )
+            await channel.default_exchange.publish(message, name, mandatory=True)
+
+        for _ in range(PRIMED):
+            await publish()
+        deliveries: dict[int, Any] = {}
 
         async def consume(on_message: OnMessage) -> None:
-            lean.on_message = on_message
-            await lean.call(1, amqp.Basic.Consume(queue=queue, consumer_tag="floor"))
+            async def deliver(message: Any) -> None:
+                tag = id(message)
+                deliveries[tag] = message
+                await on_message(tag)
 
-        return await _pass(consume, lambda: lean.publish(queue), lean.ack, messages)
+            await queue.consume(deliver)
+
+        async def ack(tag: int) -> None:
+            await deliveries.pop(tag).ack()
+
+        return await _pass(consume, publish, ack, messages)
     finally:
-        transport.close()
-        await broker.delete_topology()
-        await broker.aclose()
+        with contextlib.suppress(Exception):
+            cleanup = await connection.channel()
+            await cleanup.queue_delete(name)
+        await connection.close()
 
 
 async def main() -> None:
@@ -224,9 +147,9 @@ async def main() -> None:
     args = parser.parse_args()
     urls, pool = backends({"rabbitmq": "amqp_url"})
     try:
-        found: dict[str, list[dict[str, float]]] = {"aio-pika": [], "lean": []}
+        found: dict[str, list[dict[str, float]]] = {"broker": [], "aio-pika": []}
         for _ in range(args.rounds):
-            for name, measure in (("aio-pika", measure_aio_pika), ("lean", measure_lean)):
+            for name, measure in (("broker", measure_broker), ("aio-pika", measure_aio_pika)):
                 found[name].append(await measure(urls["amqp_url"], args.messages, args.concurrency))
         for name, rounds in found.items():
             cpu = statistics.median(r["cpu_ms"] for r in rounds)
