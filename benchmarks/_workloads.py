@@ -71,7 +71,7 @@ class JobCounter:
         adapter.handle_job = counted  # type: ignore[method-assign]
 
 
-COORDINATION_CALLS = ("increment", "set_if_not_exist", "extend_ttl", "delete", "get")
+COORDINATION_CALLS = ("increment", "set_if_not_exist", "extend_ttl", "delete", "delete_many", "get")
 
 
 def count_coordination(adapter: BaseDistributedAdapter, counts: Counter[str]) -> None:
@@ -79,7 +79,9 @@ def count_coordination(adapter: BaseDistributedAdapter, counts: Counter[str]) ->
     ``redis.<operation>``: the adapters that use it keep both in Redis)."""
     store = adapter.coordination_store
     for name in COORDINATION_CALLS:
-        method = getattr(store, name)
+        method = getattr(store, name, None)
+        if method is None:  # delete_many is optional
+            continue
 
         def counted(*args: Any, _method: Any = method, _name: str = name) -> Any:
             counts[f"redis.{_name}"] += 1

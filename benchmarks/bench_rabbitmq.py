@@ -53,6 +53,7 @@ import tempfile
 import time
 import uuid
 from argparse import Namespace
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +101,10 @@ class CountingStore(RedisCoordinationStore):
     async def get(self, key: str) -> str | None:
         self.ops += 1
         return await super().get(key)
+
+    async def delete_many(self, keys: Sequence[str]) -> None:
+        self.ops += 1
+        await super().delete_many(keys)
 
 
 def adapter_options(config: dict[str, Any]) -> dict[str, Any]:

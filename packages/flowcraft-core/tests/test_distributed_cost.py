@@ -15,13 +15,15 @@ node with one successor           2 get_many, 1 patch           2 set_if_not_exi
 branch into a join (not last)     2 get_many, 1 patch           2 set_if_not_exist, 1 increment
 branch that completes the join    4 get_many, 2 patch           2 set_if_not_exist, 1 increment
 the join itself                   3 get_many, 1 patch           2 set_if_not_exist
-last sink (finalizes the run)     4 get_many, 2 patch,          3 set_if_not_exist, 1 increment,
-                                  1 to_dict                     deletes (counters)
+last sink (finalizes the run)     3 get_many, 2 patch,          3 set_if_not_exist, 1 increment,
+                                  1 to_dict                     deletes (counters; one call on
+                                                                a store with ``delete_many``)
 ================================  ============================  ================================
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +31,7 @@ from typing import Any
 import pytest
 
 from flowcraft import Flow, NodeContext, RuntimeOptions
+from flowcraft.distributed.coordination import InMemoryCoordinationStore
 from flowcraft.distributed.memory import InMemoryAdapter, InMemoryBroker
 from flowcraft.distributed.payload import JobPayload
 from flowcraft.testing import ContextMeter, meter_contexts
@@ -41,7 +44,7 @@ INTO_JOIN = ({"get_many": 2, "patch": 1}, {"set_if_not_exist": 2, "increment": 1
 COMPLETES_JOIN = ({"get_many": 4, "patch": 2}, {"set_if_not_exist": 2, "increment": 1})
 JOIN = ({"get_many": 3, "patch": 1}, {"set_if_not_exist": 2})
 FINALIZES = (
-    {"get_many": 4, "patch": 2, "to_dict": 1},
+    {"get_many": 3, "patch": 2, "to_dict": 1},
     {"set_if_not_exist": 3, "increment": 1},
 )
 READ_LIMIT = 4 * 1024  # bytes a non-final job may read, whatever the state holds
@@ -219,3 +222,50 @@ async def test_concurrent_enqueues_attempt_every_job_then_raise() -> None:
         await adapter.enqueue_jobs(jobs)
     queued = sorted(broker.queue.get_nowait().job.node_id for _ in range(broker.queue.qsize()))
     assert queued == ["b0", "b2"]
+
+
+class _DeleteManyStore(InMemoryCoordinationStore):
+    """A store with the optional ``delete_many``, recording each call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.delete_many_calls: list[list[str]] = []
+
+    async def delete_many(self, keys: list[str]) -> None:
+        self.delete_many_calls.append(list(keys))
+        for key in keys:
+            await self.delete(key)
+
+
+@pytest.mark.parametrize("delete_many", [True, False], ids=["delete_many", "one-by-one"])
+async def test_a_finished_run_leaves_no_counters(delete_many: bool) -> None:
+    """The end counter and a join's counters are deleted when the run ends: in one call
+    on a store with ``delete_many``, one by one on a store without."""
+
+    async def step(ctx: NodeContext) -> Any:
+        return 1
+
+    flow = Flow("tidy").node("a", "step").node("b1", "step").node("b2", "step").node("j", "step")
+    flow.edge("a", "b1").edge("a", "b2").edge("b1", "j").edge("b2", "j")
+    store = _DeleteManyStore() if delete_many else InMemoryCoordinationStore()
+    adapter = InMemoryAdapter(
+        runtime_options=RuntimeOptions(
+            registry={"step": step}, blueprints={"tidy": flow.to_blueprint()}
+        ),
+        coordination_store=store,
+    )
+    worker = asyncio.ensure_future(adapter.worker())
+    try:
+        run_id = await adapter.start_run("tidy", {})
+        result = await adapter.wait_for_result(run_id, timeout=10)
+        assert result.status == "completed"
+        p = adapter.key_prefix
+        counters = (f"{p}join:", f"{p}fired:", f"{p}end:")
+        left = [k for k in store.snapshot() if k.startswith(counters)]
+        assert left == []
+        if isinstance(store, _DeleteManyStore):
+            assert len(store.delete_many_calls) == 1
+            assert len(store.delete_many_calls[0]) >= 3  # the end counter, the join's
+    finally:
+        await adapter.stop()
+        await worker

@@ -156,12 +156,14 @@ async def test_each_method_is_one_round_trip(
             lambda: store.extend_ttl("k", 30),
             lambda: store.get("k"),
             lambda: store.delete("k"),
+            lambda: store.delete_many(["a", "b", "n"]),  # one DEL (a run's counters)
+            lambda: store.delete_many([]),  # nothing sent
         ]
         for operation in operations:
             await operation()
         await store.set_if_not_exist("end", "1", 30)  # the last one MONITOR shows
         await asyncio.wait_for(last.wait(), 10)
-        assert seen == ["EVALSHA", "SET", "PEXPIRE", "GET", "DEL", "SET"]
+        assert seen == ["EVALSHA", "SET", "PEXPIRE", "GET", "DEL", "DEL", "SET"]
     finally:
         watching.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -169,6 +171,22 @@ async def test_each_method_is_one_round_trip(
         await watcher.aclose()
         await store.aclose()
         await _drop_namespace(redis_service.url, prefix)
+
+
+async def test_delete_many_deletes_those_keys_only(
+    store: RedisCoordinationStore, raw: redis_asyncio.Redis
+) -> None:
+    for key in ("a", "b", "c"):
+        await store.increment(key, 30)
+    await raw.set("a", "outside the prefix")
+    try:
+        await store.delete_many(["a", "b", "absent"])
+        assert await store.get("a") is None
+        assert await store.get("b") is None
+        assert await store.get("c") == "1"
+        assert await raw.get("a") == "outside the prefix"
+    finally:
+        await raw.delete("a")
 
 
 @pytest.mark.parametrize("lanes", [None, 0], ids=["lanes", "client"])

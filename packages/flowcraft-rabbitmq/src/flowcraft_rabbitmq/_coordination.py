@@ -34,7 +34,7 @@ from typing import Any
 
 from flowcraft.distributed import Admission, CoordinationStore, RedisCoordinationStore
 from flowcraft.distributed import keys as K
-from flowcraft.distributed.coordination import validate_ttl_seconds
+from flowcraft.distributed.coordination import delete_keys, validate_ttl_seconds
 from flowcraft.serializer import JsonSerializer
 from flowcraft_rabbitmq._store import PostgresRunStore
 
@@ -126,6 +126,12 @@ class LeaseRouting:
 
     async def delete(self, key: str) -> None:
         await self._for(key).delete(key)
+
+    async def delete_many(self, keys: Sequence[str]) -> None:
+        leases = [key for key in keys if key.startswith(self._lease_prefix)]
+        others = [key for key in keys if not key.startswith(self._lease_prefix)]
+        await delete_keys(self.leases, leases)
+        await delete_keys(self.inner, others)
 
     async def get(self, key: str) -> str | None:
         return await self._for(key).get(key)

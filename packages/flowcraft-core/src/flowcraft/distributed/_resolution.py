@@ -16,6 +16,7 @@ from flowcraft.distributed._core import (
     _user_view,
 )
 from flowcraft.distributed._scope import scope_keys
+from flowcraft.distributed.coordination import delete_keys
 from flowcraft.distributed.results import FinalResult
 from flowcraft.errors import (
     NodeExecutionError,
@@ -501,9 +502,10 @@ class Resolution(_AdapterCore):
             # nothing commits after the published snapshot (every commit is guarded on
             # ``end`` absent).
             await ctx.patch([PatchOperation("set", K.ENDED, status)])
-        result = FinalResult(run_id, status, _user_view(await ctx.to_dict()), errors)
+        state = await ctx.to_dict()
+        result = FinalResult(run_id, status, _user_view(state), errors)
         await self.publish_final_result(run_id, result)
-        await self._tidy(run_id, ctx, analysis)
+        await self._tidy(run_id, state, analysis)
         # Emitted before the status is recorded: a crash between the two redelivers
         # the job, which finalizes (and emits) again; after the record nothing would
         # (a history keeps one ``workflow:finish`` per status).
@@ -575,8 +577,10 @@ class Resolution(_AdapterCore):
             on_commit=lambda: emit(self.event_bus, event),
         )
 
-    async def _tidy(self, run_id: str, ctx: AsyncContext, analysis: GraphAnalysis) -> None:
-        """Delete the run's counters (leases and follow-up marks expire by themselves)."""
+    async def _tidy(self, run_id: str, state: Mapping[str, Any], analysis: GraphAnalysis) -> None:
+        """Delete the run's counters (leases and follow-up marks expire by themselves),
+        in one call where the store can. ``state``: the ended run's context, read once
+        for the published result (nothing commits after the end)."""
         prefix = self.key_prefix
         joins = [
             n
@@ -584,7 +588,7 @@ class Resolution(_AdapterCore):
             if len(analysis.preds_first[n]) > 1 or len(analysis.preds_loop[n]) > 1
         ]
         tails = [lp.tails[0] for lp in analysis.loops.values()]
-        counts = await ctx.get_many([K.resolved(n) for n in {*joins, *tails}])
+        counts = {k: state[k] for k in (K.resolved(n) for n in {*joins, *tails}) if k in state}
         doomed = [K.end_counter(prefix, run_id)]
         for n in joins:
             for g in range(1, int(counts.get(K.resolved(n), 0)) + 2):
@@ -593,8 +597,7 @@ class Resolution(_AdapterCore):
         for lp in analysis.loops.values():
             for i in range(1, int(counts.get(K.resolved(lp.tails[0]), 0)) + 2):
                 doomed.append(K.latch_counter(prefix, run_id, lp.index, i))
-        for key in doomed:
-            await self.coordination_store.delete(key)
+        await delete_keys(self.coordination_store, doomed)
 
 
 _REF = "__ref__"

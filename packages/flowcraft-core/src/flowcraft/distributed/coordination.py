@@ -27,7 +27,7 @@ import math
 import threading
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -80,6 +80,17 @@ class CoordinationStore(Protocol):
 
 ICoordinationStore = CoordinationStore
 """The seed document's name for :class:`CoordinationStore`."""
+
+
+async def delete_keys(store: CoordinationStore, keys: Sequence[str]) -> None:
+    """Delete ``keys``: in one call where the store has ``delete_many(keys)`` (an optional
+    method: one round trip instead of one per key), else one by one."""
+    many = getattr(store, "delete_many", None)
+    if many is not None:
+        await many(list(keys))
+        return
+    for key in keys:
+        await store.delete(key)
 
 
 def validate_ttl_seconds(ttl_seconds: float) -> float:

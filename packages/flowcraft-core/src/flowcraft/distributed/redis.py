@@ -317,6 +317,11 @@ class RedisCoordinationStore:
         """``DEL``; an absent key is fine."""
         await self._command("DEL", self._key(key))
 
+    async def delete_many(self, keys: Sequence[str]) -> None:
+        """One ``DEL`` of every key (see ``coordination.delete_keys``)."""
+        if keys:
+            await self._command("DEL", *(self._key(key) for key in keys))
+
     async def get(self, key: str) -> str | None:
         """``GET``, decoded as UTF-8 when the client returns bytes."""
         value: str | bytes | None = await self._command("GET", self._key(key))
