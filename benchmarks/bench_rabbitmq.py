@@ -378,8 +378,8 @@ async def measure_celery(
     try:
         await until(procs.ready)
         # Warm up first: Celery's prefork children finish starting on their first tasks
-        # (2.5 s of CPU a pass, seen as 2.9 ms per chain job with 200 runs against 1.6
-        # with 1000), which our workers, connected before the pass, do not pay.
+        # (about 3 s of CPU a pass: a cold chain cost 2.9 ms per job over 200 runs, a warm
+        # one 1.3), which our workers, connected before the pass, do not pay.
         warm = CONCURRENCY * workers * 2
         for _ in range(warm):
             await asyncio.to_thread(celery_signature(app, shape, "warm-up").apply_async)
