@@ -255,6 +255,11 @@ def test_urls_and_options_are_read_and_checked() -> None:
         Parameters.from_url("amqp://h/", heartbeats=3)
     with pytest.raises(ValueError, match="query"):
         Parameters.from_url("amqp://h/?heartbeat=soon")
+    for bad in (0.5, -1, float("nan")):
+        with pytest.raises(ValueError, match="heartbeat must be 0"):
+            Parameters.from_url("amqp://h/", heartbeat=bad)
+    with pytest.raises(ValueError, match="connect_timeout"):
+        Parameters.from_url("amqp://h/", connect_timeout=0)
 
 
 async def test_a_silent_server_is_dropped_after_two_heartbeats(

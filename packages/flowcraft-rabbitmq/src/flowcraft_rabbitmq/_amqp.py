@@ -142,8 +142,11 @@ class Parameters:
         except ValueError as exc:
             raise ValueError(f"bad number in the AMQP URL's query: {exc}") from None
         settings.update(options)
-        if settings.get("heartbeat", 0) < 0 or settings.get("connect_timeout", 1) <= 0:
-            raise ValueError("heartbeat must be >= 0 and connect_timeout > 0")
+        heartbeat = settings.get("heartbeat", 60.0)
+        if heartbeat != 0 and not heartbeat >= 1:  # RabbitMQ counts whole seconds
+            raise ValueError(f"heartbeat must be 0 (off) or at least 1 second, not {heartbeat!r}")
+        if not settings.get("connect_timeout", 1) > 0:
+            raise ValueError("connect_timeout must be > 0")
         return cls(**settings)
 
 
