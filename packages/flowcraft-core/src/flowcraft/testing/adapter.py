@@ -1868,12 +1868,15 @@ class AdapterConformanceTests(ValueFidelityTests, TypeScriptCompatTests):
         async with self.fleet(adapter_factory, flow) as fleet:
             result = await fleet.run("done")
             assert result.status == "completed"
-            published = len(fleet.published(result.run_id))
             assert await fleet.client.cancel_run(result.run_id) == "completed"
             assert await fleet.status(result.run_id) == "completed"
             again = await fleet.client.wait_for_result(result.run_id, self.timeout_seconds)
             assert again.to_json_dict() == result.to_json_dict()
-            assert len(fleet.published(result.run_id)) == published
+            # Nothing else published: a duplicate delivery of the last job may publish the
+            # same result again (every finalizer of a completed run publishes the same),
+            # never another one.
+            for published in fleet.published(result.run_id):
+                assert published.to_json_dict() == result.to_json_dict()
             with pytest.raises(FlowcraftError):
                 await fleet.client.cancel_run("no-such-run")
 
