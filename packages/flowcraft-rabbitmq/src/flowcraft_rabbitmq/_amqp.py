@@ -220,7 +220,7 @@ class Channel:
     # ------------------------------------------------------------------ writing
 
     def send(self, method: Any) -> None:
-        """Write one method frame now (acks, nacks, rejects)."""
+        """Queue one method frame for the next send (nacks, rejects)."""
         if self._error is not None:
             raise self._error
         self.connection.write(amqp_frame.marshal(method, self.number))
