@@ -16,7 +16,9 @@ those runs (start to final result, ms: mostly queueing, as all start at once);
 ``solo ms`` the median latency of 20 more runs started one at a time (start_run to
 wait_for_result returning); ``cpu ms`` the workers' CPU time (user + system, all
 their processes) per node job over the pass, the figure that moves least with the
-machine's load; ``rabbit``, ``pg``, ``redis``: round trips per node job handled, counted
+machine's load; ``all ms`` the whole machine's busy CPU time per node job over the
+pass (workers, RabbitMQ, PostgreSQL, Redis and this driver: meaningful on a quiet
+machine only); ``rabbit``, ``pg``, ``redis``: round trips per node job handled, counted
 in the workers (RabbitMQ: confirmed publishes and declarations; acks are one-way
 frames and are shown apart as ``acks``; PostgreSQL: statements; Redis: coordination
 operations, a pipeline of follow-up marks counting once).
@@ -169,6 +171,39 @@ def tree_cpu_seconds(pids: list[int]) -> float:
     return sum(cpu.get(pid, 0.0) for pid in wanted)
 
 
+def machine_cpu_seconds() -> float:
+    """CPU seconds the whole machine has been busy (every core; /proc/stat's first line
+    less idle and iowait): workers, servers and this driver together."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    busy = sum(fields[:8]) - fields[3] - fields[4]  # user..steal, less idle and iowait
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
+SERVERS = {"beam.smp": "rabbitmq", "postgres": "postgres", "redis-server": "redis"}
+
+
+def server_cpu_seconds() -> dict[str, float]:
+    """User + system CPU seconds of the servers' processes (by command name)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    found = dict.fromkeys(SERVERS.values(), 0.0)
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            comm, rest = (entry / "stat").read_text().split(") ", 1)
+        except (OSError, ValueError):
+            continue
+        server = SERVERS.get(comm.split("(", 1)[1])
+        if server is not None:
+            fields = rest.split()
+            found[server] += (int(fields[11]) + int(fields[12])) / tick
+    return found
+
+
+def per_job_ms(before: dict[str, float], after: dict[str, float], jobs: int) -> dict[str, float]:
+    return {k: round(1000 * (after[k] - before[k]) / jobs, 3) for k in before}
+
+
 async def measure_ours(
     urls: dict[str, str], args: Namespace, shape: str, workers: int
 ) -> dict[str, Any]:
@@ -197,6 +232,8 @@ async def measure_ours(
 
         await until(warmed)
         cpu_before = tree_cpu_seconds(pids)
+        machine_before = machine_cpu_seconds()
+        servers_before = server_cpu_seconds()
         run_ids = [uuid.uuid4().hex for _ in range(runs)]
         await asyncio.gather(*(client.start_run(shape, run_id=r) for r in run_ids))
 
@@ -205,6 +242,8 @@ async def measure_ours(
 
         await until(all_finished)
         cpu = tree_cpu_seconds(pids) - cpu_before
+        machine = machine_cpu_seconds() - machine_before
+        servers_after = server_cpu_seconds()
         rows = await pool.fetch(
             "SELECT extract(epoch FROM created_at)::float8 AS s, "
             "extract(epoch FROM finished_at)::float8 AS e, result::jsonb->>'status' AS st "
@@ -238,6 +277,8 @@ async def measure_ours(
     return {
         "jobs_per_s": round(node_jobs / span, 1),
         "cpu_ms_per_job": round(1000 * cpu / node_jobs, 3),
+        "machine_cpu_ms_per_job": round(1000 * machine / node_jobs, 3),
+        "server_cpu_ms_per_job": per_job_ms(servers_before, servers_after, node_jobs),
         "seconds": round(span, 3),
         "handled_jobs": jobs,
         "handled_jobs_expected": (runs + len(solo) + len(warm_ids)) * JOBS_PER_RUN[shape],
@@ -391,6 +432,8 @@ async def measure_celery(
         await redis.delete(config["done_key"])
         await asyncio.sleep(0.5)
         cpu_before = tree_cpu_seconds(pids)
+        machine_before = machine_cpu_seconds()
+        servers_before = server_cpu_seconds()
         sent: dict[str, float] = {}
         for _ in range(args.runs):
             run = uuid.uuid4().hex
@@ -403,6 +446,8 @@ async def measure_celery(
 
         await until(all_done)
         cpu = tree_cpu_seconds(pids) - cpu_before
+        machine = machine_cpu_seconds() - machine_before
+        servers_after = server_cpu_seconds()
         ended = {}
         for item in await redis.lrange(config["done_key"], 0, -1):
             run, at = item.split(" ")
@@ -419,6 +464,8 @@ async def measure_celery(
     return {
         "jobs_per_s": round(node_jobs / span, 1),
         "cpu_ms_per_job": round(1000 * cpu / node_jobs, 3),
+        "machine_cpu_ms_per_job": round(1000 * machine / node_jobs, 3),
+        "server_cpu_ms_per_job": per_job_ms(servers_before, servers_after, node_jobs),
         "seconds": round(span, 3),
         "results": backend.split(":", 1)[0],
         "latency_ms": latency_summary(latencies),
@@ -460,12 +507,14 @@ async def measure(
         "node_jobs": args.runs * JOBS_PER_RUN[shape],
         "jobs_per_s": _spread([r["jobs_per_s"] for r in ours]),
         "cpu_ms_per_job": _spread([r["cpu_ms_per_job"] for r in ours]),
+        "machine_cpu_ms_per_job": _spread([r["machine_cpu_ms_per_job"] for r in ours]),
         "rounds": ours,
     }
     if theirs:
         row["celery"] = {
             "jobs_per_s": _spread([r["jobs_per_s"] for r in theirs]),
             "cpu_ms_per_job": _spread([r["cpu_ms_per_job"] for r in theirs]),
+            "machine_cpu_ms_per_job": _spread([r["machine_cpu_ms_per_job"] for r in theirs]),
             "rounds": theirs,
         }
         row["vs_celery"] = {
@@ -483,9 +532,9 @@ def _ratios(ours: list[dict[str, Any]], theirs: list[dict[str, Any]], key: str) 
 
 
 HEADER = (
-    f"{'shape':<8} {'workers':>7} {'jobs/s':>16} {'cpu ms':>14} {'p50 ms':>7} {'solo ms':>7} "
-    f"{'rabbit':>6} {'acks':>5} {'pg':>5} {'redis':>5} | "
-    f"{'celery jobs/s':>16} {'cpu ms':>14} {'x celery':>16}"
+    f"{'shape':<8} {'workers':>7} {'jobs/s':>16} {'cpu ms':>14} {'all ms':>6} {'p50 ms':>7} "
+    f"{'solo ms':>7} {'rabbit':>6} {'acks':>5} {'pg':>5} {'redis':>5} | "
+    f"{'celery jobs/s':>16} {'cpu ms':>14} {'all ms':>6} {'x celery':>16}"
 )
 
 
@@ -500,7 +549,8 @@ def row(r: dict[str, Any]) -> str:
     rt = last["round_trips_per_job"]
     text = (
         f"{r['shape']:<8} {r['workers']:>7} {_range(r['jobs_per_s'], 0):>16} "
-        f"{_range(r['cpu_ms_per_job'], 2):>14} {last['latency_ms']['p50']:>7} "
+        f"{_range(r['cpu_ms_per_job'], 2):>14} {r['machine_cpu_ms_per_job']['median']:>6.2f} "
+        f"{last['latency_ms']['p50']:>7} "
         f"{last['solo_latency_ms'] or '-':>7} "
         f"{rt['rabbitmq']:>6} {rt['acks']:>5} {rt['postgres']:>5} {rt['redis']:>5} | "
     )
@@ -510,6 +560,7 @@ def row(r: dict[str, Any]) -> str:
         text += (
             f"{_range(r['celery']['jobs_per_s'], 0):>16} "
             f"{_range(r['celery']['cpu_ms_per_job'], 2):>14} "
+            f"{r['celery']['machine_cpu_ms_per_job']['median']:>6.2f} "
             f"{ratio['median']:>5.2f} ({rounds})"
         )
     return text
