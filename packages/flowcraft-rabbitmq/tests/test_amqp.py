@@ -38,7 +38,7 @@ from flowcraft_rabbitmq._amqp import (
     connect,
 )
 from flowcraft_rabbitmq._broker import Broker
-from flowcraft_rabbitmq._settings import Topology
+from flowcraft_rabbitmq._settings import DELAY_BUCKETS_MS, Topology
 
 TIMEOUT = 20.0
 
@@ -372,6 +372,48 @@ async def test_a_queue_deleted_under_the_consumer_is_declared_and_consumed_again
         await consumer.cancel()
         await consumer.close()
         await broker.aclose()
+
+
+async def test_every_queue_is_a_version_2_classic_queue(
+    rabbitmq_service: RunningService, queue_name: str
+) -> None:
+    """Version 2 costs RabbitMQ about a third less CPU per persistent message: the work,
+    dead-letter and delay queues are declared so (a declaration differing only in the
+    version is refused as inequivalent, the same one with version 2 accepted)."""
+    topology = Topology.for_queue(queue_name)
+    broker = Broker(topology, url=rabbitmq_service.url)
+    try:
+        await broker.publish(b"later", delay_ms=DELAY_BUCKETS_MS[0])
+    finally:
+        await broker.aclose()
+    declared: dict[str, dict[str, object]] = {
+        topology.queue: {"x-dead-letter-exchange": topology.dead_exchange},
+        topology.dead_queue: {},
+        topology.delay_queue(DELAY_BUCKETS_MS[0]): {
+            "x-dead-letter-exchange": "",
+            "x-dead-letter-routing-key": topology.queue,
+        },
+    }
+    connection = await _open(rabbitmq_service.url)
+    try:
+        for name, arguments in declared.items():
+            channel = await connection.channel()
+            with pytest.raises(ChannelClosed) as caught:
+                await channel.call(
+                    amqp.Queue.Declare(
+                        queue=name, durable=True, arguments={**arguments, "x-queue-version": 1}
+                    )
+                )
+            assert caught.value.code == 406, name
+            assert "x-queue-version" in str(caught.value), caught.value
+            channel = await connection.channel()
+            await channel.call(
+                amqp.Queue.Declare(
+                    queue=name, durable=True, arguments={**arguments, "x-queue-version": 2}
+                )
+            )
+    finally:
+        await connection.close()
 
 
 def _self_signed(folder: Path) -> tuple[Path, Path]:

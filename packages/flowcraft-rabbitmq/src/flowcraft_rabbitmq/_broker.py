@@ -4,6 +4,8 @@ Only stock RabbitMQ features (no plugins):
 
 * a durable work queue whose rejected messages dead-letter to a fanout
   exchange ``<queue>.dlx`` bound to the durable queue ``<queue>.dead``;
+* every queue a classic queue of storage version 2 (RabbitMQ 3.10+, the default from
+  3.12; older servers ignore the argument);
 * delayed redelivery: a durable delay queue per delay bucket, without consumers,
   whose messages carry a per-message TTL (``expiration``) and dead-letter back
   to the work queue through the default exchange when it runs out;
@@ -50,6 +52,11 @@ Delivery = Message
 Callback = Callable[[Delivery], Coroutine[Any, Any, None]]
 
 _NOT_FOUND = 404
+
+CLASSIC_V2: dict[str, Any] = {"x-queue-version": 2}
+"""Every queue's storage: a version-1 classic queue (3.10 and 3.11's default) cost
+RabbitMQ about a third more CPU per persistent message (0.25 against 0.19 ms per
+chain job in bench_rabbitmq) and the chain about 20 % of its node jobs/s."""
 
 
 def _header_text(value: Any) -> str:
@@ -160,7 +167,9 @@ class Broker:
                 exchange=names.dead_exchange, exchange_type="fanout", durable=True
             )
         )
-        await channel.call(amqp.Queue.Declare(queue=names.dead_queue, durable=True))
+        await channel.call(
+            amqp.Queue.Declare(queue=names.dead_queue, durable=True, arguments=CLASSIC_V2)
+        )
         await channel.call(
             amqp.Queue.Bind(queue=names.dead_queue, exchange=names.dead_exchange, routing_key="")
         )
@@ -168,7 +177,7 @@ class Broker:
             amqp.Queue.Declare(
                 queue=names.queue,
                 durable=True,
-                arguments={"x-dead-letter-exchange": names.dead_exchange},
+                arguments={"x-dead-letter-exchange": names.dead_exchange, **CLASSIC_V2},
             )
         )
         self.round_trips["declare"] += 4
@@ -183,6 +192,7 @@ class Broker:
                     arguments={
                         "x-dead-letter-exchange": "",
                         "x-dead-letter-routing-key": self.topology.queue,
+                        **CLASSIC_V2,
                     },
                 )
             )
