@@ -13,7 +13,7 @@ from confluent_kafka import Consumer, TopicPartition
 from flowcraft import Flow, NodeContext, RuntimeOptions
 from flowcraft.distributed.payload import JobPayload
 from flowcraft_kafka import KafkaAdapter, KafkaSettings, create_topics
-from flowcraft_kafka._kafka import KafkaJob
+from flowcraft_kafka._kafka import HEADER_REASON, HEADER_SOURCE, KafkaJob
 
 from .conftest import Namespace
 
@@ -106,6 +106,30 @@ async def test_dead_letter_keeps_the_reason_and_body(kafka_namespace: Namespace)
     assert letter.reason == "PayloadDecodeError: not UTF-8 \U0001f680"
     assert letter.body == b"\xff not a job".decode("utf-8", "replace")
     assert letter.id.endswith(f"/{job.partition}/{job.offset}")
+
+
+async def test_a_job_parked_twice_is_listed_once(kafka_namespace: Namespace) -> None:
+    """At least once: a member that parked a job may lose its partition before the
+    offset is committed, and the next member parks the job again."""
+    adapter = kafka_namespace.adapter(_options())
+    await adapter.enqueue_raw(b"garbage")
+    await adapter.enqueue_raw(b"more garbage")
+    first, second = sorted(await _receive_all(adapter, 2), key=lambda j: j.value)
+    await adapter.dead_letter(first, "PayloadDecodeError: first")
+    await adapter.dead_letter(second, "PayloadDecodeError: second")
+    again = [
+        (HEADER_REASON, b"PayloadDecodeError: again"),
+        (HEADER_SOURCE, first.where.encode()),
+    ]
+    await adapter.producer.send(kafka_namespace.kafka.dead_letters, first.value, again)
+    letters = sorted(await adapter.dead_letters(), key=lambda letter: letter.body)
+    assert [(letter.body, letter.id) for letter in letters] == [
+        ("garbage", first.where),
+        ("more garbage", second.where),
+    ]
+    # Either copy (the topic's partitions are read in no set order).
+    assert letters[0].reason in ("PayloadDecodeError: first", "PayloadDecodeError: again")
+    assert letters[1].reason == "PayloadDecodeError: second"
 
 
 async def test_commit_stops_at_the_first_unfinished_job(kafka_namespace: Namespace) -> None:

@@ -314,21 +314,26 @@ class KafkaAdapter(PullingAdapter[KafkaJob]):
 
     async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
         """The dead-letter topic from its beginning (at most ``limit``; nothing removed).
-        A letter's ``id`` is where its job was: ``topic/partition/offset``."""
+        A letter's ``id`` is where its job was: ``topic/partition/offset``. A job parked
+        twice (its offset was not committed yet when a rebalance gave it to another
+        member, which parked it again) is listed once."""
         found = await asyncio.to_thread(
             read_topic, self._client_config(), self.kafka.dead_letters, limit
         )
-        letters = []
+        letters: dict[str, DeadLetter] = {}
         for message in found:
             headers = headers_of(message)
-            letters.append(
+            source = headers.get(HEADER_SOURCE, b"").decode("utf-8", "replace")
+            key = source or f"{message.partition()}/{message.offset()}"  # not ours: as is
+            letters.setdefault(
+                key,
                 DeadLetter(
                     bytes(message.value() or b"").decode("utf-8", "replace"),
                     headers.get(HEADER_REASON, b"").decode("utf-8", "replace"),
-                    headers.get(HEADER_SOURCE, b"").decode("utf-8", "replace"),
-                )
+                    source,
+                ),
             )
-        return letters
+        return list(letters.values())
 
     # ------------------------------------------------------------ lifecycle
 
