@@ -18,7 +18,8 @@ wait_for_result returning); ``cpu ms`` the workers' CPU time (user + system, all
 their processes) per node job over the pass, the figure that moves least with the
 machine's load; ``all ms`` the whole machine's busy CPU time per node job over the
 pass (workers, RabbitMQ, PostgreSQL, Redis and this driver: meaningful on a quiet
-machine only); ``rabbit``, ``pg``, ``redis``: round trips per node job handled, counted
+machine only; ``--json`` also gives each server's share, ``server_cpu_ms_per_job``,
+by process name); ``rabbit``, ``pg``, ``redis``: round trips per node job handled, counted
 in the workers (RabbitMQ: confirmed publishes and declarations; acks are one-way
 frames and are shown apart as ``acks``; PostgreSQL: statements; Redis: coordination
 operations, a pipeline of follow-up marks counting once).
