@@ -148,61 +148,53 @@ async def worker_main(config: dict[str, Any]) -> dict[str, int]:
     }
 
 
-def tree_cpu_seconds(pids: list[int]) -> float:
-    """User + system CPU seconds of these processes and all their descendants."""
+SERVERS = {"beam.smp": "rabbitmq", "postgres": "postgres", "redis-server": "redis"}
+"""The servers' processes, by command name."""
+
+
+def cpu_snapshot(pids: list[int]) -> dict[str, float]:
+    """CPU seconds so far (user + system), from one reading of /proc: ``workers`` (these
+    processes and all their descendants), each server of :data:`SERVERS`, and
+    ``machine``, the whole machine's busy time (every core; /proc/stat's first line
+    less idle and iowait)."""
     tick = os.sysconf("SC_CLK_TCK")
     parent: dict[int, int] = {}
     cpu: dict[int, float] = {}
+    found = dict.fromkeys(SERVERS.values(), 0.0)
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
+            head, rest = (entry / "stat").read_text().rsplit(")", 1)
+        except (OSError, ValueError):
             continue
+        fields = rest.split()
         pid = int(entry.name)
         parent[pid] = int(fields[1])
         cpu[pid] = (int(fields[11]) + int(fields[12])) / tick
+        server = SERVERS.get(head.split("(", 1)[1])
+        if server is not None:
+            found[server] += cpu[pid]
     wanted = set(pids)
     grew = True
     while grew:
         more = {pid for pid, ppid in parent.items() if ppid in wanted} - wanted
         wanted |= more
         grew = bool(more)
-    return sum(cpu.get(pid, 0.0) for pid in wanted)
-
-
-def machine_cpu_seconds() -> float:
-    """CPU seconds the whole machine has been busy (every core; /proc/stat's first line
-    less idle and iowait): workers, servers and this driver together."""
-    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    busy = sum(fields[:8]) - fields[3] - fields[4]  # user..steal, less idle and iowait
-    return busy / os.sysconf("SC_CLK_TCK")
-
-
-SERVERS = {"beam.smp": "rabbitmq", "postgres": "postgres", "redis-server": "redis"}
-
-
-def server_cpu_seconds() -> dict[str, float]:
-    """User + system CPU seconds of the servers' processes (by command name)."""
-    tick = os.sysconf("SC_CLK_TCK")
-    found = dict.fromkeys(SERVERS.values(), 0.0)
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            comm, rest = (entry / "stat").read_text().split(") ", 1)
-        except (OSError, ValueError):
-            continue
-        server = SERVERS.get(comm.split("(", 1)[1])
-        if server is not None:
-            fields = rest.split()
-            found[server] += (int(fields[11]) + int(fields[12])) / tick
+    found["workers"] = sum(cpu.get(pid, 0.0) for pid in wanted)
+    stat = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    found["machine"] = (sum(stat[:8]) - stat[3] - stat[4]) / tick  # user..steal
     return found
 
 
-def per_job_ms(before: dict[str, float], after: dict[str, float], jobs: int) -> dict[str, float]:
-    return {k: round(1000 * (after[k] - before[k]) / jobs, 3) for k in before}
+def cpu_per_job(before: dict[str, float], after: dict[str, float], jobs: int) -> dict[str, Any]:
+    """A pass's CPU figures per node job (ms): the workers', the machine's, each server's."""
+    ms = {k: round(1000 * (after[k] - before[k]) / jobs, 3) for k in before}
+    return {
+        "cpu_ms_per_job": ms["workers"],
+        "machine_cpu_ms_per_job": ms["machine"],
+        "server_cpu_ms_per_job": {server: ms[server] for server in SERVERS.values()},
+    }
 
 
 async def measure_ours(
@@ -232,9 +224,7 @@ async def measure_ours(
             return int(await pool.fetchval(finished)) >= len(warm_ids)
 
         await until(warmed)
-        cpu_before = tree_cpu_seconds(pids)
-        machine_before = machine_cpu_seconds()
-        servers_before = server_cpu_seconds()
+        cpu_before = cpu_snapshot(pids)
         run_ids = [uuid.uuid4().hex for _ in range(runs)]
         await asyncio.gather(*(client.start_run(shape, run_id=r) for r in run_ids))
 
@@ -242,9 +232,7 @@ async def measure_ours(
             return int(await pool.fetchval(finished)) >= runs + len(warm_ids)
 
         await until(all_finished)
-        cpu = tree_cpu_seconds(pids) - cpu_before
-        machine = machine_cpu_seconds() - machine_before
-        servers_after = server_cpu_seconds()
+        cpu_after = cpu_snapshot(pids)
         rows = await pool.fetch(
             "SELECT extract(epoch FROM created_at)::float8 AS s, "
             "extract(epoch FROM finished_at)::float8 AS e, result::jsonb->>'status' AS st "
@@ -277,9 +265,7 @@ async def measure_ours(
     node_jobs = runs * JOBS_PER_RUN[shape]
     return {
         "jobs_per_s": round(node_jobs / span, 1),
-        "cpu_ms_per_job": round(1000 * cpu / node_jobs, 3),
-        "machine_cpu_ms_per_job": round(1000 * machine / node_jobs, 3),
-        "server_cpu_ms_per_job": per_job_ms(servers_before, servers_after, node_jobs),
+        **cpu_per_job(cpu_before, cpu_after, node_jobs),
         "seconds": round(span, 3),
         "handled_jobs": jobs,
         "handled_jobs_expected": (runs + len(solo) + len(warm_ids)) * JOBS_PER_RUN[shape],
@@ -432,9 +418,7 @@ async def measure_celery(
         await until(warmed)
         await redis.delete(config["done_key"])
         await asyncio.sleep(0.5)
-        cpu_before = tree_cpu_seconds(pids)
-        machine_before = machine_cpu_seconds()
-        servers_before = server_cpu_seconds()
+        cpu_before = cpu_snapshot(pids)
         sent: dict[str, float] = {}
         for _ in range(args.runs):
             run = uuid.uuid4().hex
@@ -446,9 +430,7 @@ async def measure_celery(
             return int(await redis.llen(config["done_key"])) >= args.runs
 
         await until(all_done)
-        cpu = tree_cpu_seconds(pids) - cpu_before
-        machine = machine_cpu_seconds() - machine_before
-        servers_after = server_cpu_seconds()
+        cpu_after = cpu_snapshot(pids)
         ended = {}
         for item in await redis.lrange(config["done_key"], 0, -1):
             run, at = item.split(" ")
@@ -464,9 +446,7 @@ async def measure_celery(
     node_jobs = args.runs * JOBS_PER_RUN[shape]
     return {
         "jobs_per_s": round(node_jobs / span, 1),
-        "cpu_ms_per_job": round(1000 * cpu / node_jobs, 3),
-        "machine_cpu_ms_per_job": round(1000 * machine / node_jobs, 3),
-        "server_cpu_ms_per_job": per_job_ms(servers_before, servers_after, node_jobs),
+        **cpu_per_job(cpu_before, cpu_after, node_jobs),
         "seconds": round(span, 3),
         "results": backend.split(":", 1)[0],
         "latency_ms": latency_summary(latencies),
