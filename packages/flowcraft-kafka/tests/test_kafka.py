@@ -132,6 +132,28 @@ async def test_a_job_parked_twice_is_listed_once(kafka_namespace: Namespace) -> 
     assert letters[1].reason == "PayloadDecodeError: second"
 
 
+async def test_a_limit_counts_letters_not_copies(kafka_namespace: Namespace) -> None:
+    """Copies of a letter parked again do not take the places of other letters."""
+    adapter = kafka_namespace.adapter(_options())
+    await adapter.enqueue_raw(b"garbage")
+    await adapter.enqueue_raw(b"more garbage")
+    first, second = sorted(await _receive_all(adapter, 2), key=lambda j: j.value)
+    await adapter.dead_letter(first, "PayloadDecodeError: first")
+    again = [
+        (HEADER_REASON, b"PayloadDecodeError: again"),
+        (HEADER_SOURCE, first.where.encode()),
+    ]
+    for _ in range(5):
+        await adapter.producer.send(kafka_namespace.kafka.dead_letters, first.value, again)
+    await adapter.dead_letter(second, "PayloadDecodeError: second")
+    letters = await adapter.dead_letters(limit=2)
+    assert sorted(letter.id for letter in letters) == sorted([first.where, second.where])
+    assert [letter.id for letter in await adapter.dead_letters(limit=1)] in (
+        [first.where],
+        [second.where],
+    )
+
+
 async def test_commit_stops_at_the_first_unfinished_job(kafka_namespace: Namespace) -> None:
     """Jobs of one partition finish out of order; the group commits up to the first
     one still running, and the next member starts there."""

@@ -608,10 +608,16 @@ def _bytes(value: str | bytes | None) -> bytes:
 
 
 def read_topic(
-    config: Mapping[str, Any], topic: str, limit: int, timeout: float = 10.0
+    config: Mapping[str, Any],
+    topic: str,
+    limit: int,
+    timeout: float = 10.0,
+    key: Callable[[Any], str] | None = None,
 ) -> list[Any]:
     """Up to ``limit`` messages of ``topic`` from the beginning, without a group
-    (blocking: call it in a thread). For dead letters and tests."""
+    (blocking: call it in a thread). For dead letters and tests. With ``key``, a
+    message whose key an earlier one had is left out and does not count toward
+    ``limit``."""
     import uuid
 
     from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
@@ -636,6 +642,7 @@ def read_topic(
             return []
         consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in ends])
         found: list[Any] = []
+        seen: set[str] = set()
         deadline = time.monotonic() + timeout
         positions: dict[int, int] = {}
         while len(found) < limit and time.monotonic() < deadline:
@@ -645,6 +652,11 @@ def read_topic(
             if message is None or message.error() is not None:
                 continue
             positions[message.partition() or 0] = message.offset() or 0
+            if key is not None:
+                name = key(message)
+                if name in seen:
+                    continue
+                seen.add(name)
             found.append(message)
         return found
     finally:

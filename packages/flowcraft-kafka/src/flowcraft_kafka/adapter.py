@@ -318,22 +318,23 @@ class KafkaAdapter(PullingAdapter[KafkaJob]):
         twice (its offset was not committed yet when a rebalance gave it to another
         member, which parked it again) is listed once."""
         found = await asyncio.to_thread(
-            read_topic, self._client_config(), self.kafka.dead_letters, limit
+            read_topic,
+            self._client_config(),
+            self.kafka.dead_letters,
+            limit,
+            key=_letter_key,
         )
-        letters: dict[str, DeadLetter] = {}
+        letters = []
         for message in found:
             headers = headers_of(message)
-            source = headers.get(HEADER_SOURCE, b"").decode("utf-8", "replace")
-            key = source or f"{message.partition()}/{message.offset()}"  # not ours: as is
-            letters.setdefault(
-                key,
+            letters.append(
                 DeadLetter(
                     bytes(message.value() or b"").decode("utf-8", "replace"),
                     headers.get(HEADER_REASON, b"").decode("utf-8", "replace"),
-                    source,
-                ),
+                    headers.get(HEADER_SOURCE, b"").decode("utf-8", "replace"),
+                )
             )
-        return list(letters.values())
+        return letters
 
     # ------------------------------------------------------------ lifecycle
 
@@ -359,3 +360,10 @@ class KafkaAdapter(PullingAdapter[KafkaJob]):
                 await close()
             except Exception as exc:
                 self.logger.warning("closing the %s failed: %r", name, exc)
+
+
+def _letter_key(message: Any) -> str:
+    """Where a dead letter's job was (its id): a job parked twice has one. A message
+    not written by a worker (no source header) is its own."""
+    source = headers_of(message).get(HEADER_SOURCE, b"").decode("utf-8", "replace")
+    return source or f"{message.partition()}/{message.offset()}"
