@@ -52,6 +52,7 @@ Delivery = Message
 Callback = Callable[[Delivery], Coroutine[Any, Any, None]]
 
 _NOT_FOUND = 404
+_PRECONDITION_FAILED = 406
 
 CLASSIC_V2: dict[str, Any] = {"x-queue-version": 2}
 """Every queue's storage: a version-1 classic queue (3.10 and 3.11's default) cost
@@ -106,6 +107,8 @@ class Broker:
         self._connection: Connection | None = None
         self._channel: Channel | None = None
         self._declared: set[str] = set()
+        self._version_1: set[str] = set()
+        """Queues an earlier release declared without ``x-queue-version`` (kept so)."""
         self._connecting = asyncio.Lock()
         self._opening = asyncio.Lock()
         self.round_trips: Counter[str] = Counter()
@@ -154,48 +157,39 @@ class Broker:
         async with self._opening:
             channel = self._channel
             if channel is None or not channel.is_open:
-                connection = await self.connection()
-                channel = await connection.channel(confirms=True)
-                await self._declare_work_queue(channel)
+                await self._declare_work_queue()
+                channel = await (await self.connection()).channel(confirms=True)
                 self._channel = channel
         return channel
 
-    async def _declare_work_queue(self, channel: Channel) -> None:
+    async def _declare_work_queue(self) -> None:
         names = self.topology
-        await channel.call(
-            amqp.Exchange.Declare(
-                exchange=names.dead_exchange, exchange_type="fanout", durable=True
-            )
-        )
-        await channel.call(
-            amqp.Queue.Declare(queue=names.dead_queue, durable=True, arguments=CLASSIC_V2)
-        )
-        await channel.call(
-            amqp.Queue.Bind(queue=names.dead_queue, exchange=names.dead_exchange, routing_key="")
-        )
-        await channel.call(
-            amqp.Queue.Declare(
-                queue=names.queue,
-                durable=True,
-                arguments={"x-dead-letter-exchange": names.dead_exchange, **CLASSIC_V2},
-            )
-        )
-        self.round_trips["declare"] += 4
-
-    async def _ensure_delay_queue(self, channel: Channel, bucket_ms: int) -> str:
-        name = self.topology.delay_queue(bucket_ms)
-        if name not in self._declared:
-            await channel.call(
-                amqp.Queue.Declare(
-                    queue=name,
-                    durable=True,
-                    arguments={
-                        "x-dead-letter-exchange": "",
-                        "x-dead-letter-routing-key": self.topology.queue,
-                        **CLASSIC_V2,
-                    },
+        async with _Declaring(self) as declaring:
+            await declaring.call(
+                amqp.Exchange.Declare(
+                    exchange=names.dead_exchange, exchange_type="fanout", durable=True
                 )
             )
+            await declaring.queue(names.dead_queue, {})
+            await declaring.call(
+                amqp.Queue.Bind(
+                    queue=names.dead_queue, exchange=names.dead_exchange, routing_key=""
+                )
+            )
+            await declaring.queue(names.queue, {"x-dead-letter-exchange": names.dead_exchange})
+        self.round_trips["declare"] += 4
+
+    async def _ensure_delay_queue(self, bucket_ms: int) -> str:
+        name = self.topology.delay_queue(bucket_ms)
+        if name not in self._declared:
+            async with _Declaring(self) as declaring:
+                await declaring.queue(
+                    name,
+                    {
+                        "x-dead-letter-exchange": "",
+                        "x-dead-letter-routing-key": self.topology.queue,
+                    },
+                )
             self.round_trips["declare"] += 1
             self._declared.add(name)
         return name
@@ -233,10 +227,8 @@ class Broker:
                     raise
                 logger.info("publish failed (%s); declaring the queues again", exc)
                 self._declared.clear()
-                channel = self._channel
-                if channel is not None and channel.is_open:
-                    with contextlib.suppress(*ERRORS):
-                        await self._declare_work_queue(channel)
+                with contextlib.suppress(*ERRORS):
+                    await self._declare_work_queue()
             except RETRYABLE as exc:
                 if loop.time() >= deadline:
                     raise
@@ -253,7 +245,7 @@ class Broker:
         if dead:
             exchange, routing_key = self.topology.dead_exchange, ""
         elif delay_ms > 0:
-            exchange, routing_key = "", await self._ensure_delay_queue(channel, delay_ms)
+            exchange, routing_key = "", await self._ensure_delay_queue(delay_ms)
         else:
             exchange, routing_key = "", self.topology.queue
         properties = None  # a job: the channel packs its header itself
@@ -304,9 +296,9 @@ class Broker:
 
     async def depths(self) -> dict[str, int]:
         """Messages ready in the work queue, the dead-letter queue and each delay queue."""
-        publisher = await self._publisher()
+        await self._publisher()
         for bucket in DELAY_BUCKETS_MS:
-            await self._ensure_delay_queue(publisher, bucket)
+            await self._ensure_delay_queue(bucket)
         depths: dict[str, int] = {}
         async with self.channel() as channel:
             names = self.topology
@@ -334,6 +326,56 @@ class Broker:
             await connection.close()
 
 
+class _Declaring:
+    """Declarations on a channel of their own. A queue is declared as a version-2
+    classic queue, unless an earlier release declared it without the version: RabbitMQ
+    refuses the version-2 declaration as inequivalent (406, closing the channel), and
+    the queue is then declared as it was, on a new channel, with a warning. Its jobs
+    stay where they are; deleting it once drained gets version 2."""
+
+    def __init__(self, broker: Broker) -> None:
+        self.broker = broker
+        self._channel: Channel | None = None
+
+    async def __aenter__(self) -> _Declaring:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        channel, self._channel = self._channel, None
+        if channel is not None:
+            await channel.close()
+
+    async def call(self, method: Any) -> Any:
+        channel = self._channel
+        if channel is None or not channel.is_open:
+            channel = self._channel = await (await self.broker.connection()).channel()
+        return await channel.call(method)
+
+    async def queue(self, name: str, arguments: dict[str, Any]) -> None:
+        version_1 = self.broker._version_1
+        if name not in version_1:
+            try:
+                await self.call(
+                    amqp.Queue.Declare(
+                        queue=name, durable=True, arguments={**arguments, **CLASSIC_V2}
+                    )
+                )
+                return
+            except ChannelClosed as exc:
+                if exc.code != _PRECONDITION_FAILED or "x-queue-version" not in exc.text:
+                    raise
+        await self.call(amqp.Queue.Declare(queue=name, durable=True, arguments=arguments))
+        if name not in version_1:
+            version_1.add(name)
+            logger.warning(
+                "queue %r was declared by an earlier flowcraft-rabbitmq as a version-1 "
+                "classic queue; it is used as it is (RabbitMQ spends about a third more "
+                "CPU per message on it): delete it once drained to have it declared as "
+                "version 2",
+                name,
+            )
+
+
 class _Consumer:
     """The work queue's consumer on a channel of its own, started again (QoS, the
     queue's declaration, the consume) whenever its channel is lost or the server
@@ -355,7 +397,7 @@ class _Consumer:
         channel = await (await broker.connection()).channel()
         try:
             await channel.qos(self._prefetch)
-            await broker._declare_work_queue(channel)
+            await broker._declare_work_queue()
             self._gone.clear()
             self._tag = await channel.consume(
                 broker.topology.queue, self._callback, on_cancel=self._server_cancelled
