@@ -337,7 +337,8 @@ def main(
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     if not args.json:
-        print(f"{os.cpu_count()} cores; concurrency {CONCURRENCY} per worker", flush=True)
+        concurrency = getattr(args, "concurrency", CONCURRENCY)
+        print(f"{os.cpu_count()} cores; concurrency {concurrency} per worker", flush=True)
         print(header, flush=True)
     found = asyncio.run(_measure_all(args, services, measure, row))
     if args.json:

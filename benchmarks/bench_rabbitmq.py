@@ -37,7 +37,9 @@ tasks (without it, Celery's chain cost 2.9 ms per job with 200 runs and 1.6 with
 interleaved passes; the table then shows each side's median and range and the ratio
 of the medians (``x celery``).
 
-``--prefetch N`` sets our workers' prefetch (default: the concurrency); ``--uvloop``
+``--concurrency N`` sets the jobs at once per worker process on both sides (our
+``concurrency``, Celery's ``-c``; default 8). ``--prefetch N`` sets our workers'
+prefetch (default: the concurrency); ``--uvloop``
 runs our workers on uvloop (``uv run --with uvloop``); ``--no-solo`` skips the solo
 runs.
 
@@ -120,7 +122,7 @@ def adapter_options(config: dict[str, Any]) -> dict[str, Any]:
         "queue_name": config["queue"],
         "table": config["table"],
         "key_prefix": config["prefix"],
-        "concurrency": CONCURRENCY,
+        "concurrency": config.get("concurrency", CONCURRENCY),
         **({"prefetch": config["prefetch"]} if config.get("prefetch") else {}),
     }
 
@@ -204,6 +206,7 @@ async def measure_ours(
     tag = uuid.uuid4().hex[:10]
     base = {**urls, "queue": f"bench-{tag}", "table": f"bench_{tag}", "prefix": f"bench:{tag}:"}
     base["prefetch"] = args.prefetch
+    base["concurrency"] = args.concurrency
     base["uvloop"] = args.uvloop
     procs = WorkerProcesses(__file__, base, workers, prefix="bench-rabbitmq-")
     client = RabbitMQAdapter(
@@ -217,7 +220,7 @@ async def measure_ours(
         runs_table = client.store.names.runs
         finished = f"SELECT count(*) FROM {runs_table} WHERE result IS NOT NULL"
         # Warmed up as Celery's workers are (see measure_celery), then measured.
-        warm_ids = [uuid.uuid4().hex for _ in range(CONCURRENCY * workers * 2)]
+        warm_ids = [uuid.uuid4().hex for _ in range(args.concurrency * workers * 2)]
         await asyncio.gather(*(client.start_run(shape, run_id=r) for r in warm_ids))
 
         async def warmed() -> bool:
@@ -353,7 +356,7 @@ class CeleryWorkers:
 
 
 def celery_worker_main() -> None:
-    """One Celery worker process (prefork, ``-c CONCURRENCY``) until SIGTERM."""
+    """One Celery worker process (prefork, ``-c`` the benchmark's concurrency) until SIGTERM."""
     from celery.signals import worker_ready
 
     config = json.loads(os.environ["BENCH_CELERY"])
@@ -364,7 +367,7 @@ def celery_worker_main() -> None:
             "worker",
             "--loglevel=WARNING",
             "--pool=prefork",
-            f"--concurrency={CONCURRENCY}",
+            f"--concurrency={config['concurrency']}",
             "--without-gossip",
             "--without-mingle",
             "--without-heartbeat",
@@ -398,6 +401,7 @@ async def measure_celery(
         "backend": backend,
         "queue": f"bench-celery-{tag}",
         "done_key": f"bench-celery:{tag}:done",
+        "concurrency": args.concurrency,
     }
     procs = CeleryWorkers(config, workers)
     pids = [p.pid for p in procs.procs]
@@ -408,7 +412,7 @@ async def measure_celery(
         # Warm up first: Celery's prefork children finish starting on their first tasks
         # (about 3 s of CPU a pass: a cold chain cost 2.9 ms per job over 200 runs, a warm
         # one 1.3), which our workers, connected before the pass, do not pay.
-        warm = CONCURRENCY * workers * 2
+        warm = args.concurrency * workers * 2
         for _ in range(warm):
             await asyncio.to_thread(celery_signature(app, shape, "warm-up").apply_async)
 
@@ -552,6 +556,12 @@ def arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--celery-results", choices=["rpc", "redis"], default="rpc")
     parser.add_argument("--rounds", type=int, default=1, help="passes per shape and workers")
     parser.add_argument("--no-solo", action="store_true", help="skip the solo-latency runs")
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        default=CONCURRENCY,
+        help=f"jobs at once per worker process, both sides (default {CONCURRENCY})",
+    )
     parser.add_argument("--prefetch", type=int, help="our workers' prefetch (default: concurrency)")
     parser.add_argument(
         "--uvloop", action="store_true", help="our workers on uvloop (uv run --with uvloop)"
