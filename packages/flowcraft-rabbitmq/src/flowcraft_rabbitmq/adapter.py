@@ -82,6 +82,9 @@ _MAX_ERROR_CHARS = 2000
 _LEASE_PURGE_SECONDS = 10.0
 """How often a worker deletes expired leases from the leases table."""
 
+_MAX_PREFETCH = 65535
+"""AMQP 0-9-1's ``basic.qos`` prefetch count is an unsigned short."""
+
 
 def _int_header(headers: Mapping[str, Any], name: str, default: int) -> int:
     value = headers.get(name)
@@ -173,10 +176,17 @@ class RabbitMQAdapter(Operations, BaseDistributedAdapter):
     ) -> None:
         if not amqp_url:
             raise ValueError("amqp_url is required (amqp:// or amqps://)")
+        if isinstance(concurrency, bool) or isinstance(prefetch, bool):
+            raise ValueError("concurrency must be an int, and prefetch an int or None")
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
         if prefetch is not None and prefetch < concurrency:
             raise ValueError("prefetch must be at least concurrency")
+        if (concurrency if prefetch is None else prefetch) > _MAX_PREFETCH:
+            raise ValueError(
+                f"prefetch must be at most {_MAX_PREFETCH} (AMQP's prefetch count is 16 "
+                "bits; it defaults to concurrency)"
+            )
         super().__init__(
             runtime_options=runtime_options,
             **{"stalled_after_seconds": 60.0, "lease_seconds": DEFAULT_LEASE_SECONDS, **options},
