@@ -177,7 +177,6 @@ class Broker:
                 )
             )
             await declaring.queue(names.queue, {"x-dead-letter-exchange": names.dead_exchange})
-        self.round_trips["declare"] += 4
 
     async def _ensure_delay_queue(self, bucket_ms: int) -> str:
         name = self.topology.delay_queue(bucket_ms)
@@ -190,7 +189,6 @@ class Broker:
                         "x-dead-letter-routing-key": self.topology.queue,
                     },
                 )
-            self.round_trips["declare"] += 1
             self._declared.add(name)
         return name
 
@@ -349,6 +347,7 @@ class _Declaring:
         channel = self._channel
         if channel is None or not channel.is_open:
             channel = self._channel = await (await self.broker.connection()).channel()
+        self.broker.round_trips["declare"] += 1
         return await channel.call(method)
 
     async def queue(self, name: str, arguments: dict[str, Any]) -> None:

@@ -180,9 +180,10 @@ class RabbitMQAdapter(Operations, BaseDistributedAdapter):
             raise ValueError("concurrency must be an int, and prefetch an int or None")
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
-        if prefetch is not None and prefetch < concurrency:
+        window = concurrency if prefetch is None else prefetch
+        if window < concurrency:
             raise ValueError("prefetch must be at least concurrency")
-        if (concurrency if prefetch is None else prefetch) > _MAX_PREFETCH:
+        if window > _MAX_PREFETCH:
             raise ValueError(
                 f"prefetch must be at most {_MAX_PREFETCH} (AMQP's prefetch count is 16 "
                 "bits; it defaults to concurrency)"
@@ -192,7 +193,7 @@ class RabbitMQAdapter(Operations, BaseDistributedAdapter):
             **{"stalled_after_seconds": 60.0, "lease_seconds": DEFAULT_LEASE_SECONDS, **options},
         )
         self.concurrency = concurrency
-        self.prefetch = concurrency if prefetch is None else prefetch
+        self.prefetch = window
         self._slots = asyncio.Semaphore(concurrency) if self.prefetch > concurrency else None
         self.max_redeliveries = max_redeliveries
         self.broker = Broker(
