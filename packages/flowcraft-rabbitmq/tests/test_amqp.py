@@ -375,6 +375,19 @@ async def test_a_queue_deleted_under_the_consumer_is_declared_and_consumed_again
         await broker.aclose()
 
 
+def _queue_arguments(topology: Topology) -> dict[str, dict[str, object]]:
+    """The work, dead-letter and first delay queue with their arguments, less the
+    storage version."""
+    return {
+        topology.queue: {"x-dead-letter-exchange": topology.dead_exchange},
+        topology.dead_queue: {},
+        topology.delay_queue(DELAY_BUCKETS_MS[0]): {
+            "x-dead-letter-exchange": "",
+            "x-dead-letter-routing-key": topology.queue,
+        },
+    }
+
+
 async def test_every_queue_is_a_version_2_classic_queue(
     rabbitmq_service: RunningService, queue_name: str
 ) -> None:
@@ -387,14 +400,7 @@ async def test_every_queue_is_a_version_2_classic_queue(
         await broker.publish(b"later", delay_ms=DELAY_BUCKETS_MS[0])
     finally:
         await broker.aclose()
-    declared: dict[str, dict[str, object]] = {
-        topology.queue: {"x-dead-letter-exchange": topology.dead_exchange},
-        topology.dead_queue: {},
-        topology.delay_queue(DELAY_BUCKETS_MS[0]): {
-            "x-dead-letter-exchange": "",
-            "x-dead-letter-routing-key": topology.queue,
-        },
-    }
+    declared = _queue_arguments(topology)
     connection = await _open(rabbitmq_service.url)
     try:
         for name, arguments in declared.items():
@@ -425,12 +431,7 @@ async def test_queues_an_earlier_release_declared_are_used_as_they_are(
     Where the server refuses the version-2 declarations as inequivalent, the queues
     are used as they are, with one warning each; the waiting job is delivered."""
     topology = Topology.for_queue(queue_name)
-    delay_queue = topology.delay_queue(DELAY_BUCKETS_MS[0])
-    earlier: dict[str, dict[str, object]] = {
-        topology.queue: {"x-dead-letter-exchange": topology.dead_exchange},
-        topology.dead_queue: {},
-        delay_queue: {"x-dead-letter-exchange": "", "x-dead-letter-routing-key": topology.queue},
-    }
+    earlier = _queue_arguments(topology)
     connection = await _open(rabbitmq_service.url)
     try:
         channel = await connection.channel()
